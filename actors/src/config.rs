@@ -1,0 +1,544 @@
+//! The run configuration: TOML, every section `deny_unknown_fields`, every error with its key path and line.
+//! Semantic checks (mix sums to 1, capacities non-zero, …) run after parsing and are reported all at once.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The embedded default (`lexflow run` without a file, and `make run`).
+pub const SAMPLE_TOML: &str = include_str!("../../configs/sample.toml");
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub run: RunConfig,
+    #[serde(default)]
+    pub input: InputConfig,
+    #[serde(default)]
+    pub reader: ReaderConfig,
+    #[serde(default)]
+    pub tokenizer: TokenizerConfig,
+    #[serde(default)]
+    pub sampler: SamplerConfig,
+    #[serde(default)]
+    pub packer: PackerConfig,
+    #[serde(default)]
+    pub shards: ShardConfig,
+    #[serde(default)]
+    pub edges: EdgeConfig,
+    /// Absent: preprocessing only, the per-rank edges end in a counting sink.
+    pub train: Option<TrainConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub name: String,
+    /// Run directory (stats.json, quarantine.jsonl, checkpoints). Relative paths are relative to the working directory.
+    pub dir: PathBuf,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Stop after this many packed sequences (None: when the input is exhausted).
+    #[serde(default)]
+    pub max_sequences: Option<u64>,
+}
+
+fn default_seed() -> u64 {
+    1234
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// Files, directories (searched recursively) and glob patterns. Empty: generate a sample corpus.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Sample corpus generated into the run directory when `paths` is empty.
+    #[serde(default)]
+    pub generate: GenerateConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateConfig {
+    /// Number of acts (each with annexes and a manifest) per language.
+    #[serde(default = "default_gen_acts")]
+    pub acts_per_language: usize,
+    #[serde(default = "default_gen_langs")]
+    pub languages: Vec<String>,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_gen_acts() -> usize {
+    40
+}
+
+fn default_gen_langs() -> Vec<String> {
+    ["en", "fr", "de", "es", "pt"].iter().map(|s| s.to_string()).collect()
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        GenerateConfig { acts_per_language: default_gen_acts(), languages: default_gen_langs(), seed: default_seed() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReaderConfig {
+    /// Reader threads per language lane.
+    #[serde(default = "one")]
+    pub threads: NonZeroUsize,
+}
+
+impl Default for ReaderConfig {
+    fn default() -> Self {
+        ReaderConfig { threads: one() }
+    }
+}
+
+fn one() -> NonZeroUsize {
+    NonZeroUsize::MIN
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerConfig {
+    /// Path to an HF `tokenizer.json`; `"llama3"` means the Llama 3 tokenizer installed by set-up
+    /// (`$LEXFLOW_TOKENIZER_JSON`).
+    #[serde(default = "default_tokenizer")]
+    pub path: String,
+    /// Tokenizer threads per language lane.
+    #[serde(default = "one")]
+    pub threads: NonZeroUsize,
+    /// Prepend the BOS token to each document.
+    #[serde(default)]
+    pub add_bos: bool,
+}
+
+fn default_tokenizer() -> String {
+    "llama3".into()
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        TokenizerConfig { path: default_tokenizer(), threads: one(), add_bos: false }
+    }
+}
+
+/// What the sampler does when a language's input runs out.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExhaustedPolicy {
+    /// End the stream as soon as any language runs out (the mix stays exact).
+    #[default]
+    Stop,
+    /// Start that language's input again from its first file.
+    Cycle,
+    /// Drop the language and renormalize the remaining targets.
+    Renormalize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplerConfig {
+    /// Target token share per language (ISO 639-1); must sum to 1.
+    #[serde(default = "default_mix")]
+    pub mix: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub on_exhausted: ExhaustedPolicy,
+}
+
+pub fn default_mix() -> BTreeMap<String, f64> {
+    [("en", 0.35), ("fr", 0.25), ("de", 0.20), ("es", 0.12), ("pt", 0.08)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig { mix: default_mix(), on_exhausted: ExhaustedPolicy::Stop }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PackMode {
+    /// Concatenate documents with an end-of-text token between them and cut every `seq_len + 1` tokens.
+    #[default]
+    Concat,
+    /// Online best-fit over a bounded lookahead buffer of open sequences: fewer documents are split.
+    BestFit,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackerConfig {
+    #[serde(default = "default_seq_len")]
+    pub seq_len: NonZeroUsize,
+    #[serde(default)]
+    pub mode: PackMode,
+    /// best-fit: number of open sequences kept while searching for a fit.
+    #[serde(default = "default_lookahead")]
+    pub lookahead: NonZeroUsize,
+    /// Token placed after every document (name in the tokenizer's vocabulary).
+    #[serde(default = "default_eot")]
+    pub eot_token: String,
+    /// Token used for padding (labels of padding are ignored).
+    #[serde(default = "default_eot")]
+    pub pad_token: String,
+    /// Documents longer than this many tokens are truncated (None: split across sequences).
+    #[serde(default)]
+    pub max_doc_tokens: Option<NonZeroUsize>,
+}
+
+fn default_seq_len() -> NonZeroUsize {
+    NonZeroUsize::new(4096).expect("non-zero")
+}
+
+fn default_lookahead() -> NonZeroUsize {
+    NonZeroUsize::new(64).expect("non-zero")
+}
+
+fn default_eot() -> String {
+    "<|end_of_text|>".into()
+}
+
+impl Default for PackerConfig {
+    fn default() -> Self {
+        PackerConfig {
+            seq_len: default_seq_len(),
+            mode: PackMode::Concat,
+            lookahead: default_lookahead(),
+            eot_token: default_eot(),
+            pad_token: default_eot(),
+            max_doc_tokens: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    /// Logical shards; shard `s` goes to rank `s % world_size`.
+    #[serde(default = "default_shards")]
+    pub count: NonZeroUsize,
+    /// Ranks when there is no `[train]` section (the sinks).
+    #[serde(default = "one")]
+    pub ranks: NonZeroUsize,
+    /// Optional tee: Arrow IPC files (zstd) with every sequence, one file per logical shard.
+    #[serde(default)]
+    pub arrow_dir: Option<PathBuf>,
+}
+
+fn default_shards() -> NonZeroUsize {
+    NonZeroUsize::new(32).expect("non-zero")
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig { count: default_shards(), ranks: one(), arrow_dir: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Capacity (in messages) of every edge unless overridden below. Zero is an error: edges are never unbounded.
+    #[serde(default = "default_capacity")]
+    pub capacity: NonZeroUsize,
+    /// Per-edge overrides by stage name: `reader`, `tokenizer`, `sampler`, `packer`, `rank`.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, NonZeroUsize>,
+}
+
+fn default_capacity() -> NonZeroUsize {
+    NonZeroUsize::new(8).expect("non-zero")
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig { capacity: default_capacity(), overrides: BTreeMap::new() }
+    }
+}
+
+impl EdgeConfig {
+    pub fn capacity_of(&self, stage: &str) -> NonZeroUsize {
+        self.overrides.get(stage).copied().unwrap_or(self.capacity)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// One trainer actor per entry: `"cpu"`, `"cuda:0"`, … (overridden by torchrun-style env vars).
+    pub devices: Vec<String>,
+    /// Model preset (`tiny`, `125m`, `1b`, `8b`, `70b`).
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Sequences per micro-batch per rank.
+    #[serde(default = "one")]
+    pub micro_batch: NonZeroUsize,
+    #[serde(default = "one")]
+    pub grad_accum: NonZeroUsize,
+    pub steps: u64,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub min_lr: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+    /// Write a checkpoint every N steps (0: only at the end).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (older ones are deleted).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+    /// Initialise from these HF safetensors weights instead of random.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+}
+
+fn default_model() -> String {
+    "tiny".into()
+}
+fn default_lr() -> f64 {
+    3e-4
+}
+fn default_wd() -> f64 {
+    0.1
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_keep() -> usize {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9400".into()
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true, listen: default_listen() }
+    }
+}
+
+/// A config error: where (file, key path, line) and why. `errors` holds every semantic error found at once.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{origin}:{line}: key `{key}`: {message}")]
+    Parse { origin: String, key: String, line: usize, message: String },
+    #[error("{origin}: {} error(s):\n{}", .errors.len(), .errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { origin: String, errors: Vec<String> },
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates. `origin` names the source in messages (file path or `<embedded sample>`).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+            ConfigError::Parse { origin: origin.to_string(), key, line, message: inner.message().to_string() }
+        })?;
+        let errors = cfg.validate(text);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid { origin: origin.to_string(), errors })
+        }
+    }
+
+    fn validate(&self, text: &str) -> Vec<String> {
+        let mut errs = Vec::new();
+        let at = |key: &str| -> String {
+            match find_key_line(text, key) {
+                Some(l) => format!("line {l}: key `{key}`"),
+                None => format!("key `{key}`"),
+            }
+        };
+        let mix = &self.sampler.mix;
+        if mix.is_empty() {
+            errs.push(format!("{}: the language mix is empty; give at least one language", at("sampler.mix")));
+        }
+        let mut sum = 0.0;
+        for (lang, share) in mix {
+            if !(share.is_finite() && *share > 0.0 && *share <= 1.0) {
+                errs.push(format!("{}: share {share} must be in (0, 1]", at(&format!("sampler.mix.{lang}"))));
+            }
+            if lang.len() != 2 || !lang.chars().all(|c| c.is_ascii_lowercase()) {
+                errs.push(format!("{}: `{lang}` is not a lower-case ISO 639-1 code like `en`", at("sampler.mix")));
+            }
+            sum += share;
+        }
+        if !mix.is_empty() && (sum - 1.0).abs() > 1e-6 {
+            errs.push(format!("{}: shares sum to {sum}, they must sum to 1", at("sampler.mix")));
+        }
+        if self.packer.seq_len.get() < 2 {
+            errs.push(format!("{}: must be at least 2", at("packer.seq_len")));
+        }
+        for k in self.edges.overrides.keys() {
+            if !["reader", "tokenizer", "sampler", "packer", "rank"].contains(&k.as_str()) {
+                errs.push(format!(
+                    "{}: unknown stage `{k}` (expected reader, tokenizer, sampler, packer, rank)",
+                    at("edges.overrides")
+                ));
+            }
+        }
+        if let Some(t) = &self.train {
+            if t.devices.is_empty() {
+                errs.push(format!("{}: list at least one device, e.g. [\"cpu\"]", at("train.devices")));
+            }
+            for d in &t.devices {
+                if !(d == "cpu" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok())) {
+                    errs.push(format!("{}: `{d}` is not `cpu` or `cuda:N`", at("train.devices")));
+                }
+            }
+            if t.steps == 0 {
+                errs.push(format!("{}: must be at least 1", at("train.steps")));
+            }
+            if !(t.lr > 0.0) {
+                errs.push(format!("{}: must be > 0", at("train.lr")));
+            }
+            if t.keep_checkpoints == 0 {
+                errs.push(format!("{}: keep at least 1 checkpoint", at("train.keep_checkpoints")));
+            }
+        }
+        if self.input.paths.is_empty() && self.input.generate.acts_per_language == 0 {
+            errs.push(format!(
+                "{}: no input paths and nothing to generate; set input.paths or input.generate.acts_per_language",
+                at("input")
+            ));
+        }
+        errs
+    }
+
+    /// World size: number of trainer devices, or `shards.ranks` without training.
+    pub fn world_size(&self) -> usize {
+        match &self.train {
+            Some(t) => t.devices.len().max(1),
+            None => self.shards.ranks.get(),
+        }
+    }
+}
+
+fn line_of(text: &str, byte: usize) -> usize {
+    text.as_bytes()[..byte.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// Best-effort line of `a.b.c`: the line of key `c` after the `[a]`/`[a.b]` table header.
+fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
+    let parts: Vec<&str> = dotted.split('.').collect();
+    let (table, key) = if parts.len() > 1 {
+        (parts[..parts.len() - 1].join("."), parts[parts.len() - 1])
+    } else {
+        (String::new(), parts[0])
+    };
+    let mut current = String::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(h) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = h.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            if current == dotted {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        let k = line.split('=').next().unwrap_or("").trim();
+        if (current == table && k == key) || (current.is_empty() && k == dotted) {
+            return Some(i + 1);
+        }
+        if table.starts_with(&current) && !current.is_empty() {
+            let rest = &dotted[current.len()..].trim_start_matches('.');
+            if k == *rest {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_sample_parses() {
+        let c = Config::from_toml(SAMPLE_TOML, "sample").unwrap();
+        assert!(!c.sampler.mix.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let t = "[run]\nname = \"x\"\ndir = \"r\"\n\n[packer]\nseq_len = 16\nsequence_len = 4\n";
+        let e = Config::from_toml(t, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("t.toml:7"), "{e}");
+        assert!(e.contains("sequence_len"), "{e}");
+    }
+
+    #[test]
+    fn zero_capacity_is_rejected_with_line() {
+        let t = "[run]\nname = \"x\"\ndir = \"r\"\n[edges]\ncapacity = 0\n";
+        let e = Config::from_toml(t, "t.toml").unwrap_err().to_string();
+        assert!(e.contains(":5") && e.contains("edges.capacity"), "{e}");
+    }
+
+    #[test]
+    fn all_semantic_errors_reported_at_once() {
+        let t = "[run]\nname = \"x\"\ndir = \"r\"\n[sampler]\nmix = { en = 0.5, FR = 0.2 }\n[train]\ndevices = [\"tpu\"]\nsteps = 0\n";
+        let e = Config::from_toml(t, "t.toml").unwrap_err();
+        let ConfigError::Invalid { errors, .. } = &e else { panic!("{e}") };
+        assert!(errors.len() >= 4, "{errors:#?}");
+        let s = e.to_string();
+        assert!(s.contains("sum to 0.7") && s.contains("tpu") && s.contains("train.steps") && s.contains("FR"), "{s}");
+    }
+}

@@ -1,0 +1,144 @@
+//! The messages that travel on lexflow's edges. Every message is a batch (many documents, or one packed sequence of
+//! thousands of tokens); single tokens never travel alone.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// Kind of legal document, from the root element and CELEX (sector 3: R/L/D; sector 6: CJ/TJ/CO/TO/CC; `R(nn)` =
+/// corrigendum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DocType {
+    Regulation,
+    Directive,
+    Decision,
+    Corrigendum,
+    Judgment,
+    Order,
+    /// Advocate General's opinion (`CONCLUSION`, CELEX `6xxxxCC`).
+    Opinion,
+    Annex,
+    Consolidated,
+    /// Manifests (`DOC`, `PUBLICATION`): metadata only, never training text.
+    Manifest,
+    #[default]
+    Other,
+}
+
+impl DocType {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DocType::Regulation => "regulation",
+            DocType::Directive => "directive",
+            DocType::Decision => "decision",
+            DocType::Corrigendum => "corrigendum",
+            DocType::Judgment => "judgment",
+            DocType::Order => "order",
+            DocType::Opinion => "opinion",
+            DocType::Annex => "annex",
+            DocType::Consolidated => "consolidated",
+            DocType::Manifest => "manifest",
+            DocType::Other => "other",
+        }
+    }
+}
+
+/// One article of an act (not those quoted inside amending text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Article {
+    /// `IDENTIFIER` attribute, e.g. `"001"`, `"008A"`.
+    pub id: String,
+    /// `TI.ART`, e.g. "Article 1".
+    pub title: String,
+    /// `STI.ART` when present, e.g. "Subject-matter and objectives".
+    pub subtitle: Option<String>,
+    /// Paragraph texts (`PARAG`, or the article's `ALINEA`s).
+    pub paragraphs: Vec<String>,
+}
+
+/// One parsed FORMEX document: metadata plus its full readable text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Document {
+    /// Source path; members of archives are `archive.zip!member.xml`.
+    pub path: String,
+    /// Root element name (`ACT`, `ANNEX`, `CONS.ACT`, …).
+    pub root: String,
+    pub celex: Option<String>,
+    /// ISO 639-1, lower case (`en`).
+    pub lang: Option<String>,
+    pub doc_type: DocType,
+    /// Main date (`DATE ISO` of the document reference) as `YYYY-MM-DD`.
+    pub date: Option<String>,
+    pub title: Option<String>,
+    pub articles: Vec<Article>,
+    /// Full text with readable whitespace (training text).
+    pub text: String,
+}
+
+/// Where a document sits in the deterministic input order: lane (language), file index within the lane's sorted file
+/// list, and ordinal of the document within that file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct DocId {
+    pub lane: u16,
+    pub file: u32,
+    pub ordinal: u32,
+}
+
+/// Reader → tokenizer message: the documents of one input file (in order).
+#[derive(Debug, Clone)]
+pub struct DocBatch {
+    pub lane: u16,
+    pub file: u32,
+    pub docs: Vec<Document>,
+}
+
+/// A tokenized document with what provenance needs.
+#[derive(Debug, Clone)]
+pub struct TokenizedDoc {
+    pub id: DocId,
+    pub celex: Option<Arc<str>>,
+    pub tokens: Vec<u32>,
+    /// UTF-8 bytes of the text that was encoded.
+    pub text_bytes: usize,
+}
+
+/// Tokenizer → sampler message.
+#[derive(Debug, Clone)]
+pub struct TokenizedBatch {
+    pub lane: u16,
+    pub file: u32,
+    pub docs: Vec<TokenizedDoc>,
+}
+
+/// A contiguous piece of one document inside a packed sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    pub doc: DocId,
+    /// Token range `[start, end)` within the document's tokens.
+    pub start: u32,
+    pub end: u32,
+    /// Position of the piece's first token within the sequence.
+    pub offset: u32,
+}
+
+/// A fixed-length training sequence: `seq_len + 1` tokens (inputs are `[..seq_len]`, labels `[1..]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PackedSequence {
+    /// Global index in the packer's output stream (assigned to ranks after the fact).
+    pub index: u64,
+    pub tokens: Vec<u32>,
+    /// Positions where a new document starts (for document-masked attention); always starts with 0.
+    pub doc_starts: Vec<u32>,
+    pub pieces: Vec<Piece>,
+    /// Padding tokens at the end (their labels are ignored by the loss).
+    pub padding: u32,
+    /// Logical shard (0..shards) the sequence was routed to.
+    pub shard: u32,
+}
+
+impl PackedSequence {
+    pub fn seq_len(&self) -> usize {
+        self.tokens.len().saturating_sub(1)
+    }
+}
