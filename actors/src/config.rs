@@ -347,6 +347,9 @@ pub struct MetricsConfig {
     pub enabled: bool,
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Keep serving /metrics this many seconds after the run ends (so a scraper sees the final values).
+    #[serde(default)]
+    pub linger_seconds: u64,
 }
 
 fn yes() -> bool {
@@ -359,7 +362,7 @@ fn default_listen() -> String {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { enabled: true, listen: default_listen() }
+        MetricsConfig { enabled: true, listen: default_listen(), linger_seconds: 0 }
     }
 }
 

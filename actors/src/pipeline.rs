@@ -1,13 +1,429 @@
-//! Builds the topology from a config and runs it (being written).
-use std::path::Path;
+//! The composition root of a run: config → topology of actors and edges → run → statistics.
+//!
+//! ```text
+//! per language lane l (files sorted, lane = sniffed language):
+//!   source_l ─► reader pool_l (R threads, ordered) ─► tokenizer pool_l (T threads, ordered) ─► lane edge l ─┐
+//! sampler (token-exact mix over lanes) ◄────────────────────────────────────────────────────────────────────┘
+//!   ─► packer ─► shard writer ─► rank 0 … rank W-1 (trainer actors, or counting sinks without [train])
+//! ```
+//! Every arrow is a bounded edge (capacity from `[edges]`). Each lane's document order is fixed by its sorted file
+//! list and the ordered pools, and the sampler's choice depends only on token counts, so the output stream is the
+//! same for any number of reader/tokenizer threads.
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-pub fn init_logging() {}
+use anyhow::Context;
+use lexflow_dataflow::{edge, ordered_pool, EdgeReceiver, Shutdown, Topology};
 
-pub fn cli_run(_config: Option<&Path>, _resume: bool, _quiet: bool) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not yet implemented")
+use crate::config::{Config, ExhaustedPolicy, SAMPLE_TOML};
+use crate::packer::{run_packer, Packer, PackerReport};
+use crate::reader::{self, Quarantine};
+use crate::sampler::{run_sampler, SamplerReport};
+use crate::shard_writer::{run_shard_writer, ShardReport, ShardWriter};
+use crate::stats::{InputReport, RunStats};
+use crate::tokenizer::Tokenizer;
+use crate::types::{DocBatch, PackedSequence, TokenizedBatch};
+
+/// `RUST_LOG` sets the level (default `info`); `LEXFLOW_LOG=json` switches to JSON lines. Logs go to stderr.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LEXFLOW_LOG").is_ok_and(|v| v == "json");
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { b.json().try_init() } else { b.compact().try_init() };
 }
 
-pub fn cli_config(_config: Option<&Path>) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not yet implemented")
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<(Config, String)> {
+    Ok(match path {
+        Some(p) => (Config::from_file(p)?, p.display().to_string()),
+        None => (Config::from_toml(SAMPLE_TOML, "<embedded configs/sample.toml>")?, "<embedded>".into()),
+    })
 }
+
+pub fn cli_config(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let (cfg, _) = load_config(path)?;
+    println!("{}", toml::to_string_pretty(&cfg)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn cli_run(path: Option<&Path>, resume: bool, quiet: bool) -> anyhow::Result<ExitCode> {
+    let (cfg, origin) = load_config(path)?;
+    let opts = RunOptions { resume, progress: !quiet, origin };
+    let stats = run(&cfg, &opts)?;
+    eprintln!("{}", stats.summary());
+    Ok(if stats.outcome == "completed" { ExitCode::SUCCESS } else { ExitCode::from(130) })
+}
+
+pub struct RunOptions {
+    pub resume: bool,
+    pub progress: bool,
+    pub origin: String,
+}
+
+/// One lane's inputs.
+struct Lane {
+    lang: String,
+    files: Vec<PathBuf>,
+}
+
+/// Runs a whole pipeline; returns the statistics (also written to `<run.dir>/stats.json`).
+pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
+    let t0 = Instant::now();
+    let run_dir = cfg.run.dir.clone();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
+
+    let _metrics_server = if cfg.metrics.enabled {
+        Some(lexflow_metrics::serve(&cfg.metrics.listen)?)
+    } else {
+        None
+    };
+
+    // Inputs: configured paths, or a generated sample corpus.
+    let patterns: Vec<String> = if cfg.input.paths.is_empty() {
+        let dir = run_dir.join("corpus");
+        let g = crate::gen_sample::generate(&cfg.input.generate, &dir)
+            .with_context(|| format!("generating the sample corpus into {}", dir.display()))?;
+        tracing::info!(dir = %dir.display(), ?g, "generated sample corpus");
+        vec![dir.display().to_string()]
+    } else {
+        cfg.input.paths.clone()
+    };
+    let files = reader::expand_inputs(&patterns)?;
+    let mix: Vec<(String, f64)> = cfg.sampler.mix.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let mut lanes: Vec<Lane> = mix.iter().map(|(l, _)| Lane { lang: l.clone(), files: Vec::new() }).collect();
+    let mut input = InputReport { files: files.len() as u64, ..Default::default() };
+    for f in files {
+        match reader::sniff_lang(&f).and_then(|l| lanes.iter().position(|x| x.lang == l)) {
+            Some(i) => lanes[i].files.push(f),
+            None => input.files_outside_mix += 1,
+        }
+    }
+    for l in &lanes {
+        input.files_per_lang.insert(l.lang.clone(), l.files.len() as u64);
+        if l.files.is_empty() {
+            tracing::warn!(lang = %l.lang, "no input files for this language of the mix");
+        }
+    }
+
+    let tokenizer = Tokenizer::load(&cfg.tokenizer.path)?;
+    let token = |name: &str, key: &str| {
+        tokenizer
+            .token_id(name)
+            .with_context(|| format!("packer.{key} = {name:?} is not a token of tokenizer {}", cfg.tokenizer.path))
+    };
+    let eot = token(&cfg.packer.eot_token, "eot_token")?;
+    let pad = token(&cfg.packer.pad_token, "pad_token")?;
+
+    let world = cfg.world_size();
+    let skip = if opts.resume && cfg.train.is_some() {
+        match crate::trainer::resume_point(&run_dir)? {
+            Some(r) => {
+                tracing::info!(step = r.step, sequences = r.sequences_consumed, "resuming");
+                r.sequences_consumed
+            }
+            None => {
+                tracing::warn!("--resume: no checkpoint in {}; starting from the beginning", run_dir.display());
+                0
+            }
+        }
+    } else {
+        0
+    };
+
+    let shutdown = Shutdown::new();
+    if let Err(e) = shutdown.install_signal_handler() {
+        tracing::debug!("signal handler not installed: {e}");
+    }
+    let mut topo = Topology::new(shutdown.clone());
+    let cap = |stage: &str| cfg.edges.capacity_of(stage);
+
+    let quarantine_path = run_dir.join("quarantine.jsonl");
+    let quarantine = Arc::new(Quarantine::create(&quarantine_path)?);
+    let counters = Arc::new(Counters::default());
+
+    // Lanes: source → reader pool → tokenizer pool.
+    let mut lane_rx: Vec<EdgeReceiver<TokenizedBatch>> = Vec::new();
+    for (li, lane) in lanes.iter().enumerate() {
+        let lang = lane.lang.clone();
+        let (ftx, frx) = edge::<(u32, PathBuf)>(&format!("source.{lang}->reader.{lang}"), cap("reader"));
+        let (dtx, drx) = edge::<DocBatch>(&format!("reader.{lang}->tokenizer.{lang}"), cap("reader"));
+        let (ttx, trx) = edge::<TokenizedBatch>(&format!("tokenizer.{lang}->sampler"), cap("tokenizer"));
+        let files = lane.files.clone();
+        let cycle = cfg.sampler.on_exhausted == ExhaustedPolicy::Cycle;
+        topo.spawn(format!("source.{lang}"), move |ctx| {
+            loop {
+                for (i, f) in files.iter().enumerate() {
+                    if ctx.should_stop() {
+                        return Ok(());
+                    }
+                    if ftx.send((i as u32, f.clone())).is_err() {
+                        return Ok(());
+                    }
+                }
+                if !cycle || files.is_empty() {
+                    return Ok(());
+                }
+            }
+        });
+        let q = quarantine.clone();
+        let c = counters.clone();
+        let lang2 = lang.clone();
+        ordered_pool(&mut topo, &format!("reader.{lang}"), cfg.reader.threads, cap("reader"), frx, dtx, move |_| {
+            let q = q.clone();
+            let c = c.clone();
+            let lang = lang2.clone();
+            let am = lexflow_metrics::actor(&format!("reader.{lang}"));
+            move |ctx: &lexflow_dataflow::ActorContext, (file, path): (u32, PathBuf)| {
+                ctx.set_input(path.display().to_string());
+                let t = Instant::now();
+                let docs = match reader::read_file(&path) {
+                    Ok(docs) => docs,
+                    Err(e) => {
+                        q.record(&e);
+                        c.quarantined.fetch_add(1, RELAXED);
+                        am.error("quarantined");
+                        Vec::new()
+                    }
+                };
+                c.files_read.fetch_add(1, RELAXED);
+                c.documents.fetch_add(docs.len() as u64, RELAXED);
+                let mism = docs.iter().filter(|d| d.lang.as_deref().is_some_and(|l| l != lang)).count();
+                c.lang_mismatches.fetch_add(mism as u64, RELAXED);
+                am.items_in.inc();
+                am.items_out.inc_by(docs.len() as u64);
+                am.bytes_out.inc_by(docs.iter().map(|d| d.text.len() as u64).sum());
+                am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
+                lexflow_metrics::latency(&format!("reader.{lang}")).record(t.elapsed());
+                let m = lexflow_metrics::global();
+                m.reader_files.with_label_values(&[&lang]).inc();
+                m.reader_documents.with_label_values(&[&lang]).inc_by(docs.len() as u64);
+                Ok(DocBatch { lane: li as u16, file, docs })
+            }
+        });
+        let c = counters.clone();
+        let tk = tokenizer.clone();
+        let lang3 = lang.clone();
+        let add_bos = cfg.tokenizer.add_bos;
+        ordered_pool(&mut topo, &format!("tokenizer.{lang}"), cfg.tokenizer.threads, cap("tokenizer"), drx, ttx, move |_| {
+            let tk = tk.clone();
+            let c = c.clone();
+            let am = lexflow_metrics::actor(&format!("tokenizer.{lang3}"));
+            let lat = lexflow_metrics::latency(&format!("tokenizer.{lang3}"));
+            move |ctx: &lexflow_dataflow::ActorContext, batch: DocBatch| {
+                ctx.set_input(format!("file #{} of lane {}", batch.file, batch.lane));
+                let t = Instant::now();
+                let bytes: u64 = batch.docs.iter().map(|d| d.text.len() as u64).sum();
+                let mut out = tk.tokenize_batch(batch);
+                if add_bos {
+                    if let Some(bos) = tk.bos_id() {
+                        for d in &mut out.docs {
+                            if !d.tokens.is_empty() {
+                                d.tokens.insert(0, bos);
+                            }
+                        }
+                    }
+                }
+                let toks: u64 = out.docs.iter().map(|d| d.tokens.len() as u64).sum();
+                c.tokens.fetch_add(toks, RELAXED);
+                c.text_bytes.fetch_add(bytes, RELAXED);
+                am.items_in.inc();
+                am.bytes_in.inc_by(bytes);
+                am.items_out.inc_by(out.docs.len() as u64);
+                am.bytes_out.inc_by(toks * 4);
+                am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
+                lat.record(t.elapsed());
+                Ok(out)
+            }
+        });
+        lane_rx.push(trx);
+    }
+
+    // Sampler → packer → shard writer → ranks.
+    let sampler_report = Arc::new(Mutex::new(SamplerReport::default()));
+    let packer_report = Arc::new(Mutex::new(PackerReport::default()));
+    let shard_report = Arc::new(Mutex::new(ShardReport::default()));
+    let (stx, srx) = edge::<Vec<crate::types::TokenizedDoc>>("sampler->packer", cap("sampler"));
+    let (ptx, prx) = edge::<PackedSequence>("packer->shard_writer", cap("packer"));
+    {
+        let mix = mix.clone();
+        let policy = cfg.sampler.on_exhausted;
+        let rep = sampler_report.clone();
+        topo.spawn("sampler", move |ctx| run_sampler(ctx, &mix, policy, lane_rx, stx, &rep));
+    }
+    {
+        let packer = Packer::new(&cfg.packer, eot, pad);
+        let rep = packer_report.clone();
+        topo.spawn("packer", move |ctx| run_packer(ctx, packer, srx, ptx, &rep));
+    }
+    let mut rank_rx = Vec::new();
+    let mut rank_tx = Vec::new();
+    for r in 0..world {
+        let (tx, rx) = edge::<PackedSequence>(&format!("shard_writer->rank{r}"), cap("rank"));
+        rank_tx.push(tx);
+        rank_rx.push(rx);
+    }
+    {
+        let tee = match &cfg.shards.arrow_dir {
+            Some(dir) => Some(crate::arrow_tee::ArrowTee::create(
+                dir,
+                cfg.shards.count.get(),
+                crate::arrow_tee::TeeMeta {
+                    run: cfg.run.name.clone(),
+                    seq_len: cfg.packer.seq_len.get(),
+                    tokenizer: cfg.tokenizer.path.clone(),
+                },
+            )?),
+            None => None,
+        };
+        let w = ShardWriter { shards: cfg.shards.count.get(), skip, limit: cfg.run.max_sequences, tee };
+        let rep = shard_report.clone();
+        topo.spawn("shard_writer", move |ctx| run_shard_writer(ctx, w, prx, rank_tx, &rep));
+    }
+    let train_handle = match &cfg.train {
+        Some(t) => Some(crate::trainer::spawn_trainers(
+            &mut topo,
+            crate::trainer::TrainerSetup {
+                cfg: t.clone(),
+                run_dir: run_dir.clone(),
+                vocab_size: tokenizer.vocab_size(),
+                seq_len: cfg.packer.seq_len.get(),
+                seed: cfg.run.seed,
+                resume: opts.resume,
+            },
+            rank_rx,
+        )?),
+        None => {
+            for (r, rx) in rank_rx.into_iter().enumerate() {
+                let c = counters.clone();
+                topo.spawn(format!("sink.rank{r}"), move |_ctx| {
+                    for s in rx.iter() {
+                        c.sink_sequences.fetch_add(1, RELAXED);
+                        c.sink_tokens.fetch_add(s.tokens.len() as u64, RELAXED);
+                    }
+                    Ok(())
+                });
+            }
+            None
+        }
+    };
+
+    // Progress: a bar on a terminal, a log line every few seconds otherwise.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress = {
+        let done = done.clone();
+        let counters = counters.clone();
+        let pr = packer_report.clone();
+        let show_bar = opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let steps = cfg.train.as_ref().map(|t| t.steps);
+        std::thread::spawn(move || progress_loop(&done, &counters, &pr, show_bar, steps))
+    };
+
+    let result = topo.join();
+    done.store(true, RELAXED);
+    let _ = progress.join();
+
+    input.files_read = counters.files_read.load(RELAXED);
+    input.documents = counters.documents.load(RELAXED);
+    input.quarantined_files = counters.quarantined.load(RELAXED);
+    input.lang_mismatches = counters.lang_mismatches.load(RELAXED);
+    input.text_bytes = counters.text_bytes.load(RELAXED);
+    input.tokens = counters.tokens.load(RELAXED);
+    input.quarantine_report = (input.quarantined_files > 0).then(|| quarantine_path.display().to_string());
+    let sampler = sampler_report.lock().map(|g| g.clone()).unwrap_or_default();
+    for l in &sampler.languages {
+        input.documents_per_lang.insert(l.lang.clone(), l.documents);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let stats = RunStats {
+        run: cfg.run.name.clone(),
+        config: opts.origin.clone(),
+        seed: cfg.run.seed,
+        elapsed_seconds: elapsed,
+        preprocess_tokens_per_second: input.tokens as f64 / elapsed.max(1e-9),
+        input,
+        sampler,
+        packer: packer_report.lock().map(|g| g.clone()).unwrap_or_default(),
+        shards: shard_report.lock().map(|g| g.clone()).unwrap_or_default(),
+        train: train_handle.as_ref().and_then(|h| h.report()).and_then(|r| serde_json::to_value(r).ok()),
+        outcome: match (&result, shutdown.reason()) {
+            (Err(_), _) => "failed".into(),
+            (Ok(()), Some(_)) => "interrupted".into(),
+            (Ok(()), None) => "completed".into(),
+        },
+    };
+    let stats_path = run_dir.join("stats.json");
+    std::fs::write(&stats_path, serde_json::to_string_pretty(&stats)?)
+        .with_context(|| format!("writing {}", stats_path.display()))?;
+    if cfg.metrics.enabled && cfg.metrics.linger_seconds > 0 {
+        tracing::info!(seconds = cfg.metrics.linger_seconds, "keeping /metrics up after the run");
+        std::thread::sleep(Duration::from_secs(cfg.metrics.linger_seconds));
+    }
+    result.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(stats)
+}
+
+const RELAXED: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Relaxed;
+
+#[derive(Default)]
+struct Counters {
+    files_read: std::sync::atomic::AtomicU64,
+    documents: std::sync::atomic::AtomicU64,
+    quarantined: std::sync::atomic::AtomicU64,
+    lang_mismatches: std::sync::atomic::AtomicU64,
+    text_bytes: std::sync::atomic::AtomicU64,
+    tokens: std::sync::atomic::AtomicU64,
+    sink_sequences: std::sync::atomic::AtomicU64,
+    sink_tokens: std::sync::atomic::AtomicU64,
+}
+
+fn progress_loop(
+    done: &std::sync::atomic::AtomicBool,
+    c: &Counters,
+    packer: &Mutex<PackerReport>,
+    bar: bool,
+    steps: Option<u64>,
+) {
+    let m = lexflow_metrics::global();
+    let pb = bar.then(|| {
+        let pb = match steps {
+            Some(n) => indicatif::ProgressBar::new(n),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb
+    });
+    let mut last_log = Instant::now();
+    while !done.load(RELAXED) {
+        std::thread::sleep(Duration::from_millis(200));
+        let seqs = packer.lock().map(|p| p.sequences).unwrap_or(0);
+        let step = m.trainer_steps.with_label_values(&["0"]).get();
+        let loss = m.trainer_loss.with_label_values(&["0"]).get();
+        let tps: f64 = m.trainer_tokens_per_second.with_label_values(&["0"]).get();
+        let msg = format!(
+            "files {} docs {} tokens {} seqs {} | loss {:.3} {:.0} tok/s/rank",
+            c.files_read.load(RELAXED),
+            c.documents.load(RELAXED),
+            c.tokens.load(RELAXED),
+            seqs,
+            loss,
+            tps
+        );
+        if let Some(pb) = &pb {
+            pb.set_position(step);
+            pb.set_message(msg);
+        } else if last_log.elapsed() > Duration::from_secs(5) {
+            tracing::info!(step, "{msg}");
+            last_log = Instant::now();
+        }
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+}
+

@@ -1,6 +1,757 @@
-//! FORMEX reader actors (being written): input expansion, decompression, archives, quarantine.
-use std::process::ExitCode;
+//! FORMEX reader: input expansion, decompression, archives, manifest metadata, quarantine, `lexflow parse`.
+//!
+//! * [`expand_inputs`]: files, directories (recursive), globs → sorted, deduplicated paths.
+//! * [`read_file`]: one input (plain `.xml`, `.xml.zst`, `.xml.gz` — detected by magic bytes — or a `.zip` of xml
+//!   members read in name order, member paths `archive.zip!member.xml`) → its documents. Inside a zip, manifests are
+//!   attached to the members of the same package.
+//! * Manifest metadata across files, deterministically: [`ManifestIndex::build`] parses only the manifests (`DOC`
+//!   roots, found by name or by sniffing the root) among the *whole* sorted input list, before any reader thread starts;
+//!   each reader then calls [`read_file_indexed`], which attaches the metadata of the manifest of the same package
+//!   (same directory; the manifest lists the file in `REF.PHYS`, or the file's `DOCUMENT.REF FILE` names the manifest;
+//!   a manifest of another language of the same OJ document gives CELEX/date but not the title). The result depends
+//!   only on the input list, never on thread timing. [`read_files_with_manifests`] does both steps for a whole list.
+//! * [`sniff_lang`]: cheap language guess for lane assignment (file name, else the first `<LG.DOC>` of the first 64 KB).
+//! * [`Quarantine`]: one JSON line per bad file + the `lexflow_reader_quarantined_files_total` counter.
 
-pub fn cli_parse(_paths: &[String]) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("lexflow parse: not yet implemented")
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::formex::{self, base_name, CelexSource, FormexError, Parsed};
+use crate::types::{DocType, Document};
+
+/// Decompressed size limit per file or archive member (zip/zstd bombs).
+pub const MAX_DECOMPRESSED: u64 = 1 << 30;
+
+/// A bad input: always carries the path and, where known, the position.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{path}: cannot read: {source} — {hint}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error("{path}: line {line}, column {column} (byte {byte_offset}): {reason} — {hint}")]
+    Parse { path: String, line: u64, column: u64, byte_offset: u64, reason: String, hint: &'static str },
+    #[error("{path}: byte {byte_offset} of the decompressed data: {reason} — {hint}")]
+    Decompress { path: String, byte_offset: u64, reason: String, hint: &'static str },
+    #[error("{path}: no input matches this path or pattern — check the spelling (globs: `dir/**/*.xml`)")]
+    NoMatch { path: String },
+}
+
+impl ReadError {
+    pub fn path(&self) -> &str {
+        match self {
+            ReadError::Io { path, .. }
+            | ReadError::Parse { path, .. }
+            | ReadError::Decompress { path, .. }
+            | ReadError::NoMatch { path } => path,
+        }
+    }
+    /// 1-based line (0 when unknown).
+    pub fn line(&self) -> u64 {
+        match self {
+            ReadError::Parse { line, .. } => *line,
+            _ => 0,
+        }
+    }
+    pub fn column(&self) -> u64 {
+        match self {
+            ReadError::Parse { column, .. } => *column,
+            _ => 0,
+        }
+    }
+    pub fn byte_offset(&self) -> u64 {
+        match self {
+            ReadError::Parse { byte_offset, .. } | ReadError::Decompress { byte_offset, .. } => *byte_offset,
+            _ => 0,
+        }
+    }
+    pub fn reason(&self) -> String {
+        match self {
+            ReadError::Io { source, .. } => format!("cannot read: {source}"),
+            ReadError::Parse { reason, .. } | ReadError::Decompress { reason, .. } => reason.clone(),
+            ReadError::NoMatch { .. } => "no input matches".into(),
+        }
+    }
+    pub fn hint(&self) -> &'static str {
+        match self {
+            ReadError::Io { hint, .. } | ReadError::Parse { hint, .. } | ReadError::Decompress { hint, .. } => hint,
+            ReadError::NoMatch { .. } => "check the spelling of the path or glob",
+        }
+    }
+    /// `{path, line, column, byte_offset, reason, hint}` (the quarantine record).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "path": self.path(),
+            "line": self.line(),
+            "column": self.column(),
+            "byte_offset": self.byte_offset(),
+            "reason": self.reason(),
+            "hint": self.hint(),
+        })
+    }
+    fn parse(path: &str, e: FormexError) -> Self {
+        ReadError::Parse {
+            path: path.to_string(),
+            line: e.line,
+            column: e.column,
+            byte_offset: e.byte_offset,
+            reason: e.reason,
+            hint: e.hint,
+        }
+    }
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        ReadError::Io { path: path.display().to_string(), source, hint: "check that the file exists and is readable" }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Input expansion
+
+/// Whether a file name has an accepted input extension.
+pub fn is_supported(path: &Path) -> bool {
+    let n = path.file_name().map(|s| s.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    n.ends_with(".xml") || n.ends_with(".xml.zst") || n.ends_with(".xml.gz") || n.ends_with(".zip")
+}
+
+/// Files, directories (walked recursively, accepted extensions only) and globs → sorted, deduplicated paths. An
+/// explicit file is taken whatever its extension. A path or pattern matching nothing is an error.
+pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, ReadError> {
+    let mut out = BTreeSet::new();
+    for p in patterns {
+        let path = Path::new(p);
+        if path.is_dir() {
+            walk(path, &mut out, 0)?;
+        } else if path.is_file() {
+            out.insert(path.to_path_buf());
+        } else if p.contains(['*', '?', '[']) {
+            let paths = glob::glob(p).map_err(|e| ReadError::Parse {
+                path: p.clone(),
+                line: 1,
+                column: e.pos as u64 + 1,
+                byte_offset: e.pos as u64,
+                reason: format!("bad glob pattern: {}", e.msg),
+                hint: "fix the pattern (e.g. `corpus/**/*.xml`)",
+            })?;
+            let before = out.len();
+            for entry in paths {
+                let pb = entry.map_err(|e| ReadError::io(&e.path().to_path_buf(), std::io::Error::other(e.to_string())))?;
+                if pb.is_dir() {
+                    walk(&pb, &mut out, 0)?;
+                } else if is_supported(&pb) {
+                    out.insert(pb);
+                }
+            }
+            if out.len() == before {
+                return Err(ReadError::NoMatch { path: p.clone() });
+            }
+        } else {
+            return Err(ReadError::NoMatch { path: p.clone() });
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+fn walk(dir: &Path, out: &mut BTreeSet<PathBuf>, depth: usize) -> Result<(), ReadError> {
+    if depth > 64 {
+        return Ok(());
+    }
+    let rd = std::fs::read_dir(dir).map_err(|e| ReadError::io(dir, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| ReadError::io(dir, e))?;
+        let p = entry.path();
+        if p.is_dir() {
+            walk(&p, out, depth + 1)?;
+        } else if is_supported(&p) {
+            out.insert(p);
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Decompression
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Container {
+    Plain,
+    Zstd,
+    Gzip,
+    Zip,
+}
+
+fn container(head: &[u8], path: &Path) -> Container {
+    if head.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) {
+        Container::Zstd
+    } else if head.starts_with(&[0x1F, 0x8B]) {
+        Container::Gzip
+    } else if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        Container::Zip
+    } else {
+        let n = path.to_string_lossy().to_ascii_lowercase();
+        if n.ends_with(".zip") {
+            Container::Zip
+        } else {
+            Container::Plain
+        }
+    }
+}
+
+fn read_limited(mut r: impl Read, path: &str, limit: u64) -> Result<Vec<u8>, ReadError> {
+    let mut buf = Vec::new();
+    match r.by_ref().take(limit + 1).read_to_end(&mut buf) {
+        Ok(_) if buf.len() as u64 > limit => Err(ReadError::Decompress {
+            path: path.to_string(),
+            byte_offset: limit,
+            reason: format!("decompresses to more than {limit} bytes"),
+            hint: "a decompression bomb or a huge file: split it or drop it",
+        }),
+        Ok(_) => Ok(buf),
+        Err(e) => Err(ReadError::Decompress {
+            path: path.to_string(),
+            byte_offset: buf.len() as u64,
+            reason: format!("corrupt or truncated compressed data: {e}"),
+            hint: "re-download or re-compress the file",
+        }),
+    }
+}
+
+/// The decompressed bytes of a plain/zstd/gzip file.
+fn decompress(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>, ReadError> {
+    let p = path.display().to_string();
+    match container(&raw, path) {
+        Container::Plain | Container::Zip => Ok(raw),
+        Container::Zstd => {
+            let dec = zstd::stream::read::Decoder::new(&raw[..]).map_err(|e| ReadError::Decompress {
+                path: p.clone(),
+                byte_offset: 0,
+                reason: format!("bad zstd stream: {e}"),
+                hint: "re-download or re-compress the file",
+            })?;
+            read_limited(dec, &p, MAX_DECOMPRESSED)
+        }
+        Container::Gzip => read_limited(flate2::read::MultiGzDecoder::new(&raw[..]), &p, MAX_DECOMPRESSED),
+    }
+}
+
+/// `(member path, bytes)` of the `.xml` members of a zip, in name order.
+fn zip_members(path: &Path, raw: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ReadError> {
+    let p = path.display().to_string();
+    let bad = |e: zip::result::ZipError| ReadError::Decompress {
+        path: p.clone(),
+        byte_offset: 0,
+        reason: format!("bad zip archive: {e}"),
+        hint: "re-download the EUR-Lex package",
+    };
+    let mut z = zip::ZipArchive::new(std::io::Cursor::new(raw)).map_err(bad)?;
+    let mut names: Vec<(String, usize)> = (0..z.len())
+        .filter_map(|i| z.name_for_index(i).map(|n| (n.to_string(), i)))
+        .filter(|(n, _)| n.to_ascii_lowercase().ends_with(".xml") && !n.ends_with('/'))
+        .collect();
+    names.sort();
+    let mut out = Vec::with_capacity(names.len());
+    for (name, i) in names {
+        let mpath = format!("{p}!{name}");
+        let f = z.by_index(i).map_err(bad)?;
+        let bytes = read_limited(f, &mpath, MAX_DECOMPRESSED)?;
+        out.push((mpath, bytes));
+    }
+    Ok(out)
+}
+
+fn parse_one(path: &str, bytes: &[u8]) -> Result<Vec<Parsed>, ReadError> {
+    formex::parse_detailed(path, bytes).map_err(|e| ReadError::parse(path, e))
+}
+
+/// Parse one input with package metadata (no cross-file manifest attachment, except inside a zip).
+pub fn read_file_detailed(path: &Path) -> Result<Vec<Parsed>, ReadError> {
+    let raw = std::fs::read(path).map_err(|e| ReadError::io(path, e))?;
+    if container(&raw, path) == Container::Zip {
+        let members = zip_members(path, &raw)?;
+        let mut all = Vec::new();
+        for (mpath, bytes) in &members {
+            all.extend(parse_one(mpath, bytes)?);
+        }
+        let idx = ManifestIndex::from_parsed(all.iter().map(|p| (path.to_path_buf(), p)));
+        for p in all.iter_mut() {
+            idx.attach_one(path, p);
+        }
+        return Ok(all);
+    }
+    let bytes = decompress(path, raw)?;
+    parse_one(&path.display().to_string(), &bytes)
+}
+
+/// Parse one input file (plain, zstd, gzip or zip) into its documents.
+pub fn read_file(path: &Path) -> Result<Vec<Document>, ReadError> {
+    Ok(read_file_detailed(path)?.into_iter().map(|p| p.doc).collect())
+}
+
+/// [`read_file`] plus the metadata of the file's manifest from `index` (see the module docs).
+pub fn read_file_indexed(path: &Path, index: &ManifestIndex) -> Result<Vec<Document>, ReadError> {
+    let mut v = read_file_detailed(path)?;
+    for p in v.iter_mut() {
+        index.attach_one(path, p);
+    }
+    Ok(v.into_iter().map(|p| p.doc).collect())
+}
+
+/// Read every path (in the given order) and attach manifest metadata within each package. Deterministic.
+pub fn read_files_with_manifests(paths: &[PathBuf]) -> Vec<(PathBuf, Result<Vec<Document>, ReadError>)> {
+    let parsed: Vec<(PathBuf, Result<Vec<Parsed>, ReadError>)> =
+        paths.iter().map(|p| (p.clone(), read_file_detailed(p))).collect();
+    let index = ManifestIndex::from_parsed(
+        parsed.iter().filter_map(|(p, r)| r.as_ref().ok().map(|v| (p, v))).flat_map(|(p, v)| v.iter().map(move |d| (p.clone(), d))),
+    );
+    parsed
+        .into_iter()
+        .map(|(path, r)| {
+            let r = r.map(|mut v| {
+                for d in v.iter_mut() {
+                    index.attach_one(&path, d);
+                }
+                v.into_iter().map(|p| p.doc).collect()
+            });
+            (path, r)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Manifests
+
+#[derive(Debug, Clone)]
+struct ManifestInfo {
+    /// File name of the manifest itself.
+    name: String,
+    /// Names it lists (`REF.PHYS`) and the conventional manifest names derived from them.
+    names: Vec<String>,
+    lang: Option<String>,
+    celex: Option<String>,
+    celex_source: CelexSource,
+    date: Option<String>,
+    title: Option<String>,
+}
+
+/// Manifest metadata per package scope (the directory of a file; a zip is its own scope).
+#[derive(Debug, Default, Clone)]
+pub struct ManifestIndex {
+    by_scope: HashMap<PathBuf, Vec<ManifestInfo>>,
+}
+
+/// Whether a file name looks like a manifest (`….doc.xml`, `….doc.fmx.xml`, `DOC_1.xml`-style Cellar names).
+pub fn looks_like_manifest(path: &Path) -> bool {
+    let n = path.file_name().map(|s| s.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    n.contains(".doc.") || n.contains(".toc.") || n.contains("-toc-") || n.contains("doc_1.")
+}
+
+fn scope_of(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Replace the language code of an OJ/consolidated file name by `__` (cross-language package key).
+fn lang_neutral(name: &str) -> String {
+    let b = name.as_bytes();
+    let mut s = name.to_string();
+    if let Some(us) = name.find('_') {
+        if us > 0 && us <= 3 && b[..us].iter().all(u8::is_ascii_uppercase) {
+            let mut i = us + 1;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            if i - us - 1 >= 7 && i + 2 <= b.len() && b[i].is_ascii_uppercase() && b[i + 1].is_ascii_uppercase() {
+                s.replace_range(i..i + 2, "__");
+            }
+        }
+    }
+    s
+}
+
+impl ManifestIndex {
+    /// Parse the manifests among `paths` (by name, or any small file whose root is `DOC`). Cheap: manifests are a few
+    /// KB; other files are not parsed.
+    pub fn build(paths: &[PathBuf]) -> Self {
+        let mut found: Vec<(PathBuf, Parsed)> = Vec::new();
+        for p in paths {
+            let candidate = looks_like_manifest(p)
+                || (std::fs::metadata(p).map(|m| m.len() < 64 * 1024).unwrap_or(false)
+                    && sniff_root(p).as_deref() == Some("DOC"));
+            if !candidate {
+                continue;
+            }
+            if let Ok(v) = read_file_detailed(p) {
+                found.extend(v.into_iter().filter(|d| d.doc.root == "DOC").map(|d| (p.clone(), d)));
+            }
+        }
+        Self::from_parsed(found.iter().map(|(p, d)| (p.clone(), d)))
+    }
+
+    fn from_parsed<'a>(it: impl Iterator<Item = (PathBuf, &'a Parsed)>) -> Self {
+        let mut by_scope: HashMap<PathBuf, Vec<ManifestInfo>> = HashMap::new();
+        for (path, p) in it {
+            if p.doc.root != "DOC" {
+                continue;
+            }
+            let name = base_name(&p.doc.path).to_string();
+            let mut names = Vec::new();
+            for part in &p.meta.parts {
+                let part = base_name(part).to_string();
+                if let Some(stem) = part.strip_suffix(".fmx.xml") {
+                    let head = stem.split('.').next().unwrap_or(stem);
+                    names.push(format!("{head}.doc.fmx.xml"));
+                } else if let Some(stem) = part.strip_suffix(".xml") {
+                    names.push(format!("{stem}.doc.xml"));
+                }
+                names.push(part);
+            }
+            let info = ManifestInfo {
+                name,
+                names,
+                lang: p.doc.lang.clone(),
+                celex: p.doc.celex.clone(),
+                celex_source: if p.doc.celex.is_some() { p.meta.celex_source.max(CelexSource::Manifest) } else { CelexSource::None },
+                date: p.doc.date.clone(),
+                title: p.doc.title.clone(),
+            };
+            by_scope.entry(scope_of(&path)).or_default().push(info);
+        }
+        for v in by_scope.values_mut() {
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        ManifestIndex { by_scope }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_scope.is_empty()
+    }
+
+    fn find(&self, path: &Path, d: &Parsed, neutral: bool) -> Option<&ManifestInfo> {
+        let list = self.by_scope.get(&scope_of(path))?;
+        let key = |s: &str| if neutral { lang_neutral(s) } else { s.to_string() };
+        let own = key(base_name(&d.doc.path));
+        let r = d.meta.manifest_ref.as_deref().map(|r| key(base_name(r)));
+        list.iter().find(|m| {
+            m.names.iter().any(|n| key(n) == own)
+                || r.as_ref().is_some_and(|r| *r == key(&m.name) || m.names.iter().any(|n| key(n) == *r))
+        })
+    }
+
+    /// Fill CELEX/date/title (and the type, when unknown) of a body/annex from its package's manifest.
+    pub fn attach_one(&self, path: &Path, p: &mut Parsed) {
+        if p.doc.doc_type == DocType::Manifest || self.by_scope.is_empty() {
+            return;
+        }
+        let same = self.find(path, p, false);
+        let m = match same {
+            Some(m) => Some((m, true)),
+            None => self.find(path, p, true).map(|m| (m, false)),
+        };
+        let Some((m, same_lang)) = m else { return };
+        if let Some(c) = &m.celex {
+            if p.meta.celex_source < m.celex_source && p.doc.root != "CORR" {
+                p.doc.celex = Some(c.clone());
+                p.meta.celex_source = m.celex_source;
+            }
+        }
+        if p.doc.date.is_none() {
+            p.doc.date = m.date.clone();
+        }
+        if same_lang {
+            if p.doc.title.is_none() {
+                p.doc.title = m.title.clone();
+            }
+            if p.doc.lang.is_none() {
+                p.doc.lang = m.lang.clone();
+            }
+        }
+        if matches!(p.doc.doc_type, DocType::Other | DocType::Regulation | DocType::Directive | DocType::Decision) {
+            p.doc.doc_type = formex::doc_type_for(&p.doc.root, p.doc.celex.as_deref(), p.doc.title.as_deref());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Sniffing
+
+/// Up to `n` decompressed bytes from the start of a file (first xml member for a zip), with the member's path.
+fn head_bytes(path: &Path, n: usize) -> Option<(String, Vec<u8>)> {
+    let mut f = File::open(path).ok()?;
+    let mut magic = [0u8; 4];
+    let got = f.read(&mut magic).ok()?;
+    let kind = container(&magic[..got], path);
+    drop(f);
+    let take = |r: &mut dyn Read| -> Vec<u8> {
+        let mut buf = Vec::with_capacity(n);
+        let _ = r.take(n as u64).read_to_end(&mut buf);
+        buf
+    };
+    let p = path.display().to_string();
+    match kind {
+        Container::Plain => Some((p, take(&mut File::open(path).ok()?))),
+        Container::Zstd => Some((p, take(&mut zstd::stream::read::Decoder::new(File::open(path).ok()?).ok()?))),
+        Container::Gzip => Some((p, take(&mut flate2::read::MultiGzDecoder::new(File::open(path).ok()?)))),
+        Container::Zip => {
+            let mut z = zip::ZipArchive::new(File::open(path).ok()?).ok()?;
+            let mut names: Vec<(String, usize)> = (0..z.len())
+                .filter_map(|i| z.name_for_index(i).map(|s| (s.to_string(), i)))
+                .filter(|(s, _)| s.to_ascii_lowercase().ends_with(".xml"))
+                .collect();
+            names.sort();
+            let (name, i) = names.into_iter().next()?;
+            let mut m = z.by_index(i).ok()?;
+            Some((format!("{p}!{name}"), take(&mut m)))
+        }
+    }
+}
+
+fn tag_text<'a>(hay: &'a str, tag: &str) -> Option<&'a str> {
+    let i = hay.find(tag)? + tag.len();
+    let rest = &hay[i..];
+    let j = rest.find('<')?;
+    Some(rest[..j].trim())
+}
+
+/// Cheap language guess for lane assignment: the file (or first zip member) name, else the first `<LG.DOC>` (then
+/// `<LG.OJ>`) in the first 64 KB. Lower-case ISO 639-1.
+pub fn sniff_lang(path: &Path) -> Option<String> {
+    if let Some(l) = formex::lang_from_filename(&path.display().to_string()) {
+        if container_by_name(path) != Container::Zip {
+            return Some(l);
+        }
+    }
+    let (name, head) = head_bytes(path, 64 * 1024)?;
+    if let Some(l) = formex::lang_from_filename(&name) {
+        return Some(l);
+    }
+    let s = String::from_utf8_lossy(&head);
+    tag_text(&s, "<LG.DOC>").and_then(formex::norm_lang).or_else(|| tag_text(&s, "<LG.OJ>").and_then(formex::norm_lang))
+}
+
+fn container_by_name(path: &Path) -> Container {
+    if path.to_string_lossy().to_ascii_lowercase().ends_with(".zip") {
+        Container::Zip
+    } else {
+        Container::Plain
+    }
+}
+
+/// The root element name of a file (first 4 KB), if any.
+pub fn sniff_root(path: &Path) -> Option<String> {
+    let (_, head) = head_bytes(path, 4096)?;
+    let s = String::from_utf8_lossy(&head);
+    let mut rest: &str = &s;
+    loop {
+        let i = rest.find('<')?;
+        rest = &rest[i + 1..];
+        if rest.starts_with('?') || rest.starts_with('!') {
+            continue;
+        }
+        let end = rest.find(|c: char| c.is_whitespace() || c == '>' || c == '/').unwrap_or(rest.len());
+        return Some(rest[..end].to_string());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Quarantine
+
+/// Records bad inputs: one JSON line `{path, line, column, byte_offset, reason, hint}` per file (when a file is
+/// given), and increments `lexflow_reader_quarantined_files_total`. Shareable between reader threads.
+pub struct Quarantine {
+    out: Option<Mutex<BufWriter<File>>>,
+    count: AtomicU64,
+}
+
+impl Quarantine {
+    /// Append to `path` (created with its parent directories).
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        if let Some(d) = path.parent() {
+            if !d.as_os_str().is_empty() {
+                std::fs::create_dir_all(d)?;
+            }
+        }
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Quarantine { out: Some(Mutex::new(BufWriter::new(f))), count: AtomicU64::new(0) })
+    }
+
+    /// Count only (no file).
+    pub fn counting() -> Self {
+        Quarantine { out: None, count: AtomicU64::new(0) }
+    }
+
+    pub fn record(&self, e: &ReadError) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        lexflow_metrics::global().reader_quarantined.inc();
+        tracing::warn!(target: "lexflow::reader", "quarantined {e}");
+        if let Some(out) = &self.out {
+            let mut w = out.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(w, "{}", e.to_json());
+            let _ = w.flush();
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// CLI
+
+/// The JSON line `lexflow parse --jsonl` prints for a document.
+pub fn doc_json(d: &Document) -> serde_json::Value {
+    serde_json::json!({
+        "path": d.path,
+        "root": d.root,
+        "celex": d.celex,
+        "lang": d.lang,
+        "doc_type": d.doc_type.as_str(),
+        "date": d.date,
+        "title": d.title,
+        "articles": d.articles.len(),
+        "chars": d.text.chars().count(),
+    })
+}
+
+/// `lexflow parse --jsonl PATH...`: one JSON object per document, `{path, error, …}` per bad file; exit 0 unless the
+/// command was misused (a path matching nothing → exit 2).
+pub fn cli_parse(paths: &[String]) -> anyhow::Result<ExitCode> {
+    let files = match expand_inputs(paths) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("lexflow parse: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut w = BufWriter::new(stdout.lock());
+    let q = Quarantine::counting();
+    for (_, r) in read_files_with_manifests(&files) {
+        let lines: Vec<serde_json::Value> = match r {
+            Ok(docs) => docs.iter().map(doc_json).collect(),
+            Err(e) => {
+                q.record(&e);
+                let mut j = e.to_json();
+                j["error"] = serde_json::Value::String(e.to_string());
+                vec![j]
+            }
+        };
+        for j in lines {
+            if writeln!(w, "{j}").is_err() {
+                return Ok(ExitCode::SUCCESS); // closed pipe
+            }
+        }
+    }
+    let _ = w.flush();
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &str = r#"<ACT><BIB.INSTANCE><DOCUMENT.REF FILE="L_2099001EN.01000101.doc.xml"/><LG.DOC>EN</LG.DOC></BIB.INSTANCE><TITLE><TI><P>Act</P></TI></TITLE><ENACTING.TERMS><ARTICLE IDENTIFIER="001"><TI.ART>Article 1</TI.ART><ALINEA>x</ALINEA></ARTICLE></ENACTING.TERMS></ACT>"#;
+    const ANNEX: &str = r#"<ANNEX><BIB.INSTANCE><DOCUMENT.REF FILE="L_2099001EN.01000101.doc.xml"/><LG.DOC>EN</LG.DOC></BIB.INSTANCE><TITLE><TI><P>ANNEX</P></TI></TITLE><CONTENTS><P>y</P></CONTENTS></ANNEX>"#;
+    const MANIFEST: &str = r#"<DOC><BIB.DOC><NO.DOC><NO.CURRENT>12</NO.CURRENT><YEAR>2099</YEAR></NO.DOC></BIB.DOC><FMX><DOC.MAIN.PUB><LG.DOC>EN</LG.DOC><LEGAL.VALUE>DIR</LEGAL.VALUE><DATE ISO="20990102">x</DATE><REF.PHYS FILE="L_2099001EN.01000101.xml"/></DOC.MAIN.PUB><DOC.SUB.PUB><REF.PHYS FILE="L_2099001EN.01000201.xml"/></DOC.SUB.PUB></FMX></DOC>"#;
+
+    #[test]
+    fn reader_manifest_attachment_dir_and_zip() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("L_2099001EN.01000101.xml"), BODY).unwrap();
+        std::fs::write(d.join("L_2099001EN.01000201.xml"), ANNEX).unwrap();
+        std::fs::write(d.join("L_2099001EN.01000101.doc.xml"), MANIFEST).unwrap();
+        std::fs::write(d.join("L_2099001DE.01000201.xml"), ANNEX.replace("EN", "DE")).unwrap();
+        let files = expand_inputs(&[d.display().to_string()]).unwrap();
+        assert_eq!(files.len(), 4);
+        let r = read_files_with_manifests(&files);
+        let docs: Vec<Document> = r.into_iter().flat_map(|(_, r)| r.unwrap()).collect();
+        let by = |n: &str| docs.iter().find(|x| x.path.ends_with(n)).unwrap();
+        assert_eq!(by("01000101.xml").celex.as_deref(), Some("32099L0012"));
+        assert_eq!(by("01000101.xml").doc_type, DocType::Directive);
+        assert_eq!(by("EN.01000201.xml").celex.as_deref(), Some("32099L0012"));
+        assert_eq!(by("EN.01000201.xml").doc_type, DocType::Annex);
+        assert_eq!(by("EN.01000201.xml").date.as_deref(), Some("2099-01-02"));
+        assert_eq!(by("DE.01000201.xml").celex.as_deref(), Some("32099L0012"), "cross-language manifest");
+        assert_eq!(by("DE.01000201.xml").lang.as_deref(), Some("de"));
+        assert_eq!(by("doc.xml").doc_type, DocType::Manifest);
+        // the index built up front gives the same result
+        let idx = ManifestIndex::build(&files);
+        let a = read_file_indexed(&d.join("L_2099001EN.01000201.xml"), &idx).unwrap();
+        assert_eq!(a[0].celex.as_deref(), Some("32099L0012"));
+
+        // zip package, compressed singles
+        let zpath = d.join("pkg.zip");
+        {
+            let mut z = zip::ZipWriter::new(File::create(&zpath).unwrap());
+            let o = zip::write::SimpleFileOptions::default();
+            for (n, c) in [("L_2099001EN.01000201.xml", ANNEX), ("L_2099001EN.01000101.doc.xml", MANIFEST), ("readme.txt", "x")] {
+                z.start_file(n, o).unwrap();
+                z.write_all(c.as_bytes()).unwrap();
+            }
+            z.finish().unwrap();
+        }
+        let v = read_file(&zpath).unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[1].path, format!("{}!L_2099001EN.01000201.xml", zpath.display()));
+        assert_eq!(v[1].celex.as_deref(), Some("32099L0012"));
+        assert_eq!(sniff_lang(&zpath).as_deref(), Some("en"));
+
+        let zst = d.join("x.xml.zst");
+        std::fs::write(&zst, zstd::encode_all(BODY.as_bytes(), 3).unwrap()).unwrap();
+        assert_eq!(read_file(&zst).unwrap()[0].articles.len(), 1);
+        assert_eq!(sniff_lang(&zst).as_deref(), Some("en"));
+        let gz = d.join("y.xml.gz");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(BODY.as_bytes()).unwrap();
+        std::fs::write(&gz, e.finish().unwrap()).unwrap();
+        assert_eq!(read_file(&gz).unwrap()[0].title.as_deref(), Some("Act"));
+        let trunc = d.join("t.xml.zst");
+        let full = zstd::encode_all(BODY.as_bytes(), 3).unwrap();
+        std::fs::write(&trunc, &full[..full.len() / 2]).unwrap();
+        assert!(matches!(read_file(&trunc), Err(ReadError::Decompress { .. }) | Err(ReadError::Parse { .. })));
+    }
+
+    #[test]
+    fn reader_expand_inputs_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        for n in ["b.xml", "a.xml.zst", "sub/c.fmx.xml", "sub/notes.md", "z.zip", "w.xml.gz"] {
+            std::fs::write(d.join(n), "x").unwrap();
+        }
+        let all = expand_inputs(&[d.display().to_string(), d.join("b.xml").display().to_string()]).unwrap();
+        let names: Vec<_> = all.iter().map(|p| p.strip_prefix(d).unwrap().display().to_string()).collect();
+        assert_eq!(names, ["a.xml.zst", "b.xml", "sub/c.fmx.xml", "w.xml.gz", "z.zip"]);
+        let g = expand_inputs(&[format!("{}/**/*.xml", d.display())]).unwrap();
+        assert_eq!(g.len(), 2);
+        assert!(matches!(expand_inputs(&[format!("{}/nothing*.xml", d.display())]), Err(ReadError::NoMatch { .. })));
+        assert!(matches!(expand_inputs(&[d.join("missing.xml").display().to_string()]), Err(ReadError::NoMatch { .. })));
+    }
+
+    #[test]
+    fn reader_quarantine_writes_json_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.xml");
+        std::fs::write(&bad, "<ACT>\n<P>oops</ACT>").unwrap();
+        let e = read_file(&bad).unwrap_err();
+        assert_eq!(e.line(), 2);
+        let qp = dir.path().join("run/quarantine.jsonl");
+        let q = Quarantine::create(&qp).unwrap();
+        let before = lexflow_metrics::global().reader_quarantined.get();
+        q.record(&e);
+        assert!(lexflow_metrics::global().reader_quarantined.get() > before);
+        let line = std::fs::read_to_string(&qp).unwrap();
+        let j: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(j["path"], bad.display().to_string());
+        assert_eq!(j["line"], 2);
+        assert!(j["reason"].as_str().unwrap().contains("malformed"));
+        assert!(!j["hint"].as_str().unwrap().is_empty());
+    }
 }

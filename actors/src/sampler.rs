@@ -1,1 +1,249 @@
-//! (being written)
+//! The language sampler: merges the per-language lanes into one stream whose **token** shares follow the configured mix.
+//!
+//! Rule: emit the next document of the language with the largest token deficit `target_l · total − emitted_l`
+//! (ties: the language listed first). The chosen language is never above its target, so after emitting a document of
+//! `n` tokens it overshoots by less than `n`; the deficits sum to zero, so no language falls behind by more than a
+//! document either. The property test at the bottom checks `|emitted_l − target_l · total| ≤ longest document` at every
+//! prefix of random streams. The rule is a pure function of the token counts: the output does not depend on thread
+//! counts or timing, only on each lane's (deterministic) document order.
+//!
+//! Lanes are independent edges, so waiting on the language that is due never deadlocks: the others fill up and block
+//! their own readers (backpressure) until they are due.
+
+use std::collections::VecDeque;
+
+use lexflow_dataflow::{ActorContext, ActorError, EdgeReceiver, EdgeSender};
+use serde::Serialize;
+
+use crate::config::ExhaustedPolicy;
+use crate::types::{TokenizedBatch, TokenizedDoc};
+
+/// Deficit-driven choice among languages with target shares.
+#[derive(Debug, Clone)]
+pub struct LanguageSampler {
+    langs: Vec<String>,
+    targets: Vec<f64>,
+    emitted: Vec<u64>,
+    docs: Vec<u64>,
+    active: Vec<bool>,
+    total: u64,
+}
+
+impl LanguageSampler {
+    /// `mix`: (language, share) in lane order; shares sum to 1.
+    pub fn new(mix: &[(String, f64)]) -> Self {
+        let n = mix.len();
+        LanguageSampler {
+            langs: mix.iter().map(|(l, _)| l.clone()).collect(),
+            targets: mix.iter().map(|(_, s)| *s).collect(),
+            emitted: vec![0; n],
+            docs: vec![0; n],
+            active: vec![true; n],
+            total: 0,
+        }
+    }
+
+    /// The lane due next (None when every lane is exhausted).
+    pub fn choose(&self) -> Option<usize> {
+        let norm: f64 = self.active.iter().zip(&self.targets).filter(|(a, _)| **a).map(|(_, t)| t).sum();
+        let mut best: Option<(usize, f64)> = None;
+        for i in 0..self.langs.len() {
+            if !self.active[i] {
+                continue;
+            }
+            let deficit = self.targets[i] / norm * self.total as f64 - self.emitted[i] as f64;
+            if best.is_none_or(|(_, d)| deficit > d + 1e-9) {
+                best = Some((i, deficit));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    pub fn record(&mut self, lane: usize, tokens: u64) {
+        self.emitted[lane] += tokens;
+        self.docs[lane] += 1;
+        self.total += tokens;
+    }
+
+    /// Removes a lane from the mix; the remaining targets are renormalized.
+    pub fn deactivate(&mut self, lane: usize) {
+        self.active[lane] = false;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    pub fn report(&self) -> SamplerReport {
+        let total = self.total.max(1) as f64;
+        SamplerReport {
+            total_tokens: self.total,
+            languages: (0..self.langs.len())
+                .map(|i| LangReport {
+                    lang: self.langs[i].clone(),
+                    target_share: self.targets[i],
+                    realized_share: self.emitted[i] as f64 / total,
+                    tokens: self.emitted[i],
+                    documents: self.docs[i],
+                    exhausted: !self.active[i],
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SamplerReport {
+    pub total_tokens: u64,
+    pub languages: Vec<LangReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LangReport {
+    pub lang: String,
+    pub target_share: f64,
+    pub realized_share: f64,
+    pub tokens: u64,
+    pub documents: u64,
+    pub exhausted: bool,
+}
+
+/// Documents per message from the sampler to the packer.
+pub const OUT_BATCH_DOCS: usize = 64;
+
+/// The sampler actor body. `lanes[i]` carries the tokenized documents of language `mix[i]`. Documents with zero tokens
+/// are passed over (they carry no text: manifests, empty files).
+pub fn run_sampler(
+    ctx: &ActorContext,
+    mix: &[(String, f64)],
+    policy: ExhaustedPolicy,
+    lanes: Vec<EdgeReceiver<TokenizedBatch>>,
+    out: EdgeSender<Vec<TokenizedDoc>>,
+    report: &std::sync::Mutex<SamplerReport>,
+) -> Result<(), ActorError> {
+    let mut s = LanguageSampler::new(mix);
+    let mut pending: Vec<VecDeque<TokenizedDoc>> = vec![VecDeque::new(); lanes.len()];
+    let mut batch = Vec::with_capacity(OUT_BATCH_DOCS);
+    let m = lexflow_metrics::global();
+    for (l, t) in mix {
+        m.sampler_target_share.with_label_values(&[l]).set(*t);
+    }
+    let publish = |s: &LanguageSampler| {
+        let r = s.report();
+        for l in &r.languages {
+            m.sampler_realized_share.with_label_values(&[&l.lang]).set(l.realized_share);
+        }
+        if let Ok(mut g) = report.lock() {
+            *g = r;
+        }
+    };
+    'outer: while let Some(lane) = s.choose() {
+        // Next non-empty document of the due lane.
+        let doc = loop {
+            if let Some(d) = pending[lane].pop_front() {
+                if d.tokens.is_empty() {
+                    continue;
+                }
+                break d;
+            }
+            match lanes[lane].recv() {
+                Ok(b) => pending[lane].extend(b.docs),
+                Err(_) => match policy {
+                    // Cycling lanes never close (their reader restarts); a closed lane means its input was empty or
+                    // the run is stopping. Either way the exact mix can no longer be kept.
+                    ExhaustedPolicy::Stop | ExhaustedPolicy::Cycle => {
+                        tracing::info!(lang = %mix[lane].0, "language exhausted: ending the stream (on_exhausted = {:?})", policy);
+                        s.deactivate(lane);
+                        break 'outer;
+                    }
+                    ExhaustedPolicy::Renormalize => {
+                        tracing::info!(lang = %mix[lane].0, "language exhausted: renormalizing the mix over the others");
+                        s.deactivate(lane);
+                        continue 'outer;
+                    }
+                },
+            }
+        };
+        ctx.set_input(format!("lane {} ({}) doc {:?}", lane, mix[lane].0, doc.id));
+        s.record(lane, doc.tokens.len() as u64);
+        m.sampler_tokens.with_label_values(&[&mix[lane].0]).inc_by(doc.tokens.len() as u64);
+        batch.push(doc);
+        if batch.len() == OUT_BATCH_DOCS {
+            publish(&s);
+            if out.send(std::mem::replace(&mut batch, Vec::with_capacity(OUT_BATCH_DOCS))).is_err() {
+                publish(&s);
+                return Ok(()); // downstream finished (e.g. training reached its step count)
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = out.send(batch);
+    }
+    publish(&s);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn mix() -> Vec<(String, f64)> {
+        crate::config::default_mix().into_iter().collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// At every prefix, each language's emitted tokens are within one (the longest) document of its target.
+        #[test]
+        fn every_prefix_within_one_document_of_target(
+            lens in proptest::collection::vec(proptest::collection::vec(1u64..5000, 50..200), 5),
+        ) {
+            let mix = mix();
+            let mut s = LanguageSampler::new(&mix);
+            let mut next = vec![0usize; 5];
+            let mut longest = 0u64;
+            for _ in 0..400 {
+                let lane = s.choose().unwrap();
+                let n = lens[lane][next[lane] % lens[lane].len()];
+                next[lane] += 1;
+                longest = longest.max(n);
+                s.record(lane, n);
+                let total = s.total() as f64;
+                for (i, (_, t)) in mix.iter().enumerate() {
+                    let dev = (s.emitted[i] as f64 - t * total).abs();
+                    prop_assert!(dev <= longest as f64 + 1e-6,
+                        "lang {i}: emitted {} target {} dev {dev} > longest {longest}", s.emitted[i], t * total);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn converges_to_mix_with_unequal_document_sizes() {
+        let mix = mix();
+        let mut s = LanguageSampler::new(&mix);
+        let sizes = [900u64, 50, 3000, 7, 400];
+        for _ in 0..20_000 {
+            let lane = s.choose().unwrap();
+            s.record(lane, sizes[lane]);
+        }
+        for l in s.report().languages {
+            assert!((l.realized_share - l.target_share).abs() < 0.002, "{l:?}");
+        }
+    }
+
+    #[test]
+    fn renormalizes_after_deactivation() {
+        let mix = vec![("en".to_string(), 0.5), ("fr".to_string(), 0.25), ("de".to_string(), 0.25)];
+        let mut s = LanguageSampler::new(&mix);
+        s.deactivate(0);
+        for _ in 0..1000 {
+            let lane = s.choose().unwrap();
+            assert_ne!(lane, 0);
+            s.record(lane, 10);
+        }
+        let r = s.report();
+        assert!((r.languages[1].realized_share - 0.5).abs() < 0.01);
+    }
+}

@@ -1,1 +1,91 @@
-//! (being written)
+//! End-of-run statistics: `stats.json` in the run directory and a human summary.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::packer::PackerReport;
+use crate::sampler::SamplerReport;
+use crate::shard_writer::ShardReport;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InputReport {
+    pub files: u64,
+    /// Files per lane language.
+    pub files_per_lang: BTreeMap<String, u64>,
+    /// Files whose language is not in the mix (not read).
+    pub files_outside_mix: u64,
+    pub files_read: u64,
+    pub documents: u64,
+    pub documents_per_lang: BTreeMap<String, u64>,
+    pub quarantined_files: u64,
+    pub quarantine_report: Option<String>,
+    /// Documents whose parsed language differs from their file's lane.
+    pub lang_mismatches: u64,
+    pub text_bytes: u64,
+    pub tokens: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunStats {
+    pub run: String,
+    pub config: String,
+    pub seed: u64,
+    pub elapsed_seconds: f64,
+    pub input: InputReport,
+    pub sampler: SamplerReport,
+    pub packer: PackerReport,
+    pub shards: ShardReport,
+    pub train: Option<serde_json::Value>,
+    /// Tokens through the tokenizers per second of wall time.
+    pub preprocess_tokens_per_second: f64,
+    pub outcome: String,
+}
+
+impl RunStats {
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        use std::fmt::Write;
+        let _ = writeln!(s, "lexflow run `{}`: {} in {:.1}s", self.run, self.outcome, self.elapsed_seconds);
+        let i = &self.input;
+        let _ = writeln!(
+            s,
+            "  input      {} files ({} read, {} outside the mix, {} quarantined), {} documents, {} tokens",
+            i.files, i.files_read, i.files_outside_mix, i.quarantined_files, i.documents, i.tokens
+        );
+        let _ = writeln!(s, "  mix        lang  target  realized  tokens      docs");
+        for l in &self.sampler.languages {
+            let _ = writeln!(
+                s,
+                "             {:<4}  {:>5.1}%  {:>7.2}%  {:<10}  {}{}",
+                l.lang,
+                l.target_share * 100.0,
+                l.realized_share * 100.0,
+                l.tokens,
+                l.documents,
+                if l.exhausted { "  (exhausted)" } else { "" }
+            );
+        }
+        let p = &self.packer;
+        let _ = writeln!(
+            s,
+            "  packer     {} sequences, fill {:.2}%, {} padding tokens, {} split docs, {} truncated docs ({} tokens)",
+            p.sequences,
+            p.fill_efficiency * 100.0,
+            p.padding_tokens,
+            p.split_documents,
+            p.truncated_documents,
+            p.truncated_tokens
+        );
+        let _ = writeln!(
+            s,
+            "  shards     {} routed to ranks {:?}, {} skipped on resume",
+            self.shards.sequences_routed, self.shards.per_rank, self.shards.sequences_skipped_on_resume
+        );
+        if let Some(t) = &self.train {
+            let _ = writeln!(s, "  train      {}", t);
+        }
+        let _ = write!(s, "  throughput {:.0} tokens/s preprocessing", self.preprocess_tokens_per_second);
+        s
+    }
+}

@@ -33,7 +33,9 @@ pub fn ordered_pool<In, Out, W, F>(
         topo.spawn(format!("{name}-{i}"), move |ctx| {
             for item in wrx.iter() {
                 let out = f(ctx, item)?;
-                otx.send(out)?;
+                if otx.send(out).is_err() {
+                    break; // downstream finished early
+                }
             }
             Ok(())
         });
@@ -41,7 +43,9 @@ pub fn ordered_pool<In, Out, W, F>(
     topo.spawn(format!("{name}.dispatch"), move |_ctx| {
         let mut k = 0usize;
         for item in input.iter() {
-            to_workers[k % n].send(item)?;
+            if to_workers[k % n].send(item).is_err() {
+                break;
+            }
             k += 1;
         }
         Ok(())
@@ -50,7 +54,11 @@ pub fn ordered_pool<In, Out, W, F>(
         let mut k = 0usize;
         loop {
             match from_workers[k % n].recv() {
-                Ok(out) => output.send(out)?,
+                Ok(out) => {
+                    if output.send(out).is_err() {
+                        break;
+                    }
+                }
                 // Worker k%n is done: since items were dealt round-robin, every later worker is done too.
                 Err(_) => break,
             }

@@ -14,6 +14,7 @@ mod registry;
 mod server;
 
 pub use registry::{
-    actor, edge, global, latency, ActorMetrics, EdgeMetrics, LatencyRecorder, Metrics,
+    actor, edge, global, latency, set_run_labels, ActorMetrics, EdgeMetrics, LatencyRecorder,
+    Metrics,
 };
 pub use server::{serve, MetricsServer, ServeError};

@@ -1,0 +1,639 @@
+//! The LLaMA 3 architecture in tch, in one file: config presets, RMSNorm, RoPE (with Llama 3.1 frequency scaling),
+//! grouped-query attention through `scaled_dot_product_attention` (causal, or block-diagonal causal for packed
+//! documents), SwiGLU MLP, tied or untied embeddings.
+//!
+//! Parameters live in one flat buffer ([`Params`]): every weight is a view into it, named with its Hugging Face
+//! `LlamaForCausalLM` key. Weights with ≥2 dimensions come first, so the weight-decay group of the optimizer is one
+//! contiguous prefix of the buffer.
+
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::batch::Batch;
+use crate::error::{GpuError, Result};
+
+/// Llama 3.1 RoPE frequency scaling (`rope_scaling` with `rope_type = "llama3"` in HF configs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+/// Shape of a LLaMA model; field names follow the HF `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+}
+
+/// Vocabulary of the Llama 3 tokenizer (128,000 BPE + 256 special ids).
+pub const LLAMA3_VOCAB: usize = 128_256;
+
+const LLAMA31_SCALING: RopeScaling =
+    RopeScaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 };
+
+impl LlamaConfig {
+    /// CPU tests and smoke runs: dim 64, 2 layers, 4 heads, 2 KV heads.
+    pub fn tiny(vocab_size: usize) -> Self {
+        LlamaConfig {
+            vocab_size,
+            hidden_size: 64,
+            intermediate_size: 192,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500_000.0,
+            rope_scaling: Some(RopeScaling { original_max_position_embeddings: 256, ..LLAMA31_SCALING }),
+            max_position_embeddings: 2048,
+            tie_word_embeddings: true,
+        }
+    }
+
+    /// GPT-3-Small-shaped body (12 × 768, ~85M non-embedding parameters) with Llama 3 blocks and vocabulary.
+    pub fn llama_125m() -> Self {
+        LlamaConfig {
+            vocab_size: LLAMA3_VOCAB,
+            hidden_size: 768,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_key_value_heads: 4,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500_000.0,
+            rope_scaling: Some(LLAMA31_SCALING),
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+        }
+    }
+
+    /// Llama 3.2 1B.
+    pub fn llama3_2_1b() -> Self {
+        LlamaConfig {
+            vocab_size: LLAMA3_VOCAB,
+            hidden_size: 2048,
+            intermediate_size: 8192,
+            num_hidden_layers: 16,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500_000.0,
+            rope_scaling: Some(RopeScaling { factor: 32.0, ..LLAMA31_SCALING }),
+            max_position_embeddings: 131_072,
+            tie_word_embeddings: true,
+        }
+    }
+
+    /// Llama 3.1 8B.
+    pub fn llama3_1_8b() -> Self {
+        LlamaConfig {
+            vocab_size: LLAMA3_VOCAB,
+            hidden_size: 4096,
+            intermediate_size: 14_336,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            head_dim: 128,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500_000.0,
+            rope_scaling: Some(LLAMA31_SCALING),
+            max_position_embeddings: 131_072,
+            tie_word_embeddings: false,
+        }
+    }
+
+    /// Llama 3.1 70B.
+    pub fn llama3_1_70b() -> Self {
+        LlamaConfig {
+            hidden_size: 8192,
+            intermediate_size: 28_672,
+            num_hidden_layers: 80,
+            num_attention_heads: 64,
+            num_key_value_heads: 8,
+            ..Self::llama3_1_8b()
+        }
+    }
+
+    /// A named preset: `tiny` (vocabulary of the tokenizer), `125m`, `1b`, `8b`, `70b` (Llama 3 vocabulary, which
+    /// must hold every id of the tokenizer).
+    pub fn preset(name: &str, tokenizer_vocab: usize) -> Result<Self> {
+        let cfg = match name {
+            "tiny" => return Ok(Self::tiny(tokenizer_vocab)),
+            "125m" => Self::llama_125m(),
+            "1b" => Self::llama3_2_1b(),
+            "8b" => Self::llama3_1_8b(),
+            "70b" => Self::llama3_1_70b(),
+            other => {
+                return Err(GpuError::Config(format!(
+                    "unknown model preset `{other}` (expected tiny, 125m, 1b, 8b, 70b)"
+                )))
+            }
+        };
+        if tokenizer_vocab > cfg.vocab_size {
+            return Err(GpuError::Config(format!(
+                "preset `{name}` has {} embeddings but the tokenizer has {tokenizer_vocab} ids",
+                cfg.vocab_size
+            )));
+        }
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let mut errs = Vec::new();
+        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
+            errs.push(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            errs.push(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        }
+        for (k, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("head_dim", self.head_dim),
+        ] {
+            if v == 0 {
+                errs.push(format!("{k} must be > 0"));
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(GpuError::Config(errs.join("; ")))
+        }
+    }
+
+    /// `(HF key, shape)` of every parameter, in buffer order: ≥2-D weights first (decayed), then the norms.
+    pub fn param_specs(&self) -> Vec<(String, Vec<i64>)> {
+        let (d, f, v) = (self.hidden_size as i64, self.intermediate_size as i64, self.vocab_size as i64);
+        let q = (self.num_attention_heads * self.head_dim) as i64;
+        let kv = (self.num_key_value_heads * self.head_dim) as i64;
+        let mut specs = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
+        for i in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            specs.push((format!("{p}.self_attn.q_proj.weight"), vec![q, d]));
+            specs.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, d]));
+            specs.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d]));
+            specs.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
+            specs.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
+            specs.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
+            specs.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
+        }
+        if !self.tie_word_embeddings {
+            specs.push(("lm_head.weight".to_string(), vec![v, d]));
+        }
+        for i in 0..self.num_hidden_layers {
+            specs.push((format!("model.layers.{i}.input_layernorm.weight"), vec![d]));
+            specs.push((format!("model.layers.{i}.post_attention_layernorm.weight"), vec![d]));
+        }
+        specs.push(("model.norm.weight".to_string(), vec![d]));
+        specs
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.param_specs().iter().map(|(_, s)| s.iter().product::<i64>() as usize).sum()
+    }
+
+    /// Training FLOPs per token (forward + backward): 6·N for the matmuls plus 12·L·d·T for attention scores
+    /// (PaLM appendix B), with the embedding lookup excluded from N.
+    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
+        let embed = (self.vocab_size * self.hidden_size) as f64;
+        let n = self.num_params() as f64 - if self.tie_word_embeddings { 0.0 } else { embed };
+        let attn = 12.0 * (self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len) as f64;
+        6.0 * n + attn
+    }
+
+    /// Inverse RoPE frequencies (`head_dim / 2`), with Llama 3.1 scaling when configured (HF
+    /// `_compute_llama3_parameters`).
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let dim = self.head_dim;
+        let base: Vec<f64> =
+            (0..dim).step_by(2).map(|i| 1.0 / self.rope_theta.powf(i as f64 / dim as f64)).collect();
+        let Some(s) = &self.rope_scaling else {
+            return base.iter().map(|&x| x as f32).collect();
+        };
+        let old = s.original_max_position_embeddings as f64;
+        let low_wavelen = old / s.low_freq_factor;
+        let high_wavelen = old / s.high_freq_factor;
+        base.iter()
+            .map(|&f| {
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                let scaled = if wavelen > low_wavelen { f / s.factor } else { f };
+                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                if medium {
+                    let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    ((1.0 - smooth) * scaled / s.factor + smooth * scaled) as f32
+                } else {
+                    scaled as f32
+                }
+            })
+            .collect()
+    }
+}
+
+/// One named parameter: a view into [`Params::flat`].
+pub struct Param {
+    pub name: String,
+    pub shape: Vec<i64>,
+    /// Offset (in elements) of the parameter in the flat buffer.
+    pub offset: i64,
+    pub numel: i64,
+    pub tensor: Tensor,
+}
+
+/// All parameters of a model in one flat buffer of the model's dtype. Each [`Param::tensor`] is a leaf view of it
+/// that requires grad; writing into the flat buffer (under no-grad) updates every parameter at once.
+pub struct Params {
+    pub flat: Tensor,
+    pub params: Vec<Param>,
+    /// Elements `[0, decay_numel)` belong to ≥2-D weights (weight decay applies), the rest to norms.
+    pub decay_numel: i64,
+}
+
+impl Params {
+    fn allocate(specs: &[(String, Vec<i64>)], kind: Kind, device: Device) -> Params {
+        let total: i64 = specs.iter().map(|(_, s)| s.iter().product::<i64>()).sum();
+        let flat = Tensor::zeros([total], (kind, device));
+        let mut offset = 0;
+        let mut decay_numel = 0;
+        let mut params = Vec::with_capacity(specs.len());
+        for (name, shape) in specs {
+            let numel: i64 = shape.iter().product();
+            let tensor = flat.narrow(0, offset, numel).view(shape.as_slice()).set_requires_grad(true);
+            if shape.len() >= 2 {
+                debug_assert_eq!(decay_numel, offset, "≥2-D weights must precede the norms");
+                decay_numel = offset + numel;
+            }
+            params.push(Param { name: name.clone(), shape: shape.clone(), offset, numel, tensor });
+            offset += numel;
+        }
+        Params { flat, params, decay_numel }
+    }
+
+    pub fn numel(&self) -> i64 {
+        self.flat.numel() as i64
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.params.iter().find(|p| p.name == name).map(|p| &p.tensor)
+    }
+
+    fn must(&self, name: &str) -> Tensor {
+        self.get(name).unwrap_or_else(|| panic!("parameter {name} is in param_specs")).shallow_clone()
+    }
+
+    /// Drops every accumulated gradient (the next backward allocates fresh ones).
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            p.tensor.zero_grad();
+        }
+    }
+
+    /// `(HF key, tensor)` pairs, for saving.
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().map(|p| (p.name.clone(), p.tensor.detach())).collect()
+    }
+
+    /// Copies named tensors into the parameters. Every parameter must be present with its exact shape;
+    /// `rotary_emb.inv_freq` buffers and (for tied models) `lm_head.weight` are ignored, anything else unexpected is an
+    /// error.
+    pub fn load_named(&mut self, tensors: impl IntoIterator<Item = (String, Tensor)>, tied: bool) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let mut seen = vec![false; self.params.len()];
+        let mut errs = Vec::new();
+        for (name, t) in tensors {
+            match self.params.iter().position(|p| p.name == name) {
+                Some(i) => {
+                    let p = &mut self.params[i];
+                    if t.size() != p.shape {
+                        errs.push(format!("{name}: shape {:?}, model expects {:?}", t.size(), p.shape));
+                        continue;
+                    }
+                    p.tensor.detach().copy_(&t);
+                    seen[i] = true;
+                }
+                None if name.ends_with("rotary_emb.inv_freq") => {}
+                None if tied && name == "lm_head.weight" => {}
+                None => errs.push(format!("unexpected tensor {name}")),
+            }
+        }
+        for (p, s) in self.params.iter().zip(&seen) {
+            if !s {
+                errs.push(format!("missing tensor {}", p.name));
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(GpuError::Config(format!("loading weights: {}", errs.join("; "))))
+        }
+    }
+}
+
+/// libtorch's default generators are process-wide: ranks initialising at the same time would interleave their draws.
+static INIT_LOCK: Mutex<()> = Mutex::new(());
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: &Params, name: &str, eps: f64) -> Self {
+        RmsNorm { weight: p.must(&format!("{name}.weight")), eps }
+    }
+
+    /// Normalises in fp32 and scales in the input dtype, as HF `LlamaRMSNorm` does.
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.square().mean_dim(-1, true, Kind::Float);
+        let y = (xf * (var + self.eps).rsqrt()).to_kind(kind);
+        &self.weight * y
+    }
+}
+
+/// `cos`/`sin` tables for the positions of one forward pass, `(T, head_dim)` in the model dtype.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(inv_freq: &Tensor, t: i64, kind: Kind) -> Self {
+        // Positions are global within the packed sequence: attention scores under RoPE depend only on relative
+        // positions, so a document mask alone keeps documents independent.
+        let pos = Tensor::arange(t, (Kind::Float, inv_freq.device()));
+        let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0); // (T, hd/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], -1); // (T, hd)
+        Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
+    }
+
+    /// `x * cos + rotate_half(x) * sin` on `(B, H, T, hd)`; the half-split convention of HF checkpoints.
+    fn apply(&self, x: &Tensor) -> Tensor {
+        let hd = x.size()[3];
+        let x1 = x.narrow(-1, 0, hd / 2);
+        let x2 = x.narrow(-1, hd / 2, hd / 2);
+        let rotated = Tensor::cat(&[&x2.neg(), &x1], -1);
+        x * &self.cos + rotated * &self.sin
+    }
+}
+
+struct Attention {
+    q_proj: Tensor,
+    k_proj: Tensor,
+    v_proj: Tensor,
+    o_proj: Tensor,
+    n_head: i64,
+    n_kv_head: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(p: &Params, name: &str, cfg: &LlamaConfig) -> Self {
+        Attention {
+            q_proj: p.must(&format!("{name}.q_proj.weight")),
+            k_proj: p.must(&format!("{name}.k_proj.weight")),
+            v_proj: p.must(&format!("{name}.v_proj.weight")),
+            o_proj: p.must(&format!("{name}.o_proj.weight")),
+            n_head: cfg.num_attention_heads as i64,
+            n_kv_head: cfg.num_key_value_heads as i64,
+            head_dim: cfg.head_dim as i64,
+        }
+    }
+
+    /// `mask`: `(B, 1, T, T)` bool, true = may attend; None = plain causal.
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Tensor {
+        let (b, t, _) = x.size3().expect("(B, T, D)");
+        let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let q = x.linear::<&Tensor>(&self.q_proj, None).view([b, t, h, hd]).transpose(1, 2); // (B, H, T, hd)
+        let k = x.linear::<&Tensor>(&self.k_proj, None).view([b, t, kvh, hd]).transpose(1, 2); // (B, KV, T, hd)
+        let v = x.linear::<&Tensor>(&self.v_proj, None).view([b, t, kvh, hd]).transpose(1, 2); // (B, KV, T, hd)
+        let q = rope.apply(&q);
+        let k = rope.apply(&k);
+        let y = match mask {
+            // Flash/cuDNN kernels take GQA natively on the causal path.
+            None => Tensor::scaled_dot_product_attention::<&Tensor>(&q, &k, &v, None, 0.0, true, None, kvh != h),
+            // With an explicit mask the memory-efficient kernel is used, which wants equal head counts.
+            Some(m) => {
+                let rep = h / kvh;
+                let (k, v) = if rep > 1 {
+                    (k.repeat_interleave_self_int(rep, 1, None), v.repeat_interleave_self_int(rep, 1, None))
+                } else {
+                    (k, v)
+                };
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false)
+            }
+        }; // (B, H, T, hd)
+        y.transpose(1, 2).contiguous().view([b, t, h * hd]).linear::<&Tensor>(&self.o_proj, None)
+    }
+}
+
+struct Mlp {
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+}
+
+impl Mlp {
+    fn new(p: &Params, name: &str) -> Self {
+        Mlp {
+            gate_proj: p.must(&format!("{name}.gate_proj.weight")),
+            up_proj: p.must(&format!("{name}.up_proj.weight")),
+            down_proj: p.must(&format!("{name}.down_proj.weight")),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let gate = x.linear::<&Tensor>(&self.gate_proj, None).silu();
+        let up = x.linear::<&Tensor>(&self.up_proj, None);
+        (gate * up).linear::<&Tensor>(&self.down_proj, None)
+    }
+}
+
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(p: &Params, i: usize, cfg: &LlamaConfig) -> Self {
+        let name = format!("model.layers.{i}");
+        Block {
+            input_layernorm: RmsNorm::new(p, &format!("{name}.input_layernorm"), cfg.rms_norm_eps),
+            self_attn: Attention::new(p, &format!("{name}.self_attn"), cfg),
+            post_attention_layernorm: RmsNorm::new(p, &format!("{name}.post_attention_layernorm"), cfg.rms_norm_eps),
+            mlp: Mlp::new(p, &format!("{name}.mlp")),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Tensor {
+        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask);
+        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
+    }
+}
+
+/// A LLaMA causal language model whose parameters live in one flat buffer.
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub params: Params,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    inv_freq: Tensor,
+}
+
+impl Llama {
+    /// A freshly initialised model: N(0, 0.02) weights, unit norms. Same seed and device ⇒ same weights.
+    pub fn new(cfg: &LlamaConfig, device: Device, kind: Kind, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let params = Params::allocate(&cfg.param_specs(), kind, device);
+        {
+            let _g = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            let _ng = tch::no_grad_guard();
+            tch::manual_seed(seed as i64);
+            let mut decayed = params.flat.narrow(0, 0, params.decay_numel);
+            let _ = decayed.normal_(0.0, 0.02);
+            let mut norms = params.flat.narrow(0, params.decay_numel, params.numel() - params.decay_numel);
+            let _ = norms.fill_(1.0);
+        }
+        Ok(Self::from_params(cfg, params))
+    }
+
+    fn from_params(cfg: &LlamaConfig, params: Params) -> Self {
+        let embed_tokens = params.must("model.embed_tokens.weight");
+        let lm_head =
+            if cfg.tie_word_embeddings { embed_tokens.shallow_clone() } else { params.must("lm_head.weight") };
+        let layers = (0..cfg.num_hidden_layers).map(|i| Block::new(&params, i, cfg)).collect();
+        let norm = RmsNorm::new(&params, "model.norm", cfg.rms_norm_eps);
+        let inv_freq = Tensor::from_slice(&cfg.rope_inv_freq()).to_device(params.flat.device());
+        Llama { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, inv_freq, params }
+    }
+
+    pub fn device(&self) -> Device {
+        self.params.flat.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.params.flat.kind()
+    }
+
+    /// Logits `(B, T, V)` in the model dtype. `doc_ids` `(B, T)` (document ordinal of each position) makes attention
+    /// block-diagonal causal; None is plain causal.
+    pub fn forward(&self, input_ids: &Tensor, doc_ids: Option<&Tensor>) -> Tensor {
+        let (_, t) = input_ids.size2().expect("(B, T) token ids");
+        let rope = Rope::new(&self.inv_freq, t, self.kind());
+        let mask = doc_ids.map(|d| document_mask(d));
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // (B, T, D)
+        for block in &self.layers {
+            x = block.forward(&x, &rope, mask.as_ref());
+        }
+        self.norm.forward(&x).linear::<&Tensor>(&self.lm_head, None)
+    }
+
+    /// Forward over a [`Batch`] (inputs and document mask on the model's device).
+    pub fn forward_batch(&self, batch: &Batch) -> Tensor {
+        self.forward(&batch.inputs, batch.doc_ids.as_ref())
+    }
+}
+
+/// `(B, 1, T, T)` bool: position i may attend to j iff j ≤ i and both lie in the same document.
+pub fn document_mask(doc_ids: &Tensor) -> Tensor {
+    let t = doc_ids.size()[1];
+    let same = doc_ids.unsqueeze(2).eq_tensor(&doc_ids.unsqueeze(1)); // (B, T, T)
+    let causal = Tensor::ones([t, t], (Kind::Bool, doc_ids.device())).tril(0);
+    same.logical_and(&causal).unsqueeze(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_have_published_sizes() {
+        let p = |c: LlamaConfig| c.num_params() as f64 / 1e9;
+        assert!((p(LlamaConfig::llama3_2_1b()) - 1.236).abs() < 0.01, "{}", p(LlamaConfig::llama3_2_1b()));
+        assert!((p(LlamaConfig::llama3_1_8b()) - 8.030).abs() < 0.01, "{}", p(LlamaConfig::llama3_1_8b()));
+        assert!((p(LlamaConfig::llama3_1_70b()) - 70.55).abs() < 0.05, "{}", p(LlamaConfig::llama3_1_70b()));
+        assert!(LlamaConfig::preset("8b", 200_000).is_err());
+        assert!(LlamaConfig::preset("3b", 100).is_err());
+    }
+
+    #[test]
+    fn llama3_scaling_matches_reference_bands() {
+        let cfg = LlamaConfig::llama3_1_8b();
+        let f = cfg.rope_inv_freq();
+        let plain = LlamaConfig { rope_scaling: None, ..cfg.clone() }.rope_inv_freq();
+        // Highest frequencies (short wavelengths) untouched; lowest divided by the factor.
+        assert_eq!(f[0], plain[0]);
+        assert!((f[63] / plain[63] - 1.0 / 8.0).abs() < 1e-6);
+        // A medium band exists and lies strictly between.
+        assert!(f.iter().zip(&plain).any(|(a, b)| *a < *b && *a > *b / 8.0));
+    }
+
+    #[test]
+    fn same_seed_same_weights_and_params_are_views() {
+        let cfg = LlamaConfig::tiny(50);
+        let a = Llama::new(&cfg, Device::Cpu, Kind::Float, 7).unwrap();
+        let b = Llama::new(&cfg, Device::Cpu, Kind::Float, 7).unwrap();
+        let c = Llama::new(&cfg, Device::Cpu, Kind::Float, 8).unwrap();
+        assert!(a.params.flat.equal(&b.params.flat));
+        assert!(!a.params.flat.equal(&c.params.flat));
+        let _ng = tch::no_grad_guard();
+        let _ = a.params.flat.narrow(0, 0, 1).fill_(3.0);
+        assert_eq!(a.params.get("model.embed_tokens.weight").unwrap().double_value(&[0, 0]), 3.0);
+        assert_eq!(a.params.params.last().unwrap().name, "model.norm.weight");
+    }
+
+    #[test]
+    fn gqa_mask_path_equals_causal_path_for_one_document() {
+        let cfg = LlamaConfig::tiny(50);
+        let m = Llama::new(&cfg, Device::Cpu, Kind::Float, 1).unwrap();
+        let ids = Tensor::randint(50, [2, 12], (Kind::Int64, Device::Cpu));
+        let a = m.forward(&ids, None);
+        let b = m.forward(&ids, Some(&Tensor::zeros([2, 12], (Kind::Int64, Device::Cpu))));
+        let d = (a - b).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn documents_do_not_see_each_other() {
+        let cfg = LlamaConfig::tiny(50);
+        let m = Llama::new(&cfg, Device::Cpu, Kind::Float, 1).unwrap();
+        let ids = Tensor::randint(50, [1, 16], (Kind::Int64, Device::Cpu));
+        let doc_ids = Tensor::from_slice(&[0i64, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]).view([1, 16]);
+        let packed = m.forward(&ids, Some(&doc_ids));
+        // Second document alone (RoPE is relative, so global positions do not matter).
+        let alone = m.forward(&ids.narrow(1, 6, 10), None);
+        let d = (packed.narrow(1, 6, 10) - &alone).abs().max().double_value(&[]);
+        assert!(d < 1e-4, "{d}");
+        // Without the mask the second document does see the first.
+        let leaky = m.forward(&ids, None);
+        let d = (leaky.narrow(1, 6, 10) - alone).abs().max().double_value(&[]);
+        assert!(d > 1e-3, "{d}");
+    }
+}

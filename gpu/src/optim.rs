@@ -1,0 +1,291 @@
+//! AdamW over flat buffers, the learning-rate schedule and global-norm gradient clipping.
+//!
+//! The whole model is one fp32 master buffer with two moment buffers of the same length, so a step is about ten
+//! kernels whatever the number of parameters (tch has no fused/foreach AdamW and cannot save `nn::AdamW` state).
+//! With fp32 parameters the master buffer *is* the parameter buffer; with bf16 parameters (CUDA) the master is a
+//! separate fp32 copy and the parameters are refreshed from it after each step. Weight decay applies to the ≥2-D
+//! weights only, which [`Params`] lays out as one contiguous prefix. The state (master, moments, step) is saved as
+//! safetensors so a resumed run continues bit-exactly.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::checkpoint::{read_safetensors, write_safetensors};
+use crate::error::{GpuError, Result};
+use crate::model::Params;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    /// Length of the schedule: the cosine reaches `min_lr` here.
+    pub total_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip (≤ 0: no clipping).
+    pub grad_clip: f64,
+}
+
+impl AdamWConfig {
+    /// Linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `total_steps`; `step` counts
+    /// from 1 (the step being taken).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if self.warmup_steps > 0 && step <= self.warmup_steps {
+            return self.lr * step as f64 / self.warmup_steps as f64;
+        }
+        let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = ((step.saturating_sub(self.warmup_steps)) as f64 / span).clamp(0.0, 1.0);
+        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    pub step: u64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub clipped: bool,
+}
+
+pub struct FlatAdamW {
+    pub cfg: AdamWConfig,
+    /// Flat fp32 master weights (shares storage with the parameters when they are fp32).
+    pub master: Tensor,
+    pub exp_avg: Tensor,
+    pub exp_avg_sq: Tensor,
+    /// Flat fp32 gradient: filled by [`gather_grads`](Self::gather_grads), reduced across ranks, consumed by
+    /// [`step`](Self::step).
+    pub grad: Tensor,
+    /// Steps taken.
+    pub step: u64,
+    decay_numel: i64,
+    shares_params: bool,
+}
+
+impl FlatAdamW {
+    pub fn new(params: &Params, cfg: AdamWConfig) -> Self {
+        let flat = &params.flat;
+        let shares_params = flat.kind() == Kind::Float;
+        let master = if shares_params { flat.shallow_clone() } else { flat.detach().to_kind(Kind::Float) };
+        let zeros = || Tensor::zeros([params.numel()], (Kind::Float, flat.device()));
+        FlatAdamW {
+            cfg,
+            master,
+            exp_avg: zeros(),
+            exp_avg_sq: zeros(),
+            grad: zeros(),
+            step: 0,
+            decay_numel: params.decay_numel,
+            shares_params,
+        }
+    }
+
+    /// Concatenates every parameter's gradient into [`grad`](Self::grad) (fp32; missing gradients count as zero).
+    pub fn gather_grads(&mut self, params: &Params) -> &mut Tensor {
+        let _ng = tch::no_grad_guard();
+        let grads: Vec<Tensor> = params
+            .params
+            .iter()
+            .map(|p| {
+                let g = p.tensor.grad();
+                if g.defined() {
+                    g.reshape([-1])
+                } else {
+                    Tensor::zeros([p.numel], (p.tensor.kind(), p.tensor.device()))
+                }
+            })
+            .collect();
+        if params.flat.kind() == Kind::Float {
+            let _ = Tensor::cat_out(&self.grad, &grads, 0);
+        } else {
+            self.grad.copy_(&Tensor::cat(&grads, 0));
+        }
+        &mut self.grad
+    }
+
+    /// One AdamW step from [`grad`](Self::grad) (already averaged across ranks): clip, update moments and master,
+    /// refresh the parameters.
+    pub fn step(&mut self, params: &Params) -> StepStats {
+        let _ng = tch::no_grad_guard();
+        self.step += 1;
+        let c = self.cfg.clone();
+        let lr = c.lr_at(self.step);
+        let grad_norm = self.grad.norm().double_value(&[]);
+        let mut clipped = false;
+        if c.grad_clip > 0.0 {
+            // torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), capped at 1.
+            let coef = c.grad_clip / (grad_norm + 1e-6);
+            if coef < 1.0 {
+                let _ = self.grad.g_mul_scalar_(coef);
+                clipped = true;
+            }
+        }
+        if c.weight_decay != 0.0 && self.decay_numel > 0 {
+            let _ = self.master.narrow(0, 0, self.decay_numel).g_mul_scalar_(1.0 - lr * c.weight_decay);
+        }
+        let _ = self.exp_avg.lerp_(&self.grad, 1.0 - c.beta1);
+        let _ = self.exp_avg_sq.lerp_(&self.grad.square(), 1.0 - c.beta2);
+        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        let mut denom = self.exp_avg_sq.sqrt();
+        let _ = denom.g_div_scalar_(bc2.sqrt());
+        let _ = denom.g_add_scalar_(c.eps);
+        let update = self.exp_avg.g_div(&denom);
+        let _ = update.g_mul_scalar_(-lr / bc1);
+        let _ = self.master.g_add_(&update);
+        if !self.shares_params {
+            let _ = params.flat.detach().copy_(&self.master);
+        }
+        StepStats { step: self.step, lr, grad_norm, clipped }
+    }
+
+    /// Saves master weights, moments and the step counter.
+    pub fn save(&self, path: &Path) -> Result<u64> {
+        let tensors = vec![
+            ("master".to_string(), self.master.shallow_clone()),
+            ("exp_avg".to_string(), self.exp_avg.shallow_clone()),
+            ("exp_avg_sq".to_string(), self.exp_avg_sq.shallow_clone()),
+        ];
+        let mut meta = HashMap::new();
+        meta.insert("step".to_string(), self.step.to_string());
+        meta.insert("decay_numel".to_string(), self.decay_numel.to_string());
+        meta.insert("config".to_string(), serde_json::to_string(&self.cfg).expect("config is JSON"));
+        write_safetensors(path, &tensors, Some(meta))
+    }
+
+    /// Restores state saved by [`save`](Self::save) into a model of the same shape, parameters included.
+    pub fn load(&mut self, path: &Path, params: &Params) -> Result<()> {
+        let _ng = tch::no_grad_guard();
+        let (tensors, meta) = read_safetensors(path)?;
+        let bad = |m: String| GpuError::checkpoint(path, m);
+        let step: u64 = meta.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| bad("no step in metadata".into()))?;
+        let decay: i64 = meta.get("decay_numel").and_then(|s| s.parse().ok()).unwrap_or(self.decay_numel);
+        if decay != self.decay_numel {
+            return Err(bad(format!("decay group of {decay} elements, model has {}", self.decay_numel)));
+        }
+        let mut found = 0;
+        for (name, t) in tensors {
+            let dst = match name.as_str() {
+                "master" => &mut self.master,
+                "exp_avg" => &mut self.exp_avg,
+                "exp_avg_sq" => &mut self.exp_avg_sq,
+                _ => continue,
+            };
+            if t.size() != dst.size() || t.kind() != Kind::Float {
+                return Err(bad(format!("{name}: {:?} {:?}, expected {:?} Float", t.size(), t.kind(), dst.size())));
+            }
+            dst.copy_(&t);
+            found += 1;
+        }
+        if found != 3 {
+            return Err(bad("needs master, exp_avg and exp_avg_sq".into()));
+        }
+        if !self.shares_params {
+            let _ = params.flat.detach().copy_(&self.master);
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Llama, LlamaConfig};
+    use tch::{nn, nn::OptimizerConfig, Device};
+
+    fn cfg() -> AdamWConfig {
+        AdamWConfig {
+            lr: 1e-2,
+            min_lr: 1e-3,
+            warmup_steps: 2,
+            total_steps: 10,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 0.0,
+        }
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_min() {
+        let c = cfg();
+        assert!((c.lr_at(1) - 5e-3).abs() < 1e-12);
+        assert!((c.lr_at(2) - 1e-2).abs() < 1e-12);
+        assert!((c.lr_at(6) - (1e-3 + 0.5 * 9e-3)).abs() < 1e-12);
+        assert!((c.lr_at(10) - 1e-3).abs() < 1e-12);
+        assert!((c.lr_at(50) - 1e-3).abs() < 1e-12);
+    }
+
+    /// Same updates as libtorch's AdamW (constant lr, all parameters decayed, no clipping).
+    #[test]
+    fn matches_libtorch_adamw() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        tch::manual_seed(0);
+        let w = vs.root().randn("w", &[3, 4], 0.0, 1.0);
+        let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.95, wd: 0.1, eps: 1e-8, amsgrad: false }.build(&vs, 1e-2).unwrap();
+
+        let mcfg = LlamaConfig { num_hidden_layers: 0, ..LlamaConfig::tiny(3) };
+        let mut model = Llama::new(&LlamaConfig { hidden_size: 4, head_dim: 2, ..mcfg }, Device::Cpu, Kind::Float, 0).unwrap();
+        // Only the embedding (3×4) and the final norm: zero the norm's gradient by never using it.
+        tch::no_grad(|| model.params.get("model.embed_tokens.weight").unwrap().detach().copy_(&w));
+        let mut flat = FlatAdamW::new(&model.params, AdamWConfig { warmup_steps: 0, min_lr: 1e-2, ..cfg() });
+        let x = Tensor::randn([4, 2], (Kind::Float, Device::Cpu));
+        for _ in 0..5 {
+            let loss = w.matmul(&x).square().sum(Kind::Float);
+            opt.zero_grad();
+            loss.backward();
+            opt.step();
+
+            let e = model.params.get("model.embed_tokens.weight").unwrap();
+            let loss = e.matmul(&x).square().sum(Kind::Float);
+            model.params.zero_grad();
+            loss.backward();
+            flat.gather_grads(&model.params);
+            flat.step(&model.params);
+        }
+        let e = model.params.get("model.embed_tokens.weight").unwrap();
+        let d = (e - &w).abs().max().double_value(&[]);
+        assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm_and_norms_are_not_decayed() {
+        let model = Llama::new(&LlamaConfig::tiny(8), Device::Cpu, Kind::Float, 0).unwrap();
+        let mut opt = FlatAdamW::new(&model.params, AdamWConfig { grad_clip: 1.0, weight_decay: 0.5, ..cfg() });
+        let _ = opt.grad.fill_(0.0);
+        let n = model.params.numel() - model.params.decay_numel;
+        let _ = opt.grad.narrow(0, 0, 4).fill_(10.0);
+        let before = model.params.flat.narrow(0, model.params.decay_numel, n).copy();
+        let s = opt.step(&model.params);
+        assert!(s.clipped && (s.grad_norm - 20.0).abs() < 1e-4);
+        assert!((opt.grad.norm().double_value(&[]) - 1.0).abs() < 1e-5);
+        // Norm weights had zero gradient and no decay: unchanged.
+        assert!(model.params.flat.narrow(0, model.params.decay_numel, n).equal(&before));
+    }
+
+    #[test]
+    fn state_roundtrip() {
+        let model = Llama::new(&LlamaConfig::tiny(8), Device::Cpu, Kind::Float, 0).unwrap();
+        let mut opt = FlatAdamW::new(&model.params, cfg());
+        let _ = opt.grad.normal_(0.0, 1.0);
+        opt.step(&model.params);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("opt.safetensors");
+        opt.save(&p).unwrap();
+        let model2 = Llama::new(&LlamaConfig::tiny(8), Device::Cpu, Kind::Float, 1).unwrap();
+        let mut opt2 = FlatAdamW::new(&model2.params, cfg());
+        opt2.load(&p, &model2.params).unwrap();
+        assert_eq!(opt2.step, 1);
+        assert!(opt2.exp_avg_sq.equal(&opt.exp_avg_sq) && model2.params.flat.equal(&model.params.flat));
+    }
+}

