@@ -5,8 +5,8 @@
                                                     (.zst decompressed), independent of lexflow's FORMEX parser
   tokenize_ref.py encode TOKENIZER_JSON             stdin: JSON list of strings; stdout: JSON list of id lists
                                                     (add_special_tokens=False)
-  tokenize_ref.py hash TOKENIZER_JSON               stdin: JSONL of {"text"}; stdout: {"docs","tokens","ids_hash"}
-                                                    with the ids hash of lexflow's preprocess_bench example
+  tokenize_ref.py hash TOKENIZER_JSON               stdin: JSONL of {"text"}; stdout: {"docs","tokens","ids_hash"}, the ids
+                                                    hash of actors/examples/preprocess_bench.rs
 """
 import hashlib
 import html
@@ -71,18 +71,27 @@ def main(argv):
         json.dump([e.ids for e in encs], sys.stdout)
         return 0
     if cmd == "hash":
+        # Same definition as actors/examples/preprocess_bench.rs: sha256 over sha256(ids LE u32) per document.
         tok = load(argv[2])
         h = hashlib.sha256()
         docs = tokens = 0
+
+        def flush(batch):
+            nonlocal docs, tokens
+            for e in tok.encode_batch(batch, add_special_tokens=False):
+                ids = e.ids
+                h.update(hashlib.sha256(struct.pack(f"<{len(ids)}I", *ids)).digest())
+                docs += 1
+                tokens += len(ids)
+
+        batch = []
         for line in sys.stdin:
-            if not line.strip():
-                continue
-            text = json.loads(line)["text"]
-            ids = tok.encode(text, add_special_tokens=False).ids
-            h.update(struct.pack(f"<{len(ids)}I", *ids))
-            h.update(b"\xff\xff\xff\xff")
-            docs += 1
-            tokens += len(ids)
+            if line.strip():
+                batch.append(json.loads(line)["text"])
+            if len(batch) >= 64:
+                flush(batch)
+                batch = []
+        flush(batch)
         print(json.dumps({"docs": docs, "tokens": tokens, "ids_hash": h.hexdigest()}))
         return 0
     print(__doc__, file=sys.stderr)

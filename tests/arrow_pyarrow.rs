@@ -50,7 +50,7 @@ fn sequences(rng: &mut Rng, n: usize, seq_len: usize, shards: u32) -> Vec<Packed
             let total = seq_len + 1;
             let padding = if rng.below(4) == 0 { rng.below(total as u64 / 2) as usize } else { 0 };
             let mut tokens: Vec<u32> = (0..total - padding).map(|_| rng.below(128_256) as u32).collect();
-            tokens.extend(std::iter::repeat(128_001).take(padding));
+            tokens.extend(std::iter::repeat_n(128_001, padding));
             let (mut pieces, mut doc_starts, mut off) = (Vec::new(), Vec::new(), 0usize);
             while off < total - padding {
                 let len = 1 + rng.below((total - padding - off).min(300) as u64) as usize;
@@ -120,7 +120,7 @@ fn pyarrow_reads_every_value_the_tee_wrote() {
 
     let dir = tempfile::tempdir().unwrap();
     let (seq_len, shards) = (255usize, 5usize);
-    let meta = TeeMeta { seq_len, tokenizer: "llama3".into(), run_name: "pyarrow-check ✓".into() };
+    let meta = TeeMeta { seq_len, tokenizer: "llama3".into(), run: "pyarrow-check ✓".into() };
     let mut rng = Rng(0x1e8f_10e5);
     // 400 rows over 5 shards: every shard gets several full 64-row batches and a partial one.
     let written = sequences(&mut rng, 400, seq_len, shards as u32 - 1);
@@ -173,7 +173,7 @@ fn pyarrow_reads_every_value_the_tee_wrote() {
         let m: Value = serde_json::from_str(f["metadata"][META_KEY].as_str().expect("lexflow metadata key")).unwrap();
         assert_eq!(u(&m["seq_len"]), seq_len as u64);
         assert_eq!(m["tokenizer"], "llama3");
-        assert_eq!(m["run_name"], meta.run_name.as_str());
+        assert_eq!(m["run"], meta.run.as_str());
         assert_eq!(u(&m["shard"]), shard as u64);
         assert_eq!(u(&m["shards"]), shards as u64);
 

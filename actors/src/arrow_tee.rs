@@ -14,7 +14,7 @@
 //! | `pieces`     | `List<Struct{lane: UInt16, file: UInt32, ordinal: UInt32, start, end, offset: UInt32}>` |
 //!
 //! Schema metadata holds a single key, [`META_KEY`] (`"lexflow"`), whose value is a JSON object
-//! `{"format_version", "seq_len", "tokenizer", "run_name", "shard", "shards"}`. A single key (rather than one key per
+//! `{"format_version", "seq_len", "tokenizer", "run", "shard", "shards"}`. A single key (rather than one key per
 //! field) keeps the files byte-for-byte deterministic: arrow-rs serializes schema metadata from a `HashMap`, whose
 //! iteration order changes from process to process.
 //!
@@ -54,7 +54,7 @@ pub struct TeeMeta {
     pub seq_len: usize,
     /// Tokenizer name or path (what `lexflow inspect --tokenizer` should be given).
     pub tokenizer: String,
-    pub run_name: String,
+    pub run: String,
 }
 
 /// What one shard file's metadata says.
@@ -63,7 +63,7 @@ pub struct TeeFileMeta {
     pub format_version: u32,
     pub seq_len: usize,
     pub tokenizer: String,
-    pub run_name: String,
+    pub run: String,
     pub shard: u32,
     pub shards: u32,
 }
@@ -287,7 +287,7 @@ impl ArrowTee {
                 format_version: FORMAT_VERSION,
                 seq_len: meta.seq_len,
                 tokenizer: meta.tokenizer.clone(),
-                run_name: meta.run_name.clone(),
+                run: meta.run.clone(),
                 shard: shard as u32,
                 shards: shards as u32,
             };
@@ -468,7 +468,7 @@ pub fn cli_inspect(file: &Path, tokenizer: &str, limit: usize) -> anyhow::Result
         out,
         "{}: run `{}`, shard {}/{}, seq_len {}, tokenizer `{}` (decoding with `{tokenizer}`), {} sequences",
         file.display(),
-        meta.run_name,
+        meta.run,
         meta.shard,
         meta.shards,
         meta.seq_len,
@@ -500,7 +500,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn meta(seq_len: usize) -> TeeMeta {
-        TeeMeta { seq_len, tokenizer: "llama3".into(), run_name: "unit".into() }
+        TeeMeta { seq_len, tokenizer: "llama3".into(), run: "unit".into() }
     }
 
     fn random_seq(rng: &mut rand_chacha::ChaCha8Rng, index: u64, shards: u32, seq_len: usize) -> PackedSequence {
@@ -547,7 +547,7 @@ mod tests {
             let want: Vec<_> = seqs.iter().filter(|s| s.shard as usize == shard).cloned().collect();
             assert_eq!(read_sequences(f).unwrap(), want, "shard {shard}");
             let m = read_meta(f).unwrap();
-            assert_eq!((m.seq_len, m.shard, m.shards, m.run_name.as_str()), (100, shard as u32, 3, "unit"));
+            assert_eq!((m.seq_len, m.shard, m.shards, m.run.as_str()), (100, shard as u32, 3, "unit"));
         }
     }
 

@@ -45,7 +45,13 @@ impl FormexError {
         let before = &bytes[..off];
         let line = before.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
         let line_start = before.iter().rposition(|&b| b == b'\n').map(|p| p + 1).unwrap_or(0);
-        FormexError { line, column: (off - line_start) as u64 + 1, byte_offset: off as u64, reason: reason.into(), hint }
+        FormexError {
+            line,
+            column: (off - line_start) as u64 + 1,
+            byte_offset: off as u64,
+            reason: reason.into(),
+            hint,
+        }
     }
 }
 
@@ -182,6 +188,12 @@ enum K {
     InfoConsleg,
     Glue,
     Br,
+    /// `OP.CMP` / `OP.MATH` (empty, operator in `TYPE`).
+    MathOp,
+    /// `DIVISOR` (rendered after a `/`).
+    Divisor,
+    /// `SUM` (rendered as `Σ`).
+    Sum,
 }
 
 /// How an element renders.
@@ -226,6 +238,9 @@ fn classify(name: &[u8]) -> (K, Disp) {
         b"INFO.CONSLEG" => (K::InfoConsleg, Hidden),
         b"NO.P" | b"NO.PARAG" | b"PREFIX" | b"TERM" | b"NO.GR.SEQ" | b"NO.ITEM" => (K::Glue, Inline),
         b"BR" => (K::Br, Inline),
+        b"OP.CMP" | b"OP.MATH" => (K::MathOp, Inline),
+        b"DIVISOR" => (K::Divisor, Inline),
+        b"SUM" => (K::Sum, Inline),
         // metadata, running heads, images
         b"BIB.INSTANCE.CONS" | b"FAM.COMP" | b"INFO.PROD" | b"BIB.JUDGMENT" | b"BIB.ORDER" | b"BIB.CONCLUSION"
         | b"BIB.OPINION" | b"BIB.RULING" | b"BIB.DECISION.ECR" | b"BIB.CASE" | b"BIB.ECR" | b"BIB.DATA"
@@ -237,26 +252,114 @@ fn classify(name: &[u8]) -> (K, Disp) {
         // inline markup (t_btx content and formulas)
         b"HT" | b"FT" | b"IE" | b"LINK" | b"REF.DOC" | b"REF.DOC.OJ" | b"REF.DOC.ECR" | b"REF.DOC.SE"
         | b"REF.NP.ECR" | b"NO.CASE" | b"NO.ECLI" | b"NAME.CASE" | b"TXT" | b"DEFINITION" | b"FORMULA" | b"EXPR"
-        | b"OP.MATH" | b"OP.CMP" | b"IND" | b"EXPONENT" | b"SUM" | b"FRACTION" | b"DIVIDEND" | b"DIVISOR"
-        | b"OVER" | b"UNDER" | b"OVERLINE" | b"ROOT" | b"DEGREE" | b"FMT.VALUE" | b"VECTOR" | b"FUNCTION"
-        | b"ANONYMOUS" | b"LV" | b"ADDR" | b"REF.NOTE" | b"MARGIN" | b"QUALIF" | b"ITEM.REF" => (K::Other, Inline),
+        | b"IND" | b"EXPONENT" | b"FRACTION" | b"DIVIDEND" | b"OVER" | b"UNDER" | b"OVERLINE" | b"ROOT" | b"DEGREE"
+        | b"FMT.VALUE" | b"VECTOR" | b"FUNCTION" | b"ANONYMOUS" | b"LV" | b"ADDR" | b"REF.NOTE" | b"MARGIN"
+        | b"QUALIF" | b"ITEM.REF" => (K::Other, Inline),
         // block structure
-        b"TI" | b"STI" | b"P" | b"PREAMBLE" | b"PREAMBLE.INIT" | b"PREAMBLE.FINAL" | b"PREAMBLE.GEN" | b"GR.VISA"
-        | b"GR.VISA.INIT" | b"VISA" | b"GR.CONSID" | b"GR.CONSID.INIT" | b"CONSID" | b"DIV.CONSID" | b"NP"
-        | b"ENACTING.TERMS" | b"ENACTING.TERMS.CJT" | b"DIVISION" | b"PARAG" | b"ALINEA" | b"LIST" | b"ITEM"
-        | b"DLIST" | b"DLIST.ITEM" | b"FINAL" | b"SIGNATURE" | b"PL.DATE" | b"SIGNATORY" | b"CONTENTS" | b"GR.SEQ"
-        | b"TBL" | b"CORPUS" | b"GR.TBL" | b"GR.NOTES" | b"CORRECTION" | b"DESCRIPTION" | b"OLD.CORR"
-        | b"NEW.CORR" | b"CONTENTS.CORR" | b"JUDGMENT.INIT" | b"PARTIES" | b"PLAINTIFS" | b"AGAINST"
-        | b"DEFENDANTS" | b"PARTY.STATUS" | b"INTERVENERS" | b"INTERMEDIATE" | b"INDEX" | b"KEYWORD"
-        | b"CONTENTS.JUDGMENT" | b"CONTENTS.ORDER" | b"CONTENTS.CONCLUSION" | b"CONTENTS.OPINION" | b"NP.ECR"
-        | b"JURISDICTION" | b"INTRO" | b"SIGNATURE.CASE" | b"ORDER.INIT" | b"OPINION.INIT" | b"CONS.DOC"
-        | b"CONS.ANNEX" | b"CONS.OTH.DOC" | b"ANNEX" | b"ACT.GEN" | b"ADDR.S" | b"ANNOTATION" | b"GR.ANNOTATION"
-        | b"BLK" | b"TI.BLK" | b"STI.BLK" | b"TOC" | b"TI.CJT" | b"GR.AMEND" | b"AMEND" | b"LIST.AMEND"
-        | b"FULL.POWER" | b"FULL.POWER.INIT" | b"FULL.POWER.FINAL" | b"PLENIPOTENTIARY" | b"LETTER" | b"COMMENT"
-        | b"PRESENCE" | b"PRESENCE.INIT" | b"ARGUMENTS" | b"SUMMARY" | b"SUBDIV" | b"HEADER.LIST.AMEND"
-        | b"SECTION" | b"SUBSECTION" | b"OJ" | b"VOLUME" | b"ITEM.PUB" | b"DECISION" | b"DECISION.ECR.INIT"
-        | b"CONTENTS.DECISION.ECR" | b"CONTENTS.RULING" | b"COMPETITION.INIT" | b"TXT.COL" | b"TXT.ROW"
-        | b"CAPTION" | b"INTRO.OPINION" | b"CONS.LIST" | b"GR.CORRECTION" | b"CORR.ACTION" => (K::Other, Block),
+        b"TI"
+        | b"STI"
+        | b"P"
+        | b"PREAMBLE"
+        | b"PREAMBLE.INIT"
+        | b"PREAMBLE.FINAL"
+        | b"PREAMBLE.GEN"
+        | b"GR.VISA"
+        | b"GR.VISA.INIT"
+        | b"VISA"
+        | b"GR.CONSID"
+        | b"GR.CONSID.INIT"
+        | b"CONSID"
+        | b"DIV.CONSID"
+        | b"NP"
+        | b"ENACTING.TERMS"
+        | b"ENACTING.TERMS.CJT"
+        | b"DIVISION"
+        | b"PARAG"
+        | b"ALINEA"
+        | b"LIST"
+        | b"ITEM"
+        | b"DLIST"
+        | b"DLIST.ITEM"
+        | b"FINAL"
+        | b"SIGNATURE"
+        | b"PL.DATE"
+        | b"SIGNATORY"
+        | b"CONTENTS"
+        | b"GR.SEQ"
+        | b"TBL"
+        | b"CORPUS"
+        | b"GR.TBL"
+        | b"GR.NOTES"
+        | b"CORRECTION"
+        | b"DESCRIPTION"
+        | b"OLD.CORR"
+        | b"NEW.CORR"
+        | b"CONTENTS.CORR"
+        | b"JUDGMENT.INIT"
+        | b"PARTIES"
+        | b"PLAINTIFS"
+        | b"AGAINST"
+        | b"DEFENDANTS"
+        | b"PARTY.STATUS"
+        | b"INTERVENERS"
+        | b"INTERMEDIATE"
+        | b"INDEX"
+        | b"KEYWORD"
+        | b"CONTENTS.JUDGMENT"
+        | b"CONTENTS.ORDER"
+        | b"CONTENTS.CONCLUSION"
+        | b"CONTENTS.OPINION"
+        | b"NP.ECR"
+        | b"JURISDICTION"
+        | b"INTRO"
+        | b"SIGNATURE.CASE"
+        | b"ORDER.INIT"
+        | b"OPINION.INIT"
+        | b"CONS.DOC"
+        | b"CONS.ANNEX"
+        | b"CONS.OTH.DOC"
+        | b"ANNEX"
+        | b"ACT.GEN"
+        | b"ADDR.S"
+        | b"ANNOTATION"
+        | b"GR.ANNOTATION"
+        | b"BLK"
+        | b"TI.BLK"
+        | b"STI.BLK"
+        | b"TOC"
+        | b"TI.CJT"
+        | b"GR.AMEND"
+        | b"AMEND"
+        | b"LIST.AMEND"
+        | b"FULL.POWER"
+        | b"FULL.POWER.INIT"
+        | b"FULL.POWER.FINAL"
+        | b"PLENIPOTENTIARY"
+        | b"LETTER"
+        | b"COMMENT"
+        | b"PRESENCE"
+        | b"PRESENCE.INIT"
+        | b"ARGUMENTS"
+        | b"SUMMARY"
+        | b"SUBDIV"
+        | b"HEADER.LIST.AMEND"
+        | b"SECTION"
+        | b"SUBSECTION"
+        | b"OJ"
+        | b"VOLUME"
+        | b"ITEM.PUB"
+        | b"DECISION"
+        | b"DECISION.ECR.INIT"
+        | b"CONTENTS.DECISION.ECR"
+        | b"CONTENTS.RULING"
+        | b"COMPETITION.INIT"
+        | b"TXT.COL"
+        | b"TXT.ROW"
+        | b"CAPTION"
+        | b"INTRO.OPINION"
+        | b"CONS.LIST"
+        | b"GR.CORRECTION"
+        | b"CORR.ACTION" => (K::Other, Block),
         _ => (K::Other, Soft),
     }
 }
@@ -335,8 +438,6 @@ struct TitleCap {
 struct DocState {
     doc: Document,
     meta: DocMeta,
-    /// Stack depth of the document's root frame.
-    base: usize,
     manifest: bool,
     pending: Sep,
     /// Set after NO.P/NO.PARAG/…: the next block boundary becomes a space ("1. Text", "(a) text").
@@ -365,7 +466,7 @@ struct DocState {
 }
 
 impl DocState {
-    fn new(path: &str, root: &str, base: usize, cap: usize) -> Self {
+    fn new(path: &str, root: &str, cap: usize) -> Self {
         let manifest = matches!(root, "DOC" | "PUBLICATION");
         DocState {
             doc: Document {
@@ -375,7 +476,6 @@ impl DocState {
                 ..Default::default()
             },
             meta: DocMeta::default(),
-            base,
             manifest,
             pending: Sep::None,
             glue: false,
@@ -418,7 +518,7 @@ impl DocState {
         match self.pending {
             Sep::None => {}
             Sep::Space => {
-                if !t.is_empty() && !t.ends_with([' ', '\n']) {
+                if !t.is_empty() && !t.ends_with([' ', '\n', '[']) {
                     t.push(' ');
                 }
             }
@@ -669,7 +769,7 @@ impl<'a> Parser<'a> {
             }
             self.wrapper = !is_doc_root(name);
             let cap = self.input.len() / 2;
-            self.docs.push(DocState::new(self.path, name_str, 0, cap));
+            self.docs.push(DocState::new(self.path, name_str, cap));
             self.stack.push(Frame { k: K::Other, d: Disp::Block, name: name_range, opens_doc: true });
             self.root_attrs(e);
             return Ok(());
@@ -677,7 +777,7 @@ impl<'a> Parser<'a> {
         if depth == 1 && self.wrapper && is_doc_root(name) {
             self.wrapper_children += 1;
             let cap = 1024;
-            self.docs.push(DocState::new(self.path, name_str, 1, cap));
+            self.docs.push(DocState::new(self.path, name_str, cap));
             self.stack.push(Frame { k: K::Other, d: Disp::Block, name: name_range, opens_doc: true });
             self.root_attrs(e);
             return Ok(());
@@ -688,6 +788,11 @@ impl<'a> Parser<'a> {
         let depth = self.stack.len();
         let Some(ds) = self.docs.last_mut() else { return Ok(()) };
         // rendering
+        if let Some(t) = ds.title.as_mut() {
+            if matches!(d, Disp::Block | Disp::Soft) {
+                t.space = true;
+            }
+        }
         match d {
             Disp::Block => ds.want(Sep::Line),
             Disp::Soft => ds.want(Sep::Space),
@@ -764,6 +869,34 @@ impl<'a> Parser<'a> {
                 }
                 ds.notes += 1;
             }
+            K::MathOp => {
+                if let Ok(Some(a)) = e.try_get_attribute(b"TYPE") {
+                    let op = match &*a.value {
+                        b"EQ" => "=",
+                        b"NE" => "≠",
+                        b"LT" => "<",
+                        b"GT" => ">",
+                        b"LE" => "≤",
+                        b"GE" => "≥",
+                        b"PLUS" => "+",
+                        b"MINUS" => "−",
+                        b"PLUSMINUS" => "±",
+                        b"MULT" => "×",
+                        b"DIV" => "÷",
+                        b"CARTPROD" => "×",
+                        _ => "",
+                    };
+                    if !op.is_empty() {
+                        ds.want(Sep::Space);
+                        for c in op.chars() {
+                            ds.push_char(c);
+                        }
+                        ds.want(Sep::Space);
+                    }
+                }
+            }
+            K::Divisor => ds.push_char('/'),
+            K::Sum => ds.push_char('Σ'),
             K::Row => ds.cell_index = 0,
             K::Cell => {
                 if ds.cell_index > 0 && ds.hidden == 0 {
@@ -851,6 +984,11 @@ impl<'a> Parser<'a> {
                 if let Some(a) = ds.art.take() {
                     ds.doc.articles.push(a.art);
                 }
+            }
+        }
+        if let Some(t) = ds.title.as_mut() {
+            if matches!(f.d, Disp::Block | Disp::Soft) || f.k == K::Glue {
+                t.space = true;
             }
         }
         match f.d {
@@ -1085,7 +1223,11 @@ fn celex_prefix_len(b: &[u8]) -> Option<usize> {
         } else {
             0
         }
-    } else if rest.len() >= 4 && rest[0] == b'(' && rest[3] == b')' && rest[1].is_ascii_digit() && rest[2].is_ascii_digit()
+    } else if rest.len() >= 4
+        && rest[0] == b'('
+        && rest[3] == b')'
+        && rest[1].is_ascii_digit()
+        && rest[2].is_ascii_digit()
     {
         4
     } else {
@@ -1387,7 +1529,10 @@ mod tests {
         assert!(t.starts_with("Regulation (EU) 2016/679 of the Council\nof 27 April 2016 [fn]\n"), "{t}");
         assert!(t.contains("Having regard to the opinion [OJ C 229, p. 90.],\n"), "{t}");
         assert!(t.contains("(1) The (the \u{2018}Charter\u{2019}) text."), "{t}");
-        assert!(t.contains("Article 1\nSubject-matter\n1. This Regulation lays down rules.\n2. It protects rights."), "{t}");
+        assert!(
+            t.contains("Article 1\nSubject-matter\n1. This Regulation lays down rules.\n2. It protects rights."),
+            "{t}"
+        );
         assert!(t.contains("Article 5\nQuoted."), "{t}");
         assert!(t.contains("a | | c d\ne"), "{t}");
         assert!(!t.contains("  "), "{t}");
@@ -1440,6 +1585,14 @@ mod tests {
     }
 
     #[test]
+    fn formex_formula_operators() {
+        let d = one(
+            r#"<ACT><P>so <FORMULA><EXPR>h</EXPR><OP.CMP TYPE="EQ"/><EXPR><SUM><UNDER>i</UNDER></SUM>H<IND>i</IND><OP.MATH TYPE="MULT"/><FRACTION><DIVIDEND>l</DIVIDEND><DIVISOR>L</DIVISOR></FRACTION></EXPR></FORMULA>.</P></ACT>"#,
+        );
+        assert_eq!(d.text, "so h = \u{3a3}iHi \u{d7} l/L.");
+    }
+
+    #[test]
     fn formex_filename_helpers() {
         assert_eq!(lang_from_filename("x/L_2016119EN.01000101.xml").as_deref(), Some("en"));
         assert_eq!(lang_from_filename("L_202401689EN.000101.fmx.xml").as_deref(), Some("en"));
@@ -1481,7 +1634,7 @@ mod tests {
             assert!(e.line >= 1 && e.byte_offset <= bytes.len() as u64);
         }
         let e = parse_bytes("bad.xml", b"<ACT>\n<P>\n\xe9</P></ACT>").unwrap_err();
-        assert_eq!((e.line, e.byte_offset), (3, 9));
+        assert_eq!((e.line, e.column, e.byte_offset), (3, 1, 10));
     }
 
     #[test]

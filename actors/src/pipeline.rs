@@ -92,6 +92,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         cfg.input.paths.clone()
     };
     let files = reader::expand_inputs(&patterns)?;
+    // Manifests (DOC/PUBLICATION) give act and annex files their CELEX/date/title; parsing them up front keeps the
+    // result independent of reader thread timing.
+    let manifests = Arc::new(reader::ManifestIndex::build(&files));
     let mix: Vec<(String, f64)> = cfg.sampler.mix.iter().map(|(k, v)| (k.clone(), *v)).collect();
     let mut lanes: Vec<Lane> = mix.iter().map(|(l, _)| Lane { lang: l.clone(), files: Vec::new() }).collect();
     let mut input = InputReport { files: files.len() as u64, ..Default::default() };
@@ -171,15 +174,17 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         let q = quarantine.clone();
         let c = counters.clone();
         let lang2 = lang.clone();
+        let mi = manifests.clone();
         ordered_pool(&mut topo, &format!("reader.{lang}"), cfg.reader.threads, cap("reader"), frx, dtx, move |_| {
             let q = q.clone();
             let c = c.clone();
             let lang = lang2.clone();
+            let mi = mi.clone();
             let am = lexflow_metrics::actor(&format!("reader.{lang}"));
             move |ctx: &lexflow_dataflow::ActorContext, (file, path): (u32, PathBuf)| {
                 ctx.set_input(path.display().to_string());
                 let t = Instant::now();
-                let docs = match reader::read_file(&path) {
+                let docs = match reader::read_file_indexed(&path, &mi) {
                     Ok(docs) => docs,
                     Err(e) => {
                         q.record(&e);

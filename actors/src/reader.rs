@@ -142,7 +142,8 @@ pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, ReadError> {
             })?;
             let before = out.len();
             for entry in paths {
-                let pb = entry.map_err(|e| ReadError::io(&e.path().to_path_buf(), std::io::Error::other(e.to_string())))?;
+                let pb =
+                    entry.map_err(|e| ReadError::io(&e.path().to_path_buf(), std::io::Error::other(e.to_string())))?;
                 if pb.is_dir() {
                     walk(&pb, &mut out, 0)?;
                 } else if is_supported(&pb) {
@@ -308,7 +309,10 @@ pub fn read_files_with_manifests(paths: &[PathBuf]) -> Vec<(PathBuf, Result<Vec<
     let parsed: Vec<(PathBuf, Result<Vec<Parsed>, ReadError>)> =
         paths.iter().map(|p| (p.clone(), read_file_detailed(p))).collect();
     let index = ManifestIndex::from_parsed(
-        parsed.iter().filter_map(|(p, r)| r.as_ref().ok().map(|v| (p, v))).flat_map(|(p, v)| v.iter().map(move |d| (p.clone(), d))),
+        parsed
+            .iter()
+            .filter_map(|(p, r)| r.as_ref().ok().map(|v| (p, v)))
+            .flat_map(|(p, v)| v.iter().map(move |d| (p.clone(), d))),
     );
     parsed
         .into_iter()
@@ -416,7 +420,11 @@ impl ManifestIndex {
                 names,
                 lang: p.doc.lang.clone(),
                 celex: p.doc.celex.clone(),
-                celex_source: if p.doc.celex.is_some() { p.meta.celex_source.max(CelexSource::Manifest) } else { CelexSource::None },
+                celex_source: if p.doc.celex.is_some() {
+                    p.meta.celex_source.max(CelexSource::Manifest)
+                } else {
+                    CelexSource::None
+                },
                 date: p.doc.date.clone(),
                 title: p.doc.title.clone(),
             };
@@ -691,7 +699,9 @@ mod tests {
         {
             let mut z = zip::ZipWriter::new(File::create(&zpath).unwrap());
             let o = zip::write::SimpleFileOptions::default();
-            for (n, c) in [("L_2099001EN.01000201.xml", ANNEX), ("L_2099001EN.01000101.doc.xml", MANIFEST), ("readme.txt", "x")] {
+            for (n, c) in
+                [("L_2099001EN.01000201.xml", ANNEX), ("L_2099001EN.01000101.doc.xml", MANIFEST), ("readme.txt", "x")]
+            {
                 z.start_file(n, o).unwrap();
                 z.write_all(c.as_bytes()).unwrap();
             }
@@ -732,7 +742,10 @@ mod tests {
         let g = expand_inputs(&[format!("{}/**/*.xml", d.display())]).unwrap();
         assert_eq!(g.len(), 2);
         assert!(matches!(expand_inputs(&[format!("{}/nothing*.xml", d.display())]), Err(ReadError::NoMatch { .. })));
-        assert!(matches!(expand_inputs(&[d.join("missing.xml").display().to_string()]), Err(ReadError::NoMatch { .. })));
+        assert!(matches!(
+            expand_inputs(&[d.join("missing.xml").display().to_string()]),
+            Err(ReadError::NoMatch { .. })
+        ));
     }
 
     #[test]

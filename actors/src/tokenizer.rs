@@ -929,48 +929,15 @@ impl FastBpe {
 // CLI
 // ---------------------------------------------------------------------------------------------------------------------
 
-/// The training text of FORMEX inputs (files, directories; `.zst` decompressed).
-// TEMPORARY until `crate::reader::{expand_inputs, read_file}` land: a crude tag strip.
+/// The training text of FORMEX inputs (files, directories, globs, archives: whatever the reader accepts).
 fn training_texts(paths: &[String]) -> anyhow::Result<Vec<String>> {
-    fn walk(p: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-        if p.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
-            entries.sort();
-            for e in entries {
-                walk(&e, out)?;
-            }
-        } else {
-            out.push(p.to_path_buf());
-        }
-        Ok(())
-    }
-    let mut files = Vec::new();
-    for p in paths {
-        walk(Path::new(p), &mut files)?;
-    }
+    let files = crate::reader::expand_inputs(paths)?;
     let mut texts = Vec::new();
     for f in &files {
-        let name = f.to_string_lossy();
-        let raw = std::fs::read(f)?;
-        let raw = if name.ends_with(".zst") { zstd::decode_all(&raw[..])? } else { raw };
-        if !(name.ends_with(".xml") || name.ends_with(".xml.zst")) {
-            continue;
+        match crate::reader::read_file(f) {
+            Ok(docs) => texts.extend(docs.into_iter().map(|d| d.text).filter(|t| !t.is_empty())),
+            Err(e) => tracing::warn!(file = %f.display(), error = %e, "skipping unreadable input"),
         }
-        let xml = String::from_utf8_lossy(&raw);
-        let mut text = String::with_capacity(xml.len() / 2);
-        let mut in_tag = false;
-        for c in xml.chars() {
-            match c {
-                '<' => in_tag = true,
-                '>' if in_tag => {
-                    in_tag = false;
-                    text.push(' ');
-                }
-                _ if !in_tag => text.push(c),
-                _ => {}
-            }
-        }
-        texts.push(text);
     }
     Ok(texts)
 }

@@ -1,1 +1,751 @@
-//! (being written)
+//! The trainer actors: one per rank (= per input edge from the shard writer), each owning its device, model, flat
+//! AdamW and collective endpoint.
+//!
+//! A global step consumes `world × micro_batch × grad_accum` sequences in global-index order (the shard writer deals
+//! sequence `i` to rank `i % world`). Before each step the ranks vote (one small all-reduce) on whether every rank has
+//! a full step and on the number of non-padding targets in it; the loss of each micro-batch is its token sum divided
+//! by that global count, so any split over ranks and micro-batches gives the same gradient. A rank stops after
+//! `steps` steps or when any rank's input ends (a partial last step is discarded on every rank).
+//!
+//! Checkpoints (`run_dir/checkpoints/step-000020/`): `model.safetensors` + `config.json` (HF layout),
+//! `optimizer.safetensors` (fp32 master weights, moments, step), `trainer_state.json` (step, sequences consumed,
+//! schedule, seed, world size, config) and `manifest.json` (SHA-256 of every file). Rank 0 writes atomically
+//! (temporary directory, fsync, rename, fsync parent), the other ranks wait at a barrier. [`resume_point`] takes the
+//! newest checkpoint whose checksums verify, warning about each one it skips.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use lexflow_dataflow::{ActorContext, EdgeReceiver, Topology};
+use lexflow_gpu::checkpoint::{self, DEFAULT_MAX_SHARD_BYTES};
+use lexflow_gpu::{
+    cross_entropy_sum, valid_targets, AdamWConfig, Batch, Collective, FlatAdamW, GpuError,
+    InProcessCollective, Llama, LlamaConfig, SequenceRef, SingleRank,
+};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind};
+
+use crate::config::TrainConfig;
+use crate::types::PackedSequence;
+
+/// Everything a trainer needs besides its input edge.
+#[derive(Debug, Clone)]
+pub struct TrainerSetup {
+    pub cfg: TrainConfig,
+    pub run_dir: PathBuf,
+    /// Ids the tokenizer can produce (the `tiny` preset sizes its embeddings from it).
+    pub vocab_size: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+    /// Continue from the newest valid checkpoint in `run_dir/checkpoints` (if any).
+    pub resume: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Optimizer steps done in total (including those before a resume).
+    pub steps: u64,
+    pub final_loss: f64,
+    /// Global loss of every step of this run.
+    pub losses: Vec<f64>,
+    /// All ranks' input tokens over the slowest rank's training time.
+    pub tokens_per_second: f64,
+    /// Per rank: time blocked on the input edge / training time.
+    pub data_wait_fraction: Vec<f64>,
+    pub checkpoints: Vec<PathBuf>,
+    pub resumed_from_step: Option<u64>,
+}
+
+/// Where a resumed run starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResumeInfo {
+    pub step: u64,
+    /// Global sequences already trained on: the pipeline skips this many.
+    pub sequences_consumed: u64,
+    pub checkpoint: PathBuf,
+    pub world_size: usize,
+    /// Newer checkpoints that failed verification, with the reason.
+    pub skipped: Vec<String>,
+}
+
+/// `trainer_state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub step: u64,
+    pub sequences_consumed: u64,
+    pub world_size: usize,
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub schedule: AdamWConfig,
+    /// Learning rate of the last step taken.
+    pub lr: f64,
+    pub last_loss: Option<f64>,
+    /// RNG state: the run seed (weights come from `manual_seed(seed)`; training itself draws no random numbers).
+    pub seed: u64,
+    pub model: LlamaConfig,
+    pub train_config: TrainConfig,
+    pub created_unix: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("{path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+}
+
+/// Result of one rank, filled when its actor finishes.
+#[derive(Debug, Clone, Default)]
+struct RankResult {
+    steps: u64,
+    losses: Vec<f64>,
+    tokens: u64,
+    seconds: f64,
+    wait_seconds: f64,
+    checkpoints: Vec<PathBuf>,
+    resumed_from_step: Option<u64>,
+}
+
+/// Collects the ranks' results; [`report`](TrainHandle::report) is complete after `topo.join()`.
+pub struct TrainHandle {
+    results: Arc<Mutex<Vec<Option<RankResult>>>>,
+}
+
+impl TrainHandle {
+    /// None until every rank finished successfully.
+    pub fn report(&self) -> Option<TrainReport> {
+        let results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        let ranks: Vec<&RankResult> = results.iter().map(|r| r.as_ref()).collect::<Option<_>>()?;
+        let r0 = ranks.first()?;
+        let seconds = ranks.iter().map(|r| r.seconds).fold(0.0, f64::max);
+        let tokens: u64 = ranks.iter().map(|r| r.tokens).sum();
+        Some(TrainReport {
+            steps: r0.steps,
+            final_loss: r0.losses.last().copied().unwrap_or(f64::NAN),
+            losses: r0.losses.clone(),
+            tokens_per_second: if seconds > 0.0 {
+                tokens as f64 / seconds
+            } else {
+                0.0
+            },
+            data_wait_fraction: ranks
+                .iter()
+                .map(|r| {
+                    if r.seconds > 0.0 {
+                        r.wait_seconds / r.seconds
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+            checkpoints: r0.checkpoints.clone(),
+            resumed_from_step: r0.resumed_from_step,
+        })
+    }
+}
+
+/// How the ranks talk: in-process threads, or one process per rank (torchrun-style `RANK`/`WORLD_SIZE`).
+struct Layout {
+    world: usize,
+    /// (global rank, device) for each local input edge.
+    local: Vec<(usize, Device)>,
+    multi_process: bool,
+}
+
+fn parse_device(s: &str) -> Result<Device, TrainerError> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    s.strip_prefix("cuda:")
+        .and_then(|n| n.parse().ok())
+        .map(Device::Cuda)
+        .ok_or_else(|| TrainerError::Setup(format!("device `{s}` is not `cpu` or `cuda:N`")))
+}
+
+fn layout(cfg: &TrainConfig, inputs: usize) -> Result<Layout, TrainerError> {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    // torchrun-style launch: one process per rank. At world size 1 this still goes through NCCL when the devices are
+    // CUDA, which is how the single-GPU check exercises the NCCL path.
+    if let (Some(world), Some(rank)) = (env("WORLD_SIZE"), env("RANK")) {
+        let cuda = cfg.devices.iter().all(|d| d.starts_with("cuda"));
+        if world > 1 || (cuda && cfg!(feature = "cuda")) {
+            if inputs != 1 {
+                return Err(TrainerError::Setup(format!(
+                    "WORLD_SIZE={world} (one process per rank) needs exactly one input edge, got {inputs}"
+                )));
+            }
+            let local = env("LOCAL_RANK").unwrap_or(0);
+            return Ok(Layout {
+                world,
+                local: vec![(rank, Device::Cuda(local))],
+                multi_process: true,
+            });
+        }
+    }
+    if cfg.devices.len() != inputs {
+        return Err(TrainerError::Setup(format!(
+            "{} train.devices but {inputs} rank edges from the shard writer",
+            cfg.devices.len()
+        )));
+    }
+    let local = cfg
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(r, d)| Ok((r, parse_device(d)?)))
+        .collect::<Result<Vec<_>, TrainerError>>()?;
+    Ok(Layout {
+        world: inputs,
+        local,
+        multi_process: false,
+    })
+}
+
+fn collectives(l: &Layout) -> Result<Vec<Box<dyn Collective>>, TrainerError> {
+    if l.multi_process {
+        #[cfg(feature = "cuda")]
+        return Ok(vec![Box::new(lexflow_gpu::NcclCollective::from_env()?)]);
+        #[cfg(not(feature = "cuda"))]
+        return Err(TrainerError::Setup(
+            "WORLD_SIZE > 1 needs NCCL: build with `--features cuda`".into(),
+        ));
+    }
+    if l.world == 1 {
+        return Ok(vec![Box::new(SingleRank)]);
+    }
+    // CPU ranks (or CUDA ranks without the `cuda` feature: correct, but reduced through host memory).
+    Ok(InProcessCollective::group(l.world)
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Collective>)
+        .collect())
+}
+
+/// A collective to be created inside the rank's thread (NCCL comm init blocks until all ranks call it).
+enum Pending {
+    Ready(Box<dyn Collective>),
+    #[cfg(feature = "cuda")]
+    Nccl {
+        id: lexflow_gpu::NcclUniqueId,
+        rank: usize,
+        world: usize,
+        ordinal: usize,
+    },
+}
+
+impl Pending {
+    fn open(self) -> Result<Box<dyn Collective>, TrainerError> {
+        match self {
+            Pending::Ready(c) => Ok(c),
+            #[cfg(feature = "cuda")]
+            Pending::Nccl {
+                id,
+                rank,
+                world,
+                ordinal,
+            } => Ok(Box::new(lexflow_gpu::NcclCollective::new(
+                id, rank, world, ordinal,
+            )?)),
+        }
+    }
+}
+
+fn pending_collectives(l: &Layout) -> Result<Vec<Pending>, TrainerError> {
+    #[cfg(feature = "cuda")]
+    if !l.multi_process && l.world > 1 && l.local.iter().all(|(_, d)| d.is_cuda()) {
+        let id = lexflow_gpu::NcclUniqueId::new()?;
+        return Ok(l
+            .local
+            .iter()
+            .map(|&(rank, d)| {
+                let ordinal = match d {
+                    Device::Cuda(o) => o,
+                    _ => unreachable!("all devices are CUDA"),
+                };
+                Pending::Nccl {
+                    id,
+                    rank,
+                    world: l.world,
+                    ordinal,
+                }
+            })
+            .collect());
+    }
+    Ok(collectives(l)?.into_iter().map(Pending::Ready).collect())
+}
+
+/// Spawns one trainer actor per input edge (= per rank) on `topo`; the handle's `.report()` is available after
+/// `topo.join()`.
+pub fn spawn_trainers(
+    topo: &mut Topology,
+    setup: TrainerSetup,
+    inputs: Vec<EdgeReceiver<PackedSequence>>,
+) -> anyhow::Result<TrainHandle> {
+    let layout = layout(&setup.cfg, inputs.len())?;
+    let resume = if setup.resume {
+        resume_point(&setup.run_dir)?
+    } else {
+        None
+    };
+    if let Some(r) = &resume {
+        if r.world_size != layout.world {
+            tracing::warn!(
+                checkpoint_world = r.world_size,
+                world = layout.world,
+                "resuming with a different world size: the global batch changes from here on"
+            );
+        }
+    }
+    // Fail on a bad preset now, not inside every rank.
+    model_config(&setup)?;
+    let pending = pending_collectives(&layout)?;
+    let results = Arc::new(Mutex::new(vec![None; inputs.len()]));
+    let setup = Arc::new(setup);
+    for (((slot, rx), (rank, device)), coll) in inputs
+        .into_iter()
+        .enumerate()
+        .zip(layout.local.clone())
+        .zip(pending)
+    {
+        let setup = setup.clone();
+        let results = results.clone();
+        let resume = resume.clone();
+        let world = layout.world;
+        topo.spawn(format!("trainer.rank{rank}"), move |ctx| {
+            let coll = coll.open()?;
+            let mut rank_state = Rank::new(ctx, &setup, rank, world, device, coll);
+            match rank_state.run(&rx, resume.as_ref()) {
+                Ok(r) => {
+                    results.lock().unwrap_or_else(|e| e.into_inner())[slot] = Some(r);
+                    Ok(())
+                }
+                Err(e) => {
+                    rank_state.coll.abort();
+                    Err(e.into())
+                }
+            }
+        });
+    }
+    Ok(TrainHandle { results })
+}
+
+fn model_config(setup: &TrainerSetup) -> Result<LlamaConfig, TrainerError> {
+    let cfg = match &setup.cfg.init_from {
+        Some(dir) => checkpoint::read_hf_config(dir)?,
+        None => LlamaConfig::preset(&setup.cfg.model, setup.vocab_size)?,
+    };
+    if cfg.vocab_size < setup.vocab_size {
+        return Err(TrainerError::Setup(format!(
+            "model has {} embeddings, the tokenizer {} ids",
+            cfg.vocab_size, setup.vocab_size
+        )));
+    }
+    Ok(cfg)
+}
+
+fn schedule(cfg: &TrainConfig) -> AdamWConfig {
+    AdamWConfig {
+        lr: cfg.lr,
+        min_lr: cfg.min_lr,
+        warmup_steps: cfg.warmup_steps,
+        total_steps: cfg.steps,
+        weight_decay: cfg.weight_decay,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        grad_clip: cfg.grad_clip,
+    }
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Peak dense FLOP/s for MFU: `LEXFLOW_PEAK_FLOPS`, else H100 bf16 (989 TFLOP/s) on CUDA; None on CPU.
+fn peak_flops(device: Device) -> Option<f64> {
+    if let Some(v) = std::env::var("LEXFLOW_PEAK_FLOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Some(v);
+    }
+    device.is_cuda().then_some(989e12)
+}
+
+struct Rank<'a> {
+    ctx: &'a ActorContext,
+    setup: &'a TrainerSetup,
+    rank: usize,
+    world: usize,
+    device: Device,
+    coll: Box<dyn Collective>,
+}
+
+impl<'a> Rank<'a> {
+    fn new(
+        ctx: &'a ActorContext,
+        setup: &'a TrainerSetup,
+        rank: usize,
+        world: usize,
+        device: Device,
+        coll: Box<dyn Collective>,
+    ) -> Self {
+        Rank {
+            ctx,
+            setup,
+            rank,
+            world,
+            device,
+            coll,
+        }
+    }
+
+    // `is_multiple_of` needs Rust 1.87; the workspace promises 1.85.
+    #[allow(clippy::manual_is_multiple_of)]
+    fn run(
+        &mut self,
+        rx: &EdgeReceiver<PackedSequence>,
+        resume: Option<&ResumeInfo>,
+    ) -> Result<RankResult, TrainerError> {
+        let cfg = &self.setup.cfg;
+        let label = self.rank.to_string();
+        let m = lexflow_metrics::global();
+        let kind = if self.device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        };
+        let mcfg = model_config(self.setup)?;
+        let mut model = Llama::new(&mcfg, self.device, kind, self.setup.seed)?;
+        if let Some(dir) = &cfg.init_from {
+            model
+                .params
+                .load_named(checkpoint::read_hf_weights(dir)?, mcfg.tie_word_embeddings)?;
+        }
+        let mut opt = FlatAdamW::new(&model.params, schedule(cfg));
+        let mut result = RankResult::default();
+        if let Some(r) = resume {
+            opt.load(&r.checkpoint.join("optimizer.safetensors"), &model.params)?;
+            if opt.step != r.step {
+                return Err(TrainerError::Checkpoint {
+                    path: r.checkpoint.clone(),
+                    message: format!(
+                        "optimizer is at step {}, trainer_state at {}",
+                        opt.step, r.step
+                    ),
+                });
+            }
+            result.resumed_from_step = Some(r.step);
+        }
+        // Ranks start from identical weights whatever their RNG did.
+        self.coll.broadcast(&mut model.params.flat.detach(), 0)?;
+
+        let (mb, ga) = (cfg.micro_batch.get(), cfg.grad_accum.get());
+        let per_rank = mb * ga;
+        let flops_per_token = mcfg.train_flops_per_token(self.setup.seq_len);
+        let peak = peak_flops(self.device);
+        let mut last_ckpt = opt.step;
+        let start = Instant::now();
+        let mut seqs: Vec<PackedSequence> = Vec::with_capacity(per_rank);
+        while opt.step < cfg.steps {
+            let step = opt.step + 1;
+            self.ctx.set_input(format!("step {step}"));
+            let t_step = Instant::now();
+            seqs.clear();
+            let mut wait = 0.0;
+            while seqs.len() < per_rank {
+                let (r, waited) = rx.recv_timed();
+                wait += waited.as_secs_f64();
+                match r {
+                    Ok(s) => seqs.push(s),
+                    Err(_) => break,
+                }
+            }
+            result.wait_seconds += wait;
+            m.trainer_data_wait_seconds
+                .with_label_values(&[&label])
+                .inc_by(wait);
+            let full = seqs.len() == per_rank && !self.ctx.should_stop();
+            let local_valid: i64 = seqs.iter().map(|s| valid_targets(&seq_ref(s))).sum();
+            let mut vote = [if full { 1.0 } else { 0.0 }, local_valid as f64];
+            self.coll.all_reduce_sum_f64(&mut vote, self.device)?;
+            if vote[0] < self.world as f64 {
+                tracing::info!(
+                    rank = self.rank,
+                    step = opt.step,
+                    "input ended or stop requested: training stops"
+                );
+                break;
+            }
+            let n_valid = vote[1].max(1.0);
+
+            let mut loss_sum = 0.0;
+            for chunk in seqs.chunks(mb) {
+                let rows: Vec<SequenceRef<'_>> = chunk.iter().map(seq_ref).collect();
+                let batch = Batch::new(&rows, self.device)?;
+                let logits = model.forward_batch(&batch);
+                let loss = cross_entropy_sum(&logits, &batch.labels);
+                // Gradient of (sum over all ranks' targets) / n_valid after the mean all-reduce.
+                (&loss * (self.world as f64 / n_valid)).backward();
+                loss_sum += loss.double_value(&[]);
+            }
+            opt.gather_grads(&model.params);
+            self.coll.all_reduce_mean(&mut opt.grad)?;
+            let st = opt.step(&model.params);
+            model.params.zero_grad();
+            let mut lv = [loss_sum];
+            self.coll.all_reduce_sum_f64(&mut lv, self.device)?;
+            let loss = lv[0] / n_valid;
+            if !loss.is_finite() {
+                return Err(TrainerError::Setup(format!(
+                    "loss is {loss} at step {step}"
+                )));
+            }
+            result.losses.push(loss);
+            result.steps = opt.step;
+
+            let secs = t_step.elapsed().as_secs_f64();
+            let tokens = (per_rank * self.setup.seq_len) as u64;
+            result.tokens += tokens;
+            let tps = tokens as f64 / secs.max(1e-9);
+            m.trainer_steps.with_label_values(&[&label]).inc();
+            m.trainer_tokens.with_label_values(&[&label]).inc_by(tokens);
+            m.trainer_tokens_per_second
+                .with_label_values(&[&label])
+                .set(tps);
+            m.trainer_step_seconds
+                .with_label_values(&[&label])
+                .observe(secs);
+            m.trainer_loss.with_label_values(&[&label]).set(loss);
+            m.trainer_lr.with_label_values(&[&label]).set(st.lr);
+            m.trainer_grad_norm
+                .with_label_values(&[&label])
+                .set(st.grad_norm);
+            let elapsed = start.elapsed().as_secs_f64();
+            m.trainer_data_wait_fraction
+                .with_label_values(&[&label])
+                .set(result.wait_seconds / elapsed.max(1e-9));
+            if let Some(p) = peak {
+                m.trainer_mfu
+                    .with_label_values(&[&label])
+                    .set(tps * flops_per_token / p);
+            }
+            if self.rank == 0 && (step == 1 || step % 10 == 0 || step == cfg.steps) {
+                tracing::info!(
+                    step,
+                    loss = format!("{loss:.4}"),
+                    lr = format!("{:.3e}", st.lr),
+                    grad_norm = format!("{:.3}", st.grad_norm),
+                    tokens_per_s = format!("{:.0}", tps * self.world as f64),
+                    "train step"
+                );
+            }
+            if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
+                self.checkpoint(&model, &opt, &mcfg, Some(loss), &mut result)?;
+                last_ckpt = step;
+            }
+        }
+        result.seconds = start.elapsed().as_secs_f64();
+        if opt.step > last_ckpt {
+            let last = result.losses.last().copied();
+            self.checkpoint(&model, &opt, &mcfg, last, &mut result)?;
+        }
+        result.steps = opt.step;
+        Ok(result)
+    }
+
+    fn checkpoint(
+        &self,
+        model: &Llama,
+        opt: &FlatAdamW,
+        mcfg: &LlamaConfig,
+        last_loss: Option<f64>,
+        result: &mut RankResult,
+    ) -> Result<(), TrainerError> {
+        if self.rank == 0 {
+            let t0 = Instant::now();
+            let cfg = &self.setup.cfg;
+            let dir = checkpoints_dir(&self.setup.run_dir).join(format!("step-{:06}", opt.step));
+            let state = TrainerState {
+                step: opt.step,
+                sequences_consumed: opt.step
+                    * (self.world * cfg.micro_batch.get() * cfg.grad_accum.get()) as u64,
+                world_size: self.world,
+                micro_batch: cfg.micro_batch.get(),
+                grad_accum: cfg.grad_accum.get(),
+                seq_len: self.setup.seq_len,
+                schedule: opt.cfg.clone(),
+                lr: opt.cfg.lr_at(opt.step),
+                last_loss,
+                seed: self.setup.seed,
+                model: mcfg.clone(),
+                train_config: cfg.clone(),
+                created_unix: now_unix(),
+            };
+            let bytes = checkpoint::write_checkpoint_dir(&dir, |tmp| {
+                checkpoint::save_hf(tmp, model, DEFAULT_MAX_SHARD_BYTES)?;
+                opt.save(&tmp.join("optimizer.safetensors"))?;
+                let text = serde_json::to_string_pretty(&state).expect("state is JSON");
+                std::fs::write(tmp.join("trainer_state.json"), text).map_err(|e| GpuError::Io {
+                    path: tmp.join("trainer_state.json"),
+                    source: e,
+                })
+            })?;
+            prune_checkpoints(&self.setup.run_dir, cfg.keep_checkpoints);
+            let m = lexflow_metrics::global();
+            let l = [self.rank.to_string()];
+            m.checkpoint_duration
+                .with_label_values(&[&l[0]])
+                .observe(t0.elapsed().as_secs_f64());
+            m.checkpoint_size
+                .with_label_values(&[&l[0]])
+                .set(bytes as i64);
+            m.checkpoint_last_success
+                .with_label_values(&[&l[0]])
+                .set(now_unix());
+            m.checkpoints.with_label_values(&[&l[0]]).inc();
+            tracing::info!(step = opt.step, dir = %dir.display(), bytes, "checkpoint written");
+            result.checkpoints.push(dir);
+        }
+        self.coll.barrier()?;
+        Ok(())
+    }
+}
+
+fn seq_ref(s: &PackedSequence) -> SequenceRef<'_> {
+    SequenceRef {
+        tokens: &s.tokens,
+        padding: s.padding,
+        doc_starts: &s.doc_starts,
+    }
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// `(step, dir)` of every `step-NNNNNN` directory, oldest first (temporary directories are not listed).
+pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(checkpoints_dir(run_dir)) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(u64, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path().is_dir().then(|| (step, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Keeps the newest `keep` checkpoints and removes leftover temporary directories.
+fn prune_checkpoints(run_dir: &Path, keep: usize) {
+    let all = list_checkpoints(run_dir);
+    for (_, dir) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), "cannot remove old checkpoint: {e}");
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(checkpoints_dir(run_dir)) {
+        for e in rd.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.')
+                && name.contains(".tmp-")
+                && !name.ends_with(&format!(".tmp-{}", std::process::id()))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+fn read_state(dir: &Path) -> Result<TrainerState, String> {
+    checkpoint::verify_checkpoint_dir(dir).map_err(|e| e.to_string())?;
+    let p = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// On resume: the newest checkpoint whose manifest verifies. Newer broken ones are skipped with a warning; if
+/// checkpoints exist but none verifies, that is an error (starting over silently would waste the run).
+pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
+    let all = list_checkpoints(run_dir);
+    if all.is_empty() {
+        return Ok(None);
+    }
+    let mut skipped = Vec::new();
+    for (step, dir) in all.iter().rev() {
+        match read_state(dir) {
+            Ok(s) if s.step == *step => {
+                if !skipped.is_empty() {
+                    tracing::warn!(
+                        checkpoint = %dir.display(),
+                        skipped = skipped.len(),
+                        "falling back to an older checkpoint because newer ones are corrupt"
+                    );
+                }
+                return Ok(Some(ResumeInfo {
+                    step: s.step,
+                    sequences_consumed: s.sequences_consumed,
+                    checkpoint: dir.clone(),
+                    world_size: s.world_size,
+                    skipped,
+                }));
+            }
+            Ok(s) => skipped.push(format!(
+                "{}: trainer_state says step {}",
+                dir.display(),
+                s.step
+            )),
+            Err(e) => {
+                tracing::warn!(checkpoint = %dir.display(), "checkpoint is corrupt, skipping it: {e}");
+                skipped.push(format!("{}: {e}", dir.display()));
+            }
+        }
+    }
+    anyhow::bail!(
+        "{} checkpoint(s) in {} and none verifies:\n  {}",
+        all.len(),
+        checkpoints_dir(run_dir).display(),
+        skipped.join("\n  ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_must_match_edges_and_parse() {
+        let mut cfg: TrainConfig =
+            toml::from_str("devices = [\"cpu\", \"cuda:1\"]\nsteps = 1").unwrap();
+        assert!(layout(&cfg, 3).is_err());
+        let l = layout(&cfg, 2).unwrap();
+        assert_eq!(l.local[1], (1, Device::Cuda(1)));
+        cfg.devices = vec!["gpu0".into()];
+        assert!(layout(&cfg, 1).is_err());
+    }
+
+    #[test]
+    fn resume_point_none_without_checkpoints_and_error_when_all_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(resume_point(dir.path()).unwrap().is_none());
+        let bad = checkpoints_dir(dir.path()).join("step-000002");
+        std::fs::create_dir_all(&bad).unwrap();
+        let e = resume_point(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("none verifies") && e.contains("step-000002"),
+            "{e}"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! A micro-batch of packed sequences as tensors: inputs, labels (padding ignored) and, when some sequence holds more
 //! than one document, per-position document ordinals for the block-diagonal attention mask.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::error::{GpuError, Result};
 
@@ -34,7 +34,9 @@ impl Batch {
         };
         let n = first.tokens.len();
         if n < 2 {
-            return Err(GpuError::Batch(format!("sequence of {n} tokens; need at least 2")));
+            return Err(GpuError::Batch(format!(
+                "sequence of {n} tokens; need at least 2"
+            )));
         }
         let t = n - 1;
         let mut inputs = Vec::with_capacity(rows.len() * t);
@@ -51,7 +53,9 @@ impl Batch {
             }
             let pad = row.padding as usize;
             if pad > t {
-                return Err(GpuError::Batch(format!("row {r}: padding {pad} exceeds seq_len {t}")));
+                return Err(GpuError::Batch(format!(
+                    "row {r}: padding {pad} exceeds seq_len {t}"
+                )));
             }
             // Position p predicts tokens[p + 1]; targets inside the trailing padding are ignored.
             let first_ignored = t - pad;
@@ -64,7 +68,12 @@ impl Batch {
                     labels.push(IGNORE_INDEX);
                 }
             }
-            let starts: Vec<usize> = row.doc_starts.iter().map(|&s| s as usize).filter(|&s| s > 0 && s < t).collect();
+            let starts: Vec<usize> = row
+                .doc_starts
+                .iter()
+                .map(|&s| s as usize)
+                .filter(|&s| s > 0 && s < t)
+                .collect();
             if !starts.is_empty() {
                 multi_doc = true;
             }
@@ -95,7 +104,10 @@ impl Batch {
 
 /// Non-padding targets of one sequence (what [`Batch::valid_tokens`] counts), without building tensors.
 pub fn valid_targets(row: &SequenceRef<'_>) -> i64 {
-    row.tokens.len().saturating_sub(1).saturating_sub(row.padding as usize) as i64
+    row.tokens
+        .len()
+        .saturating_sub(1)
+        .saturating_sub(row.padding as usize) as i64
 }
 
 #[cfg(test)]
@@ -105,16 +117,40 @@ mod tests {
     #[test]
     fn labels_shift_and_ignore_padding_and_doc_ids_follow_starts() {
         let toks = [1u32, 2, 3, 4, 5, 0, 0];
-        let row = SequenceRef { tokens: &toks, padding: 2, doc_starts: &[0, 3] };
+        let row = SequenceRef {
+            tokens: &toks,
+            padding: 2,
+            doc_starts: &[0, 3],
+        };
         let b = Batch::new(&[row], Device::Cpu).unwrap();
-        assert_eq!(Vec::<i64>::try_from(b.inputs.view([-1])).unwrap(), vec![1, 2, 3, 4, 5, 0]);
-        assert_eq!(Vec::<i64>::try_from(b.labels.view([-1])).unwrap(), vec![2, 3, 4, 5, -100, -100]);
-        assert_eq!(Vec::<i64>::try_from(b.doc_ids.unwrap().view([-1])).unwrap(), vec![0, 0, 0, 1, 1, 1]);
+        assert_eq!(
+            Vec::<i64>::try_from(b.inputs.view([-1])).unwrap(),
+            vec![1, 2, 3, 4, 5, 0]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(b.labels.view([-1])).unwrap(),
+            vec![2, 3, 4, 5, -100, -100]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(b.doc_ids.unwrap().view([-1])).unwrap(),
+            vec![0, 0, 0, 1, 1, 1]
+        );
         assert_eq!(b.valid_tokens, 4);
         assert_eq!(valid_targets(&row), 4);
-        let single = SequenceRef { tokens: &toks, padding: 0, doc_starts: &[0] };
-        assert!(Batch::new(&[single], Device::Cpu).unwrap().doc_ids.is_none());
-        let short = SequenceRef { tokens: &toks[..3], padding: 0, doc_starts: &[0] };
+        let single = SequenceRef {
+            tokens: &toks,
+            padding: 0,
+            doc_starts: &[0],
+        };
+        assert!(Batch::new(&[single], Device::Cpu)
+            .unwrap()
+            .doc_ids
+            .is_none());
+        let short = SequenceRef {
+            tokens: &toks[..3],
+            padding: 0,
+            doc_starts: &[0],
+        };
         assert!(Batch::new(&[single, short], Device::Cpu).is_err());
     }
 }

@@ -23,6 +23,9 @@ use crate::model::{Llama, LlamaConfig, RopeScaling};
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
 pub const MANIFEST: &str = "manifest.json";
 
+/// `(name, tensor)` pairs in file order.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// A tensor copied to host memory, ready for safetensors.
 struct HostTensor {
     dtype: Dtype,
@@ -47,7 +50,11 @@ impl HostTensor {
         let numel = t.numel();
         let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
         t.f_copy_data_u8(&mut data, numel)?;
-        Ok(HostTensor { dtype, shape: t.size().iter().map(|&d| d as usize).collect(), data })
+        Ok(HostTensor {
+            dtype,
+            shape: t.size().iter().map(|&d| d as usize).collect(),
+            data,
+        })
     }
 }
 
@@ -86,25 +93,35 @@ pub fn write_safetensors(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<u64> {
-    let host: Vec<(String, HostTensor)> =
-        tensors.iter().map(|(n, t)| Ok((n.clone(), HostTensor::from_tensor(t)?))).collect::<Result<_>>()?;
+    let host: Vec<(String, HostTensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), HostTensor::from_tensor(t)?)))
+        .collect::<Result<_>>()?;
     let mut meta = metadata.unwrap_or_default();
     meta.entry("format".into()).or_insert_with(|| "pt".into());
-    let bytes = safetensors::tensor::serialize(host.iter().map(|(n, h)| (n.as_str(), h)), &Some(meta))
-        .map_err(|e| GpuError::Safetensors { path: path.into(), message: e.to_string() })?;
+    let bytes =
+        safetensors::tensor::serialize(host.iter().map(|(n, h)| (n.as_str(), h)), &Some(meta))
+            .map_err(|e| GpuError::Safetensors {
+                path: path.into(),
+                message: e.to_string(),
+            })?;
     write_file_synced(path, &bytes)?;
     Ok(bytes.len() as u64)
 }
 
 /// Reads every tensor of a safetensors file (on CPU) and its metadata.
-pub fn read_safetensors(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+pub fn read_safetensors(path: &Path) -> Result<(NamedTensors, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| GpuError::io(path, e))?;
-    let st_err = |m: String| GpuError::Safetensors { path: path.into(), message: m };
+    let st_err = |m: String| GpuError::Safetensors {
+        path: path.into(),
+        message: m,
+    };
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| st_err(e.to_string()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| st_err(e.to_string()))?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
-        let kind = kind_of(view.dtype()).ok_or_else(|| st_err(format!("{name}: unsupported dtype {:?}", view.dtype())))?;
+        let kind = kind_of(view.dtype())
+            .ok_or_else(|| st_err(format!("{name}: unsupported dtype {:?}", view.dtype())))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         out.push((name, Tensor::f_from_data_size(view.data(), &shape, kind)?));
     }
@@ -192,7 +209,14 @@ impl HfConfig {
             hidden_act: Some("silu".into()),
             attention_bias: false,
             mlp_bias: false,
-            torch_dtype: Some(if kind == Kind::BFloat16 { "bfloat16" } else { "float32" }.into()),
+            torch_dtype: Some(
+                if kind == Kind::BFloat16 {
+                    "bfloat16"
+                } else {
+                    "float32"
+                }
+                .into(),
+            ),
             bos_token_id: None,
             eos_token_id: None,
         }
@@ -201,7 +225,9 @@ impl HfConfig {
     fn to_llama(&self, path: &Path) -> Result<LlamaConfig> {
         let bad = |m: String| GpuError::checkpoint(path, m);
         if self.attention_bias || self.mlp_bias {
-            return Err(bad("attention_bias/mlp_bias models are not supported".into()));
+            return Err(bad(
+                "attention_bias/mlp_bias models are not supported".into()
+            ));
         }
         if self.hidden_act.as_deref().is_some_and(|a| a != "silu") {
             return Err(bad(format!("hidden_act {:?} is not silu", self.hidden_act)));
@@ -209,22 +235,36 @@ impl HfConfig {
         let rope = self.rope_scaling.as_ref().or(self.rope_parameters.as_ref());
         let theta = self
             .rope_theta
-            .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()))
+            .or_else(|| {
+                rope.and_then(|r| r.get("rope_theta"))
+                    .and_then(|v| v.as_f64())
+            })
             .unwrap_or(10_000.0);
-        let rope_type = rope.and_then(|r| r.get("rope_type").or_else(|| r.get("type"))).and_then(|v| v.as_str());
+        let rope_type = rope
+            .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
+            .and_then(|v| v.as_str());
         let rope_scaling = match rope_type {
             None | Some("default") => None,
             Some("llama3") => {
                 let r = rope.expect("rope_type came from it");
-                let f = |k: &str| r.get(k).and_then(|v| v.as_f64()).ok_or_else(|| bad(format!("rope scaling lacks {k}")));
+                let f = |k: &str| {
+                    r.get(k)
+                        .and_then(|v| v.as_f64())
+                        .ok_or_else(|| bad(format!("rope scaling lacks {k}")))
+                };
                 Some(RopeScaling {
                     factor: f("factor")?,
                     low_freq_factor: f("low_freq_factor")?,
                     high_freq_factor: f("high_freq_factor")?,
-                    original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
+                    original_max_position_embeddings: f("original_max_position_embeddings")?
+                        as usize,
                 })
             }
-            Some(other) => return Err(bad(format!("rope_type `{other}` is not supported (default, llama3)"))),
+            Some(other) => {
+                return Err(bad(format!(
+                    "rope_type `{other}` is not supported (default, llama3)"
+                )))
+            }
         };
         let cfg = LlamaConfig {
             vocab_size: self.vocab_size,
@@ -233,7 +273,9 @@ impl HfConfig {
             num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: self.num_attention_heads,
             num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             rms_norm_eps: self.rms_norm_eps,
             rope_theta: theta,
             rope_scaling,
@@ -247,15 +289,22 @@ impl HfConfig {
 
 pub fn write_hf_config(dir: &Path, cfg: &LlamaConfig, kind: Kind) -> Result<()> {
     let path = dir.join("config.json");
-    let text = serde_json::to_string_pretty(&HfConfig::from_llama(cfg, kind))
-        .map_err(|e| GpuError::Json { path: path.clone(), source: e })?;
+    let text = serde_json::to_string_pretty(&HfConfig::from_llama(cfg, kind)).map_err(|e| {
+        GpuError::Json {
+            path: path.clone(),
+            source: e,
+        }
+    })?;
     write_file_synced(&path, text.as_bytes())
 }
 
 pub fn read_hf_config(dir: &Path) -> Result<LlamaConfig> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| GpuError::io(&path, e))?;
-    let hf: HfConfig = serde_json::from_str(&text).map_err(|e| GpuError::Json { path: path.clone(), source: e })?;
+    let hf: HfConfig = serde_json::from_str(&text).map_err(|e| GpuError::Json {
+        path: path.clone(),
+        source: e,
+    })?;
     hf.to_llama(&path)
 }
 
@@ -290,7 +339,8 @@ pub fn save_hf(dir: &Path, model: &Llama, max_shard_bytes: u64) -> Result<u64> {
             weight_map.insert(n.clone(), file.clone());
         }
     }
-    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let index =
+        serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
     let text = serde_json::to_string_pretty(&index).expect("index is JSON");
     write_file_synced(&dir.join("model.safetensors.index.json"), text.as_bytes())?;
     Ok(written + text.len() as u64)
@@ -301,8 +351,10 @@ pub fn read_hf_weights(dir: &Path) -> Result<Vec<(String, Tensor)>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| GpuError::io(&index, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| GpuError::Json { path: index.clone(), source: e })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| GpuError::Json {
+            path: index.clone(),
+            source: e,
+        })?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -338,7 +390,9 @@ fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| GpuError::io(dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| GpuError::io(dir, e))
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -370,9 +424,14 @@ pub struct ManifestEntry {
 /// Creates `dir` atomically: `fill` writes files into a temporary sibling, then checksums go into `manifest.json`,
 /// everything is fsynced and the directory renamed into place (replacing an older `dir`). Returns total bytes.
 pub fn write_checkpoint_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<u64> {
-    let parent = dir.parent().ok_or_else(|| GpuError::checkpoint(dir, "no parent directory"))?;
+    let parent = dir
+        .parent()
+        .ok_or_else(|| GpuError::checkpoint(dir, "no parent directory"))?;
     std::fs::create_dir_all(parent).map_err(|e| GpuError::io(parent, e))?;
-    let name = dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| GpuError::checkpoint(dir, "bad name"))?;
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| GpuError::checkpoint(dir, "bad name"))?;
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| GpuError::io(&tmp, e))?;
@@ -388,12 +447,24 @@ pub fn write_checkpoint_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
         .collect();
     entries.sort();
     for p in entries {
-        let fname = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let fname = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         // Files from `fill` may not be synced yet; syncing twice is cheap.
-        File::open(&p).and_then(|f| f.sync_all()).map_err(|e| GpuError::io(&p, e))?;
+        File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| GpuError::io(&p, e))?;
         let bytes = p.metadata().map_err(|e| GpuError::io(&p, e))?.len();
         total += bytes;
-        files.insert(fname, ManifestEntry { sha256: sha256_file(&p)?, bytes });
+        files.insert(
+            fname,
+            ManifestEntry {
+                sha256: sha256_file(&p)?,
+                bytes,
+            },
+        );
     }
     let text = serde_json::to_string_pretty(&Manifest { files }).expect("manifest is JSON");
     write_file_synced(&tmp.join(MANIFEST), text.as_bytes())?;
@@ -410,7 +481,10 @@ pub fn write_checkpoint_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
 pub fn verify_checkpoint_dir(dir: &Path) -> Result<()> {
     let mpath = dir.join(MANIFEST);
     let text = std::fs::read_to_string(&mpath).map_err(|e| GpuError::io(&mpath, e))?;
-    let m: Manifest = serde_json::from_str(&text).map_err(|e| GpuError::Json { path: mpath.clone(), source: e })?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| GpuError::Json {
+        path: mpath.clone(),
+        source: e,
+    })?;
     if m.files.is_empty() {
         return Err(GpuError::checkpoint(&mpath, "lists no files"));
     }
@@ -418,11 +492,17 @@ pub fn verify_checkpoint_dir(dir: &Path) -> Result<()> {
         let p = dir.join(name);
         let len = p.metadata().map_err(|e| GpuError::io(&p, e))?.len();
         if len != entry.bytes {
-            return Err(GpuError::checkpoint(&p, format!("size {len}, manifest says {}", entry.bytes)));
+            return Err(GpuError::checkpoint(
+                &p,
+                format!("size {len}, manifest says {}", entry.bytes),
+            ));
         }
         let sum = sha256_file(&p)?;
         if sum != entry.sha256 {
-            return Err(GpuError::checkpoint(&p, format!("sha256 {sum}, manifest says {}", entry.sha256)));
+            return Err(GpuError::checkpoint(
+                &p,
+                format!("sha256 {sum}, manifest says {}", entry.sha256),
+            ));
         }
     }
     Ok(())
@@ -469,7 +549,11 @@ mod tests {
         let dir = root.path().join("step-000001");
         write_checkpoint_dir(&dir, |tmp| write_file_synced(&tmp.join("a.bin"), b"hello")).unwrap();
         verify_checkpoint_dir(&dir).unwrap();
-        assert!(!root.path().read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("tmp")));
+        assert!(!root.path().read_dir().unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("tmp")));
         std::fs::write(dir.join("a.bin"), b"hellp").unwrap();
         let e = verify_checkpoint_dir(&dir).unwrap_err().to_string();
         assert!(e.contains("a.bin") && e.contains("sha256"), "{e}");

@@ -77,7 +77,10 @@ struct Shared {
 
 impl Shared {
     fn wait(&self, rank: usize) -> Result<()> {
-        let err = || GpuError::Collective { rank, message: "a peer rank aborted".into() };
+        let err = || GpuError::Collective {
+            rank,
+            message: "a peer rank aborted".into(),
+        };
         let mut g = self.barrier.lock().unwrap_or_else(|e| e.into_inner());
         if self.aborted.load(Ordering::SeqCst) {
             return Err(err());
@@ -91,7 +94,10 @@ impl Shared {
             return Ok(());
         }
         while g.generation == gen {
-            let (ng, _) = self.cv.wait_timeout(g, Duration::from_millis(200)).unwrap_or_else(|e| e.into_inner());
+            let (ng, _) = self
+                .cv
+                .wait_timeout(g, Duration::from_millis(200))
+                .unwrap_or_else(|e| e.into_inner());
             g = ng;
             if self.aborted.load(Ordering::SeqCst) {
                 return Err(err());
@@ -113,15 +119,27 @@ impl InProcessCollective {
         let shared = Arc::new(Shared {
             world,
             slots: Mutex::new(vec![Vec::new(); world]),
-            barrier: Mutex::new(BarrierState { arrived: 0, generation: 0 }),
+            barrier: Mutex::new(BarrierState {
+                arrived: 0,
+                generation: 0,
+            }),
             cv: Condvar::new(),
             aborted: AtomicBool::new(false),
         });
-        (0..world).map(|rank| InProcessCollective { rank, shared: shared.clone() }).collect()
+        (0..world)
+            .map(|rank| InProcessCollective {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
     }
 
     fn deposit(&self, buf: &Tensor) -> Result<()> {
-        let host = buf.detach().to_device(Device::Cpu).to_kind(Kind::Double).reshape([-1]);
+        let host = buf
+            .detach()
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Double)
+            .reshape([-1]);
         let v = Vec::<f64>::try_from(host)?;
         self.shared.slots.lock().unwrap_or_else(|e| e.into_inner())[self.rank] = v;
         Ok(())
@@ -141,7 +159,10 @@ impl InProcessCollective {
             let n = slots[0].len();
             if slots.iter().any(|s| s.len() != n) {
                 self.abort();
-                return Err(GpuError::Collective { rank: self.rank, message: "buffers differ in length".into() });
+                return Err(GpuError::Collective {
+                    rank: self.rank,
+                    message: "buffers differ in length".into(),
+                });
             }
             // Rank order: deterministic for any thread timing.
             let mut acc = slots[0].clone();
@@ -154,7 +175,10 @@ impl InProcessCollective {
         };
         // Nobody may overwrite a slot before every rank has read them all.
         self.shared.wait(self.rank)?;
-        let t = Tensor::from_slice(&sum).view(buf.size().as_slice()).to_device(buf.device()).to_kind(buf.kind());
+        let t = Tensor::from_slice(&sum)
+            .view(buf.size().as_slice())
+            .to_device(buf.device())
+            .to_kind(buf.kind());
         let _ng = tch::no_grad_guard();
         buf.copy_(&t);
         if scale != 1.0 {
@@ -191,7 +215,10 @@ impl Collective for InProcessCollective {
         self.shared.wait(self.rank)?;
         if self.rank != root {
             let v = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner())[root].clone();
-            let t = Tensor::from_slice(&v).view(buf.size().as_slice()).to_device(buf.device()).to_kind(buf.kind());
+            let t = Tensor::from_slice(&v)
+                .view(buf.size().as_slice())
+                .to_device(buf.device())
+                .to_kind(buf.kind());
             let _ng = tch::no_grad_guard();
             buf.copy_(&t);
         }
@@ -235,7 +262,12 @@ mod tests {
                     c.broadcast(&mut b, 2).unwrap();
                     let mut f = [c.rank() as f64, 1.0];
                     c.all_reduce_sum_f64(&mut f, Device::Cpu).unwrap();
-                    (Vec::<f32>::try_from(t).unwrap(), s.double_value(&[0]), b.double_value(&[0]), f)
+                    (
+                        Vec::<f32>::try_from(t).unwrap(),
+                        s.double_value(&[0]),
+                        b.double_value(&[0]),
+                        f,
+                    )
                 })
             })
             .collect();

@@ -7,9 +7,15 @@ pub enum GpuError {
     #[error("libtorch: {0}")]
     Tch(#[from] tch::TchError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: invalid JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("{path}: invalid safetensors: {message}")]
     Safetensors { path: PathBuf, message: String },
     #[error("model config: {0}")]
@@ -24,11 +30,17 @@ pub enum GpuError {
 
 impl GpuError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        GpuError::Io { path: path.into(), source }
+        GpuError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn checkpoint(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        GpuError::Checkpoint { path: path.into(), message: message.into() }
+        GpuError::Checkpoint {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 

@@ -38,3 +38,5 @@ pub use model::{document_mask, Llama, LlamaConfig, Param, Params, RopeScaling, L
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclCollective, NcclUniqueId};
 pub use optim::{AdamWConfig, FlatAdamW, StepStats};
+/// The tch version this crate is built on, for callers that inspect tensors (tests, tools).
+pub use tch;

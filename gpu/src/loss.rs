@@ -10,13 +10,10 @@ use crate::batch::IGNORE_INDEX;
 /// Sum of `-log p(label)` over positions whose label is not [`IGNORE_INDEX`]. `logits` `(B, T, V)`, `labels` `(B, T)`.
 pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Tensor {
     let v = *logits.size().last().expect("logits have a vocabulary axis");
-    logits.view([-1, v]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
-        &labels.view([-1]),
-        None,
-        Reduction::Sum,
-        IGNORE_INDEX,
-        0.0,
-    )
+    logits
+        .view([-1, v])
+        .to_kind(Kind::Float)
+        .cross_entropy_loss::<Tensor>(&labels.view([-1]), None, Reduction::Sum, IGNORE_INDEX, 0.0)
 }
 
 /// Mean over valid positions (0 when there are none).

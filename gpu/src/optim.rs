@@ -41,7 +41,8 @@ impl AdamWConfig {
         }
         let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
         let progress = ((step.saturating_sub(self.warmup_steps)) as f64 / span).clamp(0.0, 1.0);
-        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        self.min_lr
+            + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 }
 
@@ -74,7 +75,11 @@ impl FlatAdamW {
     pub fn new(params: &Params, cfg: AdamWConfig) -> Self {
         let flat = &params.flat;
         let shares_params = flat.kind() == Kind::Float;
-        let master = if shares_params { flat.shallow_clone() } else { flat.detach().to_kind(Kind::Float) };
+        let master = if shares_params {
+            flat.shallow_clone()
+        } else {
+            flat.detach().to_kind(Kind::Float)
+        };
         let zeros = || Tensor::zeros([params.numel()], (Kind::Float, flat.device()));
         FlatAdamW {
             cfg,
@@ -129,7 +134,10 @@ impl FlatAdamW {
             }
         }
         if c.weight_decay != 0.0 && self.decay_numel > 0 {
-            let _ = self.master.narrow(0, 0, self.decay_numel).g_mul_scalar_(1.0 - lr * c.weight_decay);
+            let _ = self
+                .master
+                .narrow(0, 0, self.decay_numel)
+                .g_mul_scalar_(1.0 - lr * c.weight_decay);
         }
         let _ = self.exp_avg.lerp_(&self.grad, 1.0 - c.beta1);
         let _ = self.exp_avg_sq.lerp_(&self.grad.square(), 1.0 - c.beta2);
@@ -138,13 +146,18 @@ impl FlatAdamW {
         let mut denom = self.exp_avg_sq.sqrt();
         let _ = denom.g_div_scalar_(bc2.sqrt());
         let _ = denom.g_add_scalar_(c.eps);
-        let update = self.exp_avg.g_div(&denom);
+        let mut update = self.exp_avg.g_div(&denom);
         let _ = update.g_mul_scalar_(-lr / bc1);
         let _ = self.master.g_add_(&update);
         if !self.shares_params {
-            let _ = params.flat.detach().copy_(&self.master);
+            params.flat.detach().copy_(&self.master);
         }
-        StepStats { step: self.step, lr, grad_norm, clipped }
+        StepStats {
+            step: self.step,
+            lr,
+            grad_norm,
+            clipped,
+        }
     }
 
     /// Saves master weights, moments and the step counter.
@@ -157,7 +170,10 @@ impl FlatAdamW {
         let mut meta = HashMap::new();
         meta.insert("step".to_string(), self.step.to_string());
         meta.insert("decay_numel".to_string(), self.decay_numel.to_string());
-        meta.insert("config".to_string(), serde_json::to_string(&self.cfg).expect("config is JSON"));
+        meta.insert(
+            "config".to_string(),
+            serde_json::to_string(&self.cfg).expect("config is JSON"),
+        );
         write_safetensors(path, &tensors, Some(meta))
     }
 
@@ -166,10 +182,19 @@ impl FlatAdamW {
         let _ng = tch::no_grad_guard();
         let (tensors, meta) = read_safetensors(path)?;
         let bad = |m: String| GpuError::checkpoint(path, m);
-        let step: u64 = meta.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| bad("no step in metadata".into()))?;
-        let decay: i64 = meta.get("decay_numel").and_then(|s| s.parse().ok()).unwrap_or(self.decay_numel);
+        let step: u64 = meta
+            .get("step")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("no step in metadata".into()))?;
+        let decay: i64 = meta
+            .get("decay_numel")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(self.decay_numel);
         if decay != self.decay_numel {
-            return Err(bad(format!("decay group of {decay} elements, model has {}", self.decay_numel)));
+            return Err(bad(format!(
+                "decay group of {decay} elements, model has {}",
+                self.decay_numel
+            )));
         }
         let mut found = 0;
         for (name, t) in tensors {
@@ -180,7 +205,12 @@ impl FlatAdamW {
                 _ => continue,
             };
             if t.size() != dst.size() || t.kind() != Kind::Float {
-                return Err(bad(format!("{name}: {:?} {:?}, expected {:?} Float", t.size(), t.kind(), dst.size())));
+                return Err(bad(format!(
+                    "{name}: {:?} {:?}, expected {:?} Float",
+                    t.size(),
+                    t.kind(),
+                    dst.size()
+                )));
             }
             dst.copy_(&t);
             found += 1;
@@ -189,7 +219,7 @@ impl FlatAdamW {
             return Err(bad("needs master, exp_avg and exp_avg_sq".into()));
         }
         if !self.shares_params {
-            let _ = params.flat.detach().copy_(&self.master);
+            params.flat.detach().copy_(&self.master);
         }
         self.step = step;
         Ok(())
@@ -232,13 +262,48 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         tch::manual_seed(0);
         let w = vs.root().randn("w", &[3, 4], 0.0, 1.0);
-        let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.95, wd: 0.1, eps: 1e-8, amsgrad: false }.build(&vs, 1e-2).unwrap();
+        let mut opt = nn::AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            wd: 0.1,
+            eps: 1e-8,
+            amsgrad: false,
+        }
+        .build(&vs, 1e-2)
+        .unwrap();
 
-        let mcfg = LlamaConfig { num_hidden_layers: 0, ..LlamaConfig::tiny(3) };
-        let mut model = Llama::new(&LlamaConfig { hidden_size: 4, head_dim: 2, ..mcfg }, Device::Cpu, Kind::Float, 0).unwrap();
-        // Only the embedding (3×4) and the final norm: zero the norm's gradient by never using it.
-        tch::no_grad(|| model.params.get("model.embed_tokens.weight").unwrap().detach().copy_(&w));
-        let mut flat = FlatAdamW::new(&model.params, AdamWConfig { warmup_steps: 0, min_lr: 1e-2, ..cfg() });
+        let mcfg = LlamaConfig {
+            num_hidden_layers: 1,
+            ..LlamaConfig::tiny(3)
+        };
+        let mut model = Llama::new(
+            &LlamaConfig {
+                hidden_size: 4,
+                head_dim: 2,
+                ..mcfg
+            },
+            Device::Cpu,
+            Kind::Float,
+            0,
+        )
+        .unwrap();
+        // Only the embedding (3×4) is used; the other parameters get no gradient.
+        tch::no_grad(|| {
+            model
+                .params
+                .get("model.embed_tokens.weight")
+                .unwrap()
+                .detach()
+                .copy_(&w)
+        });
+        let mut flat = FlatAdamW::new(
+            &model.params,
+            AdamWConfig {
+                warmup_steps: 0,
+                min_lr: 1e-2,
+                ..cfg()
+            },
+        );
         let x = Tensor::randn([4, 2], (Kind::Float, Device::Cpu));
         for _ in 0..5 {
             let loss = w.matmul(&x).square().sum(Kind::Float);
@@ -261,16 +326,31 @@ mod tests {
     #[test]
     fn clipping_scales_to_max_norm_and_norms_are_not_decayed() {
         let model = Llama::new(&LlamaConfig::tiny(8), Device::Cpu, Kind::Float, 0).unwrap();
-        let mut opt = FlatAdamW::new(&model.params, AdamWConfig { grad_clip: 1.0, weight_decay: 0.5, ..cfg() });
+        let mut opt = FlatAdamW::new(
+            &model.params,
+            AdamWConfig {
+                grad_clip: 1.0,
+                weight_decay: 0.5,
+                ..cfg()
+            },
+        );
         let _ = opt.grad.fill_(0.0);
         let n = model.params.numel() - model.params.decay_numel;
         let _ = opt.grad.narrow(0, 0, 4).fill_(10.0);
-        let before = model.params.flat.narrow(0, model.params.decay_numel, n).copy();
+        let before = model
+            .params
+            .flat
+            .narrow(0, model.params.decay_numel, n)
+            .copy();
         let s = opt.step(&model.params);
         assert!(s.clipped && (s.grad_norm - 20.0).abs() < 1e-4);
         assert!((opt.grad.norm().double_value(&[]) - 1.0).abs() < 1e-5);
         // Norm weights had zero gradient and no decay: unchanged.
-        assert!(model.params.flat.narrow(0, model.params.decay_numel, n).equal(&before));
+        assert!(model
+            .params
+            .flat
+            .narrow(0, model.params.decay_numel, n)
+            .equal(&before));
     }
 
     #[test]
@@ -286,6 +366,8 @@ mod tests {
         let mut opt2 = FlatAdamW::new(&model2.params, cfg());
         opt2.load(&p, &model2.params).unwrap();
         assert_eq!(opt2.step, 1);
-        assert!(opt2.exp_avg_sq.equal(&opt.exp_avg_sq) && model2.params.flat.equal(&model.params.flat));
+        assert!(
+            opt2.exp_avg_sq.equal(&opt.exp_avg_sq) && model2.params.flat.equal(&model.params.flat)
+        );
     }
 }

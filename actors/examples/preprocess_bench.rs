@@ -1,0 +1,139 @@
+//! Preprocessing benchmark (used by `bench/run.sh`): read → parse FORMEX → tokenize, on N threads, exactly as the
+//! pipeline's reader and tokenizer actors do (`reader::read_file`, `Tokenizer::tokenize_batch`), without the rest of
+//! the pipeline. Prints one JSON object: files, docs, tokens, text_bytes, input_bytes (on disk), seconds, threads,
+//! engine, tokens_per_s, ids_hash.
+//!
+//! `ids_hash` = sha256 over, for every document in input order, sha256(ids as little-endian u32); `scripts/
+//! tokenize_ref.py hash` computes the same from the texts written by `--dump-texts`, with Python `tokenizers`.
+//!
+//!   preprocess_bench [--threads N] [--tokenizer SPEC] [--reference] [--dump-texts FILE.jsonl] PATH...
+
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use lexflow_actors::tokenizer::Tokenizer;
+use lexflow_actors::types::DocBatch;
+use sha2::{Digest, Sha256};
+
+struct FileResult {
+    docs: usize,
+    tokens: usize,
+    text_bytes: usize,
+    doc_hashes: Vec<[u8; 32]>,
+    texts: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut threads = 1usize;
+    let mut spec = "llama3".to_string();
+    let mut reference = false;
+    let mut dump: Option<String> = None;
+    let mut paths = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--threads" => threads = args.next().expect("--threads N").parse()?,
+            "--tokenizer" => spec = args.next().expect("--tokenizer SPEC"),
+            "--reference" => reference = true,
+            "--dump-texts" => dump = Some(args.next().expect("--dump-texts FILE")),
+            _ => paths.push(a),
+        }
+    }
+    anyhow::ensure!(!paths.is_empty(), "usage: preprocess_bench [--threads N] [--tokenizer SPEC] [--reference] [--dump-texts FILE] PATH...");
+    let t_load = Instant::now();
+    let tk = if reference { Tokenizer::load_reference(&spec)? } else { Tokenizer::load(&spec)? };
+    let load_s = t_load.elapsed().as_secs_f64();
+    let files = lexflow_actors::reader::expand_inputs(&paths)?;
+    let input_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let keep_texts = dump.is_some();
+
+    let t0 = Instant::now();
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<FileResult>>> = Mutex::new((0..files.len()).map(|_| None).collect());
+    let errors = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= files.len() {
+                    break;
+                }
+                let docs = match lexflow_actors::reader::read_file(&files[i]) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!("{}: {e}", files[i].display());
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        Vec::new()
+                    }
+                };
+                let texts: Vec<String> =
+                    if keep_texts { docs.iter().filter(|d| !d.text.is_empty()).map(|d| d.text.clone()).collect() } else { Vec::new() };
+                let out = tk.tokenize_batch(DocBatch { lane: 0, file: i as u32, docs });
+                let r = FileResult {
+                    docs: out.docs.len(),
+                    tokens: out.docs.iter().map(|d| d.tokens.len()).sum(),
+                    text_bytes: out.docs.iter().map(|d| d.text_bytes).sum(),
+                    doc_hashes: out
+                        .docs
+                        .iter()
+                        .map(|d| {
+                            let mut h = Sha256::new();
+                            for t in &d.tokens {
+                                h.update(t.to_le_bytes());
+                            }
+                            h.finalize().into()
+                        })
+                        .collect(),
+                    texts,
+                };
+                results.lock().unwrap()[i] = Some(r);
+            });
+        }
+    });
+    let seconds = t0.elapsed().as_secs_f64();
+    let results = results.into_inner().unwrap();
+    let (mut docs, mut tokens, mut text_bytes) = (0usize, 0usize, 0usize);
+    let mut all = Sha256::new();
+    let mut dump_w = match &dump {
+        Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p)?)),
+        None => None,
+    };
+    for r in results.into_iter().flatten() {
+        docs += r.docs;
+        tokens += r.tokens;
+        text_bytes += r.text_bytes;
+        for h in &r.doc_hashes {
+            all.update(h);
+        }
+        if let Some(w) = dump_w.as_mut() {
+            for t in &r.texts {
+                serde_json::to_writer(&mut *w, &serde_json::json!({ "text": t }))?;
+                w.write_all(b"\n")?;
+            }
+        }
+    }
+    if let Some(mut w) = dump_w {
+        w.flush()?;
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "files": files.len(),
+            "read_errors": errors.load(Ordering::Relaxed),
+            "docs": docs,
+            "tokens": tokens,
+            "text_bytes": text_bytes,
+            "input_bytes": input_bytes,
+            "threads": threads,
+            "engine": tk.engine(),
+            "tokenizer_load_s": (load_s * 1000.0).round() / 1000.0,
+            "seconds": (seconds * 1000.0).round() / 1000.0,
+            "tokens_per_s": (tokens as f64 / seconds).round(),
+            "text_mb_per_s": ((text_bytes as f64 / seconds / 1e6) * 100.0).round() / 100.0,
+            "ids_hash": hex::encode(all.finalize()),
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! NCCL collectives through `cudarc` (feature `cuda`), on the raw device pointers of tch tensors.
+//!
+//! * Ordering: libtorch launches its kernels on the legacy default stream (tch sets no stream), so every NCCL call
+//!   here is enqueued on that same stream (a null `cudaStream_t`): the all-reduce starts after the backward kernels
+//!   and the optimizer kernels start after it, with no host synchronisation.
+//! * Buckets: a flat buffer is reduced in buckets of [`BUCKET_ELEMS`] elements inside one NCCL group, which keeps
+//!   each call within NCCL's sweet spot without extra copies.
+//! * Rendezvous: rank 0 creates the unique id and serves it over TCP at `MASTER_ADDR:MASTER_PORT` (torchrun
+//!   conventions); other ranks connect and read its 128 bytes. Threads of one process can share an id directly.
+//! * cudarc looks for `libnccl.so` (not `libnccl.so.2`): the set-up script provides the symlink.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use cudarc::nccl::{result, sys};
+use tch::{Device, Kind, Tensor};
+
+use crate::collective::Collective;
+use crate::error::{GpuError, Result};
+
+/// Elements per all-reduce call (100 MB of fp32).
+pub const BUCKET_ELEMS: i64 = 25 << 20;
+
+/// The 128-byte NCCL unique id shared by all ranks of a communicator.
+#[derive(Clone, Copy)]
+pub struct NcclUniqueId(sys::ncclUniqueId);
+
+impl NcclUniqueId {
+    pub fn new() -> Result<Self> {
+        result::get_uniqueid()
+            .map(NcclUniqueId)
+            .map_err(|e| nccl_err(0, "ncclGetUniqueId", e))
+    }
+
+    fn to_bytes(self) -> [u8; 128] {
+        self.0.internal.map(|c| c as u8)
+    }
+
+    fn from_bytes(b: [u8; 128]) -> Self {
+        NcclUniqueId(sys::ncclUniqueId {
+            internal: b.map(|c| c as ::core::ffi::c_char),
+        })
+    }
+
+    /// Rank 0 creates the id and sends it to `world - 1` peers over TCP; the others fetch it (retrying for `timeout`
+    /// while rank 0 starts).
+    pub fn exchange_tcp(rank: usize, world: usize, addr: &str, timeout: Duration) -> Result<Self> {
+        let io = |m: String| GpuError::Collective { rank, message: m };
+        if rank == 0 {
+            let id = Self::new()?;
+            let listener =
+                TcpListener::bind(addr).map_err(|e| io(format!("listen on {addr}: {e}")))?;
+            for _ in 1..world {
+                let (mut s, _) = listener
+                    .accept()
+                    .map_err(|e| io(format!("accept on {addr}: {e}")))?;
+                s.write_all(&id.to_bytes())
+                    .map_err(|e| io(format!("send id: {e}")))?;
+            }
+            return Ok(id);
+        }
+        let t0 = Instant::now();
+        loop {
+            match TcpStream::connect(addr) {
+                Ok(mut s) => {
+                    let mut b = [0u8; 128];
+                    s.read_exact(&mut b)
+                        .map_err(|e| io(format!("read id from {addr}: {e}")))?;
+                    return Ok(Self::from_bytes(b));
+                }
+                Err(e) if t0.elapsed() > timeout => {
+                    return Err(io(format!("connect to {addr}: {e}")))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+}
+
+fn nccl_err(rank: usize, what: &str, e: result::NcclError) -> GpuError {
+    GpuError::Collective {
+        rank,
+        message: format!("{what} failed: {:?}", e.0),
+    }
+}
+
+fn dtype(kind: Kind, rank: usize) -> Result<sys::ncclDataType_t> {
+    Ok(match kind {
+        Kind::Float => sys::ncclDataType_t::ncclFloat32,
+        Kind::BFloat16 => sys::ncclDataType_t::ncclBfloat16,
+        Kind::Half => sys::ncclDataType_t::ncclFloat16,
+        Kind::Double => sys::ncclDataType_t::ncclFloat64,
+        Kind::Int64 => sys::ncclDataType_t::ncclInt64,
+        Kind::Int => sys::ncclDataType_t::ncclInt32,
+        k => {
+            return Err(GpuError::Collective {
+                rank,
+                message: format!("no NCCL type for {k:?}"),
+            })
+        }
+    })
+}
+
+/// One rank of an NCCL communicator, bound to `cuda:ordinal`.
+pub struct NcclCollective {
+    comm: sys::ncclComm_t,
+    rank: usize,
+    world: usize,
+    ordinal: usize,
+    aborted: std::sync::atomic::AtomicBool,
+    _ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+}
+
+// The communicator handle is used by the one thread that owns this value.
+unsafe impl Send for NcclCollective {}
+
+impl NcclCollective {
+    /// Joins the communicator (blocks until all `world` ranks have called this with the same id).
+    pub fn new(id: NcclUniqueId, rank: usize, world: usize, ordinal: usize) -> Result<Self> {
+        let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| GpuError::Collective {
+            rank,
+            message: format!("CUDA context for device {ordinal}: {e:?}"),
+        })?;
+        let mut me = NcclCollective {
+            comm: std::ptr::null_mut(),
+            rank,
+            world,
+            ordinal,
+            aborted: Default::default(),
+            _ctx: ctx,
+        };
+        me.bind()?;
+        let mut comm = std::mem::MaybeUninit::uninit();
+        unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, id.0, rank as i32) }
+            .map_err(|e| nccl_err(rank, "ncclCommInitRank", e))?;
+        me.comm = unsafe { comm.assume_init() };
+        Ok(me)
+    }
+
+    /// From torchrun-style environment: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`.
+    pub fn from_env() -> Result<Self> {
+        let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+        let num = |k: &str, d: &str| {
+            var(k, d)
+                .parse::<usize>()
+                .map_err(|e| GpuError::Collective {
+                    rank: 0,
+                    message: format!("{k}: {e}"),
+                })
+        };
+        let (rank, world, local) = (
+            num("RANK", "0")?,
+            num("WORLD_SIZE", "1")?,
+            num("LOCAL_RANK", "0")?,
+        );
+        let addr = format!(
+            "{}:{}",
+            var("MASTER_ADDR", "127.0.0.1"),
+            var("MASTER_PORT", "29500")
+        );
+        let id = NcclUniqueId::exchange_tcp(rank, world, &addr, Duration::from_secs(300))?;
+        Self::new(id, rank, world, local)
+    }
+
+    /// NCCL uses the calling thread's current device; libtorch's device guards restore theirs, so set ours each time.
+    fn bind(&self) -> Result<()> {
+        self._ctx
+            .bind_to_thread()
+            .map_err(|e| GpuError::Collective {
+                rank: self.rank,
+                message: format!("bind device: {e:?}"),
+            })
+    }
+
+    fn check(&self, buf: &Tensor) -> Result<()> {
+        if buf.device() != Device::Cuda(self.ordinal) || !buf.is_contiguous() {
+            return Err(GpuError::Collective {
+                rank: self.rank,
+                message: format!(
+                    "buffer must be contiguous on cuda:{}, is {:?}",
+                    self.ordinal,
+                    buf.device()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn all_reduce(&self, buf: &mut Tensor, op: sys::ncclRedOp_t) -> Result<()> {
+        self.check(buf)?;
+        self.bind()?;
+        let dt = dtype(buf.kind(), self.rank)?;
+        let elt = buf.kind().elt_size_in_bytes();
+        let n = buf.numel() as i64;
+        let base = buf.data_ptr() as *mut u8;
+        result::group_start().map_err(|e| nccl_err(self.rank, "ncclGroupStart", e))?;
+        let mut off = 0i64;
+        while off < n {
+            let len = BUCKET_ELEMS.min(n - off);
+            let p = unsafe { base.add(off as usize * elt) } as *mut ::core::ffi::c_void;
+            let r = unsafe {
+                result::all_reduce(p, p, len as usize, dt, op, self.comm, std::ptr::null_mut())
+            };
+            if let Err(e) = r {
+                let _ = result::group_end();
+                return Err(nccl_err(self.rank, "ncclAllReduce", e));
+            }
+            off += len;
+        }
+        result::group_end().map_err(|e| nccl_err(self.rank, "ncclGroupEnd", e))?;
+        Ok(())
+    }
+}
+
+impl Collective for NcclCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_mean(&self, buf: &mut Tensor) -> Result<()> {
+        self.all_reduce(buf, sys::ncclRedOp_t::ncclAvg)
+    }
+
+    fn all_reduce_sum(&self, buf: &mut Tensor) -> Result<()> {
+        self.all_reduce(buf, sys::ncclRedOp_t::ncclSum)
+    }
+
+    fn broadcast(&self, buf: &mut Tensor, root: usize) -> Result<()> {
+        self.check(buf)?;
+        self.bind()?;
+        let dt = dtype(buf.kind(), self.rank)?;
+        let p = buf.data_ptr();
+        unsafe {
+            result::broadcast(
+                p,
+                p,
+                buf.numel(),
+                dt,
+                root as i32,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        }
+        .map_err(|e| nccl_err(self.rank, "ncclBroadcast", e))?;
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let mut t = Tensor::zeros([1], (Kind::Float, Device::Cuda(self.ordinal)));
+        self.all_reduce_sum(&mut t)?;
+        tch::Cuda::synchronize(self.ordinal as i64);
+        Ok(())
+    }
+
+    fn abort(&self) {
+        if self.aborted.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        unsafe {
+            let _ = result::comm_abort(self.comm);
+        }
+    }
+
+    fn all_reduce_sum_f64(&self, vals: &mut [f64], _device: Device) -> Result<()> {
+        let mut t = Tensor::from_slice(vals).to_device(Device::Cuda(self.ordinal));
+        self.all_reduce_sum(&mut t)?;
+        let back = Vec::<f64>::try_from(t.to_device(Device::Cpu))?;
+        vals.copy_from_slice(&back);
+        Ok(())
+    }
+}
+
+impl Drop for NcclCollective {
+    fn drop(&mut self) {
+        if !self.comm.is_null() && !*self.aborted.get_mut() {
+            unsafe {
+                let _ = result::comm_destroy(self.comm);
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Bad inputs: every bad file gives exactly one clear error (path + position + reason + hint), nothing panics, no
+//! entity is ever expanded, and `lexflow parse --jsonl` reports bad files next to good ones and exits 0.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use lexflow_actors::formex::parse_bytes;
+use lexflow_actors::reader::{expand_inputs, read_files_with_manifests, Quarantine, ReadError};
+
+const SECRET: &str = "TOP-SECRET-4f1c9e";
+
+fn good_xml() -> Vec<u8> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/formex/L_2016119EN.01000101.xml");
+    std::fs::read(&p).unwrap_or_else(|e| panic!("real corpus file {} missing: {e}", p.display()))
+}
+
+/// (file name, bytes, expected words in the reason)
+fn bad_files(dir: &Path) -> Vec<(String, Vec<u8>, &'static str)> {
+    let good = good_xml();
+    let secret = dir.join("secret.txt");
+    std::fs::write(&secret, SECRET).unwrap();
+    let mut v: Vec<(String, Vec<u8>, &'static str)> = vec![
+        ("malformed.xml".into(), b"<ACT><TITLE><P>x</TITLE></ACT>".to_vec(), "malformed"),
+        ("unclosed_attr.xml".into(), b"<ACT><P A=\"1>x</P></ACT>".to_vec(), "malformed"),
+        ("html.xml".into(), b"<!DOCTYPE html><html><body><p>hi</p></body></html>".to_vec(), "not a FORMEX"),
+        ("xhtml.xml".into(), b"<html xmlns=\"http://www.w3.org/1999/xhtml\"><p>x</p></html>".to_vec(), "not a FORMEX"),
+        ("latin1.xml".into(), b"<?xml version=\"1.0\" encoding=\"ISO-8859-1\"?>\n<ACT><P>R\xe8glement</P></ACT>".to_vec(), "UTF-8"),
+        ("latin1_undeclared.xml".into(), b"<ACT>\n<P>caf\xe9</P></ACT>".to_vec(), "UTF-8"),
+        ("empty.xml".into(), Vec::new(), "empty"),
+        ("text.xml".into(), b"hello, this is not xml".to_vec(), "before the root"),
+        (
+            "xxe.xml".into(),
+            format!("<?xml version=\"1.0\"?><!DOCTYPE ACT [<!ENTITY xxe SYSTEM \"file://{}\">]><ACT><P>&xxe;</P></ACT>", secret.display())
+                .into_bytes(),
+            "DOCTYPE",
+        ),
+        (
+            "laughs.xml".into(),
+            br#"<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;"><!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;"><!ENTITY lol9 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">]><ACT>&lol9;</ACT>"#
+                .to_vec(),
+            "DOCTYPE",
+        ),
+        ("undeclared_entity.xml".into(), b"<ACT><P>&nbsp;</P></ACT>".to_vec(), "entity"),
+        ("two_roots.xml".into(), b"<ACT></ACT><ACT></ACT>".to_vec(), "second root"),
+    ];
+    // UTF-16 with and without BOM
+    let utf16 = |be: bool, bom: bool| {
+        let mut out = Vec::new();
+        if bom {
+            out.extend(if be { [0xFE, 0xFF] } else { [0xFF, 0xFE] });
+        }
+        for u in "<ACT><P>x</P></ACT>".encode_utf16() {
+            out.extend(if be { u.to_be_bytes() } else { u.to_le_bytes() });
+        }
+        out
+    };
+    v.push(("utf16le.xml".into(), utf16(false, true), "UTF-16"));
+    v.push(("utf16be.xml".into(), utf16(true, true), "UTF-16"));
+    v.push(("utf16_nobom.xml".into(), utf16(false, false), "UTF-16"));
+    // binary garbage (deterministic LCG)
+    let mut x: u64 = 0x2545F4914F6CDD1D;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let garbage: Vec<u8> = (0..4096).map(|_| rnd() as u8).collect();
+    v.push(("garbage.xml".into(), garbage, "binary"));
+    let png: Vec<u8> = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".iter().copied().chain((0..500).map(|_| rnd() as u8)).collect();
+    v.push(("image.xml".into(), png, ""));
+    // truncated real file at pseudo-random offsets
+    for i in 0..12 {
+        let cut = 100 + (rnd() as usize) % (good.len() - 200);
+        let _ = i;
+        v.push((format!("truncated_{cut}.xml"), good[..cut].to_vec(), ""));
+    }
+    v
+}
+
+#[test]
+fn bad_inputs_give_one_error_each_with_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = bad_files(dir.path());
+    let mut paths = Vec::new();
+    for (name, bytes, _) in &cases {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        paths.push(p);
+    }
+    let t = Instant::now();
+    let results = read_files_with_manifests(&paths);
+    assert!(t.elapsed().as_secs() < 20, "bad inputs must be rejected fast");
+    assert_eq!(results.len(), cases.len(), "exactly one result per file");
+    let q_path = dir.path().join("run/quarantine.jsonl");
+    let q = Quarantine::create(&q_path).unwrap();
+    for ((path, r), (name, bytes, want)) in results.iter().zip(&cases) {
+        let e = match r {
+            Ok(docs) => panic!("{name}: accepted: {docs:?}"),
+            Err(e) => e,
+        };
+        q.record(e);
+        let msg = e.to_string();
+        assert_eq!(e.path(), path.display().to_string(), "{name}");
+        assert!(msg.contains(name.as_str()), "message names the file: {msg}");
+        assert!(matches!(e, ReadError::Parse { .. }), "{name}: {msg}");
+        assert!(e.line() >= 1 && e.column() >= 1, "{name}: position: {msg}");
+        assert!(e.byte_offset() <= bytes.len() as u64, "{name}: offset in range: {msg}");
+        assert!(e.reason().contains(want), "{name}: reason `{}` lacks `{want}`", e.reason());
+        assert!(!e.hint().is_empty());
+        assert!(!msg.contains(SECRET), "external entity content leaked: {msg}");
+        if name.starts_with("truncated") {
+            assert!(e.reason().contains("truncated") || e.reason().contains("malformed"), "{name}: {msg}");
+        }
+    }
+    let lines = std::fs::read_to_string(&q_path).unwrap();
+    assert_eq!(lines.lines().count(), cases.len());
+    for l in lines.lines() {
+        let j: serde_json::Value = serde_json::from_str(l).unwrap();
+        for k in ["path", "line", "column", "byte_offset", "reason", "hint"] {
+            assert!(j.get(k).is_some(), "quarantine record lacks {k}: {l}");
+        }
+    }
+    assert_eq!(q.count(), cases.len() as u64);
+}
+
+#[test]
+fn external_dtd_is_never_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret.dtd");
+    std::fs::write(&secret, format!("<!ENTITY leak \"{SECRET}\">")).unwrap();
+    let xml = format!("<!DOCTYPE ACT SYSTEM \"file://{}\"><ACT><P>plain</P></ACT>", secret.display());
+    let docs = parse_bytes("x.xml", xml.as_bytes()).unwrap();
+    assert_eq!(docs[0].text, "plain");
+    let xml = format!("<!DOCTYPE ACT SYSTEM \"file://{}\"><ACT><P>&leak;</P></ACT>", secret.display());
+    let e = parse_bytes("x.xml", xml.as_bytes()).unwrap_err();
+    assert!(!e.to_string().contains(SECRET));
+}
+
+#[test]
+fn every_prefix_and_bitflip_of_a_real_file_is_handled() {
+    let good = good_xml();
+    let head = &good[..20_000.min(good.len())];
+    for cut in (0..head.len()).step_by(97) {
+        let _ = parse_bytes("cut.xml", &head[..cut]);
+    }
+    let mut x: u32 = 12345;
+    for _ in 0..300 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        let mut m = head.to_vec();
+        let i = (x as usize) % m.len();
+        m[i] ^= (x >> 16) as u8 | 1;
+        let _ = parse_bytes("flip.xml", &m);
+    }
+}
+
+fn lexflow_bin() -> PathBuf {
+    // target/debug/deps/bad_input-… → target/debug/lexflow
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join(format!("lexflow{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "{} not built: run `cargo build -p lexflow-actors` first", bin.display());
+    bin
+}
+
+#[test]
+fn cli_parse_mixes_good_and_bad_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("L_2016119EN.01000101.xml");
+    std::fs::write(&good, good_xml()).unwrap();
+    std::fs::write(dir.path().join("bad.xml"), b"<ACT><P>x</ACT>").unwrap();
+    std::fs::write(dir.path().join("page.xml"), b"<html><body/></html>").unwrap();
+    let files = expand_inputs(&[dir.path().display().to_string()]).unwrap();
+    assert_eq!(files.len(), 3);
+
+    let out = Command::new(lexflow_bin()).args(["parse", "--jsonl"]).arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let errors: Vec<_> = lines.iter().filter(|j| j.get("error").is_some()).collect();
+    assert_eq!(errors.len(), 2);
+    for e in &errors {
+        assert!(e["path"].as_str().unwrap().ends_with(".xml"));
+        assert!(e["line"].as_u64().unwrap() >= 1);
+    }
+    let doc = lines.iter().find(|j| j.get("error").is_none()).unwrap();
+    assert_eq!(doc["root"], "ACT");
+    assert_eq!(doc["lang"], "en");
+    assert_eq!(doc["doc_type"], "regulation");
+    assert_eq!(doc["celex"], "32016R0679");
+    assert_eq!(doc["articles"], 99);
+    assert!(doc["chars"].as_u64().unwrap() > 100_000);
+    assert_eq!(doc["date"], "2016-04-27");
+
+    // misuse: nothing matches → exit 2
+    let out =
+        Command::new(lexflow_bin()).args(["parse", "--jsonl"]).arg(dir.path().join("nope*.xml")).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no input matches"));
+}

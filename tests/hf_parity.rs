@@ -1,0 +1,123 @@
+//! Logit parity with Hugging Face transformers: a small random LLaMA with GQA and Llama 3.1 RoPE scaling is built in
+//! Rust, saved in HF layout, and `scripts/hf_parity.py` (transformers `LlamaForCausalLM`, eager attention, fp32)
+//! recomputes the logits. Needs the project venv (`source scripts/env.sh`).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use lexflow_gpu::checkpoint::{save_hf, write_safetensors, DEFAULT_MAX_SHARD_BYTES};
+use lexflow_gpu::tch::{Device, Kind, Tensor};
+use lexflow_gpu::{Llama, LlamaConfig, RopeScaling};
+
+fn python() -> PathBuf {
+    match std::env::var_os("LEXFLOW_VENV") {
+        Some(v) => PathBuf::from(v).join("bin/python"),
+        None => PathBuf::from("python3"),
+    }
+}
+
+fn parity(cfg: &LlamaConfig, max_shard: u64) -> f64 {
+    let root = tempfile::tempdir().unwrap();
+    let model_dir = root.path().join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let model = Llama::new(cfg, Device::Cpu, Kind::Float, 11).unwrap();
+    // Non-trivial norms, so a swapped or ignored norm weight shows.
+    lexflow_gpu::tch::no_grad(|| {
+        let n = model.params.numel() - model.params.decay_numel;
+        let _ = model
+            .params
+            .flat
+            .narrow(0, model.params.decay_numel, n)
+            .uniform_(0.5, 1.5);
+    });
+    save_hf(&model_dir, &model, max_shard).unwrap();
+    let ids = Tensor::randint(cfg.vocab_size as i64, [2, 40], (Kind::Int64, Device::Cpu));
+    let logits = lexflow_gpu::tch::no_grad(|| model.forward(&ids, None));
+    let io = root.path().join("io.safetensors");
+    write_safetensors(
+        &io,
+        &[("input_ids".into(), ids), ("logits".into(), logits)],
+        None,
+    )
+    .unwrap();
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_parity.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(&model_dir)
+        .arg(&io)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} (source scripts/env.sh): {e}",
+                python().display()
+            )
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "hf_parity.py failed:\n{stdout}\n{stderr}"
+    );
+    let diff: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("max_abs_diff "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no max_abs_diff in output:\n{stdout}\n{stderr}"));
+    eprintln!(
+        "parity ({}): max |Δlogit| = {diff:.3e}; {}",
+        if cfg.tie_word_embeddings {
+            "tied"
+        } else {
+            "untied"
+        },
+        stderr.trim()
+    );
+    diff
+}
+
+fn config(tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 320,
+        hidden_size: 64,
+        intermediate_size: 160,
+        num_hidden_layers: 3,
+        num_attention_heads: 8,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        // A short original context puts the head's frequencies in all three bands (kept, smoothed, divided).
+        rope_scaling: Some(RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        }),
+        max_position_embeddings: 512,
+        tie_word_embeddings: tied,
+    }
+}
+
+#[test]
+fn logits_match_transformers_untied_gqa_llama3_rope() {
+    let cfg = config(false);
+    let plain = LlamaConfig {
+        rope_scaling: None,
+        ..cfg.clone()
+    }
+    .rope_inv_freq();
+    let scaled = cfg.rope_inv_freq();
+    assert!(
+        scaled.iter().zip(&plain).filter(|(a, b)| a != b).count() >= 3,
+        "scaling must matter in this config"
+    );
+    let d = parity(&cfg, DEFAULT_MAX_SHARD_BYTES);
+    assert!(d <= 1e-4, "max |Δlogit| = {d}");
+}
+
+#[test]
+fn logits_match_transformers_tied_sharded() {
+    let d = parity(&config(true), 100_000);
+    assert!(d <= 1e-4, "max |Δlogit| = {d}");
+}
