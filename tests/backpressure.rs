@@ -30,7 +30,9 @@ fn stalled_sink_bounds_items_in_flight_and_loses_nothing() {
         Ok(())
     });
     // A two-worker ordered pool in the middle: its internal edges have capacity caps[3] each.
-    ordered_pool(&mut topo, "bp.pool", nz(2), nz(caps[3]), rx0, tx1, |_| |_ctx: &lexflow_dataflow::ActorContext, x: u64| Ok(x));
+    ordered_pool(&mut topo, "bp.pool", nz(2), nz(caps[3]), rx0, tx1, |_| {
+        |_ctx: &lexflow_dataflow::ActorContext, x: u64| Ok(x)
+    });
     topo.spawn("bp.stage", move |_| {
         for x in rx1.iter() {
             tx2.send(x)?;
@@ -65,10 +67,18 @@ fn stalled_sink_bounds_items_in_flight_and_loses_nothing() {
     );
     // The source is blocked, not finished.
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(produced.load(SeqCst) - consumed.load(SeqCst), in_flight, "source kept producing while stalled");
+    assert_eq!(
+        produced.load(SeqCst) - consumed.load(SeqCst),
+        in_flight,
+        "source kept producing while stalled"
+    );
 
     stalled.store(false, SeqCst);
     topo.join().unwrap();
     let got = sink.join().unwrap();
-    assert_eq!(got, (0..total).collect::<Vec<_>>(), "every item arrives once, in order");
+    assert_eq!(
+        got,
+        (0..total).collect::<Vec<_>>(),
+        "every item arrives once, in order"
+    );
 }

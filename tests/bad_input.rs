@@ -11,7 +11,8 @@ use lexflow_actors::reader::{expand_inputs, read_files_with_manifests, Quarantin
 const SECRET: &str = "TOP-SECRET-4f1c9e";
 
 fn good_xml() -> Vec<u8> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/formex/L_2016119EN.01000101.xml");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/corpus/formex/L_2016119EN.01000101.xml");
     std::fs::read(&p).unwrap_or_else(|e| panic!("real corpus file {} missing: {e}", p.display()))
 }
 
@@ -68,7 +69,11 @@ fn bad_files(dir: &Path) -> Vec<(String, Vec<u8>, &'static str)> {
     };
     let garbage: Vec<u8> = (0..4096).map(|_| rnd() as u8).collect();
     v.push(("garbage.xml".into(), garbage, "binary"));
-    let png: Vec<u8> = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".iter().copied().chain((0..500).map(|_| rnd() as u8)).collect();
+    let png: Vec<u8> = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"
+        .iter()
+        .copied()
+        .chain((0..500).map(|_| rnd() as u8))
+        .collect();
     v.push(("image.xml".into(), png, ""));
     // truncated real file at pseudo-random offsets
     for i in 0..12 {
@@ -91,7 +96,10 @@ fn bad_inputs_give_one_error_each_with_position() {
     }
     let t = Instant::now();
     let results = read_files_with_manifests(&paths);
-    assert!(t.elapsed().as_secs() < 20, "bad inputs must be rejected fast");
+    assert!(
+        t.elapsed().as_secs() < 20,
+        "bad inputs must be rejected fast"
+    );
     assert_eq!(results.len(), cases.len(), "exactly one result per file");
     let q_path = dir.path().join("run/quarantine.jsonl");
     let q = Quarantine::create(&q_path).unwrap();
@@ -106,12 +114,25 @@ fn bad_inputs_give_one_error_each_with_position() {
         assert!(msg.contains(name.as_str()), "message names the file: {msg}");
         assert!(matches!(e, ReadError::Parse { .. }), "{name}: {msg}");
         assert!(e.line() >= 1 && e.column() >= 1, "{name}: position: {msg}");
-        assert!(e.byte_offset() <= bytes.len() as u64, "{name}: offset in range: {msg}");
-        assert!(e.reason().contains(want), "{name}: reason `{}` lacks `{want}`", e.reason());
+        assert!(
+            e.byte_offset() <= bytes.len() as u64,
+            "{name}: offset in range: {msg}"
+        );
+        assert!(
+            e.reason().contains(want),
+            "{name}: reason `{}` lacks `{want}`",
+            e.reason()
+        );
         assert!(!e.hint().is_empty());
-        assert!(!msg.contains(SECRET), "external entity content leaked: {msg}");
+        assert!(
+            !msg.contains(SECRET),
+            "external entity content leaked: {msg}"
+        );
         if name.starts_with("truncated") {
-            assert!(e.reason().contains("truncated") || e.reason().contains("malformed"), "{name}: {msg}");
+            assert!(
+                e.reason().contains("truncated") || e.reason().contains("malformed"),
+                "{name}: {msg}"
+            );
         }
     }
     let lines = std::fs::read_to_string(&q_path).unwrap();
@@ -130,10 +151,16 @@ fn external_dtd_is_never_loaded() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret.dtd");
     std::fs::write(&secret, format!("<!ENTITY leak \"{SECRET}\">")).unwrap();
-    let xml = format!("<!DOCTYPE ACT SYSTEM \"file://{}\"><ACT><P>plain</P></ACT>", secret.display());
+    let xml = format!(
+        "<!DOCTYPE ACT SYSTEM \"file://{}\"><ACT><P>plain</P></ACT>",
+        secret.display()
+    );
     let docs = parse_bytes("x.xml", xml.as_bytes()).unwrap();
     assert_eq!(docs[0].text, "plain");
-    let xml = format!("<!DOCTYPE ACT SYSTEM \"file://{}\"><ACT><P>&leak;</P></ACT>", secret.display());
+    let xml = format!(
+        "<!DOCTYPE ACT SYSTEM \"file://{}\"><ACT><P>&leak;</P></ACT>",
+        secret.display()
+    );
     let e = parse_bytes("x.xml", xml.as_bytes()).unwrap_err();
     assert!(!e.to_string().contains(SECRET));
 }
@@ -160,7 +187,11 @@ fn lexflow_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap();
     let bin = dir.join(format!("lexflow{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "{} not built: run `cargo build -p lexflow-actors` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p lexflow-actors` first",
+        bin.display()
+    );
     bin
 }
 
@@ -174,10 +205,22 @@ fn cli_parse_mixes_good_and_bad_and_exits_zero() {
     let files = expand_inputs(&[dir.path().display().to_string()]).unwrap();
     assert_eq!(files.len(), 3);
 
-    let out = Command::new(lexflow_bin()).args(["parse", "--jsonl"]).arg(dir.path()).output().unwrap();
-    assert!(out.status.success(), "exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let out = Command::new(lexflow_bin())
+        .args(["parse", "--jsonl"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
     let errors: Vec<_> = lines.iter().filter(|j| j.get("error").is_some()).collect();
     assert_eq!(errors.len(), 2);
@@ -195,8 +238,11 @@ fn cli_parse_mixes_good_and_bad_and_exits_zero() {
     assert_eq!(doc["date"], "2016-04-27");
 
     // misuse: nothing matches → exit 2
-    let out =
-        Command::new(lexflow_bin()).args(["parse", "--jsonl"]).arg(dir.path().join("nope*.xml")).output().unwrap();
+    let out = Command::new(lexflow_bin())
+        .args(["parse", "--jsonl"])
+        .arg(dir.path().join("nope*.xml"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no input matches"));
 }

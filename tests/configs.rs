@@ -14,7 +14,10 @@ fn every_shipped_config_parses() {
             n += 1;
         }
     }
-    assert!(n >= 2, "expected the sample and the full-scale config, found {n}");
+    assert!(
+        n >= 2,
+        "expected the sample and the full-scale config, found {n}"
+    );
 }
 
 #[test]
@@ -25,13 +28,20 @@ fn embedded_default_is_the_sample_file() {
 
 #[test]
 fn full_scale_config_has_the_seed_settings() {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/eurlex-cpt-llama3.toml");
+    let p =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/eurlex-cpt-llama3.toml");
     let c = Config::from_file(&p).unwrap();
     assert_eq!(c.packer.seq_len.get(), 4096);
     assert_eq!(c.shards.count.get(), 32);
     assert_eq!(c.world_size(), 4);
     let mix: Vec<(String, f64)> = c.sampler.mix.into_iter().collect();
-    let want = [("de", 0.20), ("en", 0.35), ("es", 0.12), ("fr", 0.25), ("pt", 0.08)];
+    let want = [
+        ("de", 0.20),
+        ("en", 0.35),
+        ("es", 0.12),
+        ("fr", 0.25),
+        ("pt", 0.08),
+    ];
     assert_eq!(mix.len(), want.len());
     for ((l, s), (wl, ws)) in mix.iter().zip(want) {
         assert_eq!(l, wl);

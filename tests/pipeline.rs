@@ -9,11 +9,19 @@ use lexflow_actors::pipeline::{run, RunOptions};
 use lexflow_actors::types::PackedSequence;
 
 fn opts() -> RunOptions {
-    RunOptions { resume: false, progress: false, origin: "test".into() }
+    RunOptions {
+        resume: false,
+        progress: false,
+        origin: "test".into(),
+    }
 }
 
 fn base_config(dir: &Path, inputs: &[String], threads: usize, extra: &str) -> Config {
-    let paths = inputs.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ");
+    let paths = inputs
+        .iter()
+        .map(|p| format!("{p:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let t = format!(
         r#"
 [run]
@@ -49,7 +57,10 @@ enabled = false
 
 fn all_sequences(dir: &Path) -> Vec<PackedSequence> {
     let mut v = Vec::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("arrow")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("arrow"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     for f in files {
         v.extend(read_sequences(&f).unwrap());
@@ -68,7 +79,10 @@ fn generated_corpus_same_sequences_with_1_and_4_threads() {
     let (qa, qb) = (all_sequences(a.path()), all_sequences(b.path()));
     assert!(qa.len() > 20, "too few sequences: {}", qa.len());
     assert_eq!(qa.len() as u64, sa.packer.sequences);
-    assert!(qa == qb, "1 and 4 reader/tokenizer threads gave different sequences");
+    assert!(
+        qa == qb,
+        "1 and 4 reader/tokenizer threads gave different sequences"
+    );
     // Dense global indices, all routed.
     for (i, s) in qa.iter().enumerate() {
         assert_eq!(s.index, i as u64);
@@ -77,8 +91,12 @@ fn generated_corpus_same_sequences_with_1_and_4_threads() {
     assert_eq!(sa.shards.per_rank.iter().sum::<u64>(), qa.len() as u64);
     // stats.json exists and agrees.
     let js: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.path().join("stats.json")).unwrap()).unwrap();
-    assert_eq!(js["packer"]["sequences"].as_u64(), Some(sa.packer.sequences));
+        serde_json::from_str(&std::fs::read_to_string(a.path().join("stats.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        js["packer"]["sequences"].as_u64(),
+        Some(sa.packer.sequences)
+    );
     assert!(js["sampler"]["languages"].as_array().unwrap().len() == 5);
 }
 
@@ -97,26 +115,32 @@ fn realized_mix_is_within_one_document_of_target() {
     let longest = per_doc.values().copied().max().unwrap_or(0) as f64;
     for l in &s.sampler.languages {
         let dev = (l.tokens as f64 - l.target_share * total).abs();
-        assert!(dev <= longest, "{}: deviation {dev} tokens exceeds the longest document ({longest})", l.lang);
+        assert!(
+            dev <= longest,
+            "{}: deviation {dev} tokens exceeds the longest document ({longest})",
+            l.lang
+        );
     }
 }
 
 #[test]
 fn real_corpus_streams_end_to_end() {
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/formex");
-    assert!(corpus.is_dir(), "the real FORMEX corpus is missing at {}", corpus.display());
-    let d = tempfile::tempdir().unwrap();
-    let cfg = base_config(
-        d.path(),
-        &[corpus.display().to_string()],
-        2,
-        "",
+    assert!(
+        corpus.is_dir(),
+        "the real FORMEX corpus is missing at {}",
+        corpus.display()
     );
+    let d = tempfile::tempdir().unwrap();
+    let cfg = base_config(d.path(), &[corpus.display().to_string()], 2, "");
     let mut cfg = cfg;
     cfg.sampler.on_exhausted = lexflow_actors::config::ExhaustedPolicy::Renormalize;
     let s = run(&cfg, &opts()).unwrap();
     assert_eq!(s.outcome, "completed");
-    assert!(s.input.files_outside_mix > 0, "BG/IT/PL… files are outside the default mix");
+    assert!(
+        s.input.files_outside_mix > 0,
+        "BG/IT/PL… files are outside the default mix"
+    );
     assert!(s.input.documents > 30);
     assert!(s.packer.sequences > 100);
     assert_eq!(s.input.quarantined_files, 0, "every real file parses");

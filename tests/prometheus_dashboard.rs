@@ -104,6 +104,14 @@ fn substitute(expr: &str, d: &Value, range: &str) -> String {
     e
 }
 
+/// The trailing zero fallback of an error panel (`… or vector(0)`, a flat zero line while nothing failed), removed:
+/// the live tests evaluate what is left, so the fallback cannot make a misspelled metric look fine.
+const ZERO_FALLBACK: &str = " or vector(0)";
+
+fn strip_zero_fallback(expr: &str) -> &str {
+    expr.trim_end().strip_suffix(ZERO_FALLBACK).unwrap_or(expr)
+}
+
 /// `label_values(metric, label)` → `metric`, the series the variable's values come from.
 fn label_values_metric(q: &str) -> Option<String> {
     let inner = q.trim().strip_prefix("label_values(")?.strip_suffix(')')?;
@@ -427,6 +435,23 @@ impl Prometheus {
         Ok(finite)
     }
 
+    /// Values of `label` over all series `q` returned somewhere in `[start, end]`.
+    fn label_values(&self, q: &str, label: &str, start: f64, end: f64) -> Result<Vec<String>> {
+        let d = self.api(&format!(
+            "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step=1",
+            urlencode(q)
+        ))?;
+        let mut v: Vec<String> = d["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["metric"][label].as_str().map(str::to_string))
+            .collect();
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
     /// Every dashboard expression (and template variable source) evaluated over `[start, end]`; one line per
     /// expression that returned no data or an error.
     fn dashboard_failures(&self, start: f64, end: f64) -> Vec<String> {
@@ -440,7 +465,8 @@ impl Prometheus {
         }
         let mut failures = Vec::new();
         for (title, expr) in queries {
-            let q = substitute(&expr, &d, &range);
+            // An error panel's `or vector(0)` would answer even for a misspelled metric: check the series itself.
+            let q = substitute(strip_zero_fallback(&expr), &d, &range);
             match self.has_data(&q, start, end) {
                 Ok(true) => {}
                 Ok(false) => failures.push(format!("[{title}] no data: {q}")),
@@ -537,6 +563,29 @@ fn dashboard_is_consistent() {
             .map(|(n, q)| (format!("variable ${n}"), q)),
     );
     for (title, expr) in &all {
+        // Nothing may be satisfied without a lexflow series: no constant-only expressions, and the only fallback
+        // allowed is a trailing `or vector(0)` on an error panel (stripped by the live tests).
+        let core = strip_zero_fallback(expr);
+        if core.len() != expr.trim_end().len() && !title.to_ascii_lowercase().contains("error") {
+            problems.push(format!(
+                "[{title}] `or vector(0)` outside an error panel: {expr}"
+            ));
+        }
+        if ["vector(", "absent(", "absent_over_time("]
+            .iter()
+            .any(|f| find_word(core, f.trim_end_matches('(')).is_some())
+            || core.contains(" or ")
+        {
+            problems.push(format!(
+                "[{title}] fallback that answers without data: {expr}"
+            ));
+        }
+        if !identifiers(core)
+            .iter()
+            .any(|id| id.starts_with("lexflow_"))
+        {
+            problems.push(format!("[{title}] names no lexflow metric: {expr}"));
+        }
         for id in identifiers(expr) {
             if id.starts_with("lexflow") {
                 match names::family_of(&id) {
@@ -555,7 +604,7 @@ fn dashboard_is_consistent() {
     }
     assert!(
         problems.is_empty(),
-        "dashboard references names not in metrics/src/names.rs:\n{}",
+        "dashboard problems (names not in metrics/src/names.rs, fallbacks, constant expressions):\n{}",
         problems.join("\n")
     );
     // Every metric has a panel (a new metric without one is a dashboard gap).
@@ -814,26 +863,79 @@ fn lexflow_bin() -> PathBuf {
     bin
 }
 
+/// Stages whose exact latency quantiles a sample run must export (`lexflow_metrics::latency(stage)`); `reader.*` and
+/// `tokenizer.*` are per language lane.
+const REQUIRED_STAGES: &[&str] = &["reader.en", "tokenizer.en", "shard_writer", "trainer"];
+/// Stages that record all through the training and so must also show in the windowed p99 (the readers and
+/// tokenizers of a short run may finish between two scrapes, leaving no increase inside any window).
+const WINDOWED_STAGES: &[&str] = &["shard_writer", "trainer"];
+/// Stages instrumented in the code but not recorded in a short run (see docs/OBSERVABILITY.md, "Known gaps"): a
+/// warning, not a failure. Move a stage to REQUIRED_STAGES once the run records it.
+const KNOWN_GAP_STAGES: &[&str] = &["packer"];
+
+/// Facts of the sample run beyond "some data": `(what, query that must return data)`. Comparisons drop the series
+/// where they are false, so each one fails on a zero as well as on a missing metric.
+const RUN_FACTS: &[(&str, &str)] = &[
+    ("run label set", r#"lexflow_run_info{run="sample"}"#),
+    ("MFU measured", "lexflow_trainer_mfu_ratio > 0"),
+    (
+        "device memory (RSS) reported",
+        "lexflow_trainer_device_memory_bytes > 0",
+    ),
+    (
+        "two checkpoints written",
+        "sum(lexflow_checkpoints_total) >= 2",
+    ),
+    (
+        "the bad file quarantined",
+        "lexflow_reader_quarantined_files_total >= 1",
+    ),
+    (
+        "the bad file counted as a reader error",
+        r#"sum(lexflow_actor_errors_total{kind="quarantined"}) >= 1"#,
+    ),
+    (
+        "backpressure towards the trainer",
+        "sum(rate(lexflow_edge_blocked_seconds_total[10s])) > 0",
+    ),
+    (
+        "trainer steps in a 10 s window",
+        "sum(rate(lexflow_trainer_steps_total[10s])) > 0",
+    ),
+];
+
 #[test]
 fn sample_run_feeds_every_panel() -> Result<()> {
     let bin = lexflow_bin();
     let work = tempfile::tempdir()?;
     let port = free_port();
+
+    // The sample corpus, generated here (a small one) plus one malformed FORMEX file, so that the error and
+    // quarantine panels show a real error rather than a fallback zero.
+    let corpus = work.path().join("corpus");
+    let gen = lexflow_actors::config::GenerateConfig {
+        acts_per_language: 8,
+        languages: ["en", "fr", "de", "es", "pt"].map(String::from).to_vec(),
+        seed: 7,
+    };
+    lexflow_actors::gen_sample::generate(&gen, &corpus)?;
+    std::fs::write(
+        corpus.join("en").join("L_2099001EN.01000101.xml"),
+        "<ACT><TITLE><P>truncated</TITLE></ACT>",
+    )?;
+
     let mut cfg = read("configs/sample.toml");
-    cfg = set_toml_key(
-        &cfg,
-        "run",
-        "dir",
-        &format!("{:?}", work.path().join("run").display().to_string()),
-    );
+    let quoted = |p: &Path| format!("{:?}", p.display().to_string());
+    cfg = set_toml_key(&cfg, "run", "dir", &quoted(&work.path().join("run")));
+    cfg = set_toml_key(&cfg, "input", "paths", &format!("[{}]", quoted(&corpus)));
     cfg = set_toml_key(&cfg, "metrics", "enabled", "true");
     cfg = set_toml_key(&cfg, "metrics", "listen", &format!("\"127.0.0.1:{port}\""));
     // Keep the exporter up after the run so that the final values are scraped (1 s interval here).
-    cfg = set_toml_key(&cfg, "metrics", "linger_seconds", "5");
-    // Shorter training that still writes checkpoints.
-    cfg = set_toml_key(&cfg, "train", "steps", "24");
-    cfg = set_toml_key(&cfg, "train", "warmup_steps", "4");
-    cfg = set_toml_key(&cfg, "train", "checkpoint_every", "8");
+    cfg = set_toml_key(&cfg, "metrics", "linger_seconds", "3");
+    // Short training that still writes two checkpoints and spans several 10 s rate windows.
+    cfg = set_toml_key(&cfg, "train", "steps", "12");
+    cfg = set_toml_key(&cfg, "train", "warmup_steps", "3");
+    cfg = set_toml_key(&cfg, "train", "checkpoint_every", "6");
     let cfg_path = work.path().join("sample-prometheus.toml");
     std::fs::write(&cfg_path, &cfg)?;
 
@@ -878,10 +980,50 @@ fn sample_run_feeds_every_panel() -> Result<()> {
         end - start,
         tail(&log_path, 30)
     );
-    let failures = prom.dashboard_failures(start, end);
+    let mut failures = prom.dashboard_failures(start, end);
+
+    for (what, q) in RUN_FACTS {
+        match prom.has_data(q, start, end) {
+            Ok(true) => {}
+            Ok(false) => failures.push(format!("[run fact: {what}] no data: {q}")),
+            Err(e) => failures.push(format!("[run fact: {what}] query error: {q}: {e:#}")),
+        }
+    }
+    // Stage latency: every instrumented stage, exact quantiles and the windowed histogram alike.
+    let exact = prom.label_values(
+        r#"lexflow_stage_latency_quantile_seconds{quantile="0.99"}"#,
+        names::LABEL_STAGE,
+        start,
+        end,
+    )?;
+    let windowed = prom.label_values(
+        "histogram_quantile(0.99, sum by (stage, le) (rate(lexflow_stage_latency_seconds_bucket[10s])))",
+        names::LABEL_STAGE,
+        start,
+        end,
+    )?;
+    for stage in REQUIRED_STAGES {
+        if !exact.iter().any(|s| s == stage) {
+            failures.push(format!(
+                "[stage latency] no exact quantiles for stage {stage} (has {exact:?})"
+            ));
+        }
+    }
+    for stage in WINDOWED_STAGES {
+        if !windowed.iter().any(|s| s == stage) {
+            failures.push(format!(
+                "[stage latency] no windowed p99 for stage {stage} (has {windowed:?})"
+            ));
+        }
+    }
+    for stage in KNOWN_GAP_STAGES {
+        if !exact.iter().any(|s| s == stage) {
+            eprintln!("warning: known gap: the run recorded no latency for stage {stage}");
+        }
+    }
     assert!(
         failures.is_empty(),
-        "{} dashboard expression(s) returned no data after a sample run ({scrapes} scrapes):\n{}",
+        "{} dashboard expression(s) or run fact(s) without data after a sample run ({scrapes} scrapes):\n{}",
         failures.len(),
         failures.join("\n")
     );

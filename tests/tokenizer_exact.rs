@@ -11,7 +11,10 @@ use std::process::{Command, Stdio};
 use lexflow_actors::tokenizer::Tokenizer;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn corpus() -> PathBuf {
@@ -25,18 +28,27 @@ fn corpus() -> PathBuf {
 }
 
 fn python() -> PathBuf {
-    let venv = std::env::var_os("LEXFLOW_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/lexflow/venv")
-    });
+    let venv = std::env::var_os("LEXFLOW_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/lexflow/venv")
+        });
     let py = venv.join("bin/python");
-    assert!(py.is_file(), "the venv python is missing at {} (run `make setup`)", py.display());
+    assert!(
+        py.is_file(),
+        "the venv python is missing at {} (run `make setup`)",
+        py.display()
+    );
     py
 }
 
 fn tokenizer_json() -> String {
     let p = std::env::var("LEXFLOW_TOKENIZER_JSON")
         .expect("LEXFLOW_TOKENIZER_JSON is not set (run `make setup` and `source scripts/env.sh`)");
-    assert!(Path::new(&p).is_file(), "LEXFLOW_TOKENIZER_JSON={p} does not exist (run `make setup`)");
+    assert!(
+        Path::new(&p).is_file(),
+        "LEXFLOW_TOKENIZER_JSON={p} does not exist (run `make setup`)"
+    );
     p
 }
 
@@ -57,7 +69,11 @@ fn run_ref(args: &[&str], stdin: &[u8]) -> Vec<u8> {
     });
     let out = child.wait_with_output().expect("tokenize_ref.py");
     feeder.join().unwrap();
-    assert!(out.status.success(), "tokenize_ref.py {args:?} failed: {}", out.status);
+    assert!(
+        out.status.success(),
+        "tokenize_ref.py {args:?} failed: {}",
+        out.status
+    );
     out.stdout
 }
 
@@ -69,7 +85,8 @@ struct Extracted {
 fn extract(paths: &[String]) -> Vec<Extracted> {
     let mut args = vec!["extract"];
     args.extend(paths.iter().map(String::as_str));
-    let v: Vec<serde_json::Value> = serde_json::from_slice(&run_ref(&args, b"")).expect("extract JSON");
+    let v: Vec<serde_json::Value> =
+        serde_json::from_slice(&run_ref(&args, b"")).expect("extract JSON");
     v.into_iter()
         .map(|d| Extracted {
             path: d["path"].as_str().expect("path").to_string(),
@@ -113,7 +130,10 @@ fn adversarial() -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let pal = ["a", "B", " ", "  ", "\n", "\r", "1", "'", "s", "LL", "é", "中", "😀", ".", "<|", "\u{a0}", "\t", "ß"];
+    let pal = [
+        "a", "B", " ", "  ", "\n", "\r", "1", "'", "s", "LL", "é", "中", "😀", ".", "<|", "\u{a0}",
+        "\t", "ß",
+    ];
     let mut x: u64 = 0x9E3779B97F4A7C15;
     for n in 0..400 {
         let mut s = String::new();
@@ -131,13 +151,18 @@ fn adversarial() -> Vec<String> {
 fn compare(tk: &Tokenizer, labels: &[String], texts: &[String]) -> usize {
     let json = serde_json::to_vec(texts).unwrap();
     let expected: Vec<Vec<u32>> =
-        serde_json::from_slice(&run_ref(&["encode", &tokenizer_json()], &json)).expect("encode JSON");
+        serde_json::from_slice(&run_ref(&["encode", &tokenizer_json()], &json))
+            .expect("encode JSON");
     assert_eq!(expected.len(), texts.len());
     let mut tokens = 0;
     for ((label, text), want) in labels.iter().zip(texts).zip(&expected) {
         let got = tk.encode(text);
         if got != *want {
-            let k = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+            let k = got
+                .iter()
+                .zip(want)
+                .position(|(a, b)| a != b)
+                .unwrap_or(got.len().min(want.len()));
             let lo = k.saturating_sub(5);
             panic!(
                 "{label}: ids differ from Python tokenizers at token {k} (lexflow {} tokens, python {})\n\
@@ -150,7 +175,11 @@ fn compare(tk: &Tokenizer, labels: &[String], texts: &[String]) -> usize {
                 tk.decode(&want[lo..(k + 5).min(want.len())]),
             );
         }
-        assert_eq!(tk.decode(&got), *text, "{label}: decode(encode(text)) != text");
+        assert_eq!(
+            tk.decode(&got),
+            *text,
+            "{label}: decode(encode(text)) != text"
+        );
         tokens += got.len();
     }
     tokens
@@ -159,10 +188,18 @@ fn compare(tk: &Tokenizer, labels: &[String], texts: &[String]) -> usize {
 #[test]
 fn llama3_ids_identical_to_python_on_formex_corpus() {
     let tk = Tokenizer::load("llama3").expect("Llama 3 tokenizer");
-    assert_eq!(tk.engine(), "fast-bpe", "the Llama 3 tokenizer must run on the fast path");
+    assert_eq!(
+        tk.engine(),
+        "fast-bpe",
+        "the Llama 3 tokenizer must run on the fast path"
+    );
     let dir = corpus().join("formex");
     let docs = extract(&[dir.to_string_lossy().to_string()]);
-    assert!(docs.len() >= 60, "expected the 68 FORMEX files, got {}", docs.len());
+    assert!(
+        docs.len() >= 60,
+        "expected the 68 FORMEX files, got {}",
+        docs.len()
+    );
     let langs: std::collections::BTreeSet<&str> = docs
         .iter()
         .filter_map(|d| {
@@ -179,7 +216,10 @@ fn llama3_ids_identical_to_python_on_formex_corpus() {
     let texts: Vec<String> = docs.into_iter().map(|d| d.text).collect();
     let bytes: usize = texts.iter().map(String::len).sum();
     let tokens = compare(&tk, &labels, &texts);
-    eprintln!("formex: {} files, {bytes} bytes, {tokens} tokens identical", texts.len());
+    eprintln!(
+        "formex: {} files, {bytes} bytes, {tokens} tokens identical",
+        texts.len()
+    );
     assert!(tokens > 1_000_000, "suspiciously few tokens: {tokens}");
 }
 
@@ -194,21 +234,37 @@ fn llama3_ids_identical_to_python_on_bench_sample() {
             .filter(|p| p.to_string_lossy().ends_with(".xml.zst"))
             .collect();
         v.sort();
-        files.extend(v.into_iter().step_by(25).map(|p| p.to_string_lossy().to_string()));
+        files.extend(
+            v.into_iter()
+                .step_by(25)
+                .map(|p| p.to_string_lossy().to_string()),
+        );
     }
     assert!(files.len() >= 20, "bench sample too small: {}", files.len());
     let docs = extract(&files);
     let labels: Vec<String> = docs.iter().map(|d| d.path.clone()).collect();
     let texts: Vec<String> = docs.into_iter().map(|d| d.text).collect();
     let tokens = compare(&tk, &labels, &texts);
-    eprintln!("bench sample: {} files, {tokens} tokens identical", texts.len());
+    eprintln!(
+        "bench sample: {} files, {tokens} tokens identical",
+        texts.len()
+    );
 }
 
 #[test]
 fn llama3_ids_identical_to_python_on_adversarial_strings() {
     let tk = Tokenizer::load("llama3").expect("Llama 3 tokenizer");
     let texts = adversarial();
-    let labels: Vec<String> = texts.iter().enumerate().map(|(i, t)| format!("adversarial #{i} {:?}", t.chars().take(40).collect::<String>())).collect();
+    let labels: Vec<String> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            format!(
+                "adversarial #{i} {:?}",
+                t.chars().take(40).collect::<String>()
+            )
+        })
+        .collect();
     compare(&tk, &labels, &texts);
     // And the special-token helpers agree with the file.
     assert_eq!(tk.bos_id(), Some(128000));

@@ -43,6 +43,7 @@ fn sequence(i: u64) -> PackedSequence {
         pieces: Vec::new(),
         padding,
         shard: 0,
+        resume: None,
     }
 }
 
@@ -86,6 +87,7 @@ fn run(
         seq_len: SEQ_LEN,
         seed: 42,
         resume,
+        run_config: None,
     };
     let handle = spawn_trainers(&mut topo, setup, rxs).expect("spawn trainers");
     topo.spawn("feeder", move |_ctx| {

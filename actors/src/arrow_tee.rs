@@ -451,7 +451,8 @@ pub fn read_sequences(path: &Path) -> Result<Vec<PackedSequence>, ArrowTeeError>
                 pieces: ps,
                 padding: padding.value(row),
                 shard: shard.value(row),
-            });
+            resume: None,
+        });
         }
     }
     Ok(out)
@@ -522,7 +523,7 @@ mod tests {
                 doc_starts.push(off);
             }
         }
-        PackedSequence { index, tokens, doc_starts, pieces, padding: rng.gen_range(0..4), shard: rng.gen_range(0..shards) }
+        PackedSequence { index, tokens, doc_starts, pieces, padding: rng.gen_range(0..4), shard: rng.gen_range(0..shards) , resume: None }
     }
 
     #[test]
@@ -584,7 +585,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(ArrowTee::create(dir.path(), 0, meta(4)), Err(ArrowTeeError::NoShards)));
         let mut tee = ArrowTee::create(dir.path(), 2, meta(4)).unwrap();
-        let mut s = PackedSequence { index: 9, tokens: vec![1; 5], doc_starts: vec![0], pieces: vec![], padding: 0, shard: 2 };
+        let mut s = PackedSequence { index: 9, tokens: vec![1; 5], doc_starts: vec![0], pieces: vec![], padding: 0, shard: 2 , resume: None };
         assert!(matches!(tee.write(&s), Err(ArrowTeeError::ShardOutOfRange { shard: 2, .. })));
         s.shard = 1;
         s.tokens.pop();

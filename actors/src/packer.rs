@@ -17,7 +17,12 @@ use lexflow_dataflow::{ActorContext, ActorError, EdgeReceiver, EdgeSender};
 use serde::Serialize;
 
 use crate::config::{PackMode, PackerConfig};
-use crate::types::{DocId, PackedSequence, Piece, TokenizedDoc};
+use std::sync::Arc;
+
+use crate::types::{
+    DocId, LanePosition, OpenSequence, PackedSequence, PackerState, Piece, ResumePoint, SampledDoc, SamplerState,
+    TokenizedDoc,
+};
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PackerReport {
@@ -54,6 +59,8 @@ pub struct Packer {
     born: u64,
     next_index: u64,
     ready: VecDeque<PackedSequence>,
+    /// Resume point attached to the sequences emitted by the current `push`/`flush`.
+    current_resume: Option<Arc<ResumePoint>>,
     pub report: PackerReport,
 }
 
@@ -70,8 +77,55 @@ impl Packer {
             born: 0,
             next_index: 0,
             ready: VecDeque::new(),
+            current_resume: None,
             report: PackerReport::default(),
         }
+    }
+
+    /// The carry-over (open sequences as pieces) and the next global index.
+    pub fn state(&self) -> (PackerState, u64) {
+        let open = self
+            .open
+            .iter()
+            .map(|o| OpenSequence { born: o.born, len: o.tokens.len() as u32, pieces: o.pieces.clone() })
+            .collect();
+        (PackerState { born: self.born, open }, self.next_index)
+    }
+
+    /// Continues from a checkpointed carry-over. `fetch(doc)` returns a document's tokens (re-read and re-tokenized:
+    /// only the documents that were partly packed).
+    pub fn restore<E>(
+        &mut self,
+        st: &PackerState,
+        next_index: u64,
+        mut fetch: impl FnMut(DocId) -> Result<Vec<u32>, E>,
+    ) -> Result<(), E> {
+        self.born = st.born;
+        self.next_index = next_index;
+        self.open.clear();
+        let mut cache: std::collections::HashMap<DocId, Vec<u32>> = Default::default();
+        for o in &st.open {
+            let mut tokens = vec![self.eot; o.len as usize];
+            for p in &o.pieces {
+                if !cache.contains_key(&p.doc) {
+                    let t = fetch(p.doc)?;
+                    cache.insert(p.doc, t);
+                }
+                let doc = &cache[&p.doc];
+                let (a, b) = (p.start as usize, (p.end as usize).min(doc.len()));
+                let at = p.offset as usize;
+                if a <= b && at + (b - a) <= tokens.len() {
+                    tokens[at..at + (b - a)].copy_from_slice(&doc[a..b]);
+                }
+            }
+            self.open.push(Open { tokens, pieces: o.pieces.clone(), born: o.born });
+        }
+        Ok(())
+    }
+
+    /// Sets the resume point that sequences emitted from now on carry.
+    pub fn set_resume(&mut self, rp: Option<Arc<ResumePoint>>) {
+        self.current_resume = rp;
     }
 
     /// Adds one document; completed sequences become available from [`pop`](Self::pop).
@@ -214,6 +268,7 @@ impl Packer {
             pieces: o.pieces,
             padding: padding as u32,
             shard: 0,
+            resume: self.current_resume.clone(),
         };
         self.next_index += 1;
         self.report.sequences += 1;
@@ -243,32 +298,66 @@ impl Packer {
     }
 }
 
-/// The packer actor body.
+/// The packer actor body. Before each document it records the resume point (sampler positions and counters from the
+/// document, its own carry-over and next index); every sequence emitted while packing that document carries it.
 pub fn run_packer(
     ctx: &ActorContext,
     mut packer: Packer,
-    input: EdgeReceiver<Vec<TokenizedDoc>>,
+    input: EdgeReceiver<Vec<SampledDoc>>,
     out: EdgeSender<PackedSequence>,
     report: &std::sync::Mutex<PackerReport>,
+    start_lanes: Vec<LanePosition>,
+    start_sampler: SamplerState,
 ) -> Result<(), ActorError> {
     let publish = |p: &Packer| {
         if let Ok(mut g) = report.lock() {
             *g = p.report.clone();
         }
     };
+    let lat = lexflow_metrics::latency("packer");
+    let am = lexflow_metrics::actor("packer");
+    // Positions and counters after the last document (for the resume point of the final flush).
+    let mut lanes_after = start_lanes;
+    let mut sampler_after = start_sampler;
     for batch in input.iter() {
-        for doc in &batch {
+        let t = std::time::Instant::now();
+        am.items_in.inc_by(batch.len() as u64);
+        for sd in &batch {
+            let doc = &sd.doc;
             ctx.set_input(format!("document {:?}", doc.id));
+            let (pst, next_index) = packer.state();
+            packer.set_resume(Some(Arc::new(ResumePoint {
+                next_index,
+                lanes: (*sd.lanes).clone(),
+                sampler: (*sd.sampler).clone(),
+                packer: pst,
+            })));
             packer.push(doc);
+            lanes_after = (*sd.lanes).clone();
+            sampler_after = (*sd.sampler).clone();
+            let lane = doc.id.lane as usize;
+            if let Some(p) = lanes_after.get_mut(lane) {
+                *p = LanePosition { file: doc.id.file, ordinal: doc.id.ordinal + 1 };
+            }
+            if lane < sampler_after.emitted_tokens.len() {
+                sampler_after.emitted_tokens[lane] += doc.tokens.len() as u64;
+                sampler_after.documents[lane] += 1;
+            }
             while let Some(seq) = packer.pop() {
+                am.items_out.inc();
+                am.bytes_out.inc_by(seq.tokens.len() as u64 * 4);
                 if out.send(seq).is_err() {
                     publish(&packer);
                     return Ok(()); // downstream finished
                 }
             }
         }
+        lat.record(t.elapsed());
+        am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
         publish(&packer);
     }
+    let (pst, next_index) = packer.state();
+    packer.set_resume(Some(Arc::new(ResumePoint { next_index, lanes: lanes_after, sampler: sampler_after, packer: pst })));
     packer.flush();
     while let Some(seq) = packer.pop() {
         if out.send(seq).is_err() {
@@ -401,6 +490,44 @@ mod tests {
         let (_, bf) = pack(&cfg(1024, PackMode::BestFit, 32), &ds);
         assert!(bf.split_documents * 4 < concat.split_documents, "best-fit {} vs concat {}", bf.split_documents, concat.split_documents);
         assert!(bf.fill_efficiency > 0.97, "best-fit wastes too much: {}", bf.fill_efficiency);
+    }
+
+    /// Stopping anywhere, restoring the carry-over from `state()` and continuing gives the same sequences.
+    #[test]
+    fn restore_from_state_continues_identically() {
+        for mode in [PackMode::Concat, PackMode::BestFit] {
+            let c = cfg(64, mode, 6);
+            let lens: Vec<usize> = (0..80).map(|i| (i * 37) % 150 + 1).collect();
+            let ds = docs(&lens);
+            let (want, _) = pack(&c, &ds);
+            for cut in [1usize, 7, 33, 79] {
+                let mut p = Packer::new(&c, EOT, PAD);
+                let mut got = Vec::new();
+                for d in &ds[..cut] {
+                    p.push(d);
+                    while let Some(s) = p.pop() {
+                        got.push(s);
+                    }
+                }
+                let (st, next) = p.state();
+                let mut q = Packer::new(&c, EOT, PAD);
+                q.restore(&st, next, |id| Ok::<_, ()>(ds[id.file as usize].tokens.clone())).unwrap();
+                for d in &ds[cut..] {
+                    q.push(d);
+                    while let Some(s) = q.pop() {
+                        got.push(s);
+                    }
+                }
+                q.flush();
+                while let Some(s) = q.pop() {
+                    got.push(s);
+                }
+                assert_eq!(got.len(), want.len(), "{mode:?} cut {cut}");
+                for (a, b) in got.iter().zip(&want) {
+                    assert_eq!((a.index, &a.tokens, &a.pieces, a.padding), (b.index, &b.tokens, &b.pieces, b.padding), "{mode:?} cut {cut}");
+                }
+            }
+        }
     }
 
     #[test]

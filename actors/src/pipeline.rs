@@ -21,11 +21,11 @@ use lexflow_dataflow::{edge, ordered_pool, EdgeReceiver, Shutdown, Topology};
 use crate::config::{Config, ExhaustedPolicy, SAMPLE_TOML};
 use crate::packer::{run_packer, Packer, PackerReport};
 use crate::reader::{self, Quarantine};
-use crate::sampler::{run_sampler, SamplerReport};
+use crate::sampler::{run_sampler, SamplerReport, SamplerStart};
 use crate::shard_writer::{run_shard_writer, ShardReport, ShardWriter};
 use crate::stats::{InputReport, RunStats};
 use crate::tokenizer::Tokenizer;
-use crate::types::{DocBatch, PackedSequence, TokenizedBatch};
+use crate::types::{DocBatch, DocId, LanePosition, PackedSequence, SamplerState, TokenizedBatch};
 
 /// `RUST_LOG` sets the level (default `info`); `LEXFLOW_LOG=json` switches to JSON lines. Logs go to stderr.
 pub fn init_logging() {
@@ -75,6 +75,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let run_dir = cfg.run.dir.clone();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
 
+    lexflow_metrics::set_run_labels(&cfg.run.name);
     let _metrics_server = if cfg.metrics.enabled {
         Some(lexflow_metrics::serve(&cfg.metrics.listen)?)
     } else {
@@ -121,20 +122,33 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let pad = token(&cfg.packer.pad_token, "pad_token")?;
 
     let world = cfg.world_size();
-    let skip = if opts.resume && cfg.train.is_some() {
+    let resume = if opts.resume && cfg.train.is_some() {
         match crate::trainer::resume_point(&run_dir)? {
             Some(r) => {
-                tracing::info!(step = r.step, sequences = r.sequences_consumed, "resuming");
-                r.sequences_consumed
+                tracing::info!(step = r.step, sequences = r.sequences_consumed, checkpoint = %r.checkpoint.display(), "resuming");
+                Some(r)
             }
             None => {
                 tracing::warn!("--resume: no checkpoint in {}; starting from the beginning", run_dir.display());
-                0
+                None
             }
         }
     } else {
-        0
+        None
     };
+    let skip = resume.as_ref().map_or(0, |r| r.sequences_consumed);
+    let data = resume.as_ref().and_then(|r| r.data.clone());
+    if let Some(d) = &data {
+        if d.lanes.len() != lanes.len() {
+            anyhow::bail!(
+                "the checkpoint's dataflow has {} language lanes but sampler.mix now has {}: resume needs the same mix",
+                d.lanes.len(),
+                lanes.len()
+            );
+        }
+    }
+    let start_lanes: Vec<LanePosition> =
+        data.as_ref().map(|d| d.lanes.clone()).unwrap_or_else(|| vec![LanePosition::default(); lanes.len()]);
 
     let shutdown = Shutdown::new();
     if let Err(e) = shutdown.install_signal_handler() {
@@ -151,24 +165,32 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let mut lane_rx: Vec<EdgeReceiver<TokenizedBatch>> = Vec::new();
     for (li, lane) in lanes.iter().enumerate() {
         let lang = lane.lang.clone();
-        let (ftx, frx) = edge::<(u32, PathBuf)>(&format!("source.{lang}->reader.{lang}"), cap("reader"));
+        let (ftx, frx) = edge::<(u32, PathBuf, u32)>(&format!("source.{lang}->reader.{lang}"), cap("reader"));
         let (dtx, drx) = edge::<DocBatch>(&format!("reader.{lang}->tokenizer.{lang}"), cap("reader"));
         let (ttx, trx) = edge::<TokenizedBatch>(&format!("tokenizer.{lang}->sampler"), cap("tokenizer"));
         let files = lane.files.clone();
         let cycle = cfg.sampler.on_exhausted == ExhaustedPolicy::Cycle;
+        let start = start_lanes[li];
         topo.spawn(format!("source.{lang}"), move |ctx| {
+            // File k of the lane's stream is files[k % n] (k counts on across cycles); resume starts at the
+            // checkpoint's file and skips the documents before its ordinal: a seek, not a replay.
+            let n = files.len() as u64;
+            if n == 0 {
+                return Ok(());
+            }
+            let mut k = start.file as u64;
             loop {
-                for (i, f) in files.iter().enumerate() {
-                    if ctx.should_stop() {
-                        return Ok(());
-                    }
-                    if ftx.send((i as u32, f.clone())).is_err() {
-                        return Ok(());
-                    }
-                }
-                if !cycle || files.is_empty() {
+                if !cycle && k >= n {
                     return Ok(());
                 }
+                if ctx.should_stop() {
+                    return Ok(());
+                }
+                let skip = if k == start.file as u64 { start.ordinal } else { 0 };
+                if ftx.send((k as u32, files[(k % n) as usize].clone(), skip)).is_err() {
+                    return Ok(());
+                }
+                k += 1;
             }
         });
         let q = quarantine.clone();
@@ -181,10 +203,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             let lang = lang2.clone();
             let mi = mi.clone();
             let am = lexflow_metrics::actor(&format!("reader.{lang}"));
-            move |ctx: &lexflow_dataflow::ActorContext, (file, path): (u32, PathBuf)| {
+            move |ctx: &lexflow_dataflow::ActorContext, (file, path, skip): (u32, PathBuf, u32)| {
                 ctx.set_input(path.display().to_string());
                 let t = Instant::now();
-                let docs = match reader::read_file_indexed(&path, &mi) {
+                let mut docs = match reader::read_file_indexed(&path, &mi) {
                     Ok(docs) => docs,
                     Err(e) => {
                         q.record(&e);
@@ -193,6 +215,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                         Vec::new()
                     }
                 };
+                // Documents before the resume position were trained on already: keep their ordinals, drop their text.
+                for d in docs.iter_mut().take(skip as usize) {
+                    d.text.clear();
+                }
                 c.files_read.fetch_add(1, RELAXED);
                 c.documents.fetch_add(docs.len() as u64, RELAXED);
                 let mism = docs.iter().filter(|d| d.lang.as_deref().is_some_and(|l| l != lang)).count();
@@ -223,12 +249,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 let bytes: u64 = batch.docs.iter().map(|d| d.text.len() as u64).sum();
                 let mut out = tk.tokenize_batch(batch);
                 if add_bos {
-                    if let Some(bos) = tk.bos_id() {
-                        for d in &mut out.docs {
-                            if !d.tokens.is_empty() {
-                                d.tokens.insert(0, bos);
-                            }
-                        }
+                    for d in &mut out.docs {
+                        prepend_bos(&tk, &mut d.tokens);
                     }
                 }
                 let toks: u64 = out.docs.iter().map(|d| d.tokens.len() as u64).sum();
@@ -250,18 +272,36 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let sampler_report = Arc::new(Mutex::new(SamplerReport::default()));
     let packer_report = Arc::new(Mutex::new(PackerReport::default()));
     let shard_report = Arc::new(Mutex::new(ShardReport::default()));
-    let (stx, srx) = edge::<Vec<crate::types::TokenizedDoc>>("sampler->packer", cap("sampler"));
+    let (stx, srx) = edge::<Vec<crate::types::SampledDoc>>("sampler->packer", cap("sampler"));
     let (ptx, prx) = edge::<PackedSequence>("packer->shard_writer", cap("packer"));
     {
         let mix = mix.clone();
         let policy = cfg.sampler.on_exhausted;
         let rep = sampler_report.clone();
-        topo.spawn("sampler", move |ctx| run_sampler(ctx, &mix, policy, lane_rx, stx, &rep));
+        let start = SamplerStart { lanes: start_lanes.clone(), state: data.as_ref().map(|d| d.sampler.clone()) };
+        topo.spawn("sampler", move |ctx| run_sampler(ctx, &mix, policy, start, lane_rx, stx, &rep));
     }
     {
-        let packer = Packer::new(&cfg.packer, eot, pad);
+        let mut packer = Packer::new(&cfg.packer, eot, pad);
+        let start_sampler = match &data {
+            Some(d) => {
+                // Rebuild the carry-over: re-read and re-tokenize only the partly packed documents.
+                let t = Instant::now();
+                packer.restore(&d.packer, d.next_index, |id| {
+                    fetch_doc_tokens(&lanes, &manifests, &tokenizer, cfg.tokenizer.add_bos, id)
+                })?;
+                tracing::info!(seconds = t.elapsed().as_secs_f64(), open = d.packer.open.len(), "packer carry-over restored");
+                d.sampler.clone()
+            }
+            None => SamplerState {
+                emitted_tokens: vec![0; lanes.len()],
+                documents: vec![0; lanes.len()],
+                active: vec![true; lanes.len()],
+            },
+        };
         let rep = packer_report.clone();
-        topo.spawn("packer", move |ctx| run_packer(ctx, packer, srx, ptx, &rep));
+        let sl = start_lanes.clone();
+        topo.spawn("packer", move |ctx| run_packer(ctx, packer, srx, ptx, &rep, sl, start_sampler));
     }
     let mut rank_rx = Vec::new();
     let mut rank_tx = Vec::new();
@@ -297,6 +337,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 seq_len: cfg.packer.seq_len.get(),
                 seed: cfg.run.seed,
                 resume: opts.resume,
+                run_config: Some(toml::to_string(cfg)?),
             },
             rank_rx,
         )?),
@@ -368,6 +409,41 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     }
     result.map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(stats)
+}
+
+fn prepend_bos(tk: &Tokenizer, tokens: &mut Vec<u32>) {
+    if let Some(bos) = tk.bos_id() {
+        if !tokens.is_empty() {
+            tokens.insert(0, bos);
+        }
+    }
+}
+
+/// The tokens of one document, read again from its file (resume, replay, provenance).
+fn fetch_doc_tokens(
+    lanes: &[Lane],
+    manifests: &reader::ManifestIndex,
+    tk: &Tokenizer,
+    add_bos: bool,
+    id: DocId,
+) -> anyhow::Result<Vec<u32>> {
+    let doc = fetch_doc(lanes, manifests, id)?;
+    let mut t = tk.encode(&doc.text);
+    if add_bos {
+        prepend_bos(tk, &mut t);
+    }
+    Ok(t)
+}
+
+fn fetch_doc(lanes: &[Lane], manifests: &reader::ManifestIndex, id: DocId) -> anyhow::Result<crate::types::Document> {
+    let lane = lanes.get(id.lane as usize).with_context(|| format!("document {id:?}: no lane {}", id.lane))?;
+    anyhow::ensure!(!lane.files.is_empty(), "document {id:?}: lane {} has no files", lane.lang);
+    let path = &lane.files[id.file as usize % lane.files.len()];
+    let docs = reader::read_file_indexed(path, manifests)
+        .with_context(|| format!("re-reading {} for document {id:?}", path.display()))?;
+    docs.into_iter().nth(id.ordinal as usize).with_context(|| {
+        format!("{} has no document #{} any more: the input changed since the checkpoint", path.display(), id.ordinal)
+    })
 }
 
 const RELAXED: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Relaxed;

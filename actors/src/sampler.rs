@@ -15,8 +15,10 @@ use std::collections::VecDeque;
 use lexflow_dataflow::{ActorContext, ActorError, EdgeReceiver, EdgeSender};
 use serde::Serialize;
 
+use std::sync::Arc;
+
 use crate::config::ExhaustedPolicy;
-use crate::types::{TokenizedBatch, TokenizedDoc};
+use crate::types::{LanePosition, SampledDoc, SamplerState, TokenizedBatch, TokenizedDoc};
 
 /// Deficit-driven choice among languages with target shares.
 #[derive(Debug, Clone)]
@@ -57,6 +59,20 @@ impl LanguageSampler {
             }
         }
         best.map(|(i, _)| i)
+    }
+
+    /// Continues from a checkpointed state (same lanes, same order).
+    pub fn restore(&mut self, st: &SamplerState) {
+        if st.emitted_tokens.len() == self.langs.len() {
+            self.emitted.clone_from(&st.emitted_tokens);
+            self.docs.clone_from(&st.documents);
+            self.active.clone_from(&st.active);
+            self.total = self.emitted.iter().sum();
+        }
+    }
+
+    pub fn state(&self) -> SamplerState {
+        SamplerState { emitted_tokens: self.emitted.clone(), documents: self.docs.clone(), active: self.active.clone() }
     }
 
     pub fn record(&mut self, lane: usize, tokens: u64) {
@@ -111,17 +127,31 @@ pub struct LangReport {
 /// Documents per message from the sampler to the packer.
 pub const OUT_BATCH_DOCS: usize = 64;
 
+/// Where the sampler starts: fresh, or from a checkpoint's lane positions and counters.
+#[derive(Debug, Clone, Default)]
+pub struct SamplerStart {
+    pub lanes: Vec<LanePosition>,
+    pub state: Option<SamplerState>,
+}
+
 /// The sampler actor body. `lanes[i]` carries the tokenized documents of language `mix[i]`. Documents with zero tokens
-/// are passed over (they carry no text: manifests, empty files).
+/// are passed over (they carry no text: manifests, empty files, documents skipped on resume). Every emitted document
+/// carries the lane positions and counters right before it (the resume point of what it ends up in).
 pub fn run_sampler(
     ctx: &ActorContext,
     mix: &[(String, f64)],
     policy: ExhaustedPolicy,
+    start: SamplerStart,
     lanes: Vec<EdgeReceiver<TokenizedBatch>>,
-    out: EdgeSender<Vec<TokenizedDoc>>,
+    out: EdgeSender<Vec<SampledDoc>>,
     report: &std::sync::Mutex<SamplerReport>,
 ) -> Result<(), ActorError> {
     let mut s = LanguageSampler::new(mix);
+    if let Some(st) = &start.state {
+        s.restore(st);
+    }
+    let mut positions: Vec<LanePosition> =
+        if start.lanes.len() == lanes.len() { start.lanes.clone() } else { vec![LanePosition::default(); lanes.len()] };
     let mut pending: Vec<VecDeque<TokenizedDoc>> = vec![VecDeque::new(); lanes.len()];
     let mut batch = Vec::with_capacity(OUT_BATCH_DOCS);
     let m = lexflow_metrics::global();
@@ -165,9 +195,12 @@ pub fn run_sampler(
             }
         };
         ctx.set_input(format!("lane {} ({}) doc {:?}", lane, mix[lane].0, doc.id));
+        let before_lanes = Arc::new(positions.clone());
+        let before_state = Arc::new(s.state());
+        positions[lane] = LanePosition { file: doc.id.file, ordinal: doc.id.ordinal + 1 };
         s.record(lane, doc.tokens.len() as u64);
         m.sampler_tokens.with_label_values(&[&mix[lane].0]).inc_by(doc.tokens.len() as u64);
-        batch.push(doc);
+        batch.push(SampledDoc { doc, lanes: before_lanes, sampler: before_state });
         if batch.len() == OUT_BATCH_DOCS {
             publish(&s);
             if out.send(std::mem::replace(&mut batch, Vec::with_capacity(OUT_BATCH_DOCS))).is_err() {

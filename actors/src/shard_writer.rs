@@ -38,7 +38,11 @@ pub fn run_shard_writer(
     let m = lexflow_metrics::global();
     let rank_counters: Vec<_> = (0..world).map(|r| m.shard_sequences.with_label_values(&[&r.to_string()])).collect();
     let mut alive = vec![true; world];
+    let lat = lexflow_metrics::latency("shard_writer");
+    let am = lexflow_metrics::actor("shard_writer");
     for mut seq in input.iter() {
+        let t = std::time::Instant::now();
+        am.items_in.inc();
         if w.limit.is_some_and(|l| seq.index >= l) {
             break;
         }
@@ -58,11 +62,13 @@ pub fn run_shard_writer(
                 // That rank finished its steps; the others finish theirs at the same global step.
                 alive[rank] = false;
             } else {
+                am.items_out.inc();
                 rep.per_rank[rank] += 1;
                 rep.sequences_routed += 1;
                 rank_counters[rank].inc();
             }
         }
+        lat.record(t.elapsed());
         if !alive.iter().any(|a| *a) {
             break;
         }

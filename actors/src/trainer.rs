@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
 use crate::config::TrainConfig;
-use crate::types::PackedSequence;
+use crate::types::{PackedSequence, ResumePoint};
+use anyhow::Context as _;
 
 /// Everything a trainer needs besides its input edge.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct TrainerSetup {
     pub seed: u64,
     /// Continue from the newest valid checkpoint in `run_dir/checkpoints` (if any).
     pub resume: bool,
+    /// The whole run config (TOML), stored in every checkpoint so `lexflow replay` can rebuild the dataflow.
+    pub run_config: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -67,6 +70,8 @@ pub struct ResumeInfo {
     pub world_size: usize,
     /// Newer checkpoints that failed verification, with the reason.
     pub skipped: Vec<String>,
+    /// The dataflow position right before the last sequence rank 0 trained on (`data_state.json`).
+    pub data: Option<ResumePoint>,
 }
 
 /// `trainer_state.json`.
@@ -302,6 +307,15 @@ pub fn spawn_trainers(
     }
     // Fail on a bad preset now, not inside every rank.
     model_config(&setup)?;
+    // CPU ranks share the cores: libtorch's intra-op pool is process-wide, so give each rank its share instead of
+    // letting every rank spawn a pool as large as the machine (oversubscription costs more than it gives).
+    let cpu_ranks = layout.local.iter().filter(|(_, d)| matches!(d, tch::Device::Cpu)).count();
+    if cpu_ranks > 0 {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let per_rank = (cores / cpu_ranks).max(1);
+        tch::set_num_threads(per_rank as i32);
+        tracing::debug!(cpu_ranks, per_rank, "libtorch intra-op threads");
+    }
     let pending = pending_collectives(&layout)?;
     let results = Arc::new(Mutex::new(vec![None; inputs.len()]));
     let setup = Arc::new(setup);
@@ -368,15 +382,44 @@ fn now_unix() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Peak dense FLOP/s for MFU: `LEXFLOW_PEAK_FLOPS`, else H100 bf16 (989 TFLOP/s) on CUDA; None on CPU.
-fn peak_flops(device: Device) -> Option<f64> {
+/// Peak dense FLOP/s for MFU: `LEXFLOW_PEAK_FLOPS`, else H100 bf16 (989 TFLOP/s, the datasheet) on CUDA; on CPU the
+/// matmul peak measured here at start (so MFU says how well the model uses what this machine's BLAS can do).
+fn peak_flops(device: Device, kind: Kind) -> Option<f64> {
     if let Some(v) = std::env::var("LEXFLOW_PEAK_FLOPS")
         .ok()
         .and_then(|v| v.parse().ok())
     {
         return Some(v);
     }
-    device.is_cuda().then_some(989e12)
+    if device.is_cuda() {
+        return Some(989e12);
+    }
+    Some(measured_matmul_flops(device, kind))
+}
+
+/// Best of a few square matmuls, in FLOP/s.
+fn measured_matmul_flops(device: Device, kind: Kind) -> f64 {
+    let n = 512i64;
+    let a = tch::Tensor::ones([n, n], (kind, device));
+    let b = tch::Tensor::ones([n, n], (kind, device));
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let c = a.matmul(&b);
+        let _ = c.double_value(&[0, 0]);
+        let secs = t.elapsed().as_secs_f64().max(1e-9);
+        best = best.max(2.0 * (n * n * n) as f64 / secs);
+    }
+    best
+}
+
+/// Resident memory of this process (the "device memory" of CPU ranks).
+fn process_rss_bytes() -> Option<i64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: i64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page as i64)
 }
 
 struct Rank<'a> {
@@ -450,10 +493,13 @@ impl<'a> Rank<'a> {
         let (mb, ga) = (cfg.micro_batch.get(), cfg.grad_accum.get());
         let per_rank = mb * ga;
         let flops_per_token = mcfg.train_flops_per_token(self.setup.seq_len);
-        let peak = peak_flops(self.device);
+        let peak = peak_flops(self.device, kind);
+        let lat = lexflow_metrics::latency("trainer");
         let mut last_ckpt = opt.step;
         let start = Instant::now();
         let mut seqs: Vec<PackedSequence> = Vec::with_capacity(per_rank);
+        // Resume point of the last sequence this rank trained on (rank 0's goes into checkpoints).
+        let mut last_resume: Option<Arc<ResumePoint>> = resume.and_then(|r| r.data.clone().map(Arc::new));
         while opt.step < cfg.steps {
             let step = opt.step + 1;
             self.ctx.set_input(format!("step {step}"));
@@ -510,6 +556,18 @@ impl<'a> Rank<'a> {
             }
             result.losses.push(loss);
             result.steps = opt.step;
+            if let Some(rp) = seqs.last().and_then(|s| s.resume.clone()) {
+                last_resume = Some(rp);
+            }
+            append_step_record(
+                &self.setup.run_dir,
+                &StepRecord {
+                    step,
+                    rank: self.rank,
+                    loss,
+                    sequences: seqs.iter().map(|s| (s.index, sequence_hash(&s.tokens))).collect(),
+                },
+            );
 
             let secs = t_step.elapsed().as_secs_f64();
             let tokens = (per_rank * self.setup.seq_len) as u64;
@@ -532,6 +590,12 @@ impl<'a> Rank<'a> {
             m.trainer_data_wait_fraction
                 .with_label_values(&[&label])
                 .set(result.wait_seconds / elapsed.max(1e-9));
+            lat.record(t_step.elapsed());
+            if !self.device.is_cuda() {
+                if let Some(rss) = process_rss_bytes() {
+                    m.trainer_device_memory.with_label_values(&[&label]).set(rss);
+                }
+            }
             if let Some(p) = peak {
                 m.trainer_mfu
                     .with_label_values(&[&label])
@@ -548,14 +612,14 @@ impl<'a> Rank<'a> {
                 );
             }
             if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
-                self.checkpoint(&model, &opt, &mcfg, Some(loss), &mut result)?;
+                self.checkpoint(&model, &opt, &mcfg, Some(loss), last_resume.as_deref(), &mut result)?;
                 last_ckpt = step;
             }
         }
         result.seconds = start.elapsed().as_secs_f64();
         if opt.step > last_ckpt {
             let last = result.losses.last().copied();
-            self.checkpoint(&model, &opt, &mcfg, last, &mut result)?;
+            self.checkpoint(&model, &opt, &mcfg, last, last_resume.as_deref(), &mut result)?;
         }
         result.steps = opt.step;
         Ok(result)
@@ -567,6 +631,7 @@ impl<'a> Rank<'a> {
         opt: &FlatAdamW,
         mcfg: &LlamaConfig,
         last_loss: Option<f64>,
+        data: Option<&ResumePoint>,
         result: &mut RankResult,
     ) -> Result<(), TrainerError> {
         if self.rank == 0 {
@@ -592,11 +657,18 @@ impl<'a> Rank<'a> {
             let bytes = checkpoint::write_checkpoint_dir(&dir, |tmp| {
                 checkpoint::save_hf(tmp, model, DEFAULT_MAX_SHARD_BYTES)?;
                 opt.save(&tmp.join("optimizer.safetensors"))?;
-                let text = serde_json::to_string_pretty(&state).expect("state is JSON");
-                std::fs::write(tmp.join("trainer_state.json"), text).map_err(|e| GpuError::Io {
-                    path: tmp.join("trainer_state.json"),
-                    source: e,
-                })
+                let write = |name: &str, text: String| {
+                    std::fs::write(tmp.join(name), text)
+                        .map_err(|e| GpuError::Io { path: tmp.join(name), source: e })
+                };
+                if let Some(d) = data {
+                    write(DATA_STATE_FILE, serde_json::to_string(d).expect("resume point is JSON"))?;
+                }
+                if let Some(c) = &self.setup.run_config {
+                    write(RUN_CONFIG_FILE, c.clone())?;
+                }
+                crash_for_tests(&self.setup.run_dir, opt.step);
+                write("trainer_state.json", serde_json::to_string_pretty(&state).expect("state is JSON"))
             })?;
             prune_checkpoints(&self.setup.run_dir, cfg.keep_checkpoints);
             let m = lexflow_metrics::global();
@@ -669,6 +741,75 @@ fn prune_checkpoints(run_dir: &Path, keep: usize) {
     }
 }
 
+/// Test hook for the kill test: `LEXFLOW_CRASH_IN_CHECKPOINT=<step>` aborts the process in the middle of writing that
+/// step's checkpoint (model and optimizer written, state not yet), once per run directory.
+fn crash_for_tests(run_dir: &Path, step: u64) {
+    let Some(want) = std::env::var("LEXFLOW_CRASH_IN_CHECKPOINT").ok().and_then(|v| v.parse::<u64>().ok()) else {
+        return;
+    };
+    let marker = run_dir.join(format!(".crashed-in-checkpoint-{want}"));
+    if step == want && !marker.exists() {
+        let _ = std::fs::write(&marker, b"");
+        eprintln!("LEXFLOW_CRASH_IN_CHECKPOINT: aborting while writing checkpoint {step}");
+        std::process::abort();
+    }
+}
+
+/// Dataflow resume point inside a checkpoint directory.
+pub const DATA_STATE_FILE: &str = "data_state.json";
+/// The run config inside a checkpoint directory.
+pub const RUN_CONFIG_FILE: &str = "run_config.toml";
+/// Per-step record of what every rank trained on (one JSON object per rank and step).
+pub const STEPS_FILE: &str = "steps.jsonl";
+
+/// One line of `steps.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepRecord {
+    pub step: u64,
+    pub rank: usize,
+    pub loss: f64,
+    /// `(global index, sha256 prefix of the tokens)` of each sequence this rank trained on in this step.
+    pub sequences: Vec<(u64, String)>,
+}
+
+pub fn sequence_hash(tokens: &[u32]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for t in tokens {
+        h.update(t.to_le_bytes());
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
+/// Reads `steps.jsonl`, keeping the last record of each (step, rank): after a crash and resume, redone steps are
+/// written again. Torn last lines (kill -9 mid-write) are ignored.
+pub fn read_step_records(run_dir: &Path) -> std::collections::BTreeMap<(u64, usize), StepRecord> {
+    let mut out = std::collections::BTreeMap::new();
+    if let Ok(text) = std::fs::read_to_string(run_dir.join(STEPS_FILE)) {
+        for line in text.lines() {
+            if let Ok(r) = serde_json::from_str::<StepRecord>(line) {
+                out.insert((r.step, r.rank), r);
+            }
+        }
+    }
+    out
+}
+
+fn append_step_record(run_dir: &Path, rec: &StepRecord) {
+    use std::io::Write;
+    let mut line = serde_json::to_string(rec).expect("step record is JSON");
+    line.push('\n');
+    // One write(2) with O_APPEND per line: lines of different ranks never interleave.
+    let r = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join(STEPS_FILE))
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = r {
+        tracing::warn!("cannot append to {}: {e}", run_dir.join(STEPS_FILE).display());
+    }
+}
+
 fn read_state(dir: &Path) -> Result<TrainerState, String> {
     checkpoint::verify_checkpoint_dir(dir).map_err(|e| e.to_string())?;
     let p = dir.join("trainer_state.json");
@@ -694,12 +835,19 @@ pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
                         "falling back to an older checkpoint because newer ones are corrupt"
                     );
                 }
+                let data = match std::fs::read_to_string(dir.join(DATA_STATE_FILE)) {
+                    Ok(t) => Some(serde_json::from_str(&t).with_context(|| {
+                        format!("{}: invalid {DATA_STATE_FILE}", dir.display())
+                    })?),
+                    Err(_) => None,
+                };
                 return Ok(Some(ResumeInfo {
                     step: s.step,
                     sequences_consumed: s.sequences_consumed,
                     checkpoint: dir.clone(),
                     world_size: s.world_size,
                     skipped,
+                    data,
                 }));
             }
             Ok(s) => skipped.push(format!(

@@ -135,10 +135,66 @@ pub struct PackedSequence {
     pub padding: u32,
     /// Logical shard (0..shards) the sequence was routed to.
     pub shard: u32,
+    /// Where the dataflow stood right before the document whose packing emitted this sequence: resuming from it and
+    /// skipping the sequences already consumed regenerates the rest of the stream exactly. Not stored in Arrow files.
+    #[serde(skip)]
+    pub resume: Option<Arc<ResumePoint>>,
 }
 
 impl PackedSequence {
     pub fn seq_len(&self) -> usize {
         self.tokens.len().saturating_sub(1)
     }
+}
+
+/// A consistent snapshot of the preprocessing dataflow (readers, sampler, packer), small enough to store with every
+/// checkpoint: resuming from it re-reads only the files of the next documents and of the documents that are partly
+/// packed, never the corpus from the start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ResumePoint {
+    /// Global index the packer gives its next sequence.
+    pub next_index: u64,
+    /// Per lane: the next document the sampler will take.
+    pub lanes: Vec<LanePosition>,
+    pub sampler: SamplerState,
+    pub packer: PackerState,
+}
+
+/// Position in a lane: file index in the lane's sorted file list (counting on across cycles: `epoch * files + i`) and
+/// the ordinal of the document inside that file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct LanePosition {
+    pub file: u32,
+    pub ordinal: u32,
+}
+
+/// The language sampler's counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SamplerState {
+    pub emitted_tokens: Vec<u64>,
+    pub documents: Vec<u64>,
+    pub active: Vec<bool>,
+}
+
+/// The packer's carry-over: sequences still open, as document pieces (their tokens are re-read on resume); positions
+/// not covered by a piece are end-of-text tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct PackerState {
+    pub born: u64,
+    pub open: Vec<OpenSequence>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct OpenSequence {
+    pub born: u64,
+    pub len: u32,
+    pub pieces: Vec<Piece>,
+}
+
+/// A document as the sampler emits it, with the dataflow position right before it.
+#[derive(Debug, Clone)]
+pub struct SampledDoc {
+    pub doc: TokenizedDoc,
+    pub lanes: Arc<Vec<LanePosition>>,
+    pub sampler: Arc<SamplerState>,
 }

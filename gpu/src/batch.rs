@@ -23,6 +23,9 @@ pub struct Batch {
     pub labels: Tensor,
     /// `(B, T)` int64 document ordinal per position; None when every sequence is a single document.
     pub doc_ids: Option<Tensor>,
+    /// Host-side twin of `doc_ids`: per row, the lengths of its document segments (summing to T); None when every
+    /// sequence is a single document. The model runs one flash-attention call per segment instead of a T×T mask.
+    pub segments: Option<Vec<Vec<i64>>>,
     /// Positions whose label counts in the loss.
     pub valid_tokens: i64,
 }
@@ -42,6 +45,7 @@ impl Batch {
         let mut inputs = Vec::with_capacity(rows.len() * t);
         let mut labels = Vec::with_capacity(rows.len() * t);
         let mut doc_ids = Vec::with_capacity(rows.len() * t);
+        let mut segments = Vec::with_capacity(rows.len());
         let mut multi_doc = false;
         let mut valid = 0i64;
         for (r, row) in rows.iter().enumerate() {
@@ -77,6 +81,16 @@ impl Batch {
             if !starts.is_empty() {
                 multi_doc = true;
             }
+            let mut lens = Vec::with_capacity(starts.len() + 1);
+            let mut prev = 0usize;
+            for &s in &starts {
+                if s > prev {
+                    lens.push((s - prev) as i64);
+                    prev = s;
+                }
+            }
+            lens.push((t - prev) as i64);
+            segments.push(lens);
             let mut doc = 0i64;
             let mut next = starts.iter().peekable();
             for p in 0..t {
@@ -93,6 +107,7 @@ impl Batch {
             inputs: to(&inputs),
             labels: to(&labels),
             doc_ids: multi_doc.then(|| to(&doc_ids)),
+            segments: multi_doc.then_some(segments),
             valid_tokens: valid,
         })
     }

@@ -433,17 +433,16 @@ impl RmsNorm {
         }
     }
 
-    /// Normalises in fp32 and scales in the input dtype, as HF `LlamaRMSNorm` does.
+    /// `x · rsqrt(mean(x²) + eps) · weight` through libtorch's `rms_norm` (one fused kernel on CUDA, statistics in
+    /// fp32 whatever the input dtype; in fp32 this is exactly HF `LlamaRMSNorm`).
     fn forward(&self, x: &Tensor) -> Tensor {
-        let kind = x.kind();
-        let xf = x.to_kind(Kind::Float);
-        let var = xf.square().mean_dim(-1, true, Kind::Float);
-        let y = (xf * (var + self.eps).rsqrt()).to_kind(kind);
-        &self.weight * y
+        let d = *x.size().last().expect("normalised axis");
+        x.rms_norm([d], Some(&self.weight), self.eps)
     }
 }
 
-/// `cos`/`sin` tables for the positions of one forward pass, `(T, head_dim)` in the model dtype.
+/// `cos`/`sin` tables for the positions of one forward pass, `(T, 1, head_dim)` in the model dtype, laid out for
+/// `(B, T, H, head_dim)` activations. `sin` carries the sign of `rotate_half`: `[-sin, sin]`.
 struct Rope {
     cos: Tensor,
     sin: Tensor,
@@ -456,21 +455,36 @@ impl Rope {
         let pos = Tensor::arange(t, (Kind::Float, inv_freq.device()));
         let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0); // (T, hd/2)
         let emb = Tensor::cat(&[&freqs, &freqs], -1); // (T, hd)
+        let s = freqs.sin();
         Rope {
-            cos: emb.cos().to_kind(kind),
-            sin: emb.sin().to_kind(kind),
+            cos: emb.cos().to_kind(kind).unsqueeze(1),
+            sin: Tensor::cat(&[&s.neg(), &s], -1).to_kind(kind).unsqueeze(1),
         }
     }
 
-    /// `x * cos + rotate_half(x) * sin` on `(B, H, T, hd)`; the half-split convention of HF checkpoints.
+    /// `x * cos + rotate_half(x) * sin` on `(B, T, H, hd)` (the half-split convention of HF checkpoints), in three
+    /// kernels: `rotate_half(x) * sin == roll(x, hd/2) * [-sin, sin]`.
     fn apply(&self, x: &Tensor) -> Tensor {
         let hd = x.size()[3];
-        let x1 = x.narrow(-1, 0, hd / 2);
-        let x2 = x.narrow(-1, hd / 2, hd / 2);
-        let rotated = Tensor::cat(&[&x2.neg(), &x1], -1);
-        x * &self.cos + rotated * &self.sin
+        let swapped = x.roll([hd / 2], [-1]);
+        (x * &self.cos).addcmul(&swapped, &self.sin)
     }
 }
+
+/// How attention is restricted for one forward pass.
+enum AttnLayout<'a> {
+    /// Plain causal: `scaled_dot_product_attention(is_causal)`, no mask (flash kernel, GQA native).
+    Causal,
+    /// Block-diagonal causal given as per-row document lengths (each row sums to T): one flash call per document
+    /// segment, exact and without a T×T mask.
+    Segments(&'a [Vec<i64>]),
+    /// Block-diagonal causal as a `(B, 1, T, T)` bool mask (memory-efficient kernel, heads repeated for GQA).
+    Mask(Tensor),
+}
+
+/// Micro-batches with more document segments than this use the mask instead of per-segment flash calls (each
+/// segment costs a few host-side dispatches per layer; past this the host would fall behind the GPU).
+pub const MAX_FLASH_SEGMENTS: usize = 256;
 
 struct Attention {
     q_proj: Tensor,
@@ -495,38 +509,58 @@ impl Attention {
         }
     }
 
-    /// `mask`: `(B, 1, T, T)` bool, true = may attend; None = plain causal.
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: &Rope, attn: &AttnLayout<'_>) -> Tensor {
         let (b, t, _) = x.size3().expect("(B, T, D)");
         let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
-        let q = x
-            .linear::<&Tensor>(&self.q_proj, None)
-            .view([b, t, h, hd])
-            .transpose(1, 2); // (B, H, T, hd)
-        let k = x
-            .linear::<&Tensor>(&self.k_proj, None)
-            .view([b, t, kvh, hd])
-            .transpose(1, 2); // (B, KV, T, hd)
+        // (B, T, heads, hd): RoPE on the contiguous projection output, attention on transposed views.
+        let q = rope.apply(&x.linear::<&Tensor>(&self.q_proj, None).view([b, t, h, hd]));
+        let k = rope.apply(&x.linear::<&Tensor>(&self.k_proj, None).view([b, t, kvh, hd]));
         let v = x
             .linear::<&Tensor>(&self.v_proj, None)
-            .view([b, t, kvh, hd])
-            .transpose(1, 2); // (B, KV, T, hd)
-        let q = rope.apply(&q);
-        let k = rope.apply(&k);
-        let y = match mask {
-            // Flash/cuDNN kernels take GQA natively on the causal path.
-            None => Tensor::scaled_dot_product_attention::<&Tensor>(
-                &q,
-                &k,
-                &v,
+            .view([b, t, kvh, hd]);
+        let gqa = kvh != h;
+        let causal = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            // Flash/cuDNN kernels take GQA natively on the causal path; the output comes back as (.., H, T, hd).
+            Tensor::scaled_dot_product_attention::<&Tensor>(
+                &q.transpose(-3, -2),
+                &k.transpose(-3, -2),
+                &v.transpose(-3, -2),
                 None,
                 0.0,
                 true,
                 None,
-                kvh != h,
-            ),
+                gqa,
+            )
+            .transpose(-3, -2)
+        };
+        let y = match attn {
+            AttnLayout::Causal => causal(&q, &k, &v), // (B, T, H, hd)
+            AttnLayout::Segments(segs) => {
+                let (qs, ks, vs) = (q.unbind(0), k.unbind(0), v.unbind(0));
+                let rows: Vec<Tensor> = (0..b as usize)
+                    .map(|r| {
+                        let lens = &segs[r];
+                        if lens.len() <= 1 {
+                            return causal(&qs[r], &ks[r], &vs[r]);
+                        }
+                        // split_with_sizes: its backward is one cat, not a zero-filled buffer per segment.
+                        let qp = qs[r].split_with_sizes(lens.as_slice(), 0);
+                        let kp = ks[r].split_with_sizes(lens.as_slice(), 0);
+                        let vp = vs[r].split_with_sizes(lens.as_slice(), 0);
+                        let outs: Vec<Tensor> = qp
+                            .iter()
+                            .zip(&kp)
+                            .zip(&vp)
+                            .map(|((q, k), v)| causal(q, k, v))
+                            .collect();
+                        Tensor::cat(&outs, 0)
+                    })
+                    .collect();
+                Tensor::stack(&rows, 0)
+            }
             // With an explicit mask the memory-efficient kernel is used, which wants equal head counts.
-            Some(m) => {
+            AttnLayout::Mask(m) => {
+                let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
                 let rep = h / kvh;
                 let (k, v) = if rep > 1 {
                     (
@@ -537,11 +571,10 @@ impl Attention {
                     (k, v)
                 };
                 Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false)
+                    .transpose(1, 2)
             }
-        }; // (B, H, T, hd)
-        y.transpose(1, 2)
-            .contiguous()
-            .view([b, t, h * hd])
+        }; // (B, T, H, hd)
+        y.reshape([b, t, h * hd])
             .linear::<&Tensor>(&self.o_proj, None)
     }
 }
@@ -590,10 +623,10 @@ impl Block {
         }
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: &Rope, attn: &AttnLayout<'_>) -> Tensor {
         let x = x + self
             .self_attn
-            .forward(&self.input_layernorm.forward(x), rope, mask);
+            .forward(&self.input_layernorm.forward(x), rope, attn);
         &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
 }
@@ -661,21 +694,58 @@ impl Llama {
     }
 
     /// Logits `(B, T, V)` in the model dtype. `doc_ids` `(B, T)` (document ordinal of each position) makes attention
-    /// block-diagonal causal; None is plain causal.
+    /// block-diagonal causal through a `(B, 1, T, T)` mask; None is plain causal (flash, no mask).
     pub fn forward(&self, input_ids: &Tensor, doc_ids: Option<&Tensor>) -> Tensor {
-        let (_, t) = input_ids.size2().expect("(B, T) token ids");
-        let rope = Rope::new(&self.inv_freq, t, self.kind());
-        let mask = doc_ids.map(document_mask);
-        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // (B, T, D)
-        for block in &self.layers {
-            x = block.forward(&x, &rope, mask.as_ref());
-        }
-        self.norm.forward(&x).linear::<&Tensor>(&self.lm_head, None)
+        let attn = match doc_ids {
+            Some(d) => AttnLayout::Mask(document_mask(d)),
+            None => AttnLayout::Causal,
+        };
+        self.forward_layout(input_ids, &attn)
     }
 
-    /// Forward over a [`Batch`] (inputs and document mask on the model's device).
+    /// Block-diagonal causal attention given per-row document lengths (each row sums to T), one flash call per
+    /// document segment: the same function as [`forward`](Self::forward) with the equivalent `doc_ids`.
+    pub fn forward_segments(&self, input_ids: &Tensor, segments: &[Vec<i64>]) -> Tensor {
+        self.forward_layout(input_ids, &AttnLayout::Segments(segments))
+    }
+
+    /// Hidden states after the final norm, `(B, T, D)`.
+    fn hidden(&self, input_ids: &Tensor, attn: &AttnLayout<'_>) -> Tensor {
+        let (_, t) = input_ids.size2().expect("(B, T) token ids");
+        let rope = Rope::new(&self.inv_freq, t, self.kind());
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // (B, T, D)
+        for block in &self.layers {
+            x = block.forward(&x, &rope, attn);
+        }
+        self.norm.forward(&x)
+    }
+
+    fn forward_layout(&self, input_ids: &Tensor, attn: &AttnLayout<'_>) -> Tensor {
+        self.hidden(input_ids, attn)
+            .linear::<&Tensor>(&self.lm_head, None)
+    }
+
+    fn layout_of<'b>(&self, batch: &'b Batch) -> AttnLayout<'b> {
+        let Some(doc_ids) = &batch.doc_ids else {
+            return AttnLayout::Causal;
+        };
+        let forced_mask = std::env::var("LEXFLOW_DOC_ATTENTION").is_ok_and(|v| v == "mask");
+        match &batch.segments {
+            Some(segs)
+                if !forced_mask
+                    && segs.iter().map(Vec::len).sum::<usize>() <= MAX_FLASH_SEGMENTS =>
+            {
+                AttnLayout::Segments(segs)
+            }
+            _ => AttnLayout::Mask(document_mask(doc_ids)),
+        }
+    }
+
+    /// Forward over a [`Batch`] (inputs on the model's device): plain causal flash attention when every sequence is
+    /// one document, per-document flash calls when documents are packed together, the `(B, 1, T, T)` mask only past
+    /// [`MAX_FLASH_SEGMENTS`] segments (or with `LEXFLOW_DOC_ATTENTION=mask`).
     pub fn forward_batch(&self, batch: &Batch) -> Tensor {
-        self.forward(&batch.inputs, batch.doc_ids.as_ref())
+        self.forward_layout(&batch.inputs, &self.layout_of(batch))
     }
 }
 
@@ -761,6 +831,50 @@ mod tests {
         );
         let d = (a - b).abs().max().double_value(&[]);
         assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn segment_path_equals_mask_path() {
+        let cfg = LlamaConfig::tiny(50);
+        let mut m = Llama::new(&cfg, Device::Cpu, Kind::Float, 3).unwrap();
+        let ids = Tensor::randint(50, [2, 16], (Kind::Int64, Device::Cpu));
+        let toks: Vec<Vec<u32>> = (0..2)
+            .map(|r| {
+                Vec::<i64>::try_from(ids.get(r))
+                    .unwrap()
+                    .iter()
+                    .map(|&x| x as u32)
+                    .chain([0])
+                    .collect()
+            })
+            .collect();
+        let starts: [&[u32]; 2] = [&[0, 5, 11], &[0]];
+        let rows: Vec<crate::batch::SequenceRef<'_>> = toks
+            .iter()
+            .zip(starts)
+            .map(|(t, s)| crate::batch::SequenceRef {
+                tokens: t,
+                padding: 0,
+                doc_starts: s,
+            })
+            .collect();
+        let batch = Batch::new(&rows, Device::Cpu).unwrap();
+        assert_eq!(
+            batch.segments.as_deref(),
+            Some(&[vec![5i64, 6, 5], vec![16]][..])
+        );
+        let a = m.forward_batch(&batch);
+        let b = m.forward(&batch.inputs, batch.doc_ids.as_ref());
+        let d = (&a - &b).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "{d}");
+        // Gradients agree too.
+        a.square().sum(Kind::Float).backward();
+        let ga = m.params.params[1].tensor.grad().copy();
+        m.params.zero_grad();
+        b.square().sum(Kind::Float).backward();
+        let gb = m.params.params[1].tensor.grad().copy();
+        let d = (ga - gb).abs().max().double_value(&[]);
+        assert!(d < 1e-4, "{d}");
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub struct FlatAdamW {
     pub step: u64,
     decay_numel: i64,
     shares_params: bool,
+    /// Reused fp32 work buffer (squared gradient, then the denominator): no whole-model allocation per step.
+    scratch: Option<Tensor>,
 }
 
 impl FlatAdamW {
@@ -90,48 +92,44 @@ impl FlatAdamW {
             step: 0,
             decay_numel: params.decay_numel,
             shares_params,
+            scratch: None,
         }
     }
 
-    /// Concatenates every parameter's gradient into [`grad`](Self::grad) (fp32; missing gradients count as zero).
+    /// Copies every parameter's gradient into [`grad`](Self::grad) (fp32; missing gradients count as zero): one
+    /// converting copy per parameter straight into the flat buffer, no bf16 concatenation in between.
     pub fn gather_grads(&mut self, params: &Params) -> &mut Tensor {
         let _ng = tch::no_grad_guard();
-        let grads: Vec<Tensor> = params
-            .params
-            .iter()
-            .map(|p| {
-                let g = p.tensor.grad();
-                if g.defined() {
-                    g.reshape([-1])
-                } else {
-                    Tensor::zeros([p.numel], (p.tensor.kind(), p.tensor.device()))
-                }
-            })
-            .collect();
-        if params.flat.kind() == Kind::Float {
-            let _ = Tensor::cat_out(&self.grad, &grads, 0);
-        } else {
-            self.grad.copy_(&Tensor::cat(&grads, 0));
+        for p in &params.params {
+            let mut dst = self.grad.narrow(0, p.offset, p.numel);
+            let g = p.tensor.grad();
+            if g.defined() {
+                dst.copy_(&g.reshape([-1]));
+            } else {
+                let _ = dst.zero_();
+            }
         }
         &mut self.grad
     }
 
     /// One AdamW step from [`grad`](Self::grad) (already averaged across ranks): clip, update moments and master,
     /// refresh the parameters.
+    ///
+    /// Whole-buffer kernels only (about ten, whatever the number of parameters): norm, clip (coefficient computed
+    /// on the device: no host round trip before the update), decay, `lerp_` (first moment), `square`+`lerp_`
+    /// (second moment), `sqrt`+`mul_`+`add_` into a reused scratch buffer and one `addcdiv_` (the bias corrections
+    /// folded into the denominator, as PyTorch's foreach AdamW does), then the bf16 refresh. The gradient norm is read
+    /// back once, after everything is enqueued.
     pub fn step(&mut self, params: &Params) -> StepStats {
         let _ng = tch::no_grad_guard();
         self.step += 1;
         let c = self.cfg.clone();
         let lr = c.lr_at(self.step);
-        let grad_norm = self.grad.norm().double_value(&[]);
-        let mut clipped = false;
+        let norm = self.grad.norm();
         if c.grad_clip > 0.0 {
             // torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), capped at 1.
-            let coef = c.grad_clip / (grad_norm + 1e-6);
-            if coef < 1.0 {
-                let _ = self.grad.g_mul_scalar_(coef);
-                clipped = true;
-            }
+            let coef = (&norm + 1e-6).reciprocal().g_mul_scalar(c.grad_clip).clamp_max(1.0);
+            let _ = self.grad.g_mul_(&coef);
         }
         if c.weight_decay != 0.0 && self.decay_numel > 0 {
             let _ = self
@@ -140,23 +138,30 @@ impl FlatAdamW {
                 .g_mul_scalar_(1.0 - lr * c.weight_decay);
         }
         let _ = self.exp_avg.lerp_(&self.grad, 1.0 - c.beta1);
-        let _ = self.exp_avg_sq.lerp_(&self.grad.square(), 1.0 - c.beta2);
+        let scratch = self.scratch.get_or_insert_with(|| self.exp_avg_sq.empty_like());
+        let _ = self.grad.square_out(scratch);
+        let _ = self.exp_avg_sq.lerp_(scratch, 1.0 - c.beta2);
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        let mut denom = self.exp_avg_sq.sqrt();
-        let _ = denom.g_div_scalar_(bc2.sqrt());
-        let _ = denom.g_add_scalar_(c.eps);
-        let mut update = self.exp_avg.g_div(&denom);
-        let _ = update.g_mul_scalar_(-lr / bc1);
-        let _ = self.master.g_add_(&update);
+        if lr > 0.0 {
+            // master −= lr/bc1 · m / (√(v/bc2) + eps)  ==  master += m / ((√v + eps·√bc2) · k),
+            // k = −bc1 / (lr·√bc2): libtorch's addcdiv_ has no scale argument in tch, so the scale goes into the
+            // denominator (PyTorch's foreach AdamW folds the bias corrections the same way).
+            let k = -bc1 / (lr * bc2.sqrt());
+            let _ = self.exp_avg_sq.sqrt_out(scratch);
+            let _ = scratch.g_mul_scalar_(k);
+            let _ = scratch.g_add_scalar_(c.eps * bc2.sqrt() * k);
+            let _ = self.master.addcdiv_(&self.exp_avg, scratch);
+        }
         if !self.shares_params {
             params.flat.detach().copy_(&self.master);
         }
+        let grad_norm = norm.double_value(&[]);
         StepStats {
             step: self.step,
             lr,
             grad_norm,
-            clipped,
+            clipped: c.grad_clip > 0.0 && c.grad_clip / (grad_norm + 1e-6) < 1.0,
         }
     }
 
