@@ -13,6 +13,7 @@ fn opts() -> RunOptions {
         resume: false,
         progress: false,
         origin: "test".into(),
+        replay: None,
     }
 }
 

@@ -15,6 +15,7 @@ pub mod gen_sample;
 pub mod packer;
 pub mod pipeline;
 pub mod reader;
+pub mod replay;
 pub mod sampler;
 pub mod shard_writer;
 pub mod stats;

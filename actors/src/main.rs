@@ -56,6 +56,24 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokCmd,
     },
+    /// Regenerate exactly the batches of training steps A..B from a checkpoint, without training (JSON lines).
+    Replay {
+        checkpoint: PathBuf,
+        /// `A..B` (B exclusive), `A..=B` or `N`; steps are 1-based.
+        #[arg(long)]
+        steps: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List the documents (CELEX, language, article where known, token range) that went into step N of a run.
+    Provenance {
+        run: PathBuf,
+        #[arg(long)]
+        step: u64,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the effective config (the embedded sample when CONFIG is omitted).
     Config { config: Option<PathBuf> },
 }
@@ -96,6 +114,10 @@ fn main() -> ExitCode {
             lexflow_actors::tokenizer::cli_train(&paths, vocab_size, &out)
         }
         Cmd::Tokenizer { cmd: TokCmd::Encode { tokenizer } } => lexflow_actors::tokenizer::cli_encode(&tokenizer),
+        Cmd::Replay { checkpoint, steps, out } => {
+            lexflow_actors::replay::cli_replay(&checkpoint, &steps, out.as_deref())
+        }
+        Cmd::Provenance { run, step, json } => lexflow_actors::replay::cli_provenance(&run, step, json),
         Cmd::Config { config } => lexflow_actors::pipeline::cli_config(config.as_deref()),
     };
     match r {

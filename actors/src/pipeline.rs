@@ -51,7 +51,7 @@ pub fn cli_config(path: Option<&Path>) -> anyhow::Result<ExitCode> {
 
 pub fn cli_run(path: Option<&Path>, resume: bool, quiet: bool) -> anyhow::Result<ExitCode> {
     let (cfg, origin) = load_config(path)?;
-    let opts = RunOptions { resume, progress: !quiet, origin };
+    let opts = RunOptions { resume, progress: !quiet, origin, replay: None };
     let stats = run(&cfg, &opts)?;
     eprintln!("{}", stats.summary());
     Ok(if stats.outcome == "completed" { ExitCode::SUCCESS } else { ExitCode::from(130) })
@@ -61,6 +61,37 @@ pub struct RunOptions {
     pub resume: bool,
     pub progress: bool,
     pub origin: String,
+    /// Regenerate sequences without training (`lexflow replay`, `lexflow provenance`).
+    pub replay: Option<ReplaySpec>,
+}
+
+/// A replay: start from a dataflow resume point (or the beginning), skip to `skip`, stop at `limit`, collect.
+#[derive(Default)]
+pub struct ReplaySpec {
+    pub data: Option<crate::types::ResumePoint>,
+    pub skip: u64,
+    pub limit: u64,
+    pub collected: Arc<Mutex<Vec<PackedSequence>>>,
+    /// Also describe every piece's document (provenance).
+    pub describe: bool,
+    pub described: Arc<Mutex<Vec<PieceInfo>>>,
+}
+
+/// Provenance of one piece of one sequence.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PieceInfo {
+    pub index: u64,
+    pub offset: u32,
+    pub lang: String,
+    pub path: String,
+    pub ordinal: u32,
+    pub celex: Option<String>,
+    pub doc_type: String,
+    pub title: Option<String>,
+    /// Article (identifier and title) in which the piece starts, where the document has articles.
+    pub article: Option<String>,
+    pub token_start: u32,
+    pub token_end: u32,
 }
 
 /// One lane's inputs.
@@ -72,6 +103,7 @@ struct Lane {
 /// Runs a whole pipeline; returns the statistics (also written to `<run.dir>/stats.json`).
 pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let t0 = Instant::now();
+    let replay = opts.replay.as_ref();
     let run_dir = cfg.run.dir.clone();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
 
@@ -121,8 +153,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let eot = token(&cfg.packer.eot_token, "eot_token")?;
     let pad = token(&cfg.packer.pad_token, "pad_token")?;
 
-    let world = cfg.world_size();
-    let resume = if opts.resume && cfg.train.is_some() {
+    let world = if replay.is_some() { 1 } else { cfg.world_size() };
+    let resume = if replay.is_some() {
+        None
+    } else if opts.resume && cfg.train.is_some() {
         match crate::trainer::resume_point(&run_dir)? {
             Some(r) => {
                 tracing::info!(step = r.step, sequences = r.sequences_consumed, checkpoint = %r.checkpoint.display(), "resuming");
@@ -136,8 +170,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     } else {
         None
     };
-    let skip = resume.as_ref().map_or(0, |r| r.sequences_consumed);
-    let data = resume.as_ref().and_then(|r| r.data.clone());
+    let (skip, data) = match replay {
+        Some(r) => (r.skip, r.data.clone()),
+        None => (resume.as_ref().map_or(0, |r| r.sequences_consumed), resume.as_ref().and_then(|r| r.data.clone())),
+    };
     if let Some(d) = &data {
         if d.lanes.len() != lanes.len() {
             anyhow::bail!(
@@ -323,11 +359,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             )?),
             None => None,
         };
-        let w = ShardWriter { shards: cfg.shards.count.get(), skip, limit: cfg.run.max_sequences, tee };
+        let w = ShardWriter { shards: cfg.shards.count.get(), skip, limit: replay.map(|r| r.limit).or(cfg.run.max_sequences), tee };
         let rep = shard_report.clone();
         topo.spawn("shard_writer", move |ctx| run_shard_writer(ctx, w, prx, rank_tx, &rep));
     }
-    let train_handle = match &cfg.train {
+    let train_handle = match cfg.train.as_ref().filter(|_| replay.is_none()) {
         Some(t) => Some(crate::trainer::spawn_trainers(
             &mut topo,
             crate::trainer::TrainerSetup {
@@ -344,10 +380,16 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         None => {
             for (r, rx) in rank_rx.into_iter().enumerate() {
                 let c = counters.clone();
+                let collect = replay.map(|r| r.collected.clone());
                 topo.spawn(format!("sink.rank{r}"), move |_ctx| {
                     for s in rx.iter() {
                         c.sink_sequences.fetch_add(1, RELAXED);
                         c.sink_tokens.fetch_add(s.tokens.len() as u64, RELAXED);
+                        if let Some(v) = &collect {
+                            if let Ok(mut g) = v.lock() {
+                                g.push(s);
+                            }
+                        }
                     }
                     Ok(())
                 });
@@ -400,6 +442,38 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             (Ok(()), None) => "completed".into(),
         },
     };
+    if let Some(r) = replay.filter(|r| r.describe) {
+        let seqs = r.collected.lock().map(|g| g.clone()).unwrap_or_default();
+        let mut out = Vec::new();
+        let mut cache: std::collections::HashMap<DocId, (crate::types::Document, Vec<u32>)> = Default::default();
+        for s in &seqs {
+            for p in &s.pieces {
+                if !cache.contains_key(&p.doc) {
+                    let d = fetch_doc(&lanes, &manifests, p.doc)?;
+                    let t = fetch_doc_tokens(&lanes, &manifests, &tokenizer, cfg.tokenizer.add_bos, p.doc)?;
+                    cache.insert(p.doc, (d, t));
+                }
+                let (d, toks) = &cache[&p.doc];
+                let lane = &lanes[p.doc.lane as usize];
+                out.push(PieceInfo {
+                    index: s.index,
+                    offset: p.offset,
+                    lang: lane.lang.clone(),
+                    path: lane.files[p.doc.file as usize % lane.files.len()].display().to_string(),
+                    ordinal: p.doc.ordinal,
+                    celex: d.celex.clone(),
+                    doc_type: d.doc_type.as_str().to_string(),
+                    title: d.title.clone(),
+                    article: article_at(&tokenizer, d, toks, p.start as usize),
+                    token_start: p.start,
+                    token_end: p.end,
+                });
+            }
+        }
+        if let Ok(mut g) = r.described.lock() {
+            *g = out;
+        }
+    }
     let stats_path = run_dir.join("stats.json");
     std::fs::write(&stats_path, serde_json::to_string_pretty(&stats)?)
         .with_context(|| format!("writing {}", stats_path.display()))?;
@@ -409,6 +483,26 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     }
     result.map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(stats)
+}
+
+/// The article in which token `start` of a document falls: the last article whose title occurs in the text before the
+/// piece's character offset (titles are searched in order, so the positions are increasing).
+fn article_at(tk: &Tokenizer, d: &crate::types::Document, tokens: &[u32], start: usize) -> Option<String> {
+    if d.articles.is_empty() {
+        return None;
+    }
+    let offset = tk.decode(&tokens[..start.min(tokens.len())]).len();
+    let mut from = 0usize;
+    let mut found = None;
+    for a in &d.articles {
+        let Some(pos) = d.text[from..].find(&a.title).map(|p| p + from) else { continue };
+        if pos > offset {
+            break;
+        }
+        found = Some(format!("{} ({})", a.title, a.id));
+        from = pos + a.title.len();
+    }
+    found
 }
 
 fn prepend_bos(tk: &Tokenizer, tokens: &mut Vec<u32>) {

@@ -755,6 +755,11 @@ fn crash_for_tests(run_dir: &Path, step: u64) {
     }
 }
 
+/// Nanoseconds since the epoch (unique scratch names).
+pub fn now_nanos() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
 /// Dataflow resume point inside a checkpoint directory.
 pub const DATA_STATE_FILE: &str = "data_state.json";
 /// The run config inside a checkpoint directory.

@@ -640,6 +640,7 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Tensor,
     inv_freq: Tensor,
+    recompute: bool,
 }
 
 impl Llama {
@@ -682,7 +683,19 @@ impl Llama {
             lm_head,
             inv_freq,
             params,
+            recompute: false,
         }
+    }
+
+    /// Per-layer activation recomputation in [`forward_backward`](Self::forward_backward): keep only each layer's
+    /// input during the forward and re-run one layer at a time during the backward (about one extra forward of
+    /// compute; activation memory of one layer instead of all of them).
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
+    }
+
+    pub fn recompute(&self) -> bool {
+        self.recompute
     }
 
     pub fn device(&self) -> Device {
@@ -739,6 +752,53 @@ impl Llama {
             }
             _ => AttnLayout::Mask(document_mask(doc_ids)),
         }
+    }
+
+    /// One micro-batch of training: accumulates `scale · ∇ Σ cross-entropy` into the parameters' gradients and returns
+    /// the cross-entropy sum (a detached fp32 scalar, still on the device: reading it is the caller's one sync).
+    /// Equivalent to `(cross_entropy_sum(forward_batch(b)) * scale).backward()`; with
+    /// [`set_recompute`](Self::set_recompute) the layers are recomputed one at a time during the backward.
+    pub fn forward_backward(&self, batch: &Batch, scale: f64) -> Tensor {
+        let attn = self.layout_of(batch);
+        if !self.recompute {
+            let logits = self.forward_layout(&batch.inputs, &attn);
+            let loss = crate::loss::cross_entropy_sum(&logits, &batch.labels);
+            (&loss * scale).backward();
+            return loss.detach();
+        }
+        let (_, t) = batch.inputs.size2().expect("(B, T) token ids");
+        let rope = Rope::new(&self.inv_freq, t, self.kind());
+        // 1. Forward without a graph, keeping the input of every layer.
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = tch::no_grad(|| {
+            Tensor::embedding(&self.embed_tokens, &batch.inputs, -1, false, false)
+        });
+        for block in &self.layers {
+            let next = tch::no_grad(|| block.forward(&x, &rope, &attn));
+            inputs.push(x);
+            x = next;
+        }
+        // 2. Head and loss with a graph from the last hidden state.
+        let h = x.set_requires_grad(true);
+        let loss = {
+            let logits = self.norm.forward(&h).linear::<&Tensor>(&self.lm_head, None);
+            let loss = crate::loss::cross_entropy_sum(&logits, &batch.labels);
+            (&loss * scale).backward();
+            loss.detach()
+        };
+        let mut g = h.grad();
+        // 3. Layers in reverse: recompute one with a graph, push its output gradient through it
+        //    (`Σ y·g` has gradient g with respect to y).
+        for (block, x_in) in self.layers.iter().zip(inputs).rev() {
+            let x_in = x_in.set_requires_grad(true);
+            let y = block.forward(&x_in, &rope, &attn);
+            (y * &g).sum(Kind::Float).backward();
+            g = x_in.grad();
+        }
+        // 4. The embedding (its gradient adds to the head's when tied).
+        let e = Tensor::embedding(&self.embed_tokens, &batch.inputs, -1, false, false);
+        (e * &g).sum(Kind::Float).backward();
+        loss
     }
 
     /// Forward over a [`Batch`] (inputs on the model's device): plain causal flash attention when every sequence is
@@ -875,6 +935,29 @@ mod tests {
         let gb = m.params.params[1].tensor.grad().copy();
         let d = (ga - gb).abs().max().double_value(&[]);
         assert!(d < 1e-4, "{d}");
+    }
+
+    #[test]
+    fn recompute_gives_the_same_loss_and_gradients() {
+        let cfg = LlamaConfig::tiny(50);
+        let mut m = Llama::new(&cfg, Device::Cpu, Kind::Float, 4).unwrap();
+        let toks: Vec<u32> = (0..17).map(|i| (i * 7 % 50) as u32).collect();
+        let rows = [crate::batch::SequenceRef {
+            tokens: &toks,
+            padding: 2,
+            doc_starts: &[0, 6],
+        }];
+        let batch = Batch::new(&rows, Device::Cpu).unwrap();
+        let a = m.forward_backward(&batch, 0.5).double_value(&[]);
+        let ga: Vec<Tensor> = m.params.params.iter().map(|p| p.tensor.grad().copy()).collect();
+        m.params.zero_grad();
+        m.set_recompute(true);
+        let b = m.forward_backward(&batch, 0.5).double_value(&[]);
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        for (p, g) in m.params.params.iter().zip(&ga) {
+            let d = (p.tensor.grad() - g).abs().max().double_value(&[]);
+            assert!(d < 1e-5, "{}: {d}", p.name);
+        }
     }
 
     #[test]

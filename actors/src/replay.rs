@@ -1,0 +1,206 @@
+//! `lexflow replay` and `lexflow provenance`: regenerate exactly the batches of given training steps from a
+//! checkpoint's dataflow resume point (or from the beginning of the stream), without training.
+//!
+//! Step `s` (1-based) of a run with world size `W`, micro-batch `b` and accumulation `g` consumed the global sequences
+//! `[(s-1)·G, s·G)` with `G = W·b·g`; sequence `i` went to rank `i % W`. A replay starts from the newest checkpoint of
+//! the run taken before the first requested step, so its cost does not depend on how far into the corpus the steps are.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::pipeline::{run, PieceInfo, ReplaySpec, RunOptions};
+use crate::trainer::{checkpoints_dir, list_checkpoints, TrainerState, DATA_STATE_FILE, RUN_CONFIG_FILE};
+use crate::types::{PackedSequence, ResumePoint};
+
+/// One replayed sequence.
+#[derive(Debug, Serialize)]
+pub struct ReplayedSequence {
+    pub step: u64,
+    pub rank: u64,
+    pub index: u64,
+    pub hash: String,
+    pub padding: u32,
+    pub doc_starts: Vec<u32>,
+    pub pieces: Vec<crate::types::Piece>,
+    pub tokens: Vec<u32>,
+}
+
+/// Parses `A..B` (B exclusive), `A..=B` or `N`.
+pub fn parse_steps(s: &str) -> anyhow::Result<(u64, u64)> {
+    let bad = || format!("--steps {s:?}: expected A..B, A..=B or N with 1 <= A < B");
+    let (a, b) = if let Some((a, b)) = s.split_once("..=") {
+        (a.trim().parse::<u64>().with_context(bad)?, b.trim().parse::<u64>().with_context(bad)?)
+    } else if let Some((a, b)) = s.split_once("..") {
+        let a = a.trim().parse::<u64>().with_context(bad)?;
+        let b = b.trim().parse::<u64>().with_context(bad)?;
+        anyhow::ensure!(b > a, bad());
+        (a, b - 1)
+    } else {
+        let n = s.trim().parse::<u64>().with_context(bad)?;
+        (n, n)
+    };
+    anyhow::ensure!(a >= 1 && b >= a, bad());
+    Ok((a, b))
+}
+
+struct Ckpt {
+    dir: PathBuf,
+    state: TrainerState,
+    data: Option<ResumePoint>,
+    config: Config,
+}
+
+fn load_ckpt(dir: &Path) -> anyhow::Result<Ckpt> {
+    lexflow_gpu::checkpoint::verify_checkpoint_dir(dir)
+        .with_context(|| format!("checkpoint {} does not verify", dir.display()))?;
+    let state: TrainerState = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("trainer_state.json")).with_context(|| format!("{}", dir.display()))?,
+    )?;
+    let data = match std::fs::read_to_string(dir.join(DATA_STATE_FILE)) {
+        Ok(t) => Some(serde_json::from_str(&t).with_context(|| format!("{}/{DATA_STATE_FILE}", dir.display()))?),
+        Err(_) => None,
+    };
+    let cfg_path = dir.join(RUN_CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("{}: no run config in this checkpoint", cfg_path.display()))?;
+    let config = Config::from_toml(&text, &cfg_path.display().to_string())?;
+    Ok(Ckpt { dir: dir.to_path_buf(), state, data, config })
+}
+
+/// Regenerates steps `first..=last`, starting from the newest verified checkpoint in `checkpoint`'s run taken before
+/// `first` (or from the beginning).
+pub fn replay_steps(checkpoint: &Path, first: u64, last: u64, describe: bool) -> anyhow::Result<(Vec<ReplayedSequence>, Vec<PieceInfo>)> {
+    let given = load_ckpt(checkpoint)?;
+    let run_dir = checkpoint
+        .parent()
+        .and_then(|p| p.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let world = given.state.world_size as u64;
+    let g = world * (given.state.micro_batch * given.state.grad_accum) as u64;
+    // Newest usable checkpoint: step < first.
+    let mut start: Option<Ckpt> = None;
+    if given.state.step < first {
+        start = Some(given);
+    } else {
+        for (step, dir) in list_checkpoints(&run_dir).into_iter().rev() {
+            if step < first {
+                if let Ok(c) = load_ckpt(&dir) {
+                    start = Some(c);
+                    break;
+                }
+            }
+        }
+    }
+    let base = match &start {
+        Some(c) => c.config.clone(),
+        None => load_ckpt(checkpoint)?.config,
+    };
+    let mut cfg = base;
+    // Replay reads the run's inputs (its generated corpus too) but writes nothing into the run.
+    if cfg.input.paths.is_empty() {
+        let corpus = cfg.run.dir.join("corpus");
+        let corpus = if corpus.is_dir() { corpus } else { run_dir.join("corpus") };
+        cfg.input.paths = vec![corpus.display().to_string()];
+    }
+    let scratch = tempfile_dir()?;
+    cfg.run.dir = scratch.clone();
+    cfg.metrics.enabled = false;
+    cfg.shards.arrow_dir = None;
+    let spec = ReplaySpec {
+        data: start.as_ref().and_then(|c| c.data.clone()),
+        skip: (first - 1) * g,
+        limit: last * g,
+        describe,
+        ..Default::default()
+    };
+    let collected = spec.collected.clone();
+    let described = spec.described.clone();
+    if let Some(c) = &start {
+        tracing::info!(checkpoint = %c.dir.display(), step = c.state.step, "replaying from checkpoint");
+    } else {
+        tracing::info!("replaying from the beginning of the stream (no checkpoint before step {first})");
+    }
+    let opts = RunOptions { resume: false, progress: false, origin: "replay".into(), replay: Some(spec) };
+    let r = run(&cfg, &opts);
+    let _ = std::fs::remove_dir_all(&scratch);
+    r?;
+    let seqs: Vec<PackedSequence> = collected.lock().map(|g| g.clone()).unwrap_or_default();
+    let out = seqs
+        .into_iter()
+        .map(|s| ReplayedSequence {
+            step: s.index / g + 1,
+            rank: s.index % world,
+            index: s.index,
+            hash: crate::trainer::sequence_hash(&s.tokens),
+            padding: s.padding,
+            doc_starts: s.doc_starts,
+            pieces: s.pieces,
+            tokens: s.tokens,
+        })
+        .collect();
+    let pieces = described.lock().map(|g| g.clone()).unwrap_or_default();
+    Ok((out, pieces))
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("lexflow-replay-{}-{}", std::process::id(), crate::trainer::now_nanos()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+pub fn cli_replay(checkpoint: &Path, steps: &str, out: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let (a, b) = parse_steps(steps)?;
+    let (seqs, _) = replay_steps(checkpoint, a, b, false)?;
+    let mut w: Box<dyn Write> = match out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    for s in &seqs {
+        serde_json::to_writer(&mut w, s)?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()?;
+    eprintln!("replayed steps {a}..={b}: {} sequences", seqs.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lexflow provenance RUN --step N`: which documents went into step N.
+pub fn cli_provenance(run_dir: &Path, step: u64, json: bool) -> anyhow::Result<ExitCode> {
+    let all = list_checkpoints(run_dir);
+    let (_, any) = all
+        .last()
+        .with_context(|| format!("no checkpoint in {}: provenance needs one (for the run's config)", checkpoints_dir(run_dir).display()))?;
+    let (seqs, pieces) = replay_steps(any, step, step, true)?;
+    if json {
+        for p in &pieces {
+            println!("{}", serde_json::to_string(p)?);
+        }
+    } else {
+        println!("step {step}: {} sequences", seqs.len());
+        for s in &seqs {
+            println!("  sequence {} (rank {}, {} padding tokens, hash {})", s.index, s.rank, s.padding, s.hash);
+            for p in pieces.iter().filter(|p| p.index == s.index) {
+                println!(
+                    "    @{:<5} tokens {:>6}..{:<6} {} {:<12} {:<11} {}{}",
+                    p.offset,
+                    p.token_start,
+                    p.token_end,
+                    p.lang,
+                    p.celex.as_deref().unwrap_or("-"),
+                    p.doc_type,
+                    p.article.as_deref().map(|a| format!("{a} | ")).unwrap_or_default(),
+                    p.title.as_deref().unwrap_or(&p.path).chars().take(80).collect::<String>()
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

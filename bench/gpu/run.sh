@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# lexflow GPU benchmark: ONE command on a GPU machine (H100 80 GB), no cargo needed, < 9 minutes.
+#
+#   bash bench/gpu/run.sh            # from the repository root (a copy of it is fine)
+#
+# Expects (carried with the repo copy, git-ignored): bench/gpu/bin/{lexflow,train_synthetic,gpu_step} (release builds
+# with `--features cuda`, stripped) and bench/gpu/tokenizer.json (the Llama 3 tokenizer). Uses the system python's
+# torch (2.11) for libtorch, its NCCL wheel for cudarc (`libnccl.so` symlink in a temp dir) and for part (c).
+#
+# Stages, each under its own time limit, each printing its result as soon as it has one (a global timeout still
+# leaves numbers), all written to $OUT (default /tmp/lexflow-gpu-bench-out):
+#   peak      measured bf16 matmul peak (torch, 8k/16k squares)                          -> peak.json
+#   check     scripts/gpu_check.sh: CPU-vs-GPU logits, per-document flash vs mask, a few bf16 steps with the
+#             gradient all-reduce through NCCL (world size 1)                             -> gpu_check.log
+#   (b)       lexflow trainer actor fed synthetic in-memory batches (train_synthetic)    -> synthetic.json
+#   (c)       PyTorch reference, eager                                                    -> torch_eager.json
+#   parity    50 steps, same initial weights (exported by lexflow as HF safetensors) and same tokens, lexflow vs
+#             torch eager; losses must agree within the bf16 tolerance                    -> parity.json
+#   (a)       lexflow trainer fed by the full streaming dataflow (`lexflow run stream.toml`, generated corpus)
+#                                                                                         -> stream.json
+#   (c)       PyTorch reference, torch.compile (per-block)                               -> torch_compile.json
+#   summary   the table with ratios                                                       -> summary.md
+# Model: `1b` preset (Llama 3.2 1B shapes, 1.236B params, tied embeddings), seq_len 4096, micro_batch 2 × grad_accum 8
+# = 65,536 tokens per optimizer step, bf16 params + fp32 master AdamW; BENCH_WARMUP (5) untimed + BENCH_TIMED (20)
+# timed steps per throughput run.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$(pwd)
+T0=$(date +%s)
+BUDGET=${BENCH_BUDGET_S:-525}
+OUT=${OUT:-/tmp/lexflow-gpu-bench-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/run.log") 2>&1
+WARMUP=${BENCH_WARMUP:-5}
+TIMED=${BENCH_TIMED:-20}
+STEPS=$((WARMUP + TIMED))
+SEQ=${BENCH_SEQ_LEN:-4096}
+MB=${BENCH_MICRO_BATCH:-2}
+GA=${BENCH_GRAD_ACCUM:-8}
+PARITY_STEPS=${BENCH_PARITY_STEPS:-50}
+BIN=${BENCH_BIN:-$ROOT/bench/gpu/bin}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+W=$(mktemp -d /tmp/lexflow-gpu-bench.XXXX)
+# Checkpoints of the 1B model are 17.5 GB (weights + fp32 master and moments): tmpfs when it has room.
+CK=$W
+if [ "$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2{print $4}')" -gt 45000000 ] 2>/dev/null; then CK=$(mktemp -d /dev/shm/lexflow-ck.XXXX); fi
+trap 'rm -rf "$W" "$CK"; kill $(jobs -p) 2>/dev/null' EXIT
+
+# --- libraries: libtorch from the system torch, NCCL from its wheel (cudarc wants `libnccl.so`) -----------------
+TORCH_DIR=$("$PY" -c 'import torch,os;print(os.path.dirname(torch.__file__))')
+SITE=$(dirname "$TORCH_DIR")
+NCCL_DIR=$("$PY" -c 'import nvidia.nccl,os;print(os.path.join(list(nvidia.nccl.__path__)[0],"lib"))' 2>/dev/null || echo "$SITE/nvidia/nccl/lib")
+mkdir -p "$W/nccl-shim"
+[ -e "$NCCL_DIR/libnccl.so.2" ] && ln -sf "$NCCL_DIR/libnccl.so.2" "$W/nccl-shim/libnccl.so"
+LD_LIBRARY_PATH="$W/nccl-shim:$NCCL_DIR:$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+for d in "$SITE"/nvidia/*/lib; do LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"; done
+export LD_LIBRARY_PATH
+export GPU_STEP_BIN="$BIN/gpu_step" PYTHON="$PY"
+# Carried binaries may arrive compressed (carry limit): *.xz next to the name.
+for b in lexflow train_synthetic gpu_step; do
+  if [ ! -x "$BIN/$b" ] && [ -e "$BIN/$b.xz" ]; then
+    mkdir -p "$W/bin"; "$PY" -c 'import lzma,sys;open(sys.argv[2],"wb").write(lzma.open(sys.argv[1]).read())' "$BIN/$b.xz" "$W/bin/$b"
+    chmod +x "$W/bin/$b"
+  fi
+done
+[ -d "$W/bin" ] && { for b in "$BIN"/*; do [ -x "$b" ] && [ ! -e "$W/bin/$(basename "$b")" ] && ln -s "$b" "$W/bin/"; done; BIN=$W/bin; export GPU_STEP_BIN="$BIN/gpu_step"; }
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+# stage NAME LIMIT_S CMD...: runs CMD under min(LIMIT, remaining budget), logs GPU memory, prints rc and time.
+stage() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET - $(elapsed) - 15 ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then echo "=== [$name] SKIPPED: budget spent ($(elapsed)s)"; return 124; fi
+  echo "=== [$name] start at $(elapsed)s, limit ${limit}s"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/mem_$name.txt" 2>/dev/null &
+  local smi=$!
+  local t=$(date +%s)
+  timeout -k 10 "$limit" "$@"
+  local rc=$?
+  kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
+  local mem; mem=$(sort -n "$OUT/mem_$name.txt" 2>/dev/null | tail -1)
+  echo "=== [$name] rc=$rc in $(( $(date +%s) - t ))s (peak GPU memory used ${mem:-?} MiB; total elapsed $(elapsed)s)"
+  "$PY" bench/gpu/summarize.py "$OUT" > /dev/null 2>&1 || true
+  return $rc
+}
+
+echo "=== lexflow GPU bench: $(date -u +%FT%TZ) warmup=$WARMUP timed=$TIMED seq_len=$SEQ micro_batch=$MB grad_accum=$GA"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+"$PY" -c 'import torch;print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+ls -la "$BIN"/ bench/gpu/tokenizer.json 2>&1 | sed 's/^/  /'
+for b in lexflow train_synthetic gpu_step; do
+  missing=$(ldd "$BIN/$b" 2>/dev/null | grep "not found"); [ -n "$missing" ] && echo "WARNING $b: $missing"
+done
+
+# --- peak ---------------------------------------------------------------------------------------------------------
+stage peak 60 "$PY" bench/gpu/torch_ref.py peak --json "$OUT/peak.json"
+BENCH_MATMUL_PEAK=$("$PY" -c 'import json,sys;print(json.load(open(sys.argv[1]))["flops"])' "$OUT/peak.json" 2>/dev/null || echo "")
+export BENCH_MATMUL_PEAK
+
+# --- GPU check (NCCL at world size 1) -------------------------------------------------------------------------------
+stage check 90 bash scripts/gpu_check.sh 125m 8 1024 4 2>&1 | tee "$OUT/gpu_check.log" | grep -v "^step [3-7] "
+
+# --- (b) lexflow trainer, synthetic in-memory batches ----------------------------------------------------------------
+stage synthetic 170 "$BIN/train_synthetic" --device cuda:0 --model 1b --seq-len "$SEQ" --micro-batch "$MB" \
+  --grad-accum "$GA" --steps "$STEPS" --warmup "$WARMUP" --run-dir "$CK/synthetic" --json "$OUT/synthetic.json"
+rm -rf "$CK/synthetic"
+
+# --- (c) torch eager -------------------------------------------------------------------------------------------------
+stage torch_eager 120 "$PY" bench/gpu/torch_ref.py perf --mode eager --seq-len "$SEQ" --micro-batch "$MB" \
+  --grad-accum "$GA" --warmup "$WARMUP" --timed "$TIMED" --json "$OUT/torch_eager.json"
+
+# --- loss parity: lexflow's initial weights + token stream → torch --------------------------------------------------
+# 1b at seq_len 1024, 4 sequences per step, a learnable token pattern (the loss must move), lr warm-up 5 steps.
+parity() {
+  "$BIN/train_synthetic" --device cuda:0 --model 1b --seq-len 1024 --micro-batch 2 --grad-accum 2 \
+    --steps "$PARITY_STEPS" --warmup 1 --pattern ramp --lr 5e-4 --min-lr 5e-5 --lr-warmup 5 \
+    --run-dir "$CK/parity" --export-init "$W/init" --dump-tokens "$W/tokens.bin" --json "$OUT/parity_lexflow.json" \
+    && rm -rf "$CK/parity" \
+    && "$PY" bench/gpu/torch_ref.py parity --init "$W/init" --tokens "$W/tokens.bin" --lexflow-json "$OUT/parity_lexflow.json" \
+         --seq-len 1024 --micro-batch 2 --grad-accum 2 --lr 5e-4 --min-lr 5e-5 --lr-warmup 5 --json "$OUT/parity.json"
+}
+stage parity 150 parity
+rm -rf "$W/init" "$W/tokens.bin" "$CK/parity"
+
+# --- (a) lexflow run: full streaming dataflow -------------------------------------------------------------------------
+stream() {
+  "$BIN/lexflow" gen-sample "$W/corpus" --acts-per-language 200 > "$OUT/gen_sample.json" || return 1
+  local port=9401
+  sed -e "s|@RUN_DIR@|$CK/stream|" -e "s|@CORPUS@|$W/corpus|" -e "s|@STEPS@|$STEPS|" -e "s|@PORT@|$port|" \
+    bench/gpu/stream.toml > "$W/stream.toml"
+  local fpt
+  fpt=$("$PY" -c 'import sys;sys.path.insert(0,"bench/gpu");import torch_ref as R;print(R.flops_per_token(R.preset("1b"),int(sys.argv[1])))' "$SEQ")
+  "$PY" bench/gpu/scrape.py --url "http://127.0.0.1:$port/metrics" --warmup "$WARMUP" --steps "$STEPS" \
+    --step-tokens $((MB * GA * SEQ)) --flops-per-token "$fpt" --json "$OUT/stream.json" &
+  local scr=$!
+  RUST_LOG=info "$BIN/lexflow" run "$W/stream.toml" --quiet 2> "$OUT/stream.log"
+  local rc=$?
+  wait "$scr"; local src=$?
+  grep -E "train step|error|WARN" "$OUT/stream.log" | tail -8
+  cp "$CK/stream/stats.json" "$OUT/stream_stats.json" 2>/dev/null
+  "$PY" - "$OUT/stream.json" "$CK/stream/stats.json" "$SEQ" "$MB" "$GA" <<'PYEOF' || true
+import json, sys
+s = json.load(open(sys.argv[1])); st = json.load(open(sys.argv[2]))
+s.update(seq_len=int(sys.argv[3]), micro_batch=int(sys.argv[4]), grad_accum=int(sys.argv[5]), params=1235814400,
+         packer=st.get("packer"), preprocess_tokens_per_second=st.get("preprocess_tokens_per_second"),
+         losses=(st.get("train") or {}).get("losses"), outcome=st.get("outcome"))
+json.dump(s, open(sys.argv[1], "w"))
+print("stream: packer", json.dumps(st.get("packer")))
+PYEOF
+  [ $rc -eq 0 ] && [ $src -eq 0 ]
+}
+stage stream 170 stream
+rm -rf "$CK/stream" "$W/corpus"
+
+# --- (c) torch.compile -------------------------------------------------------------------------------------------------
+stage torch_compile 240 "$PY" bench/gpu/torch_ref.py perf --mode compile --seq-len "$SEQ" --micro-batch "$MB" \
+  --grad-accum "$GA" --warmup "$WARMUP" --timed "$TIMED" --json "$OUT/torch_compile.json"
+
+echo "=== summary (total $(elapsed)s)"
+"$PY" bench/gpu/summarize.py "$OUT"
+grep -h "GPU CHECK OK\|PARITY" "$OUT/gpu_check.log" "$OUT/run.log" 2>/dev/null | sort -u
