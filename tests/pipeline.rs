@@ -76,6 +76,7 @@ fn generated_corpus_same_sequences_with_1_and_4_threads() {
     let b = tempfile::tempdir().unwrap();
     let sa = run(&base_config(a.path(), &[], 1, ""), &opts()).unwrap();
     let sb = run(&base_config(b.path(), &[], 4, ""), &opts()).unwrap();
+    assert_eq!(sb.packer.sequences, sa.packer.sequences);
     assert_eq!(sa.outcome, "completed");
     let (qa, qb) = (all_sequences(a.path()), all_sequences(b.path()));
     assert!(qa.len() > 20, "too few sequences: {}", qa.len());

@@ -135,13 +135,16 @@ fn sequence(seed: u64, index: u64, seq_len: usize, docs: usize, pattern: &str) -
             })
             .collect()
     };
-    PackedSequence { index, tokens, doc_starts, pieces: Vec::new(), padding: 0, shard: (index % 32) as u32 }
+    PackedSequence { index, tokens, doc_starts, pieces: Vec::new(), padding: 0, shard: (index % 32) as u32, resume: None }
 }
 
 fn main() -> anyhow::Result<()> {
     lexflow_actors::pipeline::init_logging();
     let a = parse_args()?;
     let per_step = a.micro_batch * a.grad_accum;
+    if a.device.starts_with("cuda") {
+        anyhow::ensure!(lexflow_gpu::init_cuda(), "CUDA is not available to libtorch");
+    }
     let cfg = LlamaConfig::preset(&a.model, LLAMA3_VOCAB)?;
     let _ = std::fs::remove_dir_all(&a.run_dir);
     std::fs::create_dir_all(&a.run_dir)?;
@@ -214,6 +217,7 @@ fn main() -> anyhow::Result<()> {
             seq_len: a.seq_len,
             seed: a.seed,
             resume: false,
+            run_config: None,
         },
         vec![rx],
     )?;

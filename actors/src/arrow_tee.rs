@@ -565,6 +565,7 @@ mod tests {
                     pieces: vec![Piece { doc: DocId::default(), start: 0, end: 2048, offset: 0 }],
                     padding: 0,
                     shard: 0,
+                    resume: None,
                 };
                 tee.write(&s).unwrap();
             }

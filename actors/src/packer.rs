@@ -320,9 +320,10 @@ pub fn run_packer(
     let mut lanes_after = start_lanes;
     let mut sampler_after = start_sampler;
     for batch in input.iter() {
-        let t = std::time::Instant::now();
         am.items_in.inc_by(batch.len() as u64);
         for sd in &batch {
+            // Latency and busy time of packing one document (the blocking sends below are backpressure, not work).
+            let t = std::time::Instant::now();
             let doc = &sd.doc;
             ctx.set_input(format!("document {:?}", doc.id));
             let (pst, next_index) = packer.state();
@@ -343,6 +344,8 @@ pub fn run_packer(
                 sampler_after.emitted_tokens[lane] += doc.tokens.len() as u64;
                 sampler_after.documents[lane] += 1;
             }
+            lat.record(t.elapsed());
+            am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
             while let Some(seq) = packer.pop() {
                 am.items_out.inc();
                 am.bytes_out.inc_by(seq.tokens.len() as u64 * 4);
@@ -352,8 +355,6 @@ pub fn run_packer(
                 }
             }
         }
-        lat.record(t.elapsed());
-        am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
         publish(&packer);
     }
     let (pst, next_index) = packer.state();

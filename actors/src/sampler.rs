@@ -155,6 +155,8 @@ pub fn run_sampler(
     let mut pending: Vec<VecDeque<TokenizedDoc>> = vec![VecDeque::new(); lanes.len()];
     let mut batch = Vec::with_capacity(OUT_BATCH_DOCS);
     let m = lexflow_metrics::global();
+    let am = lexflow_metrics::actor("sampler");
+    let lat = lexflow_metrics::latency("sampler");
     for (l, t) in mix {
         m.sampler_target_share.with_label_values(&[l]).set(*t);
     }
@@ -194,13 +196,19 @@ pub fn run_sampler(
                 },
             }
         };
+        let t = std::time::Instant::now();
         ctx.set_input(format!("lane {} ({}) doc {:?}", lane, mix[lane].0, doc.id));
         let before_lanes = Arc::new(positions.clone());
         let before_state = Arc::new(s.state());
         positions[lane] = LanePosition { file: doc.id.file, ordinal: doc.id.ordinal + 1 };
         s.record(lane, doc.tokens.len() as u64);
         m.sampler_tokens.with_label_values(&[&mix[lane].0]).inc_by(doc.tokens.len() as u64);
+        am.items_in.inc();
+        am.items_out.inc();
+        am.bytes_out.inc_by(doc.tokens.len() as u64 * 4);
         batch.push(SampledDoc { doc, lanes: before_lanes, sampler: before_state });
+        lat.record(t.elapsed());
+        am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
         if batch.len() == OUT_BATCH_DOCS {
             publish(&s);
             if out.send(std::mem::replace(&mut batch, Vec::with_capacity(OUT_BATCH_DOCS))).is_err() {

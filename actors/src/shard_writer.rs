@@ -56,6 +56,9 @@ pub fn run_shard_writer(
             tee.write(&seq)?;
         }
         let rank = (seq.index % world as u64) as usize;
+        // Work ends here; the send below may block on a busy rank (backpressure, measured on the edge).
+        lat.record(t.elapsed());
+        am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
         rep.per_shard[seq.shard as usize] += 1;
         if alive[rank] {
             if ranks[rank].send(seq).is_err() {
@@ -68,7 +71,6 @@ pub fn run_shard_writer(
                 rank_counters[rank].inc();
             }
         }
-        lat.record(t.elapsed());
         if !alive.iter().any(|a| *a) {
             break;
         }

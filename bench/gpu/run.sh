@@ -41,9 +41,11 @@ PARITY_STEPS=${BENCH_PARITY_STEPS:-50}
 BIN=${BENCH_BIN:-$ROOT/bench/gpu/bin}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 W=$(mktemp -d /tmp/lexflow-gpu-bench.XXXX)
+export ROOT OUT WARMUP TIMED STEPS SEQ MB GA PARITY_STEPS PY W
 # Checkpoints of the 1B model are 17.5 GB (weights + fp32 master and moments): tmpfs when it has room.
 CK=$W
 if [ "$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2{print $4}')" -gt 45000000 ] 2>/dev/null; then CK=$(mktemp -d /dev/shm/lexflow-ck.XXXX); fi
+export CK
 trap 'rm -rf "$W" "$CK"; kill $(jobs -p) 2>/dev/null' EXIT
 
 # --- libraries: libtorch from the system torch, NCCL from its wheel (cudarc wants `libnccl.so`) -----------------
@@ -64,6 +66,7 @@ for b in lexflow train_synthetic gpu_step; do
   fi
 done
 [ -d "$W/bin" ] && { for b in "$BIN"/*; do [ -x "$b" ] && [ ! -e "$W/bin/$(basename "$b")" ] && ln -s "$b" "$W/bin/"; done; BIN=$W/bin; export GPU_STEP_BIN="$BIN/gpu_step"; }
+export BIN
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # stage NAME LIMIT_S CMD...: runs CMD under min(LIMIT, remaining budget), logs GPU memory, prints rc and time.
@@ -76,7 +79,12 @@ stage() {
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/mem_$name.txt" 2>/dev/null &
   local smi=$!
   local t=$(date +%s)
-  timeout -k 10 "$limit" "$@"
+  if declare -F "$1" >/dev/null; then
+    # A shell function (parity, stream): run it in a child bash so `timeout` can bound it.
+    timeout -k 10 "$limit" bash -c "$(declare -f "$1"); set -o pipefail; $1"
+  else
+    timeout -k 10 "$limit" "$@"
+  fi
   local rc=$?
   kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
   local mem; mem=$(sort -n "$OUT/mem_$name.txt" 2>/dev/null | tail -1)

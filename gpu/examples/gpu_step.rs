@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(0);
     let device = Device::Cuda(local);
     anyhow_like(
-        lexflow_gpu::tch::Cuda::is_available(),
+        lexflow_gpu::init_cuda(),
         "CUDA is not available to libtorch",
     )?;
 

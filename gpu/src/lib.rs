@@ -38,5 +38,40 @@ pub use model::{document_mask, Llama, LlamaConfig, Param, Params, RopeScaling, L
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclCollective, NcclUniqueId};
 pub use optim::{AdamWConfig, FlatAdamW, StepStats};
+/// Makes sure libtorch's CUDA backend is loaded, and says whether a CUDA device is usable.
+///
+/// tch links `libtorch_cuda.so`, but no symbol of it is referenced directly, so the linker's `--as-needed` (rustc's
+/// default on Linux) drops it from our binaries: libtorch then has no CUDA backend at all ("Could not run
+/// 'aten::empty.memory_format' with arguments from the 'CUDA' backend"). Loading it at run time registers the backend
+/// (its static initialisers), exactly as importing torch in Python does. Idempotent and cheap; [`Llama::new`] and the
+/// NCCL collective call it for CUDA devices. The library is found through `LD_LIBRARY_PATH` (the python torch's `lib`).
+pub fn init_cuda() -> bool {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        extern "C" {
+            fn dlopen(filename: *const std::ffi::c_char, flag: std::ffi::c_int) -> *mut std::ffi::c_void;
+            fn dlerror() -> *const std::ffi::c_char;
+        }
+        const RTLD_NOW: std::ffi::c_int = 2;
+        const RTLD_GLOBAL: std::ffi::c_int = 0x100;
+        let name = c"libtorch_cuda.so";
+        // SAFETY: dlopen/dlerror with a valid NUL-terminated name; the handle is intentionally never closed.
+        let handle = unsafe { dlopen(name.as_ptr(), RTLD_NOW | RTLD_GLOBAL) };
+        if handle.is_null() {
+            // SAFETY: dlerror returns a NUL-terminated message (or null) owned by libc.
+            let msg = unsafe {
+                let e = dlerror();
+                if e.is_null() {
+                    String::from("unknown error")
+                } else {
+                    std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+                }
+            };
+            tracing::warn!("cannot load libtorch_cuda.so (no CUDA backend in libtorch): {msg}");
+        }
+    });
+    tch::Cuda::is_available()
+}
+
 /// The tch version this crate is built on, for callers that inspect tensors (tests, tools).
 pub use tch;

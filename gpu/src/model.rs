@@ -647,6 +647,9 @@ impl Llama {
     /// A freshly initialised model: N(0, 0.02) weights, unit norms. Same seed and device ⇒ same weights.
     pub fn new(cfg: &LlamaConfig, device: Device, kind: Kind, seed: u64) -> Result<Self> {
         cfg.validate()?;
+        if device.is_cuda() {
+            crate::init_cuda();
+        }
         let params = Params::allocate(&cfg.param_specs(), kind, device);
         {
             let _g = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());

@@ -118,6 +118,7 @@ unsafe impl Send for NcclCollective {}
 impl NcclCollective {
     /// Joins the communicator (blocks until all `world` ranks have called this with the same id).
     pub fn new(id: NcclUniqueId, rank: usize, world: usize, ordinal: usize) -> Result<Self> {
+        crate::init_cuda();
         let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| GpuError::Collective {
             rank,
             message: format!("CUDA context for device {ordinal}: {e:?}"),
