@@ -313,6 +313,9 @@ pub struct TrainConfig {
     /// Initialise from these HF safetensors weights instead of random.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute).
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 fn default_model() -> String {

