@@ -205,8 +205,14 @@ fn replayed(out: &Path) -> BTreeMap<(u64, usize), Vec<(u64, String)>> {
     let mut m: BTreeMap<(u64, usize), Vec<(u64, String)>> = BTreeMap::new();
     for line in std::fs::read_to_string(out).unwrap().lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let key = (v["step"].as_u64().unwrap(), v["rank"].as_u64().unwrap() as usize);
-        m.entry(key).or_default().push((v["index"].as_u64().unwrap(), v["hash"].as_str().unwrap().to_string()));
+        let key = (
+            v["step"].as_u64().unwrap(),
+            v["rank"].as_u64().unwrap() as usize,
+        );
+        m.entry(key).or_default().push((
+            v["index"].as_u64().unwrap(),
+            v["hash"].as_str().unwrap().to_string(),
+        ));
     }
     m
 }
@@ -223,7 +229,14 @@ fn replay_and_provenance_regenerate_what_was_trained() {
     for (steps, range) in [("11..=12", 11..=12u64), ("3..5", 3..=4u64)] {
         let out = tmp.path().join(format!("replay-{}.jsonl", range.start()));
         let st = Command::new(lexflow_bin())
-            .args(["replay", ckpt.to_str().unwrap(), "--steps", steps, "--out", out.to_str().unwrap()])
+            .args([
+                "replay",
+                ckpt.to_str().unwrap(),
+                "--steps",
+                steps,
+                "--out",
+                out.to_str().unwrap(),
+            ])
             .stderr(Stdio::null())
             .status()
             .unwrap();
@@ -235,7 +248,10 @@ fn replay_and_provenance_regenerate_what_was_trained() {
             .map(|(k, r)| (*k, r.sequences.clone()))
             .collect();
         assert_eq!(want.len(), 2 * (range.end() - range.start() + 1) as usize);
-        assert_eq!(got, want, "replay of steps {steps} differs from what was trained");
+        assert_eq!(
+            got, want,
+            "replay of steps {steps} differs from what was trained"
+        );
     }
     // Provenance of step 5: every piece belongs to a sequence of step 5 and names its document.
     let out = Command::new(lexflow_bin())
@@ -244,16 +260,31 @@ fn replay_and_provenance_regenerate_what_was_trained() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let step5: std::collections::BTreeSet<u64> =
-        trained.iter().filter(|((s, _), _)| *s == 5).flat_map(|(_, r)| r.sequences.iter().map(|(i, _)| *i)).collect();
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let step5: std::collections::BTreeSet<u64> = trained
+        .iter()
+        .filter(|((s, _), _)| *s == 5)
+        .flat_map(|(_, r)| r.sequences.iter().map(|(i, _)| *i))
+        .collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(!lines.is_empty());
     for p in &lines {
         assert!(step5.contains(&p["index"].as_u64().unwrap()), "{p}");
-        assert!(["en", "fr", "de", "es", "pt"].contains(&p["lang"].as_str().unwrap()), "{p}");
-        assert!(std::path::Path::new(p["path"].as_str().unwrap()).exists(), "{p}");
+        assert!(
+            ["en", "fr", "de", "es", "pt"].contains(&p["lang"].as_str().unwrap()),
+            "{p}"
+        );
+        assert!(
+            std::path::Path::new(p["path"].as_str().unwrap()).exists(),
+            "{p}"
+        );
         assert!(p["token_end"].as_u64() > p["token_start"].as_u64(), "{p}");
     }
-    assert!(lines.iter().any(|p| p["celex"].is_string()), "no CELEX in any piece of step 5");
+    assert!(
+        lines.iter().any(|p| p["celex"].is_string()),
+        "no CELEX in any piece of step 5"
+    );
 }

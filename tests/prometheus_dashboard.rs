@@ -877,7 +877,14 @@ fn lexflow_bin() -> PathBuf {
 
 /// Stages whose exact latency quantiles a sample run must export (`lexflow_metrics::latency(stage)`); `reader.*` and
 /// `tokenizer.*` are per language lane.
-const REQUIRED_STAGES: &[&str] = &["reader.en", "tokenizer.en", "sampler", "packer", "shard_writer", "trainer"];
+const REQUIRED_STAGES: &[&str] = &[
+    "reader.en",
+    "tokenizer.en",
+    "sampler",
+    "packer",
+    "shard_writer",
+    "trainer",
+];
 /// Stages that record all through the training and so must also show in the windowed p99 (the readers and
 /// tokenizers of a short run may finish between two scrapes, leaving no increase inside any window).
 const WINDOWED_STAGES: &[&str] = &["shard_writer", "trainer"];

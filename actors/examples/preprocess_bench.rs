@@ -43,15 +43,24 @@ fn main() -> anyhow::Result<()> {
     }
     anyhow::ensure!(!paths.is_empty(), "usage: preprocess_bench [--threads N] [--tokenizer SPEC] [--reference] [--dump-texts FILE] PATH...");
     let t_load = Instant::now();
-    let tk = if reference { Tokenizer::load_reference(&spec)? } else { Tokenizer::load(&spec)? };
+    let tk = if reference {
+        Tokenizer::load_reference(&spec)?
+    } else {
+        Tokenizer::load(&spec)?
+    };
     let load_s = t_load.elapsed().as_secs_f64();
     let files = lexflow_actors::reader::expand_inputs(&paths)?;
-    let input_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let input_bytes: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
     let keep_texts = dump.is_some();
 
     let t0 = Instant::now();
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<FileResult>>> = Mutex::new((0..files.len()).map(|_| None).collect());
+    let results: Mutex<Vec<Option<FileResult>>> =
+        Mutex::new((0..files.len()).map(|_| None).collect());
     let errors = AtomicUsize::new(0);
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
@@ -68,9 +77,19 @@ fn main() -> anyhow::Result<()> {
                         Vec::new()
                     }
                 };
-                let texts: Vec<String> =
-                    if keep_texts { docs.iter().filter(|d| !d.text.is_empty()).map(|d| d.text.clone()).collect() } else { Vec::new() };
-                let out = tk.tokenize_batch(DocBatch { lane: 0, file: i as u32, docs });
+                let texts: Vec<String> = if keep_texts {
+                    docs.iter()
+                        .filter(|d| !d.text.is_empty())
+                        .map(|d| d.text.clone())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let out = tk.tokenize_batch(DocBatch {
+                    lane: 0,
+                    file: i as u32,
+                    docs,
+                });
                 let r = FileResult {
                     docs: out.docs.len(),
                     tokens: out.docs.iter().map(|d| d.tokens.len()).sum(),

@@ -97,11 +97,19 @@ fn parse_args() -> anyhow::Result<Args> {
             "--export-init" => a.export_init = Some(v()?.into()),
             "--dump-tokens" => a.dump_tokens = Some(v()?.into()),
             "--json" => a.json = Some(v()?.into()),
-            other => anyhow::bail!("unknown argument {other} (see the header of actors/examples/train_synthetic.rs)"),
+            other => anyhow::bail!(
+                "unknown argument {other} (see the header of actors/examples/train_synthetic.rs)"
+            ),
         }
     }
-    anyhow::ensure!(a.pattern == "random" || a.pattern == "ramp", "--pattern is random or ramp");
-    anyhow::ensure!(a.docs_per_seq >= 1 && a.steps > a.warmup, "need docs-per-seq ≥ 1 and steps > warmup");
+    anyhow::ensure!(
+        a.pattern == "random" || a.pattern == "ramp",
+        "--pattern is random or ramp"
+    );
+    anyhow::ensure!(
+        a.docs_per_seq >= 1 && a.steps > a.warmup,
+        "need docs-per-seq ≥ 1 and steps > warmup"
+    );
     Ok(a)
 }
 
@@ -120,10 +128,15 @@ fn mix(mut z: u64) -> u64 {
 fn sequence(seed: u64, index: u64, seq_len: usize, docs: usize, pattern: &str) -> PackedSequence {
     let n = seq_len + 1;
     let doc_len = seq_len.div_ceil(docs).max(1);
-    let doc_starts: Vec<u32> = (0..docs).map(|d| (d * doc_len) as u32).filter(|&s| (s as usize) < seq_len).collect();
+    let doc_starts: Vec<u32> = (0..docs)
+        .map(|d| (d * doc_len) as u32)
+        .filter(|&s| (s as usize) < seq_len)
+        .collect();
     let base = mix(seed ^ index.wrapping_mul(0x2545_F491_4F6C_DD1D));
     let tokens: Vec<u32> = if pattern == "random" {
-        (0..n).map(|p| (mix(base ^ p as u64) % 128_000) as u32).collect()
+        (0..n)
+            .map(|p| (mix(base ^ p as u64) % 128_000) as u32)
+            .collect()
     } else {
         (0..n)
             .map(|p| {
@@ -135,7 +148,15 @@ fn sequence(seed: u64, index: u64, seq_len: usize, docs: usize, pattern: &str) -
             })
             .collect()
     };
-    PackedSequence { index, tokens, doc_starts, pieces: Vec::new(), padding: 0, shard: (index % 32) as u32, resume: None }
+    PackedSequence {
+        index,
+        tokens,
+        doc_starts,
+        pieces: Vec::new(),
+        padding: 0,
+        shard: (index % 32) as u32,
+        resume: None,
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -143,7 +164,10 @@ fn main() -> anyhow::Result<()> {
     let a = parse_args()?;
     let per_step = a.micro_batch * a.grad_accum;
     if a.device.starts_with("cuda") {
-        anyhow::ensure!(lexflow_gpu::init_cuda(), "CUDA is not available to libtorch");
+        anyhow::ensure!(
+            lexflow_gpu::init_cuda(),
+            "CUDA is not available to libtorch"
+        );
     }
     let cfg = LlamaConfig::preset(&a.model, LLAMA3_VOCAB)?;
     let _ = std::fs::remove_dir_all(&a.run_dir);
@@ -151,12 +175,28 @@ fn main() -> anyhow::Result<()> {
 
     if let Some(dir) = &a.export_init {
         let t = Instant::now();
-        let device = if a.device == "cpu" { Device::Cpu } else { Device::Cuda(a.device.trim_start_matches("cuda:").parse()?) };
-        let kind = if device.is_cuda() { Kind::BFloat16 } else { Kind::Float };
+        let device = if a.device == "cpu" {
+            Device::Cpu
+        } else {
+            Device::Cuda(a.device.trim_start_matches("cuda:").parse()?)
+        };
+        let kind = if device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        };
         let model = Llama::new(&cfg, device, kind, a.seed)?;
         std::fs::create_dir_all(dir)?;
-        lexflow_gpu::checkpoint::save_hf(dir, &model, lexflow_gpu::checkpoint::DEFAULT_MAX_SHARD_BYTES)?;
-        eprintln!("train_synthetic: initial weights ({kind:?}) written to {} in {:.1}s", dir.display(), t.elapsed().as_secs_f64());
+        lexflow_gpu::checkpoint::save_hf(
+            dir,
+            &model,
+            lexflow_gpu::checkpoint::DEFAULT_MAX_SHARD_BYTES,
+        )?;
+        eprintln!(
+            "train_synthetic: initial weights ({kind:?}) written to {} in {:.1}s",
+            dir.display(),
+            t.elapsed().as_secs_f64()
+        );
     }
 
     let toml_text = format!(
@@ -172,15 +212,21 @@ fn main() -> anyhow::Result<()> {
         a.lr_warmup,
         a.export_init.as_ref().map(|d| format!("init_from = {:?}\n", d.display().to_string())).unwrap_or_default()
     );
-    let train: TrainConfig = toml::from_str(&toml_text).with_context(|| format!("train config:\n{toml_text}"))?;
+    let train: TrainConfig =
+        toml::from_str(&toml_text).with_context(|| format!("train config:\n{toml_text}"))?;
 
     let mut topo = Topology::new(Shutdown::new());
-    let (tx, rx) = edge::<PackedSequence>("synthetic->rank0", std::num::NonZeroUsize::new(2 * per_step).expect("> 0"));
+    let (tx, rx) = edge::<PackedSequence>(
+        "synthetic->rank0",
+        std::num::NonZeroUsize::new(2 * per_step).expect("> 0"),
+    );
     {
         let (seed, seq_len, docs, pattern) = (a.seed, a.seq_len, a.docs_per_seq, a.pattern.clone());
         let dump_n = a.steps * per_step as u64;
         let mut dump = match &a.dump_tokens {
-            Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| p.display().to_string())?)),
+            Some(p) => Some(std::io::BufWriter::new(
+                std::fs::File::create(p).with_context(|| p.display().to_string())?,
+            )),
             None => None,
         };
         topo.spawn("synthetic_source", move |ctx| {
@@ -228,7 +274,9 @@ fn main() -> anyhow::Result<()> {
         let done = done.clone();
         let (warmup, steps) = (a.warmup, a.steps);
         std::thread::spawn(move || {
-            let h = lexflow_metrics::global().trainer_step_seconds.with_label_values(&["0"]);
+            let h = lexflow_metrics::global()
+                .trainer_step_seconds
+                .with_label_values(&["0"]);
             let mut warm: Option<(u64, f64, Instant)> = None;
             let mut last: Option<(u64, f64, Instant)> = None;
             let t0 = Instant::now();
@@ -237,7 +285,10 @@ fn main() -> anyhow::Result<()> {
                 let (c, s) = (h.get_sample_count(), h.get_sample_sum());
                 if c != seen {
                     seen = c;
-                    eprintln!("train_synthetic: step {c}/{steps} at {:.1}s, step sum {s:.2}s", t0.elapsed().as_secs_f64());
+                    eprintln!(
+                        "train_synthetic: step {c}/{steps} at {:.1}s, step sum {s:.2}s",
+                        t0.elapsed().as_secs_f64()
+                    );
                 }
                 if warm.is_none() && c >= warmup {
                     warm = Some((c, s, Instant::now()));
@@ -264,8 +315,13 @@ fn main() -> anyhow::Result<()> {
     let tps = timed_steps * step_tokens / (s1 - s0).max(1e-9);
     let tps_wall = timed_steps * step_tokens / (i1 - i0).as_secs_f64().max(1e-9);
     let fpt = cfg.train_flops_per_token(a.seq_len);
-    let peak: f64 = std::env::var("LEXFLOW_PEAK_FLOPS").ok().and_then(|v| v.parse().ok()).unwrap_or(989e12);
-    let measured: Option<f64> = std::env::var("BENCH_MATMUL_PEAK").ok().and_then(|v| v.parse().ok());
+    let peak: f64 = std::env::var("LEXFLOW_PEAK_FLOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(989e12);
+    let measured: Option<f64> = std::env::var("BENCH_MATMUL_PEAK")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let out = serde_json::json!({
         "name": "lexflow_synthetic",
         "model": a.model,

@@ -28,7 +28,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use arrow_array::builder::{ArrayBuilder, ListBuilder, StructBuilder, UInt16Builder, UInt32Builder};
+use arrow_array::builder::{
+    ArrayBuilder, ListBuilder, StructBuilder, UInt16Builder, UInt32Builder,
+};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{UInt16Type, UInt32Type, UInt64Type};
 use arrow_array::{Array, ArrayRef, ListArray, RecordBatch, UInt32Array, UInt64Array};
@@ -84,15 +86,29 @@ pub struct TeeSummary {
 #[derive(Debug, thiserror::Error)]
 pub enum ArrowTeeError {
     #[error("arrow tee: {op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("arrow tee: {path}: {source}")]
     Arrow { path: PathBuf, source: ArrowError },
     #[error("arrow tee: shard count must be at least 1")]
     NoShards,
-    #[error("arrow tee: sequence {index} is routed to shard {shard}, but the tee has {shards} shards")]
-    ShardOutOfRange { index: u64, shard: u32, shards: usize },
+    #[error(
+        "arrow tee: sequence {index} is routed to shard {shard}, but the tee has {shards} shards"
+    )]
+    ShardOutOfRange {
+        index: u64,
+        shard: u32,
+        shards: usize,
+    },
     #[error("arrow tee: sequence {index} has {got} tokens, expected seq_len + 1 = {expected}")]
-    WrongLength { index: u64, got: usize, expected: usize },
+    WrongLength {
+        index: u64,
+        got: usize,
+        expected: usize,
+    },
     #[error("arrow tee: {path}: {message}")]
     Format { path: PathBuf, message: String },
 }
@@ -180,8 +196,9 @@ impl Rows {
     fn take_batch(&mut self, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
         let r = std::mem::take(self);
         let list_u32 = |values: &[u32], lens: &[usize]| -> ArrayRef {
-            let mut b = ListBuilder::with_capacity(UInt32Builder::with_capacity(values.len()), lens.len())
-                .with_field(u32_item());
+            let mut b =
+                ListBuilder::with_capacity(UInt32Builder::with_capacity(values.len()), lens.len())
+                    .with_field(u32_item());
             let mut at = 0;
             for &n in lens {
                 b.values().append_slice(&values[at..at + n]);
@@ -234,7 +251,8 @@ impl Rows {
 }
 
 fn field<T: ArrayBuilder>(sb: &mut StructBuilder, i: usize) -> &mut T {
-    sb.field_builder::<T>(i).expect("pieces struct builder has the declared field types")
+    sb.field_builder::<T>(i)
+        .expect("pieces struct builder has the declared field types")
 }
 
 struct ShardFile {
@@ -252,9 +270,19 @@ impl ShardFile {
         if self.rows.len() == 0 {
             return Ok(());
         }
-        let batch =
-            self.rows.take_batch(&self.schema).map_err(|source| ArrowTeeError::Arrow { path: self.path.clone(), source })?;
-        self.writer.write(&batch).map_err(|source| ArrowTeeError::Arrow { path: self.partial.clone(), source })?;
+        let batch = self
+            .rows
+            .take_batch(&self.schema)
+            .map_err(|source| ArrowTeeError::Arrow {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.writer
+            .write(&batch)
+            .map_err(|source| ArrowTeeError::Arrow {
+                path: self.partial.clone(),
+                source,
+            })?;
         self.batches += 1;
         Ok(())
     }
@@ -274,11 +302,17 @@ impl ArrowTee {
         if shards == 0 {
             return Err(ArrowTeeError::NoShards);
         }
-        std::fs::create_dir_all(dir)
-            .map_err(|source| ArrowTeeError::Io { op: "create directory", path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| ArrowTeeError::Io {
+            op: "create directory",
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let options = IpcWriteOptions::default()
             .try_with_compression(Some(CompressionType::ZSTD))
-            .map_err(|source| ArrowTeeError::Arrow { path: dir.to_path_buf(), source })?;
+            .map_err(|source| ArrowTeeError::Arrow {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         let mut files = Vec::with_capacity(shards);
         for shard in 0..shards {
             let path = dir.join(shard_file_name(shard));
@@ -292,15 +326,40 @@ impl ArrowTee {
                 shards: shards as u32,
             };
             let json = serde_json::to_string(&file_meta).expect("TeeFileMeta serializes");
-            let schema: SchemaRef =
-                Arc::new(Schema::new(schema_fields()).with_metadata(HashMap::from([(META_KEY.to_string(), json)])));
-            let f = File::create(&partial)
-                .map_err(|source| ArrowTeeError::Io { op: "create", path: partial.clone(), source })?;
-            let writer = FileWriter::try_new_with_options(BufWriter::with_capacity(1 << 20, f), &schema, options.clone())
-                .map_err(|source| ArrowTeeError::Arrow { path: partial.clone(), source })?;
-            files.push(ShardFile { partial, path, writer, schema, rows: Rows::default(), written: 0, batches: 0 });
+            let schema: SchemaRef = Arc::new(
+                Schema::new(schema_fields())
+                    .with_metadata(HashMap::from([(META_KEY.to_string(), json)])),
+            );
+            let f = File::create(&partial).map_err(|source| ArrowTeeError::Io {
+                op: "create",
+                path: partial.clone(),
+                source,
+            })?;
+            let writer = FileWriter::try_new_with_options(
+                BufWriter::with_capacity(1 << 20, f),
+                &schema,
+                options.clone(),
+            )
+            .map_err(|source| ArrowTeeError::Arrow {
+                path: partial.clone(),
+                source,
+            })?;
+            files.push(ShardFile {
+                partial,
+                path,
+                writer,
+                schema,
+                rows: Rows::default(),
+                written: 0,
+                batches: 0,
+            });
         }
-        Ok(ArrowTee { dir: dir.to_path_buf(), meta, shards: files, batch_rows: BATCH_ROWS })
+        Ok(ArrowTee {
+            dir: dir.to_path_buf(),
+            meta,
+            shards: files,
+            batch_rows: BATCH_ROWS,
+        })
     }
 
     /// Rows per record batch (default [`BATCH_ROWS`]; at least 1).
@@ -317,7 +376,11 @@ impl ArrowTee {
     pub fn write(&mut self, seq: &PackedSequence) -> Result<(), ArrowTeeError> {
         let n = self.shards.len();
         let Some(sf) = self.shards.get_mut(seq.shard as usize) else {
-            return Err(ArrowTeeError::ShardOutOfRange { index: seq.index, shard: seq.shard, shards: n });
+            return Err(ArrowTeeError::ShardOutOfRange {
+                index: seq.index,
+                shard: seq.shard,
+                shards: n,
+            });
         };
         if seq.tokens.len() != self.meta.seq_len + 1 {
             return Err(ArrowTeeError::WrongLength {
@@ -346,18 +409,39 @@ impl ArrowTee {
         };
         for mut sf in self.shards {
             sf.flush()?;
-            sf.writer.finish().map_err(|source| ArrowTeeError::Arrow { path: sf.partial.clone(), source })?;
-            let mut bw =
-                sf.writer.into_inner().map_err(|source| ArrowTeeError::Arrow { path: sf.partial.clone(), source })?;
-            bw.flush().map_err(|source| ArrowTeeError::Io { op: "write", path: sf.partial.clone(), source })?;
-            let f = bw
+            sf.writer.finish().map_err(|source| ArrowTeeError::Arrow {
+                path: sf.partial.clone(),
+                source,
+            })?;
+            let mut bw = sf
+                .writer
                 .into_inner()
-                .map_err(|e| ArrowTeeError::Io { op: "write", path: sf.partial.clone(), source: e.into_error() })?;
-            f.sync_all().map_err(|source| ArrowTeeError::Io { op: "sync", path: sf.partial.clone(), source })?;
+                .map_err(|source| ArrowTeeError::Arrow {
+                    path: sf.partial.clone(),
+                    source,
+                })?;
+            bw.flush().map_err(|source| ArrowTeeError::Io {
+                op: "write",
+                path: sf.partial.clone(),
+                source,
+            })?;
+            let f = bw.into_inner().map_err(|e| ArrowTeeError::Io {
+                op: "write",
+                path: sf.partial.clone(),
+                source: e.into_error(),
+            })?;
+            f.sync_all().map_err(|source| ArrowTeeError::Io {
+                op: "sync",
+                path: sf.partial.clone(),
+                source,
+            })?;
             let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
             drop(f);
-            std::fs::rename(&sf.partial, &sf.path)
-                .map_err(|source| ArrowTeeError::Io { op: "rename", path: sf.partial.clone(), source })?;
+            std::fs::rename(&sf.partial, &sf.path).map_err(|source| ArrowTeeError::Io {
+                op: "rename",
+                path: sf.partial.clone(),
+                source,
+            })?;
             summary.sequences += sf.written;
             summary.batches += sf.batches;
             summary.bytes += bytes;
@@ -369,15 +453,25 @@ impl ArrowTee {
 }
 
 fn open_reader(path: &Path) -> Result<FileReader<BufReader<File>>, ArrowTeeError> {
-    let f = File::open(path).map_err(|source| ArrowTeeError::Io { op: "open", path: path.to_path_buf(), source })?;
-    FileReader::try_new(BufReader::new(f), None).map_err(|source| ArrowTeeError::Arrow { path: path.to_path_buf(), source })
+    let f = File::open(path).map_err(|source| ArrowTeeError::Io {
+        op: "open",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    FileReader::try_new(BufReader::new(f), None).map_err(|source| ArrowTeeError::Arrow {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn file_meta_of(path: &Path, schema: &Schema) -> Result<TeeFileMeta, ArrowTeeError> {
-    let json = schema.metadata().get(META_KEY).ok_or_else(|| ArrowTeeError::Format {
-        path: path.to_path_buf(),
-        message: format!("no `{META_KEY}` schema metadata: not a lexflow tee file"),
-    })?;
+    let json = schema
+        .metadata()
+        .get(META_KEY)
+        .ok_or_else(|| ArrowTeeError::Format {
+            path: path.to_path_buf(),
+            message: format!("no `{META_KEY}` schema metadata: not a lexflow tee file"),
+        })?;
     serde_json::from_str(json).map_err(|e| ArrowTeeError::Format {
         path: path.to_path_buf(),
         message: format!("bad `{META_KEY}` schema metadata: {e}"),
@@ -391,11 +485,24 @@ pub fn read_meta(path: &Path) -> Result<TeeFileMeta, ArrowTeeError> {
 }
 
 /// A column of `batch` by name, checked for type and absence of nulls.
-fn column<'a>(path: &Path, batch: &'a RecordBatch, name: &str, want: &DataType) -> Result<&'a ArrayRef, ArrowTeeError> {
-    let fmt = |message: String| ArrowTeeError::Format { path: path.to_path_buf(), message };
-    let c = batch.column_by_name(name).ok_or_else(|| fmt(format!("missing column `{name}`")))?;
+fn column<'a>(
+    path: &Path,
+    batch: &'a RecordBatch,
+    name: &str,
+    want: &DataType,
+) -> Result<&'a ArrayRef, ArrowTeeError> {
+    let fmt = |message: String| ArrowTeeError::Format {
+        path: path.to_path_buf(),
+        message,
+    };
+    let c = batch
+        .column_by_name(name)
+        .ok_or_else(|| fmt(format!("missing column `{name}`")))?;
     if c.data_type() != want {
-        return Err(fmt(format!("column `{name}` is {}, expected {want}", c.data_type())));
+        return Err(fmt(format!(
+            "column `{name}` is {}, expected {want}",
+            c.data_type()
+        )));
     }
     if c.null_count() > 0 {
         return Err(fmt(format!("column `{name}` has nulls")));
@@ -406,24 +513,41 @@ fn column<'a>(path: &Path, batch: &'a RecordBatch, name: &str, want: &DataType) 
 /// Reads every sequence of one shard file, in the order written.
 pub fn read_sequences(path: &Path) -> Result<Vec<PackedSequence>, ArrowTeeError> {
     let reader = open_reader(path)?;
-    let fmt = |message: String| ArrowTeeError::Format { path: path.to_path_buf(), message };
+    let fmt = |message: String| ArrowTeeError::Format {
+        path: path.to_path_buf(),
+        message,
+    };
     let mut out = Vec::new();
     for batch in reader {
-        let batch = batch.map_err(|source| ArrowTeeError::Arrow { path: path.to_path_buf(), source })?;
+        let batch = batch.map_err(|source| ArrowTeeError::Arrow {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let index = column(path, &batch, "index", &DataType::UInt64)?.as_primitive::<UInt64Type>();
         let shard = column(path, &batch, "shard", &DataType::UInt32)?.as_primitive::<UInt32Type>();
         let tokens = column(path, &batch, "tokens", &DataType::List(u32_item()))?.as_list::<i32>();
-        let doc_starts = column(path, &batch, "doc_starts", &DataType::List(u32_item()))?.as_list::<i32>();
-        let padding = column(path, &batch, "padding", &DataType::UInt32)?.as_primitive::<UInt32Type>();
-        let pieces = column(path, &batch, "pieces", &DataType::List(piece_item()))?.as_list::<i32>();
+        let doc_starts =
+            column(path, &batch, "doc_starts", &DataType::List(u32_item()))?.as_list::<i32>();
+        let padding =
+            column(path, &batch, "padding", &DataType::UInt32)?.as_primitive::<UInt32Type>();
+        let pieces =
+            column(path, &batch, "pieces", &DataType::List(piece_item()))?.as_list::<i32>();
         let tok_vals = tokens.values().as_primitive::<UInt32Type>();
         let ds_vals = doc_starts.values().as_primitive::<UInt32Type>();
         let pv = pieces.values().as_struct();
         let pc = |name: &str| -> Result<ArrayRef, ArrowTeeError> {
-            pv.column_by_name(name).cloned().ok_or_else(|| fmt(format!("missing pieces field `{name}`")))
+            pv.column_by_name(name)
+                .cloned()
+                .ok_or_else(|| fmt(format!("missing pieces field `{name}`")))
         };
-        let (lane, file, ordinal, start, end, offset) =
-            (pc("lane")?, pc("file")?, pc("ordinal")?, pc("start")?, pc("end")?, pc("offset")?);
+        let (lane, file, ordinal, start, end, offset) = (
+            pc("lane")?,
+            pc("file")?,
+            pc("ordinal")?,
+            pc("start")?,
+            pc("end")?,
+            pc("offset")?,
+        );
         let lane = lane.as_primitive::<UInt16Type>();
         let file = file.as_primitive::<UInt32Type>();
         let ordinal = ordinal.as_primitive::<UInt32Type>();
@@ -438,7 +562,11 @@ pub fn read_sequences(path: &Path) -> Result<Vec<PackedSequence>, ArrowTeeError>
             let po = pieces.value_offsets();
             let ps = (po[row] as usize..po[row + 1] as usize)
                 .map(|k| Piece {
-                    doc: DocId { lane: lane.value(k), file: file.value(k), ordinal: ordinal.value(k) },
+                    doc: DocId {
+                        lane: lane.value(k),
+                        file: file.value(k),
+                        ordinal: ordinal.value(k),
+                    },
                     start: start.value(k),
                     end: end.value(k),
                     offset: offset.value(k),
@@ -451,8 +579,8 @@ pub fn read_sequences(path: &Path) -> Result<Vec<PackedSequence>, ArrowTeeError>
                 pieces: ps,
                 padding: padding.value(row),
                 shard: shard.value(row),
-            resume: None,
-        });
+                resume: None,
+            });
         }
     }
     Ok(out)
@@ -477,7 +605,11 @@ pub fn cli_inspect(file: &Path, tokenizer: &str, limit: usize) -> anyhow::Result
         seqs.len()
     )?;
     for s in seqs.iter().take(limit) {
-        writeln!(out, "\n=== sequence {} (shard {}, padding {}, doc_starts {:?})", s.index, s.shard, s.padding, s.doc_starts)?;
+        writeln!(
+            out,
+            "\n=== sequence {} (shard {}, padding {}, doc_starts {:?})",
+            s.index, s.shard, s.padding, s.doc_starts
+        )?;
         for p in &s.pieces {
             let from = (p.offset as usize).min(s.tokens.len());
             let to = (from + (p.end.saturating_sub(p.start)) as usize).min(s.tokens.len());
@@ -490,7 +622,11 @@ pub fn cli_inspect(file: &Path, tokenizer: &str, limit: usize) -> anyhow::Result
         }
     }
     if seqs.len() > limit {
-        writeln!(out, "\n… {} more sequences (use --limit)", seqs.len() - limit)?;
+        writeln!(
+            out,
+            "\n… {} more sequences (use --limit)",
+            seqs.len() - limit
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -501,10 +637,19 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn meta(seq_len: usize) -> TeeMeta {
-        TeeMeta { seq_len, tokenizer: "llama3".into(), run: "unit".into() }
+        TeeMeta {
+            seq_len,
+            tokenizer: "llama3".into(),
+            run: "unit".into(),
+        }
     }
 
-    fn random_seq(rng: &mut rand_chacha::ChaCha8Rng, index: u64, shards: u32, seq_len: usize) -> PackedSequence {
+    fn random_seq(
+        rng: &mut rand_chacha::ChaCha8Rng,
+        index: u64,
+        shards: u32,
+        seq_len: usize,
+    ) -> PackedSequence {
         let tokens: Vec<u32> = (0..=seq_len).map(|_| rng.gen_range(0..128_256)).collect();
         let mut doc_starts = vec![0u32];
         let mut pieces = Vec::new();
@@ -513,7 +658,11 @@ mod tests {
             let len = rng.gen_range(1..=((seq_len + 1) as u32 - off).min(40));
             let start = rng.gen_range(0..1000);
             pieces.push(Piece {
-                doc: DocId { lane: rng.gen_range(0..5), file: rng.gen(), ordinal: rng.gen_range(0..3) },
+                doc: DocId {
+                    lane: rng.gen_range(0..5),
+                    file: rng.gen(),
+                    ordinal: rng.gen_range(0..3),
+                },
                 start,
                 end: start + len,
                 offset: off,
@@ -523,7 +672,15 @@ mod tests {
                 doc_starts.push(off);
             }
         }
-        PackedSequence { index, tokens, doc_starts, pieces, padding: rng.gen_range(0..4), shard: rng.gen_range(0..shards) , resume: None }
+        PackedSequence {
+            index,
+            tokens,
+            doc_starts,
+            pieces,
+            padding: rng.gen_range(0..4),
+            shard: rng.gen_range(0..shards),
+            resume: None,
+        }
     }
 
     #[test]
@@ -533,22 +690,38 @@ mod tests {
         let shards = 3;
         let mut tee = ArrowTee::create(dir.path(), shards, meta(100)).unwrap();
         // 4 shards' worth of > BATCH_ROWS rows so full and partial batches both occur; shard 2 stays empty.
-        let seqs: Vec<_> = (0..150).map(|i| random_seq(&mut rng, u64::MAX - 200 + i, 2, 100)).collect();
+        let seqs: Vec<_> = (0..150)
+            .map(|i| random_seq(&mut rng, u64::MAX - 200 + i, 2, 100))
+            .collect();
         for s in &seqs {
             tee.write(s).unwrap();
         }
-        assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| e.unwrap().path().to_string_lossy().ends_with(".partial")));
+        assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| e
+            .unwrap()
+            .path()
+            .to_string_lossy()
+            .ends_with(".partial")));
         let sum = tee.finish().unwrap();
         assert_eq!(sum.sequences, 150);
         assert_eq!(sum.files.len(), 3);
         assert_eq!(sum.rows_per_shard.iter().sum::<u64>(), 150);
         assert_eq!(sum.rows_per_shard[2], 0);
         for (shard, f) in sum.files.iter().enumerate() {
-            assert_eq!(f.file_name().unwrap().to_str().unwrap(), shard_file_name(shard));
-            let want: Vec<_> = seqs.iter().filter(|s| s.shard as usize == shard).cloned().collect();
+            assert_eq!(
+                f.file_name().unwrap().to_str().unwrap(),
+                shard_file_name(shard)
+            );
+            let want: Vec<_> = seqs
+                .iter()
+                .filter(|s| s.shard as usize == shard)
+                .cloned()
+                .collect();
             assert_eq!(read_sequences(f).unwrap(), want, "shard {shard}");
             let m = read_meta(f).unwrap();
-            assert_eq!((m.seq_len, m.shard, m.shards, m.run.as_str()), (100, shard as u32, 3, "unit"));
+            assert_eq!(
+                (m.seq_len, m.shard, m.shards, m.run.as_str()),
+                (100, shard as u32, 3, "unit")
+            );
         }
     }
 
@@ -562,7 +735,12 @@ mod tests {
                     index: i,
                     tokens,
                     doc_starts: vec![0],
-                    pieces: vec![Piece { doc: DocId::default(), start: 0, end: 2048, offset: 0 }],
+                    pieces: vec![Piece {
+                        doc: DocId::default(),
+                        start: 0,
+                        end: 2048,
+                        offset: 0,
+                    }],
                     padding: 0,
                     shard: 0,
                     resume: None,
@@ -584,13 +762,34 @@ mod tests {
     #[test]
     fn rejects_bad_input() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(ArrowTee::create(dir.path(), 0, meta(4)), Err(ArrowTeeError::NoShards)));
+        assert!(matches!(
+            ArrowTee::create(dir.path(), 0, meta(4)),
+            Err(ArrowTeeError::NoShards)
+        ));
         let mut tee = ArrowTee::create(dir.path(), 2, meta(4)).unwrap();
-        let mut s = PackedSequence { index: 9, tokens: vec![1; 5], doc_starts: vec![0], pieces: vec![], padding: 0, shard: 2 , resume: None };
-        assert!(matches!(tee.write(&s), Err(ArrowTeeError::ShardOutOfRange { shard: 2, .. })));
+        let mut s = PackedSequence {
+            index: 9,
+            tokens: vec![1; 5],
+            doc_starts: vec![0],
+            pieces: vec![],
+            padding: 0,
+            shard: 2,
+            resume: None,
+        };
+        assert!(matches!(
+            tee.write(&s),
+            Err(ArrowTeeError::ShardOutOfRange { shard: 2, .. })
+        ));
         s.shard = 1;
         s.tokens.pop();
-        assert!(matches!(tee.write(&s), Err(ArrowTeeError::WrongLength { got: 4, expected: 5, .. })));
+        assert!(matches!(
+            tee.write(&s),
+            Err(ArrowTeeError::WrongLength {
+                got: 4,
+                expected: 5,
+                ..
+            })
+        ));
         let junk = dir.path().join("junk.arrow");
         std::fs::write(&junk, b"not arrow").unwrap();
         assert!(read_sequences(&junk).is_err());

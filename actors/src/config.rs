@@ -79,12 +79,19 @@ fn default_gen_acts() -> usize {
 }
 
 fn default_gen_langs() -> Vec<String> {
-    ["en", "fr", "de", "es", "pt"].iter().map(|s| s.to_string()).collect()
+    ["en", "fr", "de", "es", "pt"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 impl Default for GenerateConfig {
     fn default() -> Self {
-        GenerateConfig { acts_per_language: default_gen_acts(), languages: default_gen_langs(), seed: default_seed() }
+        GenerateConfig {
+            acts_per_language: default_gen_acts(),
+            languages: default_gen_langs(),
+            seed: default_seed(),
+        }
     }
 }
 
@@ -127,7 +134,11 @@ fn default_tokenizer() -> String {
 
 impl Default for TokenizerConfig {
     fn default() -> Self {
-        TokenizerConfig { path: default_tokenizer(), threads: one(), add_bos: false }
+        TokenizerConfig {
+            path: default_tokenizer(),
+            threads: one(),
+            add_bos: false,
+        }
     }
 }
 
@@ -155,15 +166,24 @@ pub struct SamplerConfig {
 }
 
 pub fn default_mix() -> BTreeMap<String, f64> {
-    [("en", 0.35), ("fr", 0.25), ("de", 0.20), ("es", 0.12), ("pt", 0.08)]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+    [
+        ("en", 0.35),
+        ("fr", 0.25),
+        ("de", 0.20),
+        ("es", 0.12),
+        ("pt", 0.08),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { mix: default_mix(), on_exhausted: ExhaustedPolicy::Stop }
+        SamplerConfig {
+            mix: default_mix(),
+            on_exhausted: ExhaustedPolicy::Stop,
+        }
     }
 }
 
@@ -243,7 +263,11 @@ fn default_shards() -> NonZeroUsize {
 
 impl Default for ShardConfig {
     fn default() -> Self {
-        ShardConfig { count: default_shards(), ranks: one(), arrow_dir: None }
+        ShardConfig {
+            count: default_shards(),
+            ranks: one(),
+            arrow_dir: None,
+        }
     }
 }
 
@@ -264,7 +288,10 @@ fn default_capacity() -> NonZeroUsize {
 
 impl Default for EdgeConfig {
     fn default() -> Self {
-        EdgeConfig { capacity: default_capacity(), overrides: BTreeMap::new() }
+        EdgeConfig {
+            capacity: default_capacity(),
+            overrides: BTreeMap::new(),
+        }
     }
 }
 
@@ -365,7 +392,11 @@ fn default_listen() -> String {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { enabled: true, listen: default_listen(), linger_seconds: 0 }
+        MetricsConfig {
+            enabled: true,
+            listen: default_listen(),
+            linger_seconds: 0,
+        }
     }
 }
 
@@ -373,17 +404,27 @@ impl Default for MetricsConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{origin}:{line}: key `{key}`: {message}")]
-    Parse { origin: String, key: String, line: usize, message: String },
+    Parse {
+        origin: String,
+        key: String,
+        line: usize,
+        message: String,
+    },
     #[error("{origin}: {} error(s):\n{}", .errors.len(), .errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid { origin: String, errors: Vec<String> },
 }
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::from_toml(&text, &path.display().to_string())
     }
 
@@ -394,13 +435,21 @@ impl Config {
             let key = e.path().to_string();
             let inner = e.into_inner();
             let line = inner.span().map(|s| line_of(text, s.start)).unwrap_or(0);
-            ConfigError::Parse { origin: origin.to_string(), key, line, message: inner.message().to_string() }
+            ConfigError::Parse {
+                origin: origin.to_string(),
+                key,
+                line,
+                message: inner.message().to_string(),
+            }
         })?;
         let errors = cfg.validate(text);
         if errors.is_empty() {
             Ok(cfg)
         } else {
-            Err(ConfigError::Invalid { origin: origin.to_string(), errors })
+            Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                errors,
+            })
         }
     }
 
@@ -414,20 +463,32 @@ impl Config {
         };
         let mix = &self.sampler.mix;
         if mix.is_empty() {
-            errs.push(format!("{}: the language mix is empty; give at least one language", at("sampler.mix")));
+            errs.push(format!(
+                "{}: the language mix is empty; give at least one language",
+                at("sampler.mix")
+            ));
         }
         let mut sum = 0.0;
         for (lang, share) in mix {
             if !(share.is_finite() && *share > 0.0 && *share <= 1.0) {
-                errs.push(format!("{}: share {share} must be in (0, 1]", at(&format!("sampler.mix.{lang}"))));
+                errs.push(format!(
+                    "{}: share {share} must be in (0, 1]",
+                    at(&format!("sampler.mix.{lang}"))
+                ));
             }
             if lang.len() != 2 || !lang.chars().all(|c| c.is_ascii_lowercase()) {
-                errs.push(format!("{}: `{lang}` is not a lower-case ISO 639-1 code like `en`", at("sampler.mix")));
+                errs.push(format!(
+                    "{}: `{lang}` is not a lower-case ISO 639-1 code like `en`",
+                    at("sampler.mix")
+                ));
             }
             sum += share;
         }
         if !mix.is_empty() && (sum - 1.0).abs() > 1e-6 {
-            errs.push(format!("{}: shares sum to {sum}, they must sum to 1", at("sampler.mix")));
+            errs.push(format!(
+                "{}: shares sum to {sum}, they must sum to 1",
+                at("sampler.mix")
+            ));
         }
         if self.packer.seq_len.get() < 2 {
             errs.push(format!("{}: must be at least 2", at("packer.seq_len")));
@@ -442,11 +503,20 @@ impl Config {
         }
         if let Some(t) = &self.train {
             if t.devices.is_empty() {
-                errs.push(format!("{}: list at least one device, e.g. [\"cpu\"]", at("train.devices")));
+                errs.push(format!(
+                    "{}: list at least one device, e.g. [\"cpu\"]",
+                    at("train.devices")
+                ));
             }
             for d in &t.devices {
-                if !(d == "cpu" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok())) {
-                    errs.push(format!("{}: `{d}` is not `cpu` or `cuda:N`", at("train.devices")));
+                if !(d == "cpu"
+                    || d.strip_prefix("cuda:")
+                        .is_some_and(|n| n.parse::<usize>().is_ok()))
+                {
+                    errs.push(format!(
+                        "{}: `{d}` is not `cpu` or `cuda:N`",
+                        at("train.devices")
+                    ));
                 }
             }
             if t.steps == 0 {
@@ -456,7 +526,10 @@ impl Config {
                 errs.push(format!("{}: must be > 0", at("train.lr")));
             }
             if t.keep_checkpoints == 0 {
-                errs.push(format!("{}: keep at least 1 checkpoint", at("train.keep_checkpoints")));
+                errs.push(format!(
+                    "{}: keep at least 1 checkpoint",
+                    at("train.keep_checkpoints")
+                ));
             }
         }
         if self.input.paths.is_empty() && self.input.generate.acts_per_language == 0 {
@@ -478,7 +551,11 @@ impl Config {
 }
 
 fn line_of(text: &str, byte: usize) -> usize {
-    text.as_bytes()[..byte.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..byte.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Best-effort line of `a.b.c`: the line of key `c` after the `[a]`/`[a.b]` table header.
@@ -542,9 +619,17 @@ mod tests {
     fn all_semantic_errors_reported_at_once() {
         let t = "[run]\nname = \"x\"\ndir = \"r\"\n[sampler]\nmix = { en = 0.5, FR = 0.2 }\n[train]\ndevices = [\"tpu\"]\nsteps = 0\n";
         let e = Config::from_toml(t, "t.toml").unwrap_err();
-        let ConfigError::Invalid { errors, .. } = &e else { panic!("{e}") };
+        let ConfigError::Invalid { errors, .. } = &e else {
+            panic!("{e}")
+        };
         assert!(errors.len() >= 4, "{errors:#?}");
         let s = e.to_string();
-        assert!(s.contains("sum to 0.7") && s.contains("tpu") && s.contains("train.steps") && s.contains("FR"), "{s}");
+        assert!(
+            s.contains("sum to 0.7")
+                && s.contains("tpu")
+                && s.contains("train.steps")
+                && s.contains("FR"),
+            "{s}"
+        );
     }
 }

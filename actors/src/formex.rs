@@ -44,7 +44,11 @@ impl FormexError {
         let off = (offset as usize).min(bytes.len());
         let before = &bytes[..off];
         let line = before.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
-        let line_start = before.iter().rposition(|&b| b == b'\n').map(|p| p + 1).unwrap_or(0);
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map(|p| p + 1)
+            .unwrap_or(0);
         FormexError {
             line,
             column: (off - line_start) as u64 + 1,
@@ -55,9 +59,11 @@ impl FormexError {
     }
 }
 
-const HINT_MALFORMED: &str = "the file is not well-formed XML (damaged or truncated?): re-download or re-extract it";
+const HINT_MALFORMED: &str =
+    "the file is not well-formed XML (damaged or truncated?): re-download or re-extract it";
 const HINT_TRUNCATED: &str = "the file ends early (truncated download or copy): re-download it";
-const HINT_ENCODING: &str = "FORMEX is UTF-8: re-encode the file (e.g. `iconv -f LATIN1 -t UTF-8`) or drop it";
+const HINT_ENCODING: &str =
+    "FORMEX is UTF-8: re-encode the file (e.g. `iconv -f LATIN1 -t UTF-8`) or drop it";
 const HINT_UTF16: &str = "FORMEX is UTF-8: convert it (`iconv -f UTF-16 -t UTF-8`) or drop it";
 const HINT_BINARY: &str = "this is not a text/XML file: remove it from the inputs";
 const HINT_NOT_FORMEX: &str =
@@ -101,7 +107,10 @@ pub struct Parsed {
 /// Parse one FORMEX file (already decompressed). `path` is recorded in each document and used for file-name
 /// fallbacks (language, CELEX).
 pub fn parse_bytes(path: &str, bytes: &[u8]) -> Result<Vec<Document>, FormexError> {
-    Ok(parse_detailed(path, bytes)?.into_iter().map(|p| p.doc).collect())
+    Ok(parse_detailed(path, bytes)?
+        .into_iter()
+        .map(|p| p.doc)
+        .collect())
 }
 
 /// Like [`parse_bytes`], with the package metadata used to attach manifests.
@@ -124,15 +133,32 @@ fn check_bytes(bytes: &[u8]) -> Result<&str, FormexError> {
         return Err(FormexError::at(bytes, 0, "empty file", HINT_TRUNCATED));
     }
     if bytes.starts_with(&[0xFF, 0xFE]) || bytes.starts_with(&[0xFE, 0xFF]) {
-        return Err(FormexError::at(bytes, 0, "UTF-16 encoded file (byte order mark)", HINT_UTF16));
+        return Err(FormexError::at(
+            bytes,
+            0,
+            "UTF-16 encoded file (byte order mark)",
+            HINT_UTF16,
+        ));
     }
-    if bytes.len() >= 2 && ((bytes[0] == b'<' && bytes[1] == 0) || (bytes[0] == 0 && bytes[1] == b'<')) {
-        return Err(FormexError::at(bytes, 0, "UTF-16 encoded file (no byte order mark)", HINT_UTF16));
+    if bytes.len() >= 2
+        && ((bytes[0] == b'<' && bytes[1] == 0) || (bytes[0] == 0 && bytes[1] == b'<'))
+    {
+        return Err(FormexError::at(
+            bytes,
+            0,
+            "UTF-16 encoded file (no byte order mark)",
+            HINT_UTF16,
+        ));
     }
     let body = bytes.strip_prefix(&[0xEF, 0xBB, 0xBF]).unwrap_or(bytes);
     if let Some(p) = body.iter().position(|&b| b == 0) {
         let off = (p + bytes.len() - body.len()) as u64;
-        return Err(FormexError::at(bytes, off, "binary data (NUL byte)", HINT_BINARY));
+        return Err(FormexError::at(
+            bytes,
+            off,
+            "binary data (NUL byte)",
+            HINT_BINARY,
+        ));
     }
     match std::str::from_utf8(body) {
         Ok(s) => Ok(s),
@@ -140,14 +166,25 @@ fn check_bytes(bytes: &[u8]) -> Result<&str, FormexError> {
             let p = e.valid_up_to();
             let off = (p + bytes.len() - body.len()) as u64;
             let b = body[p];
-            let control = body.iter().take(4096).filter(|&&c| c < 0x09 || (0x0E..0x20).contains(&c)).count();
+            let control = body
+                .iter()
+                .take(4096)
+                .filter(|&&c| c < 0x09 || (0x0E..0x20).contains(&c))
+                .count();
             if control > 8 {
-                Err(FormexError::at(bytes, off, "binary data (not UTF-8 text)", HINT_BINARY))
+                Err(FormexError::at(
+                    bytes,
+                    off,
+                    "binary data (not UTF-8 text)",
+                    HINT_BINARY,
+                ))
             } else {
                 Err(FormexError::at(
                     bytes,
                     off,
-                    format!("invalid UTF-8 (byte 0x{b:02X}); the file is probably Latin-1/Windows-1252"),
+                    format!(
+                        "invalid UTF-8 (byte 0x{b:02X}); the file is probably Latin-1/Windows-1252"
+                    ),
                     HINT_ENCODING,
                 ))
             }
@@ -236,24 +273,28 @@ fn classify(name: &[u8]) -> (K, Disp) {
         b"DOCUMENT.REF" => (K::DocumentRef, Hidden),
         b"REF.PHYS" => (K::RefPhys, Hidden),
         b"INFO.CONSLEG" => (K::InfoConsleg, Hidden),
-        b"NO.P" | b"NO.PARAG" | b"PREFIX" | b"TERM" | b"NO.GR.SEQ" | b"NO.ITEM" => (K::Glue, Inline),
+        b"NO.P" | b"NO.PARAG" | b"PREFIX" | b"TERM" | b"NO.GR.SEQ" | b"NO.ITEM" => {
+            (K::Glue, Inline)
+        }
         b"BR" => (K::Br, Inline),
         b"OP.CMP" | b"OP.MATH" => (K::MathOp, Inline),
         b"DIVISOR" => (K::Divisor, Inline),
         b"SUM" => (K::Sum, Inline),
         // metadata, running heads, images
-        b"BIB.INSTANCE.CONS" | b"FAM.COMP" | b"INFO.PROD" | b"BIB.JUDGMENT" | b"BIB.ORDER" | b"BIB.CONCLUSION"
-        | b"BIB.OPINION" | b"BIB.RULING" | b"BIB.DECISION.ECR" | b"BIB.CASE" | b"BIB.ECR" | b"BIB.DATA"
-        | b"BIB.VOLUME" | b"BIB.SE" | b"CURR.TITLE" | b"PAGE.HEADER" | b"INCLUSIONS" | b"INCL.ELEMENT"
-        | b"GR.MOD.ACT" | b"GR.CORRIG" | b"PUBLICATION.REF" | b"PAPER" | b"PDF" | b"FMX" | b"DOC.SUB.PUB"
-        | b"IMG.CNT" | b"REF.ORIGINAL" | b"INFO.MOD" | b"INFO.ERROR" | b"INFO.FILTER" | b"JOB.CONSLEG" => {
+        b"BIB.INSTANCE.CONS" | b"FAM.COMP" | b"INFO.PROD" | b"BIB.JUDGMENT" | b"BIB.ORDER"
+        | b"BIB.CONCLUSION" | b"BIB.OPINION" | b"BIB.RULING" | b"BIB.DECISION.ECR"
+        | b"BIB.CASE" | b"BIB.ECR" | b"BIB.DATA" | b"BIB.VOLUME" | b"BIB.SE" | b"CURR.TITLE"
+        | b"PAGE.HEADER" | b"INCLUSIONS" | b"INCL.ELEMENT" | b"GR.MOD.ACT" | b"GR.CORRIG"
+        | b"PUBLICATION.REF" | b"PAPER" | b"PDF" | b"FMX" | b"DOC.SUB.PUB" | b"IMG.CNT"
+        | b"REF.ORIGINAL" | b"INFO.MOD" | b"INFO.ERROR" | b"INFO.FILTER" | b"JOB.CONSLEG" => {
             (K::Other, Hidden)
         }
         // inline markup (t_btx content and formulas)
-        b"HT" | b"FT" | b"IE" | b"LINK" | b"REF.DOC" | b"REF.DOC.OJ" | b"REF.DOC.ECR" | b"REF.DOC.SE"
-        | b"REF.NP.ECR" | b"NO.CASE" | b"NO.ECLI" | b"NAME.CASE" | b"TXT" | b"DEFINITION" | b"FORMULA" | b"EXPR"
-        | b"IND" | b"EXPONENT" | b"FRACTION" | b"DIVIDEND" | b"OVER" | b"UNDER" | b"OVERLINE" | b"ROOT" | b"DEGREE"
-        | b"FMT.VALUE" | b"VECTOR" | b"FUNCTION" | b"ANONYMOUS" | b"LV" | b"ADDR" | b"REF.NOTE" | b"MARGIN"
+        b"HT" | b"FT" | b"IE" | b"LINK" | b"REF.DOC" | b"REF.DOC.OJ" | b"REF.DOC.ECR"
+        | b"REF.DOC.SE" | b"REF.NP.ECR" | b"NO.CASE" | b"NO.ECLI" | b"NAME.CASE" | b"TXT"
+        | b"DEFINITION" | b"FORMULA" | b"EXPR" | b"IND" | b"EXPONENT" | b"FRACTION"
+        | b"DIVIDEND" | b"OVER" | b"UNDER" | b"OVERLINE" | b"ROOT" | b"DEGREE" | b"FMT.VALUE"
+        | b"VECTOR" | b"FUNCTION" | b"ANONYMOUS" | b"LV" | b"ADDR" | b"REF.NOTE" | b"MARGIN"
         | b"QUALIF" | b"ITEM.REF" => (K::Other, Inline),
         // block structure
         b"TI"
@@ -397,7 +438,9 @@ fn is_doc_root(name: &[u8]) -> bool {
 fn is_formex_name(name: &[u8]) -> bool {
     !name.is_empty()
         && name[0].is_ascii_uppercase()
-        && name.iter().all(|&b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-')
+        && name.iter().all(|&b| {
+            b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-'
+        })
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -590,7 +633,10 @@ fn is_ws(b: u8) -> bool {
 }
 
 fn title_push(t: &mut TitleCap, s: &str) {
-    for (i, w) in s.split(|c: char| c == ' ' || c == '\t' || c == '\n' || c == '\r').enumerate() {
+    for (i, w) in s
+        .split(|c: char| c == ' ' || c == '\t' || c == '\n' || c == '\r')
+        .enumerate()
+    {
         if i > 0 {
             t.space = true;
         }
@@ -669,7 +715,11 @@ impl<'a> Parser<'a> {
                 Event::End(_) => self.end(before)?,
                 Event::Text(t) => {
                     let s = t.unescape().map_err(|e| {
-                        self.err(before, format!("bad character or entity reference: {e}"), HINT_MALFORMED)
+                        self.err(
+                            before,
+                            format!("bad character or entity reference: {e}"),
+                            HINT_MALFORMED,
+                        )
                     })?;
                     self.text(&s, before)?;
                 }
@@ -681,7 +731,11 @@ impl<'a> Parser<'a> {
                 Event::DocType(d) => {
                     let raw: &[u8] = &d;
                     if find(raw, b"ENTITY").is_some() {
-                        return Err(self.err(before, "DOCTYPE declares entities (refused, never expanded)", HINT_DTD));
+                        return Err(self.err(
+                            before,
+                            "DOCTYPE declares entities (refused, never expanded)",
+                            HINT_DTD,
+                        ));
                     }
                 }
                 Event::Decl(d) => {
@@ -712,7 +766,11 @@ impl<'a> Parser<'a> {
             ));
         }
         if !self.root_seen {
-            return Err(self.err(input.len() as u64, "no root element: not an XML document", HINT_NOT_FORMEX));
+            return Err(self.err(
+                input.len() as u64,
+                "no root element: not an XML document",
+                HINT_NOT_FORMEX,
+            ));
         }
         Ok(())
     }
@@ -722,8 +780,16 @@ impl<'a> Parser<'a> {
             if s.bytes().all(is_ws) {
                 return Ok(());
             }
-            let what = if self.root_done { "text after the root element" } else { "text before the root element" };
-            let hint = if self.root_done { HINT_MALFORMED } else { HINT_NOT_FORMEX };
+            let what = if self.root_done {
+                "text after the root element"
+            } else {
+                "text before the root element"
+            };
+            let hint = if self.root_done {
+                HINT_MALFORMED
+            } else {
+                HINT_NOT_FORMEX
+            };
             return Err(self.err(off, what, hint));
         }
         if let Some(d) = self.docs.last_mut() {
@@ -742,12 +808,19 @@ impl<'a> Parser<'a> {
             }
         }
         if self.stack.len() >= MAX_DEPTH {
-            return Err(self.err(off, format!("elements nested deeper than {MAX_DEPTH}"), HINT_MALFORMED));
+            return Err(self.err(
+                off,
+                format!("elements nested deeper than {MAX_DEPTH}"),
+                HINT_MALFORMED,
+            ));
         }
         let name_range = {
             let start = name.as_ptr() as usize;
             let base = self.input.as_ptr() as usize;
-            if start >= base && start + name.len() <= base + self.input.len() && name.len() <= u16::MAX as usize {
+            if start >= base
+                && start + name.len() <= base + self.input.len()
+                && name.len() <= u16::MAX as usize
+            {
                 ((start - base) as u32, name.len() as u16)
             } else {
                 (0, 0)
@@ -757,7 +830,11 @@ impl<'a> Parser<'a> {
         let name_str = std::str::from_utf8(name).unwrap_or("?");
         if depth == 0 {
             if self.root_done {
-                return Err(self.err(off, format!("second root element <{name_str}>"), HINT_MALFORMED));
+                return Err(self.err(
+                    off,
+                    format!("second root element <{name_str}>"),
+                    HINT_MALFORMED,
+                ));
             }
             self.root_seen = true;
             if !is_formex_name(name) {
@@ -770,7 +847,12 @@ impl<'a> Parser<'a> {
             self.wrapper = !is_doc_root(name);
             let cap = self.input.len() / 2;
             self.docs.push(DocState::new(self.path, name_str, cap));
-            self.stack.push(Frame { k: K::Other, d: Disp::Block, name: name_range, opens_doc: true });
+            self.stack.push(Frame {
+                k: K::Other,
+                d: Disp::Block,
+                name: name_range,
+                opens_doc: true,
+            });
             self.root_attrs(e);
             return Ok(());
         }
@@ -778,15 +860,27 @@ impl<'a> Parser<'a> {
             self.wrapper_children += 1;
             let cap = 1024;
             self.docs.push(DocState::new(self.path, name_str, cap));
-            self.stack.push(Frame { k: K::Other, d: Disp::Block, name: name_range, opens_doc: true });
+            self.stack.push(Frame {
+                k: K::Other,
+                d: Disp::Block,
+                name: name_range,
+                opens_doc: true,
+            });
             self.root_attrs(e);
             return Ok(());
         }
         let (k, d) = classify(name);
         let parent = self.stack.last().map(|f| f.k).unwrap_or(K::Other);
-        self.stack.push(Frame { k, d, name: name_range, opens_doc: false });
+        self.stack.push(Frame {
+            k,
+            d,
+            name: name_range,
+            opens_doc: false,
+        });
         let depth = self.stack.len();
-        let Some(ds) = self.docs.last_mut() else { return Ok(()) };
+        let Some(ds) = self.docs.last_mut() else {
+            return Ok(());
+        };
         // rendering
         if let Some(t) = ds.title.as_mut() {
             if matches!(d, Disp::Block | Disp::Soft) {
@@ -810,7 +904,9 @@ impl<'a> Parser<'a> {
             K::Date => {
                 if let Ok(Some(a)) = e.try_get_attribute(b"ISO") {
                     if let Some(date) = iso_date(&a.value) {
-                        if ds.date_main.is_none() && matches!(parent, K::BibInstance | K::DocMainPub | K::BibOj) {
+                        if ds.date_main.is_none()
+                            && matches!(parent, K::BibInstance | K::DocMainPub | K::BibOj)
+                        {
                             ds.date_main = Some(date.clone());
                         }
                         if ds.date_any.is_none() && ds.quot == 0 && ds.notes == 0 {
@@ -833,16 +929,29 @@ impl<'a> Parser<'a> {
             }
             K::Title => {
                 if !ds.title_done && ds.title.is_none() && ds.quot == 0 && ds.notes == 0 {
-                    ds.title = Some(TitleCap { depth, ..Default::default() });
+                    ds.title = Some(TitleCap {
+                        depth,
+                        ..Default::default()
+                    });
                 }
             }
             K::Article => {
                 if ds.quot == 0 && ds.notes == 0 && ds.hidden == 0 && ds.art.is_none() {
                     let id = match e.try_get_attribute(b"IDENTIFIER") {
-                        Ok(Some(a)) => a.unescape_value().map(|v| v.into_owned()).unwrap_or_default(),
+                        Ok(Some(a)) => a
+                            .unescape_value()
+                            .map(|v| v.into_owned())
+                            .unwrap_or_default(),
                         _ => String::new(),
                     };
-                    ds.art = Some(ArtState { depth, art: Article { id, ..Default::default() }, child: None });
+                    ds.art = Some(ArtState {
+                        depth,
+                        art: Article {
+                            id,
+                            ..Default::default()
+                        },
+                        child: None,
+                    });
                 }
             }
             K::TiArt | K::StiArt => {}
@@ -954,7 +1063,10 @@ impl<'a> Parser<'a> {
         let depth = self.stack.len() + 1;
         if f.opens_doc {
             if let Some(ds) = self.docs.pop() {
-                let keep = !(self.wrapper && depth == 1 && self.wrapper_children > 0 && ds.doc.text.trim().is_empty());
+                let keep = !(self.wrapper
+                    && depth == 1
+                    && self.wrapper_children > 0
+                    && ds.doc.text.trim().is_empty());
                 if keep {
                     self.out.push(finish(ds));
                 }
@@ -964,7 +1076,9 @@ impl<'a> Parser<'a> {
             }
             return Ok(());
         }
-        let Some(ds) = self.docs.last_mut() else { return Ok(()) };
+        let Some(ds) = self.docs.last_mut() else {
+            return Ok(());
+        };
         // article direct children first (the slice must not include the closing separator)
         if let Some(a) = ds.art.as_mut() {
             if depth == a.depth + 1 {
@@ -1088,8 +1202,19 @@ pub fn iso_date(v: &[u8]) -> Option<String> {
 }
 
 fn finish(ds: DocState) -> Parsed {
-    let DocState { mut doc, mut meta, lg_doc, lg_oj, no_celex, consleg_ref, year, number, date_main, date_any, .. } =
-        ds;
+    let DocState {
+        mut doc,
+        mut meta,
+        lg_doc,
+        lg_oj,
+        no_celex,
+        consleg_ref,
+        year,
+        number,
+        date_main,
+        date_any,
+        ..
+    } = ds;
     // text: trim trailing blanks
     let t = doc.text.trim_end().len();
     doc.text.truncate(t);
@@ -1113,8 +1238,16 @@ fn finish(ds: DocState) -> Parsed {
         src = CelexSource::FileName;
     } else if let (Some(y), Some(n)) = (year.as_deref(), number.as_deref()) {
         let letter = match doc.root.as_str() {
-            "DOC" => meta.legal_value.as_deref().and_then(letter_from_legal_value).map(|l| (l, CelexSource::Manifest)),
-            "ACT" => doc.title.as_deref().and_then(letter_from_title).map(|l| (l, CelexSource::Heuristic)),
+            "DOC" => meta
+                .legal_value
+                .as_deref()
+                .and_then(letter_from_legal_value)
+                .map(|l| (l, CelexSource::Manifest)),
+            "ACT" => doc
+                .title
+                .as_deref()
+                .and_then(letter_from_title)
+                .map(|l| (l, CelexSource::Heuristic)),
             _ => None,
         };
         if let Some((l, s)) = letter {
@@ -1162,9 +1295,14 @@ pub fn doc_type_from_celex(c: &str) -> Option<DocType> {
     if b.len() < 10 {
         return None;
     }
-    let letters: String = c[5..].chars().take_while(|ch| ch.is_ascii_uppercase()).collect();
+    let letters: String = c[5..]
+        .chars()
+        .take_while(|ch| ch.is_ascii_uppercase())
+        .collect();
     let rest = &c[5 + letters.len()..];
-    let num_end = rest.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(rest.len());
+    let num_end = rest
+        .find(|ch: char| !ch.is_ascii_digit())
+        .unwrap_or(rest.len());
     let suffix = &rest[num_end..];
     match b[0] {
         b'3' | b'2' | b'4' | b'0' => {
@@ -1352,8 +1490,8 @@ fn letter_from_title(title: &str) -> Option<char> {
 
 /// The 24 official EU languages (ISO 639-1).
 pub const EU_LANGS: &[&str] = &[
-    "bg", "cs", "da", "de", "el", "en", "es", "et", "fi", "fr", "ga", "hr", "hu", "it", "lt", "lv", "mt", "nl", "pl",
-    "pt", "ro", "sk", "sl", "sv",
+    "bg", "cs", "da", "de", "el", "en", "es", "et", "fi", "fr", "ga", "hr", "hu", "it", "lt", "lv",
+    "mt", "nl", "pl", "pt", "ro", "sk", "sl", "sv",
 ];
 
 /// `EN` → `en`; 3-letter ISO 639-2 codes of EU languages map to 639-1.
@@ -1418,7 +1556,11 @@ pub fn lang_from_filename(path: &str) -> Option<String> {
         while i < b.len() && b[i].is_ascii_digit() {
             i += 1;
         }
-        if i - ns >= 4 && i + 2 <= b.len() && b[i].is_ascii_uppercase() && b[i + 1].is_ascii_uppercase() {
+        if i - ns >= 4
+            && i + 2 <= b.len()
+            && b[i].is_ascii_uppercase()
+            && b[i + 1].is_ascii_uppercase()
+        {
             if let Some(l) = eu_lang(&name[i..i + 2]) {
                 return Some(l);
             }
@@ -1431,7 +1573,11 @@ pub fn lang_from_filename(path: &str) -> Option<String> {
             while i < b.len() && b[i].is_ascii_digit() {
                 i += 1;
             }
-            if i - us - 1 >= 7 && i + 2 <= b.len() && b[i].is_ascii_uppercase() && b[i + 1].is_ascii_uppercase() {
+            if i - us - 1 >= 7
+                && i + 2 <= b.len()
+                && b[i].is_ascii_uppercase()
+                && b[i + 1].is_ascii_uppercase()
+            {
                 if let Some(l) = eu_lang(&name[i..i + 2]) {
                     return Some(l);
                 }
@@ -1511,24 +1657,46 @@ mod tests {
         assert_eq!(d.date.as_deref(), Some("2016-04-27"));
         assert_eq!(d.celex.as_deref(), Some("32016R0679"));
         assert_eq!(d.doc_type, DocType::Regulation);
-        assert_eq!(d.title.as_deref(), Some("Regulation (EU) 2016/679 of the Council of 27 April 2016"));
+        assert_eq!(
+            d.title.as_deref(),
+            Some("Regulation (EU) 2016/679 of the Council of 27 April 2016")
+        );
         assert_eq!(d.articles.len(), 2);
         let a = &d.articles[0];
         assert_eq!(a.id, "001");
         assert_eq!(a.title, "Article 1");
         assert_eq!(a.subtitle.as_deref(), Some("Subject-matter"));
-        assert_eq!(a.paragraphs, vec!["1. This Regulation lays down rules.", "2. It protects rights."]);
+        assert_eq!(
+            a.paragraphs,
+            vec![
+                "1. This Regulation lays down rules.",
+                "2. It protects rights."
+            ]
+        );
         assert_eq!(d.articles[1].id, "002");
-        assert!(!d.text.contains("20160427"), "BIB.INSTANCE stripped: {}", d.text);
+        assert!(
+            !d.text.contains("20160427"),
+            "BIB.INSTANCE stripped: {}",
+            d.text
+        );
     }
 
     #[test]
     fn formex_text_rendering() {
         let d = one(ACT);
         let t = &d.text;
-        assert!(t.starts_with("Regulation (EU) 2016/679 of the Council\nof 27 April 2016 [fn]\n"), "{t}");
-        assert!(t.contains("Having regard to the opinion [OJ C 229, p. 90.],\n"), "{t}");
-        assert!(t.contains("(1) The (the \u{2018}Charter\u{2019}) text."), "{t}");
+        assert!(
+            t.starts_with("Regulation (EU) 2016/679 of the Council\nof 27 April 2016 [fn]\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("Having regard to the opinion [OJ C 229, p. 90.],\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("(1) The (the \u{2018}Charter\u{2019}) text."),
+            "{t}"
+        );
         assert!(
             t.contains("Article 1\nSubject-matter\n1. This Regulation lays down rules.\n2. It protects rights."),
             "{t}"
@@ -1594,17 +1762,44 @@ mod tests {
 
     #[test]
     fn formex_filename_helpers() {
-        assert_eq!(lang_from_filename("x/L_2016119EN.01000101.xml").as_deref(), Some("en"));
-        assert_eq!(lang_from_filename("L_202401689EN.000101.fmx.xml").as_deref(), Some("en"));
-        assert_eq!(lang_from_filename("CL2016R0679FR0000020.0001.xml").as_deref(), Some("fr"));
-        assert_eq!(lang_from_filename("a.zip!62018CJ0311.lv.fmx.xml").as_deref(), Some("lv"));
-        assert_eq!(lang_from_filename("gdpr-consolidated-es.xml").as_deref(), Some("es"));
+        assert_eq!(
+            lang_from_filename("x/L_2016119EN.01000101.xml").as_deref(),
+            Some("en")
+        );
+        assert_eq!(
+            lang_from_filename("L_202401689EN.000101.fmx.xml").as_deref(),
+            Some("en")
+        );
+        assert_eq!(
+            lang_from_filename("CL2016R0679FR0000020.0001.xml").as_deref(),
+            Some("fr")
+        );
+        assert_eq!(
+            lang_from_filename("a.zip!62018CJ0311.lv.fmx.xml").as_deref(),
+            Some("lv")
+        );
+        assert_eq!(
+            lang_from_filename("gdpr-consolidated-es.xml").as_deref(),
+            Some("es")
+        );
         assert_eq!(lang_from_filename("aia.fmx.xml"), None);
-        assert_eq!(celex_from_filename("32022R1925-formex.xml").as_deref(), Some("32022R1925"));
-        assert_eq!(celex_from_filename("CL2016R0679FR0000020.0001.xml").as_deref(), Some("32016R0679"));
-        assert_eq!(celex_from_filename("62018CJ0311.en.fmx.xml").as_deref(), Some("62018CJ0311"));
+        assert_eq!(
+            celex_from_filename("32022R1925-formex.xml").as_deref(),
+            Some("32022R1925")
+        );
+        assert_eq!(
+            celex_from_filename("CL2016R0679FR0000020.0001.xml").as_deref(),
+            Some("32016R0679")
+        );
+        assert_eq!(
+            celex_from_filename("62018CJ0311.en.fmx.xml").as_deref(),
+            Some("62018CJ0311")
+        );
         assert_eq!(celex_from_filename("L_2016119EN.01000101.xml"), None);
-        assert_eq!(doc_type_from_celex("32016R0679R(02)"), Some(DocType::Corrigendum));
+        assert_eq!(
+            doc_type_from_celex("32016R0679R(02)"),
+            Some(DocType::Corrigendum)
+        );
         assert_eq!(doc_type_from_celex("62023CO0786"), Some(DocType::Order));
         assert_eq!(doc_type_from_celex("62019CC0001"), Some(DocType::Opinion));
         assert_eq!(iso_date(b"99999999"), None);
@@ -1622,7 +1817,10 @@ mod tests {
             (b"\xff\xfe<\0A\0", "UTF-16"),
             (b"<ACT>caf\xe9</ACT>", "UTF-8"),
             (b"\x00\x01\x02garbage", "binary"),
-            (b"<!DOCTYPE ACT [<!ENTITY x SYSTEM \"file:///etc/passwd\">]><ACT>&x;</ACT>", "DOCTYPE"),
+            (
+                b"<!DOCTYPE ACT [<!ENTITY x SYSTEM \"file:///etc/passwd\">]><ACT>&x;</ACT>",
+                "DOCTYPE",
+            ),
             (b"<ACT>&unknown;</ACT>", "entity"),
             (b"<ACT></ACT><ACT></ACT>", "second root"),
             (b"just text", "text before"),

@@ -76,14 +76,17 @@ struct Plan {
 
 fn mix(seed: u64, a: u64, b: u64) -> u64 {
     // splitmix64 over the three words: independent, well-spread stream seeds.
-    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let mut z =
+        seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
 fn lang_key(lang: &str) -> u64 {
-    lang.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    lang.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn plan(i: usize, s: &mut ChaCha8Rng) -> Plan {
@@ -777,7 +780,9 @@ fn esc(s: &str) -> String {
     o
 }
 
-const ROMAN: [&str; 12] = ["I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII"];
+const ROMAN: [&str; 12] = [
+    "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII",
+];
 
 /// XML text builder. `pretty` puts block elements (element-only content) on their own indented lines.
 struct X {
@@ -790,7 +795,11 @@ impl X {
     fn new(pretty: bool) -> X {
         let mut s = String::with_capacity(16 * 1024);
         s.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-        X { s, pretty, depth: 0 }
+        X {
+            s,
+            pretty,
+            depth: 0,
+        }
     }
     fn indent(&mut self) {
         if self.pretty && self.depth > 0 {
@@ -904,7 +913,10 @@ impl<'a> Writer<'a> {
     }
 
     fn date_el(&self, y: u32, m: u32, d: u32) -> String {
-        format!("<DATE ISO=\"{y:04}{m:02}{d:02}\">{}</DATE>", esc(&self.date_text(y, m, d)))
+        format!(
+            "<DATE ISO=\"{y:04}{m:02}{d:02}\">{}</DATE>",
+            esc(&self.date_text(y, m, d))
+        )
     }
 
     fn iso(&self) -> String {
@@ -924,7 +936,11 @@ impl<'a> Writer<'a> {
         self.notes += 1;
         let n = self.notes;
         let (no, page) = (self.t.gen_range(1..400u32), self.t.gen_range(1..120u32));
-        let (y, m, d) = (self.t.gen_range(2005..2023u32), self.t.gen_range(1..=12u32), self.t.gen_range(1..=28u32));
+        let (y, m, d) = (
+            self.t.gen_range(2005..2023u32),
+            self.t.gen_range(1..=12u32),
+            self.t.gen_range(1..=28u32),
+        );
         format!(
             "<NOTE NOTE.ID=\"E{n:04}\" NUMBERING=\"ARAB\" TYPE=\"FOOTNOTE\"><P><REF.DOC.OJ COLL=\"L\" DATE.PUB=\"{y}{m:02}{d:02}\" NO.OJ=\"{no}\" PAGE.FIRST=\"{page}\">{} {no}, {d}.{m}.{y}, p. {page}</REF.DOC.OJ>.</P></NOTE>",
             esc(self.v.oj_ref)
@@ -943,7 +959,10 @@ impl<'a> Writer<'a> {
         out.push(' ');
         out.push_str(&esc(&self.fill(pred)));
         if with_note {
-            let (y, n) = (self.t.gen_range(2010..2023u32), self.t.gen_range(100..2500u32));
+            let (y, n) = (
+                self.t.gen_range(2010..2023u32),
+                self.t.gen_range(100..2500u32),
+            );
             let note = self.note();
             let _ = write!(out, " {} {y}/{n}{note}", esc(self.v.ref_prefix));
         }
@@ -1002,8 +1021,11 @@ impl<'a> Writer<'a> {
         let p = self.p;
         let ty = v.act_type[p.act_type];
         let by = if p.parliament { v.by_parliament } else { "" };
-        let (pre, post) =
-            if p.parliament { ("", "") } else { (v.by_commission[0], v.by_commission[1]) };
+        let (pre, post) = if p.parliament {
+            ("", "")
+        } else {
+            (v.by_commission[0], v.by_commission[1])
+        };
         let mut s = String::new();
         if !pre.is_empty() && self.lg == "en" {
             let _ = write!(s, "{pre} ");
@@ -1037,7 +1059,11 @@ impl<'a> Writer<'a> {
     fn preamble(&mut self, x: &mut X) {
         let v = self.v;
         x.b("PREAMBLE", &[]);
-        x.leaf("PREAMBLE.INIT", &[], v.preamble_init[if self.p.parliament { 0 } else { 1 }]);
+        x.leaf(
+            "PREAMBLE.INIT",
+            &[],
+            v.preamble_init[if self.p.parliament { 0 } else { 1 }],
+        );
         x.b("GR.VISA", &[]);
         let visas = if self.p.parliament { v.visas.len() } else { 2 };
         for k in 0..visas {
@@ -1081,15 +1107,36 @@ impl<'a> Writer<'a> {
     fn list(&mut self, x: &mut X, defs: bool) {
         let items = self.s.gen_range(2..=6usize);
         let alpha = self.s.gen_bool(0.5);
-        x.b("LIST", &[("TYPE", if defs { "ARAB" } else if alpha { "alpha" } else { "DASH" })]);
+        x.b(
+            "LIST",
+            &[(
+                "TYPE",
+                if defs {
+                    "ARAB"
+                } else if alpha {
+                    "alpha"
+                } else {
+                    "DASH"
+                },
+            )],
+        );
         for k in 0..items {
-            let no = if defs || !alpha { format!("({})", k + 1) } else { format!("({})", (b'a' + k as u8) as char) };
+            let no = if defs || !alpha {
+                format!("({})", k + 1)
+            } else {
+                format!("({})", (b'a' + k as u8) as char)
+            };
             let last = k + 1 == items;
             let txt = if defs {
                 let term = self.pick(self.v.terms);
                 let body = self.pick(self.v.def_bodies);
                 let body = esc(&self.fill(body));
-                format!("{}{}{body}{}", self.quoted(&esc(term)), esc(self.v.means), if last { "." } else { ";" })
+                format!(
+                    "{}{}{body}{}",
+                    self.quoted(&esc(term)),
+                    esc(self.v.means),
+                    if last { "." } else { ";" }
+                )
             } else {
                 let item = self.pick(self.v.list_items);
                 format!("{}{}", esc(&self.fill(item)), if last { "." } else { ";" })
@@ -1106,7 +1153,11 @@ impl<'a> Writer<'a> {
 
     /// An article with `parags` numbered paragraphs (0: a single unnumbered ALINEA).
     fn article(&mut self, x: &mut X, n: usize, id: &str, last: bool) {
-        let parags = if last { 1 } else { [0, 1, 2, 2, 3, 3, 4, 5][self.s.gen_range(0..8)] };
+        let parags = if last {
+            1
+        } else {
+            [0, 1, 2, 2, 3, 3, 4, 5][self.s.gen_range(0..8)]
+        };
         let subtitle = self.s.gen_bool(0.8);
         let defs = n == 2 || (n > 2 && self.s.gen_bool(0.05));
         let has_list = self.s.gen_bool(0.3);
@@ -1144,7 +1195,11 @@ impl<'a> Writer<'a> {
             x.b("ARTICLE", &[("IDENTIFIER", &qid)]);
             let open = self.quoted("");
             let (start, end) = open.split_at(open.find("<QUOT.END").unwrap_or(open.len()));
-            x.mixed("TI.ART", &[], &format!("{start}{}", esc(&self.article_title(qn))));
+            x.mixed(
+                "TI.ART",
+                &[],
+                &format!("{start}{}", esc(&self.article_title(qn))),
+            );
             let k = self.s.gen_range(1..=3usize);
             let body = self.sentences(k, None);
             x.mixed("ALINEA", &[], &format!("{body}{end}"));
@@ -1187,7 +1242,11 @@ impl<'a> Writer<'a> {
             25..=84 => self.s.gen_range(4..=12usize),
             _ => self.s.gen_range(20..=48usize),
         };
-        let per_div = if articles > 6 { self.s.gen_range(4..=9usize) } else { articles };
+        let per_div = if articles > 6 {
+            self.s.gen_range(4..=9usize)
+        } else {
+            articles
+        };
         x.b("ENACTING.TERMS", &[]);
         let mut n = 1;
         let mut div = 0;
@@ -1198,7 +1257,11 @@ impl<'a> Writer<'a> {
                 x.b("DIVISION", &[]);
                 x.b("TITLE", &[]);
                 x.b("TI", &[]);
-                x.leaf("P", &[], &format!("{} {}", self.v.chapter, ROMAN[div % ROMAN.len()]));
+                x.leaf(
+                    "P",
+                    &[],
+                    &format!("{} {}", self.v.chapter, ROMAN[div % ROMAN.len()]),
+                );
                 x.e("TI");
                 x.b("STI", &[]);
                 let t = self.v.chapter_titles[(div + self.p.topic) % self.v.chapter_titles.len()];
@@ -1224,15 +1287,35 @@ impl<'a> Writer<'a> {
         x.leaf("P", &[], v.finals[self.p.act_type]);
         x.b("SIGNATURE", &[]);
         x.b("PL.DATE", &[]);
-        x.mixed("P", &[], &format!("{}{}.", esc(v.done_at), self.date_el(self.p.year, self.p.month, self.p.day)));
+        x.mixed(
+            "P",
+            &[],
+            &format!(
+                "{}{}.",
+                esc(v.done_at),
+                self.date_el(self.p.year, self.p.month, self.p.day)
+            ),
+        );
         x.e("PL.DATE");
-        let signers: &[&str] = if self.p.parliament { &[v.for_parliament, v.for_council] } else { &[v.for_commission] };
+        let signers: &[&str] = if self.p.parliament {
+            &[v.for_parliament, v.for_council]
+        } else {
+            &[v.for_commission]
+        };
         for who in signers {
             x.b("SIGNATORY", &[]);
             x.mixed("P", &[], &format!("<HT TYPE=\"ITALIC\">{}</HT>", esc(who)));
-            x.mixed("P", &[], &format!("<HT TYPE=\"ITALIC\">{}</HT>", esc(v.president)));
-            let name = ["M. <HT TYPE=\"UC\">Schulz</HT>", "R. <HT TYPE=\"UC\">Metsola</HT>", "U. <HT TYPE=\"UC\">von der Leyen</HT>", "P. <HT TYPE=\"UC\">Navarro Ríos</HT>"]
-                [self.s.gen_range(0..4)];
+            x.mixed(
+                "P",
+                &[],
+                &format!("<HT TYPE=\"ITALIC\">{}</HT>", esc(v.president)),
+            );
+            let name = [
+                "M. <HT TYPE=\"UC\">Schulz</HT>",
+                "R. <HT TYPE=\"UC\">Metsola</HT>",
+                "U. <HT TYPE=\"UC\">von der Leyen</HT>",
+                "P. <HT TYPE=\"UC\">Navarro Ríos</HT>",
+            ][self.s.gen_range(0..4)];
             x.mixed("P", &[], name);
             x.e("SIGNATORY");
         }
@@ -1242,7 +1325,16 @@ impl<'a> Writer<'a> {
 
     fn act(&mut self, doc_file: &str) -> String {
         let mut x = X::new(false);
-        x.b("ACT", &[("xmlns:xsi", "http://www.w3.org/2001/XMLSchema-instance"), ("xsi:noNamespaceSchemaLocation", "http://formex.publications.europa.eu/schema/formex-06.02.1-20231031.xd")]);
+        x.b(
+            "ACT",
+            &[
+                ("xmlns:xsi", "http://www.w3.org/2001/XMLSchema-instance"),
+                (
+                    "xsi:noNamespaceSchemaLocation",
+                    "http://formex.publications.europa.eu/schema/formex-06.02.1-20231031.xd",
+                ),
+            ],
+        );
         self.bib_instance(&mut x, doc_file, "0001", 1, self.p.pages);
         self.title(&mut x, "");
         self.preamble(&mut x);
@@ -1255,7 +1347,16 @@ impl<'a> Writer<'a> {
     fn annex(&mut self, doc_file: &str, k: usize, page: u32, pretty: bool) -> String {
         let v = self.v;
         let mut x = X::new(pretty);
-        x.b("ANNEX", &[("xmlns:xsi", "http://www.w3.org/2001/XMLSchema-instance"), ("xsi:noNamespaceSchemaLocation", "http://formex.publications.europa.eu/schema/formex-06.02.1-20231031.xd")]);
+        x.b(
+            "ANNEX",
+            &[
+                ("xmlns:xsi", "http://www.w3.org/2001/XMLSchema-instance"),
+                (
+                    "xsi:noNamespaceSchemaLocation",
+                    "http://formex.publications.europa.eu/schema/formex-06.02.1-20231031.xd",
+                ),
+            ],
+        );
         self.bib_instance(&mut x, doc_file, &format!("0001.{:04}", k + 1), page, 2);
         x.b("TITLE", &[]);
         x.b("TI", &[]);
@@ -1276,7 +1377,11 @@ impl<'a> Writer<'a> {
         x.b("CORPUS", &[]);
         x.b("ROW", &[("TYPE", "HEADER")]);
         for c in 0..cols {
-            x.leaf("CELL", &[("COL", &(c + 1).to_string()), ("TYPE", "HEADER")], v.table_headers[c]);
+            x.leaf(
+                "CELL",
+                &[("COL", &(c + 1).to_string()), ("TYPE", "HEADER")],
+                v.table_headers[c],
+            );
         }
         x.e("ROW");
         for _ in 0..rows {
@@ -1308,7 +1413,16 @@ impl<'a> Writer<'a> {
     fn corrigendum(&mut self, doc_file: &str) -> String {
         let v = self.v;
         let mut x = X::new(false);
-        x.b("CORR", &[("xmlns:xsi", "http://www.w3.org/2001/XMLSchema-instance"), ("xsi:noNamespaceSchemaLocation", "http://formex.publications.europa.eu/schema/formex-05.56-20160701.xd")]);
+        x.b(
+            "CORR",
+            &[
+                ("xmlns:xsi", "http://www.w3.org/2001/XMLSchema-instance"),
+                (
+                    "xsi:noNamespaceSchemaLocation",
+                    "http://formex.publications.europa.eu/schema/formex-05.56-20160701.xd",
+                ),
+            ],
+        );
         self.bib_instance(&mut x, doc_file, "0002", 2, 1);
         self.title(&mut x, &format!("{} ", v.corrigendum));
         x.b("CONTENTS.CORR", &[]);
@@ -1339,18 +1453,43 @@ impl<'a> Writer<'a> {
         let p = self.p;
         let lg_up = self.lg.to_uppercase();
         let mut x = X::new(false);
-        x.b("CONS.ACT", &[("xmlns:xsi", "http://www.w3.org/2001/XMLSchema-instance"), ("xsi:noNamespaceSchemaLocation", "http://formex.publications.europa.eu/schema/formex-06.02.1-20231031.xd")]);
+        x.b(
+            "CONS.ACT",
+            &[
+                ("xmlns:xsi", "http://www.w3.org/2001/XMLSchema-instance"),
+                (
+                    "xsi:noNamespaceSchemaLocation",
+                    "http://formex.publications.europa.eu/schema/formex-06.02.1-20231031.xd",
+                ),
+            ],
+        );
         let consleg = &celex[1..];
         let leg_val = ["REG", "DIR", "DEC"][p.act_type];
         let cons_date = format!("{:04}{:02}{:02}", p.year + 1, p.month, p.day);
         x.empty(
             "INFO.CONSLEG",
-            &[("CONSLEG.REF", consleg), ("CONSLEG.DATE", &cons_date), ("START.DATE", &cons_date), ("END.DATE", "99999999"), ("LEG.VAL", leg_val)],
+            &[
+                ("CONSLEG.REF", consleg),
+                ("CONSLEG.DATE", &cons_date),
+                ("START.DATE", &cons_date),
+                ("END.DATE", "99999999"),
+                ("LEG.VAL", leg_val),
+            ],
         );
-        x.empty("INFO.PROD", &[("PRODUCER", "ES"), ("PROD.SYSTEM", "CONSLEG.NEW"), ("PROD.DATE", &cons_date)]);
+        x.empty(
+            "INFO.PROD",
+            &[
+                ("PRODUCER", "ES"),
+                ("PROD.SYSTEM", "CONSLEG.NEW"),
+                ("PROD.DATE", &cons_date),
+            ],
+        );
         x.b("CONS.DOC", &[]);
         x.b("BIB.INSTANCE", &[]);
-        x.b("DOCUMENT.REF", &[("FILE", &file.replace(".xml", ".doc.xml"))]);
+        x.b(
+            "DOCUMENT.REF",
+            &[("FILE", &file.replace(".xml", ".doc.xml"))],
+        );
         x.leaf("LG.OJ", &[], &lg_up);
         x.leaf("PAGE.FIRST", &[], "1");
         x.e("DOCUMENT.REF");
@@ -1379,19 +1518,40 @@ impl<'a> Writer<'a> {
         let p = self.p;
         let lg_up = self.lg.to_uppercase();
         let mut x = X::new(pretty);
-        x.b("DOC", &[("xmlns:xsi", "http://www.w3.org/2001/XMLSchema-instance"), ("xsi:noNamespaceSchemaLocation", "http://formex.publications.europa.eu/schema/formex-06.02.1-20231031.xd")]);
+        x.b(
+            "DOC",
+            &[
+                ("xmlns:xsi", "http://www.w3.org/2001/XMLSchema-instance"),
+                (
+                    "xsi:noNamespaceSchemaLocation",
+                    "http://formex.publications.europa.eu/schema/formex-06.02.1-20231031.xd",
+                ),
+            ],
+        );
         x.b("BIB.DOC", &[]);
-        x.leaf("PROD.ID", &[], &format!("{}{:02}{:02}{:03}", p.year, p.month, p.day, p.oj % 1000));
+        x.leaf(
+            "PROD.ID",
+            &[],
+            &format!("{}{:02}{:02}{:03}", p.year, p.month, p.day, p.oj % 1000),
+        );
         x.b("NO.DOC", &[("FORMAT", "YN"), ("TYPE", "OJ")]);
         x.leaf("NO.CURRENT", &[], &p.number.to_string());
         x.leaf("YEAR", &[], &p.year.to_string());
         x.leaf("COM", &[], "EU");
         x.e("NO.DOC");
         x.leaf("NO.CELEX", &[], celex);
-        let eli = format!("http://data.europa.eu/eli/{}/{}/{}/oj", ["reg", "dir", "dec"][p.act_type], p.year, p.number);
+        let eli = format!(
+            "http://data.europa.eu/eli/{}/{}/{}/oj",
+            ["reg", "dir", "dec"][p.act_type],
+            p.year,
+            p.number
+        );
         x.leaf("NO.ELI", &[("ID", &eli)], &format!("ELI:{eli}"));
         x.e("BIB.DOC");
-        x.b("PUBLICATION.REF", &[("FILE", &format!("L_{}{:03}{lg_up}.toc.xml", p.year, p.oj))]);
+        x.b(
+            "PUBLICATION.REF",
+            &[("FILE", &format!("L_{}{:03}{lg_up}.toc.xml", p.year, p.oj))],
+        );
         x.leaf("COLL", &[], "L");
         x.leaf("NO.OJ", &[], &p.oj.to_string());
         let iso = self.iso();
@@ -1403,12 +1563,23 @@ impl<'a> Writer<'a> {
             if *role == "main" {
                 x.b("DOC.MAIN.PUB", &[("NO.SEQ", "0001")]);
                 x.leaf("LG.DOC", &[], &lg_up);
-                x.leaf("LEGAL.VALUE", &[], if p.kind == Kind::Corrigendum { "CORR" } else { ["REG", "DIR", "DEC"][p.act_type] });
+                x.leaf(
+                    "LEGAL.VALUE",
+                    &[],
+                    if p.kind == Kind::Corrigendum {
+                        "CORR"
+                    } else {
+                        ["REG", "DIR", "DEC"][p.act_type]
+                    },
+                );
                 x.leaf("DATE", &[("ISO", &iso)], &iso);
                 x.empty("REF.PHYS", &[("FILE", name), ("TYPE", "DOC.XML")]);
                 x.e("DOC.MAIN.PUB");
             } else {
-                x.b("DOC.SUB.PUB", &[("NO.SEQ", &format!("0001.{k:04}")), ("TYPE", "ANNEX")]);
+                x.b(
+                    "DOC.SUB.PUB",
+                    &[("NO.SEQ", &format!("0001.{k:04}")), ("TYPE", "ANNEX")],
+                );
                 x.empty("REF.PHYS", &[("FILE", name), ("TYPE", "DOC.XML")]);
                 x.e("DOC.SUB.PUB");
             }
@@ -1423,7 +1594,8 @@ impl<'a> Writer<'a> {
 type Member = (String, String);
 
 fn write_file(path: &Path, bytes: &[u8], stats: &mut GenStats) -> anyhow::Result<()> {
-    std::fs::write(path, bytes).with_context(|| format!("gen-sample: cannot write {}", path.display()))?;
+    std::fs::write(path, bytes)
+        .with_context(|| format!("gen-sample: cannot write {}", path.display()))?;
     stats.files += 1;
     stats.bytes += bytes.len() as u64;
     Ok(())
@@ -1456,7 +1628,10 @@ pub fn generate(cfg: &crate::config::GenerateConfig, out: &Path) -> anyhow::Resu
     let mut langs = Vec::new();
     for l in &cfg.languages {
         let l = check_lang(l)?;
-        anyhow::ensure!(!langs.contains(&l), "gen-sample: language `{l}` listed twice");
+        anyhow::ensure!(
+            !langs.contains(&l),
+            "gen-sample: language `{l}` listed twice"
+        );
         langs.push(l);
     }
     anyhow::ensure!(!langs.is_empty(), "gen-sample: no languages given");
@@ -1464,14 +1639,23 @@ pub fn generate(cfg: &crate::config::GenerateConfig, out: &Path) -> anyhow::Resu
     let mut stats = GenStats::default();
     for lang in &langs {
         let dir: PathBuf = out.join(lang);
-        std::fs::create_dir_all(&dir).with_context(|| format!("gen-sample: cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("gen-sample: cannot create {}", dir.display()))?;
         let lg_up = lang.to_uppercase();
         let mut docs = 0usize;
         for i in 0..n {
             let mut s = ChaCha8Rng::seed_from_u64(mix(cfg.seed, i as u64, 0));
             let p = plan(i, &mut s);
             let t = ChaCha8Rng::seed_from_u64(mix(cfg.seed, i as u64, lang_key(lang)));
-            let mut w = Writer { v: vocab(lang), lg: lang.clone(), p: &p, s, t, notes: 0, quotes: 0 };
+            let mut w = Writer {
+                v: vocab(lang),
+                lg: lang.clone(),
+                p: &p,
+                s,
+                t,
+                notes: 0,
+                quotes: 0,
+            };
             let stem = format!("L_{}{:03}{lg_up}", p.year, p.oj);
             let letter = celex_letter(p.act_type);
             let celex = format!("3{}{letter}{:04}", p.year, p.number);
@@ -1479,7 +1663,8 @@ pub fn generate(cfg: &crate::config::GenerateConfig, out: &Path) -> anyhow::Resu
             let mut members: Vec<Member> = Vec::new();
             match p.kind {
                 Kind::Consolidated => {
-                    let name = format!("CL{}{letter}{:04}{lg_up}0010010.0001.xml", p.year, p.number);
+                    let name =
+                        format!("CL{}{letter}{:04}{lg_up}0010010.0001.xml", p.year, p.number);
                     let xml = w.consolidated(&name, &celex);
                     members.push((name, xml));
                     stats.consolidated += 1;
@@ -1523,7 +1708,8 @@ pub fn generate(cfg: &crate::config::GenerateConfig, out: &Path) -> anyhow::Resu
                 for (k, (name, xml)) in members.iter().enumerate() {
                     // Every sixth act's body (the first member) is zstd-compressed.
                     if k == 0 && i % 6 == 5 {
-                        let z = zstd::bulk::compress(xml.as_bytes(), 9).context("gen-sample: zstd")?;
+                        let z =
+                            zstd::bulk::compress(xml.as_bytes(), 9).context("gen-sample: zstd")?;
                         write_file(&dir.join(format!("{name}.zst")), &z, &mut stats)?;
                         stats.zst_files += 1;
                     } else {
@@ -1545,7 +1731,11 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn cfg(acts: usize, langs: &[&str], seed: u64) -> GenerateConfig {
-        GenerateConfig { acts_per_language: acts, languages: langs.iter().map(|s| s.to_string()).collect(), seed }
+        GenerateConfig {
+            acts_per_language: acts,
+            languages: langs.iter().map(|s| s.to_string()).collect(),
+            seed,
+        }
     }
 
     fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -1570,7 +1760,10 @@ mod tests {
         let mut docs = Vec::new();
         for (name, bytes) in files {
             if name.ends_with(".zst") {
-                docs.push((name.clone(), String::from_utf8(zstd::decode_all(&bytes[..]).unwrap()).unwrap()));
+                docs.push((
+                    name.clone(),
+                    String::from_utf8(zstd::decode_all(&bytes[..]).unwrap()).unwrap(),
+                ));
             } else if name.ends_with(".zip") {
                 let mut z = zip::ZipArchive::new(std::io::Cursor::new(bytes.clone())).unwrap();
                 for k in 0..z.len() {
@@ -1598,10 +1791,14 @@ mod tests {
             match r.read_event() {
                 Ok(Event::Start(e)) => {
                     depth += 1;
-                    root.get_or_insert_with(|| String::from_utf8(e.name().as_ref().to_vec()).unwrap());
+                    root.get_or_insert_with(|| {
+                        String::from_utf8(e.name().as_ref().to_vec()).unwrap()
+                    });
                 }
                 Ok(Event::End(_)) => depth -= 1,
-                Ok(Event::Text(t)) => text.push_str(&t.unescape().unwrap_or_else(|e| panic!("{name}: {e}"))),
+                Ok(Event::Text(t)) => {
+                    text.push_str(&t.unescape().unwrap_or_else(|e| panic!("{name}: {e}")))
+                }
                 Ok(Event::Eof) => break,
                 Ok(_) => {}
                 Err(e) => panic!("{name}: not well-formed at {}: {e}", r.buffer_position()),
@@ -1614,7 +1811,11 @@ mod tests {
 
     #[test]
     fn deterministic_and_seed_sensitive() {
-        let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b, c) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
         let sa = generate(&cfg(12, &["en", "fr", "de"], 5), a.path()).unwrap();
         let sb = generate(&cfg(12, &["en", "fr", "de"], 5), b.path()).unwrap();
         generate(&cfg(12, &["en", "fr", "de"], 6), c.path()).unwrap();
@@ -1641,14 +1842,20 @@ mod tests {
         let files = tree(dir.path());
         let docs = documents(&files);
         assert_eq!(st.documents.values().sum::<usize>(), docs.len());
-        assert!(st.zst_files >= langs.len() && st.zip_files == langs.len(), "{st:?}");
+        assert!(
+            st.zst_files >= langs.len() && st.zip_files == langs.len(),
+            "{st:?}"
+        );
         let mut roots = BTreeMap::<String, usize>::new();
         for (name, xml) in &docs {
             assert!(!xml.contains("<!DOCTYPE"));
             let (root, text) = parse(name, xml);
             *roots.entry(root.clone()).or_default() += 1;
             let lang = &name[..2];
-            assert!(xml.contains(&format!("<LG.DOC>{}</LG.DOC>", lang.to_uppercase())) || root == "DOC", "{name}");
+            assert!(
+                xml.contains(&format!("<LG.DOC>{}</LG.DOC>", lang.to_uppercase())) || root == "DOC",
+                "{name}"
+            );
             if root == "ACT" {
                 let needle = match lang {
                     "fr" => " la Commission",
@@ -1657,24 +1864,58 @@ mod tests {
                     "pt" => "Comissão",
                     _ => "Commission",
                 };
-                assert!(text.contains(needle) || text.contains(&needle.to_lowercase()), "{name}: no `{needle}`");
-                assert!(xml.contains("<ARTICLE IDENTIFIER=\"001\"><TI.ART>"), "{name}");
-                assert!(xml.contains("<GR.VISA>") && xml.contains("<GR.CONSID>") && xml.contains("<FINAL>"), "{name}");
-                assert_eq!(xml.lines().count(), 2, "{name}: acts are one line after the declaration");
+                assert!(
+                    text.contains(needle) || text.contains(&needle.to_lowercase()),
+                    "{name}: no `{needle}`"
+                );
+                assert!(
+                    xml.contains("<ARTICLE IDENTIFIER=\"001\"><TI.ART>"),
+                    "{name}"
+                );
+                assert!(
+                    xml.contains("<GR.VISA>")
+                        && xml.contains("<GR.CONSID>")
+                        && xml.contains("<FINAL>"),
+                    "{name}"
+                );
+                assert_eq!(
+                    xml.lines().count(),
+                    2,
+                    "{name}: acts are one line after the declaration"
+                );
             }
             if root == "DOC" {
                 assert!(xml.contains("<NO.CELEX>3"), "{name}");
             }
         }
         for root in ["ACT", "ANNEX", "DOC", "CORR", "CONS.ACT"] {
-            assert!(roots.get(root).copied().unwrap_or(0) > 0, "no {root} in {roots:?}");
+            assert!(
+                roots.get(root).copied().unwrap_or(0) > 0,
+                "no {root} in {roots:?}"
+            );
         }
         for lang in langs {
-            assert!(files.keys().any(|k| k.starts_with(&format!("{lang}/"))), "no files for {lang}");
+            assert!(
+                files.keys().any(|k| k.starts_with(&format!("{lang}/"))),
+                "no files for {lang}"
+            );
             assert_eq!(st.acts[lang], 20);
         }
         let all: String = docs.iter().map(|(_, x)| x.as_str()).collect();
-        for feature in ["<QUOT.S LEVEL=\"1\"><ARTICLE", "<QUOT.START CODE=\"2018\"", "<QUOT.START CODE=\"00AB\"", "<QUOT.START CODE=\"201E\"", "TYPE=\"FOOTNOTE\"", "<LIST TYPE=", "<NP><NO.P>", "<TBL COLS=", "<CELL COL=\"1\"", "<DIVISION>", "<STI.ART>", "<NO.PARAG>"] {
+        for feature in [
+            "<QUOT.S LEVEL=\"1\"><ARTICLE",
+            "<QUOT.START CODE=\"2018\"",
+            "<QUOT.START CODE=\"00AB\"",
+            "<QUOT.START CODE=\"201E\"",
+            "TYPE=\"FOOTNOTE\"",
+            "<LIST TYPE=",
+            "<NP><NO.P>",
+            "<TBL COLS=",
+            "<CELL COL=\"1\"",
+            "<DIVISION>",
+            "<STI.ART>",
+            "<NO.PARAG>",
+        ] {
             assert!(all.contains(feature), "no `{feature}` anywhere");
         }
     }
@@ -1684,8 +1925,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         generate(&cfg(40, &["en"], 1234), dir.path()).unwrap();
         let docs = documents(&tree(dir.path()));
-        let sizes: Vec<usize> =
-            docs.iter().filter(|(_, x)| x.contains("<ACT ")).map(|(n, x)| parse(n, x).1.len()).collect();
+        let sizes: Vec<usize> = docs
+            .iter()
+            .filter(|(_, x)| x.contains("<ACT "))
+            .map(|(n, x)| parse(n, x).1.len())
+            .collect();
         let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
         // ~4 bytes per token: short acts fit in one 256-token sequence's worth of text, long ones span many.
         assert!(*min < 4_000 && *max > 12_000, "text sizes {min}..{max}");

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lexflow", version, about = "Stream EUR-Lex FORMEX documents into LLM training")]
+#[command(
+    name = "lexflow",
+    version,
+    about = "Stream EUR-Lex FORMEX documents into LLM training"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -100,24 +104,52 @@ fn main() -> ExitCode {
     lexflow_actors::pipeline::init_logging();
     let cli = Cli::parse();
     let r: anyhow::Result<ExitCode> = match cli.cmd {
-        Cmd::Run { config, resume, quiet } => lexflow_actors::pipeline::cli_run(config.as_deref(), resume, quiet),
+        Cmd::Run {
+            config,
+            resume,
+            quiet,
+        } => lexflow_actors::pipeline::cli_run(config.as_deref(), resume, quiet),
         Cmd::Parse { jsonl: _, paths } => lexflow_actors::reader::cli_parse(&paths),
-        Cmd::Inspect { file, tokenizer, limit } => lexflow_actors::arrow_tee::cli_inspect(&file, &tokenizer, limit),
-        Cmd::GenSample { out, acts_per_language, languages, seed } => {
-            let g = lexflow_actors::config::GenerateConfig { acts_per_language, languages, seed };
+        Cmd::Inspect {
+            file,
+            tokenizer,
+            limit,
+        } => lexflow_actors::arrow_tee::cli_inspect(&file, &tokenizer, limit),
+        Cmd::GenSample {
+            out,
+            acts_per_language,
+            languages,
+            seed,
+        } => {
+            let g = lexflow_actors::config::GenerateConfig {
+                acts_per_language,
+                languages,
+                seed,
+            };
             lexflow_actors::gen_sample::generate(&g, &out).map(|s| {
                 println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
                 ExitCode::SUCCESS
             })
         }
-        Cmd::Tokenizer { cmd: TokCmd::Train { vocab_size, out, paths } } => {
-            lexflow_actors::tokenizer::cli_train(&paths, vocab_size, &out)
+        Cmd::Tokenizer {
+            cmd:
+                TokCmd::Train {
+                    vocab_size,
+                    out,
+                    paths,
+                },
+        } => lexflow_actors::tokenizer::cli_train(&paths, vocab_size, &out),
+        Cmd::Tokenizer {
+            cmd: TokCmd::Encode { tokenizer },
+        } => lexflow_actors::tokenizer::cli_encode(&tokenizer),
+        Cmd::Replay {
+            checkpoint,
+            steps,
+            out,
+        } => lexflow_actors::replay::cli_replay(&checkpoint, &steps, out.as_deref()),
+        Cmd::Provenance { run, step, json } => {
+            lexflow_actors::replay::cli_provenance(&run, step, json)
         }
-        Cmd::Tokenizer { cmd: TokCmd::Encode { tokenizer } } => lexflow_actors::tokenizer::cli_encode(&tokenizer),
-        Cmd::Replay { checkpoint, steps, out } => {
-            lexflow_actors::replay::cli_replay(&checkpoint, &steps, out.as_deref())
-        }
-        Cmd::Provenance { run, step, json } => lexflow_actors::replay::cli_provenance(&run, step, json),
         Cmd::Config { config } => lexflow_actors::pipeline::cli_config(config.as_deref()),
     };
     match r {

@@ -20,8 +20,8 @@ use crate::config::{PackMode, PackerConfig};
 use std::sync::Arc;
 
 use crate::types::{
-    DocId, LanePosition, OpenSequence, PackedSequence, PackerState, Piece, ResumePoint, SampledDoc, SamplerState,
-    TokenizedDoc,
+    DocId, LanePosition, OpenSequence, PackedSequence, PackerState, Piece, ResumePoint, SampledDoc,
+    SamplerState, TokenizedDoc,
 };
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -87,9 +87,19 @@ impl Packer {
         let open = self
             .open
             .iter()
-            .map(|o| OpenSequence { born: o.born, len: o.tokens.len() as u32, pieces: o.pieces.clone() })
+            .map(|o| OpenSequence {
+                born: o.born,
+                len: o.tokens.len() as u32,
+                pieces: o.pieces.clone(),
+            })
             .collect();
-        (PackerState { born: self.born, open }, self.next_index)
+        (
+            PackerState {
+                born: self.born,
+                open,
+            },
+            self.next_index,
+        )
     }
 
     /// Continues from a checkpointed carry-over. `fetch(doc)` returns a document's tokens (re-read and re-tokenized:
@@ -118,7 +128,11 @@ impl Packer {
                     tokens[at..at + (b - a)].copy_from_slice(&doc[a..b]);
                 }
             }
-            self.open.push(Open { tokens, pieces: o.pieces.clone(), born: o.born });
+            self.open.push(Open {
+                tokens,
+                pieces: o.pieces.clone(),
+                born: o.born,
+            });
         }
         Ok(())
     }
@@ -136,7 +150,9 @@ impl Packer {
                 self.report.truncated_documents += 1;
                 self.report.truncated_tokens += (tokens.len() - max) as u64;
                 lexflow_metrics::global().packer_truncated_documents.inc();
-                lexflow_metrics::global().packer_truncated_tokens.inc_by((tokens.len() - max) as u64);
+                lexflow_metrics::global()
+                    .packer_truncated_tokens
+                    .inc_by((tokens.len() - max) as u64);
                 tokens = &tokens[..max];
             }
         }
@@ -166,7 +182,12 @@ impl Packer {
             let take = room.min(tokens.len() - start);
             if take > 0 {
                 let s = &mut self.open[0];
-                s.pieces.push(Piece { doc: id, start: start as u32, end: (start + take) as u32, offset: s.tokens.len() as u32 });
+                s.pieces.push(Piece {
+                    doc: id,
+                    start: start as u32,
+                    end: (start + take) as u32,
+                    offset: s.tokens.len() as u32,
+                });
                 s.tokens.extend_from_slice(&tokens[start..start + take]);
                 start += take;
                 pieces_of_doc += 1;
@@ -194,7 +215,12 @@ impl Packer {
             self.report.split_documents += 1;
             while tokens.len() + 1 - start > cap {
                 let mut s = self.new_open();
-                s.pieces.push(Piece { doc: id, start: start as u32, end: (start + cap) as u32, offset: 0 });
+                s.pieces.push(Piece {
+                    doc: id,
+                    start: start as u32,
+                    end: (start + cap) as u32,
+                    offset: 0,
+                });
                 s.tokens.extend_from_slice(&tokens[start..start + cap]);
                 start += cap;
                 self.finish(s);
@@ -228,7 +254,12 @@ impl Packer {
         };
         let o = &mut self.open[slot];
         if start < tokens.len() {
-            o.pieces.push(Piece { doc: id, start: start as u32, end: tokens.len() as u32, offset: o.tokens.len() as u32 });
+            o.pieces.push(Piece {
+                doc: id,
+                start: start as u32,
+                end: tokens.len() as u32,
+                offset: o.tokens.len() as u32,
+            });
             o.tokens.extend_from_slice(&tokens[start..]);
         }
         o.tokens.push(self.eot);
@@ -240,7 +271,11 @@ impl Packer {
 
     fn new_open(&mut self) -> Open {
         self.born += 1;
-        Open { tokens: Vec::with_capacity(self.cap), pieces: Vec::new(), born: self.born }
+        Open {
+            tokens: Vec::with_capacity(self.cap),
+            pieces: Vec::new(),
+            born: self.born,
+        }
     }
 
     fn open_new(&mut self) {
@@ -338,7 +373,10 @@ pub fn run_packer(
             sampler_after = (*sd.sampler).clone();
             let lane = doc.id.lane as usize;
             if let Some(p) = lanes_after.get_mut(lane) {
-                *p = LanePosition { file: doc.id.file, ordinal: doc.id.ordinal + 1 };
+                *p = LanePosition {
+                    file: doc.id.file,
+                    ordinal: doc.id.ordinal + 1,
+                };
             }
             if lane < sampler_after.emitted_tokens.len() {
                 sampler_after.emitted_tokens[lane] += doc.tokens.len() as u64;
@@ -353,12 +391,20 @@ pub fn run_packer(
                     publish(&packer);
                     return Ok(()); // downstream finished
                 }
+                if packer.report.sequences % 16 == 0 {
+                    publish(&packer);
+                }
             }
         }
         publish(&packer);
     }
     let (pst, next_index) = packer.state();
-    packer.set_resume(Some(Arc::new(ResumePoint { next_index, lanes: lanes_after, sampler: sampler_after, packer: pst })));
+    packer.set_resume(Some(Arc::new(ResumePoint {
+        next_index,
+        lanes: lanes_after,
+        sampler: sampler_after,
+        packer: pst,
+    })));
     packer.flush();
     while let Some(seq) = packer.pop() {
         if out.send(seq).is_err() {
@@ -391,7 +437,11 @@ mod tests {
         lens.iter()
             .enumerate()
             .map(|(i, &n)| TokenizedDoc {
-                id: DocId { lane: 0, file: i as u32, ordinal: 0 },
+                id: DocId {
+                    lane: 0,
+                    file: i as u32,
+                    ordinal: 0,
+                },
                 celex: None,
                 // Distinct token values per document so misplacements are visible.
                 tokens: (0..n as u32).map(|t| i as u32 * 10_000 + t).collect(),
@@ -430,10 +480,16 @@ mod tests {
             for p in &s.pieces {
                 let doc = &ds[p.doc.file as usize];
                 let got = &s.tokens[p.offset as usize..(p.offset + p.end - p.start) as usize];
-                assert_eq!(got, &doc.tokens[p.start as usize..p.end as usize], "piece content");
+                assert_eq!(
+                    got,
+                    &doc.tokens[p.start as usize..p.end as usize],
+                    "piece content"
+                );
                 per_doc.entry(p.doc).or_default().push((p.start, p.end));
             }
-            assert!(s.tokens[cap - s.padding as usize..].iter().all(|&t| t == PAD));
+            assert!(s.tokens[cap - s.padding as usize..]
+                .iter()
+                .all(|&t| t == PAD));
             pad += s.padding as u64;
             eots += s.tokens.iter().filter(|&&t| t == EOT).count() as u64;
         }
@@ -454,7 +510,10 @@ mod tests {
         }
         assert_eq!(rep.padding_tokens, pad);
         assert_eq!(eots, ds.len() as u64, "one EOT per document");
-        assert_eq!(rep.document_tokens + rep.eot_tokens + rep.padding_tokens, (seqs.len() * cap) as u64);
+        assert_eq!(
+            rep.document_tokens + rep.eot_tokens + rep.padding_tokens,
+            (seqs.len() * cap) as u64
+        );
     }
 
     proptest! {
@@ -482,15 +541,26 @@ mod tests {
         let mut rng = 12345u64;
         let lens: Vec<usize> = (0..2000)
             .map(|_| {
-                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((rng >> 33) % 700) as usize + 1
             })
             .collect();
         let ds = docs(&lens);
         let (_, concat) = pack(&cfg(1024, PackMode::Concat, 1), &ds);
         let (_, bf) = pack(&cfg(1024, PackMode::BestFit, 32), &ds);
-        assert!(bf.split_documents * 4 < concat.split_documents, "best-fit {} vs concat {}", bf.split_documents, concat.split_documents);
-        assert!(bf.fill_efficiency > 0.97, "best-fit wastes too much: {}", bf.fill_efficiency);
+        assert!(
+            bf.split_documents * 4 < concat.split_documents,
+            "best-fit {} vs concat {}",
+            bf.split_documents,
+            concat.split_documents
+        );
+        assert!(
+            bf.fill_efficiency > 0.97,
+            "best-fit wastes too much: {}",
+            bf.fill_efficiency
+        );
     }
 
     /// Stopping anywhere, restoring the carry-over from `state()` and continuing gives the same sequences.
@@ -512,7 +582,10 @@ mod tests {
                 }
                 let (st, next) = p.state();
                 let mut q = Packer::new(&c, EOT, PAD);
-                q.restore(&st, next, |id| Ok::<_, ()>(ds[id.file as usize].tokens.clone())).unwrap();
+                q.restore(&st, next, |id| {
+                    Ok::<_, ()>(ds[id.file as usize].tokens.clone())
+                })
+                .unwrap();
                 for d in &ds[cut..] {
                     q.push(d);
                     while let Some(s) = q.pop() {
@@ -525,7 +598,11 @@ mod tests {
                 }
                 assert_eq!(got.len(), want.len(), "{mode:?} cut {cut}");
                 for (a, b) in got.iter().zip(&want) {
-                    assert_eq!((a.index, &a.tokens, &a.pieces, a.padding), (b.index, &b.tokens, &b.pieces, b.padding), "{mode:?} cut {cut}");
+                    assert_eq!(
+                        (a.index, &a.tokens, &a.pieces, a.padding),
+                        (b.index, &b.tokens, &b.pieces, b.padding),
+                        "{mode:?} cut {cut}"
+                    );
                 }
             }
         }
@@ -539,7 +616,11 @@ mod tests {
         let (seqs, rep) = pack(&c, &ds);
         assert_eq!(rep.truncated_documents, 1);
         assert_eq!(rep.truncated_tokens, 15);
-        let total: u32 = seqs.iter().flat_map(|s| &s.pieces).map(|p| p.end - p.start).sum();
+        let total: u32 = seqs
+            .iter()
+            .flat_map(|s| &s.pieces)
+            .map(|p| p.end - p.start)
+            .sum();
         assert_eq!(total, 15);
     }
 }

@@ -32,14 +32,23 @@ pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("LEXFLOW_LOG").is_ok_and(|v| v == "json");
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { b.json().try_init() } else { b.compact().try_init() };
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.compact().try_init()
+    };
 }
 
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<(Config, String)> {
     Ok(match path {
         Some(p) => (Config::from_file(p)?, p.display().to_string()),
-        None => (Config::from_toml(SAMPLE_TOML, "<embedded configs/sample.toml>")?, "<embedded>".into()),
+        None => (
+            Config::from_toml(SAMPLE_TOML, "<embedded configs/sample.toml>")?,
+            "<embedded>".into(),
+        ),
     })
 }
 
@@ -51,10 +60,19 @@ pub fn cli_config(path: Option<&Path>) -> anyhow::Result<ExitCode> {
 
 pub fn cli_run(path: Option<&Path>, resume: bool, quiet: bool) -> anyhow::Result<ExitCode> {
     let (cfg, origin) = load_config(path)?;
-    let opts = RunOptions { resume, progress: !quiet, origin, replay: None };
+    let opts = RunOptions {
+        resume,
+        progress: !quiet,
+        origin,
+        replay: None,
+    };
     let stats = run(&cfg, &opts)?;
     eprintln!("{}", stats.summary());
-    Ok(if stats.outcome == "completed" { ExitCode::SUCCESS } else { ExitCode::from(130) })
+    Ok(if stats.outcome == "completed" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(130)
+    })
 }
 
 pub struct RunOptions {
@@ -105,7 +123,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let t0 = Instant::now();
     let replay = opts.replay.as_ref();
     let run_dir = cfg.run.dir.clone();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("creating run directory {}", run_dir.display()))?;
 
     lexflow_metrics::set_run_labels(&cfg.run.name);
     let _metrics_server = if cfg.metrics.enabled {
@@ -128,9 +147,23 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     // Manifests (DOC/PUBLICATION) give act and annex files their CELEX/date/title; parsing them up front keeps the
     // result independent of reader thread timing.
     let manifests = Arc::new(reader::ManifestIndex::build(&files));
-    let mix: Vec<(String, f64)> = cfg.sampler.mix.iter().map(|(k, v)| (k.clone(), *v)).collect();
-    let mut lanes: Vec<Lane> = mix.iter().map(|(l, _)| Lane { lang: l.clone(), files: Vec::new() }).collect();
-    let mut input = InputReport { files: files.len() as u64, ..Default::default() };
+    let mix: Vec<(String, f64)> = cfg
+        .sampler
+        .mix
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    let mut lanes: Vec<Lane> = mix
+        .iter()
+        .map(|(l, _)| Lane {
+            lang: l.clone(),
+            files: Vec::new(),
+        })
+        .collect();
+    let mut input = InputReport {
+        files: files.len() as u64,
+        ..Default::default()
+    };
     for f in files {
         match reader::sniff_lang(&f).and_then(|l| lanes.iter().position(|x| x.lang == l)) {
             Some(i) => lanes[i].files.push(f),
@@ -138,7 +171,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         }
     }
     for l in &lanes {
-        input.files_per_lang.insert(l.lang.clone(), l.files.len() as u64);
+        input
+            .files_per_lang
+            .insert(l.lang.clone(), l.files.len() as u64);
         if l.files.is_empty() {
             tracing::warn!(lang = %l.lang, "no input files for this language of the mix");
         }
@@ -146,14 +181,21 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
 
     let tokenizer = Tokenizer::load(&cfg.tokenizer.path)?;
     let token = |name: &str, key: &str| {
-        tokenizer
-            .token_id(name)
-            .with_context(|| format!("packer.{key} = {name:?} is not a token of tokenizer {}", cfg.tokenizer.path))
+        tokenizer.token_id(name).with_context(|| {
+            format!(
+                "packer.{key} = {name:?} is not a token of tokenizer {}",
+                cfg.tokenizer.path
+            )
+        })
     };
     let eot = token(&cfg.packer.eot_token, "eot_token")?;
     let pad = token(&cfg.packer.pad_token, "pad_token")?;
 
-    let world = if replay.is_some() { 1 } else { cfg.world_size() };
+    let world = if replay.is_some() {
+        1
+    } else {
+        cfg.world_size()
+    };
     let resume = if replay.is_some() {
         None
     } else if opts.resume && cfg.train.is_some() {
@@ -163,7 +205,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 Some(r)
             }
             None => {
-                tracing::warn!("--resume: no checkpoint in {}; starting from the beginning", run_dir.display());
+                tracing::warn!(
+                    "--resume: no checkpoint in {}; starting from the beginning",
+                    run_dir.display()
+                );
                 None
             }
         }
@@ -172,7 +217,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     };
     let (skip, data) = match replay {
         Some(r) => (r.skip, r.data.clone()),
-        None => (resume.as_ref().map_or(0, |r| r.sequences_consumed), resume.as_ref().and_then(|r| r.data.clone())),
+        None => (
+            resume.as_ref().map_or(0, |r| r.sequences_consumed),
+            resume.as_ref().and_then(|r| r.data.clone()),
+        ),
     };
     if let Some(d) = &data {
         if d.lanes.len() != lanes.len() {
@@ -183,8 +231,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             );
         }
     }
-    let start_lanes: Vec<LanePosition> =
-        data.as_ref().map(|d| d.lanes.clone()).unwrap_or_else(|| vec![LanePosition::default(); lanes.len()]);
+    let start_lanes: Vec<LanePosition> = data
+        .as_ref()
+        .map(|d| d.lanes.clone())
+        .unwrap_or_else(|| vec![LanePosition::default(); lanes.len()]);
 
     let shutdown = Shutdown::new();
     if let Err(e) = shutdown.install_signal_handler() {
@@ -201,9 +251,12 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let mut lane_rx: Vec<EdgeReceiver<TokenizedBatch>> = Vec::new();
     for (li, lane) in lanes.iter().enumerate() {
         let lang = lane.lang.clone();
-        let (ftx, frx) = edge::<(u32, PathBuf, u32)>(&format!("source.{lang}->reader.{lang}"), cap("reader"));
-        let (dtx, drx) = edge::<DocBatch>(&format!("reader.{lang}->tokenizer.{lang}"), cap("reader"));
-        let (ttx, trx) = edge::<TokenizedBatch>(&format!("tokenizer.{lang}->sampler"), cap("tokenizer"));
+        let (ftx, frx) =
+            edge::<(u32, PathBuf, u32)>(&format!("source.{lang}->reader.{lang}"), cap("reader"));
+        let (dtx, drx) =
+            edge::<DocBatch>(&format!("reader.{lang}->tokenizer.{lang}"), cap("reader"));
+        let (ttx, trx) =
+            edge::<TokenizedBatch>(&format!("tokenizer.{lang}->sampler"), cap("tokenizer"));
         let files = lane.files.clone();
         let cycle = cfg.sampler.on_exhausted == ExhaustedPolicy::Cycle;
         let start = start_lanes[li];
@@ -222,8 +275,15 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 if ctx.should_stop() {
                     return Ok(());
                 }
-                let skip = if k == start.file as u64 { start.ordinal } else { 0 };
-                if ftx.send((k as u32, files[(k % n) as usize].clone(), skip)).is_err() {
+                let skip = if k == start.file as u64 {
+                    start.ordinal
+                } else {
+                    0
+                };
+                if ftx
+                    .send((k as u32, files[(k % n) as usize].clone(), skip))
+                    .is_err()
+                {
                     return Ok(());
                 }
                 k += 1;
@@ -233,74 +293,101 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         let c = counters.clone();
         let lang2 = lang.clone();
         let mi = manifests.clone();
-        ordered_pool(&mut topo, &format!("reader.{lang}"), cfg.reader.threads, cap("reader"), frx, dtx, move |_| {
-            let q = q.clone();
-            let c = c.clone();
-            let lang = lang2.clone();
-            let mi = mi.clone();
-            let am = lexflow_metrics::actor(&format!("reader.{lang}"));
-            move |ctx: &lexflow_dataflow::ActorContext, (file, path, skip): (u32, PathBuf, u32)| {
-                ctx.set_input(path.display().to_string());
-                let t = Instant::now();
-                let mut docs = match reader::read_file_indexed(&path, &mi) {
-                    Ok(docs) => docs,
-                    Err(e) => {
-                        q.record(&e);
-                        c.quarantined.fetch_add(1, RELAXED);
-                        am.error("quarantined");
-                        Vec::new()
+        ordered_pool(
+            &mut topo,
+            &format!("reader.{lang}"),
+            cfg.reader.threads,
+            cap("reader"),
+            frx,
+            dtx,
+            move |_| {
+                let q = q.clone();
+                let c = c.clone();
+                let lang = lang2.clone();
+                let mi = mi.clone();
+                let am = lexflow_metrics::actor(&format!("reader.{lang}"));
+                move |ctx: &lexflow_dataflow::ActorContext,
+                      (file, path, skip): (u32, PathBuf, u32)| {
+                    ctx.set_input(path.display().to_string());
+                    let t = Instant::now();
+                    let mut docs = match reader::read_file_indexed(&path, &mi) {
+                        Ok(docs) => docs,
+                        Err(e) => {
+                            q.record(&e);
+                            c.quarantined.fetch_add(1, RELAXED);
+                            am.error("quarantined");
+                            Vec::new()
+                        }
+                    };
+                    // Documents before the resume position were trained on already: keep their ordinals, drop their text.
+                    for d in docs.iter_mut().take(skip as usize) {
+                        d.text.clear();
                     }
-                };
-                // Documents before the resume position were trained on already: keep their ordinals, drop their text.
-                for d in docs.iter_mut().take(skip as usize) {
-                    d.text.clear();
+                    c.files_read.fetch_add(1, RELAXED);
+                    c.documents.fetch_add(docs.len() as u64, RELAXED);
+                    let mism = docs
+                        .iter()
+                        .filter(|d| d.lang.as_deref().is_some_and(|l| l != lang))
+                        .count();
+                    c.lang_mismatches.fetch_add(mism as u64, RELAXED);
+                    am.items_in.inc();
+                    am.items_out.inc_by(docs.len() as u64);
+                    am.bytes_out
+                        .inc_by(docs.iter().map(|d| d.text.len() as u64).sum());
+                    am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
+                    lexflow_metrics::latency(&format!("reader.{lang}")).record(t.elapsed());
+                    let m = lexflow_metrics::global();
+                    m.reader_files.with_label_values(&[&lang]).inc();
+                    m.reader_documents
+                        .with_label_values(&[&lang])
+                        .inc_by(docs.len() as u64);
+                    Ok(DocBatch {
+                        lane: li as u16,
+                        file,
+                        docs,
+                    })
                 }
-                c.files_read.fetch_add(1, RELAXED);
-                c.documents.fetch_add(docs.len() as u64, RELAXED);
-                let mism = docs.iter().filter(|d| d.lang.as_deref().is_some_and(|l| l != lang)).count();
-                c.lang_mismatches.fetch_add(mism as u64, RELAXED);
-                am.items_in.inc();
-                am.items_out.inc_by(docs.len() as u64);
-                am.bytes_out.inc_by(docs.iter().map(|d| d.text.len() as u64).sum());
-                am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
-                lexflow_metrics::latency(&format!("reader.{lang}")).record(t.elapsed());
-                let m = lexflow_metrics::global();
-                m.reader_files.with_label_values(&[&lang]).inc();
-                m.reader_documents.with_label_values(&[&lang]).inc_by(docs.len() as u64);
-                Ok(DocBatch { lane: li as u16, file, docs })
-            }
-        });
+            },
+        );
         let c = counters.clone();
         let tk = tokenizer.clone();
         let lang3 = lang.clone();
         let add_bos = cfg.tokenizer.add_bos;
-        ordered_pool(&mut topo, &format!("tokenizer.{lang}"), cfg.tokenizer.threads, cap("tokenizer"), drx, ttx, move |_| {
-            let tk = tk.clone();
-            let c = c.clone();
-            let am = lexflow_metrics::actor(&format!("tokenizer.{lang3}"));
-            let lat = lexflow_metrics::latency(&format!("tokenizer.{lang3}"));
-            move |ctx: &lexflow_dataflow::ActorContext, batch: DocBatch| {
-                ctx.set_input(format!("file #{} of lane {}", batch.file, batch.lane));
-                let t = Instant::now();
-                let bytes: u64 = batch.docs.iter().map(|d| d.text.len() as u64).sum();
-                let mut out = tk.tokenize_batch(batch);
-                if add_bos {
-                    for d in &mut out.docs {
-                        prepend_bos(&tk, &mut d.tokens);
+        ordered_pool(
+            &mut topo,
+            &format!("tokenizer.{lang}"),
+            cfg.tokenizer.threads,
+            cap("tokenizer"),
+            drx,
+            ttx,
+            move |_| {
+                let tk = tk.clone();
+                let c = c.clone();
+                let am = lexflow_metrics::actor(&format!("tokenizer.{lang3}"));
+                let lat = lexflow_metrics::latency(&format!("tokenizer.{lang3}"));
+                move |ctx: &lexflow_dataflow::ActorContext, batch: DocBatch| {
+                    ctx.set_input(format!("file #{} of lane {}", batch.file, batch.lane));
+                    let t = Instant::now();
+                    let bytes: u64 = batch.docs.iter().map(|d| d.text.len() as u64).sum();
+                    let mut out = tk.tokenize_batch(batch);
+                    if add_bos {
+                        for d in &mut out.docs {
+                            prepend_bos(&tk, &mut d.tokens);
+                        }
                     }
+                    let toks: u64 = out.docs.iter().map(|d| d.tokens.len() as u64).sum();
+                    c.tokens.fetch_add(toks, RELAXED);
+                    c.text_bytes.fetch_add(bytes, RELAXED);
+                    am.items_in.inc();
+                    am.bytes_in.inc_by(bytes);
+                    am.items_out.inc_by(out.docs.len() as u64);
+                    am.bytes_out.inc_by(toks * 4);
+                    am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
+                    lat.record(t.elapsed());
+                    Ok(out)
                 }
-                let toks: u64 = out.docs.iter().map(|d| d.tokens.len() as u64).sum();
-                c.tokens.fetch_add(toks, RELAXED);
-                c.text_bytes.fetch_add(bytes, RELAXED);
-                am.items_in.inc();
-                am.bytes_in.inc_by(bytes);
-                am.items_out.inc_by(out.docs.len() as u64);
-                am.bytes_out.inc_by(toks * 4);
-                am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
-                lat.record(t.elapsed());
-                Ok(out)
-            }
-        });
+            },
+        );
         lane_rx.push(trx);
     }
 
@@ -314,8 +401,13 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         let mix = mix.clone();
         let policy = cfg.sampler.on_exhausted;
         let rep = sampler_report.clone();
-        let start = SamplerStart { lanes: start_lanes.clone(), state: data.as_ref().map(|d| d.sampler.clone()) };
-        topo.spawn("sampler", move |ctx| run_sampler(ctx, &mix, policy, start, lane_rx, stx, &rep));
+        let start = SamplerStart {
+            lanes: start_lanes.clone(),
+            state: data.as_ref().map(|d| d.sampler.clone()),
+        };
+        topo.spawn("sampler", move |ctx| {
+            run_sampler(ctx, &mix, policy, start, lane_rx, stx, &rep)
+        });
     }
     {
         let mut packer = Packer::new(&cfg.packer, eot, pad);
@@ -326,7 +418,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 packer.restore(&d.packer, d.next_index, |id| {
                     fetch_doc_tokens(&lanes, &manifests, &tokenizer, cfg.tokenizer.add_bos, id)
                 })?;
-                tracing::info!(seconds = t.elapsed().as_secs_f64(), open = d.packer.open.len(), "packer carry-over restored");
+                tracing::info!(
+                    seconds = t.elapsed().as_secs_f64(),
+                    open = d.packer.open.len(),
+                    "packer carry-over restored"
+                );
                 d.sampler.clone()
             }
             None => SamplerState {
@@ -337,7 +433,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         };
         let rep = packer_report.clone();
         let sl = start_lanes.clone();
-        topo.spawn("packer", move |ctx| run_packer(ctx, packer, srx, ptx, &rep, sl, start_sampler));
+        topo.spawn("packer", move |ctx| {
+            run_packer(ctx, packer, srx, ptx, &rep, sl, start_sampler)
+        });
     }
     let mut rank_rx = Vec::new();
     let mut rank_tx = Vec::new();
@@ -359,9 +457,16 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             )?),
             None => None,
         };
-        let w = ShardWriter { shards: cfg.shards.count.get(), skip, limit: replay.map(|r| r.limit).or(cfg.run.max_sequences), tee };
+        let w = ShardWriter {
+            shards: cfg.shards.count.get(),
+            skip,
+            limit: replay.map(|r| r.limit).or(cfg.run.max_sequences),
+            tee,
+        };
         let rep = shard_report.clone();
-        topo.spawn("shard_writer", move |ctx| run_shard_writer(ctx, w, prx, rank_tx, &rep));
+        topo.spawn("shard_writer", move |ctx| {
+            run_shard_writer(ctx, w, prx, rank_tx, &rep)
+        });
     }
     let train_handle = match cfg.train.as_ref().filter(|_| replay.is_none()) {
         Some(t) => Some(crate::trainer::spawn_trainers(
@@ -419,7 +524,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     input.lang_mismatches = counters.lang_mismatches.load(RELAXED);
     input.text_bytes = counters.text_bytes.load(RELAXED);
     input.tokens = counters.tokens.load(RELAXED);
-    input.quarantine_report = (input.quarantined_files > 0).then(|| quarantine_path.display().to_string());
+    input.quarantine_report =
+        (input.quarantined_files > 0).then(|| quarantine_path.display().to_string());
     let sampler = sampler_report.lock().map(|g| g.clone()).unwrap_or_default();
     for l in &sampler.languages {
         input.documents_per_lang.insert(l.lang.clone(), l.documents);
@@ -435,7 +541,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         sampler,
         packer: packer_report.lock().map(|g| g.clone()).unwrap_or_default(),
         shards: shard_report.lock().map(|g| g.clone()).unwrap_or_default(),
-        train: train_handle.as_ref().and_then(|h| h.report()).and_then(|r| serde_json::to_value(r).ok()),
+        train: train_handle
+            .as_ref()
+            .and_then(|h| h.report())
+            .and_then(|r| serde_json::to_value(r).ok()),
         outcome: match (&result, shutdown.reason()) {
             (Err(_), _) => "failed".into(),
             (Ok(()), Some(_)) => "interrupted".into(),
@@ -445,12 +554,19 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     if let Some(r) = replay.filter(|r| r.describe) {
         let seqs = r.collected.lock().map(|g| g.clone()).unwrap_or_default();
         let mut out = Vec::new();
-        let mut cache: std::collections::HashMap<DocId, (crate::types::Document, Vec<u32>)> = Default::default();
+        let mut cache: std::collections::HashMap<DocId, (crate::types::Document, Vec<u32>)> =
+            Default::default();
         for s in &seqs {
             for p in &s.pieces {
                 if !cache.contains_key(&p.doc) {
                     let d = fetch_doc(&lanes, &manifests, p.doc)?;
-                    let t = fetch_doc_tokens(&lanes, &manifests, &tokenizer, cfg.tokenizer.add_bos, p.doc)?;
+                    let t = fetch_doc_tokens(
+                        &lanes,
+                        &manifests,
+                        &tokenizer,
+                        cfg.tokenizer.add_bos,
+                        p.doc,
+                    )?;
                     cache.insert(p.doc, (d, t));
                 }
                 let (d, toks) = &cache[&p.doc];
@@ -459,7 +575,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                     index: s.index,
                     offset: p.offset,
                     lang: lane.lang.clone(),
-                    path: lane.files[p.doc.file as usize % lane.files.len()].display().to_string(),
+                    path: lane.files[p.doc.file as usize % lane.files.len()]
+                        .display()
+                        .to_string(),
                     ordinal: p.doc.ordinal,
                     celex: d.celex.clone(),
                     doc_type: d.doc_type.as_str().to_string(),
@@ -478,7 +596,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     std::fs::write(&stats_path, serde_json::to_string_pretty(&stats)?)
         .with_context(|| format!("writing {}", stats_path.display()))?;
     if cfg.metrics.enabled && cfg.metrics.linger_seconds > 0 {
-        tracing::info!(seconds = cfg.metrics.linger_seconds, "keeping /metrics up after the run");
+        tracing::info!(
+            seconds = cfg.metrics.linger_seconds,
+            "keeping /metrics up after the run"
+        );
         std::thread::sleep(Duration::from_secs(cfg.metrics.linger_seconds));
     }
     result.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -487,7 +608,12 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
 
 /// The article in which token `start` of a document falls: the last article whose title occurs in the text before the
 /// piece's character offset (titles are searched in order, so the positions are increasing).
-fn article_at(tk: &Tokenizer, d: &crate::types::Document, tokens: &[u32], start: usize) -> Option<String> {
+fn article_at(
+    tk: &Tokenizer,
+    d: &crate::types::Document,
+    tokens: &[u32],
+    start: usize,
+) -> Option<String> {
     if d.articles.is_empty() {
         return None;
     }
@@ -495,7 +621,9 @@ fn article_at(tk: &Tokenizer, d: &crate::types::Document, tokens: &[u32], start:
     let mut from = 0usize;
     let mut found = None;
     for a in &d.articles {
-        let Some(pos) = d.text[from..].find(&a.title).map(|p| p + from) else { continue };
+        let Some(pos) = d.text[from..].find(&a.title).map(|p| p + from) else {
+            continue;
+        };
         if pos > offset {
             break;
         }
@@ -529,14 +657,28 @@ fn fetch_doc_tokens(
     Ok(t)
 }
 
-fn fetch_doc(lanes: &[Lane], manifests: &reader::ManifestIndex, id: DocId) -> anyhow::Result<crate::types::Document> {
-    let lane = lanes.get(id.lane as usize).with_context(|| format!("document {id:?}: no lane {}", id.lane))?;
-    anyhow::ensure!(!lane.files.is_empty(), "document {id:?}: lane {} has no files", lane.lang);
+fn fetch_doc(
+    lanes: &[Lane],
+    manifests: &reader::ManifestIndex,
+    id: DocId,
+) -> anyhow::Result<crate::types::Document> {
+    let lane = lanes
+        .get(id.lane as usize)
+        .with_context(|| format!("document {id:?}: no lane {}", id.lane))?;
+    anyhow::ensure!(
+        !lane.files.is_empty(),
+        "document {id:?}: lane {} has no files",
+        lane.lang
+    );
     let path = &lane.files[id.file as usize % lane.files.len()];
     let docs = reader::read_file_indexed(path, manifests)
         .with_context(|| format!("re-reading {} for document {id:?}", path.display()))?;
     docs.into_iter().nth(id.ordinal as usize).with_context(|| {
-        format!("{} has no document #{} any more: the input changed since the checkpoint", path.display(), id.ordinal)
+        format!(
+            "{} has no document #{} any more: the input changed since the checkpoint",
+            path.display(),
+            id.ordinal
+        )
     })
 }
 
@@ -568,8 +710,10 @@ fn progress_loop(
             None => indicatif::ProgressBar::new_spinner(),
         };
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         pb
     });
@@ -601,4 +745,3 @@ fn progress_loop(
         pb.finish_and_clear();
     }
 }
-

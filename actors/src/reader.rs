@@ -38,9 +38,21 @@ pub enum ReadError {
         hint: &'static str,
     },
     #[error("{path}: line {line}, column {column} (byte {byte_offset}): {reason} — {hint}")]
-    Parse { path: String, line: u64, column: u64, byte_offset: u64, reason: String, hint: &'static str },
+    Parse {
+        path: String,
+        line: u64,
+        column: u64,
+        byte_offset: u64,
+        reason: String,
+        hint: &'static str,
+    },
     #[error("{path}: byte {byte_offset} of the decompressed data: {reason} — {hint}")]
-    Decompress { path: String, byte_offset: u64, reason: String, hint: &'static str },
+    Decompress {
+        path: String,
+        byte_offset: u64,
+        reason: String,
+        hint: &'static str,
+    },
     #[error("{path}: no input matches this path or pattern — check the spelling (globs: `dir/**/*.xml`)")]
     NoMatch { path: String },
 }
@@ -69,20 +81,26 @@ impl ReadError {
     }
     pub fn byte_offset(&self) -> u64 {
         match self {
-            ReadError::Parse { byte_offset, .. } | ReadError::Decompress { byte_offset, .. } => *byte_offset,
+            ReadError::Parse { byte_offset, .. } | ReadError::Decompress { byte_offset, .. } => {
+                *byte_offset
+            }
             _ => 0,
         }
     }
     pub fn reason(&self) -> String {
         match self {
             ReadError::Io { source, .. } => format!("cannot read: {source}"),
-            ReadError::Parse { reason, .. } | ReadError::Decompress { reason, .. } => reason.clone(),
+            ReadError::Parse { reason, .. } | ReadError::Decompress { reason, .. } => {
+                reason.clone()
+            }
             ReadError::NoMatch { .. } => "no input matches".into(),
         }
     }
     pub fn hint(&self) -> &'static str {
         match self {
-            ReadError::Io { hint, .. } | ReadError::Parse { hint, .. } | ReadError::Decompress { hint, .. } => hint,
+            ReadError::Io { hint, .. }
+            | ReadError::Parse { hint, .. }
+            | ReadError::Decompress { hint, .. } => hint,
             ReadError::NoMatch { .. } => "check the spelling of the path or glob",
         }
     }
@@ -108,7 +126,11 @@ impl ReadError {
         }
     }
     fn io(path: &Path, source: std::io::Error) -> Self {
-        ReadError::Io { path: path.display().to_string(), source, hint: "check that the file exists and is readable" }
+        ReadError::Io {
+            path: path.display().to_string(),
+            source,
+            hint: "check that the file exists and is readable",
+        }
     }
 }
 
@@ -117,7 +139,10 @@ impl ReadError {
 
 /// Whether a file name has an accepted input extension.
 pub fn is_supported(path: &Path) -> bool {
-    let n = path.file_name().map(|s| s.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let n = path
+        .file_name()
+        .map(|s| s.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
     n.ends_with(".xml") || n.ends_with(".xml.zst") || n.ends_with(".xml.gz") || n.ends_with(".zip")
 }
 
@@ -142,8 +167,12 @@ pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, ReadError> {
             })?;
             let before = out.len();
             for entry in paths {
-                let pb =
-                    entry.map_err(|e| ReadError::io(&e.path().to_path_buf(), std::io::Error::other(e.to_string())))?;
+                let pb = entry.map_err(|e| {
+                    ReadError::io(
+                        &e.path().to_path_buf(),
+                        std::io::Error::other(e.to_string()),
+                    )
+                })?;
                 if pb.is_dir() {
                     walk(&pb, &mut out, 0)?;
                 } else if is_supported(&pb) {
@@ -230,15 +259,20 @@ fn decompress(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>, ReadError> {
     match container(&raw, path) {
         Container::Plain | Container::Zip => Ok(raw),
         Container::Zstd => {
-            let dec = zstd::stream::read::Decoder::new(&raw[..]).map_err(|e| ReadError::Decompress {
-                path: p.clone(),
-                byte_offset: 0,
-                reason: format!("bad zstd stream: {e}"),
-                hint: "re-download or re-compress the file",
-            })?;
+            let dec =
+                zstd::stream::read::Decoder::new(&raw[..]).map_err(|e| ReadError::Decompress {
+                    path: p.clone(),
+                    byte_offset: 0,
+                    reason: format!("bad zstd stream: {e}"),
+                    hint: "re-download or re-compress the file",
+                })?;
             read_limited(dec, &p, MAX_DECOMPRESSED)
         }
-        Container::Gzip => read_limited(flate2::read::MultiGzDecoder::new(&raw[..]), &p, MAX_DECOMPRESSED),
+        Container::Gzip => read_limited(
+            flate2::read::MultiGzDecoder::new(&raw[..]),
+            &p,
+            MAX_DECOMPRESSED,
+        ),
     }
 }
 
@@ -292,7 +326,10 @@ pub fn read_file_detailed(path: &Path) -> Result<Vec<Parsed>, ReadError> {
 
 /// Parse one input file (plain, zstd, gzip or zip) into its documents.
 pub fn read_file(path: &Path) -> Result<Vec<Document>, ReadError> {
-    Ok(read_file_detailed(path)?.into_iter().map(|p| p.doc).collect())
+    Ok(read_file_detailed(path)?
+        .into_iter()
+        .map(|p| p.doc)
+        .collect())
 }
 
 /// [`read_file`] plus the metadata of the file's manifest from `index` (see the module docs).
@@ -305,9 +342,13 @@ pub fn read_file_indexed(path: &Path, index: &ManifestIndex) -> Result<Vec<Docum
 }
 
 /// Read every path (in the given order) and attach manifest metadata within each package. Deterministic.
-pub fn read_files_with_manifests(paths: &[PathBuf]) -> Vec<(PathBuf, Result<Vec<Document>, ReadError>)> {
-    let parsed: Vec<(PathBuf, Result<Vec<Parsed>, ReadError>)> =
-        paths.iter().map(|p| (p.clone(), read_file_detailed(p))).collect();
+pub fn read_files_with_manifests(
+    paths: &[PathBuf],
+) -> Vec<(PathBuf, Result<Vec<Document>, ReadError>)> {
+    let parsed: Vec<(PathBuf, Result<Vec<Parsed>, ReadError>)> = paths
+        .iter()
+        .map(|p| (p.clone(), read_file_detailed(p)))
+        .collect();
     let index = ManifestIndex::from_parsed(
         parsed
             .iter()
@@ -352,7 +393,10 @@ pub struct ManifestIndex {
 
 /// Whether a file name looks like a manifest (`….doc.xml`, `….doc.fmx.xml`, `DOC_1.xml`-style Cellar names).
 pub fn looks_like_manifest(path: &Path) -> bool {
-    let n = path.file_name().map(|s| s.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let n = path
+        .file_name()
+        .map(|s| s.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
     n.contains(".doc.") || n.contains(".toc.") || n.contains("-toc-") || n.contains("doc_1.")
 }
 
@@ -370,7 +414,11 @@ fn lang_neutral(name: &str) -> String {
             while i < b.len() && b[i].is_ascii_digit() {
                 i += 1;
             }
-            if i - us - 1 >= 7 && i + 2 <= b.len() && b[i].is_ascii_uppercase() && b[i + 1].is_ascii_uppercase() {
+            if i - us - 1 >= 7
+                && i + 2 <= b.len()
+                && b[i].is_ascii_uppercase()
+                && b[i + 1].is_ascii_uppercase()
+            {
                 s.replace_range(i..i + 2, "__");
             }
         }
@@ -385,13 +433,19 @@ impl ManifestIndex {
         let mut found: Vec<(PathBuf, Parsed)> = Vec::new();
         for p in paths {
             let candidate = looks_like_manifest(p)
-                || (std::fs::metadata(p).map(|m| m.len() < 64 * 1024).unwrap_or(false)
+                || (std::fs::metadata(p)
+                    .map(|m| m.len() < 64 * 1024)
+                    .unwrap_or(false)
                     && sniff_root(p).as_deref() == Some("DOC"));
             if !candidate {
                 continue;
             }
             if let Ok(v) = read_file_detailed(p) {
-                found.extend(v.into_iter().filter(|d| d.doc.root == "DOC").map(|d| (p.clone(), d)));
+                found.extend(
+                    v.into_iter()
+                        .filter(|d| d.doc.root == "DOC")
+                        .map(|d| (p.clone(), d)),
+                );
             }
         }
         Self::from_parsed(found.iter().map(|(p, d)| (p.clone(), d)))
@@ -442,12 +496,19 @@ impl ManifestIndex {
 
     fn find(&self, path: &Path, d: &Parsed, neutral: bool) -> Option<&ManifestInfo> {
         let list = self.by_scope.get(&scope_of(path))?;
-        let key = |s: &str| if neutral { lang_neutral(s) } else { s.to_string() };
+        let key = |s: &str| {
+            if neutral {
+                lang_neutral(s)
+            } else {
+                s.to_string()
+            }
+        };
         let own = key(base_name(&d.doc.path));
         let r = d.meta.manifest_ref.as_deref().map(|r| key(base_name(r)));
         list.iter().find(|m| {
             m.names.iter().any(|n| key(n) == own)
-                || r.as_ref().is_some_and(|r| *r == key(&m.name) || m.names.iter().any(|n| key(n) == *r))
+                || r.as_ref()
+                    .is_some_and(|r| *r == key(&m.name) || m.names.iter().any(|n| key(n) == *r))
         })
     }
 
@@ -479,8 +540,12 @@ impl ManifestIndex {
                 p.doc.lang = m.lang.clone();
             }
         }
-        if matches!(p.doc.doc_type, DocType::Other | DocType::Regulation | DocType::Directive | DocType::Decision) {
-            p.doc.doc_type = formex::doc_type_for(&p.doc.root, p.doc.celex.as_deref(), p.doc.title.as_deref());
+        if matches!(
+            p.doc.doc_type,
+            DocType::Other | DocType::Regulation | DocType::Directive | DocType::Decision
+        ) {
+            p.doc.doc_type =
+                formex::doc_type_for(&p.doc.root, p.doc.celex.as_deref(), p.doc.title.as_deref());
         }
     }
 }
@@ -503,8 +568,16 @@ fn head_bytes(path: &Path, n: usize) -> Option<(String, Vec<u8>)> {
     let p = path.display().to_string();
     match kind {
         Container::Plain => Some((p, take(&mut File::open(path).ok()?))),
-        Container::Zstd => Some((p, take(&mut zstd::stream::read::Decoder::new(File::open(path).ok()?).ok()?))),
-        Container::Gzip => Some((p, take(&mut flate2::read::MultiGzDecoder::new(File::open(path).ok()?)))),
+        Container::Zstd => Some((
+            p,
+            take(&mut zstd::stream::read::Decoder::new(File::open(path).ok()?).ok()?),
+        )),
+        Container::Gzip => Some((
+            p,
+            take(&mut flate2::read::MultiGzDecoder::new(
+                File::open(path).ok()?,
+            )),
+        )),
         Container::Zip => {
             let mut z = zip::ZipArchive::new(File::open(path).ok()?).ok()?;
             let mut names: Vec<(String, usize)> = (0..z.len())
@@ -539,11 +612,17 @@ pub fn sniff_lang(path: &Path) -> Option<String> {
         return Some(l);
     }
     let s = String::from_utf8_lossy(&head);
-    tag_text(&s, "<LG.DOC>").and_then(formex::norm_lang).or_else(|| tag_text(&s, "<LG.OJ>").and_then(formex::norm_lang))
+    tag_text(&s, "<LG.DOC>")
+        .and_then(formex::norm_lang)
+        .or_else(|| tag_text(&s, "<LG.OJ>").and_then(formex::norm_lang))
 }
 
 fn container_by_name(path: &Path) -> Container {
-    if path.to_string_lossy().to_ascii_lowercase().ends_with(".zip") {
+    if path
+        .to_string_lossy()
+        .to_ascii_lowercase()
+        .ends_with(".zip")
+    {
         Container::Zip
     } else {
         Container::Plain
@@ -561,7 +640,9 @@ pub fn sniff_root(path: &Path) -> Option<String> {
         if rest.starts_with('?') || rest.starts_with('!') {
             continue;
         }
-        let end = rest.find(|c: char| c.is_whitespace() || c == '>' || c == '/').unwrap_or(rest.len());
+        let end = rest
+            .find(|c: char| c.is_whitespace() || c == '>' || c == '/')
+            .unwrap_or(rest.len());
         return Some(rest[..end].to_string());
     }
 }
@@ -584,13 +665,22 @@ impl Quarantine {
                 std::fs::create_dir_all(d)?;
             }
         }
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Quarantine { out: Some(Mutex::new(BufWriter::new(f))), count: AtomicU64::new(0) })
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Quarantine {
+            out: Some(Mutex::new(BufWriter::new(f))),
+            count: AtomicU64::new(0),
+        })
     }
 
     /// Count only (no file).
     pub fn counting() -> Self {
-        Quarantine { out: None, count: AtomicU64::new(0) }
+        Quarantine {
+            out: None,
+            count: AtomicU64::new(0),
+        }
     }
 
     pub fn record(&self, e: &ReadError) {
@@ -675,7 +765,11 @@ mod tests {
         std::fs::write(d.join("L_2099001EN.01000101.xml"), BODY).unwrap();
         std::fs::write(d.join("L_2099001EN.01000201.xml"), ANNEX).unwrap();
         std::fs::write(d.join("L_2099001EN.01000101.doc.xml"), MANIFEST).unwrap();
-        std::fs::write(d.join("L_2099001DE.01000201.xml"), ANNEX.replace("EN", "DE")).unwrap();
+        std::fs::write(
+            d.join("L_2099001DE.01000201.xml"),
+            ANNEX.replace("EN", "DE"),
+        )
+        .unwrap();
         let files = expand_inputs(&[d.display().to_string()]).unwrap();
         assert_eq!(files.len(), 4);
         let r = read_files_with_manifests(&files);
@@ -686,7 +780,11 @@ mod tests {
         assert_eq!(by("EN.01000201.xml").celex.as_deref(), Some("32099L0012"));
         assert_eq!(by("EN.01000201.xml").doc_type, DocType::Annex);
         assert_eq!(by("EN.01000201.xml").date.as_deref(), Some("2099-01-02"));
-        assert_eq!(by("DE.01000201.xml").celex.as_deref(), Some("32099L0012"), "cross-language manifest");
+        assert_eq!(
+            by("DE.01000201.xml").celex.as_deref(),
+            Some("32099L0012"),
+            "cross-language manifest"
+        );
         assert_eq!(by("DE.01000201.xml").lang.as_deref(), Some("de"));
         assert_eq!(by("doc.xml").doc_type, DocType::Manifest);
         // the index built up front gives the same result
@@ -699,9 +797,11 @@ mod tests {
         {
             let mut z = zip::ZipWriter::new(File::create(&zpath).unwrap());
             let o = zip::write::SimpleFileOptions::default();
-            for (n, c) in
-                [("L_2099001EN.01000201.xml", ANNEX), ("L_2099001EN.01000101.doc.xml", MANIFEST), ("readme.txt", "x")]
-            {
+            for (n, c) in [
+                ("L_2099001EN.01000201.xml", ANNEX),
+                ("L_2099001EN.01000101.doc.xml", MANIFEST),
+                ("readme.txt", "x"),
+            ] {
                 z.start_file(n, o).unwrap();
                 z.write_all(c.as_bytes()).unwrap();
             }
@@ -709,7 +809,10 @@ mod tests {
         }
         let v = read_file(&zpath).unwrap();
         assert_eq!(v.len(), 2);
-        assert_eq!(v[1].path, format!("{}!L_2099001EN.01000201.xml", zpath.display()));
+        assert_eq!(
+            v[1].path,
+            format!("{}!L_2099001EN.01000201.xml", zpath.display())
+        );
         assert_eq!(v[1].celex.as_deref(), Some("32099L0012"));
         assert_eq!(sniff_lang(&zpath).as_deref(), Some("en"));
 
@@ -725,7 +828,10 @@ mod tests {
         let trunc = d.join("t.xml.zst");
         let full = zstd::encode_all(BODY.as_bytes(), 3).unwrap();
         std::fs::write(&trunc, &full[..full.len() / 2]).unwrap();
-        assert!(matches!(read_file(&trunc), Err(ReadError::Decompress { .. }) | Err(ReadError::Parse { .. })));
+        assert!(matches!(
+            read_file(&trunc),
+            Err(ReadError::Decompress { .. }) | Err(ReadError::Parse { .. })
+        ));
     }
 
     #[test]
@@ -733,15 +839,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::create_dir_all(d.join("sub")).unwrap();
-        for n in ["b.xml", "a.xml.zst", "sub/c.fmx.xml", "sub/notes.md", "z.zip", "w.xml.gz"] {
+        for n in [
+            "b.xml",
+            "a.xml.zst",
+            "sub/c.fmx.xml",
+            "sub/notes.md",
+            "z.zip",
+            "w.xml.gz",
+        ] {
             std::fs::write(d.join(n), "x").unwrap();
         }
-        let all = expand_inputs(&[d.display().to_string(), d.join("b.xml").display().to_string()]).unwrap();
-        let names: Vec<_> = all.iter().map(|p| p.strip_prefix(d).unwrap().display().to_string()).collect();
-        assert_eq!(names, ["a.xml.zst", "b.xml", "sub/c.fmx.xml", "w.xml.gz", "z.zip"]);
+        let all = expand_inputs(&[
+            d.display().to_string(),
+            d.join("b.xml").display().to_string(),
+        ])
+        .unwrap();
+        let names: Vec<_> = all
+            .iter()
+            .map(|p| p.strip_prefix(d).unwrap().display().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            ["a.xml.zst", "b.xml", "sub/c.fmx.xml", "w.xml.gz", "z.zip"]
+        );
         let g = expand_inputs(&[format!("{}/**/*.xml", d.display())]).unwrap();
         assert_eq!(g.len(), 2);
-        assert!(matches!(expand_inputs(&[format!("{}/nothing*.xml", d.display())]), Err(ReadError::NoMatch { .. })));
+        assert!(matches!(
+            expand_inputs(&[format!("{}/nothing*.xml", d.display())]),
+            Err(ReadError::NoMatch { .. })
+        ));
         assert!(matches!(
             expand_inputs(&[d.join("missing.xml").display().to_string()]),
             Err(ReadError::NoMatch { .. })

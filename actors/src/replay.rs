@@ -14,7 +14,9 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::pipeline::{run, PieceInfo, ReplaySpec, RunOptions};
-use crate::trainer::{checkpoints_dir, list_checkpoints, TrainerState, DATA_STATE_FILE, RUN_CONFIG_FILE};
+use crate::trainer::{
+    checkpoints_dir, list_checkpoints, TrainerState, DATA_STATE_FILE, RUN_CONFIG_FILE,
+};
 use crate::types::{PackedSequence, ResumePoint};
 
 /// One replayed sequence.
@@ -34,7 +36,10 @@ pub struct ReplayedSequence {
 pub fn parse_steps(s: &str) -> anyhow::Result<(u64, u64)> {
     let bad = || format!("--steps {s:?}: expected A..B, A..=B or N with 1 <= A < B");
     let (a, b) = if let Some((a, b)) = s.split_once("..=") {
-        (a.trim().parse::<u64>().with_context(bad)?, b.trim().parse::<u64>().with_context(bad)?)
+        (
+            a.trim().parse::<u64>().with_context(bad)?,
+            b.trim().parse::<u64>().with_context(bad)?,
+        )
     } else if let Some((a, b)) = s.split_once("..") {
         let a = a.trim().parse::<u64>().with_context(bad)?;
         let b = b.trim().parse::<u64>().with_context(bad)?;
@@ -59,22 +64,36 @@ fn load_ckpt(dir: &Path) -> anyhow::Result<Ckpt> {
     lexflow_gpu::checkpoint::verify_checkpoint_dir(dir)
         .with_context(|| format!("checkpoint {} does not verify", dir.display()))?;
     let state: TrainerState = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("trainer_state.json")).with_context(|| format!("{}", dir.display()))?,
+        &std::fs::read_to_string(dir.join("trainer_state.json"))
+            .with_context(|| format!("{}", dir.display()))?,
     )?;
     let data = match std::fs::read_to_string(dir.join(DATA_STATE_FILE)) {
-        Ok(t) => Some(serde_json::from_str(&t).with_context(|| format!("{}/{DATA_STATE_FILE}", dir.display()))?),
+        Ok(t) => Some(
+            serde_json::from_str(&t)
+                .with_context(|| format!("{}/{DATA_STATE_FILE}", dir.display()))?,
+        ),
         Err(_) => None,
     };
     let cfg_path = dir.join(RUN_CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("{}: no run config in this checkpoint", cfg_path.display()))?;
     let config = Config::from_toml(&text, &cfg_path.display().to_string())?;
-    Ok(Ckpt { dir: dir.to_path_buf(), state, data, config })
+    Ok(Ckpt {
+        dir: dir.to_path_buf(),
+        state,
+        data,
+        config,
+    })
 }
 
 /// Regenerates steps `first..=last`, starting from the newest verified checkpoint in `checkpoint`'s run taken before
 /// `first` (or from the beginning).
-pub fn replay_steps(checkpoint: &Path, first: u64, last: u64, describe: bool) -> anyhow::Result<(Vec<ReplayedSequence>, Vec<PieceInfo>)> {
+pub fn replay_steps(
+    checkpoint: &Path,
+    first: u64,
+    last: u64,
+    describe: bool,
+) -> anyhow::Result<(Vec<ReplayedSequence>, Vec<PieceInfo>)> {
     let given = load_ckpt(checkpoint)?;
     let run_dir = checkpoint
         .parent()
@@ -105,7 +124,11 @@ pub fn replay_steps(checkpoint: &Path, first: u64, last: u64, describe: bool) ->
     // Replay reads the run's inputs (its generated corpus too) but writes nothing into the run.
     if cfg.input.paths.is_empty() {
         let corpus = cfg.run.dir.join("corpus");
-        let corpus = if corpus.is_dir() { corpus } else { run_dir.join("corpus") };
+        let corpus = if corpus.is_dir() {
+            corpus
+        } else {
+            run_dir.join("corpus")
+        };
         cfg.input.paths = vec![corpus.display().to_string()];
     }
     let scratch = tempfile_dir()?;
@@ -124,9 +147,16 @@ pub fn replay_steps(checkpoint: &Path, first: u64, last: u64, describe: bool) ->
     if let Some(c) = &start {
         tracing::info!(checkpoint = %c.dir.display(), step = c.state.step, "replaying from checkpoint");
     } else {
-        tracing::info!("replaying from the beginning of the stream (no checkpoint before step {first})");
+        tracing::info!(
+            "replaying from the beginning of the stream (no checkpoint before step {first})"
+        );
     }
-    let opts = RunOptions { resume: false, progress: false, origin: "replay".into(), replay: Some(spec) };
+    let opts = RunOptions {
+        resume: false,
+        progress: false,
+        origin: "replay".into(),
+        replay: Some(spec),
+    };
     let r = run(&cfg, &opts);
     let _ = std::fs::remove_dir_all(&scratch);
     r?;
@@ -149,7 +179,11 @@ pub fn replay_steps(checkpoint: &Path, first: u64, last: u64, describe: bool) ->
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("lexflow-replay-{}-{}", std::process::id(), crate::trainer::now_nanos()));
+    let d = std::env::temp_dir().join(format!(
+        "lexflow-replay-{}-{}",
+        std::process::id(),
+        crate::trainer::now_nanos()
+    ));
     std::fs::create_dir_all(&d)?;
     Ok(d)
 }
@@ -175,9 +209,12 @@ pub fn cli_replay(checkpoint: &Path, steps: &str, out: Option<&Path>) -> anyhow:
 /// `lexflow provenance RUN --step N`: which documents went into step N.
 pub fn cli_provenance(run_dir: &Path, step: u64, json: bool) -> anyhow::Result<ExitCode> {
     let all = list_checkpoints(run_dir);
-    let (_, any) = all
-        .last()
-        .with_context(|| format!("no checkpoint in {}: provenance needs one (for the run's config)", checkpoints_dir(run_dir).display()))?;
+    let (_, any) = all.last().with_context(|| {
+        format!(
+            "no checkpoint in {}: provenance needs one (for the run's config)",
+            checkpoints_dir(run_dir).display()
+        )
+    })?;
     let (seqs, pieces) = replay_steps(any, step, step, true)?;
     if json {
         for p in &pieces {
@@ -186,7 +223,10 @@ pub fn cli_provenance(run_dir: &Path, step: u64, json: bool) -> anyhow::Result<E
     } else {
         println!("step {step}: {} sequences", seqs.len());
         for s in &seqs {
-            println!("  sequence {} (rank {}, {} padding tokens, hash {})", s.index, s.rank, s.padding, s.hash);
+            println!(
+                "  sequence {} (rank {}, {} padding tokens, hash {})",
+                s.index, s.rank, s.padding, s.hash
+            );
             for p in pieces.iter().filter(|p| p.index == s.index) {
                 println!(
                     "    @{:<5} tokens {:>6}..{:<6} {} {:<12} {:<11} {}{}",
@@ -196,8 +236,16 @@ pub fn cli_provenance(run_dir: &Path, step: u64, json: bool) -> anyhow::Result<E
                     p.lang,
                     p.celex.as_deref().unwrap_or("-"),
                     p.doc_type,
-                    p.article.as_deref().map(|a| format!("{a} | ")).unwrap_or_default(),
-                    p.title.as_deref().unwrap_or(&p.path).chars().take(80).collect::<String>()
+                    p.article
+                        .as_deref()
+                        .map(|a| format!("{a} | "))
+                        .unwrap_or_default(),
+                    p.title
+                        .as_deref()
+                        .unwrap_or(&p.path)
+                        .chars()
+                        .take(80)
+                        .collect::<String>()
                 );
             }
         }

@@ -47,7 +47,13 @@ impl LanguageSampler {
 
     /// The lane due next (None when every lane is exhausted).
     pub fn choose(&self) -> Option<usize> {
-        let norm: f64 = self.active.iter().zip(&self.targets).filter(|(a, _)| **a).map(|(_, t)| t).sum();
+        let norm: f64 = self
+            .active
+            .iter()
+            .zip(&self.targets)
+            .filter(|(a, _)| **a)
+            .map(|(_, t)| t)
+            .sum();
         let mut best: Option<(usize, f64)> = None;
         for i in 0..self.langs.len() {
             if !self.active[i] {
@@ -72,7 +78,11 @@ impl LanguageSampler {
     }
 
     pub fn state(&self) -> SamplerState {
-        SamplerState { emitted_tokens: self.emitted.clone(), documents: self.docs.clone(), active: self.active.clone() }
+        SamplerState {
+            emitted_tokens: self.emitted.clone(),
+            documents: self.docs.clone(),
+            active: self.active.clone(),
+        }
     }
 
     pub fn record(&mut self, lane: usize, tokens: u64) {
@@ -150,8 +160,11 @@ pub fn run_sampler(
     if let Some(st) = &start.state {
         s.restore(st);
     }
-    let mut positions: Vec<LanePosition> =
-        if start.lanes.len() == lanes.len() { start.lanes.clone() } else { vec![LanePosition::default(); lanes.len()] };
+    let mut positions: Vec<LanePosition> = if start.lanes.len() == lanes.len() {
+        start.lanes.clone()
+    } else {
+        vec![LanePosition::default(); lanes.len()]
+    };
     let mut pending: Vec<VecDeque<TokenizedDoc>> = vec![VecDeque::new(); lanes.len()];
     let mut batch = Vec::with_capacity(OUT_BATCH_DOCS);
     let m = lexflow_metrics::global();
@@ -163,7 +176,9 @@ pub fn run_sampler(
     let publish = |s: &LanguageSampler| {
         let r = s.report();
         for l in &r.languages {
-            m.sampler_realized_share.with_label_values(&[&l.lang]).set(l.realized_share);
+            m.sampler_realized_share
+                .with_label_values(&[&l.lang])
+                .set(l.realized_share);
         }
         if let Ok(mut g) = report.lock() {
             *g = r;
@@ -200,18 +215,33 @@ pub fn run_sampler(
         ctx.set_input(format!("lane {} ({}) doc {:?}", lane, mix[lane].0, doc.id));
         let before_lanes = Arc::new(positions.clone());
         let before_state = Arc::new(s.state());
-        positions[lane] = LanePosition { file: doc.id.file, ordinal: doc.id.ordinal + 1 };
+        positions[lane] = LanePosition {
+            file: doc.id.file,
+            ordinal: doc.id.ordinal + 1,
+        };
         s.record(lane, doc.tokens.len() as u64);
-        m.sampler_tokens.with_label_values(&[&mix[lane].0]).inc_by(doc.tokens.len() as u64);
+        m.sampler_tokens
+            .with_label_values(&[&mix[lane].0])
+            .inc_by(doc.tokens.len() as u64);
         am.items_in.inc();
         am.items_out.inc();
         am.bytes_out.inc_by(doc.tokens.len() as u64 * 4);
-        batch.push(SampledDoc { doc, lanes: before_lanes, sampler: before_state });
+        batch.push(SampledDoc {
+            doc,
+            lanes: before_lanes,
+            sampler: before_state,
+        });
         lat.record(t.elapsed());
         am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
         if batch.len() == OUT_BATCH_DOCS {
             publish(&s);
-            if out.send(std::mem::replace(&mut batch, Vec::with_capacity(OUT_BATCH_DOCS))).is_err() {
+            if out
+                .send(std::mem::replace(
+                    &mut batch,
+                    Vec::with_capacity(OUT_BATCH_DOCS),
+                ))
+                .is_err()
+            {
                 publish(&s);
                 return Ok(()); // downstream finished (e.g. training reached its step count)
             }
@@ -279,7 +309,11 @@ mod tests {
 
     #[test]
     fn renormalizes_after_deactivation() {
-        let mix = vec![("en".to_string(), 0.5), ("fr".to_string(), 0.25), ("de".to_string(), 0.25)];
+        let mix = vec![
+            ("en".to_string(), 0.5),
+            ("fr".to_string(), 0.25),
+            ("de".to_string(), 0.25),
+        ];
         let mut s = LanguageSampler::new(&mix);
         s.deactivate(0);
         for _ in 0..1000 {

@@ -34,9 +34,15 @@ pub fn run_shard_writer(
     report: &std::sync::Mutex<ShardReport>,
 ) -> Result<(), ActorError> {
     let world = ranks.len();
-    let mut rep = ShardReport { per_rank: vec![0; world], per_shard: vec![0; w.shards], ..Default::default() };
+    let mut rep = ShardReport {
+        per_rank: vec![0; world],
+        per_shard: vec![0; w.shards],
+        ..Default::default()
+    };
     let m = lexflow_metrics::global();
-    let rank_counters: Vec<_> = (0..world).map(|r| m.shard_sequences.with_label_values(&[&r.to_string()])).collect();
+    let rank_counters: Vec<_> = (0..world)
+        .map(|r| m.shard_sequences.with_label_values(&[&r.to_string()]))
+        .collect();
     let mut alive = vec![true; world];
     let lat = lexflow_metrics::latency("shard_writer");
     let am = lexflow_metrics::actor("shard_writer");

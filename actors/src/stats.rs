@@ -46,7 +46,11 @@ impl RunStats {
     pub fn summary(&self) -> String {
         let mut s = String::new();
         use std::fmt::Write;
-        let _ = writeln!(s, "lexflow run `{}`: {} in {:.1}s", self.run, self.outcome, self.elapsed_seconds);
+        let _ = writeln!(
+            s,
+            "lexflow run `{}`: {} in {:.1}s",
+            self.run, self.outcome, self.elapsed_seconds
+        );
         let i = &self.input;
         let _ = writeln!(
             s,
@@ -80,12 +84,18 @@ impl RunStats {
         let _ = writeln!(
             s,
             "  shards     {} routed to ranks {:?}, {} skipped on resume",
-            self.shards.sequences_routed, self.shards.per_rank, self.shards.sequences_skipped_on_resume
+            self.shards.sequences_routed,
+            self.shards.per_rank,
+            self.shards.sequences_skipped_on_resume
         );
         if let Some(t) = &self.train {
             let _ = writeln!(s, "  train      {}", t);
         }
-        let _ = write!(s, "  throughput {:.0} tokens/s preprocessing", self.preprocess_tokens_per_second);
+        let _ = write!(
+            s,
+            "  throughput {:.0} tokens/s preprocessing",
+            self.preprocess_tokens_per_second
+        );
         s
     }
 }

@@ -45,7 +45,10 @@ pub enum TokenizerError {
     #[error("tokenizer file {} not found", path.display())]
     NotFound { path: PathBuf },
     #[error("reading tokenizer {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: not a usable tokenizer.json: {msg}", path.display())]
     Invalid { path: PathBuf, msg: String },
 }
@@ -85,11 +88,15 @@ impl std::fmt::Debug for Tokenizer {
 pub fn resolve_spec(spec: &str) -> Result<PathBuf, TokenizerError> {
     if spec == "llama3" {
         let Some(v) = std::env::var_os(TOKENIZER_ENV).filter(|v| !v.is_empty()) else {
-            return Err(TokenizerError::Llama3Missing { detail: " but it is not set".into() });
+            return Err(TokenizerError::Llama3Missing {
+                detail: " but it is not set".into(),
+            });
         };
         let p = PathBuf::from(v);
         if !p.is_file() {
-            return Err(TokenizerError::Llama3Missing { detail: format!(" but {} does not exist", p.display()) });
+            return Err(TokenizerError::Llama3Missing {
+                detail: format!(" but {} does not exist", p.display()),
+            });
         }
         Ok(p)
     } else {
@@ -105,25 +112,44 @@ impl Tokenizer {
     /// Loads `"llama3"` (`$LEXFLOW_TOKENIZER_JSON`) or any HF `tokenizer.json` path.
     pub fn load(spec: &str) -> Result<Tokenizer, TokenizerError> {
         let path = resolve_spec(spec)?;
-        let bytes = std::fs::read(&path).map_err(|source| TokenizerError::Io { path: path.clone(), source })?;
+        let bytes = std::fs::read(&path).map_err(|source| TokenizerError::Io {
+            path: path.clone(),
+            source,
+        })?;
         Self::from_json_bytes(spec, &path, &bytes, true)
     }
 
     /// Loads with the fast path disabled (always the `tokenizers` crate): the reference in tests and benchmarks.
     pub fn load_reference(spec: &str) -> Result<Tokenizer, TokenizerError> {
         let path = resolve_spec(spec)?;
-        let bytes = std::fs::read(&path).map_err(|source| TokenizerError::Io { path: path.clone(), source })?;
+        let bytes = std::fs::read(&path).map_err(|source| TokenizerError::Io {
+            path: path.clone(),
+            source,
+        })?;
         Self::from_json_bytes(spec, &path, &bytes, false)
     }
 
-    fn from_json_bytes(spec: &str, path: &Path, bytes: &[u8], allow_fast: bool) -> Result<Tokenizer, TokenizerError> {
-        let invalid = |msg: String| TokenizerError::Invalid { path: path.to_path_buf(), msg };
+    fn from_json_bytes(
+        spec: &str,
+        path: &Path,
+        bytes: &[u8],
+        allow_fast: bool,
+    ) -> Result<Tokenizer, TokenizerError> {
+        let invalid = |msg: String| TokenizerError::Invalid {
+            path: path.to_path_buf(),
+            msg,
+        };
         let json: Value = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
-        let fast = if allow_fast { FastBpe::from_json(&json).map_err(invalid)? } else { None };
+        let fast = if allow_fast {
+            FastBpe::from_json(&json).map_err(invalid)?
+        } else {
+            None
+        };
         let engine = match fast {
             Some(f) => Engine::Fast(f),
             None => {
-                let hf = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| invalid(e.to_string()))?;
+                let hf =
+                    tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| invalid(e.to_string()))?;
                 Engine::Hf(Box::new(hf))
             }
         };
@@ -137,11 +163,25 @@ impl Tokenizer {
         let vocab_size = match &engine {
             Engine::Fast(f) => f.id_to_bytes.len(),
             Engine::Hf(h) => {
-                let max_added = h.get_added_tokens_decoder().keys().map(|&i| i as usize + 1).max().unwrap_or(0);
+                let max_added = h
+                    .get_added_tokens_decoder()
+                    .keys()
+                    .map(|&i| i as usize + 1)
+                    .max()
+                    .unwrap_or(0);
                 h.get_vocab_size(true).max(max_added)
             }
         };
-        Ok(Tokenizer { inner: Arc::new(Inner { spec: spec.to_string(), path: path.to_path_buf(), engine, vocab_size, bos, eos }) })
+        Ok(Tokenizer {
+            inner: Arc::new(Inner {
+                spec: spec.to_string(),
+                path: path.to_path_buf(),
+                engine,
+                vocab_size,
+                bos,
+                eos,
+            }),
+        })
     }
 
     /// `"fast-bpe"` or `"hf-tokenizers"`.
@@ -172,7 +212,10 @@ impl Tokenizer {
             Engine::Hf(h) => match h.encode_fast(text, false) {
                 Ok(e) => e.get_ids().to_vec(),
                 // Byte-level BPE cannot fail; other models only fail on a broken tokenizer.json.
-                Err(e) => panic!("tokenizers failed to encode with {}: {e}", self.inner.path.display()),
+                Err(e) => panic!(
+                    "tokenizers failed to encode with {}: {e}",
+                    self.inner.path.display()
+                ),
             },
         }
     }
@@ -238,7 +281,11 @@ impl Tokenizer {
                 None => per_lang.push((lang.to_string(), tokens.len() as u64)),
             }
             docs.push(TokenizedDoc {
-                id: DocId { lane: batch.lane, file: batch.file, ordinal: i as u32 },
+                id: DocId {
+                    lane: batch.lane,
+                    file: batch.file,
+                    ordinal: i as u32,
+                },
                 celex: d.celex.map(Arc::from),
                 tokens,
                 text_bytes: d.text.len(),
@@ -247,7 +294,11 @@ impl Tokenizer {
         for (lang, n) in per_lang {
             counter.with_label_values(&[lang.as_str()]).inc_by(n);
         }
-        TokenizedBatch { lane: batch.lane, file: batch.file, docs }
+        TokenizedBatch {
+            lane: batch.lane,
+            file: batch.file,
+            docs,
+        }
     }
 }
 
@@ -344,7 +395,12 @@ fn char_classes() -> &'static CharClasses {
         let mut flat = vec![0u16; 0x110000];
         // Plain classes: one pass over all code points each.
         let all: String = chars.iter().collect();
-        for (pat, bit) in [(r"\p{L}", C_L), (r"\p{N}", C_N), (r"\s", C_S), (r"[\r\n]", C_NL)] {
+        for (pat, bit) in [
+            (r"\p{L}", C_L),
+            (r"\p{N}", C_N),
+            (r"\s", C_S),
+            (r"[\r\n]", C_NL),
+        ] {
             let re = tokenizers::utils::SysRegex::new(pat).expect("class regex");
             for (s, e) in re.find_iter(&all) {
                 let c = all[s..e].chars().next().expect("non-empty match");
@@ -391,7 +447,11 @@ fn char_classes() -> &'static CharClasses {
         }
         let mut ascii = [0u16; 128];
         ascii.copy_from_slice(&flat[..128]);
-        CharClasses { index, blocks, ascii }
+        CharClasses {
+            index,
+            blocks,
+            ascii,
+        }
     })
 }
 
@@ -409,7 +469,9 @@ impl Default for PreTokenizer {
 
 impl PreTokenizer {
     pub fn new() -> Self {
-        PreTokenizer { cls: char_classes() }
+        PreTokenizer {
+            cls: char_classes(),
+        }
     }
 
     /// Class and byte length of the character at byte offset `i` (which must be a char boundary < len).
@@ -423,7 +485,12 @@ impl PreTokenizer {
         let (cp, len) = if b0 < 0xE0 {
             (((b0 as u32 & 0x1F) << 6) | (s[i + 1] as u32 & 0x3F), 2)
         } else if b0 < 0xF0 {
-            (((b0 as u32 & 0x0F) << 12) | ((s[i + 1] as u32 & 0x3F) << 6) | (s[i + 2] as u32 & 0x3F), 3)
+            (
+                ((b0 as u32 & 0x0F) << 12)
+                    | ((s[i + 1] as u32 & 0x3F) << 6)
+                    | (s[i + 2] as u32 & 0x3F),
+                3,
+            )
         } else {
             (
                 ((b0 as u32 & 0x07) << 18)
@@ -565,7 +632,10 @@ impl PreTokenizer {
 
 /// GPT-2 byte-level alphabet: byte → char.
 fn bytes_to_chars() -> [char; 256] {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -621,14 +691,22 @@ impl FastBpe {
             return Ok(None);
         }
         // Pre-tokenizer: Sequence[Split(Llama 3 regex, Isolated), ByteLevel(no prefix space, no regex)].
-        let Some(pre) = j.get("pre_tokenizer") else { return Ok(None) };
-        let Some(seq) = pre.get("pretokenizers").and_then(Value::as_array) else { return Ok(None) };
+        let Some(pre) = j.get("pre_tokenizer") else {
+            return Ok(None);
+        };
+        let Some(seq) = pre.get("pretokenizers").and_then(Value::as_array) else {
+            return Ok(None);
+        };
         if pre.get("type").and_then(Value::as_str) != Some("Sequence") || seq.len() != 2 {
             return Ok(None);
         }
         let split = &seq[0];
         let ok_split = split.get("type").and_then(Value::as_str) == Some("Split")
-            && split.get("pattern").and_then(|p| p.get("Regex")).and_then(Value::as_str) == Some(LLAMA3_PATTERN)
+            && split
+                .get("pattern")
+                .and_then(|p| p.get("Regex"))
+                .and_then(Value::as_str)
+                == Some(LLAMA3_PATTERN)
             && split.get("behavior").and_then(Value::as_str) == Some("Isolated")
             && !json_bool(split, "invert", false);
         let bl = &seq[1];
@@ -638,32 +716,44 @@ impl FastBpe {
         if !ok_split || !ok_bl {
             return Ok(None);
         }
-        let Some(model) = j.get("model") else { return Ok(None) };
+        let Some(model) = j.get("model") else {
+            return Ok(None);
+        };
         if model.get("type").and_then(Value::as_str) != Some("BPE")
             || !model.get("dropout").is_none_or(Value::is_null)
-            || !model.get("continuing_subword_prefix").is_none_or(Value::is_null)
+            || !model
+                .get("continuing_subword_prefix")
+                .is_none_or(Value::is_null)
             || !model.get("end_of_word_suffix").is_none_or(Value::is_null)
             || json_bool(model, "byte_fallback", false)
         {
             return Ok(None);
         }
         let ignore_merges = json_bool(model, "ignore_merges", false);
-        let Some(vocab_json) = model.get("vocab").and_then(Value::as_object) else { return Ok(None) };
-        let Some(merges_json) = model.get("merges").and_then(Value::as_array) else { return Ok(None) };
+        let Some(vocab_json) = model.get("vocab").and_then(Value::as_object) else {
+            return Ok(None);
+        };
+        let Some(merges_json) = model.get("merges").and_then(Value::as_array) else {
+            return Ok(None);
+        };
 
         let b2c = bytes_to_chars();
         let mut c2b: HashMap<char, u8> = HashMap::with_capacity(256);
         for (b, c) in b2c.iter().enumerate() {
             c2b.insert(*c, b as u8);
         }
-        let to_bytes = |tok: &str| -> Option<Vec<u8>> { tok.chars().map(|c| c2b.get(&c).copied()).collect() };
+        let to_bytes =
+            |tok: &str| -> Option<Vec<u8>> { tok.chars().map(|c| c2b.get(&c).copied()).collect() };
 
         let mut token_to_id: HashMap<String, u32> = HashMap::with_capacity(vocab_json.len() + 512);
         let mut vocab: FxMap<Box<[u8]>, (u32, bool)> = FxMap::default();
         vocab.reserve(vocab_json.len());
         let mut id_to_bytes: Vec<Option<Box<[u8]>>> = Vec::new();
         for (tok, id) in vocab_json {
-            let id = id.as_u64().ok_or_else(|| format!("vocab id of {tok:?} is not an integer"))? as u32;
+            let id = id
+                .as_u64()
+                .ok_or_else(|| format!("vocab id of {tok:?} is not an integer"))?
+                as u32;
             token_to_id.insert(tok.clone(), id);
             // A token outside the byte-level alphabet is unreachable by encoding: only decoding needs it.
             let b: Box<[u8]> = match to_bytes(tok) {
@@ -699,10 +789,16 @@ impl FastBpe {
                 },
                 _ => return Err("merge entry is neither \"a b\" nor [a, b]".into()),
             };
-            let ia = *token_to_id.get(a).ok_or_else(|| format!("merge token {a:?} not in vocab"))?;
-            let ib = *token_to_id.get(b).ok_or_else(|| format!("merge token {b:?} not in vocab"))?;
+            let ia = *token_to_id
+                .get(a)
+                .ok_or_else(|| format!("merge token {a:?} not in vocab"))?;
+            let ib = *token_to_id
+                .get(b)
+                .ok_or_else(|| format!("merge token {b:?} not in vocab"))?;
             let joined = format!("{a}{b}");
-            let inew = *token_to_id.get(&joined).ok_or_else(|| format!("merge result {joined:?} not in vocab"))?;
+            let inew = *token_to_id
+                .get(&joined)
+                .ok_or_else(|| format!("merge result {joined:?} not in vocab"))?;
             merges.insert(((ia as u64) << 32) | ib as u64, (rank as u32, inew));
         }
         // Added tokens.
@@ -710,8 +806,14 @@ impl FastBpe {
         let mut added_first = [false; 256];
         if let Some(at) = j.get("added_tokens").and_then(Value::as_array) {
             for t in at {
-                let content = t.get("content").and_then(Value::as_str).ok_or("added token without content")?;
-                let id = t.get("id").and_then(Value::as_u64).ok_or("added token without id")? as u32;
+                let content = t
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .ok_or("added token without content")?;
+                let id = t
+                    .get("id")
+                    .and_then(Value::as_u64)
+                    .ok_or("added token without id")? as u32;
                 if content.is_empty()
                     || json_bool(t, "single_word", false)
                     || json_bool(t, "lstrip", false)
@@ -733,7 +835,10 @@ impl FastBpe {
         for g in &mut added {
             g.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
         }
-        let id_to_bytes: Vec<Box<[u8]>> = id_to_bytes.into_iter().map(|b| b.unwrap_or_default()).collect();
+        let id_to_bytes: Vec<Box<[u8]>> = id_to_bytes
+            .into_iter()
+            .map(|b| b.unwrap_or_default())
+            .collect();
         let mut f = FastBpe {
             pre: PreTokenizer::new(),
             vocab,
@@ -775,8 +880,10 @@ impl FastBpe {
         }
         let mut syms: Vec<u32> = word.iter().map(|&b| self.byte_ids[b as usize]).collect();
         // ranks[k] = (rank, new id) of the pair (syms[k], syms[k+1]).
-        let mut ranks: Vec<(u32, u32)> =
-            syms.windows(2).map(|w| self.merge_of(w[0], w[1]).unwrap_or((u32::MAX, 0))).collect();
+        let mut ranks: Vec<(u32, u32)> = syms
+            .windows(2)
+            .map(|w| self.merge_of(w[0], w[1]).unwrap_or((u32::MAX, 0)))
+            .collect();
         loop {
             let mut best = u32::MAX;
             let mut at = usize::MAX;
@@ -793,10 +900,14 @@ impl FastBpe {
             syms.remove(at + 1);
             ranks.remove(at);
             if at < ranks.len() {
-                ranks[at] = self.merge_of(syms[at], syms[at + 1]).unwrap_or((u32::MAX, 0));
+                ranks[at] = self
+                    .merge_of(syms[at], syms[at + 1])
+                    .unwrap_or((u32::MAX, 0));
             }
             if at > 0 {
-                ranks[at - 1] = self.merge_of(syms[at - 1], syms[at]).unwrap_or((u32::MAX, 0));
+                ranks[at - 1] = self
+                    .merge_of(syms[at - 1], syms[at])
+                    .unwrap_or((u32::MAX, 0));
             }
         }
         out.extend_from_slice(&syms);
@@ -823,7 +934,8 @@ impl FastBpe {
             })
             .collect();
         // Min-heap on (rank, pos) via Reverse.
-        let mut heap: BinaryHeap<std::cmp::Reverse<(u32, usize, u32)>> = BinaryHeap::with_capacity(n);
+        let mut heap: BinaryHeap<std::cmp::Reverse<(u32, usize, u32)>> =
+            BinaryHeap::with_capacity(n);
         for i in 0..n - 1 {
             if let Some((r, id)) = self.merge_of(syms[i].c, syms[i + 1].c) {
                 heap.push(std::cmp::Reverse((r, i, id)));
@@ -908,8 +1020,10 @@ impl FastBpe {
             let mut i = 0;
             while i < s.len() {
                 if self.added_first[s[i] as usize] {
-                    if let Some((len, id)) =
-                        self.added[s[i] as usize].iter().find(|(t, _)| s[i..].starts_with(t)).map(|(t, id)| (t.len(), *id))
+                    if let Some((len, id)) = self.added[s[i] as usize]
+                        .iter()
+                        .find(|(t, _)| s[i..].starts_with(t))
+                        .map(|(t, id)| (t.len(), *id))
                     {
                         self.encode_plain(&s[seg..i], &mut cache, out);
                         out.push(id);
@@ -952,8 +1066,14 @@ pub fn train_bpe(texts: &[String], vocab_size: usize) -> anyhow::Result<tokenize
     use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
     use tokenizers::{AddedToken, SplitDelimiterBehavior, TokenizerImpl};
 
-    let special = vec![AddedToken::from("<|begin_of_text|>", true), AddedToken::from("<|end_of_text|>", true)];
-    anyhow::ensure!(vocab_size > 256 + special.len(), "vocab size must exceed 258 (256 bytes + 2 special tokens)");
+    let special = vec![
+        AddedToken::from("<|begin_of_text|>", true),
+        AddedToken::from("<|end_of_text|>", true),
+    ];
+    anyhow::ensure!(
+        vocab_size > 256 + special.len(),
+        "vocab size must exceed 258 (256 bytes + 2 special tokens)"
+    );
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)
@@ -961,14 +1081,27 @@ pub fn train_bpe(texts: &[String], vocab_size: usize) -> anyhow::Result<tokenize
         .special_tokens(special)
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let split = Split::new(SplitPattern::Regex(LLAMA3_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let pre = Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]);
-    let mut tk: TokenizerImpl<BPE, tokenizers::NormalizerWrapper, Sequence, tokenizers::PostProcessorWrapper, ByteLevelDecoder> =
-        TokenizerImpl::new(BPE::default());
+    let split = Split::new(
+        SplitPattern::Regex(LLAMA3_PATTERN.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pre = Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, false).into(),
+    ]);
+    let mut tk: TokenizerImpl<
+        BPE,
+        tokenizers::NormalizerWrapper,
+        Sequence,
+        tokenizers::PostProcessorWrapper,
+        ByteLevelDecoder,
+    > = TokenizerImpl::new(BPE::default());
     tk.with_pre_tokenizer(Some(pre));
     tk.with_decoder(Some(ByteLevelDecoder::default()));
-    tk.train(&mut trainer, texts.iter()).map_err(|e| anyhow::anyhow!("training failed: {e}"))?;
+    tk.train(&mut trainer, texts.iter())
+        .map_err(|e| anyhow::anyhow!("training failed: {e}"))?;
     // Round-trip through JSON into the wrapper type (what `tokenizer.json` consumers see).
     let json = tk.to_string(false).map_err(|e| anyhow::anyhow!("{e}"))?;
     tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))
@@ -984,7 +1117,8 @@ pub fn cli_train(paths: &[String], vocab_size: usize, out: &Path) -> anyhow::Res
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    tk.save(out, true).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+    tk.save(out, true)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
     let loaded = Tokenizer::load(&out.to_string_lossy())?;
     println!(
         "{}",
@@ -1016,13 +1150,109 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     const PALETTE: &[&str] = &[
-        "a", "Z", "é", "ß", "ſ", "K", "İ", "ﬆ", "ǅ", "'", "’", "s", "S", "t", "T", "re", "RE", "rE", "ll", "LL", "ve",
-        "VE", "d", "D", "m", "M", "e", "l", " ", "  ", "   ", "\t", "\n", "\r", "\r\n", "\n\n", "\u{a0}", "\u{3000}",
-        "\u{2028}", "\u{85}", "\u{b}", "\u{c}", "\u{1c}", "\u{0}", "0", "9", "123", "2016", "١", "²", "½", "Ⅻ", "٣",
-        "-", ".", ",", "(", ")", "«", "»", "–", "§", "<|", "|>", "<", "|", "<|begin_of_text|>", "<|end_of_text|>",
-        "<|eot_id|>", "😀", "👨\u{200d}👩\u{200d}👧", "中", "文", "Ж", "ж", "Łą", "Ωμέγα", "\u{300}", "\u{200d}",
-        "\u{feff}", "\u{e000}", "\u{10ffff}", "ا", "ع", "हि", "ं", "Article", " of", " the", "Regulation", " (EU)",
-        "No", "/", "2016/679", "______", "....", "\u{2009}", "\u{202f}", "\u{2002}", "ⓐ", "Ⓐ", "ª", "º",
+        "a",
+        "Z",
+        "é",
+        "ß",
+        "ſ",
+        "K",
+        "İ",
+        "ﬆ",
+        "ǅ",
+        "'",
+        "’",
+        "s",
+        "S",
+        "t",
+        "T",
+        "re",
+        "RE",
+        "rE",
+        "ll",
+        "LL",
+        "ve",
+        "VE",
+        "d",
+        "D",
+        "m",
+        "M",
+        "e",
+        "l",
+        " ",
+        "  ",
+        "   ",
+        "\t",
+        "\n",
+        "\r",
+        "\r\n",
+        "\n\n",
+        "\u{a0}",
+        "\u{3000}",
+        "\u{2028}",
+        "\u{85}",
+        "\u{b}",
+        "\u{c}",
+        "\u{1c}",
+        "\u{0}",
+        "0",
+        "9",
+        "123",
+        "2016",
+        "١",
+        "²",
+        "½",
+        "Ⅻ",
+        "٣",
+        "-",
+        ".",
+        ",",
+        "(",
+        ")",
+        "«",
+        "»",
+        "–",
+        "§",
+        "<|",
+        "|>",
+        "<",
+        "|",
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|eot_id|>",
+        "😀",
+        "👨\u{200d}👩\u{200d}👧",
+        "中",
+        "文",
+        "Ж",
+        "ж",
+        "Łą",
+        "Ωμέγα",
+        "\u{300}",
+        "\u{200d}",
+        "\u{feff}",
+        "\u{e000}",
+        "\u{10ffff}",
+        "ا",
+        "ع",
+        "हि",
+        "ं",
+        "Article",
+        " of",
+        " the",
+        "Regulation",
+        " (EU)",
+        "No",
+        "/",
+        "2016/679",
+        "______",
+        "....",
+        "\u{2009}",
+        "\u{202f}",
+        "\u{2002}",
+        "ⓐ",
+        "Ⓐ",
+        "ª",
+        "º",
     ];
 
     fn random_text(rng: &mut impl Rng, pieces: usize) -> String {
@@ -1036,14 +1266,21 @@ mod tests {
     fn hf_split(text: &str) -> Vec<String> {
         use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
         use tokenizers::{PreTokenizedString, PreTokenizer as _, SplitDelimiterBehavior};
-        let split =
-            Split::new(SplitPattern::Regex(LLAMA3_PATTERN.into()), SplitDelimiterBehavior::Isolated, false).unwrap();
+        let split = Split::new(
+            SplitPattern::Regex(LLAMA3_PATTERN.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .unwrap();
         let mut p = PreTokenizedString::from(text);
         split.pre_tokenize(&mut p).unwrap();
-        p.get_splits(tokenizers::OffsetReferential::Original, tokenizers::OffsetType::Byte)
-            .into_iter()
-            .map(|(s, _, _)| s.to_string())
-            .collect()
+        p.get_splits(
+            tokenizers::OffsetReferential::Original,
+            tokenizers::OffsetType::Byte,
+        )
+        .into_iter()
+        .map(|(s, _, _)| s.to_string())
+        .collect()
     }
 
     #[test]
@@ -1064,21 +1301,33 @@ mod tests {
         // contractions, whitespace runs before a non-space.
         let mut t = String::new();
         for c in (0u32..=0x10FFFF).filter_map(char::from_u32) {
-            for ctx in ["x{}y", " {}.", "'{}", "'{}e", "'{}l", "1{}2", "  {}\n", "{}{}a", ".{} ", "\n{}"] {
+            for ctx in [
+                "x{}y", " {}.", "'{}", "'{}e", "'{}l", "1{}2", "  {}\n", "{}{}a", ".{} ", "\n{}",
+            ] {
                 t.push_str(&ctx.replace("{}", c.encode_utf8(&mut [0; 4])));
             }
         }
         let ours = pre.split(&t);
         let theirs = hf_split(&t);
         if ours != theirs {
-            let k = ours.iter().zip(&theirs).position(|(a, b)| a != b).unwrap_or(ours.len().min(theirs.len()));
-            panic!("first difference at piece {k}: ours {:?} vs onig {:?}", &ours[k..ours.len().min(k + 5)], &theirs[k..theirs.len().min(k + 5)]);
+            let k = ours
+                .iter()
+                .zip(&theirs)
+                .position(|(a, b)| a != b)
+                .unwrap_or(ours.len().min(theirs.len()));
+            panic!(
+                "first difference at piece {k}: ours {:?} vs onig {:?}",
+                &ours[k..ours.len().min(k + 5)],
+                &theirs[k..theirs.len().min(k + 5)]
+            );
         }
     }
 
     fn corpus_for_training() -> Vec<String> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let mut v: Vec<String> = (0..300).map(|i| random_text(&mut rng, 20 + i % 50)).collect();
+        let mut v: Vec<String> = (0..300)
+            .map(|i| random_text(&mut rng, 20 + i % 50))
+            .collect();
         for i in 0..200 {
             v.push(format!(
                 "Article {i}\nThe Member States shall ensure that the controller's obligations under Regulation (EU) \
@@ -1128,7 +1377,9 @@ mod tests {
         let path = dir.path().join("t.json");
         hf.save(&path, false).unwrap();
         let tk = Tokenizer::load(&path.to_string_lossy()).unwrap();
-        let Engine::Fast(f) = &tk.inner.engine else { panic!("fast path expected") };
+        let Engine::Fast(f) = &tk.inner.engine else {
+            panic!("fast path expected")
+        };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         for i in 0..2000 {
             let t = random_text(&mut rng, 1 + i % 12);
@@ -1154,7 +1405,8 @@ mod tests {
 
     #[test]
     fn llama3_fast_equals_hf() {
-        let fast = Tokenizer::load("llama3").expect("the Llama 3 tokenizer (make setup; source scripts/env.sh)");
+        let fast = Tokenizer::load("llama3")
+            .expect("the Llama 3 tokenizer (make setup; source scripts/env.sh)");
         let reference = Tokenizer::load_reference("llama3").unwrap();
         assert_eq!(fast.engine(), "fast-bpe");
         assert_eq!(fast.vocab_size(), reference.vocab_size());
@@ -1167,7 +1419,13 @@ mod tests {
             assert_eq!(ids, reference.encode(&t), "text {t:?}");
             assert_eq!(fast.decode(&ids), reference.decode(&ids));
         }
-        for t in [" ".repeat(5000), "\n".repeat(1000), "9".repeat(1000), "a".repeat(3000), "=-".repeat(700)] {
+        for t in [
+            " ".repeat(5000),
+            "\n".repeat(1000),
+            "9".repeat(1000),
+            "a".repeat(3000),
+            "=-".repeat(700),
+        ] {
             assert_eq!(fast.encode(&t), reference.encode(&t));
         }
     }
@@ -1186,10 +1444,17 @@ mod tests {
             celex: Some("32016R0679".into()),
             ..Default::default()
         };
-        let b = DocBatch { lane: 2, file: 5, docs: vec![doc("Article 1"), doc(""), doc("The Member States")] };
+        let b = DocBatch {
+            lane: 2,
+            file: 5,
+            docs: vec![doc("Article 1"), doc(""), doc("The Member States")],
+        };
         let out = tk.tokenize_batch(b);
         assert_eq!((out.lane, out.file), (2, 5));
-        assert_eq!(out.docs.iter().map(|d| d.id.ordinal).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(
+            out.docs.iter().map(|d| d.id.ordinal).collect::<Vec<_>>(),
+            vec![0, 2]
+        );
         assert_eq!(out.docs[1].tokens, tk.encode("The Member States"));
         assert_eq!(out.docs[1].text_bytes, "The Member States".len());
         assert_eq!(out.docs[0].celex.as_deref(), Some("32016R0679"));

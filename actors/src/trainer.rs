@@ -20,8 +20,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use lexflow_dataflow::{ActorContext, EdgeReceiver, Topology};
 use lexflow_gpu::checkpoint::{self, DEFAULT_MAX_SHARD_BYTES};
 use lexflow_gpu::{
-    valid_targets, AdamWConfig, Batch, Collective, FlatAdamW, GpuError,
-    InProcessCollective, Llama, LlamaConfig, SequenceRef, SingleRank,
+    valid_targets, AdamWConfig, Batch, Collective, FlatAdamW, GpuError, InProcessCollective, Llama,
+    LlamaConfig, SequenceRef, SingleRank,
 };
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
@@ -309,9 +309,15 @@ pub fn spawn_trainers(
     model_config(&setup)?;
     // CPU ranks share the cores: libtorch's intra-op pool is process-wide, so give each rank its share instead of
     // letting every rank spawn a pool as large as the machine (oversubscription costs more than it gives).
-    let cpu_ranks = layout.local.iter().filter(|(_, d)| matches!(d, tch::Device::Cpu)).count();
+    let cpu_ranks = layout
+        .local
+        .iter()
+        .filter(|(_, d)| matches!(d, tch::Device::Cpu))
+        .count();
     if cpu_ranks > 0 {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let per_rank = (cores / cpu_ranks).max(1);
         tch::set_num_threads(per_rank as i32);
         tracing::debug!(cpu_ranks, per_rank, "libtorch intra-op threads");
@@ -500,7 +506,8 @@ impl<'a> Rank<'a> {
         let start = Instant::now();
         let mut seqs: Vec<PackedSequence> = Vec::with_capacity(per_rank);
         // Resume point of the last sequence this rank trained on (rank 0's goes into checkpoints).
-        let mut last_resume: Option<Arc<ResumePoint>> = resume.and_then(|r| r.data.clone().map(Arc::new));
+        let mut last_resume: Option<Arc<ResumePoint>> =
+            resume.and_then(|r| r.data.clone().map(Arc::new));
         while opt.step < cfg.steps {
             let step = opt.step + 1;
             self.ctx.set_input(format!("step {step}"));
@@ -569,7 +576,10 @@ impl<'a> Rank<'a> {
                     step,
                     rank: self.rank,
                     loss,
-                    sequences: seqs.iter().map(|s| (s.index, sequence_hash(&s.tokens))).collect(),
+                    sequences: seqs
+                        .iter()
+                        .map(|s| (s.index, sequence_hash(&s.tokens)))
+                        .collect(),
                 },
             );
 
@@ -597,7 +607,9 @@ impl<'a> Rank<'a> {
             lat.record(t_step.elapsed());
             if !self.device.is_cuda() {
                 if let Some(rss) = process_rss_bytes() {
-                    m.trainer_device_memory.with_label_values(&[&label]).set(rss);
+                    m.trainer_device_memory
+                        .with_label_values(&[&label])
+                        .set(rss);
                 }
             }
             if let Some(p) = peak {
@@ -616,14 +628,28 @@ impl<'a> Rank<'a> {
                 );
             }
             if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
-                self.checkpoint(&model, &opt, &mcfg, Some(loss), last_resume.as_deref(), &mut result)?;
+                self.checkpoint(
+                    &model,
+                    &opt,
+                    &mcfg,
+                    Some(loss),
+                    last_resume.as_deref(),
+                    &mut result,
+                )?;
                 last_ckpt = step;
             }
         }
         result.seconds = start.elapsed().as_secs_f64();
         if opt.step > last_ckpt {
             let last = result.losses.last().copied();
-            self.checkpoint(&model, &opt, &mcfg, last, last_resume.as_deref(), &mut result)?;
+            self.checkpoint(
+                &model,
+                &opt,
+                &mcfg,
+                last,
+                last_resume.as_deref(),
+                &mut result,
+            )?;
         }
         result.steps = opt.step;
         Ok(result)
@@ -662,17 +688,25 @@ impl<'a> Rank<'a> {
                 checkpoint::save_hf(tmp, model, DEFAULT_MAX_SHARD_BYTES)?;
                 opt.save(&tmp.join("optimizer.safetensors"))?;
                 let write = |name: &str, text: String| {
-                    std::fs::write(tmp.join(name), text)
-                        .map_err(|e| GpuError::Io { path: tmp.join(name), source: e })
+                    std::fs::write(tmp.join(name), text).map_err(|e| GpuError::Io {
+                        path: tmp.join(name),
+                        source: e,
+                    })
                 };
                 if let Some(d) = data {
-                    write(DATA_STATE_FILE, serde_json::to_string(d).expect("resume point is JSON"))?;
+                    write(
+                        DATA_STATE_FILE,
+                        serde_json::to_string(d).expect("resume point is JSON"),
+                    )?;
                 }
                 if let Some(c) = &self.setup.run_config {
                     write(RUN_CONFIG_FILE, c.clone())?;
                 }
                 crash_for_tests(&self.setup.run_dir, opt.step);
-                write("trainer_state.json", serde_json::to_string_pretty(&state).expect("state is JSON"))
+                write(
+                    "trainer_state.json",
+                    serde_json::to_string_pretty(&state).expect("state is JSON"),
+                )
             })?;
             prune_checkpoints(&self.setup.run_dir, cfg.keep_checkpoints);
             let m = lexflow_metrics::global();
@@ -748,7 +782,10 @@ fn prune_checkpoints(run_dir: &Path, keep: usize) {
 /// Test hook for the kill test: `LEXFLOW_CRASH_IN_CHECKPOINT=<step>` aborts the process in the middle of writing that
 /// step's checkpoint (model and optimizer written, state not yet), once per run directory.
 fn crash_for_tests(run_dir: &Path, step: u64) {
-    let Some(want) = std::env::var("LEXFLOW_CRASH_IN_CHECKPOINT").ok().and_then(|v| v.parse::<u64>().ok()) else {
+    let Some(want) = std::env::var("LEXFLOW_CRASH_IN_CHECKPOINT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
         return;
     };
     let marker = run_dir.join(format!(".crashed-in-checkpoint-{want}"));
@@ -761,7 +798,10 @@ fn crash_for_tests(run_dir: &Path, step: u64) {
 
 /// Nanoseconds since the epoch (unique scratch names).
 pub fn now_nanos() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 /// Dataflow resume point inside a checkpoint directory.
@@ -815,7 +855,10 @@ fn append_step_record(run_dir: &Path, rec: &StepRecord) {
         .open(run_dir.join(STEPS_FILE))
         .and_then(|mut f| f.write_all(line.as_bytes()));
     if let Err(e) = r {
-        tracing::warn!("cannot append to {}: {e}", run_dir.join(STEPS_FILE).display());
+        tracing::warn!(
+            "cannot append to {}: {e}",
+            run_dir.join(STEPS_FILE).display()
+        );
     }
 }
 

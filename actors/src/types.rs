@@ -78,7 +78,9 @@ pub struct Document {
 
 /// Where a document sits in the deterministic input order: lane (language), file index within the lane's sorted file
 /// list, and ordinal of the document within that file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
 pub struct DocId {
     pub lane: u16,
     pub file: u32,

@@ -27,7 +27,11 @@ pub struct EdgeSender<T> {
 
 impl<T> Clone for EdgeSender<T> {
     fn clone(&self) -> Self {
-        EdgeSender { tx: self.tx.clone(), name: self.name.clone(), m: self.m.clone() }
+        EdgeSender {
+            tx: self.tx.clone(),
+            name: self.name.clone(),
+            m: self.m.clone(),
+        }
     }
 }
 
@@ -45,7 +49,11 @@ pub fn edge<T>(name: &str, capacity: NonZeroUsize) -> (EdgeSender<T>, EdgeReceiv
     m.capacity.set(capacity.get() as i64);
     let name: std::sync::Arc<str> = name.into();
     (
-        EdgeSender { tx, name: name.clone(), m: m.clone() },
+        EdgeSender {
+            tx,
+            name: name.clone(),
+            m: m.clone(),
+        },
         EdgeReceiver { rx, name, m },
     )
 }
@@ -79,7 +87,9 @@ impl<T> EdgeSender<T> {
     }
 
     fn err(&self) -> SendError {
-        SendError { edge: self.name.to_string() }
+        SendError {
+            edge: self.name.to_string(),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -114,7 +124,9 @@ impl<T> EdgeReceiver<T> {
             }
         };
         self.m.depth.set(self.rx.len() as i64);
-        r.map_err(|()| RecvError { edge: self.name.to_string() })
+        r.map_err(|()| RecvError {
+            edge: self.name.to_string(),
+        })
     }
 
     /// Like [`recv`](Self::recv) but also returns the time spent waiting (for per-rank data-wait accounting).
@@ -163,7 +175,10 @@ mod tests {
         assert_eq!(rx.len(), 2, "third item must not be queued while full");
         assert_eq!(rx.recv().unwrap(), 1);
         let blocked = h.join().unwrap();
-        assert!(blocked >= std::time::Duration::from_millis(90), "sender was not blocked: {blocked:?}");
+        assert!(
+            blocked >= std::time::Duration::from_millis(90),
+            "sender was not blocked: {blocked:?}"
+        );
         assert_eq!(rx.recv().unwrap(), 2);
         assert_eq!(rx.recv().unwrap(), 3);
         assert!(rx.recv().is_err(), "edge closes once the sender is dropped");

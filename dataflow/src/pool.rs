@@ -78,13 +78,23 @@ mod tests {
         let c = NonZeroUsize::new(2).unwrap();
         let (itx, irx) = edge::<u64>(&format!("t{workers}.in"), c);
         let (otx, orx) = edge::<u64>(&format!("t{workers}.out"), c);
-        ordered_pool(&mut topo, &format!("sq{workers}"), NonZeroUsize::new(workers).unwrap(), c, irx, otx, |i| {
-            move |_ctx: &ActorContext, x: u64| {
-                // Uneven work so that workers finish out of order.
-                std::thread::sleep(std::time::Duration::from_micros(((x * 7 + i as u64) % 5) * 100));
-                Ok(x * x)
-            }
-        });
+        ordered_pool(
+            &mut topo,
+            &format!("sq{workers}"),
+            NonZeroUsize::new(workers).unwrap(),
+            c,
+            irx,
+            otx,
+            |i| {
+                move |_ctx: &ActorContext, x: u64| {
+                    // Uneven work so that workers finish out of order.
+                    std::thread::sleep(std::time::Duration::from_micros(
+                        ((x * 7 + i as u64) % 5) * 100,
+                    ));
+                    Ok(x * x)
+                }
+            },
+        );
         topo.spawn("src", move |_| {
             for x in 0..200u64 {
                 itx.send(x)?;

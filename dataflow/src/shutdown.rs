@@ -42,7 +42,9 @@ impl Shutdown {
     pub fn install_signal_handler(&self) -> Result<(), String> {
         let me = self.clone();
         ctrlc::set_handler(move || {
-            tracing::warn!("signal received: draining the pipeline and stopping cleanly (send again to force)");
+            tracing::warn!(
+                "signal received: draining the pipeline and stopping cleanly (send again to force)"
+            );
             if me.is_requested() {
                 std::process::exit(130);
             }
@@ -51,4 +53,3 @@ impl Shutdown {
         .map_err(|e| e.to_string())
     }
 }
-

@@ -111,7 +111,12 @@ impl Topology {
                     Err(panic) => Some((panic_message(&panic), true)),
                 };
                 if let Some((message, panicked)) = failure {
-                    let err = RunError { actor: ctx.name.to_string(), input: ctx.input(), message, panicked };
+                    let err = RunError {
+                        actor: ctx.name.to_string(),
+                        input: ctx.input(),
+                        message,
+                        panicked,
+                    };
                     tracing::error!("{err}");
                     let n = seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     if let Ok(mut f) = failures.lock() {
@@ -207,6 +212,9 @@ mod tests {
         });
         let err = topo.join().unwrap_err();
         assert!(err.panicked);
-        assert!(err.to_string().contains("panicky") && err.to_string().contains("x.xml"), "{err}");
+        assert!(
+            err.to_string().contains("panicky") && err.to_string().contains("x.xml"),
+            "{err}"
+        );
     }
 }

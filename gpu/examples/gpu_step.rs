@@ -71,7 +71,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let d = (&a - &b).abs().max().double_value(&[]);
     let scale = a.abs().max().double_value(&[]);
     println!("gpu_bf16_mask_vs_segments max_abs_diff {d:.3e} (max |logit| {scale:.3})");
-    anyhow_like(d <= 0.02 * scale.max(1.0), "bf16 per-document attention differs from the mask")?;
+    anyhow_like(
+        d <= 0.02 * scale.max(1.0),
+        "bf16 per-document attention differs from the mask",
+    )?;
 
     // 2. Training steps in bf16 with NCCL.
     let coll = NcclCollective::from_env()?;

@@ -49,7 +49,10 @@ pub fn init_cuda() -> bool {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         extern "C" {
-            fn dlopen(filename: *const std::ffi::c_char, flag: std::ffi::c_int) -> *mut std::ffi::c_void;
+            fn dlopen(
+                filename: *const std::ffi::c_char,
+                flag: std::ffi::c_int,
+            ) -> *mut std::ffi::c_void;
             fn dlerror() -> *const std::ffi::c_char;
         }
         const RTLD_NOW: std::ffi::c_int = 2;

@@ -94,7 +94,8 @@ mod tests {
     #[test]
     fn gradient_matches_autograd_cross_entropy() {
         let base = Tensor::randn([2, 5, 7], (Kind::Float, Device::Cpu));
-        let labels = Tensor::from_slice(&[1i64, 4, IGNORE_INDEX, 6, 0, 2, 3, IGNORE_INDEX, 5, 1]).view([2, 5]);
+        let labels = Tensor::from_slice(&[1i64, 4, IGNORE_INDEX, 6, 0, 2, 3, IGNORE_INDEX, 5, 1])
+            .view([2, 5]);
         let a = base.detach().set_requires_grad(true);
         let la = cross_entropy_sum(&a, &labels);
         (&la * 0.37).backward();

@@ -523,7 +523,10 @@ impl Attention {
         let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         // (B, T, heads, hd): RoPE on the contiguous projection output, attention on transposed views.
         let q = rope.apply(&x.linear::<&Tensor>(&self.q_proj, None).view([b, t, h, hd]));
-        let k = rope.apply(&x.linear::<&Tensor>(&self.k_proj, None).view([b, t, kvh, hd]));
+        let k = rope.apply(
+            &x.linear::<&Tensor>(&self.k_proj, None)
+                .view([b, t, kvh, hd]),
+        );
         let v = x
             .linear::<&Tensor>(&self.v_proj, None)
             .view([b, t, kvh, hd]);
@@ -787,9 +790,8 @@ impl Llama {
         let rope = Rope::new(&self.inv_freq, t, self.kind());
         // 1. Forward without a graph, keeping the input of every layer.
         let mut inputs = Vec::with_capacity(self.layers.len());
-        let mut x = tch::no_grad(|| {
-            Tensor::embedding(&self.embed_tokens, &batch.inputs, -1, false, false)
-        });
+        let mut x =
+            tch::no_grad(|| Tensor::embedding(&self.embed_tokens, &batch.inputs, -1, false, false));
         for block in &self.layers {
             let next = tch::no_grad(|| block.forward(&x, &rope, &attn));
             inputs.push(x);
@@ -857,7 +859,10 @@ mod tests {
             p(LlamaConfig::llama3_1_70b())
         );
         // A tokenizer with more ids than the preset grows the embeddings (every id needs a row).
-        assert_eq!(LlamaConfig::preset("8b", 128_257).unwrap().vocab_size, 128_257);
+        assert_eq!(
+            LlamaConfig::preset("8b", 128_257).unwrap().vocab_size,
+            128_257
+        );
         assert_eq!(LlamaConfig::preset("8b", 1000).unwrap().vocab_size, 128_256);
         assert!(LlamaConfig::preset("3b", 100).is_err());
     }
@@ -968,7 +973,12 @@ mod tests {
         }];
         let batch = Batch::new(&rows, Device::Cpu).unwrap();
         let a = m.forward_backward(&batch, 0.5).double_value(&[]);
-        let ga: Vec<Tensor> = m.params.params.iter().map(|p| p.tensor.grad().copy()).collect();
+        let ga: Vec<Tensor> = m
+            .params
+            .params
+            .iter()
+            .map(|p| p.tensor.grad().copy())
+            .collect();
         m.params.zero_grad();
         m.set_recompute(true);
         let b = m.forward_backward(&batch, 0.5).double_value(&[]);

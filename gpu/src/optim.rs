@@ -128,7 +128,10 @@ impl FlatAdamW {
         let norm = self.grad.norm();
         if c.grad_clip > 0.0 {
             // torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), capped at 1.
-            let coef = (&norm + 1e-6).reciprocal().g_mul_scalar(c.grad_clip).clamp_max(1.0);
+            let coef = (&norm + 1e-6)
+                .reciprocal()
+                .g_mul_scalar(c.grad_clip)
+                .clamp_max(1.0);
             let _ = self.grad.g_mul_(&coef);
         }
         if c.weight_decay != 0.0 && self.decay_numel > 0 {
@@ -138,7 +141,9 @@ impl FlatAdamW {
                 .g_mul_scalar_(1.0 - lr * c.weight_decay);
         }
         let _ = self.exp_avg.lerp_(&self.grad, 1.0 - c.beta1);
-        let scratch = self.scratch.get_or_insert_with(|| self.exp_avg_sq.empty_like());
+        let scratch = self
+            .scratch
+            .get_or_insert_with(|| self.exp_avg_sq.empty_like());
         let _ = self.grad.square_out(scratch);
         let _ = self.exp_avg_sq.lerp_(scratch, 1.0 - c.beta2);
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
