@@ -41,12 +41,10 @@ pub fn ordered_pool<In, Out, W, F>(
         });
     }
     topo.spawn(format!("{name}.dispatch"), move |_ctx| {
-        let mut k = 0usize;
-        for item in input.iter() {
+        for (k, item) in input.iter().enumerate() {
             if to_workers[k % n].send(item).is_err() {
                 break;
             }
-            k += 1;
         }
         Ok(())
     });

@@ -59,7 +59,7 @@ pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Tensor {
     // split (not narrow): its backward is one cat, not a zero-filled (N, V) buffer per chunk.
     let mut s = Tensor::zeros([], (Kind::Float, logits.device()));
     for (x, g) in flat.split(rows, 0).iter().zip(grad.split(rows, 0)) {
-        s = s + (x * g).sum(Kind::Float);
+        s += (x * g).sum(Kind::Float);
     }
     total + (&s - s.detach())
 }
