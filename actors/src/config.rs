@@ -522,7 +522,7 @@ impl Config {
             if t.steps == 0 {
                 errs.push(format!("{}: must be at least 1", at("train.steps")));
             }
-            if !(t.lr > 0.0) {
+            if t.lr.is_nan() || t.lr <= 0.0 {
                 errs.push(format!("{}: must be > 0", at("train.lr")));
             }
             if t.keep_checkpoints == 0 {

@@ -633,10 +633,7 @@ fn is_ws(b: u8) -> bool {
 }
 
 fn title_push(t: &mut TitleCap, s: &str) {
-    for (i, w) in s
-        .split(|c: char| c == ' ' || c == '\t' || c == '\n' || c == '\r')
-        .enumerate()
-    {
+    for (i, w) in s.split([' ', '\t', '\n', '\r']).enumerate() {
         if i > 0 {
             t.space = true;
         }
@@ -1117,11 +1114,9 @@ impl<'a> Parser<'a> {
                 ds.glue = true;
             }
             K::Br => ds.want(Sep::Line),
-            K::NoDoc => {
-                if ds.in_no_doc == Some(depth) {
-                    ds.in_no_doc = None;
-                    ds.no_doc_done = true;
-                }
+            K::NoDoc if ds.in_no_doc == Some(depth) => {
+                ds.in_no_doc = None;
+                ds.no_doc_done = true;
             }
             K::LgDoc | K::LgOj | K::NoCelex | K::LegalValue | K::Year | K::NoCurrent => {
                 if let Some((lk, ld)) = ds.leaf {
@@ -1573,7 +1568,7 @@ pub fn lang_from_filename(path: &str) -> Option<String> {
             while i < b.len() && b[i].is_ascii_digit() {
                 i += 1;
             }
-            if i - us - 1 >= 7
+            if i - us > 7
                 && i + 2 <= b.len()
                 && b[i].is_ascii_uppercase()
                 && b[i + 1].is_ascii_uppercase()

@@ -117,9 +117,9 @@ impl Packer {
         for o in &st.open {
             let mut tokens = vec![self.eot; o.len as usize];
             for p in &o.pieces {
-                if !cache.contains_key(&p.doc) {
+                if let std::collections::hash_map::Entry::Vacant(e) = cache.entry(p.doc) {
                     let t = fetch(p.doc)?;
-                    cache.insert(p.doc, t);
+                    e.insert(t);
                 }
                 let doc = &cache[&p.doc];
                 let (a, b) = (p.start as usize, (p.end as usize).min(doc.len()));
@@ -391,7 +391,7 @@ pub fn run_packer(
                     publish(&packer);
                     return Ok(()); // downstream finished
                 }
-                if packer.report.sequences % 16 == 0 {
+                if packer.report.sequences.is_multiple_of(16) {
                     publish(&packer);
                 }
             }

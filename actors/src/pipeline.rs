@@ -558,7 +558,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             Default::default();
         for s in &seqs {
             for p in &s.pieces {
-                if !cache.contains_key(&p.doc) {
+                if let std::collections::hash_map::Entry::Vacant(e) = cache.entry(p.doc) {
                     let d = fetch_doc(&lanes, &manifests, p.doc)?;
                     let t = fetch_doc_tokens(
                         &lanes,
@@ -567,7 +567,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                         cfg.tokenizer.add_bos,
                         p.doc,
                     )?;
-                    cache.insert(p.doc, (d, t));
+                    e.insert((d, t));
                 }
                 let (d, toks) = &cache[&p.doc];
                 let lane = &lanes[p.doc.lane as usize];

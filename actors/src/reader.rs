@@ -167,12 +167,8 @@ pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, ReadError> {
             })?;
             let before = out.len();
             for entry in paths {
-                let pb = entry.map_err(|e| {
-                    ReadError::io(
-                        &e.path().to_path_buf(),
-                        std::io::Error::other(e.to_string()),
-                    )
-                })?;
+                let pb = entry
+                    .map_err(|e| ReadError::io(e.path(), std::io::Error::other(e.to_string())))?;
                 if pb.is_dir() {
                     walk(&pb, &mut out, 0)?;
                 } else if is_supported(&pb) {
@@ -414,7 +410,7 @@ fn lang_neutral(name: &str) -> String {
             while i < b.len() && b[i].is_ascii_digit() {
                 i += 1;
             }
-            if i - us - 1 >= 7
+            if i - us > 7
                 && i + 2 <= b.len()
                 && b[i].is_ascii_uppercase()
                 && b[i + 1].is_ascii_uppercase()

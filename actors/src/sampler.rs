@@ -272,7 +272,7 @@ mod tests {
         ) {
             let mix = mix();
             let mut s = LanguageSampler::new(&mix);
-            let mut next = vec![0usize; 5];
+            let mut next = [0usize; 5];
             let mut longest = 0u64;
             for _ in 0..400 {
                 let lane = s.choose().unwrap();

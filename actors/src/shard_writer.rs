@@ -80,7 +80,7 @@ pub fn run_shard_writer(
         if !alive.iter().any(|a| *a) {
             break;
         }
-        if rep.sequences_routed % 64 == 0 {
+        if rep.sequences_routed.is_multiple_of(64) {
             if let Ok(mut g) = report.lock() {
                 *g = rep.clone();
             }

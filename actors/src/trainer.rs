@@ -13,6 +13,7 @@
 //! (temporary directory, fsync, rename, fsync parent), the other ranks wait at a barrier. [`resume_point`] takes the
 //! newest checkpoint whose checksums verify, warning about each one it skips.
 
+#![allow(clippy::manual_checked_ops)]
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
