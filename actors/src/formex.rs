@@ -1538,6 +1538,22 @@ fn eu_lang(code: &str) -> Option<String> {
 
 /// Language from a file name: `L_2016119EN.…`, `L_202401689EN.…`, `CL2016R0679FR…`, `62018CJ0311.lv.fmx.xml`,
 /// `…-es.xml`.
+/// Byte offset of the two-letter language code in an OJ file name (`L_2016119EN.01000101.xml`,
+/// `L_202401689EN.000101.fmx.xml`: collection `_` then at least 7 digits then the code).
+pub fn oj_lang_offset(name: &str) -> Option<usize> {
+    let b = name.as_bytes();
+    let us = name.find('_')?;
+    if !(us > 0 && us <= 3 && b[..us].iter().all(u8::is_ascii_uppercase)) {
+        return None;
+    }
+    let mut i = us + 1;
+    while i < b.len() && b[i].is_ascii_digit() {
+        i += 1;
+    }
+    (i - us > 7 && i + 2 <= b.len() && b[i].is_ascii_uppercase() && b[i + 1].is_ascii_uppercase())
+        .then_some(i)
+}
+
 pub fn lang_from_filename(path: &str) -> Option<String> {
     let name = base_name(path);
     let b = name.as_bytes();
@@ -1562,21 +1578,9 @@ pub fn lang_from_filename(path: &str) -> Option<String> {
         }
     }
     // OJ: COLL_ + digits + LANG
-    if let Some(us) = name.find('_') {
-        if us > 0 && us <= 3 && b[..us].iter().all(u8::is_ascii_uppercase) {
-            let mut i = us + 1;
-            while i < b.len() && b[i].is_ascii_digit() {
-                i += 1;
-            }
-            if i - us > 7
-                && i + 2 <= b.len()
-                && b[i].is_ascii_uppercase()
-                && b[i + 1].is_ascii_uppercase()
-            {
-                if let Some(l) = eu_lang(&name[i..i + 2]) {
-                    return Some(l);
-                }
-            }
+    if let Some(i) = oj_lang_offset(name) {
+        if let Some(l) = eu_lang(&name[i..i + 2]) {
+            return Some(l);
         }
     }
     // a `.xx.` segment

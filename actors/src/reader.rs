@@ -402,22 +402,9 @@ fn scope_of(path: &Path) -> PathBuf {
 
 /// Replace the language code of an OJ/consolidated file name by `__` (cross-language package key).
 fn lang_neutral(name: &str) -> String {
-    let b = name.as_bytes();
     let mut s = name.to_string();
-    if let Some(us) = name.find('_') {
-        if us > 0 && us <= 3 && b[..us].iter().all(u8::is_ascii_uppercase) {
-            let mut i = us + 1;
-            while i < b.len() && b[i].is_ascii_digit() {
-                i += 1;
-            }
-            if i - us > 7
-                && i + 2 <= b.len()
-                && b[i].is_ascii_uppercase()
-                && b[i + 1].is_ascii_uppercase()
-            {
-                s.replace_range(i..i + 2, "__");
-            }
-        }
+    if let Some(i) = crate::formex::oj_lang_offset(name) {
+        s.replace_range(i..i + 2, "__");
     }
     s
 }
