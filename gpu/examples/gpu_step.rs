@@ -127,7 +127,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         loss.backward();
         opt.gather_grads(&model.params);
         coll.all_reduce_mean(&mut opt.grad)?;
-        let st = opt.step(&model.params);
+        let st = opt.step(&model.params)?;
         model.params.zero_grad();
         last = loss.double_value(&[]);
         first.get_or_insert(last);

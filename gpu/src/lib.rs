@@ -28,6 +28,7 @@ mod loss;
 mod model;
 #[cfg(feature = "cuda")]
 mod nccl;
+pub mod ops;
 mod optim;
 
 pub use batch::{valid_targets, Batch, SequenceRef, IGNORE_INDEX};

@@ -1,7 +1,11 @@
 //! AdamW over flat buffers, the learning-rate schedule and global-norm gradient clipping.
 //!
-//! The whole model is one fp32 master buffer with two moment buffers of the same length, so a step is about ten
-//! kernels whatever the number of parameters (tch has no fused/foreach AdamW and cannot save `nn::AdamW` state).
+//! The whole model is one fp32 master buffer with two moment buffers of the same length. A step is libtorch's fused
+//! AdamW kernel (`at::_fused_adamw_`, the one behind `torch.optim.AdamW(fused=True)`, called through the C++ shim in
+//! [`crate::ops`]: tch binds neither it nor a foreach AdamW) over two contiguous slices (decayed weights, the rest),
+//! with global-norm clipping folded into its `grad_scale`: a norm, a few scalar kernels, two update launches and
+//! the bf16 refresh, whatever the number of parameters. [`FlatAdamW::set_fused`]`(false)` selects the same update
+//! as ten whole-buffer tch kernels (the reference the fused path is tested against).
 //! With fp32 parameters the master buffer *is* the parameter buffer; with bf16 parameters (CUDA) the master is a
 //! separate fp32 copy and the parameters are refreshed from it after each step. Weight decay applies to the ≥2-D
 //! weights only, which [`Params`] lays out as one contiguous prefix. The state (master, moments, step) is saved as
@@ -69,8 +73,12 @@ pub struct FlatAdamW {
     pub step: u64,
     decay_numel: i64,
     shares_params: bool,
-    /// Reused fp32 work buffer (squared gradient, then the denominator): no whole-model allocation per step.
+    /// Reused fp32 work buffer of the unfused path (squared gradient, then the denominator).
     scratch: Option<Tensor>,
+    /// libtorch's fused kernel (default) or the whole-buffer tch kernels.
+    fused: bool,
+    /// The fused kernel's step counter: an fp32 scalar on the device, filled before each step (no host sync).
+    step_t: Option<Tensor>,
 }
 
 impl FlatAdamW {
@@ -93,7 +101,18 @@ impl FlatAdamW {
             decay_numel: params.decay_numel,
             shares_params,
             scratch: None,
+            fused: std::env::var("LEXFLOW_ADAMW").map_or(true, |v| v != "unfused"),
+            step_t: None,
         }
+    }
+
+    /// Fused kernel (default; `LEXFLOW_ADAMW=unfused` in the environment turns it off) or whole-buffer kernels.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    pub fn fused(&self) -> bool {
+        self.fused
     }
 
     /// Copies every parameter's gradient into [`grad`](Self::grad) (fp32; missing gradients count as zero): one
@@ -115,20 +134,89 @@ impl FlatAdamW {
     /// One AdamW step from [`grad`](Self::grad) (already averaged across ranks): clip, update moments and master,
     /// refresh the parameters.
     ///
-    /// Whole-buffer kernels only (about ten, whatever the number of parameters): norm, clip (coefficient computed
-    /// on the device: no host round trip before the update), decay, `lerp_` (first moment), `square`+`lerp_`
-    /// (second moment), `sqrt`+`mul_`+`add_` into a reused scratch buffer and one `addcdiv_` (the bias corrections
-    /// folded into the denominator, as PyTorch's foreach AdamW does), then the bf16 refresh. The gradient norm is read
-    /// back once, after everything is enqueued.
-    pub fn step(&mut self, params: &Params) -> StepStats {
+    /// The norm, the clipping scale (on the device: no host round trip before the update), the update (fused or
+    /// whole-buffer, see [`set_fused`](Self::set_fused)), then the bf16 refresh; the gradient norm is read back
+    /// once, after everything is enqueued. Errors only if libtorch rejects the fused kernel's launch.
+    pub fn step(&mut self, params: &Params) -> Result<StepStats> {
         let _ng = tch::no_grad_guard();
         self.step += 1;
         let c = self.cfg.clone();
         let lr = c.lr_at(self.step);
         let norm = self.grad.norm();
+        if self.fused {
+            self.fused_update(&norm, lr)?;
+        } else {
+            self.unfused_update(&norm, lr);
+        }
+        if !self.shares_params {
+            params.flat.detach().copy_(&self.master);
+        }
+        let grad_norm = norm.double_value(&[]);
+        Ok(StepStats {
+            step: self.step,
+            lr,
+            grad_norm,
+            clipped: c.grad_clip > 0.0 && c.grad_clip / (grad_norm + 1e-6) < 1.0,
+        })
+    }
+
+    /// `at::_fused_adamw_` on the decayed prefix and on the rest; clipping as `grad_scale = max((‖g‖ + 1e-6) / clip,
+    /// 1)`, i.e. `g · min(clip / (‖g‖ + 1e-6), 1)` as `torch.nn.utils.clip_grad_norm_`.
+    fn fused_update(&mut self, norm: &Tensor, lr: f64) -> Result<()> {
+        let c = &self.cfg;
+        let step_t = self
+            .step_t
+            .get_or_insert_with(|| Tensor::zeros([], (Kind::Float, self.master.device())));
+        let _ = step_t.fill_(self.step as f64);
+        let scale = (c.grad_clip > 0.0).then(|| (norm + 1e-6).g_div_scalar(c.grad_clip).clamp_min(1.0));
+        let total = self.master.numel() as i64;
+        let args = crate::ops::AdamWArgs {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            weight_decay: c.weight_decay,
+            eps: c.eps,
+        };
+        for (start, len, wd) in [
+            (0, self.decay_numel, c.weight_decay),
+            (self.decay_numel, total - self.decay_numel, 0.0),
+        ] {
+            if len == 0 {
+                continue;
+            }
+            let (p, g, m, v) = (
+                self.master.narrow(0, start, len),
+                self.grad.narrow(0, start, len),
+                self.exp_avg.narrow(0, start, len),
+                self.exp_avg_sq.narrow(0, start, len),
+            );
+            let group = crate::ops::AdamWGroup {
+                params: &p,
+                grads: &g,
+                exp_avg: &m,
+                exp_avg_sq: &v,
+                step: step_t,
+            };
+            crate::ops::fused_adamw(
+                &[group],
+                crate::ops::AdamWArgs {
+                    weight_decay: wd,
+                    ..args
+                },
+                scale.as_ref(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The same update in ten whole-buffer tch kernels: clip (coefficient on the device), decay, `lerp_` (first
+    /// moment), `square`+`lerp_` (second moment), `sqrt`+`mul_`+`add_` into a reused scratch buffer and one
+    /// `addcdiv_` (bias corrections folded into the denominator, as PyTorch's foreach AdamW does).
+    fn unfused_update(&mut self, norm: &Tensor, lr: f64) {
+        let c = self.cfg.clone();
         if c.grad_clip > 0.0 {
             // torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), capped at 1.
-            let coef = (&norm + 1e-6)
+            let coef = (norm + 1e-6)
                 .reciprocal()
                 .g_mul_scalar(c.grad_clip)
                 .clamp_max(1.0);
@@ -157,16 +245,6 @@ impl FlatAdamW {
             let _ = scratch.g_mul_scalar_(k);
             let _ = scratch.g_add_scalar_(c.eps * bc2.sqrt() * k);
             let _ = self.master.addcdiv_(&self.exp_avg, scratch);
-        }
-        if !self.shares_params {
-            params.flat.detach().copy_(&self.master);
-        }
-        let grad_norm = norm.double_value(&[]);
-        StepStats {
-            step: self.step,
-            lr,
-            grad_norm,
-            clipped: c.grad_clip > 0.0 && c.grad_clip / (grad_norm + 1e-6) < 1.0,
         }
     }
 
@@ -326,7 +404,7 @@ mod tests {
             model.params.zero_grad();
             loss.backward();
             flat.gather_grads(&model.params);
-            flat.step(&model.params);
+            flat.step(&model.params).unwrap();
         }
         let e = model.params.get("model.embed_tokens.weight").unwrap();
         let d = (e - &w).abs().max().double_value(&[]);
@@ -352,7 +430,7 @@ mod tests {
             .flat
             .narrow(0, model.params.decay_numel, n)
             .copy();
-        let s = opt.step(&model.params);
+        let s = opt.step(&model.params).unwrap();
         assert!(s.clipped && (s.grad_norm - 20.0).abs() < 1e-4);
         assert!((opt.grad.norm().double_value(&[]) - 1.0).abs() < 1e-5);
         // Norm weights had zero gradient and no decay: unchanged.
@@ -363,12 +441,60 @@ mod tests {
             .equal(&before));
     }
 
+    /// libtorch's fused kernel and the whole-buffer path take the same steps (clipping active, decay on the weights
+    /// only, warmup then cosine), to fp32 rounding.
+    #[test]
+    fn fused_equals_unfused() {
+        let c = AdamWConfig {
+            grad_clip: 0.5,
+            ..cfg()
+        };
+        let models: Vec<Llama> = (0..2)
+            .map(|_| Llama::new(&LlamaConfig::tiny(16), Device::Cpu, Kind::Float, 3).unwrap())
+            .collect();
+        let mut opts: Vec<FlatAdamW> = models
+            .iter()
+            .map(|m| FlatAdamW::new(&m.params, c.clone()))
+            .collect();
+        opts[0].set_fused(true);
+        opts[1].set_fused(false);
+        let mut clipped = 0;
+        for step in 0..6 {
+            tch::manual_seed(100 + step);
+            let g = Tensor::randn([models[0].params.numel()], (Kind::Float, Device::Cpu));
+            for (m, o) in models.iter().zip(opts.iter_mut()) {
+                o.grad.copy_(&g);
+                let st = o.step(&m.params).unwrap();
+                clipped += st.clipped as usize;
+            }
+        }
+        assert_eq!(clipped, 12, "every step should clip (norm of N(0,1)^n ≫ 0.5)");
+        let d = (&models[0].params.flat - &models[1].params.flat)
+            .abs()
+            .max()
+            .double_value(&[]);
+        let moved = (&models[0].params.flat
+            - Llama::new(&LlamaConfig::tiny(16), Device::Cpu, Kind::Float, 3)
+                .unwrap()
+                .params
+                .flat)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(d < 1e-6 && moved > 1e-3, "fused vs unfused {d}, moved {moved}");
+        let dm = (&opts[0].exp_avg_sq - &opts[1].exp_avg_sq)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(dm < 1e-7, "second moments differ by {dm}");
+    }
+
     #[test]
     fn state_roundtrip() {
         let model = Llama::new(&LlamaConfig::tiny(8), Device::Cpu, Kind::Float, 0).unwrap();
         let mut opt = FlatAdamW::new(&model.params, cfg());
         let _ = opt.grad.normal_(0.0, 1.0);
-        opt.step(&model.params);
+        opt.step(&model.params).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("opt.safetensors");
         opt.save(&p).unwrap();
