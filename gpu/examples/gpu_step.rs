@@ -64,7 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cpu_mask_vs_gpu_segments_fp32 max_abs_diff {d:.3e}");
     anyhow_like(d < 1e-3, "per-document attention differs from the mask")?;
     // Same in bf16 on the GPU (flash kernels): segments vs mask, both on the device.
-    let gbf = Llama::new(&small, device, Kind::BFloat16, 5)?;
+    let mut gbf = Llama::new(&small, device, Kind::BFloat16, 5)?;
     let (ids_d, doc_d) = (ids.to_device(device), doc.to_device(device));
     let a = lexflow_gpu::tch::no_grad(|| gbf.forward(&ids_d, Some(&doc_d))).to_kind(Kind::Float);
     let b = lexflow_gpu::tch::no_grad(|| gbf.forward_segments(&ids_d, &segs)).to_kind(Kind::Float);
@@ -74,6 +74,64 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     anyhow_like(
         d <= 0.02 * scale.max(1.0),
         "bf16 per-document attention differs from the mask",
+    )?;
+    // Varlen flash attention (the default CUDA path for packed documents) against per-segment flash calls, bf16:
+    // logits, then the gradient of every parameter through the backward of each path.
+    let toks: Vec<Vec<u32>> = (0..2)
+        .map(|r| (0..65).map(|i| ((i * 31 + r * 17) % 512) as u32).collect())
+        .collect();
+    let vrows: Vec<SequenceRef<'_>> = toks
+        .iter()
+        .map(|t| SequenceRef {
+            tokens: t,
+            padding: 0,
+            doc_starts: &[0, 20],
+        })
+        .collect();
+    let vb = Batch::new(&vrows, device)?;
+    anyhow_like(
+        gbf.attention_path(&vb) == "varlen",
+        "packed bf16 batch on CUDA does not take the varlen path",
+    )?;
+    let cu = vb.cu_seqlens.as_ref().ok_or("no cu_seqlens")?;
+    let segs = vb.segments.clone().ok_or("no segments")?;
+    let mut grads = Vec::new();
+    let mut logits = Vec::new();
+    for varlen in [true, false] {
+        gbf.params.zero_grad();
+        let l = if varlen {
+            gbf.forward_varlen(&vb.inputs, cu, vb.max_seqlen)
+        } else {
+            gbf.forward_segments(&vb.inputs, &segs)
+        };
+        cross_entropy_sum(&l, &vb.labels).backward();
+        let g: Vec<Tensor> = gbf
+            .params
+            .params
+            .iter()
+            .map(|p| p.tensor.grad().to_kind(Kind::Float).reshape([-1]))
+            .collect();
+        grads.push(Tensor::cat(&g, 0));
+        logits.push(l.detach().to_kind(Kind::Float));
+    }
+    gbf.params.zero_grad();
+    let d = (&logits[0] - &logits[1]).abs().max().double_value(&[]);
+    let scale = logits[1].abs().max().double_value(&[]);
+    let cos = (&grads[0] * &grads[1]).sum(Kind::Float).double_value(&[])
+        / (grads[0].norm().double_value(&[]) * grads[1].norm().double_value(&[])).max(1e-30);
+    let gd = (&grads[0] - &grads[1]).abs().max().double_value(&[])
+        / grads[1].abs().max().double_value(&[]).max(1e-30);
+    println!(
+        "gpu_bf16_varlen_vs_segments logits max_abs_diff {d:.3e} (max |logit| {scale:.3}); grads cosine {cos:.6}, \
+         max diff / max |grad| {gd:.3e}"
+    );
+    anyhow_like(
+        d <= 0.02 * scale.max(1.0),
+        "varlen flash attention differs from per-segment attention",
+    )?;
+    anyhow_like(
+        cos > 0.999 && gd < 0.05,
+        "varlen flash attention gradients differ from per-segment attention",
     )?;
 
     // 2. Training steps in bf16 with NCCL.
@@ -114,6 +172,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let batch = Batch::new(&rows, device)?;
+    println!("training batch attention path: {}", model.attention_path(&batch));
     let flops = cfg.train_flops_per_token(seq_len);
     let mut first = None;
     let mut last = 0.0;

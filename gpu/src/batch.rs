@@ -24,8 +24,14 @@ pub struct Batch {
     /// `(B, T)` int64 document ordinal per position; None when every sequence is a single document.
     pub doc_ids: Option<Tensor>,
     /// Host-side twin of `doc_ids`: per row, the lengths of its document segments (summing to T); None when every
-    /// sequence is a single document. The model runs one flash-attention call per segment instead of a T×T mask.
+    /// sequence is a single document.
     pub segments: Option<Vec<Vec<i64>>>,
+    /// `segments` as cumulative lengths over the flattened `(B·T)` positions, int32 on the device:
+    /// `0, len_0, len_0 + len_1, …, B·T` (rows concatenated; each row's segments sum to T). What varlen flash
+    /// attention takes: one kernel launch per layer for every document of the micro-batch.
+    pub cu_seqlens: Option<Tensor>,
+    /// The longest document segment (0 when every sequence is a single document).
+    pub max_seqlen: i64,
     /// Positions whose label counts in the loss.
     pub valid_tokens: i64,
 }
@@ -102,18 +108,60 @@ impl Batch {
             }
         }
         let b = rows.len() as i64;
-        let to = |v: &[i64]| Tensor::from_slice(v).view([b, t as i64]).to_device(device);
+        let bt = b * t as i64;
+        // One host buffer, one host-to-device copy: inputs | labels | doc_ids | cumulative segment lengths. On CUDA
+        // the buffer is pinned and the copy asynchronous, so building the next micro-batch never waits for the GPU
+        // to drain its queue (a pageable copy synchronises the stream).
+        let (cu, max_seqlen) = if multi_doc {
+            let mut cu = Vec::with_capacity(segments.iter().map(Vec::len).sum::<usize>() + 1);
+            let mut acc = 0i64;
+            cu.push(0);
+            for &len in segments.iter().flatten() {
+                acc += len;
+                cu.push(acc);
+            }
+            let max = segments.iter().flatten().copied().max().unwrap_or(0);
+            (cu, max)
+        } else {
+            (Vec::new(), 0)
+        };
+        let mut host = inputs;
+        host.extend_from_slice(&labels);
+        if multi_doc {
+            host.extend_from_slice(&doc_ids);
+            host.extend_from_slice(&cu);
+        }
+        let all = upload(&Tensor::from_slice(&host), device);
+        let part = |i: i64| all.narrow(0, i * bt, bt).view([b, t as i64]);
+        let cu_seqlens = multi_doc.then(|| {
+            all.narrow(0, 3 * bt, cu.len() as i64)
+                .to_kind(tch::Kind::Int)
+        });
         Ok(Batch {
-            inputs: to(&inputs),
-            labels: to(&labels),
-            doc_ids: multi_doc.then(|| to(&doc_ids)),
+            inputs: part(0),
+            labels: part(1),
+            doc_ids: multi_doc.then(|| part(2)),
             segments: multi_doc.then_some(segments),
+            cu_seqlens,
+            max_seqlen,
             valid_tokens: valid,
         })
     }
 
     pub fn size(&self) -> (i64, i64) {
         self.inputs.size2().expect("(B, T)")
+    }
+}
+
+/// Host tensor → `device`: asynchronous from pinned memory on CUDA (libtorch's caching host allocator keeps the
+/// pinned block alive until the copy has run), a plain copy otherwise or if pinning fails.
+fn upload(host: &Tensor, device: Device) -> Tensor {
+    if !device.is_cuda() {
+        return host.shallow_clone();
+    }
+    match host.f_pin_memory(device) {
+        Ok(pinned) => pinned.to_device_(device, pinned.kind(), true, false),
+        Err(_) => host.to_device(device),
     }
 }
 
@@ -151,16 +199,30 @@ mod tests {
             vec![0, 0, 0, 1, 1, 1]
         );
         assert_eq!(b.valid_tokens, 4);
+        assert_eq!(
+            Vec::<i32>::try_from(b.cu_seqlens.as_ref().unwrap()).unwrap(),
+            vec![0, 3, 6]
+        );
+        assert_eq!(b.max_seqlen, 3);
         assert_eq!(valid_targets(&row), 4);
         let single = SequenceRef {
             tokens: &toks,
             padding: 0,
             doc_starts: &[0],
         };
-        assert!(Batch::new(&[single], Device::Cpu)
-            .unwrap()
-            .doc_ids
-            .is_none());
+        let one = Batch::new(&[single], Device::Cpu).unwrap();
+        assert!(one.doc_ids.is_none() && one.cu_seqlens.is_none());
+        // Rows concatenate: the second row's single document spans positions 6..12 of the flattened batch.
+        let two = Batch::new(&[row, single], Device::Cpu).unwrap();
+        assert_eq!(
+            Vec::<i32>::try_from(two.cu_seqlens.as_ref().unwrap()).unwrap(),
+            vec![0, 3, 6, 12]
+        );
+        assert_eq!(two.max_seqlen, 6);
+        assert_eq!(
+            Vec::<i64>::try_from(two.labels.view([-1])).unwrap(),
+            vec![2, 3, 4, 5, -100, -100, 2, 3, 4, 5, 0, 0]
+        );
         let short = SequenceRef {
             tokens: &toks[..3],
             padding: 0,

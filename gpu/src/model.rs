@@ -487,6 +487,25 @@ enum AttnLayout<'a> {
     Segments(&'a [Vec<i64>]),
     /// Block-diagonal causal as a `(B, 1, T, T)` bool mask (memory-efficient kernel, heads repeated for GQA).
     Mask(Tensor),
+    /// Block-diagonal causal in one varlen flash-attention call per layer over the flattened `(B·T)` positions
+    /// (`cu_seqlens`: cumulative document lengths, int32 on the device). CUDA, bf16/fp16.
+    Varlen { cu_seqlens: &'a Tensor, max_len: i64 },
+}
+
+/// How packed documents are attended to, from `LEXFLOW_DOC_ATTENTION` (default `auto`: varlen flash attention where
+/// it runs — CUDA, bf16/fp16 — else one flash call per segment up to [`MAX_FLASH_SEGMENTS`], else the mask).
+fn doc_attention_choice() -> &'static str {
+    static CHOICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CHOICE.get_or_init(|| match std::env::var("LEXFLOW_DOC_ATTENTION") {
+        Ok(v) if ["auto", "varlen", "segments", "mask"].contains(&v.as_str()) => v,
+        Ok(v) => {
+            tracing::warn!(
+                "LEXFLOW_DOC_ATTENTION={v:?} is not one of auto, varlen, segments, mask: using auto"
+            );
+            "auto".into()
+        }
+        Err(_) => "auto".into(),
+    })
 }
 
 /// Micro-batches with more document segments than this use the mask instead of per-segment flash calls (each
@@ -552,6 +571,18 @@ impl Attention {
         };
         let y = match attn {
             AttnLayout::Causal => causal(&q, &k, &v), // (B, T, H, hd)
+            AttnLayout::Varlen {
+                cu_seqlens,
+                max_len,
+            } => crate::ops::flash_varlen(
+                &q.reshape([b * t, h, hd]),
+                &k.reshape([b * t, kvh, hd]),
+                &v.reshape([b * t, kvh, hd]),
+                cu_seqlens,
+                *max_len,
+            )
+            .unwrap_or_else(|e| panic!("{e}")) // like every tch op of this forward: libtorch errors panic
+            .view([b, t, h, hd]),
             AttnLayout::Segments(segs) => {
                 let (qs, ks, vs) = (q.unbind(0), k.unbind(0), v.unbind(0));
                 let rows: Vec<Tensor> = (0..b as usize)
@@ -762,16 +793,49 @@ impl Llama {
         let Some(doc_ids) = &batch.doc_ids else {
             return AttnLayout::Causal;
         };
-        let forced_mask = std::env::var("LEXFLOW_DOC_ATTENTION").is_ok_and(|v| v == "mask");
+        let choice = doc_attention_choice();
+        if let (Some(cu), "auto" | "varlen") = (&batch.cu_seqlens, choice) {
+            let probe = self.params.flat.narrow(0, 0, self.cfg.head_dim as i64);
+            if crate::ops::flash_varlen_supported(&probe.view([1, 1, -1])) {
+                return AttnLayout::Varlen {
+                    cu_seqlens: cu,
+                    max_len: batch.max_seqlen,
+                };
+            }
+        }
         match &batch.segments {
             Some(segs)
-                if !forced_mask
+                if choice != "mask"
                     && segs.iter().map(Vec::len).sum::<usize>() <= MAX_FLASH_SEGMENTS =>
             {
                 AttnLayout::Segments(segs)
             }
             _ => AttnLayout::Mask(document_mask(doc_ids)),
         }
+    }
+
+    /// Which attention path [`forward_batch`](Self::forward_batch) takes for `batch`: "causal", "varlen",
+    /// "segments" or "mask" (for logs, benchmarks and tests).
+    pub fn attention_path(&self, batch: &Batch) -> &'static str {
+        match self.layout_of(batch) {
+            AttnLayout::Causal => "causal",
+            AttnLayout::Varlen { .. } => "varlen",
+            AttnLayout::Segments(_) => "segments",
+            AttnLayout::Mask(_) => "mask",
+        }
+    }
+
+    /// Block-diagonal causal attention through varlen flash attention (CUDA, bf16/fp16): `cu_seqlens` int32
+    /// cumulative document lengths over the flattened `(B·T)` positions, as [`Batch::cu_seqlens`]. The same
+    /// function as [`forward`](Self::forward) with the equivalent `doc_ids`.
+    pub fn forward_varlen(&self, input_ids: &Tensor, cu_seqlens: &Tensor, max_len: i64) -> Tensor {
+        self.forward_layout(
+            input_ids,
+            &AttnLayout::Varlen {
+                cu_seqlens,
+                max_len,
+            },
+        )
     }
 
     /// One micro-batch of training: accumulates `scale · ∇ Σ cross-entropy` into the parameters' gradients and returns
@@ -821,8 +885,9 @@ impl Llama {
     }
 
     /// Forward over a [`Batch`] (inputs on the model's device): plain causal flash attention when every sequence is
-    /// one document, per-document flash calls when documents are packed together, the `(B, 1, T, T)` mask only past
-    /// [`MAX_FLASH_SEGMENTS`] segments (or with `LEXFLOW_DOC_ATTENTION=mask`).
+    /// one document; packed documents through varlen flash attention on CUDA in bf16/fp16, else one flash call per
+    /// document segment, else (past [`MAX_FLASH_SEGMENTS`] segments) the `(B, 1, T, T)` mask.
+    /// `LEXFLOW_DOC_ATTENTION=varlen|segments|mask` forces a path where it can run.
     pub fn forward_batch(&self, batch: &Batch) -> Tensor {
         self.forward_layout(&batch.inputs, &self.layout_of(batch))
     }
