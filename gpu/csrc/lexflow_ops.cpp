@@ -6,6 +6,8 @@
 //     (FlashAttentionBackward0 → _flash_attention_backward) is registered by libtorch, so gradients flow as for SDPA.
 //     CUDA, bf16/fp16 only.
 //   * at::_fused_adamw_: the kernel behind torch.optim.AdamW(fused=True), CPU and CUDA.
+//   * libtorch's Kineto profiler (what torch.profiler drives from Python): start, then stop and save a Chrome trace
+//     with the CPU operators and, on CUDA, every kernel with its duration.
 //
 // Tensors cross the boundary as tch's handles (`at::Tensor*`). Every function returns 0 on success; on failure it
 // writes libtorch's message into `err` (NUL-terminated, truncated to `err_len`) and returns 1. No C++ exception
@@ -13,10 +15,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_flash_attention_forward.h>
 #include <ATen/ops/_fused_adamw.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <cstring>
 #include <exception>
 #include <optional>
+#include <set>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -80,6 +86,34 @@ int lexflow_fused_adamw(const at::Tensor** params, const at::Tensor** grads, con
     std::optional<at::Tensor> gs = grad_scale ? std::optional<at::Tensor>(*grad_scale) : std::nullopt;
     at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false, gs, /*found_inf=*/std::nullopt);
+  });
+}
+
+// Backward from a non-scalar tensor with a given gradient (torch.autograd.backward(t, grad)): the gradients of
+// the graph's leaves accumulate into their .grad as with loss.backward().
+int lexflow_backward_with_grad(const at::Tensor* t, const at::Tensor* grad, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] { torch::autograd::backward({*t}, {*grad}); });
+}
+
+// Starts the Kineto profiler on the calling thread (ops of threads it spawns, such as autograd's device threads, are
+// recorded too; CUDA kernels are recorded device-wide when `cuda` is non-zero).
+int lexflow_profiler_start(int cuda, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    namespace prof = torch::profiler::impl;
+    prof::ProfilerConfig cfg(prof::ProfilerState::KINETO, /*report_input_shapes=*/true);
+    std::set<prof::ActivityType> acts{prof::ActivityType::CPU};
+    if (cuda) acts.insert(prof::ActivityType::CUDA);
+    torch::autograd::profiler::prepareProfiler(cfg, acts);
+    torch::autograd::profiler::enableProfiler(cfg, acts);
+  });
+}
+
+// Stops the profiler started by lexflow_profiler_start on this thread and writes its Chrome trace to `path`.
+int lexflow_profiler_stop(const char* path, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    auto result = torch::autograd::profiler::disableProfiler();
+    if (!result) throw std::runtime_error("the profiler was not running on this thread");
+    result->save(path);
   });
 }
 

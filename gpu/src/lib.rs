@@ -34,7 +34,7 @@ mod optim;
 pub use batch::{valid_targets, Batch, SequenceRef, IGNORE_INDEX};
 pub use collective::{Collective, InProcessCollective, SingleRank};
 pub use error::{GpuError, Result};
-pub use loss::{cross_entropy_mean, cross_entropy_sum};
+pub use loss::{cross_entropy_mean, cross_entropy_sum, cross_entropy_sum_backward};
 pub use model::{document_mask, Llama, LlamaConfig, Param, Params, RopeScaling, LLAMA3_VOCAB};
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclCollective, NcclUniqueId};

@@ -846,9 +846,8 @@ impl Llama {
         let attn = self.layout_of(batch);
         if !self.recompute {
             let logits = self.forward_layout(&batch.inputs, &attn);
-            let loss = crate::loss::cross_entropy_sum(&logits, &batch.labels);
-            (&loss * scale).backward();
-            return loss.detach();
+            return crate::loss::cross_entropy_sum_backward(&logits, &batch.labels, scale)
+                .unwrap_or_else(|e| panic!("{e}"));
         }
         let (_, t) = batch.inputs.size2().expect("(B, T) token ids");
         let rope = Rope::new(&self.inv_freq, t, self.kind());
@@ -865,9 +864,8 @@ impl Llama {
         let h = x.set_requires_grad(true);
         let loss = {
             let logits = self.norm.forward(&h).linear::<&Tensor>(&self.lm_head, None);
-            let loss = crate::loss::cross_entropy_sum(&logits, &batch.labels);
-            (&loss * scale).backward();
-            loss.detach()
+            crate::loss::cross_entropy_sum_backward(&logits, &batch.labels, scale)
+                .unwrap_or_else(|e| panic!("{e}"))
         };
         let mut g = h.grad();
         // 3. Layers in reverse: recompute one with a graph, push its output gradient through it

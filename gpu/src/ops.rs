@@ -5,6 +5,10 @@
 //!   each packed document in one kernel launch per layer, GQA native, differentiable (libtorch registers its
 //!   backward). CUDA with bf16/fp16 only: [`flash_varlen_supported`] says when it applies.
 //! * [`fused_adamw`]: `at::_fused_adamw_`, the kernel of `torch.optim.AdamW(fused=True)` (CPU and CUDA).
+//! * [`backward_with_grad`]: `torch.autograd.backward(t, grad)` for a non-scalar `t` (the loss hands its
+//!   gradient straight to the logits).
+//! * [`Profiler`]: libtorch's Kineto profiler (the engine of `torch.profiler`), written as a Chrome trace that
+//!   `bench/gpu/kernels.py` summarises the same way for lexflow and for the PyTorch reference.
 
 use std::ffi::c_char;
 
@@ -42,6 +46,17 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
+}
+
+extern "C" {
+    fn lexflow_backward_with_grad(
+        t: *const C_tensor,
+        grad: *const C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+    fn lexflow_profiler_start(cuda: i32, err: *mut c_char, err_len: usize) -> i32;
+    fn lexflow_profiler_stop(path: *const c_char, err: *mut c_char, err_len: usize) -> i32;
 }
 
 const ERR_LEN: usize = 2048;
@@ -194,6 +209,61 @@ pub fn fused_adamw(
     check(rc, &err, "fused AdamW")
 }
 
+/// `torch.autograd.backward(t, grad)`: back-propagates `grad` (same shape as `t`) through `t`'s graph, accumulating
+/// into the leaves' gradients. tch only offers `backward()` from a scalar.
+pub fn backward_with_grad(t: &Tensor, grad: &Tensor) -> Result<()> {
+    let mut err = [0u8; ERR_LEN];
+    // SAFETY: both handles are live tch tensors borrowed for the call; the C++ side catches every exception.
+    let rc = unsafe {
+        lexflow_backward_with_grad(t.as_ptr(), grad.as_ptr(), err.as_mut_ptr() as *mut c_char, ERR_LEN)
+    };
+    check(rc, &err, "backward")
+}
+
+/// A running Kineto profiler; [`Profiler::stop`] writes the trace. Start and stop on the same thread.
+pub struct Profiler {
+    running: bool,
+}
+
+impl Profiler {
+    /// Starts recording CPU operators (and, with `cuda`, every CUDA kernel and copy with its device time).
+    pub fn start(cuda: bool) -> Result<Profiler> {
+        let mut err = [0u8; ERR_LEN];
+        // SAFETY: the error buffer outlives the call; the C++ side catches every exception.
+        let rc = unsafe { lexflow_profiler_start(cuda as i32, err.as_mut_ptr() as *mut c_char, ERR_LEN) };
+        check(rc, &err, "starting the profiler")?;
+        Ok(Profiler { running: true })
+    }
+
+    /// Stops recording and writes the Chrome trace (JSON) to `path`.
+    pub fn stop(mut self, path: &std::path::Path) -> Result<()> {
+        self.running = false;
+        let c = std::ffi::CString::new(path.to_string_lossy().as_bytes()).map_err(|_| {
+            GpuError::Tch(tch::TchError::Torch(format!(
+                "profiler trace path {} contains a NUL byte",
+                path.display()
+            )))
+        })?;
+        let mut err = [0u8; ERR_LEN];
+        // SAFETY: `c` and the error buffer outlive the call; the C++ side catches every exception.
+        let rc = unsafe { lexflow_profiler_stop(c.as_ptr(), err.as_mut_ptr() as *mut c_char, ERR_LEN) };
+        check(rc, &err, &format!("writing the profiler trace {}", path.display()))
+    }
+}
+
+impl Drop for Profiler {
+    fn drop(&mut self) {
+        if self.running {
+            let mut err = [0u8; ERR_LEN];
+            let dev_null = c"/dev/null";
+            // SAFETY: as in `stop`; a profiler dropped without `stop` is switched off, its trace discarded.
+            let _ = unsafe {
+                lexflow_profiler_stop(dev_null.as_ptr(), err.as_mut_ptr() as *mut c_char, ERR_LEN)
+            };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +311,28 @@ mod tests {
         assert!(err(&p, &d(&p0)) > 1e-3, "the step moved nothing");
         // The kernel leaves the unscaled gradient behind (as PyTorch's does).
         assert!(err(&g, &gs) < 1e-6);
+    }
+
+    #[test]
+    fn profiler_writes_a_trace_with_the_operators_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trace.json");
+        let prof = Profiler::start(false).unwrap();
+        let a = Tensor::randn([64, 64], (Kind::Float, Device::Cpu));
+        let _ = a.matmul(&a).sum(Kind::Float);
+        prof.stop(&path).unwrap();
+        let trace: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let names: Vec<&str> = trace["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        assert!(names.contains(&"aten::mm"), "{:?}", &names[..names.len().min(20)]);
+        // Nothing runs any more: stopping again is an error, not a crash.
+        let again = Profiler { running: false };
+        assert!(again.stop(&dir.path().join("t2.json")).is_err());
     }
 
     #[test]
