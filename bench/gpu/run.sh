@@ -13,6 +13,8 @@
 #   check     scripts/gpu_check.sh: CPU-vs-GPU logits, per-document flash vs mask, a few bf16 steps with the
 #             gradient all-reduce through NCCL (world size 1)                             -> gpu_check.log
 #   (b)       lexflow trainer actor fed synthetic in-memory batches (train_synthetic)    -> synthetic.json
+#   (b')      the same with BENCH_DOCS_PER_SEQ (5) documents per sequence: varlen flash attention
+#                                                                                         -> synthetic_packed.json
 #   (c)       PyTorch reference, eager                                                    -> torch_eager.json
 #   parity    50 steps, same initial weights (exported by lexflow as HF safetensors) and same tokens, lexflow vs
 #             torch eager; losses must agree within the bf16 tolerance                    -> parity.json
@@ -115,6 +117,12 @@ stage check 90 bash scripts/gpu_check.sh 125m 8 1024 4 2>&1 | tee "$OUT/gpu_chec
 stage synthetic 170 "$BIN/train_synthetic" --device cuda:0 --model 1b --seq-len "$SEQ" --micro-batch "$MB" \
   --grad-accum "$GA" --steps "$STEPS" --warmup "$WARMUP" --run-dir "$CK/synthetic" --json "$OUT/synthetic.json"
 rm -rf "$CK/synthetic"
+
+# --- (b') the same with packed documents (varlen flash attention), as many per sequence as the stream has -----------
+stage synthetic_packed 150 "$BIN/train_synthetic" --device cuda:0 --model 1b --seq-len "$SEQ" --micro-batch "$MB" \
+  --grad-accum "$GA" --steps "$STEPS" --warmup "$WARMUP" --docs-per-seq "${BENCH_DOCS_PER_SEQ:-5}" \
+  --run-dir "$CK/synthetic_packed" --json "$OUT/synthetic_packed.json"
+rm -rf "$CK/synthetic_packed"
 
 # --- (c) torch eager -------------------------------------------------------------------------------------------------
 stage torch_eager 120 "$PY" bench/gpu/torch_ref.py perf --mode eager --seq-len "$SEQ" --micro-batch "$MB" \

@@ -16,7 +16,9 @@ def load(name):
 
 
 peak = load("peak")
+sp = load("synthetic_packed")
 rows = [("(a) lexflow, streaming dataflow", load("stream")), ("(b) lexflow, synthetic batches", load("synthetic")),
+        (f"(b') lexflow, synthetic, {sp.get('docs_per_seq', '?') if sp else '?'} documents per sequence (varlen)", sp),
         ("(c) torch eager", load("torch_eager")), ("(c) torch.compile", load("torch_compile"))]
 eager = load("torch_eager")
 comp = load("torch_compile")
@@ -51,6 +53,9 @@ for name, r in rows:
 st = load("stream")
 if st:
     lines.append(f"\n(a) waited for data {st['data_wait_fraction_timed'] * 100:.1f}% of the timed steps")
+    for label, ref in (("(b)", load("synthetic")), ("(b')", sp)):
+        if ref:
+            lines.append(f"(a) / {label} = {st['tokens_per_s'] / ref['tokens_per_s']:.3f} (target ≥ 0.99)")
 par = load("parity")
 if par:
     lines.append(f"loss parity (lexflow vs torch, same initial weights and tokens, {par['steps']} steps): "
