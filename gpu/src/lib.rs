@@ -29,6 +29,7 @@ mod model;
 #[cfg(feature = "cuda")]
 mod nccl;
 pub mod ops;
+mod tcp;
 mod optim;
 
 pub use batch::{valid_targets, Batch, SequenceRef, IGNORE_INDEX};
@@ -39,6 +40,7 @@ pub use model::{document_mask, Llama, LlamaConfig, Param, Params, RopeScaling, L
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclCollective, NcclUniqueId};
 pub use optim::{AdamWConfig, FlatAdamW, StepStats};
+pub use tcp::TcpCollective;
 /// Makes sure libtorch's CUDA backend is loaded, and says whether a CUDA device is usable.
 ///
 /// tch links `libtorch_cuda.so`, but no symbol of it is referenced directly, so the linker's `--as-needed` (rustc's
