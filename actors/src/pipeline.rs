@@ -126,16 +126,31 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("creating run directory {}", run_dir.display()))?;
 
+    // One process per rank (torchrun-style launch): this process trains one rank and keeps its share of the stream;
+    // ranks other than 0 write their own stats/quarantine/corpus files and serve metrics on port + LOCAL_RANK.
+    let process = match (&cfg.train, replay) {
+        (Some(t), None) => crate::trainer::process_group(t),
+        _ => None,
+    };
+    let per_process = |name: &str, ext: &str| match process {
+        Some((r, _)) if r > 0 => run_dir.join(format!("{name}.rank{r}{ext}")),
+        _ => run_dir.join(format!("{name}{ext}")),
+    };
+
     lexflow_metrics::set_run_labels(&cfg.run.name);
     let _metrics_server = if cfg.metrics.enabled {
-        Some(lexflow_metrics::serve(&cfg.metrics.listen)?)
+        let listen = match (process, std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse::<u16>().ok())) {
+            (Some(_), Some(local)) if local > 0 => offset_port(&cfg.metrics.listen, local)?,
+            _ => cfg.metrics.listen.clone(),
+        };
+        Some(lexflow_metrics::serve(&listen)?)
     } else {
         None
     };
 
     // Inputs: configured paths, or a generated sample corpus.
     let patterns: Vec<String> = if cfg.input.paths.is_empty() {
-        let dir = run_dir.join("corpus");
+        let dir = per_process("corpus", "");
         let g = crate::gen_sample::generate(&cfg.input.generate, &dir)
             .with_context(|| format!("generating the sample corpus into {}", dir.display()))?;
         tracing::info!(dir = %dir.display(), ?g, "generated sample corpus");
@@ -191,7 +206,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let eot = token(&cfg.packer.eot_token, "eot_token")?;
     let pad = token(&cfg.packer.pad_token, "pad_token")?;
 
-    let world = if replay.is_some() {
+    let world = if replay.is_some() || process.is_some() {
         1
     } else {
         cfg.world_size()
@@ -243,7 +258,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let mut topo = Topology::new(shutdown.clone());
     let cap = |stage: &str| cfg.edges.capacity_of(stage);
 
-    let quarantine_path = run_dir.join("quarantine.jsonl");
+    let quarantine_path = per_process("quarantine", ".jsonl");
     let quarantine = Arc::new(Quarantine::create(&quarantine_path)?);
     let counters = Arc::new(Counters::default());
 
@@ -445,7 +460,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         rank_rx.push(rx);
     }
     {
-        let tee = match &cfg.shards.arrow_dir {
+        // One process per rank: rank 0's process tees the whole stream, the others none.
+        let tee = match cfg.shards.arrow_dir.as_ref().filter(|_| process.is_none_or(|(r, _)| r == 0)) {
             Some(dir) => Some(crate::arrow_tee::ArrowTee::create(
                 dir,
                 cfg.shards.count.get(),
@@ -462,6 +478,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             skip,
             limit: replay.map(|r| r.limit).or(cfg.run.max_sequences),
             tee,
+            process,
         };
         let rep = shard_report.clone();
         topo.spawn("shard_writer", move |ctx| {
@@ -592,7 +609,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             *g = out;
         }
     }
-    let stats_path = run_dir.join("stats.json");
+    let stats_path = per_process("stats", ".json");
     std::fs::write(&stats_path, serde_json::to_string_pretty(&stats)?)
         .with_context(|| format!("writing {}", stats_path.display()))?;
     if cfg.metrics.enabled && cfg.metrics.linger_seconds > 0 {
@@ -744,4 +761,16 @@ fn progress_loop(
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
+}
+
+/// `host:port` with `port + offset` (metrics of the processes of one node, one per local rank).
+fn offset_port(listen: &str, offset: u16) -> anyhow::Result<String> {
+    let (host, port) = listen
+        .rsplit_once(':')
+        .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h, p)))
+        .ok_or_else(|| anyhow::anyhow!("metrics.listen = {listen:?} is not host:port"))?;
+    let port = port
+        .checked_add(offset)
+        .ok_or_else(|| anyhow::anyhow!("metrics.listen port {port} + LOCAL_RANK {offset} overflows"))?;
+    Ok(format!("{host}:{port}"))
 }

@@ -1,7 +1,8 @@
 //! The shard writer: gives each packed sequence its logical shard (`index % shards`), deals it to its rank
 //! (`index % world_size`: the global sequence stream is assigned to ranks after the fact, so the stream does not change
 //! with the number of GPUs) and optionally tees it into Arrow IPC files. On resume it skips the sequences that the
-//! checkpoint says were already consumed.
+//! checkpoint says were already consumed. With one process per rank (torchrun-style launch) every process runs the
+//! same deterministic stream and keeps only its own rank's sequences.
 
 use lexflow_dataflow::{ActorContext, ActorError, EdgeReceiver, EdgeSender};
 use serde::Serialize;
@@ -13,6 +14,8 @@ use crate::types::PackedSequence;
 pub struct ShardReport {
     pub sequences_routed: u64,
     pub sequences_skipped_on_resume: u64,
+    /// One process per rank: sequences of the other processes' ranks (not sent here).
+    pub sequences_other_processes: u64,
     pub per_rank: Vec<u64>,
     pub per_shard: Vec<u64>,
 }
@@ -24,6 +27,9 @@ pub struct ShardWriter {
     /// Stop after this many global sequences (counting skipped ones).
     pub limit: Option<u64>,
     pub tee: Option<ArrowTee>,
+    /// One process per rank: `(this process's rank, world size)`; the writer then has one rank edge and sends it
+    /// the sequences with `index % world == rank`.
+    pub process: Option<(usize, usize)>,
 }
 
 pub fn run_shard_writer(
@@ -33,17 +39,30 @@ pub fn run_shard_writer(
     ranks: Vec<EdgeSender<PackedSequence>>,
     report: &std::sync::Mutex<ShardReport>,
 ) -> Result<(), ActorError> {
-    let world = ranks.len();
+    let world = w.process.map_or(ranks.len(), |(_, world)| world);
+    if let Some((rank, world)) = w.process {
+        if ranks.len() != 1 || rank >= world {
+            return Err(format!(
+                "one process per rank: rank {rank} of {world} needs exactly one rank edge, got {}",
+                ranks.len()
+            )
+            .into());
+        }
+    }
     let mut rep = ShardReport {
-        per_rank: vec![0; world],
+        per_rank: vec![0; ranks.len()],
         per_shard: vec![0; w.shards],
         ..Default::default()
     };
     let m = lexflow_metrics::global();
-    let rank_counters: Vec<_> = (0..world)
-        .map(|r| m.shard_sequences.with_label_values(&[&r.to_string()]))
+    let global_rank = |local: usize| w.process.map_or(local, |(r, _)| r);
+    let rank_counters: Vec<_> = (0..ranks.len())
+        .map(|r| {
+            m.shard_sequences
+                .with_label_values(&[&global_rank(r).to_string()])
+        })
         .collect();
-    let mut alive = vec![true; world];
+    let mut alive = vec![true; ranks.len()];
     let lat = lexflow_metrics::latency("shard_writer");
     let am = lexflow_metrics::actor("shard_writer");
     for mut seq in input.iter() {
@@ -61,7 +80,14 @@ pub fn run_shard_writer(
         if let Some(tee) = w.tee.as_mut() {
             tee.write(&seq)?;
         }
-        let rank = (seq.index % world as u64) as usize;
+        let rank = match w.process {
+            None => (seq.index % world as u64) as usize,
+            Some((me, _)) if (seq.index % world as u64) as usize == me => 0,
+            Some(_) => {
+                rep.sequences_other_processes += 1;
+                continue;
+            }
+        };
         // Work ends here; the send below may block on a busy rank (backpressure, measured on the edge).
         lat.record(t.elapsed());
         am.busy_seconds.inc_by(t.elapsed().as_secs_f64());

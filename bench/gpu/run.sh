@@ -16,6 +16,8 @@
 #   (b')      the same with BENCH_DOCS_PER_SEQ (5) documents per sequence: varlen flash attention
 #                                                                                         -> synthetic_packed.json
 #   (c)       PyTorch reference, eager                                                    -> torch_eager.json
+#   profile   Kineto traces of two steps, lexflow (LEXFLOW_PROFILE_STEPS) and torch eager (torch.profiler),
+#             compared kernel category by category by kernels.py                          -> kernels.txt
 #   parity    50 steps, same initial weights (exported by lexflow as HF safetensors) and same tokens, lexflow vs
 #             torch eager; losses must agree within the bf16 tolerance                    -> parity.json
 #   (a)       lexflow trainer fed by the full streaming dataflow (`lexflow run stream.toml`, generated corpus)
@@ -127,6 +129,22 @@ rm -rf "$CK/synthetic_packed"
 # --- (c) torch eager -------------------------------------------------------------------------------------------------
 stage torch_eager 120 "$PY" bench/gpu/torch_ref.py perf --mode eager --seq-len "$SEQ" --micro-batch "$MB" \
   --grad-accum "$GA" --warmup "$WARMUP" --timed "$TIMED" --json "$OUT/torch_eager.json"
+
+# --- profile: where the device time of a step goes, lexflow vs torch eager, kernel by kernel ------------------------
+# Kineto traces of steps 4..5 on both sides (libtorch's profiler through the shim / torch.profiler), summarised by the
+# same script: device ms per step by category (matmul, attention, loss, optimizer, elementwise, ...) and GPU idle share.
+profile() {
+  LEXFLOW_PROFILE_STEPS=4..5 "$BIN/train_synthetic" --device cuda:0 --model 1b --seq-len "$SEQ" --micro-batch "$MB" \
+    --grad-accum "$GA" --steps 5 --warmup 3 --run-dir "$CK/profile" --json "$W/profile_lexflow.json" > /dev/null || return 1
+  "$PY" bench/gpu/torch_ref.py perf --mode eager --seq-len "$SEQ" --micro-batch "$MB" --grad-accum "$GA" --warmup 3 \
+    --timed 2 --profile-steps 4..5 --trace "$W/torch_trace.json" --json "$W/profile_torch.json" > /dev/null || return 1
+  "$PY" bench/gpu/kernels.py lexflow="$CK/profile/profile/trace-rank0.json" torch="$W/torch_trace.json" --steps 2 \
+    --top 25 --json "$OUT/kernels.json" | tee "$OUT/kernels.txt"
+  gzip -c "$CK/profile/profile/trace-rank0.json" > "$OUT/trace_lexflow.json.gz"
+  gzip -c "$W/torch_trace.json" > "$OUT/trace_torch.json.gz"
+  rm -rf "$CK/profile"
+}
+stage profile 200 profile
 
 # --- loss parity: lexflow's initial weights + token stream → torch --------------------------------------------------
 # 1b at seq_len 1024, 4 sequences per step, a learnable token pattern (the loss must move), lr warm-up 5 steps.

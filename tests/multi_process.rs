@@ -1,0 +1,204 @@
+//! One process per rank, launched the torchrun way (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+//! `MASTER_PORT`): two `lexflow run` processes on loopback train exactly what one process with two in-process ranks
+//! trains — the same sequences on each rank, bit-identical losses and final weights — and a process that dies takes
+//! its peer down with an error naming it instead of a hang.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lexflow_actors::trainer::read_step_records;
+
+fn lexflow_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LEXFLOW_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("lexflow");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p lexflow-actors`, as `make test` does)",
+        bin.display()
+    );
+    bin
+}
+
+fn config(dir: &Path, devices: &[&str], steps: u64) -> PathBuf {
+    let devices = devices
+        .iter()
+        .map(|d| format!("{d:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        r#"
+[run]
+name = "multi"
+dir = {dir:?}
+seed = 9
+[input.generate]
+acts_per_language = 6
+[packer]
+seq_len = 64
+mode = "best-fit"
+lookahead = 8
+[shards]
+count = 4
+[edges]
+capacity = 2
+[train]
+devices = [{devices}]
+model = "tiny"
+micro_batch = 2
+grad_accum = 2
+steps = {steps}
+lr = 1e-3
+warmup_steps = 2
+checkpoint_every = {steps}
+[metrics]
+enabled = false
+"#,
+        dir = dir.display().to_string()
+    );
+    let p = dir.with_extension("toml");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn(cfg: &Path, env: &[(&str, String)], log: &Path) -> Child {
+    let mut c = Command::new(lexflow_bin());
+    c.arg("run")
+        .arg(cfg)
+        .arg("--quiet")
+        .env("OMP_NUM_THREADS", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.spawn().unwrap()
+}
+
+fn wait(mut c: Child, limit: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s;
+        }
+        if t.elapsed() > limit {
+            let _ = c.kill();
+            panic!("a lexflow process did not finish within {limit:?} (hang?)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn rank_env(rank: usize, world: usize, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("RANK", rank.to_string()),
+        ("LOCAL_RANK", rank.to_string()),
+        ("WORLD_SIZE", world.to_string()),
+        ("MASTER_ADDR", "127.0.0.1".into()),
+        ("MASTER_PORT", port.to_string()),
+        ("LEXFLOW_RENDEZVOUS_TIMEOUT_S", "60".into()),
+    ]
+}
+
+#[test]
+fn two_processes_train_exactly_what_two_in_process_ranks_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = 4;
+    // Reference: one process, two CPU ranks (threads), in-process collective.
+    let a_dir = tmp.path().join("inproc");
+    let a_cfg = config(&a_dir, &["cpu", "cpu"], steps);
+    let a = spawn(&a_cfg, &[], &tmp.path().join("inproc.log"));
+    assert!(
+        wait(a, Duration::from_secs(300)).success(),
+        "in-process run failed: {}",
+        std::fs::read_to_string(tmp.path().join("inproc.log")).unwrap_or_default()
+    );
+
+    // Two processes, one rank each, sharing the run directory (as on a shared filesystem).
+    let b_dir = tmp.path().join("procs");
+    let b_cfg = config(&b_dir, &["cpu"], steps);
+    let port = free_port();
+    let logs: Vec<PathBuf> = (0..2)
+        .map(|r| tmp.path().join(format!("rank{r}.log")))
+        .collect();
+    let kids: Vec<Child> = (0..2)
+        .map(|r| spawn(&b_cfg, &rank_env(r, 2, port), &logs[r]))
+        .collect();
+    for (r, k) in kids.into_iter().enumerate() {
+        let st = wait(k, Duration::from_secs(300));
+        assert!(
+            st.success(),
+            "rank {r} process failed: {}",
+            std::fs::read_to_string(&logs[r]).unwrap_or_default()
+        );
+    }
+
+    let ra = read_step_records(&a_dir);
+    let rb = read_step_records(&b_dir);
+    assert_eq!(ra.len(), (steps * 2) as usize, "in-process records");
+    assert_eq!(
+        ra.keys().collect::<Vec<_>>(),
+        rb.keys().collect::<Vec<_>>(),
+        "the same (step, rank) records"
+    );
+    for (k, x) in &ra {
+        let y = &rb[k];
+        assert_eq!(x.sequences, y.sequences, "step {} rank {}: different sequences", k.0, k.1);
+        assert_eq!(
+            x.loss.to_bits(),
+            y.loss.to_bits(),
+            "step {} rank {}: loss {} vs {}",
+            k.0,
+            k.1,
+            x.loss,
+            y.loss
+        );
+    }
+    // Rank 1 saw other sequences than rank 0 (data parallelism, not two copies of one stream).
+    assert_ne!(ra[&(1, 0)].sequences, ra[&(1, 1)].sequences);
+    let w = |d: &Path| {
+        std::fs::read(d.join(format!("checkpoints/step-{steps:06}/model.safetensors"))).unwrap()
+    };
+    assert!(w(&a_dir) == w(&b_dir), "final weights differ");
+    // Each process wrote its own stats; the rank-1 process skipped rank 0's sequences.
+    let s1: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(b_dir.join("stats.rank1.json")).unwrap()).unwrap();
+    assert!(s1["shards"]["sequences_other_processes"].as_u64().unwrap() >= steps * 4);
+}
+
+#[test]
+fn a_dead_rank_stops_its_peer_with_an_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("procs");
+    let cfg = config(&dir, &["cpu"], 200);
+    let port = free_port();
+    let log0 = tmp.path().join("rank0.log");
+    let r0 = spawn(&cfg, &rank_env(0, 2, port), &log0);
+    let mut r1 = spawn(&cfg, &rank_env(1, 2, port), &tmp.path().join("rank1.log"));
+    // Let them rendezvous and train a little, then kill rank 1 the hard way.
+    let t = Instant::now();
+    while read_step_records(&dir).len() < 4 && t.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(read_step_records(&dir).len() >= 4, "no training steps within 120 s");
+    r1.kill().unwrap();
+    let _ = r1.wait();
+    let st = wait(r0, Duration::from_secs(120));
+    assert!(!st.success(), "rank 0 should fail when rank 1 is gone");
+    let log = std::fs::read_to_string(&log0).unwrap();
+    assert!(log.contains("rank 1 closed its connection"), "rank 0's log: {log}");
+}
