@@ -157,7 +157,11 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
     );
     for (k, x) in &ra {
         let y = &rb[k];
-        assert_eq!(x.sequences, y.sequences, "step {} rank {}: different sequences", k.0, k.1);
+        assert_eq!(
+            x.sequences, y.sequences,
+            "step {} rank {}: different sequences",
+            k.0, k.1
+        );
         assert_eq!(
             x.loss.to_bits(),
             y.loss.to_bits(),
@@ -176,7 +180,8 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
     assert!(w(&a_dir) == w(&b_dir), "final weights differ");
     // Each process wrote its own stats; the rank-1 process skipped rank 0's sequences.
     let s1: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(b_dir.join("stats.rank1.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(b_dir.join("stats.rank1.json")).unwrap())
+            .unwrap();
     assert!(s1["shards"]["sequences_other_processes"].as_u64().unwrap() >= steps * 4);
 }
 
@@ -194,11 +199,17 @@ fn a_dead_rank_stops_its_peer_with_an_error_naming_it() {
     while read_step_records(&dir).len() < 4 && t.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(read_step_records(&dir).len() >= 4, "no training steps within 120 s");
+    assert!(
+        read_step_records(&dir).len() >= 4,
+        "no training steps within 120 s"
+    );
     r1.kill().unwrap();
     let _ = r1.wait();
     let st = wait(r0, Duration::from_secs(120));
     assert!(!st.success(), "rank 0 should fail when rank 1 is gone");
     let log = std::fs::read_to_string(&log0).unwrap();
-    assert!(log.contains("rank 1 closed its connection"), "rank 0's log: {log}");
+    assert!(
+        log.contains("rank 1 closed its connection"),
+        "rank 0's log: {log}"
+    );
 }

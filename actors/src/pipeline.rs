@@ -139,7 +139,12 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
 
     lexflow_metrics::set_run_labels(&cfg.run.name);
     let _metrics_server = if cfg.metrics.enabled {
-        let listen = match (process, std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse::<u16>().ok())) {
+        let listen = match (
+            process,
+            std::env::var("LOCAL_RANK")
+                .ok()
+                .and_then(|v| v.parse::<u16>().ok()),
+        ) {
             (Some(_), Some(local)) if local > 0 => offset_port(&cfg.metrics.listen, local)?,
             _ => cfg.metrics.listen.clone(),
         };
@@ -461,7 +466,12 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     }
     {
         // One process per rank: rank 0's process tees the whole stream, the others none.
-        let tee = match cfg.shards.arrow_dir.as_ref().filter(|_| process.is_none_or(|(r, _)| r == 0)) {
+        let tee = match cfg
+            .shards
+            .arrow_dir
+            .as_ref()
+            .filter(|_| process.is_none_or(|(r, _)| r == 0))
+        {
             Some(dir) => Some(crate::arrow_tee::ArrowTee::create(
                 dir,
                 cfg.shards.count.get(),
@@ -769,8 +779,8 @@ fn offset_port(listen: &str, offset: u16) -> anyhow::Result<String> {
         .rsplit_once(':')
         .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h, p)))
         .ok_or_else(|| anyhow::anyhow!("metrics.listen = {listen:?} is not host:port"))?;
-    let port = port
-        .checked_add(offset)
-        .ok_or_else(|| anyhow::anyhow!("metrics.listen port {port} + LOCAL_RANK {offset} overflows"))?;
+    let port = port.checked_add(offset).ok_or_else(|| {
+        anyhow::anyhow!("metrics.listen port {port} + LOCAL_RANK {offset} overflows")
+    })?;
     Ok(format!("{host}:{port}"))
 }

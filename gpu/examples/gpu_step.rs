@@ -172,7 +172,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let batch = Batch::new(&rows, device)?;
-    println!("training batch attention path: {}", model.attention_path(&batch));
+    println!(
+        "training batch attention path: {}",
+        model.attention_path(&batch)
+    );
     let flops = cfg.train_flops_per_token(seq_len);
     let mut first = None;
     let mut last = 0.0;

@@ -28,7 +28,11 @@ const CHUNK_ELEMS: i64 = 1 << 28;
 /// `− onehot`, and one multiply by `valid · scale` that writes straight into the low-precision gradient (the cast
 /// rides on the multiply). About 32 bytes of memory traffic per logit, against ~40 for autograd's
 /// `cross_entropy(logits.float())` forward and backward.
-fn loss_and_grad(logits: &Tensor, labels: &Tensor, grad_scale: Option<f64>) -> (Tensor, Option<Tensor>) {
+fn loss_and_grad(
+    logits: &Tensor,
+    labels: &Tensor,
+    grad_scale: Option<f64>,
+) -> (Tensor, Option<Tensor>) {
     let v = *logits.size().last().expect("logits have a vocabulary axis");
     let flat = logits.reshape([-1, v]);
     let lab = labels.reshape([-1]);
@@ -52,7 +56,7 @@ fn loss_and_grad(logits: &Tensor, labels: &Tensor, grad_scale: Option<f64>) -> (
         if let (Some(g), Some(scale)) = (&grad, grad_scale) {
             let mut p = lp.exp_(); // softmax, in place
             let _ = p.scatter_add_(1, &safe, &(-&valid)); // − onehot on valid rows
-            // padding rows get no gradient; the scale and the cast to the logits' dtype in the same kernel
+                                                          // padding rows get no gradient; the scale and the cast to the logits' dtype in the same kernel
             let _ = p.mul_out(&g.narrow(0, start, len), &(valid * scale));
         }
         start += len;
@@ -148,7 +152,8 @@ mod tests {
     #[test]
     fn bf16_gradient_is_the_rounded_fp32_gradient() {
         let base = Tensor::randn([3, 4, 11], (Kind::Float, Device::Cpu));
-        let labels = Tensor::from_slice(&[1i64, 4, 2, 6, 0, 2, 3, IGNORE_INDEX, 5, 1, 10, 9]).view([3, 4]);
+        let labels =
+            Tensor::from_slice(&[1i64, 4, 2, 6, 0, 2, 3, IGNORE_INDEX, 5, 1, 10, 9]).view([3, 4]);
         let x = base.to_kind(Kind::BFloat16).set_requires_grad(true);
         let l = cross_entropy_sum_backward(&(&x * 1.0), &labels, 0.25).unwrap();
         let xf = x.detach().to_kind(Kind::Float).set_requires_grad(true);
@@ -163,7 +168,10 @@ mod tests {
         assert!((l.double_value(&[]) - lf.double_value(&[])).abs() < 1e-4);
         assert_eq!(x.grad().kind(), Kind::BFloat16);
         let want = xf.grad().to_kind(Kind::BFloat16).to_kind(Kind::Float);
-        let d = (x.grad().to_kind(Kind::Float) - want).abs().max().double_value(&[]);
+        let d = (x.grad().to_kind(Kind::Float) - want)
+            .abs()
+            .max()
+            .double_value(&[]);
         assert!(d <= 1e-3 * 0.25, "{d}");
     }
 }

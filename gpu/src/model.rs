@@ -489,7 +489,10 @@ enum AttnLayout<'a> {
     Mask(Tensor),
     /// Block-diagonal causal in one varlen flash-attention call per layer over the flattened `(B·T)` positions
     /// (`cu_seqlens`: cumulative document lengths, int32 on the device). CUDA, bf16/fp16.
-    Varlen { cu_seqlens: &'a Tensor, max_len: i64 },
+    Varlen {
+        cu_seqlens: &'a Tensor,
+        max_len: i64,
+    },
 }
 
 /// How packed documents are attended to, from `LEXFLOW_DOC_ATTENTION` (default `auto`: varlen flash attention where

@@ -69,13 +69,18 @@ fn check(rc: i32, err: &[u8], what: &str) -> Result<()> {
     let msg = String::from_utf8_lossy(&err[..end]);
     // libtorch messages end with a C++ backtrace hint; the first lines say what went wrong.
     let msg: String = msg.lines().take(3).collect::<Vec<_>>().join(" | ");
-    Err(GpuError::Tch(tch::TchError::Torch(format!("{what}: {msg}"))))
+    Err(GpuError::Tch(tch::TchError::Torch(format!(
+        "{what}: {msg}"
+    ))))
 }
 
 /// Whether [`flash_varlen`] can run on tensors like `q`: CUDA, bf16 or fp16, head_dim a multiple of 8 up to 256.
 pub fn flash_varlen_supported(q: &Tensor) -> bool {
     let hd = q.size().last().copied().unwrap_or(0);
-    q.device().is_cuda() && matches!(q.kind(), Kind::BFloat16 | Kind::Half) && hd % 8 == 0 && hd <= 256
+    q.device().is_cuda()
+        && matches!(q.kind(), Kind::BFloat16 | Kind::Half)
+        && hd % 8 == 0
+        && hd <= 256
 }
 
 /// Causal attention within each document of a packed batch.
@@ -153,7 +158,8 @@ pub fn fused_adamw(
             ("exp_avg", g.exp_avg),
             ("exp_avg_sq", g.exp_avg_sq),
         ] {
-            if t.numel() != n || t.kind() != Kind::Float || t.device() != dev || !t.is_contiguous() {
+            if t.numel() != n || t.kind() != Kind::Float || t.device() != dev || !t.is_contiguous()
+            {
                 return Err(GpuError::Tch(tch::TchError::Torch(format!(
                     "fused AdamW group {i}: {name} is {:?} {:?} on {:?} (contiguous: {}), params are [{n}] Float on \
                      {dev:?}",
@@ -215,7 +221,12 @@ pub fn backward_with_grad(t: &Tensor, grad: &Tensor) -> Result<()> {
     let mut err = [0u8; ERR_LEN];
     // SAFETY: both handles are live tch tensors borrowed for the call; the C++ side catches every exception.
     let rc = unsafe {
-        lexflow_backward_with_grad(t.as_ptr(), grad.as_ptr(), err.as_mut_ptr() as *mut c_char, ERR_LEN)
+        lexflow_backward_with_grad(
+            t.as_ptr(),
+            grad.as_ptr(),
+            err.as_mut_ptr() as *mut c_char,
+            ERR_LEN,
+        )
     };
     check(rc, &err, "backward")
 }
@@ -230,7 +241,9 @@ impl Profiler {
     pub fn start(cuda: bool) -> Result<Profiler> {
         let mut err = [0u8; ERR_LEN];
         // SAFETY: the error buffer outlives the call; the C++ side catches every exception.
-        let rc = unsafe { lexflow_profiler_start(cuda as i32, err.as_mut_ptr() as *mut c_char, ERR_LEN) };
+        let rc = unsafe {
+            lexflow_profiler_start(cuda as i32, err.as_mut_ptr() as *mut c_char, ERR_LEN)
+        };
         check(rc, &err, "starting the profiler")?;
         Ok(Profiler { running: true })
     }
@@ -246,8 +259,13 @@ impl Profiler {
         })?;
         let mut err = [0u8; ERR_LEN];
         // SAFETY: `c` and the error buffer outlive the call; the C++ side catches every exception.
-        let rc = unsafe { lexflow_profiler_stop(c.as_ptr(), err.as_mut_ptr() as *mut c_char, ERR_LEN) };
-        check(rc, &err, &format!("writing the profiler trace {}", path.display()))
+        let rc =
+            unsafe { lexflow_profiler_stop(c.as_ptr(), err.as_mut_ptr() as *mut c_char, ERR_LEN) };
+        check(
+            rc,
+            &err,
+            &format!("writing the profiler trace {}", path.display()),
+        )
     }
 }
 
@@ -329,7 +347,11 @@ mod tests {
             .iter()
             .filter_map(|e| e["name"].as_str())
             .collect();
-        assert!(names.contains(&"aten::mm"), "{:?}", &names[..names.len().min(20)]);
+        assert!(
+            names.contains(&"aten::mm"),
+            "{:?}",
+            &names[..names.len().min(20)]
+        );
         // Nothing runs any more: stopping again is an error, not a crash.
         let again = Profiler { running: false };
         assert!(again.stop(&dir.path().join("t2.json")).is_err());

@@ -168,7 +168,8 @@ impl FlatAdamW {
             .step_t
             .get_or_insert_with(|| Tensor::zeros([], (Kind::Float, self.master.device())));
         let _ = step_t.fill_(self.step as f64);
-        let scale = (c.grad_clip > 0.0).then(|| (norm + 1e-6).g_div_scalar(c.grad_clip).clamp_min(1.0));
+        let scale =
+            (c.grad_clip > 0.0).then(|| (norm + 1e-6).g_div_scalar(c.grad_clip).clamp_min(1.0));
         let total = self.master.numel() as i64;
         let args = crate::ops::AdamWArgs {
             lr,
@@ -468,7 +469,10 @@ mod tests {
                 clipped += st.clipped as usize;
             }
         }
-        assert_eq!(clipped, 12, "every step should clip (norm of N(0,1)^n ≫ 0.5)");
+        assert_eq!(
+            clipped, 12,
+            "every step should clip (norm of N(0,1)^n ≫ 0.5)"
+        );
         let d = (&models[0].params.flat - &models[1].params.flat)
             .abs()
             .max()
@@ -481,7 +485,10 @@ mod tests {
             .abs()
             .max()
             .double_value(&[]);
-        assert!(d < 1e-6 && moved > 1e-3, "fused vs unfused {d}, moved {moved}");
+        assert!(
+            d < 1e-6 && moved > 1e-3,
+            "fused vs unfused {d}, moved {moved}"
+        );
         let dm = (&opts[0].exp_avg_sq - &opts[1].exp_avg_sq)
             .abs()
             .max()

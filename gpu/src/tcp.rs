@@ -57,7 +57,9 @@ impl TcpCollective {
             var(k)
                 .ok_or_else(|| GpuError::Collective {
                     rank: usize::MAX,
-                    message: format!("{k} is not set (launch one process per rank with RANK and WORLD_SIZE)"),
+                    message: format!(
+                        "{k} is not set (launch one process per rank with RANK and WORLD_SIZE)"
+                    ),
                 })?
                 .parse()
                 .map_err(|_| GpuError::Collective {
@@ -107,8 +109,11 @@ impl TcpCollective {
             });
         }
         if rank == 0 {
-            let listener = TcpListener::bind(addr)
-                .map_err(|e| err(format!("cannot listen on {addr} (MASTER_ADDR:MASTER_PORT): {e}")))?;
+            let listener = TcpListener::bind(addr).map_err(|e| {
+                err(format!(
+                    "cannot listen on {addr} (MASTER_ADDR:MASTER_PORT): {e}"
+                ))
+            })?;
             listener
                 .set_nonblocking(true)
                 .map_err(|e| err(format!("listener: {e}")))?;
@@ -124,21 +129,30 @@ impl TcpCollective {
                         let mut hello = [0u8; 12];
                         s.read_exact(&mut hello)
                             .map_err(|e| err(format!("{from}: no handshake: {e}")))?;
-                        let r = u32::from_le_bytes(hello[4..8].try_into().expect("4 bytes")) as usize;
-                        let w = u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes")) as usize;
-                        if &hello[..4] != MAGIC || w != world || r == 0 || r >= world || peers[r].is_some() {
+                        let r =
+                            u32::from_le_bytes(hello[4..8].try_into().expect("4 bytes")) as usize;
+                        let w =
+                            u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes")) as usize;
+                        if &hello[..4] != MAGIC
+                            || w != world
+                            || r == 0
+                            || r >= world
+                            || peers[r].is_some()
+                        {
                             return Err(err(format!(
                                 "{from} introduced itself as rank {r} of {w} (this group: world {world}; duplicate \
                                  or foreign process on MASTER_PORT?)"
                             )));
                         }
-                        s.set_read_timeout(None).map_err(|e| err(format!("{from}: {e}")))?;
+                        s.set_read_timeout(None)
+                            .map_err(|e| err(format!("{from}: {e}")))?;
                         peers[r] = Some(s);
                         joined += 1;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if Instant::now() > deadline {
-                            let missing: Vec<usize> = (1..world).filter(|&r| peers[r].is_none()).collect();
+                            let missing: Vec<usize> =
+                                (1..world).filter(|&r| peers[r].is_none()).collect();
                             return Err(err(format!(
                                 "rendezvous timed out after {timeout:?} on {addr}: ranks {missing:?} never connected \
                                  (started? same MASTER_ADDR/MASTER_PORT?)"
@@ -163,7 +177,8 @@ impl TcpCollective {
                     }
                 }
             };
-            s.set_nodelay(true).map_err(|e| err(format!("{addr}: {e}")))?;
+            s.set_nodelay(true)
+                .map_err(|e| err(format!("{addr}: {e}")))?;
             let mut hello = Vec::with_capacity(12);
             hello.extend_from_slice(MAGIC);
             hello.extend_from_slice(&(rank as u32).to_le_bytes());
@@ -201,7 +216,14 @@ impl TcpCollective {
             .map_err(|e| self.io_err(peer, "send", e))
     }
 
-    fn recv(&self, s: &mut TcpStream, peer: usize, op: u8, kind: u8, len: usize) -> Result<Vec<u8>> {
+    fn recv(
+        &self,
+        s: &mut TcpStream,
+        peer: usize,
+        op: u8,
+        kind: u8,
+        len: usize,
+    ) -> Result<Vec<u8>> {
         let mut head = [0u8; 10];
         s.read_exact(&mut head)
             .map_err(|e| self.io_err(peer, "receive", e))?;
@@ -409,15 +431,28 @@ mod tests {
                 .map(|c| Box::new(c) as Box<dyn Collective>)
                 .collect());
             for r in 0..world {
-                assert!(tcp[r].0.equal(&inp[r].0), "{kind:?} sum differs on rank {r}");
-                assert!(tcp[r].1.equal(&inp[r].1), "{kind:?} mean differs on rank {r}");
-                assert!(tcp[r].2.equal(&inputs[2]), "{kind:?} broadcast wrong on rank {r}");
+                assert!(
+                    tcp[r].0.equal(&inp[r].0),
+                    "{kind:?} sum differs on rank {r}"
+                );
+                assert!(
+                    tcp[r].1.equal(&inp[r].1),
+                    "{kind:?} mean differs on rank {r}"
+                );
+                assert!(
+                    tcp[r].2.equal(&inputs[2]),
+                    "{kind:?} broadcast wrong on rank {r}"
+                );
             }
             // And the sum is a sum.
-            let want = inputs.iter().fold(Tensor::zeros([1000], (Kind::Double, Device::Cpu)), |a, t| {
-                a + t.to_kind(Kind::Double)
-            });
-            let d = (tcp[0].0.to_kind(Kind::Double) - want).abs().max().double_value(&[]);
+            let want = inputs.iter().fold(
+                Tensor::zeros([1000], (Kind::Double, Device::Cpu)),
+                |a, t| a + t.to_kind(Kind::Double),
+            );
+            let d = (tcp[0].0.to_kind(Kind::Double) - want)
+                .abs()
+                .max()
+                .double_value(&[]);
             assert!(d < 0.05, "{d}");
         }
     }
