@@ -343,6 +343,33 @@ pub struct TrainConfig {
     /// Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute).
     #[serde(default)]
     pub recompute: bool,
+    /// Parameter and activation dtype (the optimizer state is fp32 whatever this says).
+    #[serde(default)]
+    pub dtype: TrainDtype,
+}
+
+/// `train.dtype`: what the model's parameters and activations are stored in.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainDtype {
+    /// bf16 on CUDA, fp32 on CPU.
+    #[default]
+    Auto,
+    /// bf16 parameters and activations, fp32 master weights and moments (also on CPU: slow, for numerics checks).
+    Bf16,
+    /// fp32 everywhere (also on CUDA).
+    Fp32,
+}
+
+impl TrainDtype {
+    /// Whether a rank on a CUDA (`cuda = true`) or CPU device trains in bf16.
+    pub fn is_bf16(self, cuda: bool) -> bool {
+        match self {
+            TrainDtype::Auto => cuda,
+            TrainDtype::Bf16 => true,
+            TrainDtype::Fp32 => false,
+        }
+    }
 }
 
 fn default_model() -> String {
@@ -613,6 +640,27 @@ mod tests {
         let t = "[run]\nname = \"x\"\ndir = \"r\"\n[edges]\ncapacity = 0\n";
         let e = Config::from_toml(t, "t.toml").unwrap_err().to_string();
         assert!(e.contains(":5") && e.contains("edges.capacity"), "{e}");
+    }
+
+    #[test]
+    fn train_dtype_defaults_to_auto_and_rejects_unknown_values_with_line() {
+        let base = "[run]\nname = \"x\"\ndir = \"r\"\n[train]\ndevices = [\"cpu\"]\nsteps = 1\n";
+        let c = Config::from_toml(base, "t.toml").unwrap();
+        let t = c.train.unwrap();
+        assert_eq!(t.dtype, TrainDtype::Auto);
+        assert!(!t.dtype.is_bf16(false) && t.dtype.is_bf16(true));
+        for (v, want) in [("bf16", TrainDtype::Bf16), ("fp32", TrainDtype::Fp32)] {
+            let c = Config::from_toml(&format!("{base}dtype = \"{v}\"\n"), "t.toml").unwrap();
+            assert_eq!(c.train.unwrap().dtype, want);
+        }
+        assert!(TrainDtype::Bf16.is_bf16(false) && !TrainDtype::Fp32.is_bf16(true));
+        let e = Config::from_toml(&format!("{base}dtype = \"fp16\"\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.toml:7") && e.contains("train.dtype") && e.contains("fp16"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -173,25 +173,43 @@ fn parse_device(s: &str) -> Result<Device, TrainerError> {
         .ok_or_else(|| TrainerError::Setup(format!("device `{s}` is not `cpu` or `cuda:N`")))
 }
 
-fn layout(cfg: &TrainConfig, inputs: usize) -> Result<Layout, TrainerError> {
+/// One process per rank (torchrun-style `RANK` and `WORLD_SIZE` in the environment): `(rank, world)`. At world size
+/// 1 this still counts when the devices are CUDA and NCCL is built in (`cuda` feature), which is how the single-GPU
+/// check exercises the NCCL path; otherwise world size 1 is a plain single-process run.
+pub fn process_group(cfg: &TrainConfig) -> Option<(usize, usize)> {
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
-    // torchrun-style launch: one process per rank. At world size 1 this still goes through NCCL when the devices are
-    // CUDA, which is how the single-GPU check exercises the NCCL path.
-    if let (Some(world), Some(rank)) = (env("WORLD_SIZE"), env("RANK")) {
-        let cuda = cfg.devices.iter().all(|d| d.starts_with("cuda"));
-        if world > 1 || (cuda && cfg!(feature = "cuda")) {
-            if inputs != 1 {
-                return Err(TrainerError::Setup(format!(
-                    "WORLD_SIZE={world} (one process per rank) needs exactly one input edge, got {inputs}"
-                )));
-            }
-            let local = env("LOCAL_RANK").unwrap_or(0);
-            return Ok(Layout {
-                world,
-                local: vec![(rank, Device::Cuda(local))],
-                multi_process: true,
-            });
+    let (world, rank) = (env("WORLD_SIZE")?, env("RANK")?);
+    let cuda = cfg.devices.iter().all(|d| d.starts_with("cuda"));
+    (world > 1 || (cuda && cfg!(feature = "cuda"))).then_some((rank, world))
+}
+
+fn layout(cfg: &TrainConfig, inputs: usize) -> Result<Layout, TrainerError> {
+    if let Some((rank, world)) = process_group(cfg) {
+        if inputs != 1 {
+            return Err(TrainerError::Setup(format!(
+                "WORLD_SIZE={world} (one process per rank) needs exactly one input edge, got {inputs}"
+            )));
         }
+        if rank >= world {
+            return Err(TrainerError::Setup(format!(
+                "RANK={rank} is not below WORLD_SIZE={world}"
+            )));
+        }
+        // `train.devices` names this process's device kind: "cpu", or CUDA on LOCAL_RANK.
+        let device = match cfg.devices.first().map(String::as_str) {
+            Some("cpu") => Device::Cpu,
+            _ => Device::Cuda(
+                std::env::var("LOCAL_RANK")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            ),
+        };
+        return Ok(Layout {
+            world,
+            local: vec![(rank, device)],
+            multi_process: true,
+        });
     }
     if cfg.devices.len() != inputs {
         return Err(TrainerError::Setup(format!(
@@ -214,12 +232,12 @@ fn layout(cfg: &TrainConfig, inputs: usize) -> Result<Layout, TrainerError> {
 
 fn collectives(l: &Layout) -> Result<Vec<Box<dyn Collective>>, TrainerError> {
     if l.multi_process {
+        // CUDA ranks talk NCCL; CPU ranks (or CUDA without the `cuda` feature) a TCP star through rank 0.
         #[cfg(feature = "cuda")]
-        return Ok(vec![Box::new(lexflow_gpu::NcclCollective::from_env()?)]);
-        #[cfg(not(feature = "cuda"))]
-        return Err(TrainerError::Setup(
-            "WORLD_SIZE > 1 needs NCCL: build with `--features cuda`".into(),
-        ));
+        if l.local.iter().all(|(_, d)| d.is_cuda()) {
+            return Ok(vec![Box::new(lexflow_gpu::NcclCollective::from_env()?)]);
+        }
+        return Ok(vec![Box::new(lexflow_gpu::TcpCollective::from_env()?)]);
     }
     if l.world == 1 {
         return Ok(vec![Box::new(SingleRank)]);
@@ -319,7 +337,12 @@ pub fn spawn_trainers(
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        let per_rank = (cores / cpu_ranks).max(1);
+        // OMP_NUM_THREADS (torchrun sets it to 1 when it starts several processes per node) wins.
+        let per_rank = std::env::var("OMP_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or((cores / cpu_ranks).max(1));
         tch::set_num_threads(per_rank as i32);
         tracing::debug!(cpu_ranks, per_rank, "libtorch intra-op threads");
     }
@@ -467,7 +490,8 @@ impl<'a> Rank<'a> {
         let cfg = &self.setup.cfg;
         let label = self.rank.to_string();
         let m = lexflow_metrics::global();
-        let kind = if self.device.is_cuda() {
+        // `train.dtype`: auto = bf16 on CUDA, fp32 on CPU (the optimizer state is fp32 either way).
+        let kind = if cfg.dtype.is_bf16(self.device.is_cuda()) {
             Kind::BFloat16
         } else {
             Kind::Float
@@ -509,9 +533,21 @@ impl<'a> Rank<'a> {
         // Resume point of the last sequence this rank trained on (rank 0's goes into checkpoints).
         let mut last_resume: Option<Arc<ResumePoint>> =
             resume.and_then(|r| r.data.clone().map(Arc::new));
+        // `LEXFLOW_PROFILE_STEPS=A..B`: rank 0 records steps A to B with libtorch's profiler (Kineto; every CUDA
+        // kernel on a GPU) into run_dir/profile/trace-rank0.json (bench/gpu/kernels.py summarises it).
+        let profile_steps = if self.rank == 0 {
+            profile_steps_from_env()
+        } else {
+            None
+        };
+        let mut profiler: Option<lexflow_gpu::ops::Profiler> = None;
+        let mut attention_logged = false;
         while opt.step < cfg.steps {
             let step = opt.step + 1;
             self.ctx.set_input(format!("step {step}"));
+            if profile_steps.is_some_and(|(a, _)| a == step) {
+                profiler = Some(lexflow_gpu::ops::Profiler::start(self.device.is_cuda())?);
+            }
             let t_step = Instant::now();
             seqs.clear();
             let mut wait = 0.0;
@@ -546,6 +582,13 @@ impl<'a> Rank<'a> {
             for chunk in seqs.chunks(mb) {
                 let rows: Vec<SequenceRef<'_>> = chunk.iter().map(seq_ref).collect();
                 let batch = Batch::new(&rows, self.device)?;
+                if self.rank == 0 && !attention_logged && batch.segments.is_some() {
+                    attention_logged = true;
+                    tracing::info!(
+                        path = model.attention_path(&batch),
+                        "packed documents: block-diagonal causal attention"
+                    );
+                }
                 // Gradient of (sum over all ranks' targets) / n_valid after the mean all-reduce.
                 let loss = model.forward_backward(&batch, self.world as f64 / n_valid);
                 loss_acc = Some(match loss_acc {
@@ -556,7 +599,7 @@ impl<'a> Rank<'a> {
             let loss_sum = loss_acc.map_or(0.0, |l| l.double_value(&[]));
             opt.gather_grads(&model.params);
             self.coll.all_reduce_mean(&mut opt.grad)?;
-            let st = opt.step(&model.params);
+            let st = opt.step(&model.params)?;
             model.params.zero_grad();
             let mut lv = [loss_sum];
             self.coll.all_reduce_sum_f64(&mut lv, self.device)?;
@@ -568,6 +611,20 @@ impl<'a> Rank<'a> {
             }
             result.losses.push(loss);
             result.steps = opt.step;
+            if profile_steps.is_some_and(|(_, b)| b == step) {
+                if let Some(p) = profiler.take() {
+                    if let Device::Cuda(i) = self.device {
+                        tch::Cuda::synchronize(i as i64);
+                    }
+                    let dir = self.setup.run_dir.join("profile");
+                    std::fs::create_dir_all(&dir).map_err(|e| {
+                        TrainerError::Setup(format!("{}: cannot create: {e}", dir.display()))
+                    })?;
+                    let path = dir.join(format!("trace-rank{}.json", self.rank));
+                    p.stop(&path)?;
+                    tracing::info!(path = %path.display(), "profiler trace written");
+                }
+            }
             if let Some(rp) = seqs.last().and_then(|s| s.resume.clone()) {
                 last_resume = Some(rp);
             }
@@ -735,6 +792,22 @@ fn seq_ref(s: &PackedSequence) -> SequenceRef<'_> {
         tokens: &s.tokens,
         padding: s.padding,
         doc_starts: &s.doc_starts,
+    }
+}
+
+/// `LEXFLOW_PROFILE_STEPS=A..B` (inclusive, 1-based) or `=A` (one step); anything else is ignored with a warning.
+fn profile_steps_from_env() -> Option<(u64, u64)> {
+    let v = std::env::var("LEXFLOW_PROFILE_STEPS").ok()?;
+    let parsed = match v.split_once("..") {
+        Some((a, b)) => a.trim().parse().ok().zip(b.trim().parse().ok()),
+        None => v.trim().parse().ok().map(|a| (a, a)),
+    };
+    match parsed {
+        Some((a, b)) if a >= 1 && a <= b => Some((a, b)),
+        _ => {
+            tracing::warn!("LEXFLOW_PROFILE_STEPS={v:?} is not A..B with 1 <= A <= B: no profile");
+            None
+        }
     }
 }
 
