@@ -7,9 +7,14 @@
 //! ```text
 //! train_synthetic [--device cuda:0] [--model 1b] [--seq-len 4096] [--micro-batch 2] [--grad-accum 8]
 //!                 [--steps 25] [--warmup 5] [--docs-per-seq 1] [--pattern random|ramp] [--seed 1234]
-//!                 [--lr 3e-4] [--min-lr 3e-5] [--lr-warmup 5] [--run-dir DIR] [--export-init DIR]
-//!                 [--dump-tokens FILE] [--json FILE]
+//!                 [--lr 3e-4] [--min-lr 3e-5] [--lr-warmup 5] [--dtype auto|bf16|fp32] [--vocab 128256]
+//!                 [--run-dir DIR] [--export-init DIR] [--dump-tokens FILE] [--json FILE]
 //! ```
+//! * `--dtype`: `train.dtype` of the trainer (auto = bf16 on CUDA, fp32 on CPU) and of the `--export-init` weights;
+//!   `--device cpu --dtype bf16` runs the bf16 arithmetic on CPU (deterministic: the loss-parity noise floor).
+//! * `--vocab N`: the tokenizer vocabulary the trainer is told about (default Llama 3's 128,256); the `tiny` preset
+//!   sizes its embeddings from it, and token ids are taken modulo N. A small N keeps CPU runs fast (the 128k-row
+//!   head dominates `tiny`, and CPUs without bf16 instructions multiply bf16 matrices slowly).
 //! * `--export-init DIR`: builds the model the trainer would build (same preset, seed, device, dtype), writes it to
 //!   DIR in the HF layout and makes the trainer start from it (`train.init_from`).
 //! * `--dump-tokens FILE`: the first `steps × micro_batch × grad_accum` sequences, `seq_len + 1` little-endian u32
@@ -29,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use lexflow_actors::config::TrainConfig;
+use lexflow_actors::config::{TrainConfig, TrainDtype};
 use lexflow_actors::trainer::{spawn_trainers, TrainerSetup};
 use lexflow_actors::types::PackedSequence;
 use lexflow_dataflow::{edge, Shutdown, Topology};
@@ -50,6 +55,8 @@ struct Args {
     lr: f64,
     min_lr: f64,
     lr_warmup: u64,
+    dtype: TrainDtype,
+    vocab: usize,
     run_dir: PathBuf,
     export_init: Option<PathBuf>,
     dump_tokens: Option<PathBuf>,
@@ -71,6 +78,8 @@ fn parse_args() -> anyhow::Result<Args> {
         lr: 3e-4,
         min_lr: 3e-5,
         lr_warmup: 5,
+        dtype: TrainDtype::Auto,
+        vocab: LLAMA3_VOCAB,
         run_dir: std::env::temp_dir().join("lexflow-train-synthetic"),
         export_init: None,
         dump_tokens: None,
@@ -93,6 +102,15 @@ fn parse_args() -> anyhow::Result<Args> {
             "--lr" => a.lr = v()?.parse()?,
             "--min-lr" => a.min_lr = v()?.parse()?,
             "--lr-warmup" => a.lr_warmup = v()?.parse()?,
+            "--vocab" => a.vocab = v()?.parse()?,
+            "--dtype" => {
+                a.dtype = match v()?.as_str() {
+                    "auto" => TrainDtype::Auto,
+                    "bf16" => TrainDtype::Bf16,
+                    "fp32" => TrainDtype::Fp32,
+                    other => anyhow::bail!("--dtype is auto, bf16 or fp32, not {other}"),
+                }
+            }
             "--run-dir" => a.run_dir = v()?.into(),
             "--export-init" => a.export_init = Some(v()?.into()),
             "--dump-tokens" => a.dump_tokens = Some(v()?.into()),
@@ -107,10 +125,22 @@ fn parse_args() -> anyhow::Result<Args> {
         "--pattern is random or ramp"
     );
     anyhow::ensure!(
+        (2..=LLAMA3_VOCAB).contains(&a.vocab),
+        "--vocab is between 2 and {LLAMA3_VOCAB}"
+    );
+    anyhow::ensure!(
         a.docs_per_seq >= 1 && a.steps > a.warmup,
         "need docs-per-seq ≥ 1 and steps > warmup"
     );
     Ok(a)
+}
+
+fn dtype_name(d: TrainDtype) -> &'static str {
+    match d {
+        TrainDtype::Auto => "auto",
+        TrainDtype::Bf16 => "bf16",
+        TrainDtype::Fp32 => "fp32",
+    }
 }
 
 /// SplitMix64: a stateless, platform-independent hash, so the token stream depends only on (seed, index, position).
@@ -121,11 +151,18 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Sequence `index`: `seq_len + 1` tokens, no padding, `docs` equal documents.
-/// `random`: uniform ids below 128,000 (the loss stays near ln V: a pure throughput load).
-/// `ramp`: per document an arithmetic progression modulo 4,096 over a random offset, so the model has something to
-/// learn within a few dozen steps (the parity check wants a falling loss curve, not a flat ln V).
-fn sequence(seed: u64, index: u64, seq_len: usize, docs: usize, pattern: &str) -> PackedSequence {
+/// Sequence `index`: `seq_len + 1` tokens below `vocab`, no padding, `docs` equal documents.
+/// `random`: uniform ids below min(128,000, vocab) (the loss stays near ln V: a pure throughput load).
+/// `ramp`: per document an arithmetic progression modulo 4,096 over a random offset (modulo `vocab`), so the model
+/// has something to learn within a few dozen steps (the parity check wants a falling loss curve, not a flat ln V).
+fn sequence(
+    seed: u64,
+    index: u64,
+    seq_len: usize,
+    docs: usize,
+    pattern: &str,
+    vocab: usize,
+) -> PackedSequence {
     let n = seq_len + 1;
     let doc_len = seq_len.div_ceil(docs).max(1);
     let doc_starts: Vec<u32> = (0..docs)
@@ -135,7 +172,7 @@ fn sequence(seed: u64, index: u64, seq_len: usize, docs: usize, pattern: &str) -
     let base = mix(seed ^ index.wrapping_mul(0x2545_F491_4F6C_DD1D));
     let tokens: Vec<u32> = if pattern == "random" {
         (0..n)
-            .map(|p| (mix(base ^ p as u64) % 128_000) as u32)
+            .map(|p| (mix(base ^ p as u64) % 128_000.min(vocab as u64)) as u32)
             .collect()
     } else {
         (0..n)
@@ -144,7 +181,7 @@ fn sequence(seed: u64, index: u64, seq_len: usize, docs: usize, pattern: &str) -
                 let h = mix(base ^ (d << 32));
                 let (offset, stride) = (h % 100_000, 1 + (h >> 20) % 7);
                 let i = (p % doc_len) as u64;
-                (offset + (i * stride) % 4096) as u32
+                ((offset + (i * stride) % 4096) % vocab as u64) as u32
             })
             .collect()
     };
@@ -169,7 +206,7 @@ fn main() -> anyhow::Result<()> {
             "CUDA is not available to libtorch"
         );
     }
-    let cfg = LlamaConfig::preset(&a.model, LLAMA3_VOCAB)?;
+    let cfg = LlamaConfig::preset(&a.model, a.vocab)?;
     let _ = std::fs::remove_dir_all(&a.run_dir);
     std::fs::create_dir_all(&a.run_dir)?;
 
@@ -180,7 +217,8 @@ fn main() -> anyhow::Result<()> {
         } else {
             Device::Cuda(a.device.trim_start_matches("cuda:").parse()?)
         };
-        let kind = if device.is_cuda() {
+        // The dtype the trainer will use (`train.dtype`, written into the config below).
+        let kind = if a.dtype.is_bf16(device.is_cuda()) {
             Kind::BFloat16
         } else {
             Kind::Float
@@ -201,7 +239,8 @@ fn main() -> anyhow::Result<()> {
 
     let toml_text = format!(
         "devices = [\"{}\"]\nmodel = \"{}\"\nmicro_batch = {}\ngrad_accum = {}\nsteps = {}\nlr = {:e}\nmin_lr = {:e}\n\
-         warmup_steps = {}\nweight_decay = 0.1\ngrad_clip = 1.0\ncheckpoint_every = 0\nkeep_checkpoints = 1\n{}",
+         warmup_steps = {}\nweight_decay = 0.1\ngrad_clip = 1.0\ncheckpoint_every = 0\nkeep_checkpoints = 1\n\
+         dtype = \"{}\"\n{}",
         a.device,
         a.model,
         a.micro_batch,
@@ -210,6 +249,7 @@ fn main() -> anyhow::Result<()> {
         a.lr,
         a.min_lr,
         a.lr_warmup,
+        dtype_name(a.dtype),
         a.export_init.as_ref().map(|d| format!("init_from = {:?}\n", d.display().to_string())).unwrap_or_default()
     );
     let train: TrainConfig =
@@ -221,7 +261,13 @@ fn main() -> anyhow::Result<()> {
         std::num::NonZeroUsize::new(2 * per_step).expect("> 0"),
     );
     {
-        let (seed, seq_len, docs, pattern) = (a.seed, a.seq_len, a.docs_per_seq, a.pattern.clone());
+        let (seed, seq_len, docs, pattern, vocab) = (
+            a.seed,
+            a.seq_len,
+            a.docs_per_seq,
+            a.pattern.clone(),
+            a.vocab,
+        );
         let dump_n = a.steps * per_step as u64;
         let mut dump = match &a.dump_tokens {
             Some(p) => Some(std::io::BufWriter::new(
@@ -234,7 +280,7 @@ fn main() -> anyhow::Result<()> {
                 if ctx.should_stop() {
                     break;
                 }
-                let s = sequence(seed, index, seq_len, docs, &pattern);
+                let s = sequence(seed, index, seq_len, docs, &pattern, vocab);
                 if let Some(w) = dump.as_mut() {
                     if index < dump_n {
                         for t in &s.tokens {
@@ -259,7 +305,7 @@ fn main() -> anyhow::Result<()> {
         TrainerSetup {
             cfg: train,
             run_dir: a.run_dir.clone(),
-            vocab_size: LLAMA3_VOCAB,
+            vocab_size: a.vocab,
             seq_len: a.seq_len,
             seed: a.seed,
             resume: false,
@@ -326,12 +372,14 @@ fn main() -> anyhow::Result<()> {
         "name": "lexflow_synthetic",
         "model": a.model,
         "params": cfg.num_params(),
+        "vocab": cfg.vocab_size,
         "seq_len": a.seq_len,
         "micro_batch": a.micro_batch,
         "grad_accum": a.grad_accum,
         "global_batch_tokens": step_tokens,
         "docs_per_seq": a.docs_per_seq,
         "pattern": a.pattern,
+        "dtype": dtype_name(a.dtype),
         "timed_steps": timed_steps,
         "step_s": (s1 - s0) / timed_steps.max(1.0),
         "tokens_per_s": tps,

@@ -19,7 +19,9 @@
 #   profile   Kineto traces of two steps, lexflow (LEXFLOW_PROFILE_STEPS) and torch eager (torch.profiler),
 #             compared kernel category by category by kernels.py                          -> kernels.txt
 #   parity    50 steps, same initial weights (exported by lexflow as HF safetensors) and same tokens, lexflow vs
-#             torch eager; losses must agree within the bf16 tolerance                    -> parity.json
+#             torch eager; the reference is trained twice (micro-batch 2 x 2 and 1 x 4: the same steps, other bf16
+#             roundings) and lexflow must stay within 3x that noise floor (max and mean), step 1 within 1e-3
+#                                                                                         -> parity.json
 #   (a)       lexflow trainer fed by the full streaming dataflow (`lexflow run stream.toml`, generated corpus)
 #                                                                                         -> stream.json
 #   (c)       PyTorch reference, torch.compile (per-block)                               -> torch_compile.json
@@ -154,7 +156,8 @@ parity() {
     --run-dir "$CK/parity" --export-init "$W/init" --dump-tokens "$W/tokens.bin" --json "$OUT/parity_lexflow.json" \
     && rm -rf "$CK/parity" \
     && "$PY" bench/gpu/torch_ref.py parity --init "$W/init" --tokens "$W/tokens.bin" --lexflow-json "$OUT/parity_lexflow.json" \
-         --seq-len 1024 --micro-batch 2 --grad-accum 2 --lr 5e-4 --min-lr 5e-5 --lr-warmup 5 --json "$OUT/parity.json"
+         --seq-len 1024 --micro-batch 2 --grad-accum 2 --lr 5e-4 --min-lr 5e-5 --lr-warmup 5 --floor-split 1x4 \
+         --json "$OUT/parity.json"
 }
 stage parity 150 parity
 rm -rf "$W/init" "$W/tokens.bin" "$CK/parity"
