@@ -29,8 +29,8 @@ mod model;
 #[cfg(feature = "cuda")]
 mod nccl;
 pub mod ops;
-mod tcp;
 mod optim;
+mod tcp;
 
 pub use batch::{valid_targets, Batch, SequenceRef, IGNORE_INDEX};
 pub use collective::{Collective, InProcessCollective, SingleRank};

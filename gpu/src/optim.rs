@@ -62,11 +62,12 @@ fn global_norm(g: &Tensor) -> Tensor {
     let rows = n / ROW;
     let mut parts = Vec::with_capacity(2);
     if rows > 0 {
-        parts.push(
-            g.narrow(0, 0, rows * ROW)
-                .view([rows, ROW])
-                .linalg_norm(2.0, [1i64].as_slice(), false, None::<Kind>),
-        );
+        parts.push(g.narrow(0, 0, rows * ROW).view([rows, ROW]).linalg_norm(
+            2.0,
+            [1i64].as_slice(),
+            false,
+            None::<Kind>,
+        ));
     }
     if n > rows * ROW {
         parts.push(g.narrow(0, rows * ROW, n - rows * ROW).norm().view([1]));
