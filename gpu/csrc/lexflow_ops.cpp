@@ -89,6 +89,12 @@ int lexflow_fused_adamw(const at::Tensor** params, const at::Tensor** grads, con
   });
 }
 
+// Page-locked copy of a CPU tensor (Tensor::pin_memory() without the deprecated device argument that tch's binding
+// always passes, which warns on every call).
+int lexflow_pin_memory(const at::Tensor* t, at::Tensor** out, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] { *out = new at::Tensor(t->pin_memory()); });
+}
+
 // Backward from a non-scalar tensor with a given gradient (torch.autograd.backward(t, grad)): the gradients of
 // the graph's leaves accumulate into their .grad as with loss.backward().
 int lexflow_backward_with_grad(const at::Tensor* t, const at::Tensor* grad, char* err, size_t err_len) {

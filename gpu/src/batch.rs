@@ -159,7 +159,7 @@ fn upload(host: &Tensor, device: Device) -> Tensor {
     if !device.is_cuda() {
         return host.shallow_clone();
     }
-    match host.f_pin_memory(device) {
+    match crate::ops::pin_memory(host) {
         Ok(pinned) => pinned.to_device_(device, pinned.kind(), true, false),
         Err(_) => host.to_device(device),
     }

@@ -49,6 +49,12 @@ extern "C" {
 }
 
 extern "C" {
+    fn lexflow_pin_memory(
+        t: *const C_tensor,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
     fn lexflow_backward_with_grad(
         t: *const C_tensor,
         grad: *const C_tensor,
@@ -215,6 +221,25 @@ pub fn fused_adamw(
     check(rc, &err, "fused AdamW")
 }
 
+/// A page-locked (pinned) copy of a CPU tensor, from which host-to-device copies can be asynchronous. Needs a CUDA
+/// runtime (an error otherwise).
+pub fn pin_memory(t: &Tensor) -> Result<Tensor> {
+    let mut err = [0u8; ERR_LEN];
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: `t` is a live tch tensor borrowed for the call; on success `out` holds a new owned at::Tensor handle.
+    let rc = unsafe {
+        lexflow_pin_memory(
+            t.as_ptr(),
+            &mut out,
+            err.as_mut_ptr() as *mut c_char,
+            ERR_LEN,
+        )
+    };
+    check(rc, &err, "pin_memory")?;
+    // SAFETY: rc == 0 guarantees `out` is a valid, owned at::Tensor handle.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
 /// `torch.autograd.backward(t, grad)`: back-propagates `grad` (same shape as `t`) through `t`'s graph, accumulating
 /// into the leaves' gradients. tch only offers `backward()` from a scalar.
 pub fn backward_with_grad(t: &Tensor, grad: &Tensor) -> Result<()> {
@@ -365,6 +390,12 @@ mod tests {
         assert!(!flash_varlen_supported(&q));
         let e = flash_varlen(&q, &q, &q, &cu, 8).unwrap_err().to_string();
         assert!(e.contains("varlen flash attention"), "{e}");
+        // Pinning needs a CUDA runtime: without one it is an error (the batch upload then copies normally).
+        if !tch::Cuda::is_available() {
+            assert!(pin_memory(&q).is_err());
+        } else {
+            assert!(pin_memory(&q).unwrap().is_pinned(Device::Cuda(0)));
+        }
         // Mismatched lengths in the fused optimizer.
         let p = Tensor::zeros([4], (Kind::Float, Device::Cpu));
         let g = Tensor::zeros([5], (Kind::Float, Device::Cpu));
