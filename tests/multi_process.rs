@@ -213,3 +213,35 @@ fn a_dead_rank_stops_its_peer_with_an_error_naming_it() {
         "rank 0's log: {log}"
     );
 }
+
+#[test]
+fn launch_mistakes_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("procs");
+    let cfg = config(&dir, &["cpu"], 2);
+    let port = free_port();
+    for (env, want) in [
+        (rank_env(2, 2, port), "RANK=2 is not below WORLD_SIZE=2"),
+        (
+            {
+                let mut e = rank_env(1, 2, port);
+                e.push(("MASTER_PORT", "http".into()));
+                e
+            },
+            "MASTER_PORT=http is not a port number",
+        ),
+        (
+            {
+                let mut e = rank_env(1, 2, port);
+                e.push(("LEXFLOW_RENDEZVOUS_TIMEOUT_S", "1".into()));
+                e
+            },
+            "cannot reach rank 0",
+        ),
+    ] {
+        let log = tmp.path().join("bad.log");
+        let st = wait(spawn(&cfg, &env, &log), Duration::from_secs(120));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(!st.success() && text.contains(want), "want {want:?} in: {text}");
+    }
+}
