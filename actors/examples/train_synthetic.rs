@@ -8,8 +8,9 @@
 //! train_synthetic [--device cuda:0] [--model 1b] [--seq-len 4096] [--micro-batch 2] [--grad-accum 8]
 //!                 [--steps 25] [--warmup 5] [--docs-per-seq 1] [--pattern random|ramp] [--seed 1234]
 //!                 [--lr 3e-4] [--min-lr 3e-5] [--lr-warmup 5] [--dtype auto|bf16|fp32] [--vocab 128256]
-//!                 [--run-dir DIR] [--export-init DIR] [--dump-tokens FILE] [--json FILE]
+//!                 [--recompute] [--run-dir DIR] [--export-init DIR] [--dump-tokens FILE] [--json FILE]
 //! ```
+//! * `--recompute`: `train.recompute` (per-layer activation recomputation).
 //! * `--dtype`: `train.dtype` of the trainer (auto = bf16 on CUDA, fp32 on CPU) and of the `--export-init` weights;
 //!   `--device cpu --dtype bf16` runs the bf16 arithmetic on CPU (deterministic: the loss-parity noise floor).
 //! * `--vocab N`: the tokenizer vocabulary the trainer is told about (default Llama 3's 128,256); the `tiny` preset
@@ -57,6 +58,7 @@ struct Args {
     lr_warmup: u64,
     dtype: TrainDtype,
     vocab: usize,
+    recompute: bool,
     run_dir: PathBuf,
     export_init: Option<PathBuf>,
     dump_tokens: Option<PathBuf>,
@@ -80,6 +82,7 @@ fn parse_args() -> anyhow::Result<Args> {
         lr_warmup: 5,
         dtype: TrainDtype::Auto,
         vocab: LLAMA3_VOCAB,
+        recompute: false,
         run_dir: std::env::temp_dir().join("lexflow-train-synthetic"),
         export_init: None,
         dump_tokens: None,
@@ -103,6 +106,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--min-lr" => a.min_lr = v()?.parse()?,
             "--lr-warmup" => a.lr_warmup = v()?.parse()?,
             "--vocab" => a.vocab = v()?.parse()?,
+            "--recompute" => a.recompute = true,
             "--dtype" => {
                 a.dtype = match v()?.as_str() {
                     "auto" => TrainDtype::Auto,
@@ -240,7 +244,7 @@ fn main() -> anyhow::Result<()> {
     let toml_text = format!(
         "devices = [\"{}\"]\nmodel = \"{}\"\nmicro_batch = {}\ngrad_accum = {}\nsteps = {}\nlr = {:e}\nmin_lr = {:e}\n\
          warmup_steps = {}\nweight_decay = 0.1\ngrad_clip = 1.0\ncheckpoint_every = 0\nkeep_checkpoints = 1\n\
-         dtype = \"{}\"\n{}",
+         dtype = \"{}\"\nrecompute = {}\n{}",
         a.device,
         a.model,
         a.micro_batch,
@@ -250,6 +254,7 @@ fn main() -> anyhow::Result<()> {
         a.min_lr,
         a.lr_warmup,
         dtype_name(a.dtype),
+        a.recompute,
         a.export_init.as_ref().map(|d| format!("init_from = {:?}\n", d.display().to_string())).unwrap_or_default()
     );
     let train: TrainConfig =
@@ -380,6 +385,9 @@ fn main() -> anyhow::Result<()> {
         "docs_per_seq": a.docs_per_seq,
         "pattern": a.pattern,
         "dtype": dtype_name(a.dtype),
+        "recompute": a.recompute,
+        "doc_attention": std::env::var("LEXFLOW_DOC_ATTENTION").unwrap_or_else(|_| "auto".into()),
+        "adamw": std::env::var("LEXFLOW_ADAMW").unwrap_or_else(|_| "fused".into()),
         "timed_steps": timed_steps,
         "step_s": (s1 - s0) / timed_steps.max(1.0),
         "tokens_per_s": tps,

@@ -18,6 +18,8 @@
 #   (c)       PyTorch reference, eager                                                    -> torch_eager.json
 #   profile   Kineto traces of two steps, lexflow (LEXFLOW_PROFILE_STEPS) and torch eager (torch.profiler),
 #             compared kernel category by category by kernels.py                          -> kernels.txt
+#   means     short (b)/(b') runs with one means switched off each: unfused AdamW, recomputation on, segments
+#             instead of varlen                                                           -> means.txt
 #   parity    50 steps, same initial weights (exported by lexflow as HF safetensors) and same tokens, lexflow vs
 #             torch eager; the reference is trained twice (micro-batch 2 x 2 and 1 x 4: the same steps, other bf16
 #             roundings) and lexflow must stay within 3x that noise floor (max and mean), step 1 within 1e-3
@@ -147,6 +149,46 @@ profile() {
   rm -rf "$CK/profile"
 }
 stage profile 200 profile
+
+# --- means: each of lexflow's means switched off in turn (issue: "measure each") -----------------------------------
+# Short runs (3 untimed + 5 timed steps) of (b)/(b') with one switch each: whole-buffer AdamW instead of the fused
+# kernel; per-segment SDPA or the (B,1,T,T) mask instead of varlen for packed documents; per-layer recomputation on.
+means() {
+  local common=(--device cuda:0 --model 1b --seq-len "$SEQ" --micro-batch "$MB" --grad-accum "$GA" --steps 8 --warmup 3)
+  local rows=()
+  run1() {  # NAME ENV... -- ARGS...
+    local name=$1; shift; local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
+    env "${envs[@]}" "$BIN/train_synthetic" "${common[@]}" "$@" --run-dir "$CK/means" --json "$W/means_$name.json" \
+      > /dev/null 2>> "$OUT/means.log" || echo "means: $name failed" >&2
+    rm -rf "$CK/means"
+    rows+=("$name")
+  }
+  run1 baseline X=1 --
+  run1 adamw_unfused LEXFLOW_ADAMW=unfused --
+  run1 recompute X=1 -- --recompute
+  run1 packed_varlen X=1 -- --docs-per-seq "${BENCH_DOCS_PER_SEQ:-5}"
+  run1 packed_segments LEXFLOW_DOC_ATTENTION=segments -- --docs-per-seq "${BENCH_DOCS_PER_SEQ:-5}"
+  "$PY" - "$W" "$OUT/means.json" "${rows[@]}" <<'PYEOF' | tee "$OUT/means.txt"
+import json, os, sys
+w, out, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+res = {}
+for n in names:
+    p = os.path.join(w, f"means_{n}.json")
+    res[n] = json.load(open(p)) if os.path.exists(p) else None
+json.dump(res, open(out, "w"))
+base = res.get("baseline"); pv = res.get("packed_varlen")
+print("| variant | tokens/s | s/step | MFU vs 989 | vs reference |")
+print("|---|---|---|---|---|")
+for n in names:
+    r = res[n]
+    ref = pv if n == "packed_segments" else base
+    if not r:
+        print(f"| {n} | failed | | | |"); continue
+    rel = f"{r['tokens_per_s'] / ref['tokens_per_s']:.3f} x {'packed_varlen' if ref is pv else 'baseline'}" if ref else "—"
+    print(f"| {n} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['mfu_vs_989'] * 100:.1f}% | {rel} |")
+PYEOF
+}
+stage means 330 means
 
 # --- loss parity: lexflow's initial weights + token stream → torch --------------------------------------------------
 # 1b at seq_len 1024, 4 sequences per step, a learnable token pattern (the loss must move), lr warm-up 5 steps.
