@@ -577,7 +577,7 @@ impl<'a> Rank<'a> {
             }
             let n_valid = vote[1].max(1.0);
 
-            // The loss stays on the device until the step is done: one host sync per step, not per micro-batch.
+            // The loss stays on the device until the step is done: no host sync per micro-batch.
             let mut loss_acc: Option<tch::Tensor> = None;
             for chunk in seqs.chunks(mb) {
                 let rows: Vec<SequenceRef<'_>> = chunk.iter().map(seq_ref).collect();
@@ -596,10 +596,11 @@ impl<'a> Rank<'a> {
                     None => loss.to_kind(Kind::Double),
                 });
             }
-            let loss_sum = loss_acc.map_or(0.0, |l| l.double_value(&[]));
             opt.gather_grads(&model.params);
             self.coll.all_reduce_mean(&mut opt.grad)?;
             let st = opt.step(&model.params)?;
+            // Read after the optimizer is enqueued (its gradient-norm read-back already waited for the device).
+            let loss_sum = loss_acc.map_or(0.0, |l| l.double_value(&[]));
             model.params.zero_grad();
             let mut lv = [loss_sum];
             self.coll.all_reduce_sum_f64(&mut lv, self.device)?;
