@@ -25,6 +25,17 @@ fn lexflow_bin() -> PathBuf {
 }
 
 fn config(dir: &Path, devices: &[&str], steps: u64) -> PathBuf {
+    config_with(dir, devices, steps, steps, "")
+}
+
+/// `run_extra`: more `[run]` lines (e.g. `max_sequences = 16`).
+fn config_with(
+    dir: &Path,
+    devices: &[&str],
+    steps: u64,
+    checkpoint_every: u64,
+    run_extra: &str,
+) -> PathBuf {
     let devices = devices
         .iter()
         .map(|d| format!("{d:?}"))
@@ -36,6 +47,7 @@ fn config(dir: &Path, devices: &[&str], steps: u64) -> PathBuf {
 name = "multi"
 dir = {dir:?}
 seed = 9
+{run_extra}
 [input.generate]
 acts_per_language = 6
 [packer]
@@ -54,7 +66,7 @@ grad_accum = 2
 steps = {steps}
 lr = 1e-3
 warmup_steps = 2
-checkpoint_every = {steps}
+checkpoint_every = {checkpoint_every}
 [metrics]
 enabled = false
 "#,
@@ -75,9 +87,14 @@ fn free_port() -> u16 {
 }
 
 fn spawn(cfg: &Path, env: &[(&str, String)], log: &Path) -> Child {
+    spawn_args(cfg, &[], env, log)
+}
+
+fn spawn_args(cfg: &Path, args: &[&str], env: &[(&str, String)], log: &Path) -> Child {
     let mut c = Command::new(lexflow_bin());
     c.arg("run")
         .arg(cfg)
+        .args(args)
         .arg("--quiet")
         .env("OMP_NUM_THREADS", "1")
         .env("RUST_LOG", "info")
@@ -147,6 +164,9 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
         );
     }
 
+    let w = |d: &Path| {
+        std::fs::read(d.join(format!("checkpoints/step-{steps:06}/model.safetensors"))).unwrap()
+    };
     let ra = read_step_records(&a_dir);
     let rb = read_step_records(&b_dir);
     assert_eq!(ra.len(), (steps * 2) as usize, "in-process records");
@@ -172,11 +192,71 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
             y.loss
         );
     }
+    // Resumed: the two processes stop after step 2 (the stream is cut at 16 sequences), then resume from the step-2
+    // checkpoint and train steps 3-4: the same records as the uninterrupted in-process run.
+    let c_dir = tmp.path().join("resumed");
+    let first = config_with(&c_dir, &["cpu"], steps, 2, "max_sequences = 16");
+    let port = free_port();
+    let kids: Vec<Child> = (0..2)
+        .map(|r| spawn(&first, &rank_env(r, 2, port), &logs[r]))
+        .collect();
+    for (r, k) in kids.into_iter().enumerate() {
+        let st = wait(k, Duration::from_secs(300));
+        assert!(
+            st.success(),
+            "rank {r} (first part) failed: {}",
+            std::fs::read_to_string(&logs[r]).unwrap_or_default()
+        );
+    }
+    assert_eq!(
+        read_step_records(&c_dir).len(),
+        4,
+        "two steps x two ranks before the cut"
+    );
+    let second = config_with(&c_dir, &["cpu"], steps, 2, "");
+    let port = free_port();
+    let kids: Vec<Child> = (0..2)
+        .map(|r| spawn_args(&second, &["--resume"], &rank_env(r, 2, port), &logs[r]))
+        .collect();
+    for (r, k) in kids.into_iter().enumerate() {
+        let st = wait(k, Duration::from_secs(300));
+        assert!(
+            st.success(),
+            "rank {r} (resumed) failed: {}",
+            std::fs::read_to_string(&logs[r]).unwrap_or_default()
+        );
+    }
+    for stats in ["stats.json", "stats.rank1.json"] {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(c_dir.join(stats)).unwrap()).unwrap();
+        assert_eq!(v["train"]["resumed_from_step"], 2, "{stats}: did not resume from step 2");
+        assert_eq!(v["train"]["steps"], 4, "{stats}");
+    }
+    let rc = read_step_records(&c_dir);
+    assert_eq!(
+        rc.len(),
+        ra.len(),
+        "steps 1-4 on both ranks after the resume"
+    );
+    for (k, x) in &ra {
+        let y = &rc[k];
+        assert_eq!(
+            x.sequences, y.sequences,
+            "resumed: step {} rank {}: different sequences",
+            k.0, k.1
+        );
+        assert_eq!(
+            x.loss.to_bits(),
+            y.loss.to_bits(),
+            "resumed: step {} rank {}",
+            k.0,
+            k.1
+        );
+    }
+    assert!(w(&a_dir) == w(&c_dir), "resumed final weights differ");
+
     // Rank 1 saw other sequences than rank 0 (data parallelism, not two copies of one stream).
     assert_ne!(ra[&(1, 0)].sequences, ra[&(1, 1)].sequences);
-    let w = |d: &Path| {
-        std::fs::read(d.join(format!("checkpoints/step-{steps:06}/model.safetensors"))).unwrap()
-    };
     assert!(w(&a_dir) == w(&b_dir), "final weights differ");
     // Each process wrote its own stats; the rank-1 process skipped rank 0's sequences.
     let s1: serde_json::Value =
@@ -242,6 +322,9 @@ fn launch_mistakes_are_named() {
         let log = tmp.path().join("bad.log");
         let st = wait(spawn(&cfg, &env, &log), Duration::from_secs(120));
         let text = std::fs::read_to_string(&log).unwrap();
-        assert!(!st.success() && text.contains(want), "want {want:?} in: {text}");
+        assert!(
+            !st.success() && text.contains(want),
+            "want {want:?} in: {text}"
+        );
     }
 }
