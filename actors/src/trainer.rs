@@ -664,12 +664,15 @@ impl<'a> Rank<'a> {
                 .with_label_values(&[&label])
                 .set(result.wait_seconds / elapsed.max(1e-9));
             lat.record(t_step.elapsed());
-            if !self.device.is_cuda() {
-                if let Some(rss) = process_rss_bytes() {
-                    m.trainer_device_memory
-                        .with_label_values(&[&label])
-                        .set(rss);
-                }
+            let mem = if self.device.is_cuda() {
+                lexflow_gpu::cuda_memory_used().map(|b| b as i64)
+            } else {
+                process_rss_bytes()
+            };
+            if let Some(bytes) = mem {
+                m.trainer_device_memory
+                    .with_label_values(&[&label])
+                    .set(bytes);
             }
             if let Some(p) = peak {
                 m.trainer_mfu

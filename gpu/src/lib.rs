@@ -79,5 +79,21 @@ pub fn init_cuda() -> bool {
     tch::Cuda::is_available()
 }
 
+/// Device memory in use on the calling thread's current CUDA device (total − free, as `nvidia-smi` counts it:
+/// libtorch's cached blocks included), or None without the `cuda` feature or a current CUDA context (call it from a
+/// thread that has run CUDA work, such as a trainer rank after its first step).
+pub fn cuda_memory_used() -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(free, total)| (total - free) as u64)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        None
+    }
+}
+
 /// The tch version this crate is built on, for callers that inspect tensors (tests, tools).
 pub use tch;
