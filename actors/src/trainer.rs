@@ -362,7 +362,13 @@ pub fn spawn_trainers(
         topo.spawn(format!("trainer.rank{rank}"), move |ctx| {
             let coll = coll.open()?;
             let mut rank_state = Rank::new(ctx, &setup, rank, world, device, coll);
-            match rank_state.run(&rx, resume.as_ref()) {
+            // libtorch errors surface as panics inside tch; turn them into this rank's error (with a hint when the
+            // device ran out of memory) and let the peers know.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rank_state.run(&rx, resume.as_ref())
+            }))
+            .unwrap_or_else(|p| Err(libtorch_failure(device, p.as_ref())));
+            match outcome {
                 Ok(r) => {
                     results.lock().unwrap_or_else(|e| e.into_inner())[slot] = Some(r);
                     Ok(())
@@ -375,6 +381,45 @@ pub fn spawn_trainers(
         });
     }
     Ok(TrainHandle { results })
+}
+
+/// A panic out of tch (a libtorch error) as a trainer error, with what to do when it is an out-of-memory.
+fn libtorch_failure(device: Device, payload: &(dyn std::any::Any + Send)) -> TrainerError {
+    let msg = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("panic without a message");
+    // libtorch appends a C++ backtrace (as real or as escaped newlines): keep what comes before it.
+    let cut = [
+        "\\nframe #",
+        "\nframe #",
+        "\\nException raised",
+        "\nException raised",
+    ]
+    .iter()
+    .filter_map(|k| msg.find(k))
+    .min()
+    .unwrap_or(msg.len());
+    let head: String = msg[..cut].lines().take(4).collect::<Vec<_>>().join("\n");
+    let oom = [
+        "out of memory",
+        "can't allocate memory",
+        "CUBLAS_STATUS_ALLOC_FAILED",
+    ]
+    .iter()
+    .any(|k| msg.contains(k));
+    let hint = if oom {
+        format!(
+            "\n  hint: the model, its optimizer state (fp32 master + two moments + gradient: 16 bytes per parameter) \
+             and the activations of one micro-batch do not fit on {device:?}: lower `train.micro_batch` (raise \
+             `train.grad_accum` to keep the global batch), set `train.recompute = true`, shorten `packer.seq_len`, \
+             or pick a smaller `train.model`"
+        )
+    } else {
+        String::new()
+    };
+    TrainerError::Setup(format!("libtorch failed on {device:?}: {head}{hint}"))
 }
 
 fn model_config(setup: &TrainerSetup) -> Result<LlamaConfig, TrainerError> {
@@ -997,6 +1042,30 @@ pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
         checkpoints_dir(run_dir).display(),
         skipped.join("\n  ")
     )
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_gets_a_hint_other_failures_do_not() {
+        let oom: Box<dyn std::any::Any + Send> = Box::new(String::from(
+            "Torch(\"CUDA out of memory. Tried to allocate 2.00 GiB\\nException raised from malloc at …\\nframe #0 …\")",
+        ));
+        let e = libtorch_failure(Device::Cuda(0), oom.as_ref()).to_string();
+        assert!(
+            e.contains("CUDA out of memory") && e.contains("train.micro_batch"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("frame #0") && !e.contains("Exception raised"),
+            "backtrace kept: {e}"
+        );
+        let other: Box<dyn std::any::Any + Send> = Box::new("shape mismatch");
+        let e = libtorch_failure(Device::Cpu, other.as_ref()).to_string();
+        assert!(e.contains("shape mismatch") && !e.contains("hint"), "{e}");
+    }
 }
 
 #[cfg(test)]
