@@ -152,7 +152,8 @@ stage profile 200 profile
 
 # --- means: each of lexflow's means switched off in turn (issue: "measure each") -----------------------------------
 # Short runs (3 untimed + 5 timed steps) of (b)/(b') with one switch each: whole-buffer AdamW instead of the fused
-# kernel; per-segment SDPA or the (B,1,T,T) mask instead of varlen for packed documents; per-layer recomputation on.
+# kernel; per-layer recomputation on; the gradient all-reduce through NCCL at world size 1 (torchrun-style env)
+# instead of no collective; per-segment SDPA instead of varlen for packed documents.
 means() {
   local common=(--device cuda:0 --model 1b --seq-len "$SEQ" --micro-batch "$MB" --grad-accum "$GA" --steps 8 --warmup 3)
   local rows=()
@@ -166,6 +167,7 @@ means() {
   run1 baseline X=1 --
   run1 adamw_unfused LEXFLOW_ADAMW=unfused --
   run1 recompute X=1 -- --recompute
+  run1 nccl_world1 RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29611 --
   run1 packed_varlen X=1 -- --docs-per-seq "${BENCH_DOCS_PER_SEQ:-5}"
   run1 packed_segments LEXFLOW_DOC_ATTENTION=segments -- --docs-per-seq "${BENCH_DOCS_PER_SEQ:-5}"
   "$PY" - "$W" "$OUT/means.json" "${rows[@]}" <<'PYEOF' | tee "$OUT/means.txt"
