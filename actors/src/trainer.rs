@@ -383,6 +383,35 @@ pub fn spawn_trainers(
     Ok(TrainHandle { results })
 }
 
+/// Parameters, gradients and replicated optimizer state must leave room for activations on the device.
+fn check_fits(
+    mcfg: &LlamaConfig,
+    need: u64,
+    total: u64,
+    ordinal: usize,
+) -> Result<(), TrainerError> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if need as f64 > 0.9 * total as f64 {
+        return Err(TrainerError::Setup(format!(
+            "train.model: {:.2} B parameters need {:.1} GiB per rank for weights, gradients and replicated AdamW state \
+             (fp32 master + moments + gradient), but cuda:{ordinal} has {:.1} GiB: pick a smaller `train.model` (or \
+             GPUs with more memory); optimizer-state sharding is not implemented",
+            mcfg.num_params() as f64 / 1e9,
+            gib(need),
+            gib(total)
+        )));
+    }
+    if need as f64 > 0.7 * total as f64 {
+        tracing::warn!(
+            "weights, gradients and AdamW state take {:.1} of cuda:{ordinal}'s {:.1} GiB: little room for \
+             activations (consider train.recompute = true or a smaller micro_batch)",
+            gib(need),
+            gib(total)
+        );
+    }
+    Ok(())
+}
+
 /// A panic out of tch (a libtorch error) as a trainer error, with what to do when it is an out-of-memory.
 fn libtorch_failure(device: Device, payload: &(dyn std::any::Any + Send)) -> TrainerError {
     let msg = payload
@@ -542,6 +571,15 @@ impl<'a> Rank<'a> {
             Kind::Float
         };
         let mcfg = model_config(self.setup)?;
+        if let Device::Cuda(ordinal) = self.device {
+            let need = lexflow_gpu::train_state_bytes(
+                mcfg.num_params() as u64,
+                if kind == Kind::BFloat16 { 2 } else { 4 },
+            );
+            if let Some(total) = lexflow_gpu::cuda_memory_total(ordinal) {
+                check_fits(&mcfg, need, total, ordinal)?;
+            }
+        }
         let mut model = Llama::new(&mcfg, self.device, kind, self.setup.seed)?;
         model.set_recompute(cfg.recompute);
         if let Some(dir) = &cfg.init_from {
@@ -1047,6 +1085,21 @@ pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
 #[cfg(test)]
 mod failure_tests {
     use super::*;
+
+    #[test]
+    fn models_that_cannot_fit_are_refused_before_allocating() {
+        let gib = 1u64 << 30;
+        let c8 = LlamaConfig::preset("8b", 128_256).unwrap();
+        let need8 = lexflow_gpu::train_state_bytes(c8.num_params() as u64, 2);
+        // 8B: 20 bytes per parameter, ~150 GiB: not on an 80 GB H100, nor a 141 GB H200.
+        let e = check_fits(&c8, need8, 80 * gib, 0).unwrap_err().to_string();
+        assert!(e.contains("train.model") && e.contains("cuda:0"), "{e}");
+        assert!(check_fits(&c8, need8, 141 * gib, 0).is_err());
+        let c1 = LlamaConfig::preset("1b", 128_256).unwrap();
+        let need1 = lexflow_gpu::train_state_bytes(c1.num_params() as u64, 2);
+        assert!(check_fits(&c1, need1, 80 * gib, 0).is_ok());
+        assert_eq!(lexflow_gpu::train_state_bytes(10, 4), 10 * 20);
+    }
 
     #[test]
     fn out_of_memory_gets_a_hint_other_failures_do_not() {

@@ -85,14 +85,49 @@ pub fn init_cuda() -> bool {
 pub fn cuda_memory_used() -> Option<u64> {
     #[cfg(feature = "cuda")]
     {
-        cudarc::driver::result::mem_get_info()
-            .ok()
-            .map(|(free, total)| (total - free) as u64)
+        std::panic::catch_unwind(|| {
+            cudarc::driver::result::mem_get_info()
+                .ok()
+                .map(|(free, total)| (total - free) as u64)
+        })
+        .ok()
+        .flatten()
     }
     #[cfg(not(feature = "cuda"))]
     {
         None
     }
+}
+
+/// Total memory of CUDA device `ordinal` (`cuDeviceTotalMem`), or None without the `cuda` feature or a driver.
+pub fn cuda_memory_total(ordinal: usize) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        // cudarc loads libcuda lazily and panics when it is missing: that is a "don't know", not a failure.
+        std::panic::catch_unwind(|| {
+            cudarc::driver::result::init().ok()?;
+            let dev = cudarc::driver::result::device::get(ordinal as i32).ok()?;
+            // SAFETY: `dev` is a valid device handle from the driver.
+            unsafe { cudarc::driver::result::device::total_mem(dev) }
+                .ok()
+                .map(|b| b as u64)
+        })
+        .ok()
+        .flatten()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ordinal;
+        None
+    }
+}
+
+/// Bytes a trainer rank holds for `n_params` parameters whatever the batch: parameters and their gradients in the
+/// model dtype (`param_bytes` each), plus fp32 master weights (shared with the parameters when they are fp32), two
+/// AdamW moments and the flat fp32 gradient — replicated on every rank (no optimizer-state sharding).
+pub fn train_state_bytes(n_params: u64, param_bytes: u64) -> u64 {
+    let master = if param_bytes == 4 { 0 } else { 4 };
+    n_params * (2 * param_bytes + master + 4 + 4 + 4)
 }
 
 /// The tch version this crate is built on, for callers that inspect tensors (tests, tools).
