@@ -229,7 +229,10 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
     for stats in ["stats.json", "stats.rank1.json"] {
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(c_dir.join(stats)).unwrap()).unwrap();
-        assert_eq!(v["train"]["resumed_from_step"], 2, "{stats}: did not resume from step 2");
+        assert_eq!(
+            v["train"]["resumed_from_step"], 2,
+            "{stats}: did not resume from step 2"
+        );
         assert_eq!(v["train"]["steps"], 4, "{stats}");
     }
     let rc = read_step_records(&c_dir);
