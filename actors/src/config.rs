@@ -340,12 +340,54 @@ pub struct TrainConfig {
     /// Initialise from these HF safetensors weights instead of random.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
-    /// Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute).
+    /// Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute): `true`, `false`,
+    /// or `"auto"` (on CUDA when the estimated memory of a step would not fit the device; never on CPU).
     #[serde(default)]
-    pub recompute: bool,
+    pub recompute: Recompute,
     /// Parameter and activation dtype (the optimizer state is fp32 whatever this says).
     #[serde(default)]
     pub dtype: TrainDtype,
+}
+
+/// `train.recompute`: `true`, `false` or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recompute {
+    /// Decide from the device's memory (CUDA) — off on CPU.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl Serialize for Recompute {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Recompute::Auto => s.serialize_str("auto"),
+            Recompute::On => s.serialize_bool(true),
+            Recompute::Off => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Recompute {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Str(String),
+        }
+        match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected true, false or \"auto\""))?
+        {
+            Raw::Bool(true) => Ok(Recompute::On),
+            Raw::Bool(false) => Ok(Recompute::Off),
+            Raw::Str(s) if s == "auto" => Ok(Recompute::Auto),
+            Raw::Str(s) => Err(serde::de::Error::custom(format!(
+                "{s:?}: expected true, false or \"auto\""
+            ))),
+        }
+    }
 }
 
 /// `train.dtype`: what the model's parameters and activations are stored in.
@@ -640,6 +682,31 @@ mod tests {
         let t = "[run]\nname = \"x\"\ndir = \"r\"\n[edges]\ncapacity = 0\n";
         let e = Config::from_toml(t, "t.toml").unwrap_err().to_string();
         assert!(e.contains(":5") && e.contains("edges.capacity"), "{e}");
+    }
+
+    #[test]
+    fn train_recompute_takes_bools_or_auto_and_round_trips() {
+        let base = "[run]\nname = \"x\"\ndir = \"r\"\n[train]\ndevices = [\"cpu\"]\nsteps = 1\n";
+        let c = Config::from_toml(base, "t.toml").unwrap();
+        assert_eq!(c.train.unwrap().recompute, Recompute::Auto);
+        for (v, want) in [
+            ("true", Recompute::On),
+            ("false", Recompute::Off),
+            ("\"auto\"", Recompute::Auto),
+        ] {
+            let c = Config::from_toml(&format!("{base}recompute = {v}\n"), "t.toml").unwrap();
+            assert_eq!(c.train.as_ref().unwrap().recompute, want);
+            // What checkpoints store (run_config.toml) reads back the same.
+            let again = Config::from_toml(&toml::to_string(&c).unwrap(), "again.toml").unwrap();
+            assert_eq!(again.train.unwrap().recompute, want);
+        }
+        let e = Config::from_toml(&format!("{base}recompute = \"sometimes\"\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.toml:7") && e.contains("train.recompute") && e.contains("auto"),
+            "{e}"
+        );
     }
 
     #[test]

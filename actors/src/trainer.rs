@@ -27,7 +27,7 @@ use lexflow_gpu::{
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
-use crate::config::TrainConfig;
+use crate::config::{Recompute, TrainConfig};
 use crate::types::{PackedSequence, ResumePoint};
 use anyhow::Context as _;
 
@@ -383,6 +383,23 @@ pub fn spawn_trainers(
     Ok(TrainHandle { results })
 }
 
+/// Estimated activation memory of one micro-batch of `tokens` tokens without recomputation: per layer and token the
+/// tensors autograd keeps (norm inputs and outputs, q/k/v before and after RoPE, attention output, the MLP's gate,
+/// up, SiLU and product: ≈ 10·D + 4·D_kv + 4·F elements), plus the logits and their gradient and one fp32 loss chunk.
+fn activation_bytes(c: &LlamaConfig, tokens: u64, elt: u64) -> u64 {
+    let d = c.hidden_size as u64;
+    let kv = (c.num_key_value_heads * c.head_dim) as u64;
+    let f = c.intermediate_size as u64;
+    let per_layer = (10 * d + 4 * kv + 4 * f) * elt;
+    let logits = tokens * c.vocab_size as u64 * 2 * elt + (1u64 << 30);
+    tokens * c.num_hidden_layers as u64 * per_layer + logits
+}
+
+/// `train.recompute = "auto"`: recompute when state + activations would take more than 85% of the device.
+fn needs_recompute(state: u64, activations: u64, total: u64) -> bool {
+    (state + activations) as f64 > 0.85 * total as f64
+}
+
 /// Parameters, gradients and replicated optimizer state must leave room for activations on the device.
 fn check_fits(
     mcfg: &LlamaConfig,
@@ -571,17 +588,30 @@ impl<'a> Rank<'a> {
             Kind::Float
         };
         let mcfg = model_config(self.setup)?;
+        let elt = if kind == Kind::BFloat16 { 2 } else { 4 };
+        let mut recompute = cfg.recompute == Recompute::On;
         if let Device::Cuda(ordinal) = self.device {
-            let need = lexflow_gpu::train_state_bytes(
-                mcfg.num_params() as u64,
-                if kind == Kind::BFloat16 { 2 } else { 4 },
-            );
+            let need = lexflow_gpu::train_state_bytes(mcfg.num_params() as u64, elt);
             if let Some(total) = lexflow_gpu::cuda_memory_total(ordinal) {
                 check_fits(&mcfg, need, total, ordinal)?;
+                if cfg.recompute == Recompute::Auto {
+                    let tokens = (cfg.micro_batch.get() * self.setup.seq_len) as u64;
+                    let act = activation_bytes(&mcfg, tokens, elt);
+                    recompute = needs_recompute(need, act, total);
+                    if self.rank == 0 {
+                        tracing::info!(
+                            recompute,
+                            state_gib = format!("{:.1}", need as f64 / (1u64 << 30) as f64),
+                            activations_gib = format!("{:.1}", act as f64 / (1u64 << 30) as f64),
+                            device_gib = format!("{:.1}", total as f64 / (1u64 << 30) as f64),
+                            "train.recompute = \"auto\": estimated memory of a step"
+                        );
+                    }
+                }
             }
         }
         let mut model = Llama::new(&mcfg, self.device, kind, self.setup.seed)?;
-        model.set_recompute(cfg.recompute);
+        model.set_recompute(recompute);
         if let Some(dir) = &cfg.init_from {
             model
                 .params
@@ -1085,6 +1115,20 @@ pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
 #[cfg(test)]
 mod failure_tests {
     use super::*;
+
+    #[test]
+    fn auto_recompute_only_when_the_step_would_not_fit() {
+        let gib = 1u64 << 30;
+        let c1 = LlamaConfig::preset("1b", 128_256).unwrap();
+        let state = lexflow_gpu::train_state_bytes(c1.num_params() as u64, 2);
+        // 1B, 2 × 4096 tokens on 80 GB: ~23 GiB state + ~18 GiB activations: no recomputation.
+        let act2 = activation_bytes(&c1, 2 * 4096, 2);
+        assert!(act2 > 10 * gib && act2 < 30 * gib, "{}", act2 / gib);
+        assert!(!needs_recompute(state, act2, 80 * gib));
+        // 8 × 4096 tokens per micro-batch: activations alone exceed the device.
+        let act8 = activation_bytes(&c1, 8 * 4096, 2);
+        assert!(needs_recompute(state, act8, 80 * gib));
+    }
 
     #[test]
     fn models_that_cannot_fit_are_refused_before_allocating() {
