@@ -1,12 +1,13 @@
 //! Bad inputs: every bad file gives exactly one clear error (path + position + reason + hint), nothing panics, no
 //! entity is ever expanded, and `lexflow parse --jsonl` reports bad files next to good ones and exits 0.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 use lexflow_actors::formex::parse_bytes;
 use lexflow_actors::reader::{expand_inputs, read_files_with_manifests, Quarantine, ReadError};
+use lexflow_tests::lexflow_bin;
 
 const SECRET: &str = "TOP-SECRET-4f1c9e";
 
@@ -180,19 +181,6 @@ fn every_prefix_and_bitflip_of_a_real_file_is_handled() {
         m[i] ^= (x >> 16) as u8 | 1;
         let _ = parse_bytes("flip.xml", &m);
     }
-}
-
-fn lexflow_bin() -> PathBuf {
-    // target/debug/deps/bad_input-… → target/debug/lexflow
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join(format!("lexflow{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo build -p lexflow-actors` first",
-        bin.display()
-    );
-    bin
 }
 
 #[test]

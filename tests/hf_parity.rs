@@ -8,13 +8,7 @@ use std::process::Command;
 use lexflow_gpu::checkpoint::{save_hf, write_safetensors, DEFAULT_MAX_SHARD_BYTES};
 use lexflow_gpu::tch::{Device, Kind, Tensor};
 use lexflow_gpu::{Llama, LlamaConfig, RopeScaling};
-
-fn python() -> PathBuf {
-    match std::env::var_os("LEXFLOW_VENV") {
-        Some(v) => PathBuf::from(v).join("bin/python"),
-        None => PathBuf::from("python3"),
-    }
-}
+use lexflow_tests::venv_python;
 
 fn parity(cfg: &LlamaConfig, max_shard: u64) -> f64 {
     let root = tempfile::tempdir().unwrap();
@@ -42,7 +36,7 @@ fn parity(cfg: &LlamaConfig, max_shard: u64) -> f64 {
     .unwrap();
 
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_parity.py");
-    let out = Command::new(python())
+    let out = Command::new(venv_python())
         .arg(&script)
         .arg(&model_dir)
         .arg(&io)
@@ -50,7 +44,7 @@ fn parity(cfg: &LlamaConfig, max_shard: u64) -> f64 {
         .unwrap_or_else(|e| {
             panic!(
                 "cannot run {} (source scripts/env.sh): {e}",
-                python().display()
+                venv_python().display()
             )
         });
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -8,20 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lexflow_actors::trainer::{read_step_records, StepRecord};
-
-fn lexflow_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("LEXFLOW_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("lexflow");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build -p lexflow-actors`, as `make test` does)",
-        bin.display()
-    );
-    bin
-}
+use lexflow_tests::lexflow_bin;
 
 fn config(dir: &Path, devices: &[&str], micro_batch: usize, steps: u64) -> PathBuf {
     let devices = devices

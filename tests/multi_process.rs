@@ -9,20 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lexflow_actors::trainer::read_step_records;
-
-fn lexflow_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("LEXFLOW_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("lexflow");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build -p lexflow-actors`, as `make test` does)",
-        bin.display()
-    );
-    bin
-}
+use lexflow_tests::lexflow_bin;
 
 fn config(dir: &Path, devices: &[&str], steps: u64) -> PathBuf {
     config_with(dir, devices, steps, steps, "")
@@ -131,6 +118,21 @@ fn rank_env(rank: usize, world: usize, port: u16) -> Vec<(&'static str, String)>
     ]
 }
 
+/// Starts ranks 0 and 1 as two processes on `cfg` and requires both to succeed.
+fn run_two_ranks(cfg: &Path, args: &[&str], port: u16, logs: &[PathBuf], what: &str) {
+    let kids: Vec<Child> = (0..2)
+        .map(|r| spawn_args(cfg, args, &rank_env(r, 2, port), &logs[r]))
+        .collect();
+    for (r, k) in kids.into_iter().enumerate() {
+        let st = wait(k, Duration::from_secs(300));
+        assert!(
+            st.success(),
+            "rank {r} ({what}) failed: {}",
+            std::fs::read_to_string(&logs[r]).unwrap_or_default()
+        );
+    }
+}
+
 #[test]
 fn two_processes_train_exactly_what_two_in_process_ranks_train() {
     let tmp = tempfile::tempdir().unwrap();
@@ -152,17 +154,7 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
     let logs: Vec<PathBuf> = (0..2)
         .map(|r| tmp.path().join(format!("rank{r}.log")))
         .collect();
-    let kids: Vec<Child> = (0..2)
-        .map(|r| spawn(&b_cfg, &rank_env(r, 2, port), &logs[r]))
-        .collect();
-    for (r, k) in kids.into_iter().enumerate() {
-        let st = wait(k, Duration::from_secs(300));
-        assert!(
-            st.success(),
-            "rank {r} process failed: {}",
-            std::fs::read_to_string(&logs[r]).unwrap_or_default()
-        );
-    }
+    run_two_ranks(&b_cfg, &[], port, &logs, "run");
 
     let w = |d: &Path| {
         std::fs::read(d.join(format!("checkpoints/step-{steps:06}/model.safetensors"))).unwrap()
@@ -197,17 +189,7 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
     let c_dir = tmp.path().join("resumed");
     let first = config_with(&c_dir, &["cpu"], steps, 2, "max_sequences = 16");
     let port = free_port();
-    let kids: Vec<Child> = (0..2)
-        .map(|r| spawn(&first, &rank_env(r, 2, port), &logs[r]))
-        .collect();
-    for (r, k) in kids.into_iter().enumerate() {
-        let st = wait(k, Duration::from_secs(300));
-        assert!(
-            st.success(),
-            "rank {r} (first part) failed: {}",
-            std::fs::read_to_string(&logs[r]).unwrap_or_default()
-        );
-    }
+    run_two_ranks(&first, &[], port, &logs, "first part");
     assert_eq!(
         read_step_records(&c_dir).len(),
         4,
@@ -215,17 +197,7 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
     );
     let second = config_with(&c_dir, &["cpu"], steps, 2, "");
     let port = free_port();
-    let kids: Vec<Child> = (0..2)
-        .map(|r| spawn_args(&second, &["--resume"], &rank_env(r, 2, port), &logs[r]))
-        .collect();
-    for (r, k) in kids.into_iter().enumerate() {
-        let st = wait(k, Duration::from_secs(300));
-        assert!(
-            st.success(),
-            "rank {r} (resumed) failed: {}",
-            std::fs::read_to_string(&logs[r]).unwrap_or_default()
-        );
-    }
+    run_two_ranks(&second, &["--resume"], port, &logs, "resumed");
     for stats in ["stats.json", "stats.rank1.json"] {
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(c_dir.join(stats)).unwrap()).unwrap();

@@ -2,29 +2,9 @@
 //! into `run_dir/profile/trace-rank0.json`, and `bench/gpu/kernels.py` summarises that trace — the tooling the GPU
 //! benchmark uses to compare lexflow's step with PyTorch's, exercised here on CPU.
 
+use lexflow_tests::{lexflow_bin, venv_python};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn lexflow_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("LEXFLOW_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("lexflow");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build -p lexflow-actors`, as `make test` does)",
-        bin.display()
-    );
-    bin
-}
-
-fn python() -> PathBuf {
-    match std::env::var_os("LEXFLOW_VENV") {
-        Some(v) => PathBuf::from(v).join("bin/python"),
-        None => PathBuf::from("python3"),
-    }
-}
 
 fn config(dir: &Path) -> PathBuf {
     let text = format!(
@@ -82,7 +62,7 @@ fn profile_steps_write_a_kineto_trace_that_kernels_py_reads() {
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/gpu/kernels.py");
     let json = tmp.path().join("kernels.json");
-    let k = Command::new(python())
+    let k = Command::new(venv_python())
         .arg(&script)
         .arg(format!("lexflow={}", trace.display()))
         .args(["--steps", "2", "--json", json.to_str().unwrap()])

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use lexflow_metrics::names;
+use lexflow_tests::lexflow_bin;
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -855,26 +856,6 @@ fn set_toml_key(text: &str, section: &str, key: &str, value: &str) -> String {
 }
 
 /// The `lexflow` binary: `LEXFLOW_BIN`, or next to this test in the target directory (`debug/lexflow`).
-fn lexflow_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("LEXFLOW_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    // <target>/<profile>/deps/prometheus_dashboard-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test exe in <target>/<profile>/deps");
-    let bin = profile_dir.join("lexflow");
-    assert!(
-        bin.is_file(),
-        "{} not found: build it first (`cargo build -p lexflow-actors --bin lexflow`; scripts/prometheus_test.sh does) \
-         or set LEXFLOW_BIN",
-        bin.display()
-    );
-    bin
-}
-
 /// Stages whose exact latency quantiles a sample run must export (`lexflow_metrics::latency(stage)`); `reader.*` and
 /// `tokenizer.*` are per language lane.
 const REQUIRED_STAGES: &[&str] = &[

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use lexflow_actors::tokenizer::Tokenizer;
+use lexflow_tests::venv_python;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -27,21 +28,6 @@ fn corpus() -> PathBuf {
     c
 }
 
-fn python() -> PathBuf {
-    let venv = std::env::var_os("LEXFLOW_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/lexflow/venv")
-        });
-    let py = venv.join("bin/python");
-    assert!(
-        py.is_file(),
-        "the venv python is missing at {} (run `make setup`)",
-        py.display()
-    );
-    py
-}
-
 fn tokenizer_json() -> String {
     let p = std::env::var("LEXFLOW_TOKENIZER_JSON")
         .expect("LEXFLOW_TOKENIZER_JSON is not set (run `make setup` and `source scripts/env.sh`)");
@@ -54,7 +40,7 @@ fn tokenizer_json() -> String {
 
 fn run_ref(args: &[&str], stdin: &[u8]) -> Vec<u8> {
     let script = repo_root().join("scripts/tokenize_ref.py");
-    let mut child = Command::new(python())
+    let mut child = Command::new(venv_python())
         .arg(&script)
         .args(args)
         .stdin(Stdio::piped())

@@ -18,6 +18,7 @@ use lexflow_actors::types::PackedSequence;
 use lexflow_dataflow::{edge, Shutdown, Topology};
 use lexflow_gpu::tch::{Device, Kind};
 use lexflow_gpu::{Llama, LlamaConfig};
+use lexflow_tests::venv_python;
 
 /// `tiny` with a small vocabulary (torch_ref.py takes the shape from the exported `config.json`): fast, and the
 /// flat gradient stays small enough for libtorch's fp32 CPU `norm()` to be accurate (it drifts by ~1e-2 relative at
@@ -40,13 +41,6 @@ const GRAD_CLIP: f64 = 0.25;
 /// → 0.11: 2.3e-6 (not caught); warmup 3 → 4 steps: 4.0e-3; lr ×1.01: 3.7e-4; min_lr → 0: 2.7e-3; no clipping:
 /// 2.3e-3. A 4% change of the clip threshold (1.2e-6) is below it: AdamW is nearly invariant to the gradient's scale.
 const TOL: f64 = 5e-6;
-
-fn python() -> PathBuf {
-    match std::env::var_os("LEXFLOW_VENV") {
-        Some(v) => PathBuf::from(v).join("bin/python"),
-        None => PathBuf::from("python3"),
-    }
-}
 
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -199,7 +193,7 @@ fn torch_ref(f: &Files, extra: &[&str]) -> serde_json::Value {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/gpu/torch_ref.py");
     let arg = |x: f64| format!("{x:e}");
     let _ = std::fs::remove_file(&f.out);
-    let out = Command::new(python())
+    let out = Command::new(venv_python())
         .arg(&script)
         .args([
             "parity", "--device", "cpu", "--dtype", "fp32", "--model", "tiny",
@@ -226,7 +220,7 @@ fn torch_ref(f: &Files, extra: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| {
             panic!(
                 "cannot run {} (source scripts/env.sh): {e}",
-                python().display()
+                venv_python().display()
             )
         });
     let stdout = String::from_utf8_lossy(&out.stdout);
