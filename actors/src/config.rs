@@ -347,6 +347,11 @@ pub struct TrainConfig {
     /// Parameter and activation dtype (the optimizer state is fp32 whatever this says).
     #[serde(default)]
     pub dtype: TrainDtype,
+    /// Shard the AdamW state (fp32 master, moments) and the reduced fp32 gradient across the data-parallel ranks
+    /// (ZeRO stage 2): each rank keeps `1/world` of them; gradients are reduce-scattered and parameters all-gathered.
+    /// Same steps as replicated (bit-identical on CPU); checkpoints stay in one world-size-independent layout.
+    #[serde(default)]
+    pub shard_optimizer: bool,
 }
 
 /// `train.recompute`: `true`, `false` or `"auto"`.

@@ -400,19 +400,33 @@ fn needs_recompute(state: u64, activations: u64, total: u64) -> bool {
     (state + activations) as f64 > 0.85 * total as f64
 }
 
-/// Parameters, gradients and replicated optimizer state must leave room for activations on the device.
+/// Parameters, gradients and (replicated or sharded) optimizer state must leave room for activations on the device.
 fn check_fits(
     mcfg: &LlamaConfig,
     need: u64,
     total: u64,
     ordinal: usize,
+    shards: usize,
 ) -> Result<(), TrainerError> {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     if need as f64 > 0.9 * total as f64 {
+        let what = if shards > 1 {
+            format!("AdamW state sharded {shards} ways")
+        } else {
+            "replicated AdamW state".to_string()
+        };
+        let hint = if shards > 1 {
+            "train on more ranks (the sharded state shrinks with the world size), pick a smaller `train.model`, or \
+             use GPUs with more memory"
+                .to_string()
+        } else {
+            "set `train.shard_optimizer = true` to split the AdamW state across the ranks (ZeRO-2), pick a smaller \
+             `train.model`, or use GPUs with more memory"
+                .to_string()
+        };
         return Err(TrainerError::Setup(format!(
-            "train.model: {:.2} B parameters need {:.1} GiB per rank for weights, gradients and replicated AdamW state \
-             (fp32 master + moments + gradient), but cuda:{ordinal} has {:.1} GiB: pick a smaller `train.model` (or \
-             GPUs with more memory); optimizer-state sharding is not implemented",
+            "train.model: {:.2} B parameters need {:.1} GiB per rank for weights, gradients and {what} (fp32 master \
+             + moments + gradient), but cuda:{ordinal} has {:.1} GiB: {hint}",
             mcfg.num_params() as f64 / 1e9,
             gib(need),
             gib(total)
@@ -590,10 +604,11 @@ impl<'a> Rank<'a> {
         let mcfg = model_config(self.setup)?;
         let elt = if kind == Kind::BFloat16 { 2 } else { 4 };
         let mut recompute = cfg.recompute == Recompute::On;
+        let shards = if cfg.shard_optimizer { self.world } else { 1 };
         if let Device::Cuda(ordinal) = self.device {
-            let need = lexflow_gpu::train_state_bytes(mcfg.num_params() as u64, elt);
+            let need = lexflow_gpu::train_state_bytes(mcfg.num_params() as u64, elt, shards as u64);
             if let Some(total) = lexflow_gpu::cuda_memory_total(ordinal) {
-                check_fits(&mcfg, need, total, ordinal)?;
+                check_fits(&mcfg, need, total, ordinal, shards)?;
                 if cfg.recompute == Recompute::Auto {
                     let tokens = (cfg.micro_batch.get() * self.setup.seq_len) as u64;
                     let act = activation_bytes(&mcfg, tokens, elt);
@@ -617,7 +632,19 @@ impl<'a> Rank<'a> {
                 .params
                 .load_named(checkpoint::read_hf_weights(dir)?, mcfg.tie_word_embeddings)?;
         }
-        let mut opt = FlatAdamW::new(&model.params, schedule(cfg));
+        let mut opt = if cfg.shard_optimizer {
+            FlatAdamW::sharded(&model.params, schedule(cfg), self.rank, self.world)
+        } else {
+            FlatAdamW::new(&model.params, schedule(cfg))
+        };
+        if self.rank == 0 && opt.layout().is_sharded() {
+            let l = opt.layout();
+            tracing::info!(
+                world = l.world,
+                shard_elements = l.shard,
+                "train.shard_optimizer: AdamW state and reduced gradients sharded across ranks"
+            );
+        }
         let mut result = RankResult::default();
         if let Some(r) = resume {
             opt.load(&r.checkpoint.join("optimizer.safetensors"), &model.params)?;
@@ -709,9 +736,8 @@ impl<'a> Rank<'a> {
                     None => loss.to_kind(Kind::Double),
                 });
             }
-            opt.gather_grads(&model.params);
-            self.coll.all_reduce_mean(&mut opt.grad)?;
-            let st = opt.step(&model.params)?;
+            opt.reduce_grads(&model.params, &*self.coll)?;
+            let st = opt.step(&model.params, &*self.coll)?;
             // Read after the optimizer is enqueued (its gradient-norm read-back already waited for the device).
             let loss_sum = loss_acc.map_or(0.0, |l| l.double_value(&[]));
             model.params.zero_grad();
@@ -860,8 +886,9 @@ impl<'a> Rank<'a> {
                 created_unix: now_unix(),
             };
             let bytes = checkpoint::write_checkpoint_dir(&dir, |tmp| {
+                // First, so that sharded peers waiting to send their slices are served before anything else.
+                opt.save_collective(Some(&tmp.join("optimizer.safetensors")), &*self.coll)?;
                 checkpoint::save_hf(tmp, model, DEFAULT_MAX_SHARD_BYTES)?;
-                opt.save(&tmp.join("optimizer.safetensors"))?;
                 let write = |name: &str, text: String| {
                     std::fs::write(tmp.join(name), text).map_err(|e| GpuError::Io {
                         path: tmp.join(name),
@@ -898,6 +925,9 @@ impl<'a> Rank<'a> {
             m.checkpoints.with_label_values(&[&l[0]]).inc();
             tracing::info!(step = opt.step, dir = %dir.display(), bytes, "checkpoint written");
             result.checkpoints.push(dir);
+        } else {
+            // Sharded: send this rank's slices of the optimizer state to rank 0's file (replicated: nothing to do).
+            opt.save_collective(None, &*self.coll)?;
         }
         self.coll.barrier()?;
         Ok(())
@@ -1120,7 +1150,7 @@ mod failure_tests {
     fn auto_recompute_only_when_the_step_would_not_fit() {
         let gib = 1u64 << 30;
         let c1 = LlamaConfig::preset("1b", 128_256).unwrap();
-        let state = lexflow_gpu::train_state_bytes(c1.num_params() as u64, 2);
+        let state = lexflow_gpu::train_state_bytes(c1.num_params() as u64, 2, 1);
         // 1B, 2 × 4096 tokens on 80 GB: ~23 GiB state + ~18 GiB activations: no recomputation.
         let act2 = activation_bytes(&c1, 2 * 4096, 2);
         assert!(act2 > 10 * gib && act2 < 30 * gib, "{}", act2 / gib);
@@ -1134,15 +1164,41 @@ mod failure_tests {
     fn models_that_cannot_fit_are_refused_before_allocating() {
         let gib = 1u64 << 30;
         let c8 = LlamaConfig::preset("8b", 128_256).unwrap();
-        let need8 = lexflow_gpu::train_state_bytes(c8.num_params() as u64, 2);
+        let n8 = c8.num_params() as u64;
+        let need8 = lexflow_gpu::train_state_bytes(n8, 2, 1);
         // 8B: 20 bytes per parameter, ~150 GiB: not on an 80 GB H100, nor a 141 GB H200.
-        let e = check_fits(&c8, need8, 80 * gib, 0).unwrap_err().to_string();
-        assert!(e.contains("train.model") && e.contains("cuda:0"), "{e}");
-        assert!(check_fits(&c8, need8, 141 * gib, 0).is_err());
+        let e = check_fits(&c8, need8, 80 * gib, 0, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train.model")
+                && e.contains("cuda:0")
+                && e.contains("train.shard_optimizer"),
+            "{e}"
+        );
+        assert!(check_fits(&c8, need8, 141 * gib, 0, 1).is_err());
+        // Sharded 8 ways: 4 bytes of weights and gradients + 16/8 of optimizer state per parameter (~45 GiB).
+        let sharded8 = lexflow_gpu::train_state_bytes(n8, 2, 8);
+        assert_eq!(sharded8, n8 * 4 + n8 * 16 / 8);
+        assert!(check_fits(&c8, sharded8, 80 * gib, 0, 8).is_ok());
+        // Sharded 2 ways is still too much (~90 GiB), and the error says what to do.
+        let e = check_fits(
+            &c8,
+            lexflow_gpu::train_state_bytes(n8, 2, 2),
+            80 * gib,
+            0,
+            2,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("sharded 2 ways") && e.contains("more ranks"),
+            "{e}"
+        );
         let c1 = LlamaConfig::preset("1b", 128_256).unwrap();
-        let need1 = lexflow_gpu::train_state_bytes(c1.num_params() as u64, 2);
-        assert!(check_fits(&c1, need1, 80 * gib, 0).is_ok());
-        assert_eq!(lexflow_gpu::train_state_bytes(10, 4), 10 * 20);
+        let need1 = lexflow_gpu::train_state_bytes(c1.num_params() as u64, 2, 1);
+        assert!(check_fits(&c1, need1, 80 * gib, 0, 1).is_ok());
+        assert_eq!(lexflow_gpu::train_state_bytes(10, 4, 1), 10 * 20);
     }
 
     #[test]

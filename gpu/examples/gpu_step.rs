@@ -187,9 +187,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let logits = model.forward_batch(&batch);
         let loss = cross_entropy_sum(&logits, &batch.labels) / batch.valid_tokens as f64;
         loss.backward();
-        opt.gather_grads(&model.params);
-        coll.all_reduce_mean(&mut opt.grad)?;
-        let st = opt.step(&model.params)?;
+        opt.reduce_grads(&model.params, &coll)?;
+        let st = opt.step(&model.params, &coll)?;
         model.params.zero_grad();
         last = loss.double_value(&[]);
         first.get_or_insert(last);

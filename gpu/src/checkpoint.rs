@@ -129,6 +129,109 @@ pub fn read_safetensors(path: &Path) -> Result<(NamedTensors, HashMap<String, St
     Ok((out, meta.metadata().clone().unwrap_or_default()))
 }
 
+/// A safetensors file opened for ranged reads: the header is parsed, tensor data is read only where asked (a rank's
+/// slice of a large optimizer state without reading the rest).
+pub struct SafetensorsRanges {
+    path: PathBuf,
+    /// Byte offset of the data section.
+    data_start: u64,
+    file_len: u64,
+    header: serde_json::Map<String, serde_json::Value>,
+}
+
+impl SafetensorsRanges {
+    pub fn open(path: &Path) -> Result<Self> {
+        let bad = |m: String| GpuError::Safetensors {
+            path: path.into(),
+            message: m,
+        };
+        let mut f = File::open(path).map_err(|e| GpuError::io(path, e))?;
+        let file_len = f.metadata().map_err(|e| GpuError::io(path, e))?.len();
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n).map_err(|_| {
+            bad(format!(
+                "{file_len} bytes: too short for a safetensors header"
+            ))
+        })?;
+        let n = u64::from_le_bytes(n);
+        if n > 100_000_000 || 8 + n > file_len {
+            return Err(bad(format!(
+                "header of {n} bytes does not fit the file's {file_len} bytes (truncated or not safetensors)"
+            )));
+        }
+        let mut text = vec![0u8; n as usize];
+        f.read_exact(&mut text).map_err(|e| GpuError::io(path, e))?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
+            .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+        Ok(SafetensorsRanges {
+            path: path.into(),
+            data_start: 8 + n,
+            file_len,
+            header,
+        })
+    }
+
+    /// `__metadata__` (string values only).
+    pub fn metadata(&self) -> HashMap<String, String> {
+        self.header
+            .get("__metadata__")
+            .and_then(|m| m.as_object())
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Elements `[start, start + len)` of the 1-D F32 tensor `name`, which must hold `total` elements.
+    pub fn read_f32_range(&self, name: &str, total: i64, start: i64, len: i64) -> Result<Tensor> {
+        let bad = |m: String| GpuError::Safetensors {
+            path: self.path.clone(),
+            message: format!("{name}: {m}"),
+        };
+        let e = self.header.get(name).ok_or_else(|| bad("missing".into()))?;
+        let dtype = e.get("dtype").and_then(|v| v.as_str()).unwrap_or("?");
+        let shape: Vec<i64> = e
+            .get("shape")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_i64()).collect())
+            .unwrap_or_default();
+        let offs: Vec<u64> = e
+            .get("data_offsets")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        if dtype != "F32" || shape != [total] {
+            return Err(bad(format!(
+                "{dtype} {shape:?}, expected F32 [{total}] (a checkpoint of another model?)"
+            )));
+        }
+        if offs.len() != 2
+            || offs[1].checked_sub(offs[0]) != Some(total as u64 * 4)
+            || self.data_start + offs[1] > self.file_len
+        {
+            return Err(bad(format!(
+                "data offsets {offs:?} do not hold {total} F32 values inside the file's {} bytes (truncated?)",
+                self.file_len
+            )));
+        }
+        if start < 0 || len < 0 || start + len > total {
+            return Err(bad(format!("range {start}+{len} outside [0, {total})")));
+        }
+        use std::io::{Seek, SeekFrom};
+        let mut f = File::open(&self.path).map_err(|e| GpuError::io(&self.path, e))?;
+        f.seek(SeekFrom::Start(
+            self.data_start + offs[0] + start as u64 * 4,
+        ))
+        .map_err(|e| GpuError::io(&self.path, e))?;
+        let mut data = vec![0u8; len as usize * 4];
+        f.read_exact(&mut data)
+            .map_err(|e| GpuError::io(&self.path, e))?;
+        Ok(Tensor::f_from_data_size(&data, &[len], Kind::Float)?)
+    }
+}
+
 /// `config.json` as Hugging Face writes it for `LlamaForCausalLM` (the pre-v5 `rope_scaling` form, which every
 /// transformers version reads).
 #[derive(Debug, Serialize, Deserialize)]

@@ -27,6 +27,40 @@ pub trait Collective: Send {
     /// Tells the peers this rank will not take part any more (after an error).
     fn abort(&self) {}
 
+    /// Reduce-scatter (mean): `input` holds `world` equal chunks; `output` (one chunk long, same dtype) receives the
+    /// mean over ranks of chunk `rank`. The default all-reduces a copy and keeps this rank's chunk, so every element
+    /// gets exactly the arithmetic of [`all_reduce_mean`](Self::all_reduce_mean): a sharded optimizer sees the same
+    /// gradient bits as a replicated one. NCCL overrides it with `ncclReduceScatter`.
+    fn reduce_scatter_mean(&self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+        let c = output.numel() as i64;
+        check_chunks(self.rank(), self.world_size(), input, output)?;
+        let _ng = tch::no_grad_guard();
+        let mut all = input.detach().copy();
+        self.all_reduce_mean(&mut all)?;
+        output.copy_(
+            &all.narrow(0, self.rank() as i64 * c, c)
+                .view(output.size().as_slice()),
+        );
+        Ok(())
+    }
+
+    /// All-gather: `output` (`world` chunks of `input`'s length, same dtype) receives every rank's `input` in rank
+    /// order, bit for bit. The default is one broadcast per rank; NCCL overrides it with `ncclAllGather`.
+    fn all_gather(&self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+        let c = input.numel() as i64;
+        check_chunks(self.rank(), self.world_size(), output, input)?;
+        let _ng = tch::no_grad_guard();
+        for root in 0..self.world_size() {
+            let mut chunk = output.narrow(0, root as i64 * c, c);
+            if root == self.rank() {
+                chunk.copy_(&input.reshape([-1]));
+            }
+            // Broadcast needs a contiguous buffer: a narrow of a 1-D tensor is one.
+            self.broadcast(&mut chunk, root)?;
+        }
+        Ok(())
+    }
+
     /// Sums a few host scalars (token counts, losses) across ranks.
     fn all_reduce_sum_f64(&self, vals: &mut [f64], device: Device) -> Result<()> {
         let mut t = Tensor::from_slice(vals).to_device(device);
@@ -35,6 +69,29 @@ pub trait Collective: Send {
         vals.copy_from_slice(&back);
         Ok(())
     }
+}
+
+/// `whole` must be 1-D, `world` times as long as `part`, with the same dtype and device.
+pub(crate) fn check_chunks(rank: usize, world: usize, whole: &Tensor, part: &Tensor) -> Result<()> {
+    if whole.dim() != 1
+        || whole.numel() != world * part.numel()
+        || whole.kind() != part.kind()
+        || whole.device() != part.device()
+    {
+        return Err(GpuError::Collective {
+            rank,
+            message: format!(
+                "scatter/gather buffers: {:?} {:?} on {:?} is not {world} × {:?} {:?} on {:?} (1-D)",
+                whole.size(),
+                whole.kind(),
+                whole.device(),
+                part.size(),
+                part.kind(),
+                part.device()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// World size 1: every collective is the identity.
@@ -289,5 +346,44 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         c1.abort();
         assert!(h.join().unwrap().is_err());
+    }
+
+    /// Reduce-scatter gives each rank its chunk of the all-reduce's result bit for bit; all-gather returns every
+    /// rank's bytes (including a negative zero) in rank order.
+    #[test]
+    fn reduce_scatter_and_all_gather_match_all_reduce() {
+        let handles: Vec<_> = InProcessCollective::group(3)
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let r = c.rank();
+                    tch::manual_seed(r as i64);
+                    let x = Tensor::randn([12], (Kind::Float, Device::Cpu));
+                    let mut all = x.copy();
+                    c.all_reduce_mean(&mut all).unwrap();
+                    let mut mine = Tensor::zeros([4], (Kind::Float, Device::Cpu));
+                    c.reduce_scatter_mean(&x, &mut mine).unwrap();
+                    assert!(mine.equal(&all.narrow(0, 4 * r as i64, 4)));
+                    let inp = Tensor::from_slice(&[r as f32, -0.0, 1.5 * r as f32]);
+                    let mut out = Tensor::zeros([9], (Kind::Float, Device::Cpu));
+                    c.all_gather(&inp, &mut out).unwrap();
+                    let bad = Tensor::zeros([5], (Kind::Float, Device::Cpu));
+                    let e = c
+                        .reduce_scatter_mean(&bad, &mut mine)
+                        .unwrap_err()
+                        .to_string();
+                    assert!(e.contains("3 ×"), "{e}");
+                    Vec::<f32>::try_from(out).unwrap()
+                })
+            })
+            .collect();
+        for h in handles {
+            let out = h.join().unwrap();
+            let want = [0.0f32, -0.0, 0.0, 1.0, -0.0, 1.5, 2.0, -0.0, 3.0];
+            assert_eq!(
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
     }
 }

@@ -14,7 +14,9 @@
 //! * [`cross_entropy_sum`] is the next-token loss over non-padding targets; the trainer divides by the valid targets
 //!   of the whole global step, so data parallelism does not change the gradient.
 //! * [`FlatAdamW`] gathers gradients into one flat fp32 buffer, which a [`Collective`] averages across ranks, then
-//!   clips and applies AdamW (fp32 master weights; bf16 parameters on CUDA) with a warmup + cosine schedule.
+//!   clips and applies AdamW (fp32 master weights; bf16 parameters on CUDA) with a warmup + cosine schedule; or,
+//!   sharded (ZeRO-2), reduce-scatters them so each rank updates and keeps the state of `1/world` of the weights,
+//!   then all-gathers the parameters.
 //! * [`checkpoint`] writes and reads safetensors (HF layout, sharded above a size, `config.json`) and atomic
 //!   checkpoint directories with SHA-256 manifests.
 //!
@@ -39,7 +41,7 @@ pub use loss::{cross_entropy_mean, cross_entropy_sum, cross_entropy_sum_backward
 pub use model::{document_mask, Llama, LlamaConfig, Param, Params, RopeScaling, LLAMA3_VOCAB};
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclCollective, NcclUniqueId};
-pub use optim::{AdamWConfig, FlatAdamW, StepStats};
+pub use optim::{AdamWConfig, FlatAdamW, ShardLayout, StepStats, NORM_BLOCK};
 pub use tcp::TcpCollective;
 /// Makes sure libtorch's CUDA backend is loaded, and says whether a CUDA device is usable.
 ///
@@ -123,11 +125,12 @@ pub fn cuda_memory_total(ordinal: usize) -> Option<u64> {
 }
 
 /// Bytes a trainer rank holds for `n_params` parameters whatever the batch: parameters and their gradients in the
-/// model dtype (`param_bytes` each), plus fp32 master weights (shared with the parameters when they are fp32), two
-/// AdamW moments and the flat fp32 gradient — replicated on every rank (no optimizer-state sharding).
-pub fn train_state_bytes(n_params: u64, param_bytes: u64) -> u64 {
+/// model dtype (`param_bytes` each), plus this rank's share (`1/shards`: 1 when replicated, the world size when the
+/// optimizer is sharded) of the fp32 master weights (shared with the parameters when they are fp32), the two AdamW
+/// moments and the reduced fp32 gradient.
+pub fn train_state_bytes(n_params: u64, param_bytes: u64, shards: u64) -> u64 {
     let master = if param_bytes == 4 { 0 } else { 4 };
-    n_params * (2 * param_bytes + master + 4 + 4 + 4)
+    n_params * 2 * param_bytes + n_params * (master + 4 + 4 + 4) / shards.max(1)
 }
 
 /// The tch version this crate is built on, for callers that inspect tensors (tests, tools).

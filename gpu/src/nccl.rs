@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use cudarc::nccl::{result, sys};
 use tch::{Device, Kind, Tensor};
 
-use crate::collective::Collective;
+use crate::collective::{check_chunks, Collective};
 use crate::error::{GpuError, Result};
 
 /// Elements per all-reduce call (100 MB of fp32).
@@ -248,6 +248,47 @@ impl Collective for NcclCollective {
             )
         }
         .map_err(|e| nccl_err(self.rank, "ncclBroadcast", e))?;
+        Ok(())
+    }
+
+    fn reduce_scatter_mean(&self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+        check_chunks(self.rank, self.world, input, output)?;
+        self.check(input)?;
+        self.check(output)?;
+        self.bind()?;
+        let dt = dtype(output.kind(), self.rank)?;
+        unsafe {
+            result::reduce_scatter(
+                input.data_ptr(),
+                output.data_ptr(),
+                output.numel(),
+                dt,
+                sys::ncclRedOp_t::ncclAvg,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        }
+        .map_err(|e| nccl_err(self.rank, "ncclReduceScatter", e))?;
+        Ok(())
+    }
+
+    fn all_gather(&self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+        check_chunks(self.rank, self.world, output, input)?;
+        self.check(input)?;
+        self.check(output)?;
+        self.bind()?;
+        let dt = dtype(input.kind(), self.rank)?;
+        unsafe {
+            result::all_gather(
+                input.data_ptr(),
+                output.data_ptr(),
+                input.numel(),
+                dt,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        }
+        .map_err(|e| nccl_err(self.rank, "ncclAllGather", e))?;
         Ok(())
     }
 

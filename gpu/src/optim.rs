@@ -1,23 +1,35 @@
-//! AdamW over flat buffers, the learning-rate schedule and global-norm gradient clipping.
+//! AdamW over flat buffers, the learning-rate schedule and global-norm gradient clipping, replicated on every rank
+//! or sharded across ranks (ZeRO stage 2: optimizer state and reduced gradients).
 //!
-//! The whole model is one fp32 master buffer with two moment buffers of the same length. A step is libtorch's fused
-//! AdamW kernel (`at::_fused_adamw_`, the one behind `torch.optim.AdamW(fused=True)`, called through the C++ shim in
-//! [`crate::ops`]: tch binds neither it nor a foreach AdamW) over two contiguous slices (decayed weights, the rest),
-//! with global-norm clipping folded into its `grad_scale`: a norm, a few scalar kernels, two update launches and
-//! the bf16 refresh, whatever the number of parameters. [`FlatAdamW::set_fused`]`(false)` selects the same update
-//! as ten whole-buffer tch kernels (the reference the fused path is tested against).
-//! With fp32 parameters the master buffer *is* the parameter buffer; with bf16 parameters (CUDA) the master is a
-//! separate fp32 copy and the parameters are refreshed from it after each step. Weight decay applies to the ≥2-D
-//! weights only, which [`Params`] lays out as one contiguous prefix. The state (master, moments, step) is saved as
-//! safetensors so a resumed run continues bit-exactly.
+//! The whole model is one flat parameter buffer; the optimizer owns a contiguous slice of it — all of it when
+//! replicated, `1/world` of it when sharded ([`ShardLayout`]) — with an fp32 master copy, two moments and an fp32
+//! gradient of that slice. A step is libtorch's fused AdamW kernel (`at::_fused_adamw_`, the one behind
+//! `torch.optim.AdamW(fused=True)`, called through the C++ shim in [`crate::ops`]: tch binds neither it nor a foreach
+//! AdamW) over at most two contiguous ranges (decayed weights, the rest), with global-norm clipping folded into its
+//! `grad_scale`. [`FlatAdamW::set_fused`]`(false)` selects the same update as ten whole-buffer tch kernels (the
+//! reference the fused path is tested against).
+//!
+//! With fp32 parameters the master *is* the parameter slice; with bf16 parameters (CUDA) the master is a separate
+//! fp32 copy and the parameters are refreshed from it after each step. Weight decay applies to the ≥2-D weights only,
+//! which [`Params`] lays out as one contiguous prefix.
+//!
+//! Sharded, a step is: reduce-scatter the gradients (bucketed; each rank keeps the mean of its slice), the global
+//! norm from per-block partial norms, AdamW on the slice, all-gather the parameters. The gradient norm is computed
+//! the same way in both modes (squared norms of 64 Ki-element blocks aligned to the flat index, summed in f64 in block
+//! order) and the reduce-scatter does the all-reduce's arithmetic, so on the CPU collectives a sharded run takes
+//! bit-identical steps to a replicated one. The state (master, moments, step) is saved as one safetensors file in the
+//! same layout either way — rank 0 streams the other ranks' slices into it — and loaded by byte ranges, so a
+//! checkpoint resumes at any world size, sharded or not, bit-exactly.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{read_safetensors, write_safetensors};
+use crate::checkpoint::{write_safetensors, SafetensorsRanges};
+use crate::collective::Collective;
 use crate::error::{GpuError, Result};
 use crate::model::Params;
 
@@ -50,35 +62,138 @@ impl AdamWConfig {
     }
 }
 
-/// L2 norm of a flat fp32 buffer as a 0-dim fp32 tensor on its device. On CUDA one kernel. libtorch's CPU norm
-/// loses precision on very long fp32 vectors (2.5% low at 174 M elements, pytorch#169237), so on CPU: norms of
-/// 64 Ki-element rows, then the norm of those (exact to ~1e-6 relative).
-fn global_norm(g: &Tensor) -> Tensor {
-    if g.device().is_cuda() {
-        return g.norm();
+/// Elements per gradient-norm block. Shard boundaries are multiples of it, so every block lies in one shard.
+pub const NORM_BLOCK: i64 = 1 << 16;
+
+/// Elements per reduce-scatter / all-gather call of a sharded step (all ranks' chunks together: 64 MB of fp32).
+const BUCKET_ELEMS: i64 = 16 << 20;
+
+/// Elements per broadcast while rank 0 streams a sharded state into the checkpoint file (64 MB of fp32).
+const SAVE_CHUNK_ELEMS: i64 = 16 << 20;
+
+/// Which contiguous slice of the flat parameter buffer a rank's optimizer owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLayout {
+    pub rank: usize,
+    pub world: usize,
+    /// Elements in the model.
+    pub total: i64,
+    /// Elements per shard: the whole model when replicated; otherwise a multiple of [`NORM_BLOCK`] with
+    /// `world · shard ≥ total` (the last shards may be short or empty).
+    pub shard: i64,
+}
+
+impl ShardLayout {
+    /// Every rank holds the whole state.
+    pub fn replicated(total: i64) -> Self {
+        ShardLayout {
+            rank: 0,
+            world: 1,
+            total,
+            shard: total,
+        }
     }
-    const ROW: i64 = 1 << 16;
+
+    /// `rank` of `world` holds `[rank · shard, (rank + 1) · shard) ∩ [0, total)`.
+    pub fn sharded(total: i64, rank: usize, world: usize) -> Self {
+        if world <= 1 {
+            return Self::replicated(total);
+        }
+        let per = NORM_BLOCK * world as i64;
+        ShardLayout {
+            rank,
+            world,
+            total,
+            shard: (total + per - 1) / per * NORM_BLOCK,
+        }
+    }
+
+    pub fn is_sharded(&self) -> bool {
+        self.world > 1
+    }
+
+    /// Global `[start, end)` of rank `i`'s slice.
+    pub fn range_of(&self, i: usize) -> (i64, i64) {
+        let start = (i as i64 * self.shard).min(self.total);
+        (start, (start + self.shard).min(self.total))
+    }
+
+    /// Global `[start, end)` of this rank's slice.
+    pub fn range(&self) -> (i64, i64) {
+        self.range_of(self.rank)
+    }
+
+    /// Elements of this rank's slice.
+    pub fn len(&self) -> i64 {
+        let (a, b) = self.range();
+        b - a
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Squared L2 norms of `g`'s [`NORM_BLOCK`]-element blocks (the last may be short) as f64 on `g`'s device. Per-row
+/// norms also sidestep libtorch's CPU fp32 norm, which loses precision on very long vectors (2.5% low at 174 M
+/// elements, pytorch#169237).
+fn block_sq_norms(g: &Tensor) -> Tensor {
     let n = g.numel() as i64;
-    let rows = n / ROW;
+    let rows = n / NORM_BLOCK;
     let mut parts = Vec::with_capacity(2);
     if rows > 0 {
-        parts.push(g.narrow(0, 0, rows * ROW).view([rows, ROW]).linalg_norm(
-            2.0,
-            [1i64].as_slice(),
-            false,
-            None::<Kind>,
-        ));
+        parts.push(
+            g.narrow(0, 0, rows * NORM_BLOCK)
+                .view([rows, NORM_BLOCK])
+                .linalg_norm(2.0, [1i64].as_slice(), false, None::<Kind>),
+        );
     }
-    if n > rows * ROW {
-        parts.push(g.narrow(0, rows * ROW, n - rows * ROW).norm().view([1]));
+    if n > rows * NORM_BLOCK {
+        parts.push(
+            g.narrow(0, rows * NORM_BLOCK, n - rows * NORM_BLOCK)
+                .norm()
+                .view([1]),
+        );
     }
     if parts.is_empty() {
-        return Tensor::zeros([], (Kind::Float, g.device()));
+        return Tensor::zeros([0], (Kind::Double, g.device()));
     }
-    Tensor::cat(&parts, 0)
-        .to_kind(Kind::Double)
-        .norm()
+    Tensor::cat(&parts, 0).to_kind(Kind::Double).square()
+}
+
+/// L2 norm of a flat fp32 buffer, as a 0-dim fp32 tensor on its device (the replicated case of the sharded norm).
+#[cfg(test)]
+fn global_norm(g: &Tensor) -> Tensor {
+    block_sq_norms(g)
+        .sum(Kind::Double)
+        .sqrt()
         .to_kind(Kind::Float)
+}
+
+/// Copies the gradients of the flat range `[from, from + dst.numel())` into `dst` (fp32): one converting copy per
+/// overlapping parameter; missing gradients and elements past the model are zero.
+fn copy_flat_grads(params: &Params, from: i64, dst: &mut Tensor) {
+    let len = dst.numel() as i64;
+    let end = from + len;
+    let total = params.numel();
+    if end > total {
+        let a = total.max(from);
+        let _ = dst.narrow(0, a - from, end - a).zero_();
+    }
+    for p in &params.params {
+        let (ps, pe) = (p.offset, p.offset + p.numel);
+        if pe <= from || ps >= end {
+            continue;
+        }
+        let (a, b) = (ps.max(from), pe.min(end));
+        let mut d = dst.narrow(0, a - from, b - a);
+        let g = p.tensor.grad();
+        if g.defined() {
+            d.copy_(&g.reshape([-1]).narrow(0, a - ps, b - a));
+        } else {
+            let _ = d.zero_();
+        }
+    }
 }
 
 /// What one optimizer step did.
@@ -93,19 +208,23 @@ pub struct StepStats {
 
 pub struct FlatAdamW {
     pub cfg: AdamWConfig,
-    /// Flat fp32 master weights (shares storage with the parameters when they are fp32).
+    /// fp32 master weights of this rank's slice (shares storage with the parameters when they are fp32).
     pub master: Tensor,
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
-    /// Flat fp32 gradient: filled by [`gather_grads`](Self::gather_grads), reduced across ranks, consumed by
-    /// [`step`](Self::step).
+    /// fp32 gradient of this rank's slice (`layout.shard` long; elements past the slice are zero), averaged across
+    /// ranks by [`reduce_grads`](Self::reduce_grads) and consumed by [`step`](Self::step).
     pub grad: Tensor,
     /// Steps taken.
     pub step: u64,
+    layout: ShardLayout,
     decay_numel: i64,
     shares_params: bool,
     /// Reused fp32 work buffer of the unfused path (squared gradient, then the denominator).
     scratch: Option<Tensor>,
+    /// Sharded: reduce-scatter input (fp32) and all-gather buffers (parameter dtype), allocated on first use.
+    scatter_buf: Option<Tensor>,
+    gather_bufs: Option<(Tensor, Tensor)>,
     /// libtorch's fused kernel (default) or the whole-buffer tch kernels.
     fused: bool,
     /// The fused kernel's step counter: an fp32 scalar on the device, filled before each step (no host sync).
@@ -113,28 +232,51 @@ pub struct FlatAdamW {
 }
 
 impl FlatAdamW {
+    /// Every rank holds the whole optimizer state.
     pub fn new(params: &Params, cfg: AdamWConfig) -> Self {
+        Self::with_layout(params, cfg, ShardLayout::replicated(params.numel()))
+    }
+
+    /// Rank `rank` of `world` holds `1/world` of the optimizer state and of the reduced gradient.
+    pub fn sharded(params: &Params, cfg: AdamWConfig, rank: usize, world: usize) -> Self {
+        Self::with_layout(
+            params,
+            cfg,
+            ShardLayout::sharded(params.numel(), rank, world),
+        )
+    }
+
+    fn with_layout(params: &Params, cfg: AdamWConfig, layout: ShardLayout) -> Self {
         let flat = &params.flat;
+        let (start, end) = layout.range();
+        let mine = flat.narrow(0, start, end - start);
         let shares_params = flat.kind() == Kind::Float;
         let master = if shares_params {
-            flat.shallow_clone()
+            mine.shallow_clone()
         } else {
-            flat.detach().to_kind(Kind::Float)
+            mine.detach().to_kind(Kind::Float)
         };
-        let zeros = || Tensor::zeros([params.numel()], (Kind::Float, flat.device()));
+        let zeros = |n: i64| Tensor::zeros([n], (Kind::Float, flat.device()));
         FlatAdamW {
             cfg,
             master,
-            exp_avg: zeros(),
-            exp_avg_sq: zeros(),
-            grad: zeros(),
+            exp_avg: zeros(end - start),
+            exp_avg_sq: zeros(end - start),
+            grad: zeros(layout.shard),
             step: 0,
+            layout,
             decay_numel: params.decay_numel,
             shares_params,
             scratch: None,
+            scatter_buf: None,
+            gather_bufs: None,
             fused: std::env::var("LEXFLOW_ADAMW").map_or(true, |v| v != "unfused"),
             step_t: None,
         }
+    }
+
+    pub fn layout(&self) -> ShardLayout {
+        self.layout
     }
 
     /// Fused kernel (default; `LEXFLOW_ADAMW=unfused` in the environment turns it off) or whole-buffer kernels.
@@ -146,41 +288,107 @@ impl FlatAdamW {
         self.fused
     }
 
-    /// Copies every parameter's gradient into [`grad`](Self::grad) (fp32; missing gradients count as zero): one
-    /// converting copy per parameter straight into the flat buffer, no bf16 concatenation in between.
+    /// Copies this rank's slice of its own parameter gradients into [`grad`](Self::grad) (fp32; no reduction across
+    /// ranks): one converting copy per parameter, no bf16 concatenation in between.
     pub fn gather_grads(&mut self, params: &Params) -> &mut Tensor {
         let _ng = tch::no_grad_guard();
-        for p in &params.params {
-            let mut dst = self.grad.narrow(0, p.offset, p.numel);
-            let g = p.tensor.grad();
-            if g.defined() {
-                dst.copy_(&g.reshape([-1]));
-            } else {
-                let _ = dst.zero_();
-            }
-        }
+        let (start, _) = self.layout.range();
+        copy_flat_grads(params, start, &mut self.grad);
         &mut self.grad
     }
 
+    /// Fills [`grad`](Self::grad) with the mean over ranks of this rank's slice of the gradients: replicated, a
+    /// gather and one bucketed all-reduce; sharded, a reduce-scatter per bucket of `world` equal chunks (chunk `i`
+    /// from rank `i`'s slice), so no rank ever holds the whole fp32 gradient.
+    pub fn reduce_grads(&mut self, params: &Params, coll: &dyn Collective) -> Result<()> {
+        if !self.layout.is_sharded() {
+            self.gather_grads(params);
+            return coll.all_reduce_mean(&mut self.grad);
+        }
+        self.check_group(coll)?;
+        let _ng = tch::no_grad_guard();
+        let (w, shard) = (self.layout.world as i64, self.layout.shard);
+        let c = (BUCKET_ELEMS / w).clamp(1, shard);
+        let buf = self
+            .scatter_buf
+            .get_or_insert_with(|| Tensor::zeros([w * c], (Kind::Float, params.flat.device())));
+        let mut o = 0;
+        while o < shard {
+            let cc = c.min(shard - o);
+            for i in 0..w {
+                copy_flat_grads(params, i * shard + o, &mut buf.narrow(0, i * cc, cc));
+            }
+            coll.reduce_scatter_mean(&buf.narrow(0, 0, w * cc), &mut self.grad.narrow(0, o, cc))?;
+            o += cc;
+        }
+        Ok(())
+    }
+
+    fn check_group(&self, coll: &dyn Collective) -> Result<()> {
+        if coll.rank() != self.layout.rank || coll.world_size() != self.layout.world {
+            return Err(GpuError::Collective {
+                rank: coll.rank(),
+                message: format!(
+                    "optimizer sharded as rank {} of {}, collective is rank {} of {}",
+                    self.layout.rank,
+                    self.layout.world,
+                    coll.rank(),
+                    coll.world_size()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Global gradient norm as a 0-dim fp32 tensor: squared block norms of this slice, placed at their block index,
+    /// summed across ranks (exact: every position has one non-zero contribution), then summed in block order.
+    fn grad_norm(&self, coll: &dyn Collective) -> Result<Tensor> {
+        let (start, end) = self.layout.range();
+        let local = block_sq_norms(&self.grad.narrow(0, 0, end - start));
+        let sq = if self.layout.is_sharded() {
+            let blocks = (self.layout.total + NORM_BLOCK - 1) / NORM_BLOCK;
+            let mut all = Tensor::zeros([blocks], (Kind::Double, self.grad.device()));
+            let n = local.numel() as i64;
+            if n > 0 {
+                all.narrow(0, start / NORM_BLOCK, n).copy_(&local);
+            }
+            coll.all_reduce_sum(&mut all)?;
+            all
+        } else {
+            local
+        };
+        Ok(sq.sum(Kind::Double).sqrt().to_kind(Kind::Float))
+    }
+
     /// One AdamW step from [`grad`](Self::grad) (already averaged across ranks): clip, update moments and master,
-    /// refresh the parameters.
+    /// refresh the parameters (sharded: every rank's slice, by all-gather).
     ///
     /// The norm, the clipping scale (on the device: no host round trip before the update), the update (fused or
     /// whole-buffer, see [`set_fused`](Self::set_fused)), then the bf16 refresh; the gradient norm is read back
-    /// once, after everything is enqueued. Errors only if libtorch rejects the fused kernel's launch.
-    pub fn step(&mut self, params: &Params) -> Result<StepStats> {
+    /// once, after everything is enqueued. Errors if libtorch rejects the fused kernel's launch or a collective fails.
+    pub fn step(&mut self, params: &Params, coll: &dyn Collective) -> Result<StepStats> {
         let _ng = tch::no_grad_guard();
         self.step += 1;
         let c = self.cfg.clone();
         let lr = c.lr_at(self.step);
-        let norm = global_norm(&self.grad);
-        if self.fused {
-            self.fused_update(&norm, lr)?;
-        } else {
-            self.unfused_update(&norm, lr);
+        let norm = self.grad_norm(coll)?;
+        if !self.layout.is_empty() {
+            if self.fused {
+                self.fused_update(&norm, lr)?;
+            } else {
+                self.unfused_update(&norm, lr);
+            }
         }
-        if !self.shares_params {
-            params.flat.detach().copy_(&self.master);
+        let (start, end) = self.layout.range();
+        if !self.shares_params && end > start {
+            params
+                .flat
+                .detach()
+                .narrow(0, start, end - start)
+                .copy_(&self.master);
+        }
+        if self.layout.is_sharded() {
+            self.gather_params(params, coll)?;
         }
         let grad_norm = norm.double_value(&[]);
         Ok(StepStats {
@@ -191,9 +399,55 @@ impl FlatAdamW {
         })
     }
 
-    /// `at::_fused_adamw_` on the decayed prefix and on the rest; clipping as `grad_scale = max((‖g‖ + 1e-6) / clip,
+    /// Every rank's updated slice into every rank's parameters, bucket by bucket.
+    fn gather_params(&mut self, params: &Params, coll: &dyn Collective) -> Result<()> {
+        let (w, shard, total) = (
+            self.layout.world as i64,
+            self.layout.shard,
+            self.layout.total,
+        );
+        let flat = params.flat.detach();
+        let c = (BUCKET_ELEMS / w).clamp(1, shard);
+        let (inp, out) = self.gather_bufs.get_or_insert_with(|| {
+            let o = (flat.kind(), flat.device());
+            (Tensor::zeros([c], o), Tensor::zeros([w * c], o))
+        });
+        let mut o = 0;
+        while o < shard {
+            let cc = c.min(shard - o);
+            let i_buf = inp.narrow(0, 0, cc);
+            let from = self.layout.rank as i64 * shard + o;
+            let valid = (total - from).clamp(0, cc);
+            if valid > 0 {
+                i_buf
+                    .narrow(0, 0, valid)
+                    .copy_(&flat.narrow(0, from, valid));
+            }
+            coll.all_gather(&i_buf, &mut out.narrow(0, 0, w * cc))?;
+            for i in 0..w {
+                let from = i * shard + o;
+                let valid = (total - from).clamp(0, cc);
+                if i != self.layout.rank as i64 && valid > 0 {
+                    flat.narrow(0, from, valid)
+                        .copy_(&out.narrow(0, i * cc, valid));
+                }
+            }
+            o += cc;
+        }
+        Ok(())
+    }
+
+    /// Decay and no-decay parts of this rank's slice, as `(local start, length, weight decay)`.
+    fn groups(&self) -> [(i64, i64, f64); 2] {
+        let (start, end) = self.layout.range();
+        let d = (self.decay_numel - start).clamp(0, end - start);
+        [(0, d, self.cfg.weight_decay), (d, end - start - d, 0.0)]
+    }
+
+    /// `at::_fused_adamw_` on the decayed part and on the rest; clipping as `grad_scale = max((‖g‖ + 1e-6) / clip,
     /// 1)`, i.e. `g · min(clip / (‖g‖ + 1e-6), 1)` as `torch.nn.utils.clip_grad_norm_`.
     fn fused_update(&mut self, norm: &Tensor, lr: f64) -> Result<()> {
+        let groups = self.groups();
         let c = &self.cfg;
         let step_t = self
             .step_t
@@ -201,7 +455,6 @@ impl FlatAdamW {
         let _ = step_t.fill_(self.step as f64);
         let scale =
             (c.grad_clip > 0.0).then(|| (norm + 1e-6).g_div_scalar(c.grad_clip).clamp_min(1.0));
-        let total = self.master.numel() as i64;
         let args = crate::ops::AdamWArgs {
             lr,
             beta1: c.beta1,
@@ -209,10 +462,7 @@ impl FlatAdamW {
             weight_decay: c.weight_decay,
             eps: c.eps,
         };
-        for (start, len, wd) in [
-            (0, self.decay_numel, c.weight_decay),
-            (self.decay_numel, total - self.decay_numel, 0.0),
-        ] {
+        for (start, len, wd) in groups {
             if len == 0 {
                 continue;
             }
@@ -246,25 +496,28 @@ impl FlatAdamW {
     /// `addcdiv_` (bias corrections folded into the denominator, as PyTorch's foreach AdamW does).
     fn unfused_update(&mut self, norm: &Tensor, lr: f64) {
         let c = self.cfg.clone();
+        let [(_, decay, _), _] = self.groups();
+        let n = self.master.numel() as i64;
+        let mut grad = self.grad.narrow(0, 0, n);
         if c.grad_clip > 0.0 {
             // torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), capped at 1.
             let coef = (norm + 1e-6)
                 .reciprocal()
                 .g_mul_scalar(c.grad_clip)
                 .clamp_max(1.0);
-            let _ = self.grad.g_mul_(&coef);
+            let _ = grad.g_mul_(&coef);
         }
-        if c.weight_decay != 0.0 && self.decay_numel > 0 {
+        if c.weight_decay != 0.0 && decay > 0 {
             let _ = self
                 .master
-                .narrow(0, 0, self.decay_numel)
+                .narrow(0, 0, decay)
                 .g_mul_scalar_(1.0 - lr * c.weight_decay);
         }
-        let _ = self.exp_avg.lerp_(&self.grad, 1.0 - c.beta1);
+        let _ = self.exp_avg.lerp_(&grad, 1.0 - c.beta1);
         let scratch = self
             .scratch
             .get_or_insert_with(|| self.exp_avg_sq.empty_like());
-        let _ = self.grad.square_out(scratch);
+        let _ = grad.square_out(scratch);
         let _ = self.exp_avg_sq.lerp_(scratch, 1.0 - c.beta2);
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
@@ -280,13 +533,7 @@ impl FlatAdamW {
         }
     }
 
-    /// Saves master weights, moments and the step counter.
-    pub fn save(&self, path: &Path) -> Result<u64> {
-        let tensors = vec![
-            ("master".to_string(), self.master.shallow_clone()),
-            ("exp_avg".to_string(), self.exp_avg.shallow_clone()),
-            ("exp_avg_sq".to_string(), self.exp_avg_sq.shallow_clone()),
-        ];
+    fn metadata(&self) -> HashMap<String, String> {
         let mut meta = HashMap::new();
         meta.insert("step".to_string(), self.step.to_string());
         meta.insert("decay_numel".to_string(), self.decay_numel.to_string());
@@ -294,13 +541,100 @@ impl FlatAdamW {
             "config".to_string(),
             serde_json::to_string(&self.cfg).expect("config is JSON"),
         );
-        write_safetensors(path, &tensors, Some(meta))
+        meta
     }
 
-    /// Restores state saved by [`save`](Self::save) into a model of the same shape, parameters included.
+    /// Saves master weights, moments and the step counter of a replicated optimizer (sharded: see
+    /// [`save_collective`](Self::save_collective)).
+    pub fn save(&self, path: &Path) -> Result<u64> {
+        if self.layout.is_sharded() {
+            return Err(GpuError::checkpoint(
+                path,
+                "a sharded optimizer is saved by all ranks together (save_collective)",
+            ));
+        }
+        let tensors = vec![
+            ("master".to_string(), self.master.shallow_clone()),
+            ("exp_avg".to_string(), self.exp_avg.shallow_clone()),
+            ("exp_avg_sq".to_string(), self.exp_avg_sq.shallow_clone()),
+        ];
+        write_safetensors(path, &tensors, Some(self.metadata()))
+    }
+
+    /// Saves the whole optimizer state to `path` on rank 0, which must pass `Some(path)`; every other rank passes
+    /// `None` and, when sharded, sends its slices (one broadcast per chunk), so the file is the same as a replicated
+    /// optimizer's. Replicated, only rank 0 does anything. Returns the bytes written (0 on other ranks).
+    pub fn save_collective(&self, path: Option<&Path>, coll: &dyn Collective) -> Result<u64> {
+        if !self.layout.is_sharded() {
+            return match path {
+                Some(p) if coll.rank() == 0 => self.save(p),
+                _ => Ok(0),
+            };
+        }
+        self.check_group(coll)?;
+        let total = self.layout.total;
+        let names = ["exp_avg", "exp_avg_sq", "master"];
+        let mut writer = match (coll.rank(), path) {
+            (0, Some(p)) => Some(StreamingSafetensors::create(
+                p,
+                &names.map(|n| (n, total)),
+                self.metadata(),
+            )?),
+            (0, None) => {
+                return Err(GpuError::Config(
+                    "rank 0 must name the optimizer file".into(),
+                ))
+            }
+            _ => None,
+        };
+        let _ng = tch::no_grad_guard();
+        let mut buf: Option<Tensor> = None;
+        for (name, mine) in names
+            .iter()
+            .zip([&self.exp_avg, &self.exp_avg_sq, &self.master])
+        {
+            for i in 0..self.layout.world {
+                let (a, b) = self.layout.range_of(i);
+                let mut o = 0;
+                while o < b - a {
+                    let cc = SAVE_CHUNK_ELEMS.min(b - a - o);
+                    if i == 0 {
+                        if let Some(w) = writer.as_mut() {
+                            w.write(name, &mine.narrow(0, o, cc))?;
+                        }
+                    } else {
+                        let chunk = buf.get_or_insert_with(|| {
+                            Tensor::zeros(
+                                [SAVE_CHUNK_ELEMS.min(self.layout.shard)],
+                                (Kind::Float, self.master.device()),
+                            )
+                        });
+                        let mut part = chunk.narrow(0, 0, cc);
+                        if i == self.layout.rank {
+                            part.copy_(&mine.narrow(0, o, cc));
+                        }
+                        coll.broadcast(&mut part, i)?;
+                        if let Some(w) = writer.as_mut() {
+                            w.write(name, &part)?;
+                        }
+                    }
+                    o += cc;
+                }
+            }
+        }
+        match writer {
+            Some(w) => w.finish(),
+            None => Ok(0),
+        }
+    }
+
+    /// Restores this rank's slice of a state saved by [`save`](Self::save) or
+    /// [`save_collective`](Self::save_collective) (at any world size, sharded or not) into a model of the same shape,
+    /// the parameters of the slice included. Reads only the byte ranges of this slice.
     pub fn load(&mut self, path: &Path, params: &Params) -> Result<()> {
         let _ng = tch::no_grad_guard();
-        let (tensors, meta) = read_safetensors(path)?;
+        let file = SafetensorsRanges::open(path)?;
+        let meta = file.metadata();
         let bad = |m: String| GpuError::checkpoint(path, m);
         let step: u64 = meta
             .get("step")
@@ -316,40 +650,134 @@ impl FlatAdamW {
                 self.decay_numel
             )));
         }
-        let mut found = 0;
-        for (name, t) in tensors {
-            let dst = match name.as_str() {
-                "master" => &mut self.master,
-                "exp_avg" => &mut self.exp_avg,
-                "exp_avg_sq" => &mut self.exp_avg_sq,
-                _ => continue,
-            };
-            if t.size() != dst.size() || t.kind() != Kind::Float {
-                return Err(bad(format!(
-                    "{name}: {:?} {:?}, expected {:?} Float",
-                    t.size(),
-                    t.kind(),
-                    dst.size()
-                )));
-            }
+        let (start, end) = self.layout.range();
+        for (name, dst) in [
+            ("master", &mut self.master),
+            ("exp_avg", &mut self.exp_avg),
+            ("exp_avg_sq", &mut self.exp_avg_sq),
+        ] {
+            let t = file.read_f32_range(name, self.layout.total, start, end - start)?;
             dst.copy_(&t);
-            found += 1;
         }
-        if found != 3 {
-            return Err(bad("needs master, exp_avg and exp_avg_sq".into()));
-        }
-        if !self.shares_params {
-            params.flat.detach().copy_(&self.master);
+        if !self.shares_params && end > start {
+            params
+                .flat
+                .detach()
+                .narrow(0, start, end - start)
+                .copy_(&self.master);
         }
         self.step = step;
         Ok(())
     }
 }
 
+/// A safetensors file written tensor by tensor, chunk by chunk, in the order of its header: for states too large to
+/// hold on one host at once.
+struct StreamingSafetensors {
+    path: std::path::PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    /// `(name, bytes still expected)` in file order.
+    pending: Vec<(String, u64)>,
+    written: u64,
+}
+
+impl StreamingSafetensors {
+    /// `tensors`: `(name, elements)` of 1-D F32 tensors, in the order their data will be written.
+    fn create(
+        path: &Path,
+        tensors: &[(&str, i64)],
+        mut metadata: HashMap<String, String>,
+    ) -> Result<Self> {
+        metadata
+            .entry("format".into())
+            .or_insert_with(|| "pt".into());
+        let mut header = serde_json::Map::new();
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata.into_iter().collect::<BTreeMap<_, _>>())
+                .expect("metadata is JSON"),
+        );
+        let mut off = 0u64;
+        let mut pending = Vec::new();
+        for &(name, n) in tensors {
+            let bytes = n as u64 * 4;
+            header.insert(
+                name.into(),
+                serde_json::json!({"dtype": "F32", "shape": [n], "data_offsets": [off, off + bytes]}),
+            );
+            pending.push((name.to_string(), bytes));
+            off += bytes;
+        }
+        let mut text = serde_json::to_string(&header).expect("header is JSON");
+        while text.len() % 8 != 0 {
+            text.push(' ');
+        }
+        let f = std::fs::File::create(path).map_err(|e| GpuError::io(path, e))?;
+        let mut file = std::io::BufWriter::with_capacity(8 << 20, f);
+        file.write_all(&(text.len() as u64).to_le_bytes())
+            .and_then(|_| file.write_all(text.as_bytes()))
+            .map_err(|e| GpuError::io(path, e))?;
+        Ok(StreamingSafetensors {
+            path: path.into(),
+            file,
+            pending,
+            written: 8 + text.len() as u64,
+        })
+    }
+
+    /// Appends `t` (fp32, any device) to tensor `name`, which must be the one being written.
+    fn write(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        let bytes = t.numel() as u64 * 4;
+        let fits = self
+            .pending
+            .first()
+            .is_some_and(|(n, left)| n == name && *left >= bytes && t.kind() == Kind::Float);
+        if !fits {
+            return Err(GpuError::checkpoint(
+                &self.path,
+                format!("internal: {name} data out of order or too long"),
+            ));
+        }
+        let host = t.to_device(Device::Cpu).contiguous();
+        let mut data = vec![0u8; bytes as usize];
+        host.f_copy_data_u8(&mut data, host.numel())?;
+        self.file
+            .write_all(&data)
+            .map_err(|e| GpuError::io(&self.path, e))?;
+        self.written += bytes;
+        let done = {
+            let p = &mut self.pending[0];
+            p.1 -= bytes;
+            p.1 == 0
+        };
+        if done {
+            self.pending.remove(0);
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<u64> {
+        if let Some((n, left)) = self.pending.first() {
+            return Err(GpuError::checkpoint(
+                &self.path,
+                format!("internal: {n} is {left} bytes short"),
+            ));
+        }
+        let f = self
+            .file
+            .into_inner()
+            .map_err(|e| GpuError::io(&self.path, e.into_error()))?;
+        f.sync_all().map_err(|e| GpuError::io(&self.path, e))?;
+        Ok(self.written)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::read_safetensors;
     use crate::model::{Llama, LlamaConfig};
+    use crate::{InProcessCollective, SingleRank};
     use tch::{nn, nn::OptimizerConfig, Device};
 
     fn cfg() -> AdamWConfig {
@@ -436,7 +864,7 @@ mod tests {
             model.params.zero_grad();
             loss.backward();
             flat.gather_grads(&model.params);
-            flat.step(&model.params).unwrap();
+            flat.step(&model.params, &SingleRank).unwrap();
         }
         let e = model.params.get("model.embed_tokens.weight").unwrap();
         let d = (e - &w).abs().max().double_value(&[]);
@@ -462,7 +890,7 @@ mod tests {
             .flat
             .narrow(0, model.params.decay_numel, n)
             .copy();
-        let s = opt.step(&model.params).unwrap();
+        let s = opt.step(&model.params, &SingleRank).unwrap();
         assert!(s.clipped && (s.grad_norm - 20.0).abs() < 1e-4);
         assert!((opt.grad.norm().double_value(&[]) - 1.0).abs() < 1e-5);
         // Norm weights had zero gradient and no decay: unchanged.
@@ -496,7 +924,7 @@ mod tests {
             let g = Tensor::randn([models[0].params.numel()], (Kind::Float, Device::Cpu));
             for (m, o) in models.iter().zip(opts.iter_mut()) {
                 o.grad.copy_(&g);
-                let st = o.step(&m.params).unwrap();
+                let st = o.step(&m.params, &SingleRank).unwrap();
                 clipped += st.clipped as usize;
             }
         }
@@ -549,7 +977,7 @@ mod tests {
         let model = Llama::new(&LlamaConfig::tiny(8), Device::Cpu, Kind::Float, 0).unwrap();
         let mut opt = FlatAdamW::new(&model.params, cfg());
         let _ = opt.grad.normal_(0.0, 1.0);
-        opt.step(&model.params).unwrap();
+        opt.step(&model.params, &SingleRank).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("opt.safetensors");
         opt.save(&p).unwrap();
@@ -559,6 +987,206 @@ mod tests {
         assert_eq!(opt2.step, 1);
         assert!(
             opt2.exp_avg_sq.equal(&opt.exp_avg_sq) && model2.params.flat.equal(&model.params.flat)
+        );
+    }
+
+    /// Trains `world` in-process ranks for `steps` steps on per-rank random gradients (clipping active), replicated
+    /// or sharded; returns every rank's final parameters and its optimizer.
+    fn train_group(
+        world: usize,
+        vocab: usize,
+        kind: Kind,
+        sharded: bool,
+        steps: u64,
+    ) -> Vec<(Tensor, FlatAdamW)> {
+        let c = AdamWConfig {
+            grad_clip: 0.5,
+            ..cfg()
+        };
+        // libtorch's generator is process-global and other tests reseed it concurrently: weights and gradients come
+        // from a deterministic formula instead.
+        let n = LlamaConfig::tiny(vocab).num_params() as i64;
+        let wave = |f: f64, amp: f64| {
+            (Tensor::arange(n, (Kind::Double, Device::Cpu)) * f)
+                .sin()
+                .g_mul_scalar(amp)
+                .to_kind(Kind::Float)
+        };
+        let inputs: Vec<(Llama, Vec<Tensor>)> = (0..world)
+            .map(|rank| {
+                let model = Llama::new(&LlamaConfig::tiny(vocab), Device::Cpu, kind, 7).unwrap();
+                tch::no_grad(|| model.params.flat.detach().copy_(&wave(0.731, 0.02)));
+                let grads = (0..steps)
+                    .map(|step| wave(0.37 + 0.11 * rank as f64 + 0.013 * step as f64, 1.0))
+                    .collect();
+                (model, grads)
+            })
+            .collect();
+        let handles: Vec<_> = InProcessCollective::group(world)
+            .into_iter()
+            .zip(inputs)
+            .map(|(coll, (mut model, grads))| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let rank = coll.rank();
+                    assert_eq!(model.params.numel(), n);
+                    let mut opt = if sharded {
+                        FlatAdamW::sharded(&model.params, c, rank, world)
+                    } else {
+                        FlatAdamW::new(&model.params, c)
+                    };
+                    for g in grads {
+                        let loss = model
+                            .params
+                            .params
+                            .iter()
+                            .map(|p| {
+                                let gp = g.narrow(0, p.offset, p.numel).view(p.shape.as_slice());
+                                (&p.tensor * gp.to_kind(kind)).sum(Kind::Float)
+                            })
+                            .reduce(|a, b| a + b)
+                            .unwrap();
+                        loss.backward();
+                        opt.reduce_grads(&model.params, &coll).unwrap();
+                        let st = opt.step(&model.params, &coll).unwrap();
+                        assert!(st.clipped);
+                        model.params.zero_grad();
+                    }
+                    (model.params.flat.detach().copy(), opt)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// Sharded (ZeRO-2) and replicated optimizers take bit-identical steps on the CPU collectives: fp32 parameters
+    /// (master = parameter slice) and bf16 (separate master, bf16 all-gather), shards with both weight-decay groups,
+    /// and ranks whose shard is empty.
+    #[test]
+    fn sharded_steps_equal_replicated_bit_for_bit() {
+        for (world, vocab, kind) in [
+            (3, 4000, Kind::Float),
+            (2, 4000, Kind::BFloat16),
+            (4, 16, Kind::Float),
+        ] {
+            let rep = train_group(world, vocab, kind, false, 4);
+            let sh = train_group(world, vocab, kind, true, 4);
+            let layout = sh[0].1.layout();
+            assert!(layout.is_sharded() && layout.shard % NORM_BLOCK == 0);
+            if vocab == 16 {
+                assert!(sh[world - 1].1.layout().is_empty(), "want an empty shard");
+            }
+            let start = rep[0].0.copy();
+            for r in 0..world {
+                assert!(
+                    rep[r].0.equal(&rep[0].0) && sh[r].0.equal(&rep[0].0),
+                    "{world} {kind:?} rank {r}"
+                );
+                let (a, b) = sh[r].1.layout().range();
+                for (x, y) in [
+                    (&sh[r].1.master, &rep[0].1.master),
+                    (&sh[r].1.exp_avg, &rep[0].1.exp_avg),
+                    (&sh[r].1.exp_avg_sq, &rep[0].1.exp_avg_sq),
+                ] {
+                    assert!(x.equal(&y.narrow(0, a, b - a)), "state of rank {r}");
+                }
+            }
+            // And the weights did move (the comparison is not between two untouched models).
+            let n = start.numel() as i64;
+            let init = (Tensor::arange(n, (Kind::Double, Device::Cpu)) * 0.731)
+                .sin()
+                .g_mul_scalar(0.02)
+                .to_kind(Kind::Float)
+                .to_kind(kind);
+            assert!(!init.equal(&start));
+        }
+    }
+
+    /// A sharded state is saved (rank 0 streaming the others' slices) into the replicated file layout, and that file
+    /// resumes replicated or sharded at another world size.
+    #[test]
+    fn sharded_state_saves_in_the_replicated_layout_and_loads_at_any_world() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p_rep, p_sh) = (
+            dir.path().join("rep.safetensors"),
+            dir.path().join("sh.safetensors"),
+        );
+        let rep = train_group(2, 4000, Kind::BFloat16, false, 2);
+        rep[0].1.save(&p_rep).unwrap();
+        let sh = train_group(3, 4000, Kind::BFloat16, true, 2);
+        assert!(
+            sh[0].1.save(&p_sh).is_err(),
+            "a sharded optimizer cannot save alone"
+        );
+        let handles: Vec<_> = InProcessCollective::group(3)
+            .into_iter()
+            .zip(sh)
+            .map(|(coll, (_, opt))| {
+                let p = (coll.rank() == 0).then(|| p_sh.clone());
+                std::thread::spawn(move || opt.save_collective(p.as_deref(), &coll).unwrap())
+            })
+            .collect();
+        let sizes: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(sizes[0] > 0 && sizes[1] == 0);
+        // Same tensors (the replicated run is 2 ranks with other random gradients: compare the 3-rank sharded file
+        // with a replicated 3-rank run's instead).
+        let rep3 = train_group(3, 4000, Kind::BFloat16, false, 2);
+        let p_rep3 = dir.path().join("rep3.safetensors");
+        rep3[0].1.save(&p_rep3).unwrap();
+        let (a, ma) = read_safetensors(&p_sh).unwrap();
+        let (b, mb) = read_safetensors(&p_rep3).unwrap();
+        assert_eq!(ma, mb);
+        assert_eq!(a.len(), 3);
+        for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+            assert!(na == nb && ta.equal(tb), "{na}");
+        }
+        // Load the sharded file into 2 sharded ranks and into a replicated optimizer.
+        let model = Llama::new(&LlamaConfig::tiny(4000), Device::Cpu, Kind::BFloat16, 99).unwrap();
+        let mut whole = FlatAdamW::new(&model.params, cfg());
+        whole.load(&p_sh, &model.params).unwrap();
+        assert_eq!(whole.step, 2);
+        assert!(whole.master.equal(&rep3[0].1.master));
+        assert!(model.params.flat.equal(&rep3[0].0));
+        for r in 0..2 {
+            let m = Llama::new(&LlamaConfig::tiny(4000), Device::Cpu, Kind::BFloat16, 5).unwrap();
+            let mut o = FlatAdamW::sharded(&m.params, cfg(), r, 2);
+            o.load(&p_sh, &m.params).unwrap();
+            let (a, b) = o.layout().range();
+            assert!(o.exp_avg_sq.equal(&whole.exp_avg_sq.narrow(0, a, b - a)));
+            assert!(m
+                .params
+                .flat
+                .narrow(0, a, b - a)
+                .equal(&rep3[0].0.narrow(0, a, b - a)));
+        }
+        // The replicated 2-rank file is a valid input too.
+        let mut again = FlatAdamW::sharded(&model.params, cfg(), 1, 2);
+        again.load(&p_rep, &model.params).unwrap();
+    }
+
+    /// A truncated or foreign optimizer file is refused with the file, the tensor and the reason.
+    #[test]
+    fn broken_state_files_are_named() {
+        let model = Llama::new(&LlamaConfig::tiny(8), Device::Cpu, Kind::Float, 0).unwrap();
+        let opt = FlatAdamW::new(&model.params, cfg());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("opt.safetensors");
+        opt.save(&p).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+        let mut o = FlatAdamW::new(&model.params, cfg());
+        let e = o.load(&p, &model.params).unwrap_err().to_string();
+        assert!(
+            e.contains("opt.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
+        let other = Llama::new(&LlamaConfig::tiny(16), Device::Cpu, Kind::Float, 0).unwrap();
+        opt.save(&p).unwrap();
+        let mut o = FlatAdamW::new(&other.params, cfg());
+        let e = o.load(&p, &other.params).unwrap_err().to_string();
+        assert!(
+            e.contains("another model") || e.contains("decay group"),
+            "{e}"
         );
     }
 }
