@@ -8,48 +8,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lexflow_actors::trainer::{read_step_records, StepRecord};
-use lexflow_tests::lexflow_bin;
+use lexflow_tests::{lexflow_bin, tiny_run_config};
 
 fn config(dir: &Path, devices: &[&str], micro_batch: usize, steps: u64) -> PathBuf {
-    let devices = devices
-        .iter()
-        .map(|d| format!("{d:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        r#"
-[run]
-name = "kill"
-dir = {dir:?}
-seed = 5
-[input.generate]
-acts_per_language = 8
-[packer]
-seq_len = 64
-mode = "best-fit"
-lookahead = 8
-[shards]
-count = 4
-[edges]
-capacity = 2
-[train]
-devices = [{devices}]
-model = "tiny"
-micro_batch = {micro_batch}
-steps = {steps}
-lr = 1e-3
-warmup_steps = 2
-checkpoint_every = 2
-keep_checkpoints = 2
-[metrics]
-enabled = false
-"#,
-        dir = dir.display().to_string()
-    );
-    let p = dir.with_extension("toml");
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(&p, text).unwrap();
-    p
+    tiny_run_config(dir, devices, micro_batch, steps, "")
 }
 
 fn run(cfg: &Path, resume: bool, env: &[(&str, &str)]) -> std::process::ExitStatus {

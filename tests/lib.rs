@@ -38,3 +38,54 @@ pub fn venv_python() -> PathBuf {
     );
     py
 }
+
+/// A small CPU training run (generated corpus, `tiny` model, seq_len 64, a checkpoint every 2 steps, metrics off)
+/// written to `<dir>.toml`; `train_extra` is appended to its `[train]` table.
+pub fn tiny_run_config(
+    dir: &Path,
+    devices: &[&str],
+    micro_batch: usize,
+    steps: u64,
+    train_extra: &str,
+) -> PathBuf {
+    let devices = devices
+        .iter()
+        .map(|d| format!("{d:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        r#"
+[run]
+name = "tiny"
+dir = {dir:?}
+seed = 5
+[input.generate]
+acts_per_language = 8
+[packer]
+seq_len = 64
+mode = "best-fit"
+lookahead = 8
+[shards]
+count = 4
+[edges]
+capacity = 2
+[train]
+devices = [{devices}]
+model = "tiny"
+micro_batch = {micro_batch}
+steps = {steps}
+lr = 1e-3
+warmup_steps = 2
+checkpoint_every = 2
+keep_checkpoints = 2
+{train_extra}
+[metrics]
+enabled = false
+"#,
+        dir = dir.display().to_string()
+    );
+    let p = dir.with_extension("toml");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&p, text).unwrap();
+    p
+}

@@ -630,7 +630,7 @@ impl FlatAdamW {
 
     /// Restores this rank's slice of a state saved by [`save`](Self::save) or
     /// [`save_collective`](Self::save_collective) (at any world size, sharded or not) into a model of the same shape,
-    /// the parameters of the slice included. Reads only the byte ranges of this slice.
+    /// and the whole model's parameters from the saved master weights. Reads the moments of this slice only.
     pub fn load(&mut self, path: &Path, params: &Params) -> Result<()> {
         let _ng = tch::no_grad_guard();
         let file = SafetensorsRanges::open(path)?;
@@ -659,12 +659,19 @@ impl FlatAdamW {
             let t = file.read_f32_range(name, self.layout.total, start, end - start)?;
             dst.copy_(&t);
         }
-        if !self.shares_params && end > start {
-            params
-                .flat
-                .detach()
-                .narrow(0, start, end - start)
-                .copy_(&self.master);
+        if self.layout.is_sharded() {
+            // The parameters are the whole model (the master weights of every slice, in the parameter dtype: what
+            // the all-gather after each step would have produced), read in chunks.
+            let flat = params.flat.detach();
+            let mut a = 0;
+            while a < self.layout.total {
+                let n = SAVE_CHUNK_ELEMS.min(self.layout.total - a);
+                let t = file.read_f32_range("master", self.layout.total, a, n)?;
+                flat.narrow(0, a, n).copy_(&t);
+                a += n;
+            }
+        } else if !self.shares_params {
+            params.flat.detach().copy_(&self.master);
         }
         self.step = step;
         Ok(())
@@ -1153,11 +1160,8 @@ mod tests {
             o.load(&p_sh, &m.params).unwrap();
             let (a, b) = o.layout().range();
             assert!(o.exp_avg_sq.equal(&whole.exp_avg_sq.narrow(0, a, b - a)));
-            assert!(m
-                .params
-                .flat
-                .narrow(0, a, b - a)
-                .equal(&rep3[0].0.narrow(0, a, b - a)));
+            // The whole model, not only this rank's slice (the other slices arrive by all-gather only after a step).
+            assert!(m.params.flat.equal(&rep3[0].0), "parameters of rank {r}");
         }
         // The replicated 2-rank file is a valid input too.
         let mut again = FlatAdamW::sharded(&model.params, cfg(), 1, 2);
