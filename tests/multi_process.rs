@@ -12,16 +12,17 @@ use lexflow_actors::trainer::read_step_records;
 use lexflow_tests::lexflow_bin;
 
 fn config(dir: &Path, devices: &[&str], steps: u64) -> PathBuf {
-    config_with(dir, devices, steps, steps, "")
+    config_with(dir, devices, steps, steps, "", "")
 }
 
-/// `run_extra`: more `[run]` lines (e.g. `max_sequences = 16`).
+/// `run_extra`: more `[run]` lines (e.g. `max_sequences = 16`); `train_extra`: more `[train]` lines.
 fn config_with(
     dir: &Path,
     devices: &[&str],
     steps: u64,
     checkpoint_every: u64,
     run_extra: &str,
+    train_extra: &str,
 ) -> PathBuf {
     let devices = devices
         .iter()
@@ -54,6 +55,7 @@ steps = {steps}
 lr = 1e-3
 warmup_steps = 2
 checkpoint_every = {checkpoint_every}
+{train_extra}
 [metrics]
 enabled = false
 "#,
@@ -187,7 +189,7 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
     // Resumed: the two processes stop after step 2 (the stream is cut at 16 sequences), then resume from the step-2
     // checkpoint and train steps 3-4: the same records as the uninterrupted in-process run.
     let c_dir = tmp.path().join("resumed");
-    let first = config_with(&c_dir, &["cpu"], steps, 2, "max_sequences = 16");
+    let first = config_with(&c_dir, &["cpu"], steps, 2, "max_sequences = 16", "");
     let port = free_port();
     run_two_ranks(&first, &[], port, &logs, "first part");
     assert_eq!(
@@ -195,7 +197,7 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
         4,
         "two steps x two ranks before the cut"
     );
-    let second = config_with(&c_dir, &["cpu"], steps, 2, "");
+    let second = config_with(&c_dir, &["cpu"], steps, 2, "", "");
     let port = free_port();
     run_two_ranks(&second, &["--resume"], port, &logs, "resumed");
     for stats in ["stats.json", "stats.rank1.json"] {
@@ -229,6 +231,24 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
         );
     }
     assert!(w(&a_dir) == w(&c_dir), "resumed final weights differ");
+
+    // Two processes with the AdamW state sharded across them (reduce-scatter / all-gather over TCP, rank 1 sends its
+    // slices into rank 0's checkpoint): the same losses and weights as the replicated in-process run.
+    let d_dir = tmp.path().join("sharded");
+    let d_cfg = config_with(&d_dir, &["cpu"], steps, steps, "", "shard_optimizer = true");
+    run_two_ranks(&d_cfg, &[], free_port(), &logs, "sharded");
+    let rd = read_step_records(&d_dir);
+    assert_eq!(rd.len(), ra.len(), "sharded records");
+    for (k, x) in &ra {
+        assert_eq!(
+            x.loss.to_bits(),
+            rd[k].loss.to_bits(),
+            "sharded: step {} rank {}",
+            k.0,
+            k.1
+        );
+    }
+    assert!(w(&a_dir) == w(&d_dir), "sharded final weights differ");
 
     // Rank 1 saw other sequences than rank 0 (data parallelism, not two copies of one stream).
     assert_ne!(ra[&(1, 0)].sequences, ra[&(1, 1)].sequences);
