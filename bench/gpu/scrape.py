@@ -62,7 +62,7 @@ def main():
     steps = last[0] - warm[0]
     secs = last[1] - warm[1]
     tps = steps * a.step_tokens / secs
-    peak = float(os.environ.get("BENCH_MATMUL_PEAK", "0")) or None
+    peak = float(os.environ.get("BENCH_MATMUL_PEAK") or 0) or None
     out = dict(name="lexflow_stream", timed_steps=steps, step_s=secs / steps, tokens_per_s=tps,
                tokens_per_s_wall=steps * a.step_tokens / (last[2] - warm[2]),
                data_wait_fraction_timed=(last[3] - warm[3]) / secs, flops_per_token=a.flops_per_token,

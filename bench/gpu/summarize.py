@@ -27,7 +27,7 @@ if peak:
     lines.append(f"GPU: {peak.get('device')}; measured bf16 matmul peak {peak['tflops']:.0f} TFLOP/s (datasheet 989)")
 cfg = next((r for _, r in rows if r), None)
 if cfg:
-    lines.append(f"model 1b ({cfg.get('params', 1235814400) / 1e9:.3f}B params), seq_len {cfg.get('seq_len', 4096)}, "
+    lines.append(f"model {cfg.get('model', '1b')} ({cfg.get('params', 1235814400) / 1e9:.3f}B params), seq_len {cfg.get('seq_len', 4096)}, "
                  f"global batch {int(cfg['global_batch_tokens'])} tokens/step "
                  f"(micro_batch {cfg.get('micro_batch', 2)} × grad_accum {cfg.get('grad_accum', 8)}), bf16 + fp32 master AdamW")
 lines.append("")

@@ -293,21 +293,27 @@ def cmd_peak(a):
 
 
 def cmd_perf(a):
-    dev = torch.device("cuda")
+    # --device cpu: the same code path at toy size (bench/gpu/run.sh's CPU dry run, tests/gpu_bench_dry_run.rs).
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if a.dtype == "auto":
+        a.dtype = "bf16" if cuda else "fp32"
+    dtype = dict(bf16=torch.bfloat16, fp32=torch.float32)[a.dtype]
     c = preset(a.model)
     a.steps = a.warmup + a.timed
-    params = make_params(c, dev, a.seed)
+    params = make_params(c, dev, a.seed, dtype=dtype)
     tr = Trainer(c, params, a)
     if a.mode == "compile":
         for blk in tr.model.blocks:
             blk.compile()
         tr.model.loss_fn = torch.compile(head_loss)
-    cos, sin = rope_tables(c, a.seq_len, dev, torch.bfloat16)
+    cos, sin = rope_tables(c, a.seq_len, dev, dtype)
     g = torch.Generator(device=dev)
     g.manual_seed(a.seed)
 
     def batch():
-        toks = torch.randint(0, 128_000, (a.micro_batch, a.seq_len + 1), device=dev, generator=g)
+        toks = torch.randint(0, min(128_000, c["vocab"]), (a.micro_batch, a.seq_len + 1), device=dev, generator=g)
         return toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
 
     losses, t_start = [], None
@@ -316,32 +322,33 @@ def cmd_perf(a):
     t0 = time.perf_counter()
     for s in range(1, a.steps + 1):
         if s == prof_a:
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                      torch.profiler.ProfilerActivity.CUDA], record_shapes=True)
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            prof = torch.profiler.profile(activities=acts, record_shapes=True)
             prof.__enter__()
         mbs = [batch() for _ in range(a.grad_accum)]
         losses.append(tr.step(mbs, cos, sin))
         if s == prof_b and prof is not None:
-            torch.cuda.synchronize()
+            sync()
             prof.__exit__(None, None, None)
             prof.export_chrome_trace(a.trace)
             prof = None
         if s == a.warmup:
-            torch.cuda.synchronize()
+            sync()
             t_start = time.perf_counter()
         print(f"torch_ref[{a.mode}] step {s}/{a.steps} loss {losses[-1]:.4f} at {time.perf_counter() - t0:.1f}s",
               file=sys.stderr, flush=True)
-    torch.cuda.synchronize()
+    sync()
     secs = time.perf_counter() - t_start
     tok = a.timed * a.micro_batch * a.grad_accum * a.seq_len
     tps = tok / secs
     fpt = flops_per_token(c, a.seq_len)
-    peak = float(os.environ.get("BENCH_MATMUL_PEAK", "0")) or None
+    peak = float(os.environ.get("BENCH_MATMUL_PEAK") or 0) or None
     emit(dict(name=f"torch_{a.mode}", model=a.model, params=num_params(c), seq_len=a.seq_len,
               micro_batch=a.micro_batch, grad_accum=a.grad_accum, global_batch_tokens=a.micro_batch * a.grad_accum *
               a.seq_len, timed_steps=a.timed, step_s=secs / a.timed, tokens_per_s=tps, flops_per_token=fpt,
               mfu_vs_989=tps * fpt / 989e12, mfu_vs_measured_matmul=(tps * fpt / peak) if peak else None,
-              max_memory_allocated_gb=torch.cuda.max_memory_allocated() / 1e9,
+              max_memory_allocated_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+              device=str(dev), dtype=a.dtype,
               losses=losses, torch=torch.__version__), a.json)
 
 
@@ -448,7 +455,7 @@ def main():
     ap.add_argument("--trace", help="perf: Chrome trace of --profile-steps")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                    help="parity: parameter/activation dtype (auto: bf16 on cuda, fp32 on cpu); master weights fp32")
+                    help="perf/parity: parameter/activation dtype (auto: bf16 on cuda, fp32 on cpu); master weights fp32")
     ap.add_argument("--json")
     a = ap.parse_args()
     # lexflow counts valid targets on the host (no padding in these batches: every label counts).
