@@ -10,10 +10,12 @@
 
 pub mod arrow_tee;
 pub mod config;
+pub mod eval;
 pub mod formex;
 pub mod gen_sample;
 pub mod packer;
 pub mod pipeline;
+pub mod qa;
 pub mod reader;
 pub mod replay;
 pub mod sampler;

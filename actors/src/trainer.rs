@@ -163,7 +163,7 @@ struct Layout {
     multi_process: bool,
 }
 
-fn parse_device(s: &str) -> Result<Device, TrainerError> {
+pub fn parse_device(s: &str) -> Result<Device, TrainerError> {
     if s == "cpu" {
         return Ok(Device::Cpu);
     }

@@ -1,0 +1,515 @@
+//! Evaluation of answers to the Q&A pairs of [`crate::qa`]: exact match, ROUGE-L, citation accuracy and
+//! hallucinated citations, overall, per language and per question kind.
+//!
+//! `lexflow qa eval --gold eval.jsonl --predictions preds.jsonl` scores answers produced anywhere (`{"id", "output"}`
+//! per line); `--model DIR` generates them first with a lexflow/HF checkpoint (greedy decoding of
+//! [`render_prompt`](crate::qa::render_prompt), stopping at end-of-text/end-of-turn).
+//!
+//! Per example:
+//! * exact match: the answer equals the reference after trimming, collapsing whitespace and lower-casing;
+//! * ROUGE-L: F1 of the longest common subsequence of lower-cased alphanumeric word tokens (both empty: 1);
+//! * citation accuracy: every reference citation appears in the answer (an act-level reference is satisfied by any
+//!   citation of that act);
+//! * hallucinated: the answer cites an act, or an article of an act, that does not exist in the citation index
+//!   (`citations.json` of `lexflow qa build`: every article of the corpus read; without `--index`, the reference
+//!   citations of the whole gold file).
+//!
+//! Aggregates also give citation precision (share of cited provisions that are reference citations) and the share of
+//! answers citing a real provision that is not the reference one (`wrong_citation_rate`). An answer missing from the
+//! predictions file counts as empty (and is counted), a prediction for an unknown id is an error.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use serde::{Deserialize, Serialize};
+
+use crate::qa::{extract_citations, read_pairs, render_prompt, Citation, CitationIndex, QaPair};
+
+/// Whitespace collapsed, trimmed, lower-cased.
+pub fn normalize(s: &str) -> String {
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+/// Lower-cased maximal runs of alphanumeric characters.
+pub fn rouge_tokens(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_alphanumeric())
+        .filter(|t| !t.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+fn lcs_len(a: &[String], b: &[String]) -> usize {
+    let mut prev = vec![0usize; b.len() + 1];
+    let mut cur = vec![0usize; b.len() + 1];
+    for x in a {
+        for (j, y) in b.iter().enumerate() {
+            cur[j + 1] = if x == y {
+                prev[j] + 1
+            } else {
+                cur[j].max(prev[j + 1])
+            };
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+/// ROUGE-L F1 between a candidate and a reference.
+pub fn rouge_l(candidate: &str, reference: &str) -> f64 {
+    let (c, r) = (rouge_tokens(candidate), rouge_tokens(reference));
+    if c.is_empty() && r.is_empty() {
+        return 1.0;
+    }
+    if c.is_empty() || r.is_empty() {
+        return 0.0;
+    }
+    let l = lcs_len(&c, &r) as f64;
+    if l == 0.0 {
+        return 0.0;
+    }
+    let (p, rec) = (l / c.len() as f64, l / r.len() as f64);
+    2.0 * p * rec / (p + rec)
+}
+
+fn cites(pred: &[Citation], want: &Citation) -> bool {
+    pred.iter()
+        .any(|p| p.celex == want.celex && (want.article.is_none() || p.article == want.article))
+}
+
+fn exists(index: &CitationIndex, c: &Citation) -> bool {
+    match (index.get(&c.celex), &c.article) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(arts), Some(a)) => arts.contains(a),
+    }
+}
+
+/// Scores of one answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExampleScore {
+    pub id: String,
+    pub lang: String,
+    pub kind: String,
+    pub exact_match: bool,
+    pub rouge_l: f64,
+    pub citation_correct: bool,
+    pub cited: usize,
+    pub cited_reference: usize,
+    pub hallucinated: usize,
+    pub missing: bool,
+}
+
+pub fn score(gold: &QaPair, output: Option<&str>, index: &CitationIndex) -> ExampleScore {
+    let out = output.unwrap_or("");
+    let pred = extract_citations(out);
+    let cited_reference = pred.iter().filter(|p| gold.citations.contains(p)).count();
+    ExampleScore {
+        id: gold.id.clone(),
+        lang: gold.lang.clone(),
+        kind: gold.kind.clone(),
+        exact_match: normalize(out) == normalize(&gold.answer),
+        rouge_l: rouge_l(out, &gold.answer),
+        citation_correct: gold.citations.iter().all(|c| cites(&pred, c)),
+        cited: pred.len(),
+        cited_reference,
+        hallucinated: pred.iter().filter(|c| !exists(index, c)).count(),
+        missing: output.is_none(),
+    }
+}
+
+/// Means over a group of examples.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Aggregate {
+    pub examples: usize,
+    pub exact_match: f64,
+    pub rouge_l: f64,
+    pub citation_accuracy: f64,
+    /// Cited provisions that are reference citations / all cited provisions (None when nothing was cited).
+    pub citation_precision: Option<f64>,
+    /// Answers citing at least one provision that does not exist.
+    pub hallucination_rate: f64,
+    /// Answers citing an existing provision that is not a reference citation.
+    pub wrong_citation_rate: f64,
+    pub missing_predictions: usize,
+}
+
+pub fn aggregate<'a>(scores: impl IntoIterator<Item = &'a ExampleScore>) -> Aggregate {
+    let v: Vec<&ExampleScore> = scores.into_iter().collect();
+    let n = v.len().max(1) as f64;
+    let mean = |f: &dyn Fn(&ExampleScore) -> f64| v.iter().map(|s| f(s)).sum::<f64>() / n;
+    let cited: usize = v.iter().map(|s| s.cited).sum();
+    let right: usize = v.iter().map(|s| s.cited_reference).sum();
+    Aggregate {
+        examples: v.len(),
+        exact_match: mean(&|s| s.exact_match as u8 as f64),
+        rouge_l: mean(&|s| s.rouge_l),
+        citation_accuracy: mean(&|s| s.citation_correct as u8 as f64),
+        citation_precision: (cited > 0).then(|| right as f64 / cited as f64),
+        hallucination_rate: mean(&|s| (s.hallucinated > 0) as u8 as f64),
+        wrong_citation_rate: mean(&|s| {
+            (s.cited - s.cited_reference - s.hallucinated > 0) as u8 as f64
+        }),
+        missing_predictions: v.iter().filter(|s| s.missing).count(),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub overall: Aggregate,
+    pub by_language: BTreeMap<String, Aggregate>,
+    pub by_kind: BTreeMap<String, Aggregate>,
+    /// Where the citation index came from.
+    pub index: String,
+    pub examples: Vec<ExampleScore>,
+}
+
+pub fn report(
+    gold: &[QaPair],
+    outputs: &HashMap<String, String>,
+    index: &CitationIndex,
+    index_source: &str,
+) -> Report {
+    let examples: Vec<ExampleScore> = gold
+        .iter()
+        .map(|g| score(g, outputs.get(&g.id).map(String::as_str), index))
+        .collect();
+    let group = |key: &dyn Fn(&ExampleScore) -> String| {
+        let mut m: BTreeMap<String, Vec<&ExampleScore>> = BTreeMap::new();
+        for s in &examples {
+            m.entry(key(s)).or_default().push(s);
+        }
+        m.into_iter()
+            .map(|(k, v)| (k, aggregate(v)))
+            .collect::<BTreeMap<_, _>>()
+    };
+    Report {
+        overall: aggregate(&examples),
+        by_language: group(&|s| s.lang.clone()),
+        by_kind: group(&|s| s.kind.clone()),
+        index: index_source.to_string(),
+        examples,
+    }
+}
+
+/// The citations of the gold answers, as an index (when no `citations.json` is given).
+pub fn index_from_gold(gold: &[QaPair]) -> CitationIndex {
+    let mut m = CitationIndex::new();
+    for c in gold.iter().flat_map(|g| &g.citations) {
+        let e = m.entry(c.celex.clone()).or_default();
+        if let Some(a) = &c.article {
+            e.insert(a.clone());
+        }
+    }
+    m
+}
+
+#[derive(Deserialize)]
+struct Prediction {
+    id: String,
+    output: String,
+}
+
+/// `{"id", "output"}` lines; ids must be unique and known.
+pub fn read_predictions(path: &Path, gold: &[QaPair]) -> anyhow::Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let known: std::collections::HashSet<&str> = gold.iter().map(|g| g.id.as_str()).collect();
+    let mut out = HashMap::new();
+    for (i, l) in text.lines().enumerate() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let p: Prediction = serde_json::from_str(l).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a prediction ({e}); expected {{\"id\": …, \"output\": …}}",
+                at()
+            )
+        })?;
+        anyhow::ensure!(
+            known.contains(p.id.as_str()),
+            "{}: id {:?} is not in the gold file (predictions for another eval set?)",
+            at(),
+            p.id
+        );
+        anyhow::ensure!(
+            out.insert(p.id.clone(), p.output).is_none(),
+            "{}: second prediction for id {:?}",
+            at(),
+            p.id
+        );
+    }
+    Ok(out)
+}
+
+/// Greedy generation settings for `--model`.
+#[derive(Debug, Clone)]
+pub struct GenOptions {
+    pub tokenizer: String,
+    pub device: String,
+    pub max_new_tokens: usize,
+}
+
+/// Answers of a checkpoint (HF layout: `config.json` + safetensors) to every gold question: greedy decoding of the
+/// prompt, stopping at end-of-text / end-of-turn, the model's context length or `max_new_tokens`.
+pub fn generate(
+    model_dir: &Path,
+    gold: &[QaPair],
+    opts: &GenOptions,
+) -> anyhow::Result<HashMap<String, String>> {
+    Ok(generate_ids(model_dir, gold, opts)?
+        .into_iter()
+        .map(|(id, (text, _))| (id, text))
+        .collect())
+}
+
+/// [`generate`], also returning the generated token ids (without the stop token).
+pub fn generate_ids(
+    model_dir: &Path,
+    gold: &[QaPair],
+    opts: &GenOptions,
+) -> anyhow::Result<HashMap<String, (String, Vec<u32>)>> {
+    use lexflow_gpu::tch::{self, Kind, Tensor};
+    let device = crate::trainer::parse_device(&opts.device)?;
+    let kind = if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    let model = lexflow_gpu::checkpoint::load_hf(model_dir, device, kind)
+        .map_err(|e| anyhow::anyhow!("{}: cannot load the model: {e}", model_dir.display()))?;
+    let tok = crate::tokenizer::Tokenizer::load(&opts.tokenizer)?;
+    let vocab = model.cfg.vocab_size as i64;
+    let stops: Vec<u32> = [tok.eos_id(), tok.eot_id()].into_iter().flatten().collect();
+    let max_len = model.cfg.max_position_embeddings;
+    let _ng = tch::no_grad_guard();
+    let mut out = HashMap::new();
+    for (i, g) in gold.iter().enumerate() {
+        let mut ids: Vec<i64> = tok.bos_id().map(|b| b as i64).into_iter().collect();
+        ids.extend(
+            tok.encode(&render_prompt(&g.question))
+                .into_iter()
+                .map(i64::from),
+        );
+        let start = ids.len();
+        while ids.len() - start < opts.max_new_tokens && ids.len() < max_len {
+            let x = Tensor::from_slice(&ids).view([1, -1]).to_device(device);
+            let logits = model.forward(&x, None);
+            let next = logits
+                .select(1, ids.len() as i64 - 1)
+                .narrow(-1, 0, vocab)
+                .argmax(-1, false)
+                .int64_value(&[0]);
+            if stops.contains(&(next as u32)) {
+                break;
+            }
+            ids.push(next);
+        }
+        let gen: Vec<u32> = ids[start..].iter().map(|&t| t as u32).collect();
+        out.insert(g.id.clone(), (tok.decode(&gen).trim().to_string(), gen));
+        if (i + 1) % 10 == 0 || i + 1 == gold.len() {
+            eprintln!("lexflow qa eval: generated {}/{}", i + 1, gold.len());
+        }
+    }
+    Ok(out)
+}
+
+/// Human-readable table of a report.
+pub fn table(r: &Report) -> String {
+    let mut s = String::new();
+    s.push_str("| group | n | exact match | ROUGE-L | citation acc. | citation prec. | hallucination | wrong citation |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|\n");
+    let mut row = |name: &str, a: &Aggregate| {
+        s.push_str(&format!(
+            "| {name} | {} | {:.3} | {:.3} | {:.3} | {} | {:.3} | {:.3} |\n",
+            a.examples,
+            a.exact_match,
+            a.rouge_l,
+            a.citation_accuracy,
+            a.citation_precision
+                .map_or("—".to_string(), |p| format!("{p:.3}")),
+            a.hallucination_rate,
+            a.wrong_citation_rate
+        ));
+    };
+    row("all", &r.overall);
+    for (k, a) in &r.by_language {
+        row(&format!("lang {k}"), a);
+    }
+    for (k, a) in &r.by_kind {
+        row(k, a);
+    }
+    s
+}
+
+/// `lexflow qa eval`.
+pub struct EvalArgs<'a> {
+    pub gold: &'a Path,
+    pub predictions: Option<&'a Path>,
+    pub model: Option<&'a Path>,
+    pub index: Option<&'a Path>,
+    pub gen: GenOptions,
+    pub limit: Option<usize>,
+    pub out: Option<&'a Path>,
+    pub predictions_out: Option<&'a Path>,
+}
+
+pub fn cli_eval(a: EvalArgs<'_>) -> anyhow::Result<ExitCode> {
+    let mut gold = read_pairs(a.gold)?;
+    anyhow::ensure!(!gold.is_empty(), "{}: no Q&A pairs", a.gold.display());
+    if let Some(n) = a.limit {
+        gold.truncate(n);
+    }
+    let (outputs, token_ids) = match (a.predictions, a.model) {
+        (Some(p), None) => (read_predictions(p, &gold)?, HashMap::new()),
+        (None, Some(m)) => {
+            let g = generate_ids(m, &gold, &a.gen)?;
+            let ids = g.iter().map(|(k, (_, t))| (k.clone(), t.clone())).collect();
+            (g.into_iter().map(|(k, (o, _))| (k, o)).collect(), ids)
+        }
+        _ => anyhow::bail!("give exactly one of --predictions FILE and --model DIR"),
+    };
+    if let Some(p) = a.predictions_out {
+        let mut w = std::io::BufWriter::new(
+            std::fs::File::create(p)
+                .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", p.display()))?,
+        );
+        for g in &gold {
+            if let Some(o) = outputs.get(&g.id) {
+                let mut j = serde_json::json!({"id": g.id, "output": o});
+                if let Some(t) = token_ids.get(&g.id) {
+                    j["token_ids"] = serde_json::json!(t);
+                }
+                writeln!(w, "{j}")?;
+            }
+        }
+        w.flush()?;
+    }
+    let (index, source) = match a.index {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", p.display()))?;
+            let idx: CitationIndex = serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: not a citation index ({e}); expected the citations.json of `lexflow qa build`",
+                    p.display()
+                )
+            })?;
+            (idx, p.display().to_string())
+        }
+        None => (
+            index_from_gold(&gold),
+            "reference citations of the gold file".to_string(),
+        ),
+    };
+    let r = report(&gold, &outputs, &index, &source);
+    print!("{}", table(&r));
+    if r.overall.missing_predictions > 0 {
+        eprintln!(
+            "lexflow qa eval: {} of {} gold examples have no prediction (scored as empty answers)",
+            r.overall.missing_predictions, r.overall.examples
+        );
+    }
+    if let Some(p) = a.out {
+        std::fs::write(p, serde_json::to_string_pretty(&r)?)
+            .map_err(|e| anyhow::anyhow!("{}: write failed: {e}", p.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(id: &str, lang: &str, answer: &str, celex: &str, art: &str) -> QaPair {
+        QaPair {
+            id: id.into(),
+            lang: lang.into(),
+            kind: "article_text".into(),
+            celex: celex.into(),
+            article: art.into(),
+            doc_type: "regulation".into(),
+            question: "q".into(),
+            answer: answer.into(),
+            citations: vec![Citation {
+                celex: celex.into(),
+                article: Some(art.into()),
+            }],
+            source: "x".into(),
+        }
+    }
+
+    #[test]
+    fn rouge_l_by_hand() {
+        // candidate "the cat sat on mat" vs reference "the cat was on the mat": LCS "the cat on mat" = 4,
+        // P = 4/5, R = 4/6, F1 = 2·0.8·0.6667/(1.4667) = 0.72727…
+        let f = rouge_l("The cat sat on mat", "the cat was on the mat");
+        assert!((f - 8.0 / 11.0).abs() < 1e-12, "{f}");
+        assert_eq!(rouge_l("", ""), 1.0);
+        assert_eq!(rouge_l("a", ""), 0.0);
+        assert_eq!(rouge_l("x y", "z"), 0.0);
+        assert_eq!(rouge_l("Données à caractère", "données, à caractère!"), 1.0);
+    }
+
+    #[test]
+    fn scores_citations_and_hallucinations() {
+        let g = pair(
+            "1",
+            "en",
+            "Text.\n[CELEX 32016R0679, Art. 5]",
+            "32016R0679",
+            "5",
+        );
+        let mut idx = index_from_gold(std::slice::from_ref(&g));
+        idx.entry("32016R0679".into())
+            .or_default()
+            .insert("6".into());
+        let s = score(&g, Some("  text.   [CELEX 32016R0679, Art. 5] "), &idx);
+        assert!(s.exact_match && s.citation_correct && s.hallucinated == 0 && s.rouge_l == 1.0);
+        // A real but wrong article, and a made-up one.
+        let s = score(
+            &g,
+            Some("Text. [CELEX 32016R0679, Art. 6] [CELEX 32099R9999, Art. 1]"),
+            &idx,
+        );
+        assert!(!s.exact_match && !s.citation_correct);
+        assert_eq!((s.cited, s.cited_reference, s.hallucinated), (2, 0, 1));
+        let a = aggregate([&s]);
+        assert_eq!(
+            (
+                a.hallucination_rate,
+                a.wrong_citation_rate,
+                a.citation_precision
+            ),
+            (1.0, 1.0, Some(0.0))
+        );
+        let m = score(&g, None, &idx);
+        assert!(m.missing && !m.citation_correct && m.rouge_l == 0.0);
+    }
+
+    #[test]
+    fn report_groups_by_language() {
+        let gold = vec![
+            pair("a", "en", "A [CELEX 1, Art. 1]", "1", "1"),
+            pair("b", "fr", "B [CELEX 2, Art. 2]", "2", "2"),
+            pair("c", "fr", "C [CELEX 2, Art. 3]", "2", "3"),
+        ];
+        let outputs: HashMap<String, String> = [
+            ("a".to_string(), gold[0].answer.clone()),
+            ("b".to_string(), "wrong".to_string()),
+        ]
+        .into();
+        let r = report(&gold, &outputs, &index_from_gold(&gold), "gold");
+        assert_eq!(r.overall.examples, 3);
+        assert!((r.overall.exact_match - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(r.by_language["en"].exact_match, 1.0);
+        assert_eq!(r.by_language["fr"].exact_match, 0.0);
+        assert_eq!(r.by_language["fr"].missing_predictions, 1);
+        assert!(table(&r).contains("| lang fr | 2 |"));
+    }
+}

@@ -1,0 +1,315 @@
+//! Instruction-tuning data and evaluation end to end on the real FORMEX corpus: `lexflow qa build` makes Q&A pairs
+//! with citations in the acts' languages (deterministic, train/eval disjoint, bad files reported and skipped), and
+//! `lexflow qa eval` scores predictions — perfect answers score 1, fabricated citations count as hallucinations,
+//! missing answers are counted — and generates answers with a trained checkpoint.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use lexflow_gpu::checkpoint::{save_hf, DEFAULT_MAX_SHARD_BYTES};
+use lexflow_gpu::tch::{Device, Kind};
+use lexflow_gpu::{Llama, LlamaConfig, LLAMA3_VOCAB};
+use lexflow_tests::{lexflow_bin, tiny_run_config, venv_python};
+
+fn corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/formex")
+}
+
+fn lexflow(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(lexflow_bin()).args(args).output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+fn lines(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn eval_report(args: &[&str], out: &Path) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["--out", out.to_str().unwrap()]);
+    let (ok, stdout, stderr) = lexflow(&a);
+    assert!(ok, "qa eval failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("| all |"), "{stdout}");
+    serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+}
+
+#[test]
+fn qa_build_and_eval_on_the_real_corpus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qa");
+    // A broken file among the inputs: reported with its path, the rest still produces pairs.
+    let broken = tmp.path().join("broken.xml");
+    std::fs::write(&broken, "<ACT><BIB.INSTANCE>").unwrap();
+    let corpus = corpus();
+    let (ok, stdout, stderr) = lexflow(&[
+        "qa",
+        "build",
+        "--out",
+        out.to_str().unwrap(),
+        corpus.to_str().unwrap(),
+        broken.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        summary["file_errors"].as_array().unwrap().len(),
+        1,
+        "{summary}"
+    );
+    assert!(summary["file_errors"][0]
+        .as_str()
+        .unwrap()
+        .contains("broken.xml"));
+    for lang in ["en", "fr", "de", "es", "pt"] {
+        for kind in ["article_text", "article_locate"] {
+            assert!(
+                summary["pairs"][format!("{lang}/{kind}")]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > 10,
+                "{lang}/{kind}: {summary}"
+            );
+        }
+    }
+    let train = lines(&out.join("train.jsonl"));
+    let eval = lines(&out.join("eval.jsonl"));
+    assert_eq!(train.len() as u64, summary["train"].as_u64().unwrap());
+    assert!(eval.len() > 100 && train.len() > 5 * eval.len());
+    let ids = |v: &[serde_json::Value]| -> HashSet<String> {
+        v.iter()
+            .map(|p| p["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        ids(&train).is_disjoint(&ids(&eval)),
+        "train and eval overlap"
+    );
+    assert_eq!(ids(&train).len(), train.len(), "duplicate ids");
+    for p in train.iter().chain(&eval) {
+        let c = &p["citations"][0];
+        let tag = format!(
+            "[CELEX {}, Art. {}]",
+            c["celex"].as_str().unwrap(),
+            c["article"].as_str().unwrap()
+        );
+        assert!(p["answer"].as_str().unwrap().ends_with(&tag), "{p}");
+    }
+    // GDPR article 5 in German, from the real Official Journal file.
+    let de5 = train
+        .iter()
+        .chain(&eval)
+        .find(|p| p["id"] == "32016R0679:5:de:article_text")
+        .expect("GDPR Art. 5 (de)");
+    assert!(de5["question"]
+        .as_str()
+        .unwrap()
+        .starts_with("Verordnung (EU) 2016/679, Artikel 5"));
+    assert!(
+        de5["answer"].as_str().unwrap().contains("personenbezogen"),
+        "{de5}"
+    );
+    // Deterministic: a second build writes the same files.
+    let again = tmp.path().join("qa2");
+    assert!(
+        lexflow(&[
+            "qa",
+            "build",
+            "--out",
+            again.to_str().unwrap(),
+            corpus.to_str().unwrap()
+        ])
+        .0
+    );
+    for f in ["train.jsonl", "eval.jsonl", "citations.json"] {
+        assert!(
+            std::fs::read(out.join(f)).unwrap() == std::fs::read(again.join(f)).unwrap(),
+            "{f} differs between two builds"
+        );
+    }
+
+    // Scoring: the reference answers themselves are perfect.
+    let gold = out.join("eval.jsonl");
+    let index = out.join("citations.json");
+    let perfect = tmp.path().join("perfect.jsonl");
+    let text: String = eval
+        .iter()
+        .map(|p| serde_json::json!({"id": p["id"], "output": p["answer"]}).to_string() + "\n")
+        .collect();
+    std::fs::write(&perfect, text).unwrap();
+    let base = [
+        "qa",
+        "eval",
+        "--gold",
+        gold.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+    ];
+    let mut a = base.to_vec();
+    a.extend(["--predictions", perfect.to_str().unwrap()]);
+    let r = eval_report(&a, &tmp.path().join("r1.json"));
+    let o = &r["overall"];
+    assert_eq!(
+        (o["exact_match"].as_f64(), o["rouge_l"].as_f64()),
+        (Some(1.0), Some(1.0)),
+        "{o}"
+    );
+    assert_eq!(
+        (
+            o["citation_accuracy"].as_f64(),
+            o["hallucination_rate"].as_f64()
+        ),
+        (Some(1.0), Some(0.0))
+    );
+    for lang in ["en", "fr", "de", "es", "pt"] {
+        assert_eq!(
+            r["by_language"][lang]["exact_match"].as_f64(),
+            Some(1.0),
+            "{lang}"
+        );
+    }
+
+    // Answers that keep the text but cite an article that does not exist, and half the answers missing.
+    let fake = tmp.path().join("fake.jsonl");
+    let text: String = eval
+        .iter()
+        .step_by(2)
+        .map(|p| {
+            let a = p["answer"].as_str().unwrap();
+            let body = &a[..a.rfind("[CELEX").unwrap()];
+            let out = format!("{body}[CELEX {}, Art. 9999]", p["celex"].as_str().unwrap());
+            serde_json::json!({"id": p["id"], "output": out}).to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(&fake, text).unwrap();
+    let mut a = base.to_vec();
+    a.extend(["--predictions", fake.to_str().unwrap()]);
+    let r = eval_report(&a, &tmp.path().join("r2.json"));
+    let o = &r["overall"];
+    let n = eval.len() as f64;
+    let answered = eval.len().div_ceil(2) as f64;
+    assert_eq!(
+        o["missing_predictions"].as_u64(),
+        Some((eval.len() / 2) as u64)
+    );
+    assert_eq!(o["citation_accuracy"].as_f64(), Some(0.0));
+    assert!(
+        (o["hallucination_rate"].as_f64().unwrap() - answered / n).abs() < 1e-9,
+        "{o}"
+    );
+    let rl = o["rouge_l"].as_f64().unwrap();
+    assert!(rl > 0.3 && rl < answered / n, "ROUGE-L {rl}");
+
+    // A prediction for an id the gold file does not have is an error naming the line.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": \"nope\", \"output\": \"x\"}\n").unwrap();
+    let mut a = base.to_vec();
+    a.extend(["--predictions", bad.to_str().unwrap()]);
+    let (ok, _, stderr) = lexflow(&a);
+    assert!(
+        !ok && stderr.contains("bad.jsonl:1") && stderr.contains("nope"),
+        "{stderr}"
+    );
+
+    // Generation with a (barely) trained checkpoint: runs, and scores what it generated.
+    let run = tmp.path().join("run");
+    let cfg = tiny_run_config(&run, &["cpu"], 2, 2, "");
+    assert!(Command::new(lexflow_bin())
+        .args(["run", cfg.to_str().unwrap(), "--quiet"])
+        .status()
+        .unwrap()
+        .success());
+    let ckpt = run.join("checkpoints/step-000002");
+    let preds = tmp.path().join("gen.jsonl");
+    let mut a = base.to_vec();
+    a.extend([
+        "--model",
+        ckpt.to_str().unwrap(),
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--predictions-out",
+        preds.to_str().unwrap(),
+    ]);
+    let r = eval_report(&a, &tmp.path().join("r3.json"));
+    assert_eq!(r["overall"]["examples"].as_u64(), Some(3));
+    assert_eq!(r["overall"]["missing_predictions"].as_u64(), Some(0));
+    let gen = lines(&preds);
+    assert_eq!(gen.len(), 3);
+    assert!(gen.iter().all(|g| g["token_ids"].is_array()), "{gen:?}");
+
+    // Greedy decoding checked against transformers on a random model whose answers are not empty: the same tokens.
+    let model_dir = tmp.path().join("random");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let model = Llama::new(
+        &LlamaConfig::tiny(LLAMA3_VOCAB),
+        Device::Cpu,
+        Kind::Float,
+        3,
+    )
+    .unwrap();
+    lexflow_gpu::tch::no_grad(|| {
+        // Larger weights than the 0.02 init: well-separated logits, so fp32 rounding cannot flip an argmax.
+        let _ = model.params.flat.detach().g_mul_scalar_(8.0);
+    });
+    save_hf(&model_dir, &model, DEFAULT_MAX_SHARD_BYTES).unwrap();
+    let (limit, max_new) = ("4", "12");
+    let preds = tmp.path().join("gen_random.jsonl");
+    let mut a = base.to_vec();
+    a.extend([
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--limit",
+        limit,
+        "--max-new-tokens",
+        max_new,
+        "--predictions-out",
+        preds.to_str().unwrap(),
+    ]);
+    eval_report(&a, &tmp.path().join("r4.json"));
+    let ours = lines(&preds);
+    let tokenizer = std::env::var("LEXFLOW_TOKENIZER_JSON")
+        .expect("LEXFLOW_TOKENIZER_JSON is not set (run `make setup` and `source scripts/env.sh`)");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_generate.py");
+    let o = Command::new(venv_python())
+        .arg(&script)
+        .args([
+            model_dir.to_str().unwrap(),
+            &tokenizer,
+            gold.to_str().unwrap(),
+            limit,
+            max_new,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let theirs: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ours.len(), 4);
+    assert_eq!(theirs.len(), 4);
+    let mut generated = 0;
+    for (x, y) in ours.iter().zip(&theirs) {
+        assert_eq!(x["id"], y["id"]);
+        assert_eq!(
+            x["token_ids"], y["token_ids"],
+            "{}: lexflow vs transformers",
+            x["id"]
+        );
+        generated += x["token_ids"].as_array().unwrap().len();
+    }
+    assert!(
+        generated >= 8,
+        "the random model stopped at once: the comparison would be empty"
+    );
+}
