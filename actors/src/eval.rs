@@ -256,7 +256,7 @@ pub struct GenOptions {
 }
 
 /// Answers of a checkpoint (HF layout: `config.json` + safetensors) to every gold question: greedy decoding of the
-/// prompt, stopping at end-of-text / end-of-turn, the model's context length or `max_new_tokens`.
+/// prompt with a KV cache, stopping at end-of-text / end-of-turn, the model's context length or `max_new_tokens`.
 pub fn generate(
     model_dir: &Path,
     gold: &[QaPair],
@@ -297,11 +297,13 @@ pub fn generate_ids(
                 .map(i64::from),
         );
         let start = ids.len();
+        // Prefill the prompt into the KV cache, then one position per new token.
+        let mut cache = lexflow_gpu::KvCache::new();
+        let mut feed = Tensor::from_slice(&ids).view([1, -1]).to_device(device);
         while ids.len() - start < opts.max_new_tokens && ids.len() < max_len {
-            let x = Tensor::from_slice(&ids).view([1, -1]).to_device(device);
-            let logits = model.forward(&x, None);
+            let logits = model.forward_cached(&feed, &mut cache);
             let next = logits
-                .select(1, ids.len() as i64 - 1)
+                .select(1, -1)
                 .narrow(-1, 0, vocab)
                 .argmax(-1, false)
                 .int64_value(&[0]);
@@ -309,6 +311,7 @@ pub fn generate_ids(
                 break;
             }
             ids.push(next);
+            feed = Tensor::from_slice(&[next]).view([1, 1]).to_device(device);
         }
         let gen: Vec<u32> = ids[start..].iter().map(|&t| t as u32).collect();
         out.insert(g.id.clone(), (tok.decode(&gen).trim().to_string(), gen));

@@ -38,7 +38,9 @@ pub use batch::{valid_targets, Batch, SequenceRef, IGNORE_INDEX};
 pub use collective::{Collective, InProcessCollective, SingleRank};
 pub use error::{GpuError, Result};
 pub use loss::{cross_entropy_mean, cross_entropy_sum, cross_entropy_sum_backward};
-pub use model::{document_mask, Llama, LlamaConfig, Param, Params, RopeScaling, LLAMA3_VOCAB};
+pub use model::{
+    document_mask, KvCache, Llama, LlamaConfig, Param, Params, RopeScaling, LLAMA3_VOCAB,
+};
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclCollective, NcclUniqueId};
 pub use optim::{AdamWConfig, FlatAdamW, ShardLayout, StepStats, NORM_BLOCK};

@@ -457,9 +457,14 @@ struct Rope {
 
 impl Rope {
     fn new(inv_freq: &Tensor, t: i64, kind: Kind) -> Self {
+        Self::at(inv_freq, 0, t, kind)
+    }
+
+    /// Tables for positions `start .. start + t` (incremental decoding).
+    fn at(inv_freq: &Tensor, start: i64, t: i64, kind: Kind) -> Self {
         // Positions are global within the packed sequence: attention scores under RoPE depend only on relative
         // positions, so a document mask alone keeps documents independent.
-        let pos = Tensor::arange(t, (Kind::Float, inv_freq.device()));
+        let pos = Tensor::arange_start(start, start + t, (Kind::Float, inv_freq.device()));
         let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0); // (T, hd/2)
         let emb = Tensor::cat(&[&freqs, &freqs], -1); // (T, hd)
         let s = freqs.sin();
@@ -630,6 +635,68 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// Attention of `t` new positions over the cached keys/values of earlier ones plus their own (inference only):
+    /// either a prefill (empty cache, causal over the `t` positions) or one new position (it sees everything).
+    fn forward_cached(&self, x: &Tensor, rope: &Rope, kv: &mut Option<(Tensor, Tensor)>) -> Tensor {
+        let (b, t, _) = x.size3().expect("(B, T, D)");
+        let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let q = rope.apply(&x.linear::<&Tensor>(&self.q_proj, None).view([b, t, h, hd]));
+        let k = rope.apply(
+            &x.linear::<&Tensor>(&self.k_proj, None)
+                .view([b, t, kvh, hd]),
+        );
+        let v = x
+            .linear::<&Tensor>(&self.v_proj, None)
+            .view([b, t, kvh, hd]);
+        let prefill = kv.is_none();
+        assert!(
+            prefill || t == 1,
+            "a KV cache takes a prefill or one position at a time"
+        );
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1), Tensor::cat(&[&pv, &v], 1)),
+            None => (k, v),
+        };
+        let y = Tensor::scaled_dot_product_attention::<&Tensor>(
+            &q.transpose(1, 2),
+            &k.transpose(1, 2),
+            &v.transpose(1, 2),
+            None,
+            0.0,
+            prefill,
+            None,
+            kvh != h,
+        )
+        .transpose(1, 2);
+        *kv = Some((k, v));
+        y.reshape([b, t, h * hd])
+            .linear::<&Tensor>(&self.o_proj, None)
+    }
+}
+
+/// Keys and values of the positions decoded so far, per layer (inference only; see [`Llama::forward_cached`]).
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: i64,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 struct Mlp {
     gate_proj: Tensor,
     up_proj: Tensor,
@@ -785,6 +852,30 @@ impl Llama {
             x = block.forward(&x, &rope, attn);
         }
         self.norm.forward(&x)
+    }
+
+    /// Logits `(B, t, V)` of `t` new positions given the cache of the earlier ones, which it extends: first a
+    /// prefill (any `t`, causal), then one token at a time. The same function as [`forward`](Self::forward) on the
+    /// whole prefix, without recomputing it. Call under `no_grad`.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Tensor {
+        let (_, t) = input_ids.size2().expect("(B, T) token ids");
+        if cache.layers.is_empty() {
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
+        }
+        let rope = Rope::at(&self.inv_freq, cache.len, t, self.kind());
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let a = block
+                .self_attn
+                .forward_cached(&block.input_layernorm.forward(&x), &rope, kv);
+            let h = &x + a;
+            x = &h
+                + block
+                    .mlp
+                    .forward(&block.post_attention_layernorm.forward(&h));
+        }
+        cache.len += t;
+        self.norm.forward(&x).linear::<&Tensor>(&self.lm_head, None)
     }
 
     fn forward_layout(&self, input_ids: &Tensor, attn: &AttnLayout<'_>) -> Tensor {
@@ -1053,6 +1144,24 @@ mod tests {
             let d = (p.tensor.grad() - g).abs().max().double_value(&[]);
             assert!(d < 1e-5, "{}: {d}", p.name);
         }
+    }
+
+    #[test]
+    fn kv_cache_decoding_equals_the_full_forward() {
+        let model = Llama::new(&LlamaConfig::tiny(64), Device::Cpu, Kind::Float, 4).unwrap();
+        let ids = Tensor::randint(64, [2, 10], (Kind::Int64, Device::Cpu));
+        tch::no_grad(|| {
+            let full = model.forward(&ids, None);
+            let mut cache = KvCache::new();
+            let mut parts = vec![model.forward_cached(&ids.narrow(1, 0, 6), &mut cache)];
+            for i in 6..10 {
+                parts.push(model.forward_cached(&ids.narrow(1, i, 1), &mut cache));
+            }
+            assert_eq!(cache.len(), 10);
+            let inc = Tensor::cat(&parts, 1);
+            let d = (&inc - &full).abs().max().double_value(&[]);
+            assert!(d < 1e-5, "cached vs full: {d}");
+        });
     }
 
     #[test]
