@@ -78,6 +78,7 @@ fn sequences(rng: &mut Rng, n: usize, seq_len: usize, shards: u32) -> Vec<Packed
                     start,
                     end: start + len as u32,
                     offset: off as u32,
+                    loss_from: 0,
                 });
                 off += len;
             }
@@ -96,6 +97,7 @@ fn sequences(rng: &mut Rng, n: usize, seq_len: usize, shards: u32) -> Vec<Packed
                 doc_starts,
                 pieces,
                 padding: padding as u32,
+                no_loss: Vec::new(),
                 shard: rng.below(shards as u64) as u32,
                 resume: None,
             }
@@ -130,6 +132,7 @@ fn seq_from_json(row: &Value) -> PackedSequence {
             start: u(&p["start"]) as u32,
             end: u(&p["end"]) as u32,
             offset: u(&p["offset"]) as u32,
+            loss_from: 0,
         })
         .collect();
     PackedSequence {
@@ -138,6 +141,7 @@ fn seq_from_json(row: &Value) -> PackedSequence {
         doc_starts: u32s(&row["doc_starts"]),
         pieces,
         padding: u(&row["padding"]) as u32,
+        no_loss: Vec::new(),
         shard: u(&row["shard"]) as u32,
         resume: None,
     }

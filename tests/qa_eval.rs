@@ -80,7 +80,16 @@ fn qa_build_and_eval_on_the_real_corpus() {
             );
         }
     }
-    let train = lines(&out.join("train.jsonl"));
+    // Training pairs: one file per language (one sampler lane each for an SFT run).
+    let mut train = Vec::new();
+    for lang in ["de", "en", "es", "fr", "it", "pt"] {
+        let f = lines(&out.join(format!("train/{lang}.jsonl")));
+        assert!(
+            f.iter().all(|p| p["lang"] == lang),
+            "{lang}.jsonl holds another language"
+        );
+        train.extend(f);
+    }
     let eval = lines(&out.join("eval.jsonl"));
     assert_eq!(train.len() as u64, summary["train"].as_u64().unwrap());
     assert!(eval.len() > 100 && train.len() > 5 * eval.len());
@@ -129,12 +138,50 @@ fn qa_build_and_eval_on_the_real_corpus() {
         ])
         .0
     );
-    for f in ["train.jsonl", "eval.jsonl", "citations.json"] {
+    for f in [
+        "train/en.jsonl",
+        "train/de.jsonl",
+        "eval.jsonl",
+        "citations.json",
+    ] {
         assert!(
             std::fs::read(out.join(f)).unwrap() == std::fs::read(again.join(f)).unwrap(),
             "{f} differs between two builds"
         );
     }
+
+    // Supervised fine-tuning on the pairs: `lexflow run` streams train/<lang>.jsonl through the same dataflow (one
+    // lane per language, the default mix), the prompt tokens masked out of the loss.
+    let sft = tmp.path().join("sft");
+    let cfg = tmp.path().join("sft.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[run]\nname = \"sft\"\ndir = {:?}\nseed = 3\n[input]\npaths = [{:?}]\n[packer]\nseq_len = 256\n\
+             [train]\ndevices = [\"cpu\"]\nmodel = \"tiny\"\nmicro_batch = 2\nsteps = 3\nlr = 1e-3\n\
+             [metrics]\nenabled = false\n",
+            sft.display().to_string(),
+            out.join("train").display().to_string()
+        ),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet"]);
+    assert!(ok, "SFT run failed:\n{stdout}\n{stderr}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sft.join("stats.json")).unwrap()).unwrap();
+    assert_eq!(stats["train"]["steps"], 3, "{stats}");
+    for lang in ["en", "fr", "de", "es", "pt"] {
+        assert_eq!(stats["input"]["files_per_lang"][lang], 1, "{lang}: {stats}");
+    }
+    assert_eq!(
+        stats["input"]["files_outside_mix"], 1,
+        "it.jsonl is outside the default mix: {stats}"
+    );
+    assert!(stats["train"]["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l.as_f64().unwrap().is_finite()));
 
     // Scoring: the reference answers themselves are perfect.
     let gold = out.join("eval.jsonl");

@@ -63,6 +63,7 @@ fn sequence(index: u64) -> PackedSequence {
         doc_starts: vec![0],
         pieces: Vec::new(),
         padding: 0,
+        no_loss: Vec::new(),
         shard: 0,
         resume: None,
     }

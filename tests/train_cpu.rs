@@ -42,6 +42,7 @@ fn sequence(i: u64) -> PackedSequence {
         doc_starts,
         pieces: Vec::new(),
         padding,
+        no_loss: Vec::new(),
         shard: 0,
         resume: None,
     }

@@ -195,6 +195,7 @@ fn sequence(
         doc_starts,
         pieces: Vec::new(),
         padding: 0,
+        no_loss: Vec::new(),
         shard: (index % 32) as u32,
         resume: None,
     }

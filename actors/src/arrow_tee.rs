@@ -570,6 +570,7 @@ pub fn read_sequences(path: &Path) -> Result<Vec<PackedSequence>, ArrowTeeError>
                     start: start.value(k),
                     end: end.value(k),
                     offset: offset.value(k),
+                    loss_from: 0,
                 })
                 .collect();
             out.push(PackedSequence {
@@ -578,6 +579,7 @@ pub fn read_sequences(path: &Path) -> Result<Vec<PackedSequence>, ArrowTeeError>
                 doc_starts: slice(doc_starts, ds_vals, row),
                 pieces: ps,
                 padding: padding.value(row),
+                no_loss: Vec::new(),
                 shard: shard.value(row),
                 resume: None,
             });
@@ -666,6 +668,7 @@ mod tests {
                 start,
                 end: start + len,
                 offset: off,
+                loss_from: 0,
             });
             off += len;
             if (off as usize) < seq_len + 1 {
@@ -678,6 +681,7 @@ mod tests {
             doc_starts,
             pieces,
             padding: rng.gen_range(0..4),
+            no_loss: Vec::new(),
             shard: rng.gen_range(0..shards),
             resume: None,
         }
@@ -740,8 +744,10 @@ mod tests {
                         start: 0,
                         end: 2048,
                         offset: 0,
+                        loss_from: 0,
                     }],
                     padding: 0,
+                    no_loss: Vec::new(),
                     shard: 0,
                     resume: None,
                 };
@@ -773,6 +779,7 @@ mod tests {
             doc_starts: vec![0],
             pieces: vec![],
             padding: 0,
+            no_loss: Vec::new(),
             shard: 2,
             resume: None,
         };

@@ -89,7 +89,7 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum QaCmd {
-    /// Build Q&A pairs with citations from the articles of FORMEX acts: OUT/train.jsonl, eval.jsonl,
+    /// Build Q&A pairs with citations from the articles of FORMEX acts: OUT/train/<lang>.jsonl, eval.jsonl,
     /// citations.json (every article of the corpus), summary.json.
     Build {
         #[arg(long)]

@@ -64,6 +64,30 @@ pub struct Packer {
     pub report: PackerReport,
 }
 
+/// Input positions whose target is a prompt token: doc token `j` of a piece sits at `offset + j − start` and is the
+/// target of the position before it, so the prompt tokens `[start, min(end, loss_from))` are the targets of
+/// positions `[offset − 1, offset + min(end, loss_from) − start − 1)` (clamped at 0: a piece's first token at position
+/// 0 is an input only). Adjacent ranges are merged.
+pub fn no_loss_ranges(pieces: &[Piece]) -> Vec<[u32; 2]> {
+    let mut out: Vec<[u32; 2]> = Vec::new();
+    for p in pieces {
+        let lim = p.end.min(p.loss_from);
+        if lim <= p.start {
+            continue;
+        }
+        let a = p.offset.saturating_sub(1);
+        let b = (p.offset + lim - p.start).saturating_sub(1);
+        if b <= a {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last[1] >= a => last[1] = last[1].max(b),
+            _ => out.push([a, b]),
+        }
+    }
+    out
+}
+
 impl Packer {
     pub fn new(cfg: &PackerConfig, eot: u32, pad: u32) -> Self {
         Packer {
@@ -159,12 +183,12 @@ impl Packer {
         self.report.documents += 1;
         self.report.document_tokens += tokens.len() as u64;
         match self.mode {
-            PackMode::Concat => self.push_concat(doc.id, tokens),
-            PackMode::BestFit => self.push_best_fit(doc.id, tokens),
+            PackMode::Concat => self.push_concat(doc.id, tokens, doc.loss_from),
+            PackMode::BestFit => self.push_best_fit(doc.id, tokens, doc.loss_from),
         }
     }
 
-    fn push_concat(&mut self, id: DocId, tokens: &[u32]) {
+    fn push_concat(&mut self, id: DocId, tokens: &[u32], loss_from: u32) {
         if self.open.is_empty() {
             self.open_new();
         }
@@ -187,6 +211,7 @@ impl Packer {
                     start: start as u32,
                     end: (start + take) as u32,
                     offset: s.tokens.len() as u32,
+                    loss_from,
                 });
                 s.tokens.extend_from_slice(&tokens[start..start + take]);
                 start += take;
@@ -206,7 +231,7 @@ impl Packer {
         }
     }
 
-    fn push_best_fit(&mut self, id: DocId, tokens: &[u32]) {
+    fn push_best_fit(&mut self, id: DocId, tokens: &[u32], loss_from: u32) {
         let cap = self.cap;
         let total = tokens.len() + 1; // + EOT
         let mut start = 0usize;
@@ -220,6 +245,7 @@ impl Packer {
                     start: start as u32,
                     end: (start + cap) as u32,
                     offset: 0,
+                    loss_from,
                 });
                 s.tokens.extend_from_slice(&tokens[start..start + cap]);
                 start += cap;
@@ -259,6 +285,7 @@ impl Packer {
                 start: start as u32,
                 end: tokens.len() as u32,
                 offset: o.tokens.len() as u32,
+                loss_from,
             });
             o.tokens.extend_from_slice(&tokens[start..]);
         }
@@ -296,12 +323,14 @@ impl Packer {
             doc_starts.push(0);
         }
         doc_starts.extend(o.pieces.iter().map(|p| p.offset));
+        let no_loss = no_loss_ranges(&o.pieces);
         let seq = PackedSequence {
             index: self.next_index,
             tokens: o.tokens,
             doc_starts,
             pieces: o.pieces,
             padding: padding as u32,
+            no_loss,
             shard: 0,
             resume: self.current_resume.clone(),
         };
@@ -446,6 +475,7 @@ mod tests {
                 // Distinct token values per document so misplacements are visible.
                 tokens: (0..n as u32).map(|t| i as u32 * 10_000 + t).collect(),
                 text_bytes: n,
+                loss_from: 0,
             })
             .collect()
     }
@@ -622,5 +652,77 @@ mod tests {
             .map(|p| p.end - p.start)
             .sum();
         assert_eq!(total, 15);
+    }
+
+    /// Instruction data: the targets that are prompt tokens (here: ids 500_000.. mark prompt tokens) are exactly the
+    /// ignored labels of the batches built from the packed sequences, in both modes, with documents split across
+    /// sequences, and nothing else is ignored but padding.
+    #[test]
+    fn prompt_tokens_are_never_targets() {
+        let lens = [7usize, 30, 3, 12, 19, 5, 26, 9, 4];
+        let ds: Vec<TokenizedDoc> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let prompt = (i * 3 + 1) % (n + 1); // 0 (no prompt) .. n (all prompt)
+                TokenizedDoc {
+                    id: DocId {
+                        lane: 0,
+                        file: i as u32,
+                        ordinal: 0,
+                    },
+                    celex: None,
+                    tokens: (0..n as u32)
+                        .map(|t| {
+                            if (t as usize) < prompt {
+                                500_000 + t
+                            } else {
+                                1000 * i as u32 + t
+                            }
+                        })
+                        .collect(),
+                    text_bytes: n,
+                    loss_from: prompt as u32,
+                }
+            })
+            .collect();
+        let mut masked = 0;
+        for mode in [PackMode::Concat, PackMode::BestFit] {
+            let c = cfg(16, mode, 3);
+            let (seqs, rep) = pack(&c, &ds);
+            check(&c, &ds, &seqs, &rep);
+            for s in &seqs {
+                let row = lexflow_gpu::SequenceRef {
+                    tokens: &s.tokens,
+                    padding: s.padding,
+                    doc_starts: &s.doc_starts,
+                    no_loss: &s.no_loss,
+                };
+                let b = lexflow_gpu::Batch::new(&[row], lexflow_gpu::tch::Device::Cpu).unwrap();
+                let labels = Vec::<i64>::try_from(b.labels.view([-1])).unwrap();
+                let t = s.tokens.len() - 1;
+                for (p, &label) in labels.iter().enumerate().take(t) {
+                    let target = s.tokens[p + 1];
+                    let prompt = (500_000..600_000).contains(&target);
+                    let want_ignored = p >= t - s.padding as usize || prompt;
+                    assert_eq!(
+                        label == lexflow_gpu::IGNORE_INDEX,
+                        want_ignored,
+                        "{mode:?} seq {} pos {p}: target {target}, no_loss {:?}",
+                        s.index,
+                        s.no_loss
+                    );
+                    masked += prompt as usize;
+                }
+                assert_eq!(
+                    lexflow_gpu::valid_targets(&row) as usize,
+                    labels
+                        .iter()
+                        .filter(|&&l| l != lexflow_gpu::IGNORE_INDEX)
+                        .count()
+                );
+            }
+        }
+        assert!(masked > 20, "the test must mask something ({masked})");
     }
 }

@@ -392,7 +392,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                     let mut out = tk.tokenize_batch(batch);
                     if add_bos {
                         for d in &mut out.docs {
+                            let before = d.tokens.len();
                             prepend_bos(&tk, &mut d.tokens);
+                            if d.loss_from > 0 && d.tokens.len() > before {
+                                d.loss_from += 1;
+                            }
                         }
                     }
                     let toks: u64 = out.docs.iter().map(|d| d.tokens.len() as u64).sum();
@@ -677,7 +681,7 @@ fn fetch_doc_tokens(
     id: DocId,
 ) -> anyhow::Result<Vec<u32>> {
     let doc = fetch_doc(lanes, manifests, id)?;
-    let mut t = tk.encode(&doc.text);
+    let (mut t, _) = tk.encode_document(&doc);
     if add_bos {
         prepend_bos(tk, &mut t);
     }

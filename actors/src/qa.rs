@@ -8,8 +8,8 @@
 //!   relating to processing of personal data”?" → "Article 5" and the citation.
 //!
 //! Every answer ends with a machine-checkable citation `[CELEX 32016R0679, Art. 5]` ([`format_citation`]), which is
-//! what `lexflow qa eval` checks (citation accuracy, hallucinated citations). Pairs are split into `train.jsonl` and
-//! `eval.jsonl` by a hash of (CELEX, article, language, kind) — stable whatever the input order or file set — so an
+//! what `lexflow qa eval` checks (citation accuracy, hallucinated citations). Pairs are split into `train/<lang>.jsonl`
+//! (one file per language: the input of an SFT run, one sampler lane each) and `eval.jsonl` by a hash of (CELEX, article, language, kind) — stable whatever the input order or file set — so an
 //! article's pairs in one language never straddle the split. `citations.json` indexes every (CELEX, article) the
 //! corpus contains (the reference for "does this cited article exist"), `summary.json` counts pairs and everything
 //! skipped, by reason. Files that fail to parse are reported with path, offset and reason and skipped; the others
@@ -340,7 +340,7 @@ pub fn is_eval(id: &str, fraction: f64) -> bool {
 /// `act → its articles` over the whole corpus read (every language): the reference for hallucination checks.
 pub type CitationIndex = BTreeMap<String, BTreeSet<String>>;
 
-/// Builds the pairs of every input into `out` (train.jsonl, eval.jsonl, citations.json, summary.json).
+/// Builds the pairs of every input into `out` (train/<lang>.jsonl, eval.jsonl, citations.json, summary.json).
 pub fn build(paths: &[String], out: &Path, opts: &BuildOptions) -> anyhow::Result<BuildSummary> {
     anyhow::ensure!(
         (0.0..=1.0).contains(&opts.eval_fraction),
@@ -356,7 +356,15 @@ pub fn build(paths: &[String], out: &Path, opts: &BuildOptions) -> anyhow::Resul
             .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", p.display()))?;
         Ok((p, BufWriter::new(f)))
     };
-    let (train_path, mut train) = open("train.jsonl")?;
+    // Training pairs: one file per language (each is one sampler lane of `lexflow run`); evaluation: one file.
+    let train_dir = out.join("train");
+    if train_dir.exists() {
+        std::fs::remove_dir_all(&train_dir)
+            .map_err(|e| anyhow::anyhow!("{}: cannot replace: {e}", train_dir.display()))?;
+    }
+    std::fs::create_dir_all(&train_dir)
+        .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", train_dir.display()))?;
+    let mut train: BTreeMap<String, (PathBuf, BufWriter<std::fs::File>)> = BTreeMap::new();
     let (eval_path, mut eval) = open("eval.jsonl")?;
     let mut summary = BuildSummary {
         files: files.len(),
@@ -396,7 +404,12 @@ pub fn build(paths: &[String], out: &Path, opts: &BuildOptions) -> anyhow::Resul
                 let (w, path, n) = if is_eval(&p.id, opts.eval_fraction) {
                     (&mut eval, &eval_path, &mut summary.eval)
                 } else {
-                    (&mut train, &train_path, &mut summary.train)
+                    if !train.contains_key(&p.lang) {
+                        let (tp, tw) = open(&format!("train/{}.jsonl", p.lang))?;
+                        train.insert(p.lang.clone(), (tp, tw));
+                    }
+                    let (tp, tw) = train.get_mut(&p.lang).expect("just inserted");
+                    (tw, &*tp, &mut summary.train)
                 };
                 writeln!(w, "{line}")
                     .map_err(|e| anyhow::anyhow!("{}: write failed: {e}", path.display()))?;
@@ -404,7 +417,11 @@ pub fn build(paths: &[String], out: &Path, opts: &BuildOptions) -> anyhow::Resul
             }
         }
     }
-    for (w, p) in [(&mut train, &train_path), (&mut eval, &eval_path)] {
+    for (p, w) in train
+        .values_mut()
+        .map(|(p, w)| (&*p, w))
+        .chain([(&eval_path, &mut eval)])
+    {
         w.flush()
             .map_err(|e| anyhow::anyhow!("{}: write failed: {e}", p.display()))?;
     }
@@ -540,6 +557,7 @@ mod tests {
                 art("008", "Artikel 8", Some("Änderungen"), &["b"]),
             ],
             text: String::new(),
+            answer_start: None,
             date: None,
         };
         let mut s = BuildSummary::default();

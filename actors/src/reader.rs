@@ -143,7 +143,79 @@ pub fn is_supported(path: &Path) -> bool {
         .file_name()
         .map(|s| s.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
-    n.ends_with(".xml") || n.ends_with(".xml.zst") || n.ends_with(".xml.gz") || n.ends_with(".zip")
+    n.ends_with(".xml")
+        || n.ends_with(".xml.zst")
+        || n.ends_with(".xml.gz")
+        || n.ends_with(".zip")
+        || is_qa_jsonl(path)
+}
+
+/// Instruction data: JSON lines of Q&A pairs (`lexflow qa build`'s `train/<lang>.jsonl`), plain or compressed.
+pub fn is_qa_jsonl(path: &Path) -> bool {
+    let n = path.to_string_lossy().to_ascii_lowercase();
+    n.ends_with(".jsonl") || n.ends_with(".jsonl.zst") || n.ends_with(".jsonl.gz")
+}
+
+/// The documents of a Q&A JSON-lines file: per pair, the prompt ([`crate::qa::render_prompt`]) followed by the
+/// answer, with `answer_start` at the boundary (the prompt is context, the answer the training target). One
+/// language per file (it is one sampler lane); a bad line is an error naming the line.
+fn parse_qa_jsonl(path: &str, bytes: &[u8]) -> Result<Vec<Parsed>, ReadError> {
+    let bad = |line: usize, offset: usize, reason: String| ReadError::Parse {
+        path: path.to_string(),
+        line: line as u64,
+        column: 1,
+        byte_offset: offset as u64,
+        reason,
+        hint:
+            "each line must be one Q&A pair as `lexflow qa build` writes them (train/<lang>.jsonl)",
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let at = e.valid_up_to();
+        let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        bad(line, at, "not UTF-8".into())
+    })?;
+    let mut out = Vec::new();
+    let mut lang: Option<String> = None;
+    let mut offset = 0usize;
+    for (i, l) in text.split('\n').enumerate() {
+        let here = offset;
+        offset += l.len() + 1;
+        if l.trim().is_empty() {
+            continue;
+        }
+        let p: crate::qa::QaPair = serde_json::from_str(l)
+            .map_err(|e| bad(i + 1, here, format!("not a Q&A pair: {e}")))?;
+        match &lang {
+            None => lang = Some(p.lang.clone()),
+            Some(l0) if *l0 != p.lang => {
+                return Err(bad(
+                    i + 1,
+                    here,
+                    format!(
+                        "language {:?} in a file of {:?}: one language per file (one sampler lane)",
+                        p.lang, l0
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        let prompt = crate::qa::render_prompt(&p.question);
+        let doc = Document {
+            path: path.to_string(),
+            root: "QA".into(),
+            celex: Some(p.celex.clone()),
+            lang: Some(p.lang.clone()),
+            title: Some(p.question.clone()),
+            answer_start: Some(prompt.len()),
+            text: prompt + &p.answer,
+            ..Default::default()
+        };
+        out.push(Parsed {
+            doc,
+            meta: Default::default(),
+        });
+    }
+    Ok(out)
 }
 
 /// Files, directories (walked recursively, accepted extensions only) and globs → sorted, deduplicated paths. An
@@ -298,6 +370,9 @@ fn zip_members(path: &Path, raw: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ReadEr
 }
 
 fn parse_one(path: &str, bytes: &[u8]) -> Result<Vec<Parsed>, ReadError> {
+    if is_qa_jsonl(Path::new(path)) {
+        return parse_qa_jsonl(path, bytes);
+    }
     formex::parse_detailed(path, bytes).map_err(|e| ReadError::parse(path, e))
 }
 
@@ -585,6 +660,16 @@ fn tag_text<'a>(hay: &'a str, tag: &str) -> Option<&'a str> {
 /// Cheap language guess for lane assignment: the file (or first zip member) name, else the first `<LG.DOC>` (then
 /// `<LG.OJ>`) in the first 64 KB. Lower-case ISO 639-1.
 pub fn sniff_lang(path: &Path) -> Option<String> {
+    if is_qa_jsonl(path) {
+        // The first pair's language (the reader checks that every line has it).
+        let raw = std::fs::read(path).ok()?;
+        let bytes = decompress(path, raw).ok()?;
+        let first = bytes
+            .split(|&b| b == b'\n')
+            .find(|l| !l.iter().all(u8::is_ascii_whitespace))?;
+        let v: serde_json::Value = serde_json::from_slice(first).ok()?;
+        return v.get("lang")?.as_str().and_then(formex::norm_lang);
+    }
     if let Some(l) = formex::lang_from_filename(&path.display().to_string()) {
         if container_by_name(path) != Container::Zip {
             return Some(l);

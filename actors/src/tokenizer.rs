@@ -269,6 +269,24 @@ impl Tokenizer {
         self.token_id("<|eot_id|>")
     }
 
+    /// A document's tokens and how many of them are prompt ([`TokenizedDoc::loss_from`]): instruction data
+    /// (`answer_start` set) is encoded as prompt and answer separately, so the boundary is a token boundary (the
+    /// prompt ends with a newline, where byte-level BPE splits anyway); anything else is encoded whole.
+    pub fn encode_document(&self, d: &crate::types::Document) -> (Vec<u32>, u32) {
+        match d
+            .answer_start
+            .filter(|&b| b <= d.text.len() && d.text.is_char_boundary(b))
+        {
+            Some(b) => {
+                let mut t = self.encode(&d.text[..b]);
+                let n = t.len() as u32;
+                t.extend(self.encode(&d.text[b..]));
+                (t, n)
+            }
+            None => (self.encode(&d.text), 0),
+        }
+    }
+
     /// The pool-worker entry point: tokenizes the documents of one file. Documents with empty text are skipped; the
     /// others keep their ordinal (index in the batch). Records `lexflow_tokenizer_tokens_total{lang}`.
     pub fn tokenize_batch(&self, batch: DocBatch) -> TokenizedBatch {
@@ -279,7 +297,7 @@ impl Tokenizer {
             if d.text.is_empty() {
                 continue;
             }
-            let tokens = self.encode(&d.text);
+            let (tokens, loss_from) = self.encode_document(&d);
             let lang = d.lang.as_deref().unwrap_or("und");
             match per_lang.iter_mut().find(|(l, _)| l == lang) {
                 Some((_, n)) => *n += tokens.len() as u64,
@@ -294,6 +312,7 @@ impl Tokenizer {
                 celex: d.celex.map(Arc::from),
                 tokens,
                 text_bytes: d.text.len(),
+                loss_from,
             });
         }
         for (lang, n) in per_lang {

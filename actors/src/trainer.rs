@@ -939,6 +939,7 @@ fn seq_ref(s: &PackedSequence) -> SequenceRef<'_> {
         tokens: &s.tokens,
         padding: s.padding,
         doc_starts: &s.doc_starts,
+        no_loss: &s.no_loss,
     }
 }
 

@@ -74,6 +74,10 @@ pub struct Document {
     pub articles: Vec<Article>,
     /// Full text with readable whitespace (training text).
     pub text: String,
+    /// Instruction data: byte offset in `text` where the answer starts. The text before it (the prompt) is context
+    /// only: its tokens are never training targets. None: every token is trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_start: Option<usize>,
 }
 
 /// Where a document sits in the deterministic input order: lane (language), file index within the lane's sorted file
@@ -103,6 +107,8 @@ pub struct TokenizedDoc {
     pub tokens: Vec<u32>,
     /// UTF-8 bytes of the text that was encoded.
     pub text_bytes: usize,
+    /// Tokens `[0, loss_from)` are prompt: never training targets (0 for ordinary documents).
+    pub loss_from: u32,
 }
 
 /// Tokenizer → sampler message.
@@ -122,6 +128,13 @@ pub struct Piece {
     pub end: u32,
     /// Position of the piece's first token within the sequence.
     pub offset: u32,
+    /// The document's [`TokenizedDoc::loss_from`] (prompt tokens, never targets).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub loss_from: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// A fixed-length training sequence: `seq_len + 1` tokens (inputs are `[..seq_len]`, labels `[1..]`).
@@ -135,6 +148,10 @@ pub struct PackedSequence {
     pub pieces: Vec<Piece>,
     /// Padding tokens at the end (their labels are ignored by the loss).
     pub padding: u32,
+    /// Input positions `[a, b)` whose target is a prompt token of instruction data (ignored by the loss, like
+    /// padding). Empty for ordinary documents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_loss: Vec<[u32; 2]>,
     /// Logical shard (0..shards) the sequence was routed to.
     pub shard: u32,
     /// Where the dataflow stood right before the document whose packing emitted this sequence: resuming from it and

@@ -86,6 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokens: t,
             padding: 0,
             doc_starts: &[0, 20],
+            no_loss: &[],
         })
         .collect();
     let vb = Batch::new(&vrows, device)?;
@@ -169,6 +170,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokens: t,
             padding: 0,
             doc_starts: &starts,
+            no_loss: &[],
         })
         .collect();
     let batch = Batch::new(&rows, device)?;

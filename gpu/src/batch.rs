@@ -14,6 +14,8 @@ pub struct SequenceRef<'a> {
     pub tokens: &'a [u32],
     pub padding: u32,
     pub doc_starts: &'a [u32],
+    /// Input positions `[a, b)` whose targets are ignored (prompt tokens of instruction data).
+    pub no_loss: &'a [[u32; 2]],
 }
 
 pub struct Batch {
@@ -67,11 +69,16 @@ impl Batch {
                     "row {r}: padding {pad} exceeds seq_len {t}"
                 )));
             }
-            // Position p predicts tokens[p + 1]; targets inside the trailing padding are ignored.
+            // Position p predicts tokens[p + 1]; targets inside the trailing padding or a prompt are ignored.
             let first_ignored = t - pad;
-            for p in 0..t {
+            let mut ignore = vec![false; t];
+            for &[a, b] in row.no_loss {
+                let (a, b) = ((a as usize).min(t), (b as usize).min(t));
+                ignore[a..b.max(a)].iter_mut().for_each(|x| *x = true);
+            }
+            for (p, &ignored) in ignore.iter().enumerate() {
                 inputs.push(row.tokens[p] as i64);
-                if p < first_ignored {
+                if p < first_ignored && !ignored {
                     labels.push(row.tokens[p + 1] as i64);
                     valid += 1;
                 } else {
@@ -167,10 +174,14 @@ fn upload(host: &Tensor, device: Device) -> Tensor {
 
 /// Non-padding targets of one sequence (what [`Batch::valid_tokens`] counts), without building tensors.
 pub fn valid_targets(row: &SequenceRef<'_>) -> i64 {
-    row.tokens
-        .len()
-        .saturating_sub(1)
-        .saturating_sub(row.padding as usize) as i64
+    let t = row.tokens.len().saturating_sub(1);
+    let live = t.saturating_sub(row.padding as usize);
+    let mut ignore = vec![false; live];
+    for &[a, b] in row.no_loss {
+        let (a, b) = ((a as usize).min(live), (b as usize).min(live));
+        ignore[a..b.max(a)].iter_mut().for_each(|x| *x = true);
+    }
+    ignore.iter().filter(|&&x| !x).count() as i64
 }
 
 #[cfg(test)]
@@ -184,6 +195,7 @@ mod tests {
             tokens: &toks,
             padding: 2,
             doc_starts: &[0, 3],
+            no_loss: &[],
         };
         let b = Batch::new(&[row], Device::Cpu).unwrap();
         assert_eq!(
@@ -209,6 +221,7 @@ mod tests {
             tokens: &toks,
             padding: 0,
             doc_starts: &[0],
+            no_loss: &[],
         };
         let one = Batch::new(&[single], Device::Cpu).unwrap();
         assert!(one.doc_ids.is_none() && one.cu_seqlens.is_none());
@@ -227,6 +240,7 @@ mod tests {
             tokens: &toks[..3],
             padding: 0,
             doc_starts: &[0],
+            no_loss: &[],
         };
         assert!(Batch::new(&[single, short], Device::Cpu).is_err());
     }

@@ -1097,6 +1097,7 @@ mod tests {
                 tokens: t,
                 padding: 0,
                 doc_starts: s,
+                no_loss: &[],
             })
             .collect();
         let batch = Batch::new(&rows, Device::Cpu).unwrap();
@@ -1127,6 +1128,7 @@ mod tests {
             tokens: &toks,
             padding: 2,
             doc_starts: &[0, 6],
+            no_loss: &[],
         }];
         let batch = Batch::new(&rows, Device::Cpu).unwrap();
         let a = m.forward_backward(&batch, 0.5).double_value(&[]);

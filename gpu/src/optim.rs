@@ -716,9 +716,8 @@ impl StreamingSafetensors {
             off += bytes;
         }
         let mut text = serde_json::to_string(&header).expect("header is JSON");
-        while text.len() % 8 != 0 {
-            text.push(' ');
-        }
+        let pad = (8 - text.len() % 8) % 8;
+        text.extend(std::iter::repeat_n(' ', pad));
         let f = std::fs::File::create(path).map_err(|e| GpuError::io(path, e))?;
         let mut file = std::io::BufWriter::with_capacity(8 << 20, f);
         file.write_all(&(text.len() as u64).to_le_bytes())
