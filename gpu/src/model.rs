@@ -545,10 +545,11 @@ impl Attention {
         }
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, attn: &AttnLayout<'_>) -> Tensor {
+    /// Queries, keys (both with RoPE) and values as `(B, T, heads, hd)`: RoPE on the contiguous projection output,
+    /// attention on transposed views.
+    fn qkv(&self, x: &Tensor, rope: &Rope) -> (Tensor, Tensor, Tensor) {
         let (b, t, _) = x.size3().expect("(B, T, D)");
         let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
-        // (B, T, heads, hd): RoPE on the contiguous projection output, attention on transposed views.
         let q = rope.apply(&x.linear::<&Tensor>(&self.q_proj, None).view([b, t, h, hd]));
         let k = rope.apply(
             &x.linear::<&Tensor>(&self.k_proj, None)
@@ -557,6 +558,13 @@ impl Attention {
         let v = x
             .linear::<&Tensor>(&self.v_proj, None)
             .view([b, t, kvh, hd]);
+        (q, k, v)
+    }
+
+    fn forward(&self, x: &Tensor, rope: &Rope, attn: &AttnLayout<'_>) -> Tensor {
+        let (b, t, _) = x.size3().expect("(B, T, D)");
+        let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let (q, k, v) = self.qkv(x, rope);
         let gqa = kvh != h;
         let causal = |q: &Tensor, k: &Tensor, v: &Tensor| {
             // Flash/cuDNN kernels take GQA natively on the causal path; the output comes back as (.., H, T, hd).
@@ -641,14 +649,7 @@ impl Attention {
     fn forward_cached(&self, x: &Tensor, rope: &Rope, kv: &mut Option<(Tensor, Tensor)>) -> Tensor {
         let (b, t, _) = x.size3().expect("(B, T, D)");
         let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
-        let q = rope.apply(&x.linear::<&Tensor>(&self.q_proj, None).view([b, t, h, hd]));
-        let k = rope.apply(
-            &x.linear::<&Tensor>(&self.k_proj, None)
-                .view([b, t, kvh, hd]),
-        );
-        let v = x
-            .linear::<&Tensor>(&self.v_proj, None)
-            .view([b, t, kvh, hd]);
+        let (q, k, v) = self.qkv(x, rope);
         let prefill = kv.is_none();
         assert!(
             prefill || t == 1,
