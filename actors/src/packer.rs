@@ -599,8 +599,13 @@ mod tests {
         for mode in [PackMode::Concat, PackMode::BestFit] {
             let c = cfg(64, mode, 6);
             let lens: Vec<usize> = (0..80).map(|i| (i * 37) % 150 + 1).collect();
-            let ds = docs(&lens);
+            let mut ds = docs(&lens);
+            // Every third document is instruction data: its prompt masks must survive the restore.
+            for (i, d) in ds.iter_mut().enumerate().filter(|(i, _)| i % 3 == 0) {
+                d.loss_from = (d.tokens.len() as u32 / 2).max(1) + (i as u32 % 5);
+            }
             let (want, _) = pack(&c, &ds);
+            assert!(want.iter().any(|s| !s.no_loss.is_empty()));
             for cut in [1usize, 7, 33, 79] {
                 let mut p = Packer::new(&c, EOT, PAD);
                 let mut got = Vec::new();
@@ -629,8 +634,8 @@ mod tests {
                 assert_eq!(got.len(), want.len(), "{mode:?} cut {cut}");
                 for (a, b) in got.iter().zip(&want) {
                     assert_eq!(
-                        (a.index, &a.tokens, &a.pieces, a.padding),
-                        (b.index, &b.tokens, &b.pieces, b.padding),
+                        (a.index, &a.tokens, &a.pieces, a.padding, &a.no_loss),
+                        (b.index, &b.tokens, &b.pieces, b.padding, &b.no_loss),
                         "{mode:?} cut {cut}"
                     );
                 }
