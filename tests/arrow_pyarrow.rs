@@ -91,13 +91,20 @@ fn sequences(rng: &mut Rng, n: usize, seq_len: usize, shards: u32) -> Vec<Packed
             } else {
                 i as u64 * 1_000_003
             };
+            // Some sequences carry prompt masks (instruction data).
+            let no_loss = if i % 3 == 1 {
+                let a = rng.below(seq_len as u64 / 2) as u32;
+                vec![[a, a + 1 + rng.below(40) as u32], [a + 60, a + 61]]
+            } else {
+                Vec::new()
+            };
             PackedSequence {
                 index,
                 tokens,
                 doc_starts,
                 pieces,
                 padding: padding as u32,
-                no_loss: Vec::new(),
+                no_loss,
                 shard: rng.below(shards as u64) as u32,
                 resume: None,
             }
@@ -141,7 +148,10 @@ fn seq_from_json(row: &Value) -> PackedSequence {
         doc_starts: u32s(&row["doc_starts"]),
         pieces,
         padding: u(&row["padding"]) as u32,
-        no_loss: Vec::new(),
+        no_loss: u32s(&row["no_loss"])
+            .chunks(2)
+            .map(|c| [c[0], c[1]])
+            .collect(),
         shard: u(&row["shard"]) as u32,
         resume: None,
     }
@@ -256,7 +266,8 @@ fn pyarrow_reads_every_value_the_tee_wrote() {
                 "tokens",
                 "doc_starts",
                 "padding",
-                "pieces"
+                "pieces",
+                "no_loss"
             ],
             "{name}"
         );

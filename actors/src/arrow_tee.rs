@@ -12,6 +12,7 @@
 //! | `doc_starts` | `List<UInt32>`                                                                    |
 //! | `padding`    | `UInt32`                                                                          |
 //! | `pieces`     | `List<Struct{lane: UInt16, file: UInt32, ordinal: UInt32, start, end, offset: UInt32}>` |
+//! | `no_loss`    | `List<UInt32>`: input positions whose target the loss ignores (prompt tokens of instruction data), as flat `[start, end)` pairs; empty for ordinary documents (format version 2; absent in version-1 files, read as empty) |
 //!
 //! Schema metadata holds a single key, [`META_KEY`] (`"lexflow"`), whose value is a JSON object
 //! `{"format_version", "seq_len", "tokenizer", "run", "shard", "shards"}`. A single key (rather than one key per
@@ -47,7 +48,7 @@ pub const BATCH_ROWS: usize = 64;
 /// The schema-metadata key holding the JSON [`TeeFileMeta`].
 pub const META_KEY: &str = "lexflow";
 /// Version of the column layout; bumped on incompatible changes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Run-level facts recorded in every shard file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +142,7 @@ pub fn schema_fields() -> Vec<Field> {
         Field::new("doc_starts", DataType::List(u32_item()), false),
         Field::new("padding", DataType::UInt32, false),
         Field::new("pieces", DataType::List(piece_item()), false),
+        Field::new("no_loss", DataType::List(u32_item()), false),
     ]
 }
 
@@ -166,6 +168,8 @@ struct Rows {
     end: Vec<u32>,
     offset: Vec<u32>,
     piece_lens: Vec<usize>,
+    no_loss: Vec<u32>,
+    no_loss_lens: Vec<usize>,
 }
 
 impl Rows {
@@ -190,6 +194,8 @@ impl Rows {
             self.offset.push(p.offset);
         }
         self.piece_lens.push(s.pieces.len());
+        self.no_loss.extend(s.no_loss.iter().flatten());
+        self.no_loss_lens.push(2 * s.no_loss.len());
     }
 
     /// Builds a record batch from the buffered rows and empties the buffers.
@@ -245,6 +251,7 @@ impl Rows {
             list_u32(&r.doc_starts, &r.doc_start_lens),
             Arc::new(UInt32Array::from(r.padding)),
             Arc::new(pb.finish()),
+            list_u32(&r.no_loss, &r.no_loss_lens),
         ];
         RecordBatch::try_new(schema.clone(), columns)
     }
@@ -532,6 +539,13 @@ pub fn read_sequences(path: &Path) -> Result<Vec<PackedSequence>, ArrowTeeError>
             column(path, &batch, "padding", &DataType::UInt32)?.as_primitive::<UInt32Type>();
         let pieces =
             column(path, &batch, "pieces", &DataType::List(piece_item()))?.as_list::<i32>();
+        // Version-1 files have no `no_loss` column: nothing was masked.
+        let no_loss = match batch.schema().column_with_name("no_loss") {
+            Some(_) => {
+                Some(column(path, &batch, "no_loss", &DataType::List(u32_item()))?.as_list::<i32>())
+            }
+            None => None,
+        };
         let tok_vals = tokens.values().as_primitive::<UInt32Type>();
         let ds_vals = doc_starts.values().as_primitive::<UInt32Type>();
         let pv = pieces.values().as_struct();
@@ -579,7 +593,13 @@ pub fn read_sequences(path: &Path) -> Result<Vec<PackedSequence>, ArrowTeeError>
                 doc_starts: slice(doc_starts, ds_vals, row),
                 pieces: ps,
                 padding: padding.value(row),
-                no_loss: Vec::new(),
+                no_loss: match no_loss {
+                    Some(l) => slice(l, l.values().as_primitive::<UInt32Type>(), row)
+                        .chunks(2)
+                        .map(|c| [c[0], *c.get(1).unwrap_or(&c[0])])
+                        .collect(),
+                    None => Vec::new(),
+                },
                 shard: shard.value(row),
                 resume: None,
             });
@@ -609,8 +629,16 @@ pub fn cli_inspect(file: &Path, tokenizer: &str, limit: usize) -> anyhow::Result
     for s in seqs.iter().take(limit) {
         writeln!(
             out,
-            "\n=== sequence {} (shard {}, padding {}, doc_starts {:?})",
-            s.index, s.shard, s.padding, s.doc_starts
+            "\n=== sequence {} (shard {}, padding {}, doc_starts {:?}{})",
+            s.index,
+            s.shard,
+            s.padding,
+            s.doc_starts,
+            if s.no_loss.is_empty() {
+                String::new()
+            } else {
+                format!(", no loss on positions {:?}", s.no_loss)
+            }
         )?;
         for p in &s.pieces {
             let from = (p.offset as usize).min(s.tokens.len());
