@@ -325,6 +325,14 @@ fn qa_build_and_eval_on_the_real_corpus() {
     ]);
     eval_report(&a, &tmp.path().join("r4.json"));
     let ours = lines(&preds);
+    // The same one question at a time (no padding, plain causal prefill).
+    let preds1 = tmp.path().join("gen_random_b1.jsonl");
+    let mut a1 = a.clone();
+    let n = a1.len();
+    a1[n - 1] = preds1.to_str().unwrap();
+    a1.extend(["--batch-size", "1"]);
+    eval_report(&a1, &tmp.path().join("r5.json"));
+    let ours1 = lines(&preds1);
     let tokenizer = std::env::var("LEXFLOW_TOKENIZER_JSON")
         .expect("LEXFLOW_TOKENIZER_JSON is not set (run `make setup` and `source scripts/env.sh`)");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_generate.py");
@@ -347,11 +355,16 @@ fn qa_build_and_eval_on_the_real_corpus() {
     assert_eq!(ours.len(), 4);
     assert_eq!(theirs.len(), 4);
     let mut generated = 0;
-    for (x, y) in ours.iter().zip(&theirs) {
+    for ((x, y), z) in ours.iter().zip(&theirs).zip(&ours1) {
         assert_eq!(x["id"], y["id"]);
         assert_eq!(
             x["token_ids"], y["token_ids"],
-            "{}: lexflow vs transformers",
+            "{}: lexflow (the 4 questions in one padded batch) vs transformers",
+            x["id"]
+        );
+        assert_eq!(
+            z["token_ids"], y["token_ids"],
+            "{}: lexflow (one question at a time) vs transformers",
             x["id"]
         );
         generated += x["token_ids"].as_array().unwrap().len();

@@ -253,10 +253,13 @@ pub struct GenOptions {
     pub tokenizer: String,
     pub device: String,
     pub max_new_tokens: usize,
+    /// Questions decoded together (left-padded, each row masked to its own prompt); 1: one at a time.
+    pub batch_size: usize,
 }
 
 /// Answers of a checkpoint (HF layout: `config.json` + safetensors) to every gold question: greedy decoding of the
-/// prompt with a KV cache, stopping at end-of-text / end-of-turn, the model's context length or `max_new_tokens`.
+/// prompt with a KV cache, `batch_size` questions at a time, stopping at end-of-text / end-of-turn, the model's
+/// context length or `max_new_tokens`.
 pub fn generate(
     model_dir: &Path,
     gold: &[QaPair],
@@ -289,35 +292,83 @@ pub fn generate_ids(
     let max_len = model.cfg.max_position_embeddings;
     let _ng = tch::no_grad_guard();
     let mut out = HashMap::new();
-    for (i, g) in gold.iter().enumerate() {
-        let mut ids: Vec<i64> = tok.bos_id().map(|b| b as i64).into_iter().collect();
-        ids.extend(
-            tok.encode(&render_prompt(&g.question))
-                .into_iter()
-                .map(i64::from),
-        );
-        let start = ids.len();
-        // Prefill the prompt into the KV cache, then one position per new token.
+    let bs = opts.batch_size.max(1);
+    let mut done_n = 0;
+    for chunk in gold.chunks(bs) {
+        let prompts: Vec<Vec<i64>> = chunk
+            .iter()
+            .map(|g| {
+                let mut ids: Vec<i64> = tok.bos_id().map(|b| b as i64).into_iter().collect();
+                ids.extend(
+                    tok.encode(&render_prompt(&g.question))
+                        .into_iter()
+                        .map(i64::from),
+                );
+                ids
+            })
+            .collect();
+        let b = prompts.len();
+        let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut gen: Vec<Vec<u32>> = vec![Vec::new(); b];
+        let mut finished = vec![false; b];
         let mut cache = lexflow_gpu::KvCache::new();
-        let mut feed = Tensor::from_slice(&ids).view([1, -1]).to_device(device);
-        while ids.len() - start < opts.max_new_tokens && ids.len() < max_len {
-            let logits = model.forward_cached(&feed, &mut cache);
-            let next = logits
-                .select(1, -1)
-                .narrow(-1, 0, vocab)
-                .argmax(-1, false)
-                .int64_value(&[0]);
-            if stops.contains(&(next as u32)) {
+        // One prompt: plain causal prefill. Several: left-padded, each row masked to its own tokens.
+        let (mut feed, mut valid) = if b == 1 {
+            (Tensor::from_slice(&prompts[0]).view([1, -1]), None)
+        } else {
+            let mut ids = Vec::with_capacity(b * l);
+            let mut v = Vec::with_capacity(b * l);
+            for p in &prompts {
+                ids.extend(std::iter::repeat_n(0i64, l - p.len()).chain(p.iter().copied()));
+                v.extend((0..l).map(|j| j >= l - p.len()));
+            }
+            (
+                Tensor::from_slice(&ids).view([b as i64, l as i64]),
+                Some(Tensor::from_slice(&v).view([b as i64, l as i64])),
+            )
+        };
+        let mut step = 0;
+        while step < opts.max_new_tokens && finished.iter().any(|f| !f) {
+            let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + step;
+            if longest >= max_len {
                 break;
             }
-            ids.push(next);
-            feed = Tensor::from_slice(&[next]).view([1, 1]).to_device(device);
+            let logits = match &valid {
+                None => model.forward_cached(&feed.to_device(device), &mut cache),
+                Some(v) => model.forward_cached_padded(
+                    &feed.to_device(device),
+                    &v.to_device(device),
+                    &mut cache,
+                ),
+            };
+            let next = Vec::<i64>::try_from(
+                logits
+                    .select(1, -1)
+                    .narrow(-1, 0, vocab)
+                    .argmax(-1, false)
+                    .to_device(tch::Device::Cpu),
+            )?;
+            for (r, &t) in next.iter().enumerate() {
+                if finished[r] {
+                    continue;
+                }
+                if stops.contains(&(t as u32)) {
+                    finished[r] = true;
+                } else {
+                    gen[r].push(t as u32);
+                }
+            }
+            feed = Tensor::from_slice(&next).view([b as i64, 1]);
+            if valid.is_some() {
+                valid = Some(Tensor::ones([b as i64, 1], (Kind::Bool, tch::Device::Cpu)));
+            }
+            step += 1;
         }
-        let gen: Vec<u32> = ids[start..].iter().map(|&t| t as u32).collect();
-        out.insert(g.id.clone(), (tok.decode(&gen).trim().to_string(), gen));
-        if (i + 1) % 10 == 0 || i + 1 == gold.len() {
-            eprintln!("lexflow qa eval: generated {}/{}", i + 1, gold.len());
+        for (g, ids) in chunk.iter().zip(gen) {
+            out.insert(g.id.clone(), (tok.decode(&ids).trim().to_string(), ids));
         }
+        done_n += b;
+        eprintln!("lexflow qa eval: generated {done_n}/{}", gold.len());
     }
     Ok(out)
 }

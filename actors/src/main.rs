@@ -122,6 +122,9 @@ enum QaCmd {
         device: String,
         #[arg(long, default_value_t = 256)]
         max_new_tokens: usize,
+        /// Questions generated together (left-padded batch).
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
         /// Only the first N gold examples.
         #[arg(long)]
         limit: Option<usize>,
@@ -231,6 +234,7 @@ fn main() -> ExitCode {
                     tokenizer,
                     device,
                     max_new_tokens,
+                    batch_size,
                     limit,
                     out,
                     predictions_out,
@@ -244,6 +248,7 @@ fn main() -> ExitCode {
                 tokenizer,
                 device,
                 max_new_tokens,
+                batch_size,
             },
             limit,
             out: out.as_deref(),

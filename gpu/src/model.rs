@@ -460,6 +460,17 @@ impl Rope {
         Self::at(inv_freq, 0, t, kind)
     }
 
+    /// Tables for per-row positions `(B, t)` (left-padded batched decoding): `cos`/`sin` of shape `(B, t, 1, hd)`.
+    fn per_row(inv_freq: &Tensor, pos: &Tensor, kind: Kind) -> Self {
+        let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * inv_freq; // (B, t, hd/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let s = freqs.sin();
+        Rope {
+            cos: emb.cos().to_kind(kind).unsqueeze(2),
+            sin: Tensor::cat(&[&s.neg(), &s], -1).to_kind(kind).unsqueeze(2),
+        }
+    }
+
     /// Tables for positions `start .. start + t` (incremental decoding).
     fn at(inv_freq: &Tensor, start: i64, t: i64, kind: Kind) -> Self {
         // Positions are global within the packed sequence: attention scores under RoPE depend only on relative
@@ -646,7 +657,14 @@ impl Attention {
 impl Attention {
     /// Attention of `t` new positions over the cached keys/values of earlier ones plus their own (inference only):
     /// either a prefill (empty cache, causal over the `t` positions) or one new position (it sees everything).
-    fn forward_cached(&self, x: &Tensor, rope: &Rope, kv: &mut Option<(Tensor, Tensor)>) -> Tensor {
+    /// `mask`: `(B, 1, t, K)` bool (true = may attend) for left-padded batches; None: plain causal.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        kv: &mut Option<(Tensor, Tensor)>,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
         let (b, t, _) = x.size3().expect("(B, T, D)");
         let (h, kvh, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let (q, k, v) = self.qkv(x, rope);
@@ -659,16 +677,40 @@ impl Attention {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1), Tensor::cat(&[&pv, &v], 1)),
             None => (k, v),
         };
-        let y = Tensor::scaled_dot_product_attention::<&Tensor>(
-            &q.transpose(1, 2),
-            &k.transpose(1, 2),
-            &v.transpose(1, 2),
-            None,
-            0.0,
-            prefill,
-            None,
-            kvh != h,
-        )
+        let y = match mask {
+            None => Tensor::scaled_dot_product_attention::<&Tensor>(
+                &q.transpose(1, 2),
+                &k.transpose(1, 2),
+                &v.transpose(1, 2),
+                None,
+                0.0,
+                prefill,
+                None,
+                kvh != h,
+            ),
+            Some(m) => {
+                // Explicit masks go to kernels that want equal head counts.
+                let rep = h / kvh;
+                let (kr, vr) = if rep > 1 {
+                    (
+                        k.repeat_interleave_self_int(rep, 2, None),
+                        v.repeat_interleave_self_int(rep, 2, None),
+                    )
+                } else {
+                    (k.shallow_clone(), v.shallow_clone())
+                };
+                Tensor::scaled_dot_product_attention(
+                    &q.transpose(1, 2),
+                    &kr.transpose(1, 2),
+                    &vr.transpose(1, 2),
+                    Some(m),
+                    0.0,
+                    false,
+                    None,
+                    false,
+                )
+            }
+        }
         .transpose(1, 2);
         *kv = Some((k, v));
         y.reshape([b, t, h * hd])
@@ -676,11 +718,16 @@ impl Attention {
     }
 }
 
-/// Keys and values of the positions decoded so far, per layer (inference only; see [`Llama::forward_cached`]).
+/// Keys and values of the positions decoded so far, per layer (inference only; see [`Llama::forward_cached`] and
+/// [`Llama::forward_cached_padded`]).
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: i64,
+    /// Padded batches: `(B, len)` bool, the cached positions that are real tokens.
+    key_valid: Option<Tensor>,
+    /// Padded batches: `(B,)` int64, each row's next position.
+    next_pos: Option<Tensor>,
 }
 
 impl KvCache {
@@ -860,15 +907,67 @@ impl Llama {
     /// whole prefix, without recomputing it. Call under `no_grad`.
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Tensor {
         let (_, t) = input_ids.size2().expect("(B, T) token ids");
+        let rope = Rope::at(&self.inv_freq, cache.len, t, self.kind());
+        self.cached_layers(input_ids, &rope, None, cache)
+    }
+
+    /// [`forward_cached`](Self::forward_cached) for a batch of prompts of different lengths, left-padded: `valid`
+    /// `(B, t)` bool is false at padding. Every row gets its own positions (counting its real tokens only) and
+    /// attends to its real tokens only, so each row's logits are those of that prompt alone; a padding position
+    /// attends to itself (no empty softmax). Decode steps pass `(B, 1)` tokens with `valid` all true.
+    pub fn forward_cached_padded(
+        &self,
+        input_ids: &Tensor,
+        valid: &Tensor,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        let (b, t) = input_ids.size2().expect("(B, T) token ids");
+        let dev = input_ids.device();
+        let valid = valid.to_kind(Kind::Bool);
+        let next = cache
+            .next_pos
+            .take()
+            .unwrap_or_else(|| Tensor::zeros([b], (Kind::Int64, dev)));
+        let counts = valid.to_kind(Kind::Int64).cumsum(1, Kind::Int64); // (B, t)
+        let pos = (&counts + next.unsqueeze(1) - 1).clamp_min(0);
+        cache.next_pos = Some(&next + counts.select(1, t - 1));
+        let keys = match cache.key_valid.take() {
+            Some(k) => Tensor::cat(&[&k, &valid], 1),
+            None => valid.shallow_clone(),
+        };
+        let kn = keys.size()[1];
+        // Query i sits at padded index cache.len + i: it sees real keys up to there, and always itself.
+        let qi = Tensor::arange_start(cache.len, cache.len + t, (Kind::Int64, dev)).view([t, 1]);
+        let ki = Tensor::arange(kn, (Kind::Int64, dev)).view([1, kn]);
+        let causal = ki.le_tensor(&qi); // (t, K)
+        let own = ki.eq_tensor(&qi);
+        let mask = causal
+            .unsqueeze(0)
+            .logical_and(&keys.unsqueeze(1))
+            .logical_or(&own.unsqueeze(0))
+            .unsqueeze(1); // (B, 1, t, K)
+        cache.key_valid = Some(keys);
+        let rope = Rope::per_row(&self.inv_freq, &pos, self.kind());
+        self.cached_layers(input_ids, &rope, Some(&mask), cache)
+    }
+
+    fn cached_layers(
+        &self,
+        input_ids: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        let (_, t) = input_ids.size2().expect("(B, T) token ids");
         if cache.layers.is_empty() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
-        let rope = Rope::at(&self.inv_freq, cache.len, t, self.kind());
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
         for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let a = block
-                .self_attn
-                .forward_cached(&block.input_layernorm.forward(&x), &rope, kv);
+            let a =
+                block
+                    .self_attn
+                    .forward_cached(&block.input_layernorm.forward(&x), rope, kv, mask);
             let h = &x + a;
             x = &h
                 + block
@@ -1164,6 +1263,53 @@ mod tests {
             let inc = Tensor::cat(&parts, 1);
             let d = (&inc - &full).abs().max().double_value(&[]);
             assert!(d < 1e-5, "cached vs full: {d}");
+        });
+    }
+
+    /// Left-padded prompts of different lengths decoded together give each row the logits it gets alone.
+    #[test]
+    fn padded_batch_decoding_equals_each_prompt_alone() {
+        let model = Llama::new(&LlamaConfig::tiny(64), Device::Cpu, Kind::Float, 5).unwrap();
+        let prompts: Vec<Vec<i64>> = vec![
+            vec![3, 9, 27, 81 % 64, 5],
+            vec![7, 11],
+            vec![1, 2, 3, 4, 5, 6, 7, 8],
+        ];
+        let cont: Vec<Vec<i64>> = vec![vec![10, 20, 30], vec![40, 50, 60], vec![11, 12, 13]];
+        tch::no_grad(|| {
+            let l = prompts.iter().map(Vec::len).max().unwrap();
+            let mut ids = Vec::new();
+            let mut valid = Vec::new();
+            for p in &prompts {
+                ids.extend(std::iter::repeat_n(0i64, l - p.len()).chain(p.iter().copied()));
+                valid.extend((0..l).map(|j| j >= l - p.len()));
+            }
+            let b = prompts.len() as i64;
+            let ids = Tensor::from_slice(&ids).view([b, l as i64]);
+            let valid = Tensor::from_slice(&valid).view([b, l as i64]);
+            let mut cache = KvCache::new();
+            let first = model.forward_cached_padded(&ids, &valid, &mut cache);
+            let mut steps = vec![first.select(1, l as i64 - 1)];
+            for k in 0..3 {
+                let next: Vec<i64> = cont.iter().map(|c| c[k]).collect();
+                let t = Tensor::from_slice(&next).view([b, 1]);
+                let ones = Tensor::ones([b, 1], (Kind::Bool, Device::Cpu));
+                steps.push(
+                    model
+                        .forward_cached_padded(&t, &ones, &mut cache)
+                        .select(1, 0),
+                );
+            }
+            for (r, p) in prompts.iter().enumerate() {
+                let mut seq = p.clone();
+                seq.extend(&cont[r]);
+                let full = model.forward(&Tensor::from_slice(&seq).view([1, -1]), None);
+                for (k, s) in steps.iter().enumerate() {
+                    let want = full.select(1, (p.len() - 1 + k) as i64).squeeze_dim(0);
+                    let d = (s.get(r as i64) - &want).abs().max().double_value(&[]);
+                    assert!(d < 1e-4, "row {r} step {k}: {d}");
+                }
+            }
         });
     }
 
