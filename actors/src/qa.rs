@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::reader::{expand_inputs, read_files_with_manifests};
+use crate::reader::{expand_inputs, read_file_indexed, ManifestIndex};
 use crate::types::{Article, DocType, Document};
 
 /// A cited provision: an act (CELEX) and optionally one of its articles (`"5"`, `"8a"`).
@@ -372,8 +372,10 @@ pub fn build(paths: &[String], out: &Path, opts: &BuildOptions) -> anyhow::Resul
     };
     let mut index: CitationIndex = BTreeMap::new();
     let mut seen: HashSet<String> = HashSet::new();
-    for (path, r) in read_files_with_manifests(&files) {
-        let docs = match r {
+    // Manifests first (small files), then one input at a time: memory stays that of the largest file, not the corpus.
+    let manifests = ManifestIndex::build(&files);
+    for path in &files {
+        let docs = match read_file_indexed(path, &manifests) {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("lexflow qa build: skipping {}: {e}", path.display());
