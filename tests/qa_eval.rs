@@ -369,6 +369,20 @@ fn qa_build_and_eval_on_the_real_corpus() {
         );
         generated += x["token_ids"].as_array().unwrap().len();
     }
+    // A model whose vocabulary is smaller than the tokenizer's ids is refused with what to do, not a crash.
+    let small = tmp.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let m = Llama::new(&LlamaConfig::tiny(64), Device::Cpu, Kind::Float, 1).unwrap();
+    save_hf(&small, &m, DEFAULT_MAX_SHARD_BYTES).unwrap();
+    let mut a = base.to_vec();
+    a.extend(["--model", small.to_str().unwrap(), "--limit", "1"]);
+    let (ok, _, stderr) = lexflow(&a);
+    assert!(
+        !ok && stderr.contains("64 embeddings")
+            && stderr.contains("--tokenizer")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
     assert!(
         generated >= 8,
         "the random model stopped at once: the comparison would be empty"

@@ -594,10 +594,17 @@ pub fn read_sequences(path: &Path) -> Result<Vec<PackedSequence>, ArrowTeeError>
                 pieces: ps,
                 padding: padding.value(row),
                 no_loss: match no_loss {
-                    Some(l) => slice(l, l.values().as_primitive::<UInt32Type>(), row)
-                        .chunks(2)
-                        .map(|c| [c[0], *c.get(1).unwrap_or(&c[0])])
-                        .collect(),
+                    Some(l) => {
+                        let flat = slice(l, l.values().as_primitive::<UInt32Type>(), row);
+                        if flat.len() % 2 == 1 {
+                            return Err(fmt(format!(
+                                "row {row} of a batch: `no_loss` has {} values, not [start, end) pairs (file not \
+                                 written by lexflow, or damaged)",
+                                flat.len()
+                            )));
+                        }
+                        flat.chunks(2).map(|c| [c[0], c[1]]).collect()
+                    }
                     None => Vec::new(),
                 },
                 shard: shard.value(row),

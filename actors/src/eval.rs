@@ -307,6 +307,18 @@ pub fn generate_ids(
                 ids
             })
             .collect();
+        // A tokenizer with more ids than the model has embeddings (the wrong --tokenizer) would index past the table.
+        for (g, p) in chunk.iter().zip(&prompts) {
+            if let Some(&bad) = p.iter().find(|&&t| t >= vocab) {
+                anyhow::bail!(
+                    "{}: question {:?} has token id {bad}, but {} has {vocab} embeddings: pass the tokenizer the \
+                     model was trained with (--tokenizer)",
+                    opts.tokenizer,
+                    g.id,
+                    model_dir.display()
+                );
+            }
+        }
         let b = prompts.len();
         let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut gen: Vec<Vec<u32>> = vec![Vec::new(); b];

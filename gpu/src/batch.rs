@@ -70,15 +70,9 @@ impl Batch {
                 )));
             }
             // Position p predicts tokens[p + 1]; targets inside the trailing padding or a prompt are ignored.
-            let first_ignored = t - pad;
-            let mut ignore = vec![false; t];
-            for &[a, b] in row.no_loss {
-                let (a, b) = ((a as usize).min(t), (b as usize).min(t));
-                ignore[a..b.max(a)].iter_mut().for_each(|x| *x = true);
-            }
-            for (p, &ignored) in ignore.iter().enumerate() {
+            for (p, trained) in trained_targets(row).into_iter().enumerate() {
                 inputs.push(row.tokens[p] as i64);
-                if p < first_ignored && !ignored {
+                if trained {
                     labels.push(row.tokens[p + 1] as i64);
                     valid += 1;
                 } else {
@@ -174,14 +168,19 @@ fn upload(host: &Tensor, device: Device) -> Tensor {
 
 /// Non-padding targets of one sequence (what [`Batch::valid_tokens`] counts), without building tensors.
 pub fn valid_targets(row: &SequenceRef<'_>) -> i64 {
+    trained_targets(row).into_iter().filter(|&x| x).count() as i64
+}
+
+/// Per input position: whether its target is trained on (not in the trailing padding, not in a `no_loss` range).
+fn trained_targets(row: &SequenceRef<'_>) -> Vec<bool> {
     let t = row.tokens.len().saturating_sub(1);
     let live = t.saturating_sub(row.padding as usize);
-    let mut ignore = vec![false; live];
+    let mut trained: Vec<bool> = (0..t).map(|p| p < live).collect();
     for &[a, b] in row.no_loss {
-        let (a, b) = ((a as usize).min(live), (b as usize).min(live));
-        ignore[a..b.max(a)].iter_mut().for_each(|x| *x = true);
+        let (a, b) = ((a as usize).min(t), (b as usize).min(t));
+        trained[a..b.max(a)].iter_mut().for_each(|x| *x = false);
     }
-    ignore.iter().filter(|&&x| !x).count() as i64
+    trained
 }
 
 #[cfg(test)]

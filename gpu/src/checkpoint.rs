@@ -232,6 +232,106 @@ impl SafetensorsRanges {
     }
 }
 
+/// A safetensors file written tensor by tensor, chunk by chunk, in the order of its header: for states too large to
+/// hold on one host at once.
+pub(crate) struct StreamingSafetensors {
+    path: std::path::PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    /// `(name, bytes still expected)` in file order.
+    pending: Vec<(String, u64)>,
+    written: u64,
+}
+
+impl StreamingSafetensors {
+    /// `tensors`: `(name, elements)` of 1-D F32 tensors, in the order their data will be written.
+    pub(crate) fn create(
+        path: &Path,
+        tensors: &[(&str, i64)],
+        mut metadata: HashMap<String, String>,
+    ) -> Result<Self> {
+        metadata
+            .entry("format".into())
+            .or_insert_with(|| "pt".into());
+        let mut header = serde_json::Map::new();
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata.into_iter().collect::<BTreeMap<_, _>>())
+                .expect("metadata is JSON"),
+        );
+        let mut off = 0u64;
+        let mut pending = Vec::new();
+        for &(name, n) in tensors {
+            let bytes = n as u64 * 4;
+            header.insert(
+                name.into(),
+                serde_json::json!({"dtype": "F32", "shape": [n], "data_offsets": [off, off + bytes]}),
+            );
+            pending.push((name.to_string(), bytes));
+            off += bytes;
+        }
+        let mut text = serde_json::to_string(&header).expect("header is JSON");
+        let pad = (8 - text.len() % 8) % 8;
+        text.extend(std::iter::repeat_n(' ', pad));
+        let f = std::fs::File::create(path).map_err(|e| GpuError::io(path, e))?;
+        let mut file = std::io::BufWriter::with_capacity(8 << 20, f);
+        file.write_all(&(text.len() as u64).to_le_bytes())
+            .and_then(|_| file.write_all(text.as_bytes()))
+            .map_err(|e| GpuError::io(path, e))?;
+        Ok(StreamingSafetensors {
+            path: path.into(),
+            file,
+            pending,
+            written: 8 + text.len() as u64,
+        })
+    }
+
+    /// Appends `t` (fp32, any device) to tensor `name`, which must be the one being written.
+    pub(crate) fn write(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        let bytes = t.numel() as u64 * 4;
+        let fits = self
+            .pending
+            .first()
+            .is_some_and(|(n, left)| n == name && *left >= bytes && t.kind() == Kind::Float);
+        if !fits {
+            return Err(GpuError::checkpoint(
+                &self.path,
+                format!("internal: {name} data out of order or too long"),
+            ));
+        }
+        let host = t.to_device(Device::Cpu).contiguous();
+        let mut data = vec![0u8; bytes as usize];
+        host.f_copy_data_u8(&mut data, host.numel())?;
+        self.file
+            .write_all(&data)
+            .map_err(|e| GpuError::io(&self.path, e))?;
+        self.written += bytes;
+        let done = {
+            let p = &mut self.pending[0];
+            p.1 -= bytes;
+            p.1 == 0
+        };
+        if done {
+            self.pending.remove(0);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(self) -> Result<u64> {
+        if let Some((n, left)) = self.pending.first() {
+            return Err(GpuError::checkpoint(
+                &self.path,
+                format!("internal: {n} is {left} bytes short"),
+            ));
+        }
+        let f = self
+            .file
+            .into_inner()
+            .map_err(|e| GpuError::io(&self.path, e.into_error()))?;
+        f.sync_all().map_err(|e| GpuError::io(&self.path, e))?;
+        Ok(self.written)
+    }
+}
+
 /// `config.json` as Hugging Face writes it for `LlamaForCausalLM` (the pre-v5 `rope_scaling` form, which every
 /// transformers version reads).
 #[derive(Debug, Serialize, Deserialize)]

@@ -460,28 +460,23 @@ impl Rope {
         Self::at(inv_freq, 0, t, kind)
     }
 
-    /// Tables for per-row positions `(B, t)` (left-padded batched decoding): `cos`/`sin` of shape `(B, t, 1, hd)`.
-    fn per_row(inv_freq: &Tensor, pos: &Tensor, kind: Kind) -> Self {
-        let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * inv_freq; // (B, t, hd/2)
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        let s = freqs.sin();
-        Rope {
-            cos: emb.cos().to_kind(kind).unsqueeze(2),
-            sin: Tensor::cat(&[&s.neg(), &s], -1).to_kind(kind).unsqueeze(2),
-        }
-    }
-
-    /// Tables for positions `start .. start + t` (incremental decoding).
+    /// Tables for positions `start .. start + t` (incremental decoding): `cos`/`sin` of shape `(t, 1, hd)`.
     fn at(inv_freq: &Tensor, start: i64, t: i64, kind: Kind) -> Self {
         // Positions are global within the packed sequence: attention scores under RoPE depend only on relative
         // positions, so a document mask alone keeps documents independent.
         let pos = Tensor::arange_start(start, start + t, (Kind::Float, inv_freq.device()));
-        let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0); // (T, hd/2)
-        let emb = Tensor::cat(&[&freqs, &freqs], -1); // (T, hd)
+        Self::per_row(inv_freq, &pos, kind)
+    }
+
+    /// Tables for the positions `pos`, `(t)` or per row `(B, t)` (left-padded batched decoding): `cos`/`sin` of shape
+    /// `pos.shape + (1, hd)`, broadcasting over the heads of `(…, t, H, hd)`.
+    fn per_row(inv_freq: &Tensor, pos: &Tensor, kind: Kind) -> Self {
+        let freqs = pos.to_kind(Kind::Float).unsqueeze(-1) * inv_freq; // (…, t, hd/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
         let s = freqs.sin();
         Rope {
-            cos: emb.cos().to_kind(kind).unsqueeze(1),
-            sin: Tensor::cat(&[&s.neg(), &s], -1).to_kind(kind).unsqueeze(1),
+            cos: emb.cos().to_kind(kind).unsqueeze(-2),
+            sin: Tensor::cat(&[&s.neg(), &s], -1).to_kind(kind).unsqueeze(-2),
         }
     }
 
