@@ -788,6 +788,16 @@ fn simulate_a_run(stop: &std::sync::atomic::AtomicBool) {
                 m.checkpoints.with_label_values(&[r]).inc();
             }
         }
+        if step % 10 == 9 {
+            for lang in ["en", "fr", "all"] {
+                m.eval_loss
+                    .with_label_values(&[lang])
+                    .set(9.0 / step as f64);
+                m.eval_tokens.with_label_values(&[lang]).set(1000);
+            }
+            m.eval_step.set(step as i64);
+            m.eval_seconds.observe(0.3);
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -899,6 +909,14 @@ const RUN_FACTS: &[(&str, &str)] = &[
         "sum(rate(lexflow_edge_blocked_seconds_total[10s])) > 0",
     ),
     (
+        "held-out evaluation after the last step",
+        "lexflow_eval_step >= 12",
+    ),
+    (
+        "held-out loss of the five languages and overall",
+        "count(lexflow_eval_loss > 0) >= 6",
+    ),
+    (
         "trainer steps in a 10 s window",
         "sum(rate(lexflow_trainer_steps_total[10s])) > 0",
     ),
@@ -936,6 +954,9 @@ fn sample_run_feeds_every_panel() -> Result<()> {
     cfg = set_toml_key(&cfg, "train", "steps", "12");
     cfg = set_toml_key(&cfg, "train", "warmup_steps", "3");
     cfg = set_toml_key(&cfg, "train", "checkpoint_every", "6");
+    // Held-out evaluations after steps 6 and 12 (a quarter of this small corpus's acts, so that none is empty).
+    cfg = set_toml_key(&cfg, "eval", "every", "6");
+    cfg = set_toml_key(&cfg, "eval", "holdout", "0.25");
     let cfg_path = work.path().join("sample-prometheus.toml");
     std::fs::write(&cfg_path, &cfg)?;
 

@@ -94,6 +94,7 @@ fn train(run_dir: &Path, init: &Path) -> TrainReport {
         seed: SEED,
         resume: false,
         run_config: None,
+        eval: None,
     };
     let handle = spawn_trainers(&mut topo, setup, vec![rx]).expect("spawn trainer");
     topo.spawn("feeder", move |_ctx| {

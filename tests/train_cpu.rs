@@ -89,6 +89,7 @@ fn run(
         seed: 42,
         resume,
         run_config: None,
+        eval: None,
     };
     let handle = spawn_trainers(&mut topo, setup, rxs).expect("spawn trainers");
     topo.spawn("feeder", move |_ctx| {

@@ -30,6 +30,9 @@ pub struct Config {
     pub edges: EdgeConfig,
     /// Absent: preprocessing only, the per-rank edges end in a counting sink.
     pub train: Option<TrainConfig>,
+    /// Held-out evaluation during training (off unless `paths` or `holdout` is set).
+    #[serde(default)]
+    pub eval: EvalConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
 }
@@ -444,6 +447,52 @@ fn default_keep() -> usize {
     3
 }
 
+/// `[eval]`: a held-out set, fixed at the start of the run, whose loss per language the trainer measures every
+/// `every` steps and after the last one (`docs/EVAL_LOSS.md`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Held-out inputs (files, directories, globs; FORMEX or Q&A `.jsonl`, which may mix languages here). Never
+    /// trained on unless they are also among `input.paths`.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Fraction of the input acts held out of training and evaluated instead, chosen by a hash of the file name with
+    /// its language code blanked: an act is held out in every language or in none.
+    #[serde(default)]
+    pub holdout: f64,
+    /// Evaluate every N optimizer steps (0: only after the last step).
+    #[serde(default)]
+    pub every: u64,
+    /// At most this many packed sequences per language.
+    #[serde(default = "default_eval_sequences")]
+    pub max_sequences: usize,
+    /// Sequences per forward pass (default: `train.micro_batch`).
+    #[serde(default)]
+    pub micro_batch: Option<NonZeroUsize>,
+}
+
+fn default_eval_sequences() -> usize {
+    32
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            paths: Vec::new(),
+            holdout: 0.0,
+            every: 0,
+            max_sequences: default_eval_sequences(),
+            micro_batch: None,
+        }
+    }
+}
+
+impl EvalConfig {
+    pub fn enabled(&self) -> bool {
+        !self.paths.is_empty() || self.holdout > 0.0
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
@@ -606,6 +655,23 @@ impl Config {
                 ));
             }
         }
+        let e = &self.eval;
+        if !(e.holdout.is_finite() && (0.0..=0.5).contains(&e.holdout)) {
+            errs.push(format!(
+                "{}: {} must be in [0, 0.5] (a fraction of the input acts)",
+                at("eval.holdout"),
+                e.holdout
+            ));
+        }
+        if e.max_sequences == 0 {
+            errs.push(format!("{}: must be at least 1", at("eval.max_sequences")));
+        }
+        if e.enabled() && self.train.is_none() {
+            errs.push(format!(
+                "{}: evaluation needs a model: add a [train] section or remove [eval]",
+                at("eval")
+            ));
+        }
         if self.input.paths.is_empty() && self.input.generate.acts_per_language == 0 {
             errs.push(format!(
                 "{}: no input paths and nothing to generate; set input.paths or input.generate.acts_per_language",
@@ -731,6 +797,42 @@ mod tests {
             .to_string();
         assert!(
             e.contains("t.toml:7") && e.contains("train.dtype") && e.contains("fp16"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn eval_section_defaults_off_and_errors_name_key_and_line() {
+        let base = "[run]\nname = \"x\"\ndir = \"r\"\n[train]\ndevices = [\"cpu\"]\nsteps = 1\n";
+        let c = Config::from_toml(base, "t.toml").unwrap();
+        assert!(!c.eval.enabled());
+        assert_eq!(c.eval.max_sequences, 32);
+        let c = Config::from_toml(&format!("{base}[eval]\nholdout = 0.05\n"), "t.toml").unwrap();
+        assert!(c.eval.enabled() && c.eval.every == 0);
+        let e = Config::from_toml(&format!("{base}[eval]\nholdout = 0.7\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 8: key `eval.holdout`") && e.contains("[0, 0.5]"),
+            "{e}"
+        );
+        let e = Config::from_toml(&format!("{base}[eval]\nmax_sequences = 0\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 8: key `eval.max_sequences`"), "{e}");
+        let e = Config::from_toml(&format!("{base}[eval]\nevery_steps = 5\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.toml:8") && e.contains("every_steps"), "{e}");
+        // Evaluation without a model to evaluate.
+        let e = Config::from_toml(
+            "[run]\nname = \"x\"\ndir = \"r\"\n[eval]\npaths = [\"h\"]\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("line 4: key `eval`") && e.contains("[train]"),
             "{e}"
         );
     }

@@ -1556,7 +1556,24 @@ pub fn oj_lang_offset(name: &str) -> Option<usize> {
 
 pub fn lang_from_filename(path: &str) -> Option<String> {
     let name = base_name(path);
+    lang_offset_in_name(name).and_then(|i| eu_lang(&name[i..i + 2]))
+}
+
+/// A file's base name with its language code replaced by `__` (`L_2016119EN.01000101.xml` and
+/// `L_2016119FR.01000101.xml` → `L_2016119__.01000101.xml`): the same key for every language version of an act.
+pub fn lang_neutral_name(path: &str) -> String {
+    let name = base_name(path);
+    let mut s = name.to_string();
+    if let Some(i) = lang_offset_in_name(name) {
+        s.replace_range(i..i + 2, "__");
+    }
+    s
+}
+
+/// Byte offset of the two-letter EU language code in a FORMEX file name (see [`lang_from_filename`]).
+fn lang_offset_in_name(name: &str) -> Option<usize> {
     let b = name.as_bytes();
+    let is_lang = |i: usize| name.get(i..i + 2).and_then(eu_lang).is_some();
     // CL + year + type letters + number + LANG
     if b.len() > 14 && name.starts_with("CL") && b[2..6].iter().all(u8::is_ascii_digit) {
         let mut i = 6;
@@ -1571,34 +1588,29 @@ pub fn lang_from_filename(path: &str) -> Option<String> {
             && i + 2 <= b.len()
             && b[i].is_ascii_uppercase()
             && b[i + 1].is_ascii_uppercase()
+            && is_lang(i)
         {
-            if let Some(l) = eu_lang(&name[i..i + 2]) {
-                return Some(l);
-            }
+            return Some(i);
         }
     }
     // OJ: COLL_ + digits + LANG
-    if let Some(i) = oj_lang_offset(name) {
-        if let Some(l) = eu_lang(&name[i..i + 2]) {
-            return Some(l);
-        }
+    if let Some(i) = oj_lang_offset(name).filter(|&i| is_lang(i)) {
+        return Some(i);
     }
     // a `.xx.` segment
-    for seg in name.split('.').skip(1) {
-        if seg.len() == 2 && seg.bytes().all(|c| c.is_ascii_lowercase()) {
-            if let Some(l) = eu_lang(seg) {
-                return Some(l);
-            }
+    let mut at = 0;
+    for (k, seg) in name.split('.').enumerate() {
+        if k > 0 && seg.len() == 2 && seg.bytes().all(|c| c.is_ascii_lowercase()) && is_lang(at) {
+            return Some(at);
         }
+        at += seg.len() + 1;
     }
     // stem ending in -xx / _xx
     let stem = name.split('.').next().unwrap_or(name);
-    if stem.len() > 3 {
-        let (head, tail) = stem.split_at(stem.len() - 2);
-        if head.ends_with(['-', '_']) && tail.is_char_boundary(0) {
-            if let Some(l) = eu_lang(tail) {
-                return Some(l);
-            }
+    if stem.len() > 3 && stem.is_char_boundary(stem.len() - 2) {
+        let (head, _) = stem.split_at(stem.len() - 2);
+        if head.ends_with(['-', '_']) && is_lang(stem.len() - 2) {
+            return Some(stem.len() - 2);
         }
     }
     None

@@ -13,6 +13,7 @@ pub mod config;
 pub mod eval;
 pub mod formex;
 pub mod gen_sample;
+pub mod heldout;
 pub mod packer;
 pub mod pipeline;
 pub mod qa;

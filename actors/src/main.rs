@@ -80,6 +80,13 @@ enum Cmd {
     },
     /// Print the effective config (the embedded sample when CONFIG is omitted).
     Config { config: Option<PathBuf> },
+    /// Build the held-out evaluation set of a config (`[eval]`) exactly as `lexflow run` does: print its summary
+    /// (JSON) and, with --out, write its sequences as JSON lines.
+    Heldout {
+        config: Option<PathBuf>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Instruction-tuning data (Q&A with legal citations) and its evaluation.
     Qa {
         #[command(subcommand)]
@@ -206,6 +213,9 @@ fn main() -> ExitCode {
             lexflow_actors::replay::cli_provenance(&run, step, json)
         }
         Cmd::Config { config } => lexflow_actors::pipeline::cli_config(config.as_deref()),
+        Cmd::Heldout { config, out } => {
+            lexflow_actors::heldout::cli_heldout(config.as_deref(), out.as_deref())
+        }
         Cmd::Qa {
             cmd:
                 QaCmd::Build {

@@ -153,20 +153,13 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         None
     };
 
-    // Inputs: configured paths, or a generated sample corpus.
-    let patterns: Vec<String> = if cfg.input.paths.is_empty() {
-        let dir = per_process("corpus", "");
-        let g = crate::gen_sample::generate(&cfg.input.generate, &dir)
-            .with_context(|| format!("generating the sample corpus into {}", dir.display()))?;
-        tracing::info!(dir = %dir.display(), ?g, "generated sample corpus");
-        vec![dir.display().to_string()]
-    } else {
-        cfg.input.paths.clone()
-    };
-    let files = reader::expand_inputs(&patterns)?;
+    let files = input_files(cfg, &per_process("corpus", ""))?;
     // Manifests (DOC/PUBLICATION) give act and annex files their CELEX/date/title; parsing them up front keeps the
     // result independent of reader thread timing.
     let manifests = Arc::new(reader::ManifestIndex::build(&files));
+    // `eval.holdout`: these files are never trained on (also in replays: the lanes must be the run's lanes).
+    let total_files = files.len() as u64;
+    let (files, held_files) = crate::heldout::split_files(files, cfg.eval.holdout);
     let mix: Vec<(String, f64)> = cfg
         .sampler
         .mix
@@ -181,7 +174,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         })
         .collect();
     let mut input = InputReport {
-        files: files.len() as u64,
+        files: total_files,
+        files_held_out: held_files.len() as u64,
         ..Default::default()
     };
     for f in files {
@@ -266,6 +260,40 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let quarantine_path = per_process("quarantine", ".jsonl");
     let quarantine = Arc::new(Quarantine::create(&quarantine_path)?);
     let counters = Arc::new(Counters::default());
+
+    // The held-out set, packed once before training starts.
+    let heldout = match cfg
+        .train
+        .as_ref()
+        .filter(|_| replay.is_none() && cfg.eval.enabled())
+    {
+        Some(_) => {
+            let t = Instant::now();
+            let set = heldout_set(
+                cfg,
+                &held_files,
+                &manifests,
+                &tokenizer,
+                eot,
+                pad,
+                &quarantine,
+            )?;
+            tracing::info!(
+                seconds = format!("{:.2}", t.elapsed().as_secs_f64()),
+                files = set.files,
+                sequences = set.languages.iter().map(|l| l.sequences).sum::<usize>(),
+                hash = %set.hash,
+                "held-out set ready"
+            );
+            if process.is_none_or(|(r, _)| r == 0) {
+                let p = run_dir.join(crate::heldout::SET_FILE);
+                std::fs::write(&p, serde_json::to_string_pretty(&set)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            Some(Arc::new(set))
+        }
+        None => None,
+    };
 
     // Lanes: source → reader pool → tokenizer pool.
     let mut lane_rx: Vec<EdgeReceiver<TokenizedBatch>> = Vec::new();
@@ -392,10 +420,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                     let mut out = tk.tokenize_batch(batch);
                     if add_bos {
                         for d in &mut out.docs {
-                            let before = d.tokens.len();
-                            prepend_bos(&tk, &mut d.tokens);
-                            if d.loss_from > 0 && d.tokens.len() > before {
-                                d.loss_from += 1;
+                            let added = prepend_bos(&tk, &mut d.tokens);
+                            if d.loss_from > 0 {
+                                d.loss_from += added;
                             }
                         }
                     }
@@ -510,6 +537,14 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 seed: cfg.run.seed,
                 resume: opts.resume,
                 run_config: Some(toml::to_string(cfg)?),
+                eval: heldout.clone().map(|set| crate::trainer::EvalSetup {
+                    set,
+                    every: cfg.eval.every,
+                    micro_batch: cfg
+                        .eval
+                        .micro_batch
+                        .map_or(t.micro_batch.get(), |m| m.get()),
+                }),
             },
             rank_rx,
         )?),
@@ -576,6 +611,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             .as_ref()
             .and_then(|h| h.report())
             .and_then(|r| serde_json::to_value(r).ok()),
+        eval_set: heldout
+            .as_deref()
+            .and_then(|s| serde_json::to_value(s).ok()),
         outcome: match (&result, shutdown.reason()) {
             (Err(_), _) => "failed".into(),
             (Ok(()), Some(_)) => "interrupted".into(),
@@ -664,12 +702,96 @@ fn article_at(
     found
 }
 
-fn prepend_bos(tk: &Tokenizer, tokens: &mut Vec<u32>) {
-    if let Some(bos) = tk.bos_id() {
-        if !tokens.is_empty() {
+/// Prepends BOS to a non-empty document; returns how many tokens were inserted (0 or 1).
+pub(crate) fn prepend_bos(tk: &Tokenizer, tokens: &mut Vec<u32>) -> u32 {
+    match tk.bos_id() {
+        Some(bos) if !tokens.is_empty() => {
             tokens.insert(0, bos);
+            1
         }
+        _ => 0,
     }
+}
+
+/// The input files of a config: `input.paths` expanded, or the sample corpus generated into `corpus_dir`.
+fn input_files(cfg: &Config, corpus_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let patterns: Vec<String> = if cfg.input.paths.is_empty() {
+        let g =
+            crate::gen_sample::generate(&cfg.input.generate, corpus_dir).with_context(|| {
+                format!("generating the sample corpus into {}", corpus_dir.display())
+            })?;
+        tracing::info!(dir = %corpus_dir.display(), ?g, "generated sample corpus");
+        vec![corpus_dir.display().to_string()]
+    } else {
+        cfg.input.paths.clone()
+    };
+    Ok(reader::expand_inputs(&patterns)?)
+}
+
+/// Packs the held-out set: the `held` input files (their manifests in `manifests`), then `eval.paths`.
+fn heldout_set(
+    cfg: &Config,
+    held: &[PathBuf],
+    manifests: &reader::ManifestIndex,
+    tokenizer: &Tokenizer,
+    eot: u32,
+    pad: u32,
+    quarantine: &Quarantine,
+) -> anyhow::Result<crate::heldout::HeldOutSet> {
+    let extra = if cfg.eval.paths.is_empty() {
+        Vec::new()
+    } else {
+        reader::expand_inputs(&cfg.eval.paths).context("eval.paths")?
+    };
+    let extra_manifests = reader::ManifestIndex::build(&extra);
+    let files: Vec<(PathBuf, &reader::ManifestIndex)> = held
+        .iter()
+        .map(|f| (f.clone(), manifests))
+        .chain(extra.into_iter().map(|f| (f, &extra_manifests)))
+        .collect();
+    let langs: Vec<String> = cfg.sampler.mix.keys().cloned().collect();
+    let spec = crate::heldout::BuildSpec {
+        eval: &cfg.eval,
+        packer: &cfg.packer,
+        langs: &langs,
+        tokenizer,
+        add_bos: cfg.tokenizer.add_bos,
+        eot,
+        pad,
+    };
+    let set = crate::heldout::build(&files, &spec, quarantine);
+    if set.is_empty() {
+        anyhow::bail!(
+            "[eval]: the held-out set is empty ({} files, {} read, {} quarantined, {} documents outside the mix): \
+             check eval.paths, or raise eval.holdout",
+            set.files,
+            set.files_read,
+            set.quarantined_files,
+            set.documents_outside_mix
+        );
+    }
+    Ok(set)
+}
+
+/// The held-out set of a config, built exactly as `lexflow run` builds it (`lexflow heldout`).
+pub fn build_heldout(
+    cfg: &Config,
+    quarantine: &Quarantine,
+) -> anyhow::Result<crate::heldout::HeldOutSet> {
+    let files = input_files(cfg, &cfg.run.dir.join("corpus"))?;
+    let manifests = reader::ManifestIndex::build(&files);
+    let (_, held) = crate::heldout::split_files(files, cfg.eval.holdout);
+    let tokenizer = Tokenizer::load(&cfg.tokenizer.path)?;
+    let id = |name: &str| {
+        tokenizer.token_id(name).with_context(|| {
+            format!(
+                "{name:?} is not a token of tokenizer {}",
+                cfg.tokenizer.path
+            )
+        })
+    };
+    let (eot, pad) = (id(&cfg.packer.eot_token)?, id(&cfg.packer.pad_token)?);
+    heldout_set(cfg, &held, &manifests, &tokenizer, eot, pad, quarantine)
 }
 
 /// The tokens of one document, read again from its file (resume, replay, provenance).

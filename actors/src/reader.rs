@@ -158,8 +158,9 @@ pub fn is_qa_jsonl(path: &Path) -> bool {
 
 /// The documents of a Q&A JSON-lines file: per pair, the prompt ([`crate::qa::render_prompt`]) followed by the
 /// answer, with `answer_start` at the boundary (the prompt is context, the answer the training target). One
-/// language per file (it is one sampler lane); a bad line is an error naming the line.
-fn parse_qa_jsonl(path: &str, bytes: &[u8]) -> Result<Vec<Parsed>, ReadError> {
+/// language per file (it is one sampler lane) unless `mixed` (held-out sets: `eval.jsonl`); a bad line is an error
+/// naming the line.
+fn parse_qa_jsonl(path: &str, bytes: &[u8], mixed: bool) -> Result<Vec<Parsed>, ReadError> {
     let bad = |line: usize, offset: usize, reason: String| ReadError::Parse {
         path: path.to_string(),
         line: line as u64,
@@ -186,6 +187,7 @@ fn parse_qa_jsonl(path: &str, bytes: &[u8]) -> Result<Vec<Parsed>, ReadError> {
         let p: crate::qa::QaPair = serde_json::from_str(l)
             .map_err(|e| bad(i + 1, here, format!("not a Q&A pair: {e}")))?;
         match &lang {
+            _ if mixed => {}
             None => lang = Some(p.lang.clone()),
             Some(l0) if *l0 != p.lang => {
                 return Err(bad(
@@ -369,21 +371,31 @@ fn zip_members(path: &Path, raw: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ReadEr
     Ok(out)
 }
 
-fn parse_one(path: &str, bytes: &[u8]) -> Result<Vec<Parsed>, ReadError> {
+fn parse_one(path: &str, bytes: &[u8], mixed: bool) -> Result<Vec<Parsed>, ReadError> {
     if is_qa_jsonl(Path::new(path)) {
-        return parse_qa_jsonl(path, bytes);
+        return parse_qa_jsonl(path, bytes, mixed);
     }
     formex::parse_detailed(path, bytes).map_err(|e| ReadError::parse(path, e))
 }
 
 /// Parse one input with package metadata (no cross-file manifest attachment, except inside a zip).
 pub fn read_file_detailed(path: &Path) -> Result<Vec<Parsed>, ReadError> {
+    read_file_opts(path, false)
+}
+
+/// [`read_file_indexed`] for held-out sets: a Q&A `.jsonl` file may mix languages (`lexflow qa build`'s
+/// `eval.jsonl`); every document keeps its own `lang`.
+pub fn read_file_mixed(path: &Path, index: &ManifestIndex) -> Result<Vec<Document>, ReadError> {
+    read_indexed(path, index, true)
+}
+
+fn read_file_opts(path: &Path, mixed: bool) -> Result<Vec<Parsed>, ReadError> {
     let raw = std::fs::read(path).map_err(|e| ReadError::io(path, e))?;
     if container(&raw, path) == Container::Zip {
         let members = zip_members(path, &raw)?;
         let mut all = Vec::new();
         for (mpath, bytes) in &members {
-            all.extend(parse_one(mpath, bytes)?);
+            all.extend(parse_one(mpath, bytes, mixed)?);
         }
         let idx = ManifestIndex::from_parsed(all.iter().map(|p| (path.to_path_buf(), p)));
         for p in all.iter_mut() {
@@ -392,7 +404,7 @@ pub fn read_file_detailed(path: &Path) -> Result<Vec<Parsed>, ReadError> {
         return Ok(all);
     }
     let bytes = decompress(path, raw)?;
-    parse_one(&path.display().to_string(), &bytes)
+    parse_one(&path.display().to_string(), &bytes, mixed)
 }
 
 /// Parse one input file (plain, zstd, gzip or zip) into its documents.
@@ -405,7 +417,15 @@ pub fn read_file(path: &Path) -> Result<Vec<Document>, ReadError> {
 
 /// [`read_file`] plus the metadata of the file's manifest from `index` (see the module docs).
 pub fn read_file_indexed(path: &Path, index: &ManifestIndex) -> Result<Vec<Document>, ReadError> {
-    let mut v = read_file_detailed(path)?;
+    read_indexed(path, index, false)
+}
+
+fn read_indexed(
+    path: &Path,
+    index: &ManifestIndex,
+    mixed: bool,
+) -> Result<Vec<Document>, ReadError> {
+    let mut v = read_file_opts(path, mixed)?;
     for p in v.iter_mut() {
         index.attach_one(path, p);
     }

@@ -15,6 +15,8 @@ pub struct InputReport {
     pub files_per_lang: BTreeMap<String, u64>,
     /// Files whose language is not in the mix (not read).
     pub files_outside_mix: u64,
+    /// Files held out of training for evaluation (`eval.holdout`; counted in `files`, not in `files_per_lang`).
+    pub files_held_out: u64,
     pub files_read: u64,
     pub documents: u64,
     pub documents_per_lang: BTreeMap<String, u64>,
@@ -37,6 +39,10 @@ pub struct RunStats {
     pub packer: PackerReport,
     pub shards: ShardReport,
     pub train: Option<serde_json::Value>,
+    /// The held-out evaluation set (`[eval]`): files, sequences and target tokens per language, its hash. The
+    /// losses measured on it are in `train.evals`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_set: Option<serde_json::Value>,
     /// Tokens through the tokenizers per second of wall time.
     pub preprocess_tokens_per_second: f64,
     pub outcome: String,
@@ -54,8 +60,14 @@ impl RunStats {
         let i = &self.input;
         let _ = writeln!(
             s,
-            "  input      {} files ({} read, {} outside the mix, {} quarantined), {} documents, {} tokens",
-            i.files, i.files_read, i.files_outside_mix, i.quarantined_files, i.documents, i.tokens
+            "  input      {} files ({} read, {} outside the mix, {} held out, {} quarantined), {} documents, {} tokens",
+            i.files,
+            i.files_read,
+            i.files_outside_mix,
+            i.files_held_out,
+            i.quarantined_files,
+            i.documents,
+            i.tokens
         );
         let _ = writeln!(s, "  mix        lang  target  realized  tokens      docs");
         for l in &self.sampler.languages {
@@ -90,6 +102,29 @@ impl RunStats {
         );
         if let Some(t) = &self.train {
             let _ = writeln!(s, "  train      {}", t);
+            let last = t
+                .get("evals")
+                .and_then(|e| e.as_array())
+                .and_then(|a| a.last());
+            if let Some(e) = last {
+                let langs = e["languages"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| {
+                                format!("{k} {:.4}", v["loss"].as_f64().unwrap_or(f64::NAN))
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "  eval       step {}: held-out loss {:.4} ({langs})",
+                    e["step"],
+                    e["loss"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
         }
         let _ = write!(
             s,

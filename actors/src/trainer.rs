@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
 use crate::config::{Recompute, TrainConfig};
+use crate::heldout::{EvalResult, HeldOutSet};
 use crate::types::{PackedSequence, ResumePoint};
 use anyhow::Context as _;
 
@@ -44,6 +45,18 @@ pub struct TrainerSetup {
     pub resume: bool,
     /// The whole run config (TOML), stored in every checkpoint so `lexflow replay` can rebuild the dataflow.
     pub run_config: Option<String>,
+    /// Held-out evaluation (`[eval]`).
+    pub eval: Option<EvalSetup>,
+}
+
+/// What the ranks evaluate, and when.
+#[derive(Debug, Clone)]
+pub struct EvalSetup {
+    pub set: Arc<HeldOutSet>,
+    /// Every N optimizer steps (0: only after the last step).
+    pub every: u64,
+    /// Sequences per forward pass.
+    pub micro_batch: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -59,6 +72,9 @@ pub struct TrainReport {
     pub data_wait_fraction: Vec<f64>,
     pub checkpoints: Vec<PathBuf>,
     pub resumed_from_step: Option<u64>,
+    /// Held-out losses measured in this run (`[eval]`), in step order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evals: Vec<EvalResult>,
 }
 
 /// Where a resumed run starts.
@@ -115,6 +131,8 @@ struct RankResult {
     wait_seconds: f64,
     checkpoints: Vec<PathBuf>,
     resumed_from_step: Option<u64>,
+    evals: Vec<EvalResult>,
+    eval_seconds: f64,
 }
 
 /// Collects the ranks' results; [`report`](TrainHandle::report) is complete after `topo.join()`.
@@ -151,6 +169,7 @@ impl TrainHandle {
                 .collect(),
             checkpoints: r0.checkpoints.clone(),
             resumed_from_step: r0.resumed_from_step,
+            evals: r0.evals.clone(),
         })
     }
 }
@@ -668,6 +687,7 @@ impl<'a> Rank<'a> {
         let peak = peak_flops(self.device, kind);
         let lat = lexflow_metrics::latency("trainer");
         let mut last_ckpt = opt.step;
+        let mut last_eval = opt.step;
         let start = Instant::now();
         let mut seqs: Vec<PackedSequence> = Vec::with_capacity(per_rank);
         // Resume point of the last sequence this rank trained on (rank 0's goes into checkpoints).
@@ -798,7 +818,7 @@ impl<'a> Rank<'a> {
             m.trainer_grad_norm
                 .with_label_values(&[&label])
                 .set(st.grad_norm);
-            let elapsed = start.elapsed().as_secs_f64();
+            let elapsed = start.elapsed().as_secs_f64() - result.eval_seconds;
             m.trainer_data_wait_fraction
                 .with_label_values(&[&label])
                 .set(result.wait_seconds / elapsed.max(1e-9));
@@ -828,6 +848,12 @@ impl<'a> Rank<'a> {
                     "train step"
                 );
             }
+            if let Some(e) = self.setup.eval.as_ref().filter(|e| e.every > 0) {
+                if step % e.every == 0 {
+                    self.evaluate(&model, e, step, &mut result)?;
+                    last_eval = step;
+                }
+            }
             if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 {
                 self.checkpoint(
                     &model,
@@ -840,7 +866,14 @@ impl<'a> Rank<'a> {
                 last_ckpt = step;
             }
         }
-        result.seconds = start.elapsed().as_secs_f64();
+        // After the last step (also when the input ended early), unless a stop was requested.
+        if let Some(e) = &self.setup.eval {
+            if opt.step > last_eval && !self.ctx.should_stop() {
+                self.evaluate(&model, e, opt.step, &mut result)?;
+            }
+        }
+        // Training time only: evaluations are reported on their own.
+        result.seconds = start.elapsed().as_secs_f64() - result.eval_seconds;
         if opt.step > last_ckpt {
             let last = result.losses.last().copied();
             self.checkpoint(
@@ -854,6 +887,81 @@ impl<'a> Rank<'a> {
         }
         result.steps = opt.step;
         Ok(result)
+    }
+
+    /// Loss on the held-out set: rank r evaluates sequences `k ≡ r (mod world)`, without a graph, each sequence's
+    /// cross-entropy sum kept apart; one all-reduce of those sums (every entry comes from one rank, the others add
+    /// zeros, so it is exact) and a sum in index order make the result independent of the world size.
+    fn evaluate(
+        &self,
+        model: &Llama,
+        e: &EvalSetup,
+        step: u64,
+        result: &mut RankResult,
+    ) -> Result<(), TrainerError> {
+        let t0 = Instant::now();
+        self.ctx.set_input(format!("evaluation at step {step}"));
+        let all = e.set.sequences();
+        let mut sums = vec![0f64; all.len()];
+        let mine: Vec<usize> = (self.rank..all.len()).step_by(self.world).collect();
+        for chunk in mine.chunks(e.micro_batch.max(1)) {
+            let rows: Vec<SequenceRef<'_>> = chunk.iter().map(|&k| seq_ref(all[k].1)).collect();
+            let batch = Batch::new(&rows, self.device)?;
+            tch::no_grad(|| {
+                let logits = model.forward_batch(&batch);
+                for (i, &k) in chunk.iter().enumerate() {
+                    let i = i as i64;
+                    let l = lexflow_gpu::cross_entropy_sum(
+                        &logits.narrow(0, i, 1),
+                        &batch.labels.narrow(0, i, 1),
+                    );
+                    sums[k] = l.double_value(&[]);
+                }
+            });
+        }
+        self.coll.all_reduce_sum_f64(&mut sums, self.device)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let r = crate::heldout::aggregate(&e.set, step, &sums, secs);
+        if !r.loss.is_finite() {
+            return Err(TrainerError::Setup(format!(
+                "held-out loss is {} at step {step}",
+                r.loss
+            )));
+        }
+        result.eval_seconds += secs;
+        if self.rank == 0 {
+            let m = lexflow_metrics::global();
+            for (lang, l) in &r.languages {
+                m.eval_loss.with_label_values(&[lang]).set(l.loss);
+                m.eval_tokens
+                    .with_label_values(&[lang])
+                    .set(l.tokens as i64);
+            }
+            m.eval_loss.with_label_values(&["all"]).set(r.loss);
+            m.eval_tokens
+                .with_label_values(&["all"])
+                .set(r.tokens as i64);
+            m.eval_step.set(step as i64);
+            m.eval_seconds.observe(secs);
+            let per_lang: Vec<String> = r
+                .languages
+                .iter()
+                .map(|(k, v)| format!("{k}={:.4}", v.loss))
+                .collect();
+            tracing::info!(
+                step,
+                loss = format!("{:.4}", r.loss),
+                per_language = per_lang.join(" "),
+                seconds = format!("{secs:.2}"),
+                "held-out evaluation"
+            );
+            append_json_line(
+                &self.setup.run_dir.join(crate::heldout::RESULTS_FILE),
+                &serde_json::to_string(&r).expect("eval result is JSON"),
+            );
+            result.evals.push(r);
+        }
+        Ok(())
     }
 
     fn checkpoint(
@@ -934,7 +1042,7 @@ impl<'a> Rank<'a> {
     }
 }
 
-fn seq_ref(s: &PackedSequence) -> SequenceRef<'_> {
+pub(crate) fn seq_ref(s: &PackedSequence) -> SequenceRef<'_> {
     SequenceRef {
         tokens: &s.tokens,
         padding: s.padding,
@@ -1067,20 +1175,23 @@ pub fn read_step_records(run_dir: &Path) -> std::collections::BTreeMap<(u64, usi
 }
 
 fn append_step_record(run_dir: &Path, rec: &StepRecord) {
+    append_json_line(
+        &run_dir.join(STEPS_FILE),
+        &serde_json::to_string(rec).expect("step record is JSON"),
+    );
+}
+
+/// Appends one line with one write(2) on an O_APPEND file: lines of different ranks never interleave.
+fn append_json_line(path: &Path, json: &str) {
     use std::io::Write;
-    let mut line = serde_json::to_string(rec).expect("step record is JSON");
-    line.push('\n');
-    // One write(2) with O_APPEND per line: lines of different ranks never interleave.
+    let line = format!("{json}\n");
     let r = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(run_dir.join(STEPS_FILE))
+        .open(path)
         .and_then(|mut f| f.write_all(line.as_bytes()));
     if let Err(e) = r {
-        tracing::warn!(
-            "cannot append to {}: {e}",
-            run_dir.join(STEPS_FILE).display()
-        );
+        tracing::warn!("cannot append to {}: {e}", path.display());
     }
 }
 

@@ -79,6 +79,12 @@ pub const CHECKPOINT_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
     "lexflow_checkpoint_last_success_timestamp_seconds";
 pub const CHECKPOINTS_TOTAL: &str = "lexflow_checkpoints_total";
 
+// Held-out evaluation (`[eval]`; label lang, plus lang="all").
+pub const EVAL_LOSS: &str = "lexflow_eval_loss";
+pub const EVAL_TOKENS: &str = "lexflow_eval_tokens";
+pub const EVAL_STEP: &str = "lexflow_eval_step";
+pub const EVAL_SECONDS: &str = "lexflow_eval_seconds";
+
 /// Every metric family name above, for tests and dashboards to check their references against.
 /// (A unit test keeps this list and the constants of this file in step.)
 pub const ALL: &[&str] = &[
@@ -126,6 +132,10 @@ pub const ALL: &[&str] = &[
     CHECKPOINT_SIZE_BYTES,
     CHECKPOINT_LAST_SUCCESS_TIMESTAMP_SECONDS,
     CHECKPOINTS_TOTAL,
+    EVAL_LOSS,
+    EVAL_TOKENS,
+    EVAL_STEP,
+    EVAL_SECONDS,
 ];
 
 /// Families exported as Prometheus histograms: queries see them as `<name>_bucket`, `<name>_sum`, `<name>_count`.
@@ -133,6 +143,7 @@ pub const HISTOGRAMS: &[&str] = &[
     STAGE_LATENCY_SECONDS,
     TRAINER_STEP_SECONDS,
     CHECKPOINT_DURATION_SECONDS,
+    EVAL_SECONDS,
 ];
 
 /// The family a series name in a query belongs to (`lexflow_trainer_step_seconds_bucket` → the histogram's name),

@@ -3,8 +3,8 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram as Hdr;
 use prometheus::{
-    exponential_buckets, Counter, CounterVec, Gauge, GaugeVec, HistogramOpts, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    exponential_buckets, Counter, CounterVec, Gauge, GaugeVec, Histogram, HistogramOpts,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::names::*;
@@ -56,6 +56,10 @@ pub struct Metrics {
     pub checkpoint_size: IntGaugeVec,
     pub checkpoint_last_success: GaugeVec,
     pub checkpoints: IntCounterVec,
+    pub eval_loss: GaugeVec,
+    pub eval_tokens: IntGaugeVec,
+    pub eval_step: IntGauge,
+    pub eval_seconds: Histogram,
     latencies: Mutex<Vec<(String, LatencyRecorder)>>,
 }
 
@@ -307,6 +311,29 @@ impl Metrics {
                 &[LABEL_RANK],
             ),
             checkpoints: icv(CHECKPOINTS_TOTAL, "Checkpoints written", &[LABEL_RANK]),
+            eval_loss: gv(
+                EVAL_LOSS,
+                "Held-out loss (mean cross-entropy per target token) at the last evaluation; lang=\"all\": every language, token-weighted",
+                &[LABEL_LANG],
+            ),
+            eval_tokens: igv(
+                EVAL_TOKENS,
+                "Target tokens of the held-out set",
+                &[LABEL_LANG],
+            ),
+            eval_step: reg(
+                &r,
+                IntGauge::new(EVAL_STEP, "Optimizer step of the last held-out evaluation")
+                    .expect("valid"),
+            ),
+            eval_seconds: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(EVAL_SECONDS, "Time of one held-out evaluation (all ranks)")
+                        .buckets(exponential_buckets(1e-3, 2.0, 24).expect("valid buckets")),
+                )
+                .expect("valid"),
+            ),
             latencies: Mutex::new(Vec::new()),
             registry: r,
         }
@@ -498,6 +525,10 @@ mod tests {
         m.checkpoint_size.with_label_values(&["0"]).set(1);
         m.checkpoint_last_success.with_label_values(&["0"]).set(1.0);
         m.checkpoints.with_label_values(&["0"]).inc();
+        m.eval_loss.with_label_values(&["en"]).set(2.5);
+        m.eval_tokens.with_label_values(&["en"]).set(100);
+        m.eval_step.set(10);
+        m.eval_seconds.observe(0.5);
         let text = m.encode();
         for name in crate::names::ALL {
             assert!(

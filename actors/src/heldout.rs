@@ -1,0 +1,382 @@
+//! The held-out evaluation set (`[eval]`): documents never trained on, packed once at the start of a run into
+//! sequences exactly like the training stream's (same tokenizer, BOS, end-of-text, packer), one language at a time,
+//! so that the trainer can measure a loss per language every `eval.every` steps (`docs/EVAL_LOSS.md`).
+//!
+//! Where the documents come from:
+//! * `eval.paths`: files of their own (FORMEX, or Q&A `.jsonl` that may mix languages, such as `lexflow qa build`'s
+//!   `eval.jsonl`);
+//! * `eval.holdout`: a fraction of the input files, taken out of the training lanes. The choice is a hash of the file
+//!   name with its language code blanked ([`crate::formex::lang_neutral_name`]), so an act is held out in every
+//!   language or in none (a translation of a held-out act in the training data would leak it), and it does not
+//!   depend on the order or the size of the corpus.
+//!
+//! The set is the same for every rank, every thread count and every resume of the run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::{EvalConfig, PackerConfig};
+use crate::packer::Packer;
+use crate::reader::{self, ManifestIndex, Quarantine};
+use crate::tokenizer::Tokenizer;
+use crate::types::{DocId, PackedSequence, TokenizedDoc};
+
+/// Summary of the held-out set in the run directory (`HeldOutSet` as JSON).
+pub const SET_FILE: &str = "eval_set.json";
+/// One line per evaluation ([`EvalResult`]), appended by rank 0 (a resumed run appends its own).
+pub const RESULTS_FILE: &str = "eval.jsonl";
+
+/// Whether `path` belongs to the held-out `fraction` of the input.
+pub fn is_held_out(path: &Path, fraction: f64) -> bool {
+    if fraction <= 0.0 {
+        return false;
+    }
+    let mut key = crate::formex::lang_neutral_name(&path.to_string_lossy());
+    // `x.xml` and `x.xml.zst` are the same act.
+    for ext in [".zst", ".gz"] {
+        if let Some(k) = key.strip_suffix(ext) {
+            key = k.to_string();
+        }
+    }
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(key.as_bytes());
+    let x = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
+    (x as f64) < fraction * 18_446_744_073_709_551_616.0
+}
+
+/// Splits the input files into (training, held out) by [`is_held_out`]; order is kept on both sides.
+pub fn split_files(files: Vec<PathBuf>, fraction: f64) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    files.into_iter().partition(|f| !is_held_out(f, fraction))
+}
+
+/// One language of the held-out set.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldOutLang {
+    pub lang: String,
+    /// Documents packed (a document split over the `max_sequences` limit counts).
+    pub documents: u64,
+    pub sequences: usize,
+    /// Positions whose target counts in the loss (not padding, not prompt tokens).
+    pub target_tokens: u64,
+    #[serde(skip)]
+    pub seqs: Vec<PackedSequence>,
+}
+
+/// The whole held-out set, languages in `sampler.mix` order.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct HeldOutSet {
+    pub languages: Vec<HeldOutLang>,
+    /// Files given (`eval.paths`) or held out of the input (`eval.holdout`).
+    pub files: u64,
+    /// Files actually read (reading stops once every language has `max_sequences`).
+    pub files_read: u64,
+    /// Files that failed to parse (recorded in the run's quarantine report, like training inputs).
+    pub quarantined_files: u64,
+    /// Documents in a language outside `sampler.mix` (not evaluated, counted).
+    pub documents_outside_mix: u64,
+    /// sha256 prefix over every sequence's tokens, in order: the identity of the set.
+    pub hash: String,
+}
+
+impl HeldOutSet {
+    pub fn is_empty(&self) -> bool {
+        self.languages.iter().all(|l| l.seqs.is_empty())
+    }
+
+    /// Every sequence with its language index, in the order ranks share them out (`k % world`).
+    pub fn sequences(&self) -> Vec<(usize, &PackedSequence)> {
+        self.languages
+            .iter()
+            .enumerate()
+            .flat_map(|(li, l)| l.seqs.iter().map(move |s| (li, s)))
+            .collect()
+    }
+}
+
+/// Everything [`build`] needs besides the files.
+pub struct BuildSpec<'a> {
+    pub eval: &'a EvalConfig,
+    pub packer: &'a PackerConfig,
+    pub langs: &'a [String],
+    pub tokenizer: &'a Tokenizer,
+    pub add_bos: bool,
+    pub eot: u32,
+    pub pad: u32,
+}
+
+/// Reads, tokenizes and packs `files` (in order) into at most `eval.max_sequences` sequences per language. A file
+/// that fails to parse is recorded in `quarantine` and counted; the others still make the set.
+pub fn build(
+    files: &[(PathBuf, &ManifestIndex)],
+    spec: &BuildSpec<'_>,
+    quarantine: &Quarantine,
+) -> HeldOutSet {
+    let max = spec.eval.max_sequences;
+    let mut packers: Vec<Packer> = spec
+        .langs
+        .iter()
+        .map(|_| Packer::new(spec.packer, spec.eot, spec.pad))
+        .collect();
+    let mut out: Vec<Vec<PackedSequence>> = vec![Vec::new(); spec.langs.len()];
+    let mut documents = vec![0u64; spec.langs.len()];
+    let mut set = HeldOutSet {
+        files: files.len() as u64,
+        ..Default::default()
+    };
+    let lane_of = |lang: Option<&str>| lang.and_then(|l| spec.langs.iter().position(|x| x == l));
+    for (fi, (path, manifests)) in files.iter().enumerate() {
+        if out.iter().all(|o| o.len() >= max) {
+            break;
+        }
+        // A file of one language whose sequences are complete is not read (Q&A files may mix languages).
+        if !reader::is_qa_jsonl(path) {
+            if let Some(li) = lane_of(reader::sniff_lang(path).as_deref()) {
+                if out[li].len() >= max {
+                    continue;
+                }
+            }
+        }
+        let docs = match reader::read_file_mixed(path, manifests) {
+            Ok(d) => d,
+            Err(e) => {
+                quarantine.record(&e);
+                set.quarantined_files += 1;
+                continue;
+            }
+        };
+        set.files_read += 1;
+        for (ordinal, d) in docs.iter().enumerate() {
+            if d.text.is_empty() {
+                continue;
+            }
+            let lang = d.lang.clone().or_else(|| reader::sniff_lang(path));
+            let Some(li) = lane_of(lang.as_deref()) else {
+                set.documents_outside_mix += 1;
+                continue;
+            };
+            if out[li].len() >= max {
+                continue;
+            }
+            let (mut tokens, mut loss_from) = spec.tokenizer.encode_document(d);
+            if spec.add_bos {
+                // As the training tokenizers do: the BOS shifts the prompt of instruction data.
+                let added = crate::pipeline::prepend_bos(spec.tokenizer, &mut tokens);
+                if loss_from > 0 {
+                    loss_from += added;
+                }
+            }
+            let doc = TokenizedDoc {
+                id: DocId {
+                    lane: li as u16,
+                    file: fi as u32,
+                    ordinal: ordinal as u32,
+                },
+                celex: d.celex.as_deref().map(Into::into),
+                text_bytes: d.text.len(),
+                tokens,
+                loss_from,
+            };
+            documents[li] += 1;
+            packers[li].push(&doc);
+            while let Some(s) = packers[li].pop() {
+                if out[li].len() < max {
+                    out[li].push(s);
+                }
+            }
+        }
+    }
+    for (li, p) in packers.iter_mut().enumerate() {
+        p.flush();
+        while let Some(s) = p.pop() {
+            if out[li].len() < max {
+                out[li].push(s);
+            }
+        }
+    }
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for (li, seqs) in out.into_iter().enumerate() {
+        let target_tokens = seqs
+            .iter()
+            .map(|s| lexflow_gpu::valid_targets(&crate::trainer::seq_ref(s)) as u64)
+            .sum();
+        for s in &seqs {
+            for t in &s.tokens {
+                h.update(t.to_le_bytes());
+            }
+        }
+        set.languages.push(HeldOutLang {
+            lang: spec.langs[li].clone(),
+            documents: documents[li],
+            sequences: seqs.len(),
+            target_tokens,
+            seqs,
+        });
+    }
+    set.hash = hex::encode(&h.finalize()[..8]);
+    set
+}
+
+/// The loss of the model on the held-out set at one step.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct EvalResult {
+    pub step: u64,
+    /// Mean cross-entropy per target token over every language (token-weighted).
+    pub loss: f64,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub languages: BTreeMap<String, EvalLang>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct EvalLang {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub tokens: u64,
+    pub sequences: usize,
+}
+
+/// Aggregates per-sequence loss sums (in [`HeldOutSet::sequences`] order) into an [`EvalResult`]: sums in index
+/// order, so the result does not depend on how the sequences were shared among ranks.
+pub fn aggregate(set: &HeldOutSet, step: u64, sums: &[f64], seconds: f64) -> EvalResult {
+    let mut languages = BTreeMap::new();
+    let (mut total, mut tokens) = (0.0f64, 0u64);
+    let mut k = 0;
+    for l in &set.languages {
+        let s: f64 = sums[k..k + l.seqs.len()].iter().sum();
+        k += l.seqs.len();
+        if l.seqs.is_empty() {
+            continue;
+        }
+        total += s;
+        tokens += l.target_tokens;
+        let loss = s / (l.target_tokens.max(1)) as f64;
+        languages.insert(
+            l.lang.clone(),
+            EvalLang {
+                loss,
+                perplexity: loss.exp(),
+                tokens: l.target_tokens,
+                sequences: l.seqs.len(),
+            },
+        );
+    }
+    EvalResult {
+        step,
+        loss: total / (tokens.max(1)) as f64,
+        tokens,
+        seconds,
+        languages,
+    }
+}
+
+/// `lexflow heldout [CONFIG] [--out FILE]`: build the held-out set of a config exactly as `lexflow run` does, print
+/// its summary (JSON), and write its sequences as JSON lines (`lang`, `tokens`, `padding`, `doc_starts`, `no_loss`).
+pub fn cli_heldout(
+    config: Option<&Path>,
+    out: Option<&Path>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let (cfg, _) = crate::pipeline::load_config(config)?;
+    if !cfg.eval.enabled() {
+        anyhow::bail!("the config has no held-out set: set eval.paths or eval.holdout");
+    }
+    let set = crate::pipeline::build_heldout(&cfg, &Quarantine::counting())?;
+    if let Some(path) = out {
+        use std::io::Write;
+        let f = std::fs::File::create(path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", path.display()))?;
+        let mut w = std::io::BufWriter::new(f);
+        for (li, s) in set.sequences() {
+            let line = serde_json::json!({
+                "lang": set.languages[li].lang,
+                "index": s.index,
+                "tokens": s.tokens,
+                "padding": s.padding,
+                "doc_starts": s.doc_starts,
+                "no_loss": s.no_loss,
+            });
+            writeln!(w, "{line}")?;
+        }
+        w.flush()?;
+    }
+    println!("{}", serde_json::to_string_pretty(&set)?);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holdout_keeps_an_act_together_in_every_language_and_hits_the_fraction() {
+        let langs = ["EN", "FR", "DE", "ES", "PT", "IT"];
+        let mut held = 0;
+        let n = 2000;
+        for i in 0..n {
+            let versions: Vec<bool> = langs
+                .iter()
+                .map(|l| {
+                    is_held_out(
+                        Path::new(&format!("/c/{l}/L_2016{i:03}{l}.01000101.xml")),
+                        0.1,
+                    )
+                })
+                .collect();
+            assert!(
+                versions.iter().all(|&v| v == versions[0]),
+                "act {i}: held out in some languages only: {versions:?}"
+            );
+            // Consolidated names, compressed or not, and the directory do not matter either.
+            let cl = |l: &str, ext: &str| {
+                is_held_out(
+                    Path::new(&format!("/x/{l}/CL2019L{i:04}{l}0010010.0001.xml{ext}")),
+                    0.1,
+                )
+            };
+            assert_eq!(cl("EN", ""), cl("FR", ".zst"), "act {i}");
+            held += versions[0] as usize;
+        }
+        // 2000 draws at p = 0.1: mean 200, sd ≈ 13.4.
+        assert!((150..250).contains(&held), "held out {held} of {n} at 0.1");
+        assert!(!is_held_out(Path::new("L_2016119EN.01000101.xml"), 0.0));
+        assert!(is_held_out(Path::new("L_2016119EN.01000101.xml"), 1.0));
+        // Different acts differ: the hash sees the act number.
+        let a: Vec<bool> = (0..64)
+            .map(|i| is_held_out(Path::new(&format!("CL2019L{i:04}EN0010010.0001.xml")), 0.5))
+            .collect();
+        assert!(a.iter().any(|&x| x) && a.iter().any(|&x| !x), "{a:?}");
+    }
+
+    #[test]
+    fn language_neutral_names() {
+        use crate::formex::lang_neutral_name as n;
+        assert_eq!(n("a/L_2016119EN.01000101.xml"), "L_2016119__.01000101.xml");
+        assert_eq!(
+            n("CL2016R0679FR0000020.0001.xml"),
+            "CL2016R0679__0000020.0001.xml"
+        );
+        assert_eq!(n("62018CJ0311.lv.fmx.xml"), "62018CJ0311.__.fmx.xml");
+        assert_eq!(n("act_de.xml"), "act___.xml");
+        // No language code: the name itself (and non-ASCII names do not panic).
+        assert_eq!(n("32022R1925-formex.xml"), "32022R1925-formex.xml");
+        assert_eq!(n("dé.xml"), "dé.xml");
+        assert_eq!(n("abcé.xml"), "abcé.xml");
+    }
+
+    #[test]
+    fn split_keeps_order_and_loses_nothing() {
+        let files: Vec<PathBuf> = (0..300)
+            .map(|i| PathBuf::from(format!("d/CL2020R{i:04}DE0010010.0001.xml")))
+            .collect();
+        let (train, held) = split_files(files.clone(), 0.2);
+        assert_eq!(train.len() + held.len(), files.len());
+        assert!(train.windows(2).all(|w| w[0] < w[1]) && held.windows(2).all(|w| w[0] < w[1]));
+        assert!(
+            held.iter().all(|f| is_held_out(f, 0.2)) && train.iter().all(|f| !is_held_out(f, 0.2))
+        );
+        let (t0, h0) = split_files(files, 0.0);
+        assert!(h0.is_empty() && t0.len() == 300);
+    }
+}

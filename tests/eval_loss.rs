@@ -1,0 +1,302 @@
+//! Held-out evaluation during training (`[eval]`, `docs/EVAL_LOSS.md`), end to end through `lexflow run`:
+//! * evaluating does not change training (losses and final weights bit-identical to a run without `[eval]`);
+//! * the losses equal transformers' on the same checkpoint and the same sequences (`lexflow heldout --out`,
+//!   `scripts/hf_eval_loss.py`), per language;
+//! * they do not depend on the number of ranks, and a cut and resumed run evaluates bit for bit like a whole one;
+//! * `eval.holdout` takes whole acts (every language) out of training: provenance never shows one.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use lexflow_tests::{lexflow_bin, tiny_run_config, venv_python};
+use serde_json::Value;
+
+fn lexflow(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(lexflow_bin()).args(args).output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+fn run(cfg: &Path, resume: bool) -> Value {
+    let mut a = vec!["run", cfg.to_str().unwrap(), "--quiet"];
+    if resume {
+        a.push("--resume");
+    }
+    let (ok, stdout, stderr) = lexflow(&a);
+    assert!(ok, "{}: {stdout}\n{stderr}", cfg.display());
+    let text = std::fs::read_to_string(cfg.with_extension("").join("stats.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn eval_lines(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("eval.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn lang_losses(e: &Value) -> Vec<(String, f64)> {
+    e["languages"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+fn final_weights(dir: &Path, step: u64) -> Vec<u8> {
+    std::fs::read(dir.join(format!("checkpoints/step-{step:06}/model.safetensors"))).unwrap()
+}
+
+fn eval_table(corpus: &Path, extra: &str) -> String {
+    format!(
+        "min_lr = 1e-3\n[eval]\npaths = [{:?}]\nevery = 2\nmax_sequences = 3\n{extra}",
+        corpus.display().to_string()
+    )
+}
+
+#[test]
+fn eval_leaves_training_alone_matches_transformers_and_any_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A held-out corpus of its own: other acts (another generator seed), the five mix languages.
+    let corpus = tmp.path().join("heldout_corpus");
+    let (ok, so, se) = lexflow(&[
+        "gen-sample",
+        corpus.to_str().unwrap(),
+        "--acts-per-language",
+        "2",
+        "--seed",
+        "99",
+    ]);
+    assert!(ok, "{so}\n{se}");
+
+    let a = tmp.path().join("a");
+    let cfg_a = tiny_run_config(&a, &["cpu"], 2, 4, &eval_table(&corpus, ""));
+    let sa = run(&cfg_a, false);
+    let b = tmp.path().join("b");
+    let sb = run(&tiny_run_config(&b, &["cpu"], 2, 4, "min_lr = 1e-3"), false);
+
+    // 1. Training is untouched: same losses (bit for bit as JSON numbers), same final weights.
+    assert_eq!(sa["train"]["losses"], sb["train"]["losses"]);
+    assert_eq!(sa["train"]["losses"].as_array().unwrap().len(), 4);
+    assert!(
+        final_weights(&a, 4) == final_weights(&b, 4),
+        "evaluating changed the weights"
+    );
+    assert!(sb.get("eval_set").is_none() && sb["train"].get("evals").is_none());
+
+    // 2. Evaluations at steps 2 and 4 (every = 2), in stats.json and eval.jsonl alike, every language present.
+    let evals = sa["train"]["evals"].as_array().unwrap().clone();
+    assert_eq!(
+        evals
+            .iter()
+            .map(|e| e["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [2, 4]
+    );
+    assert_eq!(eval_lines(&a), evals);
+    let set = &sa["eval_set"];
+    let langs: Vec<&str> = set["languages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["lang"].as_str().unwrap())
+        .collect();
+    assert_eq!(langs, ["de", "en", "es", "fr", "pt"]);
+    for l in set["languages"].as_array().unwrap() {
+        let n = l["sequences"].as_u64().unwrap();
+        assert!((1..=3).contains(&n), "{l}");
+        assert!(l["target_tokens"].as_u64().unwrap() > 0, "{l}");
+    }
+    for e in &evals {
+        assert_eq!(lang_losses(e).len(), 5, "{e}");
+        // The overall loss is the token-weighted mean of the languages'.
+        let (mut s, mut n) = (0.0, 0.0);
+        for v in e["languages"].as_object().unwrap().values() {
+            let t = v["tokens"].as_f64().unwrap();
+            s += v["loss"].as_f64().unwrap() * t;
+            n += t;
+        }
+        assert!(rel(e["loss"].as_f64().unwrap(), s / n) < 1e-12, "{e}");
+    }
+
+    // 3. Oracle: transformers on the final checkpoint and the sequences `lexflow heldout` rebuilds from the config.
+    let seqs = tmp.path().join("heldout.jsonl");
+    let (ok, so, se) = lexflow(&[
+        "heldout",
+        cfg_a.to_str().unwrap(),
+        "--out",
+        seqs.to_str().unwrap(),
+    ]);
+    assert!(ok, "{so}\n{se}");
+    let summary: Value = serde_json::from_str(&so).unwrap();
+    assert_eq!(summary["hash"], set["hash"], "heldout rebuilt another set");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_eval_loss.py");
+    let out = Command::new(venv_python())
+        .arg(&script)
+        .arg(a.join("checkpoints/step-000004"))
+        .arg(&seqs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hf_eval_loss.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hf: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = &evals[1];
+    for (lang, loss) in lang_losses(last) {
+        let h = &hf[&lang];
+        assert_eq!(
+            h["tokens"].as_u64(),
+            last["languages"][&lang]["tokens"].as_u64(),
+            "{lang}: target count"
+        );
+        let r = rel(loss, h["loss"].as_f64().unwrap());
+        eprintln!(
+            "{lang}: lexflow {loss:.6} transformers {:.6} rel {r:.2e}",
+            h["loss"]
+        );
+        assert!(
+            r < 1e-5,
+            "{lang}: lexflow {loss} vs transformers {h}: rel {r:.2e}"
+        );
+    }
+    assert!(
+        rel(
+            last["loss"].as_f64().unwrap(),
+            hf["all"]["loss"].as_f64().unwrap()
+        ) < 1e-5
+    );
+
+    // 4. Two ranks of one sequence each (same global batch): the same evaluations up to the rounding of training.
+    let c = tmp.path().join("c");
+    let sc = run(
+        &tiny_run_config(&c, &["cpu", "cpu"], 1, 4, &eval_table(&corpus, "")),
+        false,
+    );
+    assert_eq!(sc["eval_set"]["hash"], set["hash"]);
+    let ec = sc["train"]["evals"].as_array().unwrap();
+    for (x, y) in evals.iter().zip(ec) {
+        for ((l1, a1), (l2, a2)) in lang_losses(x).into_iter().zip(lang_losses(y)) {
+            assert_eq!(l1, l2);
+            eprintln!("step {} {l1}: 1 rank {a1:.6}, 2 ranks {a2:.6}", x["step"]);
+            assert!(rel(a1, a2) < 1e-4, "step {}: {l1} {a1} vs {a2}", x["step"]);
+        }
+    }
+    // 5. Cut after 2 steps, resumed to 4: the evaluations are those of the whole run, bit for bit.
+    let d = tmp.path().join("d");
+    run(
+        &tiny_run_config(&d, &["cpu"], 2, 2, &eval_table(&corpus, "")),
+        false,
+    );
+    run(
+        &tiny_run_config(&d, &["cpu"], 2, 4, &eval_table(&corpus, "")),
+        true,
+    );
+    let ed = eval_lines(&d);
+    assert_eq!(ed.len(), 2, "{ed:?}");
+    for (x, y) in evals.iter().zip(&ed) {
+        assert_eq!(x["step"], y["step"]);
+        assert_eq!(lang_losses(x), lang_losses(y), "step {}", x["step"]);
+        assert_eq!(x["loss"], y["loss"]);
+    }
+}
+
+#[test]
+fn holdout_takes_whole_acts_out_of_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("h");
+    let cfg = tiny_run_config(
+        &dir,
+        &["cpu"],
+        2,
+        3,
+        "[eval]\nholdout = 0.25\nmax_sequences = 2",
+    );
+    let s = run(&cfg, false);
+    let input = &s["input"];
+    let held = input["files_held_out"].as_u64().unwrap();
+    assert!(held > 0, "{input}");
+    let in_lanes: u64 = input["files_per_lang"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        input["files"].as_u64().unwrap(),
+        held + in_lanes + input["files_outside_mix"].as_u64().unwrap(),
+        "{input}"
+    );
+    assert_eq!(s["eval_set"]["files"].as_u64(), Some(held));
+    // every = 0: one evaluation, after the last step.
+    let evals = s["train"]["evals"].as_array().unwrap();
+    assert_eq!(evals.len(), 1);
+    assert_eq!(evals[0]["step"], 3);
+
+    // Whole acts: every language version of an act is on the same side.
+    let corpus = dir.join("corpus");
+    let mut files = Vec::new();
+    let mut stack = vec![corpus.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    let mut by_act: std::collections::BTreeMap<String, Vec<bool>> = Default::default();
+    for f in &files {
+        let key = lexflow_actors::formex::lang_neutral_name(&f.to_string_lossy());
+        by_act
+            .entry(key)
+            .or_default()
+            .push(lexflow_actors::heldout::is_held_out(f, 0.25));
+    }
+    let counted: usize = by_act
+        .values()
+        .map(|v| v.iter().filter(|&&x| x).count())
+        .sum();
+    assert_eq!(counted as u64, held);
+    let multi = by_act.values().filter(|v| v.len() > 1).count();
+    assert!(multi > 10, "acts in several languages: {multi}");
+    for (k, v) in &by_act {
+        assert!(v.iter().all(|&x| x == v[0]), "{k}: {v:?}");
+    }
+
+    // Provenance: no document of any step comes from a held-out file.
+    for step in 1..=3u64 {
+        let (ok, so, se) = lexflow(&[
+            "provenance",
+            dir.to_str().unwrap(),
+            "--step",
+            &step.to_string(),
+            "--json",
+        ]);
+        assert!(ok, "{so}\n{se}");
+        let mut n = 0;
+        for l in so.lines() {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let p = v["path"].as_str().unwrap();
+            let file = p.split('!').next().unwrap();
+            assert!(
+                !lexflow_actors::heldout::is_held_out(Path::new(file), 0.25),
+                "step {step} trained on held-out {p}"
+            );
+            n += 1;
+        }
+        assert!(n > 0, "step {step}: no provenance");
+    }
+}
