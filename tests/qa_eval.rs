@@ -468,3 +468,283 @@ fn sft_run_cut_and_resumed_is_bit_identical() {
         |d: &Path| std::fs::read(d.join("checkpoints/step-000012/model.safetensors")).unwrap();
     assert!(weights(&whole) == weights(&cut), "final weights differ");
 }
+
+/// `input.qa_template = "llama3"`: the Llama 3 chat template, checked against transformers' `apply_chat_template`
+/// (the template Meta ships, `scripts/chat_templates.py`) in text and token ids, through the reader and the
+/// tokenizer; an SFT run trains the answer's closing `<|eot_id|>` but never a user turn's; and `qa eval --model`
+/// takes the template from the checkpoint's run config and generates what transformers generates with it.
+#[test]
+fn llama3_chat_template_matches_transformers_in_training_and_generation() {
+    use lexflow_actors::qa::{PromptFormat, QaTemplate};
+    use lexflow_actors::reader::{read_file_with, ManifestIndex, ReadOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let qa = tmp.path().join("qa");
+    let (ok, so, se) = lexflow(&[
+        "qa",
+        "build",
+        "--out",
+        qa.to_str().unwrap(),
+        corpus().to_str().unwrap(),
+    ]);
+    assert!(ok, "{so}\n{se}");
+    let system = "You answer questions on EU law and cite the provisions you rely on.";
+    let tokenizer_json = std::env::var("LEXFLOW_TOKENIZER_JSON")
+        .expect("LEXFLOW_TOKENIZER_JSON is not set (run `make setup` and `source scripts/env.sh`)");
+
+    // 1. Rendering and tokens, every language of the eval file, with and without a system turn.
+    let sample = tmp.path().join("sample.jsonl");
+    let gold: Vec<serde_json::Value> = lines(&qa.join("eval.jsonl"))
+        .into_iter()
+        .step_by(13)
+        .take(30)
+        .collect();
+    let langs: HashSet<&str> = gold.iter().map(|g| g["lang"].as_str().unwrap()).collect();
+    assert!(langs.len() >= 4, "{langs:?}");
+    std::fs::write(
+        &sample,
+        gold.iter().map(|g| format!("{g}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let mut script_in = String::new();
+    for g in &gold {
+        for sys in [None, Some(system)] {
+            let mut j = serde_json::json!({"question": g["question"], "answer": g["answer"]});
+            if let Some(s) = sys {
+                j["system"] = s.into();
+            }
+            script_in += &format!("{j}\n");
+        }
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_chat_template.py");
+    let mut child = Command::new(venv_python())
+        .arg(&script)
+        .arg(&tokenizer_json)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script_in.as_bytes())
+            .unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let hf: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(hf.len(), 2 * gold.len());
+    let tok = lexflow_actors::tokenizer::Tokenizer::load("llama3").unwrap();
+    for (k, sys) in [None, Some(system)].into_iter().enumerate() {
+        let fmt = PromptFormat {
+            template: QaTemplate::Llama3,
+            system: sys.map(String::from),
+        };
+        let opts = ReadOptions {
+            qa: fmt.clone(),
+            mixed_languages: true,
+        };
+        let docs = read_file_with(&sample, &ManifestIndex::default(), &opts).unwrap();
+        assert_eq!(docs.len(), gold.len());
+        for (i, (g, d)) in gold.iter().zip(&docs).enumerate() {
+            let h = &hf[2 * i + k];
+            let q = g["question"].as_str().unwrap();
+            assert_eq!(fmt.prompt(q), h["prompt"].as_str().unwrap(), "{}", g["id"]);
+            assert_eq!(d.text, h["full"].as_str().unwrap(), "{}", g["id"]);
+            let (ids, loss_from) = tok.encode_document(d);
+            let want: Vec<u32> = serde_json::from_value(h["full_ids"].clone()).unwrap();
+            assert_eq!(ids, want, "{}: token ids", g["id"]);
+            assert_eq!(
+                loss_from as usize,
+                h["prompt_ids"].as_array().unwrap().len(),
+                "{}: the prompt/answer boundary",
+                g["id"]
+            );
+        }
+    }
+
+    // 2. SFT with the template: user turns' <|eot_id|> are never targets, each answer's closing one is.
+    let run = tmp.path().join("sft");
+    let cfg = run.with_extension("toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[run]\nname = \"sft\"\ndir = {:?}\nseed = 5\n[input]\npaths = [{:?}]\nqa_template = \"llama3\"\n\
+             qa_system = {system:?}\n[packer]\nseq_len = 256\n[train]\ndevices = [\"cpu\"]\nmodel = \"tiny\"\n\
+             micro_batch = 2\nsteps = 2\nlr = 1e-3\n[metrics]\nenabled = false\n",
+            run.display().to_string(),
+            qa.join("train").display().to_string()
+        ),
+    )
+    .unwrap();
+    let (ok, so, se) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet"]);
+    assert!(ok, "{so}\n{se}");
+    let ckpt = run.join("checkpoints/step-000002");
+    let replayed = tmp.path().join("replay.jsonl");
+    let (ok, so, se) = lexflow(&[
+        "replay",
+        ckpt.to_str().unwrap(),
+        "--steps",
+        "1..=2",
+        "--out",
+        replayed.to_str().unwrap(),
+    ]);
+    assert!(ok, "{so}\n{se}");
+    let id = |t: &str| tok.token_id(t).unwrap();
+    let (eot_id, header, eot) = (
+        id("<|eot_id|>"),
+        id("<|start_header_id|>"),
+        id("<|end_of_text|>"),
+    );
+    let (mut answer_ends, mut turn_ends) = (0, 0);
+    for s in lines(&replayed) {
+        let toks: Vec<u32> = serde_json::from_value(s["tokens"].clone()).unwrap();
+        let t = toks.len() - 1;
+        let mut trained = vec![true; t];
+        for r in s["no_loss"].as_array().into_iter().flatten() {
+            let (a, b) = (
+                r[0].as_u64().unwrap() as usize,
+                r[1].as_u64().unwrap() as usize,
+            );
+            trained[a.min(t)..b.min(t)]
+                .iter_mut()
+                .for_each(|x| *x = false);
+        }
+        let live = t - s["padding"].as_u64().unwrap() as usize;
+        for p in 0..live {
+            if toks[p + 1] != eot_id || p + 2 > t {
+                continue;
+            }
+            // The token after an <|eot_id|>: a new turn's header (user/system turn ended) or the packer's
+            // end-of-text (the answer ended).
+            if toks[p + 2] == header {
+                turn_ends += 1;
+                assert!(
+                    !trained[p],
+                    "position {p}: a user turn's <|eot_id|> is a target"
+                );
+            } else if toks[p + 2] == eot {
+                answer_ends += 1;
+                assert!(
+                    trained[p],
+                    "position {p}: the answer's <|eot_id|> is not a target"
+                );
+            }
+        }
+    }
+    assert!(
+        answer_ends > 0 && turn_ends > 0,
+        "{answer_ends} answer ends, {turn_ends} turn ends"
+    );
+
+    // 3. Generation: the template comes from the checkpoint's run_config.toml; same tokens as transformers.
+    let model_dir = tmp.path().join("random");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let model = Llama::new(
+        &LlamaConfig::tiny(LLAMA3_VOCAB),
+        Device::Cpu,
+        Kind::Float,
+        3,
+    )
+    .unwrap();
+    lexflow_gpu::tch::no_grad(|| {
+        // Well-separated logits: fp32 rounding cannot flip an argmax.
+        let _ = model.params.flat.detach().g_mul_scalar_(8.0);
+    });
+    save_hf(&model_dir, &model, DEFAULT_MAX_SHARD_BYTES).unwrap();
+    std::fs::copy(
+        ckpt.join("run_config.toml"),
+        model_dir.join("run_config.toml"),
+    )
+    .unwrap();
+    let preds = tmp.path().join("gen.jsonl");
+    let (limit, max_new) = ("3", "10");
+    let gold_file = qa.join("eval.jsonl");
+    let (ok, so, se) = lexflow(&[
+        "qa",
+        "eval",
+        "--gold",
+        gold_file.to_str().unwrap(),
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--limit",
+        limit,
+        "--max-new-tokens",
+        max_new,
+        "--predictions-out",
+        preds.to_str().unwrap(),
+    ]);
+    assert!(ok, "{so}\n{se}");
+    assert!(
+        se.contains("prompt template `llama3` with a system turn"),
+        "{se}"
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_generate.py");
+    let o = Command::new(venv_python())
+        .arg(&script)
+        .args([
+            model_dir.to_str().unwrap(),
+            &tokenizer_json,
+            gold_file.to_str().unwrap(),
+            limit,
+            max_new,
+            "llama3",
+            system,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let theirs: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ours = lines(&preds);
+    assert_eq!((ours.len(), theirs.len()), (3, 3));
+    let mut generated = 0;
+    for (x, y) in ours.iter().zip(&theirs) {
+        assert_eq!(x["id"], y["id"]);
+        assert_eq!(
+            x["token_ids"], y["token_ids"],
+            "{}: lexflow vs transformers",
+            x["id"]
+        );
+        generated += x["token_ids"].as_array().unwrap().len();
+    }
+    assert!(
+        generated >= 6,
+        "generation stopped at once: nothing compared"
+    );
+    // --template plain overrides the checkpoint's; a bad value is refused.
+    let (ok, _, se) = lexflow(&[
+        "qa",
+        "eval",
+        "--gold",
+        gold_file.to_str().unwrap(),
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--template",
+        "plain",
+    ]);
+    assert!(ok && se.contains("prompt template `plain`"), "{se}");
+    let (ok, _, se) = lexflow(&[
+        "qa",
+        "eval",
+        "--gold",
+        gold_file.to_str().unwrap(),
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--template",
+        "chatml",
+    ]);
+    assert!(!ok && se.contains("expected `plain` or `llama3`"), "{se}");
+}

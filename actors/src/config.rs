@@ -63,6 +63,22 @@ pub struct InputConfig {
     /// Sample corpus generated into the run directory when `paths` is empty.
     #[serde(default)]
     pub generate: GenerateConfig,
+    /// How Q&A `.jsonl` pairs become training text: `plain` (`### Question`/`### Answer`) or `llama3` (the Llama 3
+    /// chat template). `lexflow qa eval --model` reads it from the checkpoint.
+    #[serde(default)]
+    pub qa_template: crate::qa::QaTemplate,
+    /// System turn of the `llama3` template.
+    #[serde(default)]
+    pub qa_system: Option<String>,
+}
+
+impl InputConfig {
+    pub fn prompt_format(&self) -> crate::qa::PromptFormat {
+        crate::qa::PromptFormat {
+            template: self.qa_template,
+            system: self.qa_system.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -654,6 +670,13 @@ impl Config {
                     at("train.keep_checkpoints")
                 ));
             }
+        }
+        if self.input.qa_system.is_some() && self.input.qa_template != crate::qa::QaTemplate::Llama3
+        {
+            errs.push(format!(
+                "{}: a system turn needs input.qa_template = \"llama3\" (the plain template has none)",
+                at("input.qa_system")
+            ));
         }
         let e = &self.eval;
         if !(e.holdout.is_finite() && (0.0..=0.5).contains(&e.holdout)) {

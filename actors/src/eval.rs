@@ -3,7 +3,7 @@
 //!
 //! `lexflow qa eval --gold eval.jsonl --predictions preds.jsonl` scores answers produced anywhere (`{"id", "output"}`
 //! per line); `--model DIR` generates them first with a lexflow/HF checkpoint (greedy decoding of
-//! [`render_prompt`](crate::qa::render_prompt), stopping at end-of-text/end-of-turn).
+//! [`PromptFormat::prompt`], stopping at end-of-text/end-of-turn).
 //!
 //! Per example:
 //! * exact match: the answer equals the reference after trimming, collapsing whitespace and lower-casing;
@@ -25,7 +25,7 @@ use std::process::ExitCode;
 
 use serde::{Deserialize, Serialize};
 
-use crate::qa::{extract_citations, read_pairs, render_prompt, Citation, CitationIndex, QaPair};
+use crate::qa::{extract_citations, read_pairs, Citation, CitationIndex, PromptFormat, QaPair};
 
 /// Whitespace collapsed, trimmed, lower-cased.
 pub fn normalize(s: &str) -> String {
@@ -255,6 +255,28 @@ pub struct GenOptions {
     pub max_new_tokens: usize,
     /// Questions decoded together (left-padded, each row masked to its own prompt); 1: one at a time.
     pub batch_size: usize,
+    /// The prompt format the model was fine-tuned with; None: the checkpoint's `run_config.toml`
+    /// (`input.qa_template`, `input.qa_system`), else `plain`.
+    pub format: Option<PromptFormat>,
+}
+
+/// The prompt format for generating with `model_dir`: `explicit`, else the one of the run that wrote the checkpoint
+/// (its `run_config.toml`), else `plain`.
+pub fn prompt_format_for(
+    model_dir: &Path,
+    explicit: Option<&PromptFormat>,
+) -> anyhow::Result<PromptFormat> {
+    if let Some(f) = explicit {
+        return Ok(f.clone());
+    }
+    let p = model_dir.join(crate::trainer::RUN_CONFIG_FILE);
+    if !p.is_file() {
+        return Ok(PromptFormat::default());
+    }
+    let cfg = crate::config::Config::from_file(&p).map_err(|e| {
+        anyhow::anyhow!("{e} (pass --template to choose the prompt format yourself)")
+    })?;
+    Ok(cfg.input.prompt_format())
 }
 
 /// Answers of a checkpoint (HF layout: `config.json` + safetensors) to every gold question: greedy decoding of the
@@ -287,6 +309,17 @@ pub fn generate_ids(
     let model = lexflow_gpu::checkpoint::load_hf(model_dir, device, kind)
         .map_err(|e| anyhow::anyhow!("{}: cannot load the model: {e}", model_dir.display()))?;
     let tok = crate::tokenizer::Tokenizer::load(&opts.tokenizer)?;
+    let format = prompt_format_for(model_dir, opts.format.as_ref())?;
+    format.check_tokenizer(&tok)?;
+    eprintln!(
+        "qa eval: prompt template `{}`{}",
+        format.template.as_str(),
+        if format.system.is_some() {
+            " with a system turn"
+        } else {
+            ""
+        }
+    );
     let vocab = model.cfg.vocab_size as i64;
     let stops: Vec<u32> = [tok.eos_id(), tok.eot_id()].into_iter().flatten().collect();
     let max_len = model.cfg.max_position_embeddings;
@@ -298,13 +331,14 @@ pub fn generate_ids(
         let prompts: Vec<Vec<i64>> = chunk
             .iter()
             .map(|g| {
-                let mut ids: Vec<i64> = tok.bos_id().map(|b| b as i64).into_iter().collect();
-                ids.extend(
-                    tok.encode(&render_prompt(&g.question))
-                        .into_iter()
-                        .map(i64::from),
-                );
-                ids
+                let mut ids = tok.encode(&format.prompt(&g.question));
+                // BOS first, once (the llama3 template writes it itself).
+                if let Some(bos) = tok.bos_id() {
+                    if ids.first() != Some(&bos) {
+                        ids.insert(0, bos);
+                    }
+                }
+                ids.into_iter().map(i64::from).collect::<Vec<i64>>()
             })
             .collect();
         // A tokenizer with more ids than the model has embeddings (the wrong --tokenizer) would index past the table.

@@ -98,6 +98,8 @@ impl HeldOutSet {
 /// Everything [`build`] needs besides the files.
 pub struct BuildSpec<'a> {
     pub eval: &'a EvalConfig,
+    /// Prompt format of Q&A inputs (the run's `input.qa_template`).
+    pub qa: crate::qa::PromptFormat,
     pub packer: &'a PackerConfig,
     pub langs: &'a [String],
     pub tokenizer: &'a Tokenizer,
@@ -125,6 +127,10 @@ pub fn build(
         files: files.len() as u64,
         ..Default::default()
     };
+    let read_opts = reader::ReadOptions {
+        qa: spec.qa.clone(),
+        mixed_languages: true,
+    };
     let lane_of = |lang: Option<&str>| lang.and_then(|l| spec.langs.iter().position(|x| x == l));
     for (fi, (path, manifests)) in files.iter().enumerate() {
         if out.iter().all(|o| o.len() >= max) {
@@ -138,7 +144,7 @@ pub fn build(
                 }
             }
         }
-        let docs = match reader::read_file_mixed(path, manifests) {
+        let docs = match reader::read_file_with(path, manifests, &read_opts) {
             Ok(d) => d,
             Err(e) => {
                 quarantine.record(&e);

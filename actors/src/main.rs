@@ -94,6 +94,8 @@ enum Cmd {
     },
 }
 
+// Parsed once per process: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum QaCmd {
     /// Build Q&A pairs with citations from the articles of FORMEX acts: OUT/train/<lang>.jsonl, eval.jsonl,
@@ -132,6 +134,13 @@ enum QaCmd {
         /// Questions generated together (left-padded batch).
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
+        /// Prompt format (`plain` or `llama3`); default: the `input.qa_template` of the run that wrote --model
+        /// (its run_config.toml), else `plain`.
+        #[arg(long)]
+        template: Option<String>,
+        /// System turn for `--template llama3` (default: the run's `input.qa_system`).
+        #[arg(long)]
+        system: Option<String>,
         /// Only the first N gold examples.
         #[arg(long)]
         limit: Option<usize>,
@@ -245,6 +254,8 @@ fn main() -> ExitCode {
                     device,
                     max_new_tokens,
                     batch_size,
+                    template,
+                    system,
                     limit,
                     out,
                     predictions_out,
@@ -259,6 +270,13 @@ fn main() -> ExitCode {
                 device,
                 max_new_tokens,
                 batch_size,
+                format: match lexflow_actors::qa::parse_template(template.as_deref(), system) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("lexflow: error: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                },
             },
             limit,
             out: out.as_deref(),

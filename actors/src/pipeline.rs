@@ -202,6 +202,14 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             )
         })
     };
+    let qa_format = cfg.input.prompt_format();
+    qa_format
+        .check_tokenizer(&tokenizer)
+        .context("input.qa_template")?;
+    let read_opts = Arc::new(reader::ReadOptions {
+        qa: qa_format,
+        mixed_languages: false,
+    });
     let eot = token(&cfg.packer.eot_token, "eot_token")?;
     let pad = token(&cfg.packer.pad_token, "pad_token")?;
 
@@ -341,6 +349,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         let c = counters.clone();
         let lang2 = lang.clone();
         let mi = manifests.clone();
+        let ro = read_opts.clone();
         ordered_pool(
             &mut topo,
             &format!("reader.{lang}"),
@@ -353,12 +362,13 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 let c = c.clone();
                 let lang = lang2.clone();
                 let mi = mi.clone();
+                let ro = ro.clone();
                 let am = lexflow_metrics::actor(&format!("reader.{lang}"));
                 move |ctx: &lexflow_dataflow::ActorContext,
                       (file, path, skip): (u32, PathBuf, u32)| {
                     ctx.set_input(path.display().to_string());
                     let t = Instant::now();
-                    let mut docs = match reader::read_file_indexed(&path, &mi) {
+                    let mut docs = match reader::read_file_with(&path, &mi, &ro) {
                         Ok(docs) => docs,
                         Err(e) => {
                             q.record(&e);
@@ -467,7 +477,14 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 // Rebuild the carry-over: re-read and re-tokenize only the partly packed documents.
                 let t = Instant::now();
                 packer.restore(&d.packer, d.next_index, |id| {
-                    fetch_doc_tokens(&lanes, &manifests, &tokenizer, cfg.tokenizer.add_bos, id)
+                    fetch_doc_tokens(
+                        &lanes,
+                        &manifests,
+                        &read_opts,
+                        &tokenizer,
+                        cfg.tokenizer.add_bos,
+                        id,
+                    )
                 })?;
                 tracing::info!(
                     seconds = t.elapsed().as_secs_f64(),
@@ -628,10 +645,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         for s in &seqs {
             for p in &s.pieces {
                 if let std::collections::hash_map::Entry::Vacant(e) = cache.entry(p.doc) {
-                    let d = fetch_doc(&lanes, &manifests, p.doc)?;
+                    let d = fetch_doc(&lanes, &manifests, &read_opts, p.doc)?;
                     let t = fetch_doc_tokens(
                         &lanes,
                         &manifests,
+                        &read_opts,
                         &tokenizer,
                         cfg.tokenizer.add_bos,
                         p.doc,
@@ -702,10 +720,11 @@ fn article_at(
     found
 }
 
-/// Prepends BOS to a non-empty document; returns how many tokens were inserted (0 or 1).
+/// Prepends BOS to a non-empty document that does not start with it already (the `llama3` Q&A template writes
+/// its own); returns how many tokens were inserted (0 or 1).
 pub(crate) fn prepend_bos(tk: &Tokenizer, tokens: &mut Vec<u32>) -> u32 {
     match tk.bos_id() {
-        Some(bos) if !tokens.is_empty() => {
+        Some(bos) if !tokens.is_empty() && tokens[0] != bos => {
             tokens.insert(0, bos);
             1
         }
@@ -752,6 +771,7 @@ fn heldout_set(
     let langs: Vec<String> = cfg.sampler.mix.keys().cloned().collect();
     let spec = crate::heldout::BuildSpec {
         eval: &cfg.eval,
+        qa: cfg.input.prompt_format(),
         packer: &cfg.packer,
         langs: &langs,
         tokenizer,
@@ -798,11 +818,12 @@ pub fn build_heldout(
 fn fetch_doc_tokens(
     lanes: &[Lane],
     manifests: &reader::ManifestIndex,
+    opts: &reader::ReadOptions,
     tk: &Tokenizer,
     add_bos: bool,
     id: DocId,
 ) -> anyhow::Result<Vec<u32>> {
-    let doc = fetch_doc(lanes, manifests, id)?;
+    let doc = fetch_doc(lanes, manifests, opts, id)?;
     let (mut t, _) = tk.encode_document(&doc);
     if add_bos {
         prepend_bos(tk, &mut t);
@@ -813,6 +834,7 @@ fn fetch_doc_tokens(
 fn fetch_doc(
     lanes: &[Lane],
     manifests: &reader::ManifestIndex,
+    opts: &reader::ReadOptions,
     id: DocId,
 ) -> anyhow::Result<crate::types::Document> {
     let lane = lanes
@@ -824,7 +846,7 @@ fn fetch_doc(
         lane.lang
     );
     let path = &lane.files[id.file as usize % lane.files.len()];
-    let docs = reader::read_file_indexed(path, manifests)
+    let docs = reader::read_file_with(path, manifests, opts)
         .with_context(|| format!("re-reading {} for document {id:?}", path.display()))?;
     docs.into_iter().nth(id.ordinal as usize).with_context(|| {
         format!(

@@ -15,7 +15,8 @@
 //! skipped, by reason. Files that fail to parse are reported with path, offset and reason and skipped; the others
 //! still produce their pairs.
 //!
-//! Prompt format for training and generation: [`render_prompt`].
+//! Prompt format for training and generation: [`PromptFormat`] (`input.qa_template`: lexflow's plain
+//! `### Question`/`### Answer` format, or the Llama 3 chat template).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::{BufWriter, Write};
@@ -94,9 +95,112 @@ pub fn extract_citations(text: &str) -> Vec<Citation> {
     out
 }
 
-/// The text a model sees before its answer, for SFT and for generation in `lexflow qa eval`.
-pub fn render_prompt(question: &str) -> String {
-    format!("### Question\n{question}\n### Answer\n")
+/// `input.qa_template`: how a Q&A pair becomes text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QaTemplate {
+    /// `### Question\n{question}\n### Answer\n{answer}` (then the packer's end-of-text).
+    #[default]
+    Plain,
+    /// The Llama 3 (Instruct) chat template: `<|begin_of_text|>`, an optional system turn, the user turn, the
+    /// assistant header; the answer ends with `<|eot_id|>` (a training target: the model learns to end its turn).
+    Llama3,
+}
+
+impl QaTemplate {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            QaTemplate::Plain => "plain",
+            QaTemplate::Llama3 => "llama3",
+        }
+    }
+}
+
+/// `--template` / `--system` of `lexflow qa eval`: None when neither is given (then the checkpoint decides).
+pub fn parse_template(
+    template: Option<&str>,
+    system: Option<String>,
+) -> anyhow::Result<Option<PromptFormat>> {
+    let template = match template {
+        None if system.is_none() => return Ok(None),
+        None | Some("llama3") => QaTemplate::Llama3,
+        Some("plain") => QaTemplate::Plain,
+        Some(t) => anyhow::bail!("--template {t:?}: expected `plain` or `llama3`"),
+    };
+    anyhow::ensure!(
+        system.is_none() || template == QaTemplate::Llama3,
+        "--system needs --template llama3 (the plain template has no system turn)"
+    );
+    Ok(Some(PromptFormat { template, system }))
+}
+
+/// The prompt and answer text of a Q&A pair, for SFT (`lexflow run` on Q&A `.jsonl`) and for generation
+/// (`lexflow qa eval --model`): both sides must use the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PromptFormat {
+    pub template: QaTemplate,
+    /// System turn (`llama3` only).
+    pub system: Option<String>,
+}
+
+impl PromptFormat {
+    /// The text a model sees before its answer.
+    pub fn prompt(&self, question: &str) -> String {
+        match self.template {
+            QaTemplate::Plain => format!("### Question\n{question}\n### Answer\n"),
+            QaTemplate::Llama3 => {
+                // As transformers renders Llama 3's `chat_template` with add_generation_prompt: contents trimmed.
+                let turn = |role: &str, content: &str| {
+                    format!(
+                        "<|start_header_id|>{role}<|end_header_id|>\n\n{}<|eot_id|>",
+                        content.trim()
+                    )
+                };
+                let mut s = String::from("<|begin_of_text|>");
+                if let Some(sys) = &self.system {
+                    s += &turn("system", sys);
+                }
+                s += &turn("user", question);
+                s += "<|start_header_id|>assistant<|end_header_id|>\n\n";
+                s
+            }
+        }
+    }
+
+    /// The answer as trained on, up to the end of the assistant's turn.
+    pub fn answer(&self, answer: &str) -> String {
+        match self.template {
+            QaTemplate::Plain => answer.to_string(),
+            QaTemplate::Llama3 => format!("{}<|eot_id|>", answer.trim()),
+        }
+    }
+
+    /// Special tokens the tokenizer must have as single tokens.
+    pub fn special_tokens(&self) -> &'static [&'static str] {
+        match self.template {
+            QaTemplate::Plain => &[],
+            QaTemplate::Llama3 => &[
+                "<|begin_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+            ],
+        }
+    }
+
+    /// Fails, naming the token, when the tokenizer lacks one of [`special_tokens`](Self::special_tokens).
+    pub fn check_tokenizer(&self, tok: &crate::tokenizer::Tokenizer) -> anyhow::Result<()> {
+        for t in self.special_tokens() {
+            anyhow::ensure!(
+                tok.token_id(t).is_some(),
+                "qa template `{}` needs the special token {t} as one token, and tokenizer {} has none: use the \
+                 Llama 3 tokenizer, or qa_template = \"plain\"",
+                self.template.as_str(),
+                tok.spec()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `IDENTIFIER="008A"` → `"8a"`; falls back to the digits of the title (`"Article 12"` → `"12"`).

@@ -156,11 +156,19 @@ pub fn is_qa_jsonl(path: &Path) -> bool {
     n.ends_with(".jsonl") || n.ends_with(".jsonl.zst") || n.ends_with(".jsonl.gz")
 }
 
-/// The documents of a Q&A JSON-lines file: per pair, the prompt ([`crate::qa::render_prompt`]) followed by the
-/// answer, with `answer_start` at the boundary (the prompt is context, the answer the training target). One
-/// language per file (it is one sampler lane) unless `mixed` (held-out sets: `eval.jsonl`); a bad line is an error
-/// naming the line.
-fn parse_qa_jsonl(path: &str, bytes: &[u8], mixed: bool) -> Result<Vec<Parsed>, ReadError> {
+/// How Q&A inputs are read (FORMEX files do not care).
+#[derive(Debug, Clone, Default)]
+pub struct ReadOptions {
+    /// Prompt and answer text of each pair (`input.qa_template`).
+    pub qa: crate::qa::PromptFormat,
+    /// A Q&A file may mix languages (held-out sets such as `eval.jsonl`); else one language per file.
+    pub mixed_languages: bool,
+}
+
+/// The documents of a Q&A JSON-lines file: per pair, the prompt ([`crate::qa::PromptFormat::prompt`]) followed by
+/// the answer, with `answer_start` at the boundary (the prompt is context, the answer the training target). One
+/// language per file (it is one sampler lane) unless `opts.mixed_languages`; a bad line is an error naming the line.
+fn parse_qa_jsonl(path: &str, bytes: &[u8], opts: &ReadOptions) -> Result<Vec<Parsed>, ReadError> {
     let bad = |line: usize, offset: usize, reason: String| ReadError::Parse {
         path: path.to_string(),
         line: line as u64,
@@ -187,7 +195,7 @@ fn parse_qa_jsonl(path: &str, bytes: &[u8], mixed: bool) -> Result<Vec<Parsed>, 
         let p: crate::qa::QaPair = serde_json::from_str(l)
             .map_err(|e| bad(i + 1, here, format!("not a Q&A pair: {e}")))?;
         match &lang {
-            _ if mixed => {}
+            _ if opts.mixed_languages => {}
             None => lang = Some(p.lang.clone()),
             Some(l0) if *l0 != p.lang => {
                 return Err(bad(
@@ -201,7 +209,8 @@ fn parse_qa_jsonl(path: &str, bytes: &[u8], mixed: bool) -> Result<Vec<Parsed>, 
             }
             _ => {}
         }
-        let prompt = crate::qa::render_prompt(&p.question);
+        let prompt = opts.qa.prompt(&p.question);
+        let answer = opts.qa.answer(&p.answer);
         let doc = Document {
             path: path.to_string(),
             root: "QA".into(),
@@ -209,7 +218,7 @@ fn parse_qa_jsonl(path: &str, bytes: &[u8], mixed: bool) -> Result<Vec<Parsed>, 
             lang: Some(p.lang.clone()),
             title: Some(p.question.clone()),
             answer_start: Some(prompt.len()),
-            text: prompt + &p.answer,
+            text: prompt + &answer,
             ..Default::default()
         };
         out.push(Parsed {
@@ -371,31 +380,25 @@ fn zip_members(path: &Path, raw: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ReadEr
     Ok(out)
 }
 
-fn parse_one(path: &str, bytes: &[u8], mixed: bool) -> Result<Vec<Parsed>, ReadError> {
+fn parse_one(path: &str, bytes: &[u8], opts: &ReadOptions) -> Result<Vec<Parsed>, ReadError> {
     if is_qa_jsonl(Path::new(path)) {
-        return parse_qa_jsonl(path, bytes, mixed);
+        return parse_qa_jsonl(path, bytes, opts);
     }
     formex::parse_detailed(path, bytes).map_err(|e| ReadError::parse(path, e))
 }
 
 /// Parse one input with package metadata (no cross-file manifest attachment, except inside a zip).
 pub fn read_file_detailed(path: &Path) -> Result<Vec<Parsed>, ReadError> {
-    read_file_opts(path, false)
+    read_file_opts(path, &ReadOptions::default())
 }
 
-/// [`read_file_indexed`] for held-out sets: a Q&A `.jsonl` file may mix languages (`lexflow qa build`'s
-/// `eval.jsonl`); every document keeps its own `lang`.
-pub fn read_file_mixed(path: &Path, index: &ManifestIndex) -> Result<Vec<Document>, ReadError> {
-    read_indexed(path, index, true)
-}
-
-fn read_file_opts(path: &Path, mixed: bool) -> Result<Vec<Parsed>, ReadError> {
+fn read_file_opts(path: &Path, opts: &ReadOptions) -> Result<Vec<Parsed>, ReadError> {
     let raw = std::fs::read(path).map_err(|e| ReadError::io(path, e))?;
     if container(&raw, path) == Container::Zip {
         let members = zip_members(path, &raw)?;
         let mut all = Vec::new();
         for (mpath, bytes) in &members {
-            all.extend(parse_one(mpath, bytes, mixed)?);
+            all.extend(parse_one(mpath, bytes, opts)?);
         }
         let idx = ManifestIndex::from_parsed(all.iter().map(|p| (path.to_path_buf(), p)));
         for p in all.iter_mut() {
@@ -404,7 +407,7 @@ fn read_file_opts(path: &Path, mixed: bool) -> Result<Vec<Parsed>, ReadError> {
         return Ok(all);
     }
     let bytes = decompress(path, raw)?;
-    parse_one(&path.display().to_string(), &bytes, mixed)
+    parse_one(&path.display().to_string(), &bytes, opts)
 }
 
 /// Parse one input file (plain, zstd, gzip or zip) into its documents.
@@ -417,15 +420,16 @@ pub fn read_file(path: &Path) -> Result<Vec<Document>, ReadError> {
 
 /// [`read_file`] plus the metadata of the file's manifest from `index` (see the module docs).
 pub fn read_file_indexed(path: &Path, index: &ManifestIndex) -> Result<Vec<Document>, ReadError> {
-    read_indexed(path, index, false)
+    read_file_with(path, index, &ReadOptions::default())
 }
 
-fn read_indexed(
+/// [`read_file_indexed`] with Q&A options (prompt format, mixed languages).
+pub fn read_file_with(
     path: &Path,
     index: &ManifestIndex,
-    mixed: bool,
+    opts: &ReadOptions,
 ) -> Result<Vec<Document>, ReadError> {
-    let mut v = read_file_opts(path, mixed)?;
+    let mut v = read_file_opts(path, opts)?;
     for p in v.iter_mut() {
         index.attach_one(path, p);
     }

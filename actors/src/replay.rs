@@ -30,6 +30,9 @@ pub struct ReplayedSequence {
     pub doc_starts: Vec<u32>,
     pub pieces: Vec<crate::types::Piece>,
     pub tokens: Vec<u32>,
+    /// Input positions `[a, b)` whose target the loss ignores (prompt tokens of instruction data).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub no_loss: Vec<[u32; 2]>,
 }
 
 /// Parses `A..B` (B exclusive), `A..=B` or `N`.
@@ -172,6 +175,7 @@ pub fn replay_steps(
             doc_starts: s.doc_starts,
             pieces: s.pieces,
             tokens: s.tokens,
+            no_loss: s.no_loss,
         })
         .collect();
     let pieces = described.lock().map(|g| g.clone()).unwrap_or_default();
