@@ -317,3 +317,62 @@ fn pyarrow_reads_every_value_the_tee_wrote() {
     assert_eq!(seen, 400);
     assert_eq!(summary.rows_per_shard[shards - 1], 0);
 }
+
+/// A `no_loss` list of odd length (not `[start, end)` pairs) is refused with the file named, never half-read: pyarrow
+/// rewrites one row of a file the tee wrote (schema and metadata kept), and `read_sequences` must say what is wrong.
+#[test]
+fn odd_no_loss_list_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = TeeMeta {
+        seq_len: 31,
+        tokenizer: "llama3".into(),
+        run: "odd-no-loss".into(),
+    };
+    let mut rng = Rng(7);
+    let mut written = sequences(&mut rng, 10, 31, 1);
+    for s in written.iter_mut() {
+        s.no_loss = vec![[1, 3]];
+        s.shard = 0;
+    }
+    let mut tee = ArrowTee::create(dir.path(), 1, meta).unwrap();
+    for s in &written {
+        tee.write(s).unwrap();
+    }
+    tee.finish().unwrap();
+    let file = dir.path().join(shard_file_name(0));
+    assert_eq!(
+        read_sequences(&file).unwrap().len(),
+        10,
+        "the intact file reads"
+    );
+    let script = r#"
+import sys, pyarrow as pa, pyarrow.ipc as ipc
+path = sys.argv[1]
+with ipc.open_file(path) as r:
+    schema = r.schema
+    table = r.read_all()
+rows = table.column("no_loss").to_pylist()
+rows[4] = [1, 3, 5]
+i = schema.get_field_index("no_loss")
+table = table.set_column(i, schema.field(i), pa.array(rows, type=schema.field(i).type))
+with ipc.new_file(path, schema) as w:
+    w.write_table(table)
+"#;
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = read_sequences(&file).unwrap_err().to_string();
+    assert!(
+        e.contains(&file.display().to_string())
+            && e.contains("`no_loss` has 3 values")
+            && e.contains("pairs"),
+        "{e}"
+    );
+}
