@@ -563,6 +563,7 @@ fn dashboard_is_consistent() {
         names::LABEL_QUANTILE,
         names::LABEL_VERSION,
         names::LABEL_RUN,
+        names::LABEL_METRIC,
         "le",
         "job",
         "instance",
@@ -797,6 +798,17 @@ fn simulate_a_run(stop: &std::sync::atomic::AtomicBool) {
             }
             m.eval_step.set(step as i64);
             m.eval_seconds.observe(0.3);
+            for metric in [
+                "exact_match",
+                "rouge_l",
+                "citation_accuracy",
+                "hallucination_rate",
+                "wrong_citation_rate",
+            ] {
+                for lang in ["en", "all"] {
+                    m.eval_qa.with_label_values(&[metric, lang]).set(0.25);
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -917,6 +929,10 @@ const RUN_FACTS: &[(&str, &str)] = &[
         "count(lexflow_eval_loss > 0) >= 6",
     ),
     (
+        "Q&A scores of several languages and overall",
+        r#"count(lexflow_eval_qa{metric="citation_accuracy"}) >= 3"#,
+    ),
+    (
         "trainer steps in a 10 s window",
         "sum(rate(lexflow_trainer_steps_total[10s])) > 0",
     ),
@@ -957,6 +973,22 @@ fn sample_run_feeds_every_panel() -> Result<()> {
     // Held-out evaluations after steps 6 and 12 (a quarter of this small corpus's acts, so that none is empty).
     cfg = set_toml_key(&cfg, "eval", "every", "6");
     cfg = set_toml_key(&cfg, "eval", "holdout", "0.25");
+    // Q&A answers scored at each evaluation: pairs built from the same corpus (the model is not fine-tuned for them,
+    // its scores are low; what is checked is that they are measured and exported).
+    let qa_dir = work.path().join("qa");
+    let qa_build = Command::new(&bin)
+        .args(["qa", "build", "--out"])
+        .arg(&qa_dir)
+        .arg(&corpus)
+        .output()?;
+    anyhow::ensure!(
+        qa_build.status.success(),
+        "lexflow qa build: {}",
+        String::from_utf8_lossy(&qa_build.stderr)
+    );
+    cfg = set_toml_key(&cfg, "eval", "qa_gold", &quoted(&qa_dir.join("eval.jsonl")));
+    cfg = set_toml_key(&cfg, "eval", "qa_per_language", "2");
+    cfg = set_toml_key(&cfg, "eval", "qa_max_new_tokens", "8");
     let cfg_path = work.path().join("sample-prometheus.toml");
     std::fs::write(&cfg_path, &cfg)?;
 

@@ -748,3 +748,115 @@ fn llama3_chat_template_matches_transformers_in_training_and_generation() {
     ]);
     assert!(!ok && se.contains("expected `plain` or `llama3`"), "{se}");
 }
+
+/// `eval.qa_gold`: during an SFT run the model answers the first questions of every language at each evaluation,
+/// scored like `lexflow qa eval`. Oracle: `lexflow qa eval --model` on the checkpoint of the same step, with the
+/// same questions (`eval_qa/gold.jsonl`) and batch size, gives the same answers and the same scores — with one rank
+/// and with two (the answers gathered from both ranks).
+#[test]
+fn sft_run_scores_qa_answers_at_each_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qa = tmp.path().join("qa");
+    let (ok, so, se) = lexflow(&[
+        "qa",
+        "build",
+        "--out",
+        qa.to_str().unwrap(),
+        corpus().to_str().unwrap(),
+    ]);
+    assert!(ok, "{so}\n{se}");
+    for (name, devices, micro_batch, qa_batch) in
+        [("one", "\"cpu\"", 2, 3), ("two", "\"cpu\", \"cpu\"", 1, 1)]
+    {
+        let run = tmp.path().join(name);
+        let cfg = run.with_extension("toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[run]\nname = \"sft\"\ndir = {:?}\nseed = 5\n[input]\npaths = [{:?}]\n[packer]\nseq_len = 256\n\
+                 [train]\ndevices = [{devices}]\nmodel = \"tiny\"\nmicro_batch = {micro_batch}\nsteps = 4\nlr = 1e-3\n\
+                 checkpoint_every = 2\n[eval]\nevery = 2\nqa_gold = {:?}\nqa_index = {:?}\nqa_per_language = 2\n\
+                 qa_max_new_tokens = 8\nqa_batch_size = {qa_batch}\n[metrics]\nenabled = false\n",
+                run.display().to_string(),
+                qa.join("train").display().to_string(),
+                qa.join("eval.jsonl").display().to_string(),
+                qa.join("citations.json").display().to_string(),
+            ),
+        )
+        .unwrap();
+        let (ok, so, se) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet"]);
+        assert!(ok, "{so}\n{se}");
+        let stats: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("stats.json")).unwrap())
+                .unwrap();
+        let evals = stats["train"]["evals"].as_array().unwrap();
+        assert_eq!(
+            evals
+                .iter()
+                .map(|e| e["step"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            [2, 4],
+            "{name}"
+        );
+        // Two questions of each mix language the gold file has, in file order.
+        let asked = lines(&run.join("eval_qa/gold.jsonl"));
+        let mut per_lang = std::collections::BTreeMap::<String, usize>::new();
+        for g in &asked {
+            *per_lang
+                .entry(g["lang"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+        assert!(
+            per_lang.len() >= 3 && per_lang.values().all(|&n| n == 2),
+            "{per_lang:?}"
+        );
+        let last = &evals[1]["qa"];
+        assert_eq!(
+            last["overall"]["examples"].as_u64(),
+            Some(asked.len() as u64)
+        );
+        assert!(
+            last.get("by_language").is_some() && evals[0].get("loss").is_none(),
+            "{last}"
+        );
+
+        // Oracle: the standalone evaluator on the step-4 checkpoint.
+        let preds = tmp.path().join(format!("{name}_preds.jsonl"));
+        let report = tmp.path().join(format!("{name}_report.json"));
+        let qb = qa_batch.to_string();
+        let (ok, so, se) = lexflow(&[
+            "qa",
+            "eval",
+            "--gold",
+            run.join("eval_qa/gold.jsonl").to_str().unwrap(),
+            "--index",
+            qa.join("citations.json").to_str().unwrap(),
+            "--model",
+            run.join("checkpoints/step-000004").to_str().unwrap(),
+            "--max-new-tokens",
+            "8",
+            "--batch-size",
+            &qb,
+            "--out",
+            report.to_str().unwrap(),
+            "--predictions-out",
+            preds.to_str().unwrap(),
+        ]);
+        assert!(ok, "{so}\n{se}");
+        let theirs = lines(&preds);
+        let ours = lines(Path::new(last["predictions"].as_str().unwrap()));
+        assert_eq!(ours.len(), theirs.len());
+        let mut generated = 0;
+        for (x, y) in ours.iter().zip(&theirs) {
+            assert_eq!(x["id"], y["id"]);
+            assert_eq!(x["token_ids"], y["token_ids"], "{name}: {}", x["id"]);
+            assert_eq!(x["output"], y["output"]);
+            generated += x["token_ids"].as_array().unwrap().len();
+        }
+        assert!(generated > 0, "{name}: nothing generated, nothing compared");
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        assert_eq!(last["overall"], r["overall"], "{name}");
+        assert_eq!(last["by_language"], r["by_language"], "{name}");
+    }
+}

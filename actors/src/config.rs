@@ -485,10 +485,34 @@ pub struct EvalConfig {
     /// Sequences per forward pass (default: `train.micro_batch`).
     #[serde(default)]
     pub micro_batch: Option<NonZeroUsize>,
+    /// Q&A gold pairs (`lexflow qa build`'s `eval.jsonl`): at each evaluation the model answers them (greedy, the
+    /// run's `input.qa_template`) and is scored like `lexflow qa eval` (exact match, ROUGE-L, citations).
+    #[serde(default)]
+    pub qa_gold: Option<PathBuf>,
+    /// `citations.json` for the hallucination check (default: the gold answers' own citations).
+    #[serde(default)]
+    pub qa_index: Option<PathBuf>,
+    /// Questions per language of the mix (the first ones of the gold file).
+    #[serde(default = "default_qa_per_language")]
+    pub qa_per_language: usize,
+    #[serde(default = "default_qa_max_new_tokens")]
+    pub qa_max_new_tokens: usize,
+    /// Questions generated together (left-padded).
+    #[serde(default = "default_qa_batch_size")]
+    pub qa_batch_size: NonZeroUsize,
 }
 
 fn default_eval_sequences() -> usize {
     32
+}
+fn default_qa_per_language() -> usize {
+    8
+}
+fn default_qa_max_new_tokens() -> usize {
+    128
+}
+fn default_qa_batch_size() -> NonZeroUsize {
+    NonZeroUsize::new(8).expect("8 > 0")
 }
 
 impl Default for EvalConfig {
@@ -499,12 +523,23 @@ impl Default for EvalConfig {
             every: 0,
             max_sequences: default_eval_sequences(),
             micro_batch: None,
+            qa_gold: None,
+            qa_index: None,
+            qa_per_language: default_qa_per_language(),
+            qa_max_new_tokens: default_qa_max_new_tokens(),
+            qa_batch_size: default_qa_batch_size(),
         }
     }
 }
 
 impl EvalConfig {
+    /// Any evaluation at all (held-out loss or Q&A).
     pub fn enabled(&self) -> bool {
+        self.has_loss_set() || self.qa_gold.is_some()
+    }
+
+    /// A held-out set for the loss (`paths` or `holdout`).
+    pub fn has_loss_set(&self) -> bool {
         !self.paths.is_empty() || self.holdout > 0.0
     }
 }
@@ -684,6 +719,18 @@ impl Config {
                 "{}: {} must be in [0, 0.5] (a fraction of the input acts)",
                 at("eval.holdout"),
                 e.holdout
+            ));
+        }
+        if e.qa_gold.is_some() && (e.qa_per_language == 0 || e.qa_max_new_tokens == 0) {
+            errs.push(format!(
+                "{}: qa_per_language and qa_max_new_tokens must be at least 1 with eval.qa_gold",
+                at("eval")
+            ));
+        }
+        if e.qa_index.is_some() && e.qa_gold.is_none() {
+            errs.push(format!(
+                "{}: a citation index without eval.qa_gold has nothing to check",
+                at("eval.qa_index")
             ));
         }
         if e.max_sequences == 0 {

@@ -299,7 +299,7 @@ pub fn generate_ids(
     gold: &[QaPair],
     opts: &GenOptions,
 ) -> anyhow::Result<HashMap<String, (String, Vec<u32>)>> {
-    use lexflow_gpu::tch::{self, Kind, Tensor};
+    use lexflow_gpu::tch::Kind;
     let device = crate::trainer::parse_device(&opts.device)?;
     let kind = if device.is_cuda() {
         Kind::BFloat16
@@ -321,25 +321,14 @@ pub fn generate_ids(
         }
     );
     let vocab = model.cfg.vocab_size as i64;
-    let stops: Vec<u32> = [tok.eos_id(), tok.eot_id()].into_iter().flatten().collect();
-    let max_len = model.cfg.max_position_embeddings;
-    let _ng = tch::no_grad_guard();
+    let stops = stop_ids(&tok);
     let mut out = HashMap::new();
     let bs = opts.batch_size.max(1);
     let mut done_n = 0;
     for chunk in gold.chunks(bs) {
         let prompts: Vec<Vec<i64>> = chunk
             .iter()
-            .map(|g| {
-                let mut ids = tok.encode(&format.prompt(&g.question));
-                // BOS first, once (the llama3 template writes it itself).
-                if let Some(bos) = tok.bos_id() {
-                    if ids.first() != Some(&bos) {
-                        ids.insert(0, bos);
-                    }
-                }
-                ids.into_iter().map(i64::from).collect::<Vec<i64>>()
-            })
+            .map(|g| prompt_ids(&tok, &format, &g.question))
             .collect();
         // A tokenizer with more ids than the model has embeddings (the wrong --tokenizer) would index past the table.
         for (g, p) in chunk.iter().zip(&prompts) {
@@ -353,70 +342,131 @@ pub fn generate_ids(
                 );
             }
         }
-        let b = prompts.len();
-        let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let mut gen: Vec<Vec<u32>> = vec![Vec::new(); b];
-        let mut finished = vec![false; b];
-        let mut cache = lexflow_gpu::KvCache::new();
-        // One prompt: plain causal prefill. Several: left-padded, each row masked to its own tokens.
-        let (mut feed, mut valid) = if b == 1 {
-            (Tensor::from_slice(&prompts[0]).view([1, -1]), None)
-        } else {
-            let mut ids = Vec::with_capacity(b * l);
-            let mut v = Vec::with_capacity(b * l);
-            for p in &prompts {
-                ids.extend(std::iter::repeat_n(0i64, l - p.len()).chain(p.iter().copied()));
-                v.extend((0..l).map(|j| j >= l - p.len()));
-            }
-            (
-                Tensor::from_slice(&ids).view([b as i64, l as i64]),
-                Some(Tensor::from_slice(&v).view([b as i64, l as i64])),
-            )
-        };
-        let mut step = 0;
-        while step < opts.max_new_tokens && finished.iter().any(|f| !f) {
-            let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + step;
-            if longest >= max_len {
-                break;
-            }
-            let logits = match &valid {
-                None => model.forward_cached(&feed.to_device(device), &mut cache),
-                Some(v) => model.forward_cached_padded(
-                    &feed.to_device(device),
-                    &v.to_device(device),
-                    &mut cache,
-                ),
-            };
-            let next = Vec::<i64>::try_from(
-                logits
-                    .select(1, -1)
-                    .narrow(-1, 0, vocab)
-                    .argmax(-1, false)
-                    .to_device(tch::Device::Cpu),
-            )?;
-            for (r, &t) in next.iter().enumerate() {
-                if finished[r] {
-                    continue;
-                }
-                if stops.contains(&(t as u32)) {
-                    finished[r] = true;
-                } else {
-                    gen[r].push(t as u32);
-                }
-            }
-            feed = Tensor::from_slice(&next).view([b as i64, 1]);
-            if valid.is_some() {
-                valid = Some(Tensor::ones([b as i64, 1], (Kind::Bool, tch::Device::Cpu)));
-            }
-            step += 1;
-        }
+        let gen = greedy_batch(&model, &prompts, &stops, opts.max_new_tokens)?;
         for (g, ids) in chunk.iter().zip(gen) {
             out.insert(g.id.clone(), (tok.decode(&ids).trim().to_string(), ids));
         }
-        done_n += b;
+        done_n += chunk.len();
         eprintln!("lexflow qa eval: generated {done_n}/{}", gold.len());
     }
     Ok(out)
+}
+
+/// The token ids a model is prompted with: BOS once (the `llama3` template writes it itself), then the prompt.
+pub fn prompt_ids(
+    tok: &crate::tokenizer::Tokenizer,
+    format: &PromptFormat,
+    question: &str,
+) -> Vec<i64> {
+    let mut ids = tok.encode(&format.prompt(question));
+    if let Some(bos) = tok.bos_id() {
+        if ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+    ids.into_iter().map(i64::from).collect()
+}
+
+/// Tokens that end an answer: end of text, end of turn.
+pub fn stop_ids(tok: &crate::tokenizer::Tokenizer) -> Vec<u32> {
+    [tok.eos_id(), tok.eot_id()].into_iter().flatten().collect()
+}
+
+/// Greedy decoding of a batch of prompts with a KV cache: one prompt as a plain causal prefill, several left-padded
+/// with each row masked to its own tokens. A row ends at a stop token (not included), after `max_new` tokens, or
+/// at the model's context length. No graph is built.
+pub fn greedy_batch(
+    model: &lexflow_gpu::Llama,
+    prompts: &[Vec<i64>],
+    stops: &[u32],
+    max_new: usize,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    use lexflow_gpu::tch::{self, Kind, Tensor};
+    let _ng = tch::no_grad_guard();
+    let device = model.device();
+    let vocab = model.cfg.vocab_size as i64;
+    let max_len = model.cfg.max_position_embeddings;
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(Vec::new());
+    }
+    let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut gen: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut finished = vec![false; b];
+    let mut cache = lexflow_gpu::KvCache::new();
+    let (mut feed, mut valid) = if b == 1 {
+        (Tensor::from_slice(&prompts[0]).view([1, -1]), None)
+    } else {
+        let mut ids = Vec::with_capacity(b * l);
+        let mut v = Vec::with_capacity(b * l);
+        for p in prompts {
+            ids.extend(std::iter::repeat_n(0i64, l - p.len()).chain(p.iter().copied()));
+            v.extend((0..l).map(|j| j >= l - p.len()));
+        }
+        (
+            Tensor::from_slice(&ids).view([b as i64, l as i64]),
+            Some(Tensor::from_slice(&v).view([b as i64, l as i64])),
+        )
+    };
+    let mut step = 0;
+    while step < max_new && finished.iter().any(|f| !f) {
+        if l + step >= max_len {
+            break;
+        }
+        let logits = match &valid {
+            None => model.forward_cached(&feed.to_device(device), &mut cache),
+            Some(v) => model.forward_cached_padded(
+                &feed.to_device(device),
+                &v.to_device(device),
+                &mut cache,
+            ),
+        };
+        let next = Vec::<i64>::try_from(
+            logits
+                .select(1, -1)
+                .narrow(-1, 0, vocab)
+                .argmax(-1, false)
+                .to_device(tch::Device::Cpu),
+        )?;
+        for (r, &t) in next.iter().enumerate() {
+            if finished[r] {
+                continue;
+            }
+            if stops.contains(&(t as u32)) {
+                finished[r] = true;
+            } else {
+                gen[r].push(t as u32);
+            }
+        }
+        feed = Tensor::from_slice(&next).view([b as i64, 1]);
+        if valid.is_some() {
+            valid = Some(Tensor::ones([b as i64, 1], (Kind::Bool, tch::Device::Cpu)));
+        }
+        step += 1;
+    }
+    Ok(gen)
+}
+
+/// The citation index to score against: `citations.json` of `lexflow qa build`, else the gold answers' own
+/// citations. Returns it with a description of its source.
+pub fn load_index(path: Option<&Path>, gold: &[QaPair]) -> anyhow::Result<(CitationIndex, String)> {
+    Ok(match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", p.display()))?;
+            let idx: CitationIndex = serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: not a citation index ({e}); expected the citations.json of `lexflow qa build`",
+                    p.display()
+                )
+            })?;
+            (idx, p.display().to_string())
+        }
+        None => (
+            index_from_gold(gold),
+            "reference citations of the gold file".to_string(),
+        ),
+    })
 }
 
 /// Human-readable table of a report.
@@ -490,23 +540,7 @@ pub fn cli_eval(a: EvalArgs<'_>) -> anyhow::Result<ExitCode> {
         }
         w.flush()?;
     }
-    let (index, source) = match a.index {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", p.display()))?;
-            let idx: CitationIndex = serde_json::from_str(&text).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: not a citation index ({e}); expected the citations.json of `lexflow qa build`",
-                    p.display()
-                )
-            })?;
-            (idx, p.display().to_string())
-        }
-        None => (
-            index_from_gold(&gold),
-            "reference citations of the gold file".to_string(),
-        ),
-    };
+    let (index, source) = load_index(a.index, &gold)?;
     let r = report(&gold, &outputs, &index, &source);
     print!("{}", table(&r));
     if r.overall.missing_predictions > 0 {

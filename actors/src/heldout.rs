@@ -225,15 +225,19 @@ pub fn build(
     set
 }
 
-/// The loss of the model on the held-out set at one step.
+/// One evaluation: the loss on the held-out set and/or the Q&A scores, at one step.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct EvalResult {
     pub step: u64,
-    /// Mean cross-entropy per target token over every language (token-weighted).
-    pub loss: f64,
+    /// Mean cross-entropy per target token over every language (token-weighted); None without a held-out set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
     pub tokens: u64,
     pub seconds: f64,
     pub languages: BTreeMap<String, EvalLang>,
+    /// `eval.qa_gold`: the model's answers scored like `lexflow qa eval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qa: Option<QaEvalResult>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -242,6 +246,94 @@ pub struct EvalLang {
     pub perplexity: f64,
     pub tokens: u64,
     pub sequences: usize,
+}
+
+/// Q&A scores at one evaluation.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct QaEvalResult {
+    pub overall: crate::eval::Aggregate,
+    pub by_language: BTreeMap<String, crate::eval::Aggregate>,
+    pub seconds: f64,
+    /// The answers (`{"id", "lang", "output"}` lines).
+    pub predictions: PathBuf,
+}
+
+/// Directory of the Q&A evaluation files in the run directory (`gold.jsonl`, `step-NNNNNN.jsonl`).
+pub const QA_DIR: &str = "eval_qa";
+
+/// The questions asked at every evaluation (`eval.qa_gold`), with everything needed to ask and score them.
+pub struct QaProbe {
+    pub gold: Vec<crate::qa::QaPair>,
+    /// Prompt token ids per question (the run's `input.qa_template`).
+    pub prompts: Vec<Vec<i64>>,
+    pub index: crate::qa::CitationIndex,
+    pub index_source: String,
+    pub stops: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+    pub tokenizer: Tokenizer,
+}
+
+impl std::fmt::Debug for QaProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QaProbe")
+            .field("questions", &self.gold.len())
+            .field("max_new_tokens", &self.max_new_tokens)
+            .field("batch_size", &self.batch_size)
+            .field("index", &self.index_source)
+            .finish()
+    }
+}
+
+/// Reads `eval.qa_gold` and keeps, in file order, the first `eval.qa_per_language` pairs of every language of the
+/// mix; tokenizes their prompts with the run's prompt format.
+pub fn qa_probe(
+    cfg: &crate::config::Config,
+    tokenizer: Tokenizer,
+) -> anyhow::Result<Option<QaProbe>> {
+    let e = &cfg.eval;
+    let Some(path) = &e.qa_gold else {
+        return Ok(None);
+    };
+    let all =
+        crate::qa::read_pairs(path).map_err(|err| anyhow::anyhow!("eval.qa_gold: {err:#}"))?;
+    let mut per_lang: BTreeMap<&str, usize> = BTreeMap::new();
+    let gold: Vec<crate::qa::QaPair> = all
+        .iter()
+        .filter(|p| {
+            if !cfg.sampler.mix.contains_key(&p.lang) {
+                return false;
+            }
+            let n = per_lang.entry(p.lang.as_str()).or_default();
+            *n += 1;
+            *n <= e.qa_per_language
+        })
+        .cloned()
+        .collect();
+    anyhow::ensure!(
+        !gold.is_empty(),
+        "eval.qa_gold = {}: no pair in a language of sampler.mix ({} pairs read)",
+        path.display(),
+        all.len()
+    );
+    let format = cfg.input.prompt_format();
+    format.check_tokenizer(&tokenizer)?;
+    let prompts = gold
+        .iter()
+        .map(|g| crate::eval::prompt_ids(&tokenizer, &format, &g.question))
+        .collect();
+    let (index, index_source) = crate::eval::load_index(e.qa_index.as_deref(), &all)
+        .map_err(|err| anyhow::anyhow!("eval.qa_index: {err:#}"))?;
+    Ok(Some(QaProbe {
+        gold,
+        prompts,
+        index,
+        index_source,
+        stops: crate::eval::stop_ids(&tokenizer),
+        max_new_tokens: e.qa_max_new_tokens,
+        batch_size: e.qa_batch_size.get(),
+        tokenizer,
+    }))
 }
 
 /// Aggregates per-sequence loss sums (in [`HeldOutSet::sequences`] order) into an [`EvalResult`]: sums in index
@@ -271,10 +363,11 @@ pub fn aggregate(set: &HeldOutSet, step: u64, sums: &[f64], seconds: f64) -> Eva
     }
     EvalResult {
         step,
-        loss: total / (tokens.max(1)) as f64,
+        loss: Some(total / (tokens.max(1)) as f64),
         tokens,
         seconds,
         languages,
+        qa: None,
     }
 }
 
@@ -285,7 +378,7 @@ pub fn cli_heldout(
     out: Option<&Path>,
 ) -> anyhow::Result<std::process::ExitCode> {
     let (cfg, _) = crate::pipeline::load_config(config)?;
-    if !cfg.eval.enabled() {
+    if !cfg.eval.has_loss_set() {
         anyhow::bail!("the config has no held-out set: set eval.paths or eval.holdout");
     }
     let set = crate::pipeline::build_heldout(&cfg, &Quarantine::counting())?;

@@ -269,13 +269,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let quarantine = Arc::new(Quarantine::create(&quarantine_path)?);
     let counters = Arc::new(Counters::default());
 
-    // The held-out set, packed once before training starts.
-    let heldout = match cfg
-        .train
-        .as_ref()
-        .filter(|_| replay.is_none() && cfg.eval.enabled())
-    {
-        Some(_) => {
+    // The held-out set, packed once before training starts; the Q&A questions asked at every evaluation.
+    let rank0 = process.is_none_or(|(r, _)| r == 0);
+    let evaluating = cfg.train.is_some() && replay.is_none();
+    let heldout = match evaluating && cfg.eval.has_loss_set() {
+        true => {
             let t = Instant::now();
             let set = heldout_set(
                 cfg,
@@ -293,15 +291,31 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 hash = %set.hash,
                 "held-out set ready"
             );
-            if process.is_none_or(|(r, _)| r == 0) {
+            if rank0 {
                 let p = run_dir.join(crate::heldout::SET_FILE);
                 std::fs::write(&p, serde_json::to_string_pretty(&set)?)
                     .with_context(|| format!("writing {}", p.display()))?;
             }
             Some(Arc::new(set))
         }
-        None => None,
+        false => None,
     };
+    let qa_probe = match evaluating {
+        true => crate::heldout::qa_probe(cfg, tokenizer.clone())?.map(Arc::new),
+        false => None,
+    };
+    if let (Some(q), true) = (&qa_probe, rank0) {
+        let dir = run_dir.join(crate::heldout::QA_DIR);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let text: String = q
+            .gold
+            .iter()
+            .map(|g| serde_json::to_string(g).map(|l| l + "\n"))
+            .collect::<Result<_, _>>()?;
+        std::fs::write(dir.join("gold.jsonl"), text)
+            .with_context(|| format!("writing {}", dir.join("gold.jsonl").display()))?;
+        tracing::info!(questions = q.gold.len(), "Q&A evaluation questions ready");
+    }
 
     // Lanes: source → reader pool → tokenizer pool.
     let mut lane_rx: Vec<EdgeReceiver<TokenizedBatch>> = Vec::new();
@@ -554,13 +568,16 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 seed: cfg.run.seed,
                 resume: opts.resume,
                 run_config: Some(toml::to_string(cfg)?),
-                eval: heldout.clone().map(|set| crate::trainer::EvalSetup {
-                    set,
-                    every: cfg.eval.every,
-                    micro_batch: cfg
-                        .eval
-                        .micro_batch
-                        .map_or(t.micro_batch.get(), |m| m.get()),
+                eval: (heldout.is_some() || qa_probe.is_some()).then(|| {
+                    crate::trainer::EvalSetup {
+                        set: heldout.clone(),
+                        qa: qa_probe.clone(),
+                        every: cfg.eval.every,
+                        micro_batch: cfg
+                            .eval
+                            .micro_batch
+                            .map_or(t.micro_batch.get(), |m| m.get()),
+                    }
                 }),
             },
             rank_rx,

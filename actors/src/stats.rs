@@ -118,12 +118,28 @@ impl RunStats {
                             .join(", ")
                     })
                     .unwrap_or_default();
-                let _ = writeln!(
-                    s,
-                    "  eval       step {}: held-out loss {:.4} ({langs})",
-                    e["step"],
-                    e["loss"].as_f64().unwrap_or(f64::NAN)
-                );
+                if let Some(loss) = e["loss"].as_f64() {
+                    let _ = writeln!(
+                        s,
+                        "  eval       step {}: held-out loss {loss:.4} ({langs})",
+                        e["step"]
+                    );
+                }
+                if let Some(q) = e.get("qa") {
+                    let o = &q["overall"];
+                    let _ = writeln!(
+                        s,
+                        "  eval qa    step {}: {} questions, citation accuracy {:.3}, hallucination rate {:.3}, \
+                         ROUGE-L {:.3}, exact match {:.3} ({})",
+                        e["step"],
+                        o["examples"],
+                        o["citation_accuracy"].as_f64().unwrap_or(f64::NAN),
+                        o["hallucination_rate"].as_f64().unwrap_or(f64::NAN),
+                        o["rouge_l"].as_f64().unwrap_or(f64::NAN),
+                        o["exact_match"].as_f64().unwrap_or(f64::NAN),
+                        q["predictions"].as_str().unwrap_or("")
+                    );
+                }
             }
         }
         let _ = write!(

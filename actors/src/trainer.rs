@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
 use crate::config::{Recompute, TrainConfig};
-use crate::heldout::{EvalResult, HeldOutSet};
+use crate::heldout::{EvalResult, HeldOutSet, QaEvalResult, QaProbe};
 use crate::types::{PackedSequence, ResumePoint};
 use anyhow::Context as _;
 
@@ -52,7 +52,10 @@ pub struct TrainerSetup {
 /// What the ranks evaluate, and when.
 #[derive(Debug, Clone)]
 pub struct EvalSetup {
-    pub set: Arc<HeldOutSet>,
+    /// Held-out set for the loss (`eval.paths`, `eval.holdout`).
+    pub set: Option<Arc<HeldOutSet>>,
+    /// Q&A questions (`eval.qa_gold`).
+    pub qa: Option<Arc<QaProbe>>,
     /// Every N optimizer steps (0: only after the last step).
     pub every: u64,
     /// Sequences per forward pass.
@@ -889,9 +892,7 @@ impl<'a> Rank<'a> {
         Ok(result)
     }
 
-    /// Loss on the held-out set: rank r evaluates sequences `k ≡ r (mod world)`, without a graph, each sequence's
-    /// cross-entropy sum kept apart; one all-reduce of those sums (every entry comes from one rank, the others add
-    /// zeros, so it is exact) and a sum in index order make the result independent of the world size.
+    /// One evaluation: the held-out loss and/or the Q&A scores (every rank takes part; rank 0 records).
     fn evaluate(
         &self,
         model: &Llama,
@@ -901,10 +902,98 @@ impl<'a> Rank<'a> {
     ) -> Result<(), TrainerError> {
         let t0 = Instant::now();
         self.ctx.set_input(format!("evaluation at step {step}"));
-        let all = e.set.sequences();
+        let mut r = match &e.set {
+            Some(set) => self.held_out_loss(model, set, e.micro_batch, step)?,
+            None => EvalResult {
+                step,
+                loss: None,
+                tokens: 0,
+                seconds: 0.0,
+                languages: Default::default(),
+                qa: None,
+            },
+        };
+        if let Some(qa) = &e.qa {
+            r.qa = self.qa_scores(model, qa, step)?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        r.seconds = secs;
+        result.eval_seconds += secs;
+        if self.rank != 0 {
+            return Ok(());
+        }
+        let m = lexflow_metrics::global();
+        for (lang, l) in &r.languages {
+            m.eval_loss.with_label_values(&[lang]).set(l.loss);
+            m.eval_tokens
+                .with_label_values(&[lang])
+                .set(l.tokens as i64);
+        }
+        if let Some(loss) = r.loss {
+            m.eval_loss.with_label_values(&["all"]).set(loss);
+            m.eval_tokens
+                .with_label_values(&["all"])
+                .set(r.tokens as i64);
+        }
+        if let Some(q) = &r.qa {
+            let langs = q.by_language.iter().map(|(k, v)| (k.as_str(), v));
+            for (lang, a) in std::iter::once(("all", &q.overall)).chain(langs) {
+                for (metric, v) in [
+                    ("exact_match", a.exact_match),
+                    ("rouge_l", a.rouge_l),
+                    ("citation_accuracy", a.citation_accuracy),
+                    ("hallucination_rate", a.hallucination_rate),
+                    ("wrong_citation_rate", a.wrong_citation_rate),
+                ] {
+                    m.eval_qa.with_label_values(&[metric, lang]).set(v);
+                }
+            }
+        }
+        m.eval_step.set(step as i64);
+        m.eval_seconds.observe(secs);
+        let per_lang: Vec<String> = r
+            .languages
+            .iter()
+            .map(|(k, v)| format!("{k}={:.4}", v.loss))
+            .collect();
+        tracing::info!(
+            step,
+            loss = r.loss.map(|l| format!("{l:.4}")).unwrap_or_default(),
+            per_language = per_lang.join(" "),
+            qa_citation_accuracy =
+                r.qa.as_ref()
+                    .map(|q| format!("{:.3}", q.overall.citation_accuracy))
+                    .unwrap_or_default(),
+            qa_rouge_l =
+                r.qa.as_ref()
+                    .map(|q| format!("{:.3}", q.overall.rouge_l))
+                    .unwrap_or_default(),
+            seconds = format!("{secs:.2}"),
+            "evaluation"
+        );
+        append_json_line(
+            &self.setup.run_dir.join(crate::heldout::RESULTS_FILE),
+            &serde_json::to_string(&r).expect("eval result is JSON"),
+        );
+        result.evals.push(r);
+        Ok(())
+    }
+
+    /// Loss on the held-out set: rank r evaluates sequences `k ≡ r (mod world)`, without a graph, each sequence's
+    /// cross-entropy sum kept apart; one all-reduce of those sums (every entry comes from one rank, the others add
+    /// zeros, so it is exact) and a sum in index order make the result independent of the world size.
+    fn held_out_loss(
+        &self,
+        model: &Llama,
+        set: &HeldOutSet,
+        micro_batch: usize,
+        step: u64,
+    ) -> Result<EvalResult, TrainerError> {
+        let t0 = Instant::now();
+        let all = set.sequences();
         let mut sums = vec![0f64; all.len()];
         let mine: Vec<usize> = (self.rank..all.len()).step_by(self.world).collect();
-        for chunk in mine.chunks(e.micro_batch.max(1)) {
+        for chunk in mine.chunks(micro_batch.max(1)) {
             let rows: Vec<SequenceRef<'_>> = chunk.iter().map(|&k| seq_ref(all[k].1)).collect();
             let batch = Batch::new(&rows, self.device)?;
             tch::no_grad(|| {
@@ -920,48 +1009,76 @@ impl<'a> Rank<'a> {
             });
         }
         self.coll.all_reduce_sum_f64(&mut sums, self.device)?;
-        let secs = t0.elapsed().as_secs_f64();
-        let r = crate::heldout::aggregate(&e.set, step, &sums, secs);
-        if !r.loss.is_finite() {
-            return Err(TrainerError::Setup(format!(
-                "held-out loss is {} at step {step}",
-                r.loss
-            )));
+        let r = crate::heldout::aggregate(set, step, &sums, t0.elapsed().as_secs_f64());
+        match r.loss {
+            Some(l) if !l.is_finite() => Err(TrainerError::Setup(format!(
+                "held-out loss is {l} at step {step}"
+            ))),
+            _ => Ok(r),
         }
-        result.eval_seconds += secs;
-        if self.rank == 0 {
-            let m = lexflow_metrics::global();
-            for (lang, l) in &r.languages {
-                m.eval_loss.with_label_values(&[lang]).set(l.loss);
-                m.eval_tokens
-                    .with_label_values(&[lang])
-                    .set(l.tokens as i64);
+    }
+
+    /// Greedy answers to the Q&A questions: rank r answers questions `k ≡ r (mod world)`, `batch_size` at a time;
+    /// the answers' token ids travel to every rank in one all-reduce (each entry from one rank, exact), and rank 0
+    /// decodes and scores them (None on the other ranks).
+    fn qa_scores(
+        &self,
+        model: &Llama,
+        qa: &QaProbe,
+        step: u64,
+    ) -> Result<Option<QaEvalResult>, TrainerError> {
+        let t0 = Instant::now();
+        let n = qa.gold.len();
+        let w = qa.max_new_tokens + 1;
+        let mut buf = vec![0f64; n * w];
+        let mine: Vec<usize> = (self.rank..n).step_by(self.world).collect();
+        for chunk in mine.chunks(qa.batch_size.max(1)) {
+            let prompts: Vec<Vec<i64>> = chunk.iter().map(|&k| qa.prompts[k].clone()).collect();
+            let gen = crate::eval::greedy_batch(model, &prompts, &qa.stops, qa.max_new_tokens)
+                .map_err(|e| {
+                    TrainerError::Setup(format!("Q&A evaluation at step {step}: {e:#}"))
+                })?;
+            for (&k, ids) in chunk.iter().zip(gen) {
+                buf[k * w] = ids.len() as f64;
+                for (j, &t) in ids.iter().enumerate() {
+                    buf[k * w + 1 + j] = t as f64;
+                }
             }
-            m.eval_loss.with_label_values(&["all"]).set(r.loss);
-            m.eval_tokens
-                .with_label_values(&["all"])
-                .set(r.tokens as i64);
-            m.eval_step.set(step as i64);
-            m.eval_seconds.observe(secs);
-            let per_lang: Vec<String> = r
-                .languages
-                .iter()
-                .map(|(k, v)| format!("{k}={:.4}", v.loss))
-                .collect();
-            tracing::info!(
-                step,
-                loss = format!("{:.4}", r.loss),
-                per_language = per_lang.join(" "),
-                seconds = format!("{secs:.2}"),
-                "held-out evaluation"
-            );
-            append_json_line(
-                &self.setup.run_dir.join(crate::heldout::RESULTS_FILE),
-                &serde_json::to_string(&r).expect("eval result is JSON"),
-            );
-            result.evals.push(r);
         }
-        Ok(())
+        self.coll.all_reduce_sum_f64(&mut buf, self.device)?;
+        if self.rank != 0 {
+            return Ok(None);
+        }
+        let mut outputs = std::collections::HashMap::new();
+        let mut lines = String::new();
+        for (k, g) in qa.gold.iter().enumerate() {
+            let len = buf[k * w] as usize;
+            let ids: Vec<u32> = buf[k * w + 1..k * w + 1 + len]
+                .iter()
+                .map(|&x| x as u32)
+                .collect();
+            let text = qa.tokenizer.decode(&ids).trim().to_string();
+            lines +=
+                &serde_json::json!({"id": g.id, "lang": g.lang, "output": text, "token_ids": ids})
+                    .to_string();
+            lines.push('\n');
+            outputs.insert(g.id.clone(), text);
+        }
+        let path = self
+            .setup
+            .run_dir
+            .join(crate::heldout::QA_DIR)
+            .join(format!("step-{step:06}.jsonl"));
+        if let Err(e) = std::fs::write(&path, lines) {
+            tracing::warn!("cannot write {}: {e}", path.display());
+        }
+        let rep = crate::eval::report(&qa.gold, &outputs, &qa.index, &qa.index_source);
+        Ok(Some(QaEvalResult {
+            overall: rep.overall,
+            by_language: rep.by_language,
+            seconds: t0.elapsed().as_secs_f64(),
+            predictions: path,
+        }))
     }
 
     fn checkpoint(

@@ -10,6 +10,7 @@ pub const LABEL_STAGE: &str = "stage";
 pub const LABEL_QUANTILE: &str = "quantile";
 pub const LABEL_VERSION: &str = "version";
 pub const LABEL_RUN: &str = "run";
+pub const LABEL_METRIC: &str = "metric";
 
 // Process identity: constant-1 gauges whose labels carry the information (the `*_info` convention), so a dashboard
 // can join on them or show them as text.
@@ -84,6 +85,8 @@ pub const EVAL_LOSS: &str = "lexflow_eval_loss";
 pub const EVAL_TOKENS: &str = "lexflow_eval_tokens";
 pub const EVAL_STEP: &str = "lexflow_eval_step";
 pub const EVAL_SECONDS: &str = "lexflow_eval_seconds";
+/// Q&A scores (`eval.qa_gold`; labels metric, lang).
+pub const EVAL_QA: &str = "lexflow_eval_qa";
 
 /// Every metric family name above, for tests and dashboards to check their references against.
 /// (A unit test keeps this list and the constants of this file in step.)
@@ -136,6 +139,7 @@ pub const ALL: &[&str] = &[
     EVAL_TOKENS,
     EVAL_STEP,
     EVAL_SECONDS,
+    EVAL_QA,
 ];
 
 /// Families exported as Prometheus histograms: queries see them as `<name>_bucket`, `<name>_sum`, `<name>_count`.

@@ -60,6 +60,7 @@ pub struct Metrics {
     pub eval_tokens: IntGaugeVec,
     pub eval_step: IntGauge,
     pub eval_seconds: Histogram,
+    pub eval_qa: GaugeVec,
     latencies: Mutex<Vec<(String, LatencyRecorder)>>,
 }
 
@@ -334,6 +335,11 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
+            eval_qa: gv(
+                EVAL_QA,
+                "Q&A score at the last evaluation (metric: exact_match, rouge_l, citation_accuracy, hallucination_rate, wrong_citation_rate; lang=\"all\": every language)",
+                &[LABEL_METRIC, LABEL_LANG],
+            ),
             latencies: Mutex::new(Vec::new()),
             registry: r,
         }
@@ -529,6 +535,9 @@ mod tests {
         m.eval_tokens.with_label_values(&["en"]).set(100);
         m.eval_step.set(10);
         m.eval_seconds.observe(0.5);
+        m.eval_qa
+            .with_label_values(&["citation_accuracy", "en"])
+            .set(0.5);
         let text = m.encode();
         for name in crate::names::ALL {
             assert!(
