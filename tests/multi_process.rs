@@ -139,9 +139,27 @@ fn run_two_ranks(cfg: &Path, args: &[&str], port: u16, logs: &[PathBuf], what: &
 fn two_processes_train_exactly_what_two_in_process_ranks_train() {
     let tmp = tempfile::tempdir().unwrap();
     let steps = 4;
+    // Both evaluate a held-out corpus of their own every 2 steps (eval.paths: the training data is unchanged).
+    let heldout = tmp.path().join("heldout");
+    let g = Command::new(lexflow_bin())
+        .args([
+            "gen-sample",
+            heldout.to_str().unwrap(),
+            "--acts-per-language",
+            "2",
+            "--seed",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let eval = format!(
+        "[eval]\npaths = [{:?}]\nevery = 2\nmax_sequences = 3",
+        heldout.display().to_string()
+    );
     // Reference: one process, two CPU ranks (threads), in-process collective.
     let a_dir = tmp.path().join("inproc");
-    let a_cfg = config(&a_dir, &["cpu", "cpu"], steps);
+    let a_cfg = config_with(&a_dir, &["cpu", "cpu"], steps, steps, "", &eval);
     let a = spawn(&a_cfg, &[], &tmp.path().join("inproc.log"));
     assert!(
         wait(a, Duration::from_secs(300)).success(),
@@ -151,7 +169,7 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
 
     // Two processes, one rank each, sharing the run directory (as on a shared filesystem).
     let b_dir = tmp.path().join("procs");
-    let b_cfg = config(&b_dir, &["cpu"], steps);
+    let b_cfg = config_with(&b_dir, &["cpu"], steps, steps, "", &eval);
     let port = free_port();
     let logs: Vec<PathBuf> = (0..2)
         .map(|r| tmp.path().join(format!("rank{r}.log")))
@@ -186,6 +204,24 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
             y.loss
         );
     }
+    // The held-out evaluations (losses gathered over TCP between the processes) equal the in-process ones, bit for bit.
+    let evals = |d: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join("eval.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("seconds");
+                v
+            })
+            .collect()
+    };
+    let (ea, eb) = (evals(&a_dir), evals(&b_dir));
+    assert_eq!(ea.len(), 2, "evaluations at steps 2 and 4: {ea:?}");
+    assert_eq!(
+        ea, eb,
+        "held-out evaluations differ between in-process and two-process ranks"
+    );
     // Resumed: the two processes stop after step 2 (the stream is cut at 16 sequences), then resume from the step-2
     // checkpoint and train steps 3-4: the same records as the uninterrupted in-process run.
     let c_dir = tmp.path().join("resumed");

@@ -462,6 +462,8 @@ mod tests {
         assert_eq!(n("32022R1925-formex.xml"), "32022R1925-formex.xml");
         assert_eq!(n("dé.xml"), "dé.xml");
         assert_eq!(n("abcé.xml"), "abcé.xml");
+        assert_eq!(n("abc€.xml"), "abc€.xml");
+        assert_eq!(crate::formex::lang_from_filename("abc€.xml"), None);
     }
 
     #[test]
