@@ -244,19 +244,8 @@ fn holdout_takes_whole_acts_out_of_training() {
     assert_eq!(evals[0]["step"], 3);
 
     // Whole acts: every language version of an act is on the same side.
-    let corpus = dir.join("corpus");
-    let mut files = Vec::new();
-    let mut stack = vec![corpus.clone()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                files.push(p);
-            }
-        }
-    }
+    let files =
+        lexflow_actors::reader::expand_inputs(&[dir.join("corpus").display().to_string()]).unwrap();
     let mut by_act: std::collections::BTreeMap<String, Vec<bool>> = Default::default();
     for f in &files {
         let key = lexflow_actors::formex::lang_neutral_name(&f.to_string_lossy());

@@ -26,6 +26,73 @@ fn lexflow(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `lexflow qa build --out <dir>/qa` on the real corpus; returns the output directory.
+fn build_pairs(dir: &Path) -> PathBuf {
+    let qa = dir.join("qa");
+    let (ok, so, se) = lexflow(&[
+        "qa",
+        "build",
+        "--out",
+        qa.to_str().unwrap(),
+        corpus().to_str().unwrap(),
+    ]);
+    assert!(ok, "{so}\n{se}");
+    qa
+}
+
+/// The Llama 3 tokenizer.json set-up installed (for the Python checks).
+fn tokenizer_json() -> String {
+    std::env::var("LEXFLOW_TOKENIZER_JSON")
+        .expect("LEXFLOW_TOKENIZER_JSON is not set (run `make setup` and `source scripts/env.sh`)")
+}
+
+/// A random `tiny` LLaMA with the Llama 3 vocabulary in HF layout under `dir`, its weights scaled ×8 so that logits
+/// are well separated (fp32 rounding cannot flip an argmax between lexflow and transformers).
+fn random_model(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let model = Llama::new(
+        &LlamaConfig::tiny(LLAMA3_VOCAB),
+        Device::Cpu,
+        Kind::Float,
+        3,
+    )
+    .unwrap();
+    lexflow_gpu::tch::no_grad(|| {
+        let _ = model.params.flat.detach().g_mul_scalar_(8.0);
+    });
+    save_hf(dir, &model, DEFAULT_MAX_SHARD_BYTES).unwrap();
+    dir.to_path_buf()
+}
+
+/// transformers' greedy answers to the first `limit` questions of `gold` (`scripts/hf_generate.py`; `template`:
+/// extra arguments such as `["llama3", SYSTEM]`).
+fn hf_generate(
+    model_dir: &Path,
+    gold: &Path,
+    limit: &str,
+    max_new: &str,
+    template: &[&str],
+) -> Vec<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_generate.py");
+    let o = Command::new(venv_python())
+        .arg(&script)
+        .args([
+            model_dir.to_str().unwrap(),
+            &tokenizer_json(),
+            gold.to_str().unwrap(),
+            limit,
+            max_new,
+        ])
+        .args(template)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn lines(p: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(p)
         .unwrap()
@@ -296,20 +363,7 @@ fn qa_build_and_eval_on_the_real_corpus() {
     assert!(gen.iter().all(|g| g["token_ids"].is_array()), "{gen:?}");
 
     // Greedy decoding checked against transformers on a random model whose answers are not empty: the same tokens.
-    let model_dir = tmp.path().join("random");
-    std::fs::create_dir_all(&model_dir).unwrap();
-    let model = Llama::new(
-        &LlamaConfig::tiny(LLAMA3_VOCAB),
-        Device::Cpu,
-        Kind::Float,
-        3,
-    )
-    .unwrap();
-    lexflow_gpu::tch::no_grad(|| {
-        // Larger weights than the 0.02 init: well-separated logits, so fp32 rounding cannot flip an argmax.
-        let _ = model.params.flat.detach().g_mul_scalar_(8.0);
-    });
-    save_hf(&model_dir, &model, DEFAULT_MAX_SHARD_BYTES).unwrap();
+    let model_dir = random_model(&tmp.path().join("random"));
     let (limit, max_new) = ("4", "12");
     let preds = tmp.path().join("gen_random.jsonl");
     let mut a = base.to_vec();
@@ -333,25 +387,7 @@ fn qa_build_and_eval_on_the_real_corpus() {
     a1.extend(["--batch-size", "1"]);
     eval_report(&a1, &tmp.path().join("r5.json"));
     let ours1 = lines(&preds1);
-    let tokenizer = std::env::var("LEXFLOW_TOKENIZER_JSON")
-        .expect("LEXFLOW_TOKENIZER_JSON is not set (run `make setup` and `source scripts/env.sh`)");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_generate.py");
-    let o = Command::new(venv_python())
-        .arg(&script)
-        .args([
-            model_dir.to_str().unwrap(),
-            &tokenizer,
-            gold.to_str().unwrap(),
-            limit,
-            max_new,
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let theirs: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let theirs = hf_generate(&model_dir, &gold, limit, max_new, &[]);
     assert_eq!(ours.len(), 4);
     assert_eq!(theirs.len(), 4);
     let mut generated = 0;
@@ -396,16 +432,7 @@ fn qa_build_and_eval_on_the_real_corpus() {
 #[test]
 fn sft_run_cut_and_resumed_is_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
-    let qa = tmp.path().join("qa");
-    let corpus = corpus();
-    let (ok, stdout, stderr) = lexflow(&[
-        "qa",
-        "build",
-        "--out",
-        qa.to_str().unwrap(),
-        corpus.to_str().unwrap(),
-    ]);
-    assert!(ok, "{stdout}\n{stderr}");
+    let qa = build_pairs(tmp.path());
     let config = |dir: &Path, steps: u64| -> PathBuf {
         let p = dir.with_extension("toml");
         std::fs::write(
@@ -478,18 +505,9 @@ fn llama3_chat_template_matches_transformers_in_training_and_generation() {
     use lexflow_actors::qa::{PromptFormat, QaTemplate};
     use lexflow_actors::reader::{read_file_with, ManifestIndex, ReadOptions};
     let tmp = tempfile::tempdir().unwrap();
-    let qa = tmp.path().join("qa");
-    let (ok, so, se) = lexflow(&[
-        "qa",
-        "build",
-        "--out",
-        qa.to_str().unwrap(),
-        corpus().to_str().unwrap(),
-    ]);
-    assert!(ok, "{so}\n{se}");
+    let qa = build_pairs(tmp.path());
     let system = "You answer questions on EU law and cite the provisions you rely on.";
-    let tokenizer_json = std::env::var("LEXFLOW_TOKENIZER_JSON")
-        .expect("LEXFLOW_TOKENIZER_JSON is not set (run `make setup` and `source scripts/env.sh`)");
+    let tokenizer_json = tokenizer_json();
 
     // 1. Rendering and tokens, every language of the eval file, with and without a system turn.
     let sample = tmp.path().join("sample.jsonl");
@@ -644,20 +662,7 @@ fn llama3_chat_template_matches_transformers_in_training_and_generation() {
     );
 
     // 3. Generation: the template comes from the checkpoint's run_config.toml; same tokens as transformers.
-    let model_dir = tmp.path().join("random");
-    std::fs::create_dir_all(&model_dir).unwrap();
-    let model = Llama::new(
-        &LlamaConfig::tiny(LLAMA3_VOCAB),
-        Device::Cpu,
-        Kind::Float,
-        3,
-    )
-    .unwrap();
-    lexflow_gpu::tch::no_grad(|| {
-        // Well-separated logits: fp32 rounding cannot flip an argmax.
-        let _ = model.params.flat.detach().g_mul_scalar_(8.0);
-    });
-    save_hf(&model_dir, &model, DEFAULT_MAX_SHARD_BYTES).unwrap();
+    let model_dir = random_model(&tmp.path().join("random"));
     std::fs::copy(
         ckpt.join("run_config.toml"),
         model_dir.join("run_config.toml"),
@@ -685,25 +690,7 @@ fn llama3_chat_template_matches_transformers_in_training_and_generation() {
         se.contains("prompt template `llama3` with a system turn"),
         "{se}"
     );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_generate.py");
-    let o = Command::new(venv_python())
-        .arg(&script)
-        .args([
-            model_dir.to_str().unwrap(),
-            &tokenizer_json,
-            gold_file.to_str().unwrap(),
-            limit,
-            max_new,
-            "llama3",
-            system,
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let theirs: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let theirs = hf_generate(&model_dir, &gold_file, limit, max_new, &["llama3", system]);
     let ours = lines(&preds);
     assert_eq!((ours.len(), theirs.len()), (3, 3));
     let mut generated = 0;
@@ -756,15 +743,7 @@ fn llama3_chat_template_matches_transformers_in_training_and_generation() {
 #[test]
 fn sft_run_scores_qa_answers_at_each_evaluation() {
     let tmp = tempfile::tempdir().unwrap();
-    let qa = tmp.path().join("qa");
-    let (ok, so, se) = lexflow(&[
-        "qa",
-        "build",
-        "--out",
-        qa.to_str().unwrap(),
-        corpus().to_str().unwrap(),
-    ]);
-    assert!(ok, "{so}\n{se}");
+    let qa = build_pairs(tmp.path());
     for (name, devices, micro_batch, qa_batch) in
         [("one", "\"cpu\"", 2, 3), ("two", "\"cpu\", \"cpu\"", 1, 1)]
     {
