@@ -138,7 +138,7 @@ fn qa_build_and_eval_on_the_real_corpus() {
         .unwrap()
         .contains("broken.xml"));
     for lang in ["en", "fr", "de", "es", "pt"] {
-        for kind in ["article_text", "article_locate"] {
+        for kind in ["article_text", "article_locate", "provision_identify"] {
             assert!(
                 summary["pairs"][format!("{lang}/{kind}")]
                     .as_u64()
@@ -180,6 +180,59 @@ fn qa_build_and_eval_on_the_real_corpus() {
         );
         assert!(p["answer"].as_str().unwrap().ends_with(&tag), "{p}");
     }
+    // provision_identify: the quote is the opening of that very article's text, and no two questions of a language
+    // quote the same words (shared openings are dropped and counted).
+    let all: Vec<&serde_json::Value> = train.iter().chain(&eval).collect();
+    let text_of: std::collections::HashMap<String, String> = all
+        .iter()
+        .filter(|p| p["kind"] == "article_text")
+        .map(|p| {
+            let id = p["id"].as_str().unwrap().replace(":article_text", "");
+            let words = p["answer"]
+                .as_str()
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            (id, words)
+        })
+        .collect();
+    let mut questions = HashSet::new();
+    let mut checked = 0;
+    for p in all.iter().filter(|p| p["kind"] == "provision_identify") {
+        let q = p["question"].as_str().unwrap();
+        assert!(
+            questions.insert((p["lang"].clone().to_string(), q.to_string())),
+            "quoted twice: {q}"
+        );
+        let open = q
+            .find(['“', '«', '„'])
+            .map(|i| i + q[i..].chars().next().unwrap().len_utf8());
+        let close = q.rfind(['”', '»', '“']);
+        let quote = q[open.unwrap()..close.unwrap()]
+            .trim()
+            .trim_end_matches('…');
+        assert!(quote.chars().count() >= 30, "{q}");
+        let id = p["id"].as_str().unwrap().replace(":provision_identify", "");
+        if let Some(text) = text_of.get(&id) {
+            assert!(
+                text.starts_with(quote),
+                "{id}: {quote:?} does not open {text:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked > 100,
+        "only {checked} quotes checked against their article"
+    );
+    assert!(
+        summary["skipped"]["quote opening several provisions"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{summary}"
+    );
     // GDPR article 5 in German, from the real Official Journal file.
     let de5 = train
         .iter()

@@ -5,7 +5,10 @@
 //! * `article_text`: "What does Article 5 of Regulation (EU) 2016/679 provide?" → the article's paragraphs, then the
 //!   citation;
 //! * `article_locate` (articles with a heading): "Which article of Regulation (EU) 2016/679 is headed “Principles
-//!   relating to processing of personal data”?" → "Article 5" and the citation.
+//!   relating to processing of personal data”?" → "Article 5" and the citation;
+//! * `provision_identify`: "Which provision of EU law says: “Personal data shall be: …”?" (the opening of the
+//!   article's text) → "Regulation (EU) 2016/679, Article 5" and the citation — only when no other provision of the
+//!   corpus in that language opens with the same words.
 //!
 //! Every answer ends with a machine-checkable citation `[CELEX 32016R0679, Art. 5]` ([`format_citation`]), which is
 //! what `lexflow qa eval` checks (citation accuracy, hallucinated citations). Pairs are split into `train/<lang>.jsonl`
@@ -18,7 +21,7 @@
 //! Prompt format for training and generation: [`PromptFormat`] (`input.qa_template`: lexflow's plain
 //! `### Question`/`### Answer` format, or the Llama 3 chat template).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -260,40 +263,72 @@ pub fn short_act_name(title: Option<&str>, celex: &str) -> String {
     fallback()
 }
 
-/// Question templates: (article text, article locate). `{act}`, `{art}` (the article's own heading, e.g.
-/// "Artikel 5"), `{sub}` (its subject heading).
-fn templates(lang: &str) -> Option<(&'static str, &'static str)> {
+/// Question templates: (article text, article locate, provision identify). `{act}`, `{art}` (the article's own
+/// heading, e.g. "Artikel 5"), `{sub}` (its subject heading), `{quote}` (the opening of its text).
+fn templates(lang: &str) -> Option<(&'static str, &'static str, &'static str)> {
     Some(match lang {
         "en" => (
             "What does {art} of {act} provide?",
             "Which article of {act} is headed “{sub}”?",
+            "Which provision of EU law says: “{quote}”?",
         ),
         "fr" => (
             "{act}, {art} : que prévoit cette disposition ?",
             "{act} : quel article s'intitule « {sub} » ?",
+            "Quelle disposition du droit de l'Union prévoit : « {quote} » ?",
         ),
         "de" => (
             "{act}, {art}: Was regelt diese Bestimmung?",
             "{act}: Welcher Artikel trägt die Überschrift „{sub}“?",
+            "Welche Bestimmung des Unionsrechts lautet: „{quote}“?",
         ),
         "es" => (
             "{act}, {art}: ¿qué establece esta disposición?",
             "{act}: ¿qué artículo se titula «{sub}»?",
+            "¿Qué disposición del Derecho de la Unión establece: «{quote}»?",
         ),
         "pt" => (
             "{act}, {art}: o que estabelece esta disposição?",
             "{act}: que artigo tem por título «{sub}»?",
+            "Que disposição do direito da União estabelece: «{quote}»?",
         ),
         "it" => (
             "{act}, {art}: che cosa stabilisce questa disposizione?",
             "{act}: quale articolo è intitolato «{sub}»?",
+            "Quale disposizione del diritto dell'Unione stabilisce: «{quote}»?",
         ),
         "nl" => (
             "{act}, {art}: wat bepaalt deze bepaling?",
             "{act}: welk artikel heeft als opschrift „{sub}”?",
+            "Welke bepaling van het Unierecht luidt: „{quote}”?",
         ),
         _ => return None,
     })
+}
+
+/// Shortest quote worth asking about (shorter openings, such as "(deleted)", identify nothing).
+pub const MIN_QUOTE_CHARS: usize = 40;
+/// Longest quote: the opening of the article's first paragraph, cut at a word boundary, then "…".
+pub const MAX_QUOTE_CHARS: usize = 200;
+
+/// The opening of an article's text to quote in a `provision_identify` question (whitespace collapsed), or None
+/// when it is too short to identify anything.
+pub fn quote_of(text: &str) -> Option<String> {
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty())?;
+    let plain = first.split_whitespace().collect::<Vec<_>>().join(" ");
+    let n = plain.chars().count();
+    if n < MIN_QUOTE_CHARS {
+        return None;
+    }
+    if n <= MAX_QUOTE_CHARS {
+        return Some(plain);
+    }
+    let cut: String = plain.chars().take(MAX_QUOTE_CHARS).collect();
+    let head = match cut.rfind(' ') {
+        Some(i) if i >= MIN_QUOTE_CHARS => &cut[..i],
+        _ => cut.as_str(),
+    };
+    Some(format!("{}…", head.trim_end_matches([',', ';', ':'])))
 }
 
 /// Languages with question templates.
@@ -356,7 +391,7 @@ pub fn pairs_for_document(
         return out;
     };
     let lang = d.lang.as_deref().unwrap_or("");
-    let Some((t_text, t_locate)) = templates(lang) else {
+    let Some((t_text, t_locate, t_identify)) = templates(lang) else {
         bump(
             &mut summary.skipped,
             format!("articles in a language without templates ({lang})"),
@@ -415,6 +450,17 @@ pub fn pairs_for_document(
             let q = t_text.replace("{act}", &act).replace("{art}", &art);
             out.push(mk("article_text", q, format!("{text}\n{tag}")));
         }
+        // Which provision says this? (Kept by `build` only when no other provision opens with the same words.)
+        match quote_of(&text) {
+            Some(quote) => {
+                let q = t_identify.replace("{quote}", &quote);
+                out.push(mk("provision_identify", q, format!("{act}, {art} {tag}")));
+            }
+            None if !text.is_empty() => {
+                bump(&mut summary.skipped, "article opening too short to quote");
+            }
+            None => {}
+        }
         if let Some(sub) = a
             .subtitle
             .as_deref()
@@ -454,28 +500,17 @@ pub fn build(paths: &[String], out: &Path, opts: &BuildOptions) -> anyhow::Resul
     let files = expand_inputs(paths).map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::create_dir_all(out)
         .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", out.display()))?;
-    let open = |name: &str| -> anyhow::Result<(PathBuf, BufWriter<std::fs::File>)> {
-        let p = out.join(name);
-        let f = std::fs::File::create(&p)
-            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", p.display()))?;
-        Ok((p, BufWriter::new(f)))
-    };
-    // Training pairs: one file per language (each is one sampler lane of `lexflow run`); evaluation: one file.
-    let train_dir = out.join("train");
-    if train_dir.exists() {
-        std::fs::remove_dir_all(&train_dir)
-            .map_err(|e| anyhow::anyhow!("{}: cannot replace: {e}", train_dir.display()))?;
-    }
-    std::fs::create_dir_all(&train_dir)
-        .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", train_dir.display()))?;
-    let mut train: BTreeMap<String, (PathBuf, BufWriter<std::fs::File>)> = BTreeMap::new();
-    let (eval_path, mut eval) = open("eval.jsonl")?;
+    let mut w = PairWriter::create(out, opts.eval_fraction)?;
     let mut summary = BuildSummary {
         files: files.len(),
         ..Default::default()
     };
     let mut index: CitationIndex = BTreeMap::new();
     let mut seen: HashSet<String> = HashSet::new();
+    // `provision_identify` pairs wait until every input is read: a quote that opens several provisions (boilerplate
+    // such as "This Regulation shall enter into force …") has no single answer and is dropped (counted).
+    let mut held: Vec<QaPair> = Vec::new();
+    let mut quotes: HashMap<(String, String), usize> = HashMap::new();
     // Manifests first (small files), then one input at a time: memory stays that of the largest file, not the corpus.
     let manifests = ManifestIndex::build(&files);
     for path in &files {
@@ -505,32 +540,25 @@ pub fn build(paths: &[String], out: &Path, opts: &BuildOptions) -> anyhow::Resul
                     );
                     continue;
                 }
-                bump(&mut summary.pairs, format!("{}/{}", p.lang, p.kind));
-                let line = serde_json::to_string(&p).expect("pair is JSON");
-                let (w, path, n) = if is_eval(&p.id, opts.eval_fraction) {
-                    (&mut eval, &eval_path, &mut summary.eval)
-                } else {
-                    if !train.contains_key(&p.lang) {
-                        let (tp, tw) = open(&format!("train/{}.jsonl", p.lang))?;
-                        train.insert(p.lang.clone(), (tp, tw));
-                    }
-                    let (tp, tw) = train.get_mut(&p.lang).expect("just inserted");
-                    (tw, &*tp, &mut summary.train)
-                };
-                writeln!(w, "{line}")
-                    .map_err(|e| anyhow::anyhow!("{}: write failed: {e}", path.display()))?;
-                *n += 1;
+                if p.kind == "provision_identify" {
+                    *quotes
+                        .entry((p.lang.clone(), p.question.clone()))
+                        .or_insert(0) += 1;
+                    held.push(p);
+                    continue;
+                }
+                w.write(&p, &mut summary)?;
             }
         }
     }
-    for (p, w) in train
-        .values_mut()
-        .map(|(p, w)| (&*p, w))
-        .chain([(&eval_path, &mut eval)])
-    {
-        w.flush()
-            .map_err(|e| anyhow::anyhow!("{}: write failed: {e}", p.display()))?;
+    for p in held {
+        if quotes[&(p.lang.clone(), p.question.clone())] > 1 {
+            bump(&mut summary.skipped, "quote opening several provisions");
+            continue;
+        }
+        w.write(&p, &mut summary)?;
     }
+    w.flush()?;
     summary.acts = index.len();
     summary.cited_articles = index.values().map(BTreeSet::len).sum();
     let write_json = |name: &str, v: String| -> anyhow::Result<()> {
@@ -546,6 +574,68 @@ pub fn build(paths: &[String], out: &Path, opts: &BuildOptions) -> anyhow::Resul
         serde_json::to_string_pretty(&summary).expect("summary is JSON"),
     )?;
     Ok(summary)
+}
+
+/// The output files of `qa build`: training pairs one file per language (each is one sampler lane of `lexflow
+/// run`), evaluation pairs in one file.
+struct PairWriter {
+    out: PathBuf,
+    eval_fraction: f64,
+    train: BTreeMap<String, (PathBuf, BufWriter<std::fs::File>)>,
+    eval: (PathBuf, BufWriter<std::fs::File>),
+}
+
+impl PairWriter {
+    fn create(out: &Path, eval_fraction: f64) -> anyhow::Result<Self> {
+        let train_dir = out.join("train");
+        if train_dir.exists() {
+            std::fs::remove_dir_all(&train_dir)
+                .map_err(|e| anyhow::anyhow!("{}: cannot replace: {e}", train_dir.display()))?;
+        }
+        std::fs::create_dir_all(&train_dir)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", train_dir.display()))?;
+        Ok(PairWriter {
+            out: out.to_path_buf(),
+            eval_fraction,
+            train: BTreeMap::new(),
+            eval: Self::open(&out.join("eval.jsonl"))?,
+        })
+    }
+
+    fn open(p: &Path) -> anyhow::Result<(PathBuf, BufWriter<std::fs::File>)> {
+        let f = std::fs::File::create(p)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", p.display()))?;
+        Ok((p.to_path_buf(), BufWriter::new(f)))
+    }
+
+    fn write(&mut self, p: &QaPair, summary: &mut BuildSummary) -> anyhow::Result<()> {
+        bump(&mut summary.pairs, format!("{}/{}", p.lang, p.kind));
+        let line = serde_json::to_string(p).expect("pair is JSON");
+        let ((path, w), n) = if is_eval(&p.id, self.eval_fraction) {
+            (&mut self.eval, &mut summary.eval)
+        } else {
+            if !self.train.contains_key(&p.lang) {
+                let f = Self::open(&self.out.join(format!("train/{}.jsonl", p.lang)))?;
+                self.train.insert(p.lang.clone(), f);
+            }
+            (
+                self.train.get_mut(&p.lang).expect("just inserted"),
+                &mut summary.train,
+            )
+        };
+        writeln!(w, "{line}")
+            .map_err(|e| anyhow::anyhow!("{}: write failed: {e}", path.display()))?;
+        *n += 1;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        for (p, w) in self.train.values_mut().chain([&mut self.eval]) {
+            w.flush()
+                .map_err(|e| anyhow::anyhow!("{}: write failed: {e}", p.display()))?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads a JSONL file of [`QaPair`]s; a bad line is an error naming the file and line.
@@ -693,6 +783,26 @@ mod tests {
             s.skipped["articles in a language without templates (bg)"],
             1
         );
+    }
+
+    #[test]
+    fn quotes_are_openings_cut_at_a_word() {
+        assert_eq!(quote_of("(deleted)"), None);
+        assert_eq!(quote_of("\n  \n"), None);
+        let short = "1. Member States shall ensure that   the rules apply.";
+        assert_eq!(
+            quote_of(&format!("{short}\n2. More.")).as_deref(),
+            Some("1. Member States shall ensure that the rules apply.")
+        );
+        let long = "word ".repeat(100);
+        let q = quote_of(&long).unwrap();
+        assert!(
+            q.ends_with("word…") && q.chars().count() <= MAX_QUOTE_CHARS + 1,
+            "{q}"
+        );
+        // No space to cut at: cut at the limit.
+        let q = quote_of(&"é".repeat(300)).unwrap();
+        assert_eq!(q.chars().count(), MAX_QUOTE_CHARS + 1);
     }
 
     #[test]
