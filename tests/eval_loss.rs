@@ -103,6 +103,28 @@ fn eval_leaves_training_alone_matches_transformers_and_any_world_size() {
         [2, 4]
     );
     assert_eq!(eval_lines(&a), evals);
+    // `lexflow evals`: the same numbers as a table, one row per step.
+    let (ok, table, se) = lexflow(&["evals", a.to_str().unwrap()]);
+    assert!(ok, "{se}");
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("| 2 |") || l.starts_with("| 4 |"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    for (row, e) in rows.iter().zip(&evals) {
+        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+        assert_eq!(
+            cells[1],
+            format!("{:.4}", e["loss"].as_f64().unwrap()),
+            "{table}"
+        );
+        assert_eq!(
+            cells[2],
+            format!("{:.4}", e["languages"]["de"]["loss"].as_f64().unwrap()),
+            "{table}"
+        );
+    }
+    assert!(table.lines().next().unwrap().contains("loss de"), "{table}");
     let set = &sa["eval_set"];
     let langs: Vec<&str> = set["languages"]
         .as_array()

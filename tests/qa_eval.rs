@@ -842,6 +842,11 @@ fn sft_run_scores_qa_answers_at_each_evaluation() {
             per_lang.len() >= 3 && per_lang.values().all(|&n| n == 2),
             "{per_lang:?}"
         );
+        let (ok, table, se) = lexflow(&["evals", run.to_str().unwrap()]);
+        assert!(
+            ok && table.contains("citation acc.") && table.contains("| 4 |"),
+            "{table}\n{se}"
+        );
         let last = &evals[1]["qa"];
         assert_eq!(
             last["overall"]["examples"].as_u64(),

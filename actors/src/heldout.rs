@@ -371,6 +371,77 @@ pub fn aggregate(set: &HeldOutSet, step: u64, sums: &[f64], seconds: f64) -> Eva
     }
 }
 
+/// The evaluations of a run (`eval.jsonl`), one per step in step order: after a crash and resume a step evaluated
+/// twice keeps its last record; a torn last line (killed mid-write) is ignored.
+pub fn read_results(run_dir: &Path) -> anyhow::Result<Vec<EvalResult>> {
+    let path = run_dir.join(RESULTS_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: cannot read: {e} (a run writes it when its config has an [eval] section)",
+            path.display()
+        )
+    })?;
+    let mut by_step = BTreeMap::new();
+    for l in text.lines() {
+        if let Ok(r) = serde_json::from_str::<EvalResult>(l) {
+            by_step.insert(r.step, r);
+        }
+    }
+    Ok(by_step.into_values().collect())
+}
+
+/// `lexflow evals RUN_DIR [--json]`: the evaluation history of a run as a table (held-out loss overall and per
+/// language, Q&A scores), or as JSON lines.
+pub fn cli_evals(run_dir: &Path, json: bool) -> anyhow::Result<std::process::ExitCode> {
+    let rs = read_results(run_dir)?;
+    if json {
+        for r in &rs {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    print!("{}", results_table(&rs));
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Markdown table of evaluations: one row per step.
+pub fn results_table(rs: &[EvalResult]) -> String {
+    use std::fmt::Write;
+    let langs: std::collections::BTreeSet<&str> = rs
+        .iter()
+        .flat_map(|r| r.languages.keys().map(String::as_str))
+        .collect();
+    let qa = rs.iter().any(|r| r.qa.is_some());
+    let mut head = vec!["step".to_string(), "loss".to_string()];
+    head.extend(langs.iter().map(|l| format!("loss {l}")));
+    if qa {
+        head.extend(
+            ["citation acc.", "hallucination", "ROUGE-L", "exact match"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "| {} |", head.join(" | "));
+    let _ = writeln!(s, "|{}", "---|".repeat(head.len()));
+    let f = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{v:.4}"));
+    for r in rs {
+        let mut row = vec![r.step.to_string(), f(r.loss)];
+        row.extend(langs.iter().map(|l| f(r.languages.get(*l).map(|x| x.loss))));
+        if qa {
+            let o = r.qa.as_ref().map(|q| &q.overall);
+            row.extend([
+                f(o.map(|a| a.citation_accuracy)),
+                f(o.map(|a| a.hallucination_rate)),
+                f(o.map(|a| a.rouge_l)),
+                f(o.map(|a| a.exact_match)),
+            ]);
+        }
+        let _ = writeln!(s, "| {} |", row.join(" | "));
+    }
+    s
+}
+
 /// `lexflow heldout [CONFIG] [--out FILE]`: build the held-out set of a config exactly as `lexflow run` does, print
 /// its summary (JSON), and write its sequences as JSON lines (`lang`, `tokens`, `padding`, `doc_starts`, `no_loss`).
 pub fn cli_heldout(

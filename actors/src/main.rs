@@ -87,6 +87,13 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The evaluation history of a run (its eval.jsonl): held-out loss overall and per language, Q&A scores.
+    Evals {
+        run: PathBuf,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Instruction-tuning data (Q&A with legal citations) and its evaluation.
     Qa {
         #[command(subcommand)]
@@ -222,6 +229,7 @@ fn main() -> ExitCode {
             lexflow_actors::replay::cli_provenance(&run, step, json)
         }
         Cmd::Config { config } => lexflow_actors::pipeline::cli_config(config.as_deref()),
+        Cmd::Evals { run, json } => lexflow_actors::heldout::cli_evals(&run, json),
         Cmd::Heldout { config, out } => {
             lexflow_actors::heldout::cli_heldout(config.as_deref(), out.as_deref())
         }
