@@ -95,6 +95,7 @@ fn train(run_dir: &Path, init: &Path) -> TrainReport {
         resume: false,
         run_config: None,
         eval: None,
+        dedup: None,
     };
     let handle = spawn_trainers(&mut topo, setup, vec![rx]).expect("spawn trainer");
     topo.spawn("feeder", move |_ctx| {

@@ -90,6 +90,7 @@ fn run(
         resume,
         run_config: None,
         eval: None,
+        dedup: None,
     };
     let handle = spawn_trainers(&mut topo, setup, rxs).expect("spawn trainers");
     topo.spawn("feeder", move |_ctx| {

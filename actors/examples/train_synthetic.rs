@@ -317,6 +317,7 @@ fn main() -> anyhow::Result<()> {
             resume: false,
             run_config: None,
             eval: None,
+            dedup: None,
         },
         vec![rx],
     )?;

@@ -33,6 +33,9 @@ pub struct Config {
     /// Held-out evaluation during training (off unless `paths` or `holdout` is set).
     #[serde(default)]
     pub eval: EvalConfig,
+    /// Document deduplication before tokenization (off by default).
+    #[serde(default)]
+    pub dedup: crate::dedup::DedupConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
 }
@@ -741,6 +744,9 @@ impl Config {
                 "{}: evaluation needs a model: add a [train] section or remove [eval]",
                 at("eval")
             ));
+        }
+        for (key, why) in self.dedup.check() {
+            errs.push(format!("{}: {why}", at(key)));
         }
         if self.input.paths.is_empty() && self.input.generate.acts_per_language == 0 {
             errs.push(format!(

@@ -10,6 +10,7 @@
 
 pub mod arrow_tee;
 pub mod config;
+pub mod dedup;
 pub mod eval;
 pub mod formex;
 pub mod gen_sample;

@@ -87,6 +87,19 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// What `[dedup]` drops from a config's training input, decided as `lexflow run` decides, without training:
+    /// counts per language (JSON) and, with --out, one JSON line per document (verdict, the document it repeats).
+    Dedup {
+        config: Option<PathBuf>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override dedup.mode (`exact`, `near`) — e.g. to audit a corpus before turning dedup on.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Include every document's text in --out (and the MinHash parameters as the first line).
+        #[arg(long)]
+        texts: bool,
+    },
     /// The evaluation history of a run (its eval.jsonl): held-out loss overall and per language, Q&A scores.
     Evals {
         run: PathBuf,
@@ -229,6 +242,12 @@ fn main() -> ExitCode {
             lexflow_actors::replay::cli_provenance(&run, step, json)
         }
         Cmd::Config { config } => lexflow_actors::pipeline::cli_config(config.as_deref()),
+        Cmd::Dedup {
+            config,
+            out,
+            mode,
+            texts,
+        } => cli_dedup(config, out, mode, texts),
         Cmd::Evals { run, json } => lexflow_actors::heldout::cli_evals(&run, json),
         Cmd::Heldout { config, out } => {
             lexflow_actors::heldout::cli_heldout(config.as_deref(), out.as_deref())
@@ -298,4 +317,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cli_dedup(
+    config: Option<PathBuf>,
+    out: Option<PathBuf>,
+    mode: Option<String>,
+    texts: bool,
+) -> anyhow::Result<ExitCode> {
+    let (mut cfg, _) = lexflow_actors::pipeline::load_config(config.as_deref())?;
+    if let Some(m) = mode {
+        cfg.dedup.mode = serde_json::from_value(serde_json::Value::String(m.clone()))
+            .map_err(|_| anyhow::anyhow!("--mode {m}: expected `exact` or `near`"))?;
+    }
+    if !cfg.dedup.enabled() {
+        anyhow::bail!(
+            "dedup.mode is `off` in this config: set [dedup] mode = \"exact\" or \"near\", or pass --mode"
+        );
+    }
+    let report = lexflow_actors::pipeline::audit_dedup(&cfg, out.as_deref(), texts)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(ExitCode::SUCCESS)
 }

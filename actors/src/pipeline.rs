@@ -87,6 +87,8 @@ pub struct RunOptions {
 #[derive(Default)]
 pub struct ReplaySpec {
     pub data: Option<crate::types::ResumePoint>,
+    /// The checkpoint `data` comes from (its dedup state, `[dedup]`).
+    pub checkpoint: Option<PathBuf>,
     pub skip: u64,
     pub limit: u64,
     pub collected: Arc<Mutex<Vec<PackedSequence>>>,
@@ -166,24 +168,13 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         .iter()
         .map(|(k, v)| (k.clone(), *v))
         .collect();
-    let mut lanes: Vec<Lane> = mix
-        .iter()
-        .map(|(l, _)| Lane {
-            lang: l.clone(),
-            files: Vec::new(),
-        })
-        .collect();
+    let (lanes, files_outside_mix) = lanes_of(cfg, files);
     let mut input = InputReport {
         files: total_files,
         files_held_out: held_files.len() as u64,
+        files_outside_mix,
         ..Default::default()
     };
-    for f in files {
-        match reader::sniff_lang(&f).and_then(|l| lanes.iter().position(|x| x.lang == l)) {
-            Some(i) => lanes[i].files.push(f),
-            None => input.files_outside_mix += 1,
-        }
-    }
     for l in &lanes {
         input
             .files_per_lang
@@ -258,6 +249,40 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         .map(|d| d.lanes.clone())
         .unwrap_or_else(|| vec![LanePosition::default(); lanes.len()]);
 
+    // `[dedup]`: the lanes' index, with the held-out documents and (resume, replay) the checkpoint's entries.
+    let dedup = match cfg.dedup.enabled() {
+        true => {
+            let from = match replay {
+                Some(r) => r.checkpoint.clone().filter(|_| r.data.is_some()),
+                None => resume
+                    .as_ref()
+                    .filter(|r| r.data.is_some())
+                    .map(|r| r.checkpoint.clone()),
+            };
+            Some(Arc::new(build_dedup_index(
+                cfg,
+                &lanes,
+                &held_files,
+                &read_opts,
+                from.as_deref(),
+            )?))
+        }
+        false => None,
+    };
+    let dedup_log = match (&dedup, replay) {
+        (Some(_), None) => {
+            let p = per_process("dedup", ".jsonl");
+            Some(Arc::new(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+                    .with_context(|| format!("opening {}", p.display()))?,
+            )))
+        }
+        _ => None,
+    };
+
     let shutdown = Shutdown::new();
     if let Err(e) = shutdown.install_signal_handler() {
         tracing::debug!("signal handler not installed: {e}");
@@ -323,8 +348,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         let lang = lane.lang.clone();
         let (ftx, frx) =
             edge::<(u32, PathBuf, u32)>(&format!("source.{lang}->reader.{lang}"), cap("reader"));
-        let (dtx, drx) =
-            edge::<DocBatch>(&format!("reader.{lang}->tokenizer.{lang}"), cap("reader"));
+        let to_tokenizer = match dedup {
+            Some(_) => format!("reader.{lang}->dedup.{lang}"),
+            None => format!("reader.{lang}->tokenizer.{lang}"),
+        };
+        let (dtx, drx) = edge::<DocBatch>(&to_tokenizer, cap("reader"));
         let (ttx, trx) =
             edge::<TokenizedBatch>(&format!("tokenizer.{lang}->sampler"), cap("tokenizer"));
         let files = lane.files.clone();
@@ -364,6 +392,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         let lang2 = lang.clone();
         let mi = manifests.clone();
         let ro = read_opts.clone();
+        let dd = dedup.clone();
         ordered_pool(
             &mut topo,
             &format!("reader.{lang}"),
@@ -377,6 +406,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 let lang = lang2.clone();
                 let mi = mi.clone();
                 let ro = ro.clone();
+                let dd = dd.clone();
                 let am = lexflow_metrics::actor(&format!("reader.{lang}"));
                 move |ctx: &lexflow_dataflow::ActorContext,
                       (file, path, skip): (u32, PathBuf, u32)| {
@@ -413,14 +443,38 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                     m.reader_documents
                         .with_label_values(&[&lang])
                         .inc_by(docs.len() as u64);
+                    // Dedup keys here, in the parallel workers; the decision is the dedup actor's (lane order).
+                    let signatures = match &dd {
+                        Some(d) => docs
+                            .iter()
+                            .map(|doc| (!doc.text.is_empty()).then(|| d.hasher.signature(doc)))
+                            .collect(),
+                        None => Vec::new(),
+                    };
                     Ok(DocBatch {
                         lane: li as u16,
                         file,
                         docs,
+                        signatures,
                     })
                 }
             },
         );
+        let drx = match &dedup {
+            Some(d) => {
+                let (xtx, xrx) =
+                    edge::<DocBatch>(&format!("dedup.{lang}->tokenizer.{lang}"), cap("reader"));
+                let d = d.clone();
+                let log = dedup_log.clone();
+                let lang = lang.clone();
+                let paths = lane.files.clone();
+                topo.spawn(format!("dedup.{lang}"), move |ctx| {
+                    run_dedup(ctx, &d, li, &lang, &paths, log.as_deref(), drx, xtx)
+                });
+                xrx
+            }
+            None => drx,
+        };
         let c = counters.clone();
         let tk = tokenizer.clone();
         let lang3 = lang.clone();
@@ -568,6 +622,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 seed: cfg.run.seed,
                 resume: opts.resume,
                 run_config: Some(toml::to_string(cfg)?),
+                dedup: dedup.clone(),
                 eval: (heldout.is_some() || qa_probe.is_some()).then(|| {
                     crate::trainer::EvalSetup {
                         set: heldout.clone(),
@@ -648,6 +703,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         eval_set: heldout
             .as_deref()
             .and_then(|s| serde_json::to_value(s).ok()),
+        dedup: dedup
+            .as_ref()
+            .map(|d| d.report(&lanes.iter().map(|l| l.lang.clone()).collect::<Vec<_>>())),
         outcome: match (&result, shutdown.reason()) {
             (Err(_), _) => "failed".into(),
             (Ok(()), Some(_)) => "interrupted".into(),
@@ -708,6 +766,237 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     }
     result.map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(stats)
+}
+
+/// One lane per language of the mix, each with its files (in the given, sorted order); and how many files are
+/// outside the mix.
+fn lanes_of(cfg: &Config, files: Vec<PathBuf>) -> (Vec<Lane>, u64) {
+    let mut lanes: Vec<Lane> = cfg
+        .sampler
+        .mix
+        .keys()
+        .map(|l| Lane {
+            lang: l.clone(),
+            files: Vec::new(),
+        })
+        .collect();
+    let mut outside = 0;
+    for f in files {
+        match reader::sniff_lang(&f).and_then(|l| lanes.iter().position(|x| x.lang == l)) {
+            Some(i) => lanes[i].files.push(f),
+            None => outside += 1,
+        }
+    }
+    (lanes, outside)
+}
+
+/// `lexflow dedup`: what `[dedup]` drops from a config's training input, decided exactly as `lexflow run` decides
+/// (same lanes, held-out documents, keys and order), without tokenizing or training. `out`: one JSON line per
+/// document (`texts`: with its text, after a first line holding the MinHash parameters).
+pub fn audit_dedup(
+    cfg: &Config,
+    out: Option<&Path>,
+    texts: bool,
+) -> anyhow::Result<crate::dedup::DedupReport> {
+    use std::io::Write;
+    let files = input_files(cfg, &cfg.run.dir.join("corpus"))?;
+    let manifests = reader::ManifestIndex::build(&files);
+    let (files, held_files) = crate::heldout::split_files(files, cfg.eval.holdout);
+    let (lanes, _) = lanes_of(cfg, files);
+    let read_opts = reader::ReadOptions {
+        qa: cfg.input.prompt_format(),
+        mixed_languages: false,
+    };
+    let idx = build_dedup_index(cfg, &lanes, &held_files, &read_opts, None)?;
+    let mut w = match out {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    if let (Some(w), true) = (&mut w, texts) {
+        let h = &idx.hasher;
+        let line = serde_json::json!({"minhash": {
+            "ngram": h.ngram, "bands": h.bands, "rows": h.rows, "a": h.a, "b": h.b,
+            "mode": cfg.dedup.mode, "held_out_documents": idx.held_out_documents(),
+        }});
+        writeln!(w, "{line}")?;
+    }
+    let mut unreadable = 0u64;
+    for (li, lane) in lanes.iter().enumerate() {
+        for (k, path) in lane.files.iter().enumerate() {
+            let docs = match reader::read_file_with(path, &manifests, &read_opts) {
+                Ok(d) => d,
+                Err(_) => {
+                    unreadable += 1;
+                    continue;
+                }
+            };
+            for (i, doc) in docs.iter().enumerate() {
+                if doc.text.is_empty() {
+                    continue;
+                }
+                let v = idx.decide(li, k as u32, i as u32, &idx.hasher.signature(doc));
+                let (of_path, of_ordinal) = match v {
+                    crate::dedup::Verdict::Keep => (String::new(), 0),
+                    crate::dedup::Verdict::Exact(p) | crate::dedup::Verdict::Near(p) => {
+                        idx.count_dropped_bytes(li, doc.text.len() as u64);
+                        idx.describe(p, &lane.files)
+                    }
+                };
+                if let Some(w) = &mut w {
+                    let mut line = serde_json::json!({
+                        "lang": lane.lang, "file": k, "ordinal": i, "path": doc.path,
+                        "verdict": v.label(), "of_path": of_path, "of_ordinal": of_ordinal,
+                        "bytes": doc.text.len(),
+                    });
+                    if texts {
+                        line["text"] = serde_json::Value::String(doc.text.clone());
+                    }
+                    writeln!(w, "{line}")?;
+                }
+            }
+        }
+    }
+    if let Some(mut w) = w {
+        w.flush()?;
+    }
+    if unreadable > 0 {
+        tracing::warn!(
+            files = unreadable,
+            "unreadable input files skipped (`lexflow run` quarantines them)"
+        );
+    }
+    Ok(idx.report(&lanes.iter().map(|l| l.lang.clone()).collect::<Vec<_>>()))
+}
+
+/// The lanes' dedup index: held-out documents first (`dedup.against_heldout`), then a checkpoint's entries.
+fn build_dedup_index(
+    cfg: &Config,
+    lanes: &[Lane],
+    held_files: &[PathBuf],
+    read_opts: &reader::ReadOptions,
+    checkpoint: Option<&Path>,
+) -> anyhow::Result<crate::dedup::DedupIndex> {
+    let mut idx = crate::dedup::DedupIndex::new(
+        &cfg.dedup,
+        lanes.iter().map(|l| l.files.len() as u32).collect(),
+    );
+    if cfg.dedup.against_heldout {
+        let extra = if cfg.eval.paths.is_empty() {
+            Vec::new()
+        } else {
+            reader::expand_inputs(&cfg.eval.paths).context("eval.paths")?
+        };
+        // Held-out FORMEX files (Q&A pairs are not documents the corpus could repeat).
+        let files: Vec<PathBuf> = held_files
+            .iter()
+            .cloned()
+            .chain(extra)
+            .filter(|f| !f.to_string_lossy().ends_with(".jsonl"))
+            .collect();
+        let manifests = reader::ManifestIndex::build(&files);
+        let opts = reader::ReadOptions {
+            qa: read_opts.qa.clone(),
+            mixed_languages: true,
+        };
+        for f in &files {
+            // Unreadable held-out files are reported by the held-out set's own build (quarantine).
+            let Ok(docs) = reader::read_file_with(f, &manifests, &opts) else {
+                continue;
+            };
+            for d in &docs {
+                let lang = d.lang.clone().or_else(|| reader::sniff_lang(f));
+                if let Some(li) = lang.and_then(|l| lanes.iter().position(|x| x.lang == l)) {
+                    idx.add_held_out(li, d);
+                }
+            }
+        }
+    }
+    if let Some(dir) = checkpoint {
+        let p = dir.join(crate::dedup::STATE_FILE);
+        if p.exists() {
+            idx.restore(&p)?;
+        } else {
+            tracing::warn!(
+                checkpoint = %dir.display(),
+                "the checkpoint has no dedup state (its run had no [dedup]): documents before it are not in the index"
+            );
+        }
+    }
+    Ok(idx)
+}
+
+/// The dedup actor of one lane: decides in lane order, empties the text of duplicates (the tokenizer skips empty
+/// documents; ordinals stay), logs each drop to `dedup.jsonl`.
+#[allow(clippy::too_many_arguments)]
+fn run_dedup(
+    ctx: &lexflow_dataflow::ActorContext,
+    idx: &crate::dedup::DedupIndex,
+    lane: usize,
+    lang: &str,
+    paths: &[PathBuf],
+    log: Option<&Mutex<std::fs::File>>,
+    rx: EdgeReceiver<DocBatch>,
+    tx: lexflow_dataflow::EdgeSender<DocBatch>,
+) -> Result<(), lexflow_dataflow::ActorError> {
+    use std::io::Write;
+    let am = lexflow_metrics::actor(&format!("dedup.{lang}"));
+    let m = lexflow_metrics::global();
+    for label in ["kept", "exact", "near", "heldout"] {
+        m.dedup_documents.with_label_values(&[lang, label]);
+    }
+    m.dedup_dropped_bytes.with_label_values(&[lang]);
+    while let Ok(mut b) = rx.recv() {
+        ctx.set_input(format!("file #{} of lane {lang}", b.file));
+        let t = Instant::now();
+        let mut lines = String::new();
+        for (i, sig) in b.signatures.iter().enumerate() {
+            let Some(sig) = sig else { continue };
+            let v = idx.decide(lane, b.file, i as u32, sig);
+            m.dedup_documents
+                .with_label_values(&[lang, v.label()])
+                .inc();
+            let of = match v {
+                crate::dedup::Verdict::Keep => continue,
+                crate::dedup::Verdict::Exact(p) | crate::dedup::Verdict::Near(p) => p,
+            };
+            let doc = &mut b.docs[i];
+            let bytes = doc.text.len() as u64;
+            idx.count_dropped_bytes(lane, bytes);
+            m.dedup_dropped_bytes
+                .with_label_values(&[lang])
+                .inc_by(bytes);
+            let (of_path, of_ordinal) = idx.describe(of, paths);
+            let rec = crate::dedup::DropRecord {
+                lang: lang.to_string(),
+                file: b.file,
+                ordinal: i as u32,
+                path: doc.path.clone(),
+                verdict: v.label().to_string(),
+                of_path,
+                of_ordinal,
+                bytes,
+            };
+            lines.push_str(&serde_json::to_string(&rec).expect("drop record is JSON"));
+            lines.push('\n');
+            doc.text.clear();
+        }
+        if let (Some(f), false) = (log, lines.is_empty()) {
+            let mut f = f.lock().expect("dedup log lock");
+            if let Err(e) = f.write_all(lines.as_bytes()) {
+                tracing::warn!("cannot append to {}: {e}", crate::dedup::LOG_FILE);
+            }
+        }
+        b.signatures = Vec::new();
+        am.items_in.inc();
+        am.items_out.inc();
+        am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
+        if tx.send(b).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// The article in which token `start` of a document falls: the last article whose title occurs in the text before the

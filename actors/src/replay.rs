@@ -140,6 +140,7 @@ pub fn replay_steps(
     cfg.shards.arrow_dir = None;
     let spec = ReplaySpec {
         data: start.as_ref().and_then(|c| c.data.clone()),
+        checkpoint: start.as_ref().map(|c| c.dir.clone()),
         skip: (first - 1) * g,
         limit: last * g,
         describe,

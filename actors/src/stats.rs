@@ -43,6 +43,9 @@ pub struct RunStats {
     /// losses measured on it are in `train.evals`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_set: Option<serde_json::Value>,
+    /// Documents dropped as repeats (`[dedup]`), per language.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<crate::dedup::DedupReport>,
     /// Tokens through the tokenizers per second of wall time.
     pub preprocess_tokens_per_second: f64,
     pub outcome: String,
@@ -69,6 +72,21 @@ impl RunStats {
             i.documents,
             i.tokens
         );
+        if let Some(d) = &self.dedup {
+            let sum =
+                |f: fn(&crate::dedup::LaneReport) -> u64| d.per_lang.values().map(f).sum::<u64>();
+            let _ = writeln!(
+                s,
+                "  dedup      {:?}: {} documents, {} kept, {} exact, {} near, {} repeat held-out documents ({} bytes dropped)",
+                d.mode.unwrap_or_default(),
+                sum(|l| l.documents),
+                sum(|l| l.kept),
+                sum(|l| l.exact),
+                sum(|l| l.near),
+                sum(|l| l.heldout),
+                sum(|l| l.bytes_dropped)
+            );
+        }
         let _ = writeln!(s, "  mix        lang  target  realized  tokens      docs");
         for l in &self.sampler.languages {
             let _ = writeln!(

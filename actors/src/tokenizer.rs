@@ -1472,6 +1472,7 @@ mod tests {
             lane: 2,
             file: 5,
             docs: vec![doc("Article 1"), doc(""), doc("The Member States")],
+            signatures: Vec::new(),
         };
         let out = tk.tokenize_batch(b);
         assert_eq!((out.lane, out.file), (2, 5));

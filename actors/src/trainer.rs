@@ -47,6 +47,8 @@ pub struct TrainerSetup {
     pub run_config: Option<String>,
     /// Held-out evaluation (`[eval]`).
     pub eval: Option<EvalSetup>,
+    /// `[dedup]`: its index goes into every checkpoint (entries before the checkpoint's resume point).
+    pub dedup: Option<Arc<crate::dedup::DedupIndex>>,
 }
 
 /// What the ranks evaluate, and when.
@@ -1125,6 +1127,11 @@ impl<'a> Rank<'a> {
                         DATA_STATE_FILE,
                         serde_json::to_string(d).expect("resume point is JSON"),
                     )?;
+                    if let Some(dd) = &self.setup.dedup {
+                        let p = tmp.join(crate::dedup::STATE_FILE);
+                        dd.write_snapshot(&d.lanes, &p)
+                            .map_err(|e| GpuError::Io { path: p, source: e })?;
+                    }
                 }
                 if let Some(c) = &self.setup.run_config {
                     write(RUN_CONFIG_FILE, c.clone())?;

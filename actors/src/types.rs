@@ -97,6 +97,8 @@ pub struct DocBatch {
     pub lane: u16,
     pub file: u32,
     pub docs: Vec<Document>,
+    /// Dedup keys per document, computed by the reader workers when `[dedup]` is on (else empty).
+    pub signatures: Vec<Option<crate::dedup::Signature>>,
 }
 
 /// A tokenized document with what provenance needs.

@@ -11,6 +11,7 @@ pub const LABEL_QUANTILE: &str = "quantile";
 pub const LABEL_VERSION: &str = "version";
 pub const LABEL_RUN: &str = "run";
 pub const LABEL_METRIC: &str = "metric";
+pub const LABEL_RESULT: &str = "result";
 
 // Process identity: constant-1 gauges whose labels carry the information (the `*_info` convention), so a dashboard
 // can join on them or show them as text.
@@ -41,6 +42,10 @@ pub const STAGE_LATENCY_QUANTILE_SECONDS: &str = "lexflow_stage_latency_quantile
 pub const READER_FILES_TOTAL: &str = "lexflow_reader_files_total";
 pub const READER_DOCUMENTS_TOTAL: &str = "lexflow_reader_documents_total";
 pub const READER_QUARANTINED_FILES_TOTAL: &str = "lexflow_reader_quarantined_files_total";
+
+// Dedup (`[dedup]`): documents by result (`kept`, `exact`, `near`, `heldout`), text dropped.
+pub const DEDUP_DOCUMENTS_TOTAL: &str = "lexflow_dedup_documents_total";
+pub const DEDUP_DROPPED_BYTES_TOTAL: &str = "lexflow_dedup_dropped_bytes_total";
 
 // Tokenizer.
 pub const TOKENIZER_TOKENS_TOTAL: &str = "lexflow_tokenizer_tokens_total";
@@ -110,6 +115,8 @@ pub const ALL: &[&str] = &[
     READER_FILES_TOTAL,
     READER_DOCUMENTS_TOTAL,
     READER_QUARANTINED_FILES_TOTAL,
+    DEDUP_DOCUMENTS_TOTAL,
+    DEDUP_DROPPED_BYTES_TOTAL,
     TOKENIZER_TOKENS_TOTAL,
     SAMPLER_TOKENS_TOTAL,
     SAMPLER_TARGET_SHARE,

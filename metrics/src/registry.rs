@@ -31,6 +31,8 @@ pub struct Metrics {
     pub reader_files: IntCounterVec,
     pub reader_documents: IntCounterVec,
     pub reader_quarantined: IntCounter,
+    pub dedup_documents: IntCounterVec,
+    pub dedup_dropped_bytes: IntCounterVec,
     pub tokenizer_tokens: IntCounterVec,
     pub sampler_tokens: IntCounterVec,
     pub sampler_target_share: GaugeVec,
@@ -200,6 +202,16 @@ impl Metrics {
             reader_quarantined: ic(
                 READER_QUARANTINED_FILES_TOTAL,
                 "Input files quarantined as bad",
+            ),
+            dedup_documents: icv(
+                DEDUP_DOCUMENTS_TOTAL,
+                "Documents through deduplication, by result (kept, exact, near, heldout)",
+                &[LABEL_LANG, LABEL_RESULT],
+            ),
+            dedup_dropped_bytes: icv(
+                DEDUP_DROPPED_BYTES_TOTAL,
+                "Text bytes of documents dropped as repeats",
+                &[LABEL_LANG],
             ),
             tokenizer_tokens: icv(
                 TOKENIZER_TOKENS_TOTAL,

@@ -1,0 +1,716 @@
+//! Document deduplication per language lane (`[dedup]`, `docs/DEDUP.md`).
+//!
+//! EUR-Lex publishes the same text many times: an act in the Official Journal and again in every consolidated
+//! version, the same act body as a stand-alone file and inside a combined publication (the real corpus holds the AI
+//! Act's English body and annexes twice). Training on both spends tokens on repeats and, when one copy is held out,
+//! contaminates the held-out loss. This stage drops such documents before they are tokenized:
+//!
+//! * `exact`: a 128-bit hash of the document's text;
+//! * `near`: also MinHash over lower-cased word n-grams with LSH banding — the arithmetic of `datasketch.MinHash`
+//!   (`(a·h + b) mod (2^61 − 1)`, low 32 bits; `h` = low 32 bits of xxh3-64 of the n-gram), so `datasketch` can check
+//!   it (`scripts/dedup_ref.py`). Instruction pairs (Q&A `.jsonl`) get the exact check only: pairs of one template
+//!   share most of their n-grams without being repeats.
+//!
+//! **Decision rule** (what makes it deterministic and resumable): a document is a duplicate when one of its keys
+//! (the exact hash, or one of the band hashes) was first seen on a *kept* document at an earlier position of the
+//! same lane — position = (file index in the lane's sorted list, ordinal in the file) — or on a held-out document
+//! (`against_heldout`). The index maps each key to that first position. The decision depends only on the lane's
+//! order, never on thread timing; a later epoch (`sampler.on_exhausted = "cycle"`) makes the same decisions as the
+//! first (positions are taken modulo the lane length); and a checkpoint stores the entries before its resume point
+//! (`dedup.bin`), which is all a resumed or replayed run needs to decide exactly as the uninterrupted run did.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64};
+
+use crate::types::{Document, LanePosition};
+
+/// The dedup state inside a checkpoint directory.
+pub const STATE_FILE: &str = "dedup.bin";
+/// One JSON line per dropped document, in `run.dir`.
+pub const LOG_FILE: &str = "dedup.jsonl";
+
+const MERSENNE: u64 = (1 << 61) - 1;
+const MAX_HASH: u64 = (1 << 32) - 1;
+const MAGIC: &[u8; 8] = b"LXDEDUP1";
+/// `Pos::file` of held-out documents (`ordinal` = their index in [`DedupIndex::held_paths`]).
+const HELD: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupMode {
+    /// Every document is trained on.
+    #[default]
+    Off,
+    /// Drop documents whose text equals an earlier kept one's.
+    Exact,
+    /// Also drop near-duplicates (MinHash LSH over word n-grams).
+    Near,
+}
+
+/// `[dedup]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    #[serde(default)]
+    pub mode: DedupMode,
+    /// Words per n-gram (shingle).
+    #[serde(default = "default_ngram")]
+    pub ngram: usize,
+    /// LSH bands × rows per band = MinHash permutations. 14 × 8 flags pairs from a Jaccard similarity of about
+    /// (1/14)^(1/8) ≈ 0.72 of their n-gram sets (50% chance there), almost surely above 0.85.
+    #[serde(default = "default_bands")]
+    pub bands: usize,
+    #[serde(default = "default_rows")]
+    pub rows: usize,
+    /// Seed of the MinHash permutations (not `run.seed`: changing the run's seed must not change what is dropped).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Also drop training documents that duplicate a held-out document (`eval.holdout`, FORMEX `eval.paths`).
+    #[serde(default = "default_true")]
+    pub against_heldout: bool,
+}
+
+fn default_ngram() -> usize {
+    5
+}
+fn default_bands() -> usize {
+    14
+}
+fn default_rows() -> usize {
+    8
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            mode: DedupMode::Off,
+            ngram: default_ngram(),
+            bands: default_bands(),
+            rows: default_rows(),
+            seed: default_seed(),
+            against_heldout: true,
+        }
+    }
+}
+
+impl DedupConfig {
+    pub fn enabled(&self) -> bool {
+        self.mode != DedupMode::Off
+    }
+
+    /// Config errors as `(key, message)`.
+    pub fn check(&self) -> Vec<(&'static str, String)> {
+        let mut e = Vec::new();
+        if self.ngram == 0 || self.ngram > 64 {
+            e.push(("dedup.ngram", "must be in [1, 64] words".to_string()));
+        }
+        if self.bands == 0 || self.rows == 0 || self.bands * self.rows > 1024 {
+            e.push((
+                "dedup.bands",
+                format!(
+                    "bands × rows = {} × {} must be between 1 and 1024 permutations",
+                    self.bands, self.rows
+                ),
+            ));
+        }
+        e
+    }
+}
+
+/// The keys of one document: the exact hash, and one hash per LSH band (empty for exact mode and Q&A pairs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signature {
+    pub exact: u128,
+    pub bands: Vec<u128>,
+}
+
+/// MinHash with `datasketch`'s arithmetic and our own shingling (lower-cased text, split on Unicode white space,
+/// `ngram` consecutive words joined by one space; a document with fewer words is one shingle).
+#[derive(Debug, Clone)]
+pub struct MinHasher {
+    pub a: Vec<u64>,
+    pub b: Vec<u64>,
+    pub ngram: usize,
+    pub bands: usize,
+    pub rows: usize,
+    near: bool,
+}
+
+impl MinHasher {
+    pub fn new(cfg: &DedupConfig) -> Self {
+        let k = cfg.bands * cfg.rows;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut a = Vec::with_capacity(k);
+        let mut b = Vec::with_capacity(k);
+        for _ in 0..k {
+            a.push(rng.gen_range(1..MERSENNE));
+            b.push(rng.gen_range(0..MERSENNE));
+        }
+        MinHasher {
+            a,
+            b,
+            ngram: cfg.ngram,
+            bands: cfg.bands,
+            rows: cfg.rows,
+            near: cfg.mode == DedupMode::Near,
+        }
+    }
+
+    /// The `bands × rows` MinHash values of `text` (None: no words).
+    pub fn minhash(&self, text: &str) -> Option<Vec<u32>> {
+        let lower = text.to_lowercase();
+        let words: Vec<&str> = lower.split_whitespace().collect();
+        if words.is_empty() {
+            return None;
+        }
+        let mut mins = vec![MAX_HASH; self.a.len()];
+        let n = self.ngram.min(words.len());
+        let mut shingle = String::new();
+        for w in words.windows(n) {
+            shingle.clear();
+            for (i, word) in w.iter().enumerate() {
+                if i > 0 {
+                    shingle.push(' ');
+                }
+                shingle.push_str(word);
+            }
+            let hv = xxh3_64(shingle.as_bytes()) & MAX_HASH;
+            for ((m, a), b) in mins.iter_mut().zip(&self.a).zip(&self.b) {
+                let p = (a.wrapping_mul(hv).wrapping_add(*b) % MERSENNE) & MAX_HASH;
+                if p < *m {
+                    *m = p;
+                }
+            }
+        }
+        Some(mins.into_iter().map(|m| m as u32).collect())
+    }
+
+    /// The keys of a document. Near-duplicate bands only for ordinary documents, not instruction pairs.
+    pub fn signature(&self, doc: &Document) -> Signature {
+        let exact = xxh3_128_with_seed(doc.text.as_bytes(), 0);
+        let bands = match (self.near, doc.answer_start) {
+            (true, None) => self
+                .minhash(&doc.text)
+                .map(|m| self.band_keys(&m))
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        Signature { exact, bands }
+    }
+
+    fn band_keys(&self, mins: &[u32]) -> Vec<u128> {
+        mins.chunks(self.rows)
+            .enumerate()
+            .map(|(i, band)| {
+                let bytes: Vec<u8> = band.iter().flat_map(|v| v.to_le_bytes()).collect();
+                xxh3_128_with_seed(&bytes, 1 + i as u64)
+            })
+            .collect()
+    }
+}
+
+/// Where a key was first seen: a lane position (first epoch), or a held-out document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pos {
+    pub file: u32,
+    pub ordinal: u32,
+}
+
+impl Pos {
+    pub fn held(&self) -> bool {
+        self.file == HELD
+    }
+}
+
+/// What the stage decided for one document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    /// Same text as the document at `Pos`.
+    Exact(Pos),
+    /// Shares an LSH band with the document at `Pos`.
+    Near(Pos),
+}
+
+impl Verdict {
+    /// The metric / report label: `kept`, `exact`, `near`, `heldout` (a duplicate of a held-out document).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Keep => "kept",
+            Verdict::Exact(p) | Verdict::Near(p) if p.held() => "heldout",
+            Verdict::Exact(_) => "exact",
+            Verdict::Near(_) => "near",
+        }
+    }
+}
+
+/// Counts of one lane (this process's part of the stream).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LaneReport {
+    pub documents: u64,
+    pub kept: u64,
+    pub exact: u64,
+    pub near: u64,
+    /// Duplicates of held-out documents (exact or near).
+    pub heldout: u64,
+    pub bytes_dropped: u64,
+}
+
+/// `stats.json` → `dedup`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DedupReport {
+    pub mode: Option<DedupMode>,
+    /// Keys in the index per language at the end (memory: ~40 bytes each).
+    pub index_keys: std::collections::BTreeMap<String, u64>,
+    pub held_out_documents: u64,
+    pub per_lang: std::collections::BTreeMap<String, LaneReport>,
+}
+
+#[derive(Debug, Default)]
+struct LaneIndex {
+    map: HashMap<u128, Pos>,
+    report: LaneReport,
+}
+
+/// A key blocks a document at `at` when it was first seen earlier in the lane, or on a held-out document.
+fn blocks(first: Pos, at: Pos) -> bool {
+    first.held() || first < at
+}
+
+impl LaneIndex {
+    fn decide(&mut self, at: Pos, sig: &Signature) -> Verdict {
+        if let Some(p) = self.map.get(&sig.exact).copied().filter(|p| blocks(*p, at)) {
+            return Verdict::Exact(p);
+        }
+        for k in &sig.bands {
+            if let Some(p) = self.map.get(k).copied().filter(|p| blocks(*p, at)) {
+                return Verdict::Near(p);
+            }
+        }
+        // Kept: its keys point here (a later epoch finds them pointing at itself, which does not block).
+        for k in std::iter::once(&sig.exact).chain(&sig.bands) {
+            self.map.entry(*k).or_insert(at);
+        }
+        Verdict::Keep
+    }
+}
+
+/// The index of every lane, shared by the lanes' dedup actors and the checkpoint writer.
+#[derive(Debug)]
+pub struct DedupIndex {
+    pub cfg: DedupConfig,
+    pub hasher: MinHasher,
+    lanes: Vec<Mutex<LaneIndex>>,
+    /// Lane lengths (files), for positions modulo an epoch.
+    lane_files: Vec<u32>,
+    held_paths: Vec<String>,
+}
+
+/// One line of `dedup.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DropRecord {
+    pub lang: String,
+    /// File index in the lane (counting on across epochs) and ordinal of the dropped document.
+    pub file: u32,
+    pub ordinal: u32,
+    pub path: String,
+    pub verdict: String,
+    /// The kept (or held-out) document it repeats: path and ordinal in that file.
+    pub of_path: String,
+    pub of_ordinal: u32,
+    pub bytes: u64,
+}
+
+impl DedupIndex {
+    pub fn new(cfg: &DedupConfig, lane_files: Vec<u32>) -> Self {
+        DedupIndex {
+            cfg: cfg.clone(),
+            hasher: MinHasher::new(cfg),
+            lanes: lane_files
+                .iter()
+                .map(|_| Mutex::new(LaneIndex::default()))
+                .collect(),
+            lane_files,
+            held_paths: Vec::new(),
+        }
+    }
+
+    /// Registers a held-out document of lane `lane` (before any lane runs).
+    pub fn add_held_out(&mut self, lane: usize, doc: &Document) {
+        if doc.text.is_empty() {
+            return;
+        }
+        let sig = self.hasher.signature(doc);
+        let at = Pos {
+            file: HELD,
+            ordinal: self.held_paths.len() as u32,
+        };
+        self.held_paths.push(doc.path.clone());
+        let mut l = self.lanes[lane].lock().expect("dedup lane lock");
+        for k in std::iter::once(&sig.exact).chain(&sig.bands) {
+            l.map.entry(*k).or_insert(at);
+        }
+    }
+
+    pub fn held_out_documents(&self) -> usize {
+        self.held_paths.len()
+    }
+
+    /// Decides for the document at (`file`, `ordinal`) of `lane` (`file` counts on across epochs).
+    pub fn decide(&self, lane: usize, file: u32, ordinal: u32, sig: &Signature) -> Verdict {
+        let n = self.lane_files[lane].max(1);
+        let at = Pos {
+            file: file % n,
+            ordinal,
+        };
+        let mut l = self.lanes[lane].lock().expect("dedup lane lock");
+        let v = l.decide(at, sig);
+        l.report.documents += 1;
+        match v.label() {
+            "kept" => l.report.kept += 1,
+            "exact" => l.report.exact += 1,
+            "near" => l.report.near += 1,
+            _ => l.report.heldout += 1,
+        }
+        v
+    }
+
+    pub fn count_dropped_bytes(&self, lane: usize, bytes: u64) {
+        self.lanes[lane]
+            .lock()
+            .expect("dedup lane lock")
+            .report
+            .bytes_dropped += bytes;
+    }
+
+    /// Path and ordinal of the document a duplicate repeats (`lane_paths`: the lane's sorted files).
+    pub fn describe(&self, of: Pos, lane_paths: &[PathBuf]) -> (String, u32) {
+        if of.held() {
+            let p = self
+                .held_paths
+                .get(of.ordinal as usize)
+                .cloned()
+                .unwrap_or_default();
+            return (p, 0);
+        }
+        let p = lane_paths
+            .get(of.file as usize)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        (p, of.ordinal)
+    }
+
+    pub fn report(&self, langs: &[String]) -> DedupReport {
+        let mut r = DedupReport {
+            mode: Some(self.cfg.mode),
+            held_out_documents: self.held_paths.len() as u64,
+            ..Default::default()
+        };
+        for (lang, l) in langs.iter().zip(&self.lanes) {
+            let l = l.lock().expect("dedup lane lock");
+            r.per_lang.insert(lang.clone(), l.report.clone());
+            r.index_keys.insert(lang.clone(), l.map.len() as u64);
+        }
+        r
+    }
+
+    fn params(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mode": self.cfg.mode,
+            "ngram": self.cfg.ngram,
+            "bands": self.cfg.bands,
+            "rows": self.cfg.rows,
+            "seed": self.cfg.seed,
+            "lanes": self.lane_files,
+        })
+    }
+
+    /// Writes the entries a run resumed at `lanes` needs: per lane, the keys first seen before its position (all of
+    /// them once the lane is past its first epoch). Held-out entries are rebuilt from the config, not stored.
+    pub fn write_snapshot(&self, lanes: &[LanePosition], path: &Path) -> std::io::Result<()> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        let header = serde_json::to_vec(&self.params()).expect("params are JSON");
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header);
+        for (i, l) in self.lanes.iter().enumerate() {
+            let end = lanes.get(i).copied().unwrap_or_default();
+            let end = Pos {
+                file: end.file,
+                ordinal: end.ordinal,
+            };
+            let mut entries: Vec<(u128, Pos)> = {
+                let g = l.lock().expect("dedup lane lock");
+                g.map
+                    .iter()
+                    .filter(|(_, p)| !p.held() && *p < &end)
+                    .map(|(k, p)| (*k, *p))
+                    .collect()
+            };
+            entries.sort_unstable();
+            out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+            for (k, p) in entries {
+                out.extend_from_slice(&k.to_le_bytes());
+                out.extend_from_slice(&p.file.to_le_bytes());
+                out.extend_from_slice(&p.ordinal.to_le_bytes());
+            }
+        }
+        let mut f = std::fs::File::create(path)?;
+        f.write_all(&out)?;
+        f.sync_all()
+    }
+
+    /// Loads a checkpoint's entries (before any lane runs). Refuses a snapshot taken with other `[dedup]` settings
+    /// or another lane layout: its decisions would not be this config's.
+    pub fn restore(&self, path: &Path) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .with_context(|| format!("reading {}", path.display()))?;
+        let bad = |why: &str| anyhow::anyhow!("{}: {why}", path.display());
+        if bytes.len() < 12 || &bytes[..8] != MAGIC {
+            return Err(bad("not a lexflow dedup state (bad magic)"));
+        }
+        let hlen = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+        let header: serde_json::Value = bytes
+            .get(12..12 + hlen)
+            .ok_or_else(|| bad("truncated header"))
+            .and_then(|h| serde_json::from_slice(h).map_err(|e| bad(&e.to_string())))?;
+        let now = self.params();
+        for key in ["mode", "ngram", "bands", "rows", "seed", "lanes"] {
+            if header.get(key) != now.get(key) {
+                anyhow::bail!(
+                    "{}: the checkpoint was deduplicated with {key} = {} but the config now says {} \
+                     (dedup.{key}; `lanes` = files per language lane): resume and replay need the same [dedup] and inputs",
+                    path.display(),
+                    header.get(key).cloned().unwrap_or_default(),
+                    now.get(key).cloned().unwrap_or_default()
+                );
+            }
+        }
+        let mut at = 12 + hlen;
+        for l in &self.lanes {
+            let n = bytes
+                .get(at..at + 8)
+                .ok_or_else(|| bad("truncated"))
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))?
+                as usize;
+            at += 8;
+            let body = bytes
+                .get(at..at + n * 24)
+                .ok_or_else(|| bad("truncated entries"))?;
+            at += n * 24;
+            let mut g = l.lock().expect("dedup lane lock");
+            g.map.reserve(n);
+            for e in body.chunks_exact(24) {
+                let k = u128::from_le_bytes(e[..16].try_into().expect("16 bytes"));
+                let file = u32::from_le_bytes(e[16..20].try_into().expect("4 bytes"));
+                let ordinal = u32::from_le_bytes(e[20..24].try_into().expect("4 bytes"));
+                g.map.entry(k).or_insert(Pos { file, ordinal });
+            }
+        }
+        if at != bytes.len() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(text: &str) -> Document {
+        Document {
+            text: text.to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn near_cfg() -> DedupConfig {
+        DedupConfig {
+            mode: DedupMode::Near,
+            ..Default::default()
+        }
+    }
+
+    fn words(n: usize, salt: &str) -> String {
+        (0..n)
+            .map(|i| format!("w{salt}{}", i * 7919 % 10007))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Exact Jaccard similarity of two texts' shingle sets, the quantity MinHash estimates.
+    fn jaccard(h: &MinHasher, x: &str, y: &str) -> f64 {
+        let sh = |t: &str| -> std::collections::HashSet<String> {
+            let l = t.to_lowercase();
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.windows(h.ngram.min(w.len()))
+                .map(|s| s.join(" "))
+                .collect()
+        };
+        let (a, b) = (sh(x), sh(y));
+        a.intersection(&b).count() as f64 / a.union(&b).count() as f64
+    }
+
+    #[test]
+    fn minhash_agreement_estimates_jaccard_similarity() {
+        let h = MinHasher::new(&DedupConfig {
+            bands: 32,
+            rows: 16,
+            ..near_cfg()
+        });
+        let base = words(2000, "a");
+        // Replace a growing tail: similarity falls, and the share of equal MinHash values tracks it.
+        for cut in [100, 500, 1000, 1600] {
+            let other = format!(
+                "{} {}",
+                base.split(' ')
+                    .take(2000 - cut)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                words(cut, "b")
+            );
+            let j = jaccard(&h, &base, &other);
+            let (x, y) = (h.minhash(&base).unwrap(), h.minhash(&other).unwrap());
+            let agree = x.iter().zip(&y).filter(|(a, b)| a == b).count() as f64 / x.len() as f64;
+            // 512 permutations: standard error sqrt(j(1-j)/512) <= 0.022; allow 4 of them.
+            assert!(
+                (agree - j).abs() < 0.09,
+                "cut {cut}: jaccard {j}, minhash {agree}"
+            );
+        }
+    }
+
+    #[test]
+    fn decisions_exact_near_and_distinct() {
+        let cfg = near_cfg();
+        let idx = DedupIndex::new(&cfg, vec![10]);
+        let h = &idx.hasher;
+        let a = words(400, "a");
+        let mut near = a.clone();
+        near.push_str(" one extra closing sentence");
+        let distinct = words(400, "z");
+        let s = |t: &str| h.signature(&doc(t));
+        assert_eq!(idx.decide(0, 0, 0, &s(&a)), Verdict::Keep);
+        let p0 = Pos {
+            file: 0,
+            ordinal: 0,
+        };
+        assert_eq!(idx.decide(0, 0, 1, &s(&a)), Verdict::Exact(p0));
+        assert_eq!(idx.decide(0, 1, 0, &s(&near)), Verdict::Near(p0));
+        assert_eq!(idx.decide(0, 2, 0, &s(&distinct)), Verdict::Keep);
+        // A second epoch (file 10 = file 0 again) decides the same, document by document.
+        assert_eq!(idx.decide(0, 10, 0, &s(&a)), Verdict::Keep);
+        assert_eq!(idx.decide(0, 10, 1, &s(&a)), Verdict::Exact(p0));
+        assert_eq!(idx.decide(0, 11, 0, &s(&near)), Verdict::Near(p0));
+        assert_eq!(idx.decide(0, 12, 0, &s(&distinct)), Verdict::Keep);
+        let r = idx.report(&["en".into()]).per_lang["en"].clone();
+        assert_eq!((r.documents, r.kept, r.exact, r.near), (8, 4, 2, 2));
+        // Exact mode ignores the near-duplicate, and instruction pairs never get bands.
+        let ex = DedupIndex::new(
+            &DedupConfig {
+                mode: DedupMode::Exact,
+                ..Default::default()
+            },
+            vec![3],
+        );
+        assert!(ex.hasher.signature(&doc(&a)).bands.is_empty());
+        assert_eq!(
+            ex.decide(0, 0, 0, &ex.hasher.signature(&doc(&a))),
+            Verdict::Keep
+        );
+        assert_eq!(
+            ex.decide(0, 1, 0, &ex.hasher.signature(&doc(&near))),
+            Verdict::Keep
+        );
+        let qa = Document {
+            answer_start: Some(3),
+            ..doc(&a)
+        };
+        assert!(h.signature(&qa).bands.is_empty());
+    }
+
+    #[test]
+    fn held_out_documents_block_their_copies() {
+        let mut idx = DedupIndex::new(&near_cfg(), vec![5]);
+        let a = words(300, "h");
+        idx.add_held_out(
+            0,
+            &Document {
+                path: "held.xml".into(),
+                ..doc(&a)
+            },
+        );
+        let v = idx.decide(0, 0, 0, &idx.hasher.signature(&doc(&a)));
+        assert_eq!(v.label(), "heldout");
+        let Verdict::Exact(p) = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(idx.describe(p, &[]).0, "held.xml");
+    }
+
+    #[test]
+    fn snapshot_restores_exactly_the_decisions_after_the_resume_point() {
+        let cfg = near_cfg();
+        let texts: Vec<String> = (0..12).map(|i| words(200, &format!("{}", i % 5))).collect();
+        let run = |idx: &DedupIndex, from: usize| -> Vec<Verdict> {
+            (from..texts.len())
+                .map(|i| idx.decide(0, i as u32, 0, &idx.hasher.signature(&doc(&texts[i]))))
+                .collect()
+        };
+        let whole = DedupIndex::new(&cfg, vec![12]);
+        let all = run(&whole, 0);
+        assert_eq!(all.iter().filter(|v| **v == Verdict::Keep).count(), 5);
+        // The writer ran ahead (all 12 decided) but the checkpoint is at file 7: only entries before it are stored.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(STATE_FILE);
+        whole
+            .write_snapshot(
+                &[LanePosition {
+                    file: 7,
+                    ordinal: 0,
+                }],
+                &p,
+            )
+            .unwrap();
+        let resumed = DedupIndex::new(&cfg, vec![12]);
+        resumed.restore(&p).unwrap();
+        assert_eq!(run(&resumed, 7), all[7..].to_vec());
+        // Without the snapshot the resumed run would keep repeats.
+        let fresh = DedupIndex::new(&cfg, vec![12]);
+        assert_ne!(run(&fresh, 7), all[7..].to_vec());
+        // Other settings are refused, naming the key.
+        let other = DedupIndex::new(
+            &DedupConfig {
+                bands: 10,
+                ..cfg.clone()
+            },
+            vec![12],
+        );
+        let e = other.restore(&p).unwrap_err().to_string();
+        assert!(e.contains("bands = 14") && e.contains("dedup.bands"), "{e}");
+        // A truncated file is an error, not a partial index.
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 5]).unwrap();
+        let e = DedupIndex::new(&cfg, vec![12])
+            .restore(&p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
+    }
+}
