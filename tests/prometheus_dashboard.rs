@@ -564,6 +564,7 @@ fn dashboard_is_consistent() {
         names::LABEL_VERSION,
         names::LABEL_RUN,
         names::LABEL_METRIC,
+        names::LABEL_RESULT,
         "le",
         "job",
         "instance",
@@ -931,6 +932,10 @@ const RUN_FACTS: &[(&str, &str)] = &[
     (
         "Q&A scores of several languages and overall",
         r#"count(lexflow_eval_qa{metric="citation_accuracy"}) >= 3"#,
+    ),
+    (
+        "every document of the corpus through dedup and kept",
+        r#"sum(lexflow_dedup_documents_total{result="kept"}) > 0"#,
     ),
     (
         "trainer steps in a 10 s window",

@@ -852,6 +852,12 @@ pub fn audit_dedup(
                     });
                     if texts {
                         line["text"] = serde_json::Value::String(doc.text.clone());
+                        line["qa"] = serde_json::Value::Bool(doc.answer_start.is_some());
+                        if cfg.dedup.mode == crate::dedup::DedupMode::Near
+                            && doc.answer_start.is_none()
+                        {
+                            line["minhash"] = serde_json::json!(idx.hasher.minhash(&doc.text));
+                        }
                     }
                     writeln!(w, "{line}")?;
                 }
