@@ -747,6 +747,9 @@ fn simulate_a_run(stop: &std::sync::atomic::AtomicBool) {
         for (l, share) in langs {
             m.reader_files.with_label_values(&[l]).inc();
             m.reader_documents.with_label_values(&[l]).inc_by(3);
+            m.dedup_documents.with_label_values(&[l, "kept"]).inc_by(3);
+            m.dedup_documents.with_label_values(&[l, "near"]).inc();
+            m.dedup_dropped_bytes.with_label_values(&[l]).inc_by(100);
             m.tokenizer_tokens.with_label_values(&[l]).inc_by(500);
             m.sampler_tokens
                 .with_label_values(&[l])

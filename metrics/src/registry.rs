@@ -515,6 +515,8 @@ mod tests {
         set_run_labels("test-run");
         m.reader_files.with_label_values(&["en"]).inc();
         m.reader_documents.with_label_values(&["en"]).inc();
+        m.dedup_documents.with_label_values(&["en", "kept"]).inc();
+        m.dedup_dropped_bytes.with_label_values(&["en"]).inc();
         m.tokenizer_tokens.with_label_values(&["en"]).inc();
         m.sampler_tokens.with_label_values(&["en"]).inc();
         m.sampler_target_share.with_label_values(&["en"]).set(0.5);
