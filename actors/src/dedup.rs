@@ -142,6 +142,9 @@ pub struct Signature {
 pub struct MinHasher {
     pub a: Vec<u64>,
     pub b: Vec<u64>,
+    /// Low and high 32 bits of `a`.
+    a_lo: Vec<u32>,
+    a_hi: Vec<u32>,
     pub ngram: usize,
     pub bands: usize,
     pub rows: usize,
@@ -159,6 +162,8 @@ impl MinHasher {
             b.push(rng.gen_range(0..MERSENNE));
         }
         MinHasher {
+            a_lo: a.iter().map(|a| *a as u32).collect(),
+            a_hi: a.iter().map(|a| (*a >> 32) as u32).collect(),
             a,
             b,
             ngram: cfg.ngram,
@@ -170,31 +175,30 @@ impl MinHasher {
 
     /// The `bands × rows` MinHash values of `text` (None: no words).
     pub fn minhash(&self, text: &str) -> Option<Vec<u32>> {
+        // The words, lower-cased and joined by single spaces into one buffer: every n-gram is then a slice of it.
         let lower = text.to_lowercase();
-        let words: Vec<&str> = lower.split_whitespace().collect();
-        if words.is_empty() {
+        let mut joined = String::with_capacity(lower.len());
+        let mut bounds: Vec<(usize, usize)> = Vec::new();
+        for w in lower.split_whitespace() {
+            if !joined.is_empty() {
+                joined.push(' ');
+            }
+            bounds.push((joined.len(), joined.len() + w.len()));
+            joined.push_str(w);
+        }
+        if bounds.is_empty() {
             return None;
         }
-        let mut mins = vec![MAX_HASH; self.a.len()];
-        let n = self.ngram.min(words.len());
-        let mut shingle = String::new();
-        for w in words.windows(n) {
-            shingle.clear();
-            for (i, word) in w.iter().enumerate() {
-                if i > 0 {
-                    shingle.push(' ');
-                }
-                shingle.push_str(word);
-            }
-            let hv = xxh3_64(shingle.as_bytes()) & MAX_HASH;
-            for ((m, a), b) in mins.iter_mut().zip(&self.a).zip(&self.b) {
-                let p = (a.wrapping_mul(hv).wrapping_add(*b) % MERSENNE) & MAX_HASH;
-                if p < *m {
-                    *m = p;
-                }
-            }
-        }
-        Some(mins.into_iter().map(|m| m as u32).collect())
+        let n = self.ngram.min(bounds.len());
+        // MinHash is over the *set* of n-grams: hash each once, drop repeats (legal text repeats many phrases).
+        let mut hashes: Vec<u32> = (0..=bounds.len() - n)
+            .map(|i| xxh3_64(&joined.as_bytes()[bounds[i].0..bounds[i + n - 1].1]) as u32)
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        let mut mins = vec![MAX_HASH as u32; self.a.len()];
+        permute(&mut mins, &self.a_lo, &self.a_hi, &self.b, &hashes);
+        Some(mins)
     }
 
     /// The keys of a document. Near-duplicate bands only for ordinary documents, not instruction pairs.
@@ -219,6 +223,47 @@ impl MinHasher {
             })
             .collect()
     }
+}
+
+/// Folds the n-gram hashes into the MinHash values, with AVX2 where the CPU has it (the same arithmetic; the portable
+/// build targets SSE2, which has no vector 64-bit compare or 32-bit min).
+fn permute(mins: &mut [u32], lo: &[u32], hi: &[u32], b: &[u64], hashes: &[u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        unsafe { permute_avx2(mins, lo, hi, b, hashes) };
+        return;
+    }
+    permute_portable(mins, lo, hi, b, hashes)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn permute_avx2(mins: &mut [u32], lo: &[u32], hi: &[u32], b: &[u64], hashes: &[u32]) {
+    permute_portable(mins, lo, hi, b, hashes)
+}
+
+#[inline(always)]
+fn permute_portable(mins: &mut [u32], lo: &[u32], hi: &[u32], b: &[u64], hashes: &[u32]) {
+    let k = mins.len();
+    let (lo, hi, b) = (&lo[..k], &hi[..k], &b[..k]);
+    for &h in hashes {
+        let hv = h as u64;
+        for j in 0..k {
+            // datasketch: (a·hv + b) mod (2^61 − 1) in wrapping u64 arithmetic, then the low 32 bits. hv < 2^32, so
+            // a·hv = lo·hv + (hi·hv << 32): two 32×32→64 products, which vector units multiply.
+            let ahv = (lo[j] as u64 * hv).wrapping_add((hi[j] as u64 * hv) << 32);
+            let p = (mod_mersenne(ahv.wrapping_add(b[j])) & MAX_HASH) as u32;
+            mins[j] = mins[j].min(p);
+        }
+    }
+}
+
+/// `x mod (2^61 − 1)` without a division (branch-free, so the permutation loop vectorizes).
+#[inline(always)]
+fn mod_mersenne(x: u64) -> u64 {
+    let r = (x & MERSENNE) + (x >> 61);
+    r - MERSENNE * u64::from(r >= MERSENNE)
 }
 
 /// Where a key was first seen: a lane position (first epoch), or a held-out document.
@@ -593,6 +638,27 @@ mod tests {
                 (agree - j).abs() < 0.09,
                 "cut {cut}: jaccard {j}, minhash {agree}"
             );
+        }
+    }
+
+    #[test]
+    fn mersenne_reduction_is_the_remainder() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..100_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            assert_eq!(mod_mersenne(x), x % MERSENNE, "{x}");
+        }
+        for x in [
+            0,
+            MERSENNE - 1,
+            MERSENNE,
+            MERSENNE + 1,
+            2 * MERSENNE,
+            u64::MAX,
+        ] {
+            assert_eq!(mod_mersenne(x), x % MERSENNE, "{x}");
         }
     }
 
