@@ -6,7 +6,8 @@ The reference decides with the same streaming rule — per language, in order: a
 one's is an exact duplicate; else one that shares an LSH band with a kept one (datasketch MinHashLSH.query) is a
 near duplicate; else it is kept and inserted — and with datasketch's MinHash ("legacy" scheme: (a*h + b) mod
 (2^61 - 1), low 32 bits) fed lexflow's shingles (lower-cased text, split on Unicode white space, n words joined by
-one space) hashed with xxh3-64 (low 32 bits), and the permutations lexflow drew.
+one space) hashed with xxh3-64 (low 32 bits), and the permutations lexflow drew; a band match counts only when
+MinHash.jaccard reaches dedup.threshold, and the document repeated is the earliest such one.
 
 Prints a JSON summary; exits 1 on any difference (MinHash values or verdicts).
 Usage: python scripts/dedup_ref.py F.jsonl
@@ -45,12 +46,13 @@ def main(path):
         head = json.loads(f.readline())["minhash"]
         docs = [json.loads(line) for line in f]
     near = head["mode"] == "near"
-    bands, rows, n = head["bands"], head["rows"], head["ngram"]
+    bands, rows, n, threshold = head["bands"], head["rows"], head["ngram"], head["threshold"]
     perms = (np.array(head["a"], dtype=np.uint64), np.array(head["b"], dtype=np.uint64))
     if head["held_out_documents"]:
         sys.exit("the reference does not model held-out documents: audit a config without them")
     exact_seen = {}
     lsh = {}
+    kept_minhash = {}
     mismatches = []
     counts = {}
     minhash_checked = 0
@@ -75,13 +77,19 @@ def main(path):
                 index = lsh.setdefault(
                     lang, MinHashLSH(num_perm=bands * rows, params=(bands, rows))
                 )
-                if index.query(m):
+                # Candidates share a band; a duplicate is one whose estimated Jaccard reaches the threshold.
+                similar = [int(c) for c in index.query(m) if m.jaccard(kept_minhash[c]) >= threshold]
+                if similar:
                     verdict = "near"
+                    of = docs[min(similar)]
+                    if (of["path"], of["ordinal"]) != (d["of_path"], d["of_ordinal"]):
+                        mismatches.append({"doc": i, "path": d["path"], "what": "of", "lexflow": [d["of_path"], d["of_ordinal"]], "datasketch": [of["path"], of["ordinal"]]})
         if verdict is None:
             verdict = "kept"
             exact_seen[lang].add(key)
             if m is not None:
                 lsh[lang].insert(str(i), m)
+                kept_minhash[str(i)] = m
         counts[verdict] = counts.get(verdict, 0) + 1
         if verdict != d["verdict"]:
             mismatches.append(

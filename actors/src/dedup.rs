@@ -68,6 +68,11 @@ pub struct DedupConfig {
     pub bands: usize,
     #[serde(default = "default_rows")]
     pub rows: usize,
+    /// Near mode: documents sharing an LSH band are duplicates only when their estimated Jaccard similarity (share
+    /// of equal MinHash values) is at least this. Parallel acts (the three European Supervisory Authorities'
+    /// founding regulations: 0.72–0.84) are different law; copies and successive versions of one act are not.
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
     /// Seed of the MinHash permutations (not `run.seed`: changing the run's seed must not change what is dropped).
     #[serde(default = "default_seed")]
     pub seed: u64,
@@ -88,6 +93,9 @@ fn default_rows() -> usize {
 fn default_seed() -> u64 {
     42
 }
+fn default_threshold() -> f64 {
+    0.9
+}
 fn default_true() -> bool {
     true
 }
@@ -99,6 +107,7 @@ impl Default for DedupConfig {
             ngram: default_ngram(),
             bands: default_bands(),
             rows: default_rows(),
+            threshold: default_threshold(),
             seed: default_seed(),
             against_heldout: true,
         }
@@ -125,6 +134,15 @@ impl DedupConfig {
                 ),
             ));
         }
+        if !(self.threshold.is_finite() && self.threshold > 0.0 && self.threshold <= 1.0) {
+            e.push((
+                "dedup.threshold",
+                format!(
+                    "{} must be in (0, 1] (an estimated Jaccard similarity)",
+                    self.threshold
+                ),
+            ));
+        }
         e
     }
 }
@@ -134,6 +152,9 @@ impl DedupConfig {
 pub struct Signature {
     pub exact: u128,
     pub bands: Vec<u128>,
+    /// The MinHash values (near mode, ordinary documents): a band match is a duplicate only if the share of equal
+    /// values (the estimated Jaccard similarity) reaches `dedup.threshold`.
+    pub minhash: Option<Box<[u32]>>,
 }
 
 /// MinHash with `datasketch`'s arithmetic and our own shingling (lower-cased text, split on Unicode white space,
@@ -204,14 +225,18 @@ impl MinHasher {
     /// The keys of a document. Near-duplicate bands only for ordinary documents, not instruction pairs.
     pub fn signature(&self, doc: &Document) -> Signature {
         let exact = xxh3_128_with_seed(doc.text.as_bytes(), 0);
-        let bands = match (self.near, doc.answer_start) {
-            (true, None) => self
-                .minhash(&doc.text)
-                .map(|m| self.band_keys(&m))
-                .unwrap_or_default(),
-            _ => Vec::new(),
+        let minhash = match (self.near, doc.answer_start) {
+            (true, None) => self.minhash(&doc.text),
+            _ => None,
         };
-        Signature { exact, bands }
+        Signature {
+            exact,
+            bands: minhash
+                .as_deref()
+                .map(|m| self.band_keys(m))
+                .unwrap_or_default(),
+            minhash: minhash.map(Vec::into_boxed_slice),
+        }
     }
 
     fn band_keys(&self, mins: &[u32]) -> Vec<u128> {
@@ -325,7 +350,12 @@ pub struct DedupReport {
 
 #[derive(Debug, Default)]
 struct LaneIndex {
+    /// Key → the first kept (or held-out) document that has it.
     map: HashMap<u128, Pos>,
+    /// Band key → the other kept documents that have it (similar below the threshold: rare).
+    more: HashMap<u128, Vec<Pos>>,
+    /// MinHash values of kept and held-out documents (near mode), for the similarity check.
+    minhashes: HashMap<Pos, Box<[u32]>>,
     report: LaneReport,
 }
 
@@ -334,21 +364,67 @@ fn blocks(first: Pos, at: Pos) -> bool {
     first.held() || first < at
 }
 
+/// Share of equal MinHash values: datasketch's `MinHash.jaccard`.
+pub fn similarity(a: &[u32], b: &[u32]) -> f64 {
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    same as f64 / a.len().max(1) as f64
+}
+
 impl LaneIndex {
-    fn decide(&mut self, at: Pos, sig: &Signature) -> Verdict {
+    fn decide(&mut self, at: Pos, sig: &Signature, threshold: f64) -> Verdict {
         if let Some(p) = self.map.get(&sig.exact).copied().filter(|p| blocks(*p, at)) {
             return Verdict::Exact(p);
         }
-        for k in &sig.bands {
-            if let Some(p) = self.map.get(k).copied().filter(|p| blocks(*p, at)) {
-                return Verdict::Near(p);
+        if let Some(mine) = &sig.minhash {
+            // Every earlier kept (or held-out) document sharing a band, in position order; the first similar enough.
+            let mut cands: Vec<Pos> = sig
+                .bands
+                .iter()
+                .flat_map(|k| {
+                    self.map
+                        .get(k)
+                        .into_iter()
+                        .chain(self.more.get(k).into_iter().flatten())
+                })
+                .copied()
+                .filter(|p| blocks(*p, at))
+                .collect();
+            cands.sort_unstable_by_key(|p| (!p.held(), *p));
+            cands.dedup();
+            for p in cands {
+                if self
+                    .minhashes
+                    .get(&p)
+                    .is_some_and(|theirs| similarity(mine, theirs) >= threshold)
+                {
+                    return Verdict::Near(p);
+                }
             }
         }
-        // Kept: its keys point here (a later epoch finds them pointing at itself, which does not block).
-        for k in std::iter::once(&sig.exact).chain(&sig.bands) {
-            self.map.entry(*k).or_insert(at);
-        }
+        self.insert(at, sig);
         Verdict::Keep
+    }
+
+    /// Kept: its keys lead here (a later epoch finds itself among them, which does not block).
+    fn insert(&mut self, at: Pos, sig: &Signature) {
+        self.map.entry(sig.exact).or_insert(at);
+        for k in &sig.bands {
+            match self.map.entry(*k) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(at);
+                }
+                std::collections::hash_map::Entry::Occupied(e) if *e.get() != at => {
+                    let v = self.more.entry(*k).or_default();
+                    if !v.contains(&at) {
+                        v.push(at);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(m) = &sig.minhash {
+            self.minhashes.entry(at).or_insert_with(|| m.clone());
+        }
     }
 }
 
@@ -403,10 +479,10 @@ impl DedupIndex {
             ordinal: self.held_paths.len() as u32,
         };
         self.held_paths.push(doc.path.clone());
-        let mut l = self.lanes[lane].lock().expect("dedup lane lock");
-        for k in std::iter::once(&sig.exact).chain(&sig.bands) {
-            l.map.entry(*k).or_insert(at);
-        }
+        self.lanes[lane]
+            .lock()
+            .expect("dedup lane lock")
+            .insert(at, &sig);
     }
 
     pub fn held_out_documents(&self) -> usize {
@@ -421,7 +497,7 @@ impl DedupIndex {
             ordinal,
         };
         let mut l = self.lanes[lane].lock().expect("dedup lane lock");
-        let v = l.decide(at, sig);
+        let v = l.decide(at, sig, self.cfg.threshold);
         l.report.documents += 1;
         match v.label() {
             "kept" => l.report.kept += 1,
@@ -477,39 +553,62 @@ impl DedupIndex {
             "ngram": self.cfg.ngram,
             "bands": self.cfg.bands,
             "rows": self.cfg.rows,
+            "threshold": self.cfg.threshold,
             "seed": self.cfg.seed,
             "lanes": self.lane_files,
         })
     }
 
-    /// Writes the entries a run resumed at `lanes` needs: per lane, the keys first seen before its position (all of
-    /// them once the lane is past its first epoch). Held-out entries are rebuilt from the config, not stored.
+    /// Writes the entries a run resumed at `lanes` needs: per lane, the keys and MinHash values of documents before
+    /// its position (all of them once the lane is past its first epoch). Held-out entries are rebuilt from the
+    /// config, not stored. Sorted, so the bytes depend only on the position.
     pub fn write_snapshot(&self, lanes: &[LanePosition], path: &Path) -> std::io::Result<()> {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
         let header = serde_json::to_vec(&self.params()).expect("params are JSON");
         out.extend_from_slice(&(header.len() as u32).to_le_bytes());
         out.extend_from_slice(&header);
+        let k = self.cfg.bands * self.cfg.rows;
         for (i, l) in self.lanes.iter().enumerate() {
             let end = lanes.get(i).copied().unwrap_or_default();
             let end = Pos {
                 file: end.file,
                 ordinal: end.ordinal,
             };
-            let mut entries: Vec<(u128, Pos)> = {
-                let g = l.lock().expect("dedup lane lock");
-                g.map
-                    .iter()
-                    .filter(|(_, p)| !p.held() && *p < &end)
-                    .map(|(k, p)| (*k, *p))
-                    .collect()
-            };
-            entries.sort_unstable();
-            out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-            for (k, p) in entries {
-                out.extend_from_slice(&k.to_le_bytes());
+            let before = |p: &Pos| !p.held() && *p < end;
+            let g = l.lock().expect("dedup lane lock");
+            let mut keys: Vec<(u128, Pos)> = g
+                .map
+                .iter()
+                .map(|(k, p)| (*k, *p))
+                .chain(
+                    g.more
+                        .iter()
+                        .flat_map(|(k, v)| v.iter().map(move |p| (*k, *p))),
+                )
+                .filter(|(_, p)| before(p))
+                .collect();
+            keys.sort_unstable();
+            let mut mins: Vec<(Pos, &[u32])> = g
+                .minhashes
+                .iter()
+                .filter(|(p, m)| before(p) && m.len() == k)
+                .map(|(p, m)| (*p, &m[..]))
+                .collect();
+            mins.sort_unstable();
+            out.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+            for (key, p) in keys {
+                out.extend_from_slice(&key.to_le_bytes());
                 out.extend_from_slice(&p.file.to_le_bytes());
                 out.extend_from_slice(&p.ordinal.to_le_bytes());
+            }
+            out.extend_from_slice(&(mins.len() as u64).to_le_bytes());
+            for (p, m) in mins {
+                out.extend_from_slice(&p.file.to_le_bytes());
+                out.extend_from_slice(&p.ordinal.to_le_bytes());
+                for v in m {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
             }
         }
         let mut f = std::fs::File::create(path)?;
@@ -535,7 +634,15 @@ impl DedupIndex {
             .ok_or_else(|| bad("truncated header"))
             .and_then(|h| serde_json::from_slice(h).map_err(|e| bad(&e.to_string())))?;
         let now = self.params();
-        for key in ["mode", "ngram", "bands", "rows", "seed", "lanes"] {
+        for key in [
+            "mode",
+            "ngram",
+            "bands",
+            "rows",
+            "threshold",
+            "seed",
+            "lanes",
+        ] {
             if header.get(key) != now.get(key) {
                 anyhow::bail!(
                     "{}: the checkpoint was deduplicated with {key} = {} but the config now says {} \
@@ -546,25 +653,46 @@ impl DedupIndex {
                 );
             }
         }
+        let k = self.cfg.bands * self.cfg.rows;
         let mut at = 12 + hlen;
+        let mut take = |n: usize| -> anyhow::Result<&[u8]> {
+            let b = bytes.get(at..at + n).ok_or_else(|| bad("truncated"))?;
+            at += n;
+            Ok(b)
+        };
+        let u32_at =
+            |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         for l in &self.lanes {
-            let n = bytes
-                .get(at..at + 8)
-                .ok_or_else(|| bad("truncated"))
-                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))?
-                as usize;
-            at += 8;
-            let body = bytes
-                .get(at..at + n * 24)
-                .ok_or_else(|| bad("truncated entries"))?;
-            at += n * 24;
             let mut g = l.lock().expect("dedup lane lock");
-            g.map.reserve(n);
-            for e in body.chunks_exact(24) {
-                let k = u128::from_le_bytes(e[..16].try_into().expect("16 bytes"));
-                let file = u32::from_le_bytes(e[16..20].try_into().expect("4 bytes"));
-                let ordinal = u32::from_le_bytes(e[20..24].try_into().expect("4 bytes"));
-                g.map.entry(k).or_insert(Pos { file, ordinal });
+            let n = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")) as usize;
+            for e in take(n.checked_mul(24).ok_or_else(|| bad("corrupt count"))?)?.chunks_exact(24)
+            {
+                let key = u128::from_le_bytes(e[..16].try_into().expect("16 bytes"));
+                let p = Pos {
+                    file: u32_at(e, 16),
+                    ordinal: u32_at(e, 20),
+                };
+                // Sorted by (key, position): the first of a key is its first document.
+                match g.map.entry(key) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(p);
+                    }
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        g.more.entry(key).or_default().push(p)
+                    }
+                }
+            }
+            let n = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")) as usize;
+            let rec = 8 + 4 * k;
+            for e in
+                take(n.checked_mul(rec).ok_or_else(|| bad("corrupt count"))?)?.chunks_exact(rec)
+            {
+                let p = Pos {
+                    file: u32_at(e, 0),
+                    ordinal: u32_at(e, 4),
+                };
+                let m: Box<[u32]> = (0..k).map(|j| u32_at(e, 8 + 4 * j)).collect();
+                g.minhashes.insert(p, m);
             }
         }
         if at != bytes.len() {
@@ -709,6 +837,90 @@ mod tests {
             ..doc(&a)
         };
         assert!(h.signature(&qa).bands.is_empty());
+    }
+
+    #[test]
+    fn band_matches_below_the_threshold_are_kept_and_still_found_later() {
+        // Few bands of few rows: documents at similarity ~0.8 share a band almost surely.
+        let cfg = DedupConfig {
+            bands: 20,
+            rows: 2,
+            ..near_cfg()
+        };
+        let idx = DedupIndex::new(&cfg, vec![10]);
+        let s = |t: &str| idx.hasher.signature(&doc(t));
+        let a = words(600, "a");
+        // ~10% of the words replaced: n-gram Jaccard far below 0.9.
+        let b: String = a
+            .split(' ')
+            .enumerate()
+            .map(|(i, w)| {
+                if i % 10 == 0 {
+                    format!("x{i}")
+                } else {
+                    w.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        let (sa, sb) = (s(&a), s(&b));
+        let sim = similarity(
+            sa.minhash.as_deref().unwrap(),
+            sb.minhash.as_deref().unwrap(),
+        );
+        assert!(sim < 0.9 && sim > 0.2, "{sim}");
+        assert!(
+            sa.bands.iter().any(|k| sb.bands.contains(k)),
+            "the test needs a shared band"
+        );
+        assert_eq!(idx.decide(0, 0, 0, &sa), Verdict::Keep);
+        assert_eq!(idx.decide(0, 1, 0, &sb), Verdict::Keep);
+        // A copy of the second is found through the second, although the first holds the shared bands.
+        let mut b2 = b.clone();
+        b2.push_str(" end");
+        assert_eq!(
+            idx.decide(0, 2, 0, &s(&b2)),
+            Verdict::Near(Pos {
+                file: 1,
+                ordinal: 0
+            })
+        );
+        // Lowering the threshold below their similarity makes the second a duplicate of the first.
+        let low = DedupIndex::new(
+            &DedupConfig {
+                threshold: sim * 0.9,
+                ..cfg
+            },
+            vec![10],
+        );
+        assert_eq!(low.decide(0, 0, 0, &sa), Verdict::Keep);
+        assert_eq!(
+            low.decide(0, 1, 0, &sb),
+            Verdict::Near(Pos {
+                file: 0,
+                ordinal: 0
+            })
+        );
+        // The snapshot keeps the second document's MinHash and its share of the bands.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(STATE_FILE);
+        idx.write_snapshot(
+            &[LanePosition {
+                file: 2,
+                ordinal: 0,
+            }],
+            &p,
+        )
+        .unwrap();
+        let resumed = DedupIndex::new(&idx.cfg, vec![10]);
+        resumed.restore(&p).unwrap();
+        assert_eq!(
+            resumed.decide(0, 2, 0, &s(&b2)),
+            Verdict::Near(Pos {
+                file: 1,
+                ordinal: 0
+            })
+        );
     }
 
     #[test]

@@ -818,6 +818,7 @@ pub fn audit_dedup(
         let h = &idx.hasher;
         let line = serde_json::json!({"minhash": {
             "ngram": h.ngram, "bands": h.bands, "rows": h.rows, "a": h.a, "b": h.b,
+            "threshold": cfg.dedup.threshold,
             "mode": cfg.dedup.mode, "held_out_documents": idx.held_out_documents(),
         }});
         writeln!(w, "{line}")?;
