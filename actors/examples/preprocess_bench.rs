@@ -89,6 +89,7 @@ fn main() -> anyhow::Result<()> {
                     lane: 0,
                     file: i as u32,
                     docs,
+                    signatures: Vec::new(),
                 });
                 let r = FileResult {
                     docs: out.docs.len(),
