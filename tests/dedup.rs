@@ -449,6 +449,37 @@ fn a_resumed_run_drops_what_the_whole_run_drops_in_every_epoch() {
         }
     }
     assert!(pieces > 0);
+    // Replaying the last steps starts from a checkpoint (step 40) and its dedup.bin: the same sequences.
+    let tail = tmp.path().join("tail.jsonl");
+    ok(&[
+        "replay",
+        ckpt.to_str().unwrap(),
+        "--steps",
+        &format!("41..={steps}"),
+        "--out",
+        tail.to_str().unwrap(),
+    ]);
+    let whole_records = lines(&whole.join("steps.jsonl"));
+    let mut checked = 0;
+    for s in lines(&tail) {
+        let rec = whole_records
+            .iter()
+            .find(|r| r["step"] == s["step"])
+            .unwrap();
+        let trained: Vec<&str> = rec["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x[1].as_str().unwrap())
+            .collect();
+        assert!(
+            trained.contains(&s["hash"].as_str().unwrap()),
+            "step {}",
+            s["step"]
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 2 * (steps - 40) as usize);
     // Cut at step 12 (the original is behind, the copies ahead: only the checkpoint's dedup state knows the
     // original) and at step 35 (second epoch), resumed: the same batches as the whole run, bit for bit.
     let whole_hashes = step_hashes(&whole);

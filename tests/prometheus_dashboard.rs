@@ -886,6 +886,7 @@ fn set_toml_key(text: &str, section: &str, key: &str, value: &str) -> String {
 /// `tokenizer.*` are per language lane.
 const REQUIRED_STAGES: &[&str] = &[
     "reader.en",
+    "dedup.en",
     "tokenizer.en",
     "sampler",
     "packer",

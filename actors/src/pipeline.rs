@@ -949,6 +949,7 @@ fn run_dedup(
 ) -> Result<(), lexflow_dataflow::ActorError> {
     use std::io::Write;
     let am = lexflow_metrics::actor(&format!("dedup.{lang}"));
+    let lat = lexflow_metrics::latency(&format!("dedup.{lang}"));
     let m = lexflow_metrics::global();
     for label in ["kept", "exact", "near", "heldout"] {
         m.dedup_documents.with_label_values(&[lang, label]);
@@ -999,6 +1000,7 @@ fn run_dedup(
         am.items_in.inc();
         am.items_out.inc();
         am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
+        lat.record(t.elapsed());
         if tx.send(b).is_err() {
             return Ok(());
         }

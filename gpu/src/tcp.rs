@@ -195,8 +195,16 @@ impl TcpCollective {
     }
 
     fn io_err(&self, peer: usize, what: &str, e: std::io::Error) -> GpuError {
-        let message = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            format!("rank {peer} closed its connection during {what} (it failed or stopped: see its log)")
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        // A peer that exits closes with a FIN (EOF here); one killed with unread data in its socket resets the
+        // connection instead (ECONNRESET, or EPIPE on our next send). Both mean the same to the user.
+        let message = if matches!(
+            e.kind(),
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+        ) {
+            format!(
+                "rank {peer} closed its connection during {what} (it failed or stopped: see its log; {e})"
+            )
         } else {
             format!("{what} with rank {peer}: {e}")
         };
@@ -466,6 +474,29 @@ mod tests {
         let mut t = Tensor::ones([4], (Kind::Float, Device::Cpu));
         let e = r0.all_reduce_sum(&mut t).unwrap_err().to_string();
         assert!(e.contains("rank 1 closed its connection"), "{e}");
+    }
+
+    #[test]
+    fn a_reset_connection_names_the_peer_like_a_closed_one() {
+        // A peer killed with unread data in its socket resets the connection instead of closing it (seen in
+        // `tests/multi_process.rs`: "Connection reset by peer"); the user must read the same diagnosis.
+        let g = group(2);
+        for kind in [
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::ConnectionAborted,
+            std::io::ErrorKind::BrokenPipe,
+        ] {
+            let e = g[0].io_err(1, "receive", kind.into()).to_string();
+            assert!(
+                e.contains("rank 1 closed its connection during receive"),
+                "{kind:?}: {e}"
+            );
+        }
+        let e = g[0]
+            .io_err(1, "receive", std::io::ErrorKind::TimedOut.into())
+            .to_string();
+        assert!(!e.contains("closed its connection"), "{e}");
     }
 
     #[test]
