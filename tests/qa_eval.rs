@@ -171,6 +171,24 @@ fn qa_build_and_eval_on_the_real_corpus() {
         "train and eval overlap"
     );
     assert_eq!(ids(&train).len(), train.len(), "duplicate ids");
+    // No cited provision is on both sides in any language or question kind: the answer (its citation) is the same
+    // across languages and kinds, so a straddling article would leak eval answers into training.
+    let provisions = |v: &[serde_json::Value]| -> HashSet<(String, String)> {
+        v.iter()
+            .map(|p| {
+                (
+                    p["celex"].as_str().unwrap().to_string(),
+                    p["article"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let (pt, pe) = (provisions(&train), provisions(&eval));
+    let both: Vec<_> = pt.intersection(&pe).collect();
+    assert!(both.is_empty(), "provisions in train and eval: {both:?}");
+    // …and the eval side still has several languages of the same provisions (the split is by provision only).
+    let eval_langs: HashSet<&str> = eval.iter().map(|p| p["lang"].as_str().unwrap()).collect();
+    assert!(eval_langs.len() >= 3, "{eval_langs:?}");
     for p in train.iter().chain(&eval) {
         let c = &p["citations"][0];
         let tag = format!(
@@ -478,7 +496,7 @@ fn qa_build_and_eval_on_the_real_corpus() {
     );
 }
 
-/// An SFT run cut after step 3 and resumed trains exactly what an uninterrupted run trains (batches, loss bits, final
+/// An SFT run cut (at a step whose carry-over holds a prompt) and resumed trains exactly what an uninterrupted run trains (batches, loss bits, final
 /// weights): re-reading the Q&A files on resume re-derives the same documents, prompt boundaries and masks. The
 /// resume point's carry-over holds a pair's prompt, so its `loss_from` goes through the checkpoint (with this config
 /// that carried sequence is the last one already trained, so the restored mask itself is not exercised here).
@@ -511,24 +529,33 @@ fn sft_run_cut_and_resumed_is_bit_identical() {
     };
     let whole = tmp.path().join("whole");
     run(&config(&whole, 12), false);
-    let cut = tmp.path().join("cut");
-    run(&config(&cut, 3), false);
-    // The resume point holds an open sequence with the prompt part of a pair (else this test would prove nothing).
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(cut.join("checkpoints/step-000003/data_state.json")).unwrap(),
-    )
-    .unwrap();
-    let prompt_pieces = state["packer"]["open"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|o| o["pieces"].as_array().unwrap().iter())
-        .filter(|p| p["start"].as_u64() < p["loss_from"].as_u64())
-        .count();
-    assert!(
-        prompt_pieces > 0,
-        "no prompt inside the open sequences: {state}"
-    );
+    // The resume point must hold an open sequence with the prompt part of a pair (else this test would prove
+    // nothing): cut at the first step, from 3 on, whose checkpoint has one.
+    let prompt_pieces = |state: &serde_json::Value| -> usize {
+        state["packer"]["open"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|o| o["pieces"].as_array().unwrap().iter())
+            .filter(|p| p["start"].as_u64() < p["loss_from"].as_u64())
+            .count()
+    };
+    let mut found = None;
+    for at in 3..=8u64 {
+        let d = tmp.path().join(format!("cut{at}"));
+        run(&config(&d, at), false);
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(d.join(format!("checkpoints/step-{at:06}/data_state.json")))
+                .unwrap(),
+        )
+        .unwrap();
+        if prompt_pieces(&state) > 0 {
+            found = Some(d);
+            break;
+        }
+    }
+    let cut =
+        found.expect("no cut between steps 3 and 8 leaves a prompt inside the open sequences");
     run(&config(&cut, 12), true);
     let (w, c) = (read_step_records(&whole), read_step_records(&cut));
     assert_eq!(w.len(), 12);

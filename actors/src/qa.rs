@@ -12,8 +12,10 @@
 //!
 //! Every answer ends with a machine-checkable citation `[CELEX 32016R0679, Art. 5]` ([`format_citation`]), which is
 //! what `lexflow qa eval` checks (citation accuracy, hallucinated citations). Pairs are split into `train/<lang>.jsonl`
-//! (one file per language: the input of an SFT run, one sampler lane each) and `eval.jsonl` by a hash of (CELEX, article, language, kind) — stable whatever the input order or file set — so an
-//! article's pairs in one language never straddle the split. `citations.json` indexes every (CELEX, article) the
+//! (one file per language: the input of an SFT run, one sampler lane each) and `eval.jsonl` by a hash of the cited
+//! provision (CELEX, article) — stable whatever the input order or file set. Every language and question kind of a
+//! provision lands on the same side: the answer's citation is the same in all of them, so a provision trained in
+//! French and evaluated in English would leak the eval answer into training. `citations.json` indexes every (CELEX, article) the
 //! corpus contains (the reference for "does this cited article exist"), `summary.json` counts pairs and everything
 //! skipped, by reason. Files that fail to parse are reported with path, offset and reason and skipped; the others
 //! still produce their pairs.
@@ -480,7 +482,13 @@ pub fn pairs_for_document(
     out
 }
 
-/// Deterministic split: eval when the hash of the id falls under `fraction`.
+/// What the train/eval split hashes: the cited provision, so that every language and question kind of an article is
+/// on one side.
+pub fn split_key(p: &QaPair) -> String {
+    format!("{}:{}", p.celex, p.article)
+}
+
+/// Deterministic split: eval when the hash of the key falls under `fraction`.
 pub fn is_eval(id: &str, fraction: f64) -> bool {
     let h = Sha256::digest(id.as_bytes());
     let v = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
@@ -611,7 +619,7 @@ impl PairWriter {
     fn write(&mut self, p: &QaPair, summary: &mut BuildSummary) -> anyhow::Result<()> {
         bump(&mut summary.pairs, format!("{}/{}", p.lang, p.kind));
         let line = serde_json::to_string(p).expect("pair is JSON");
-        let ((path, w), n) = if is_eval(&p.id, self.eval_fraction) {
+        let ((path, w), n) = if is_eval(&split_key(p), self.eval_fraction) {
             (&mut self.eval, &mut summary.eval)
         } else {
             if !self.train.contains_key(&p.lang) {
