@@ -51,6 +51,44 @@ pub struct RunStats {
     pub outcome: String,
 }
 
+/// The `train` line of the summary: steps, loss from first to last step, throughput, data wait, last checkpoint
+/// (the whole report is in `stats.json`).
+fn train_line(t: &serde_json::Value) -> String {
+    let f = |k: &str| t.get(k).and_then(|v| v.as_f64());
+    let losses: Vec<f64> = t
+        .get("losses")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+        .unwrap_or_default();
+    let mut line = format!("  train      {} steps", t["steps"]);
+    if let Some(r) = t.get("resumed_from_step").and_then(|v| v.as_u64()) {
+        line += &format!(" (resumed from step {r})");
+    }
+    if let (Some(a), Some(b)) = (losses.first(), losses.last()) {
+        line += &format!(", loss {a:.4} → {b:.4}");
+    }
+    if let Some(tps) = f("tokens_per_second") {
+        line += &format!(", {tps:.0} tokens/s");
+    }
+    let wait: Vec<f64> = t
+        .get("data_wait_fraction")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+        .unwrap_or_default();
+    if let Some(w) = wait.iter().cloned().reduce(f64::max) {
+        line += &format!(", data wait ≤ {:.3}% of step time", w * 100.0);
+    }
+    if let Some(c) = t
+        .get("checkpoints")
+        .and_then(|v| v.as_array())
+        .and_then(|a| a.last())
+        .and_then(|c| c.as_str())
+    {
+        line += &format!(", last checkpoint {c}");
+    }
+    line
+}
+
 impl RunStats {
     pub fn summary(&self) -> String {
         let mut s = String::new();
@@ -75,10 +113,11 @@ impl RunStats {
         if let Some(d) = &self.dedup {
             let sum =
                 |f: fn(&crate::dedup::LaneReport) -> u64| d.per_lang.values().map(f).sum::<u64>();
+            let mode = serde_json::to_value(d.mode.unwrap_or_default()).unwrap_or_default();
             let _ = writeln!(
                 s,
-                "  dedup      {:?}: {} documents, {} kept, {} exact, {} near, {} repeat held-out documents ({} bytes dropped)",
-                d.mode.unwrap_or_default(),
+                "  dedup      {}: {} documents, {} kept, dropped {} exact, {} near and {} held-out repeats ({} bytes)",
+                mode.as_str().unwrap_or("?"),
                 sum(|l| l.documents),
                 sum(|l| l.kept),
                 sum(|l| l.exact),
@@ -119,7 +158,7 @@ impl RunStats {
             self.shards.sequences_skipped_on_resume
         );
         if let Some(t) = &self.train {
-            let _ = writeln!(s, "  train      {}", t);
+            let _ = writeln!(s, "{}", train_line(t));
             let last = t
                 .get("evals")
                 .and_then(|e| e.as_array())
@@ -166,5 +205,31 @@ impl RunStats {
             self.preprocess_tokens_per_second
         );
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_line_reads_the_trainer_report() {
+        // Built from the real report type: a renamed field breaks this test, not the summary silently.
+        let report = crate::trainer::TrainReport {
+            steps: 12,
+            final_loss: 2.5,
+            losses: vec![3.25, 2.75, 2.5],
+            tokens_per_second: 1234.4,
+            data_wait_fraction: vec![0.001, 0.02],
+            checkpoints: vec!["runs/x/step-10".into(), "runs/x/step-12".into()],
+            resumed_from_step: Some(9),
+            evals: Vec::new(),
+        };
+        let line = train_line(&serde_json::to_value(&report).unwrap());
+        assert_eq!(
+            line,
+            "  train      12 steps (resumed from step 9), loss 3.2500 → 2.5000, 1234 tokens/s, \
+             data wait ≤ 2.000% of step time, last checkpoint runs/x/step-12"
+        );
     }
 }
