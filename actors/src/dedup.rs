@@ -630,7 +630,7 @@ impl DedupIndex {
         }
         let hlen = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
         let header: serde_json::Value = bytes
-            .get(12..12 + hlen)
+            .get(12..12usize.saturating_add(hlen))
             .ok_or_else(|| bad("truncated header"))
             .and_then(|h| serde_json::from_slice(h).map_err(|e| bad(&e.to_string())))?;
         let now = self.params();
@@ -654,10 +654,11 @@ impl DedupIndex {
             }
         }
         let k = self.cfg.bands * self.cfg.rows;
-        let mut at = 12 + hlen;
+        let mut at = 12usize.saturating_add(hlen);
         let mut take = |n: usize| -> anyhow::Result<&[u8]> {
-            let b = bytes.get(at..at + n).ok_or_else(|| bad("truncated"))?;
-            at += n;
+            let end = at.checked_add(n).ok_or_else(|| bad("corrupt count"))?;
+            let b = bytes.get(at..end).ok_or_else(|| bad("truncated"))?;
+            at = end;
             Ok(b)
         };
         let u32_at =
@@ -766,6 +767,35 @@ mod tests {
                 (agree - j).abs() < 0.09,
                 "cut {cut}: jaccard {j}, minhash {agree}"
             );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        /// A damaged `dedup.bin` (bytes flipped, cut, extended) is an error or a valid index, never a panic.
+        #[test]
+        fn damaged_snapshots_never_panic(
+            cut in 0usize..4000,
+            flips in proptest::collection::vec((0usize..4000, proptest::prelude::any::<u8>()), 0..6),
+            extra in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            let cfg = near_cfg();
+            let idx = DedupIndex::new(&cfg, vec![4]);
+            for i in 0..4u32 {
+                idx.decide(0, i, 0, &idx.hasher.signature(&doc(&words(50, &i.to_string()))));
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join(STATE_FILE);
+            idx.write_snapshot(&[LanePosition { file: 4, ordinal: 0 }], &p).unwrap();
+            let mut bytes = std::fs::read(&p).unwrap();
+            for (at, v) in flips {
+                let n = bytes.len();
+                bytes[at % n] ^= v;
+            }
+            bytes.truncate(cut.max(1).min(bytes.len()));
+            bytes.extend(extra);
+            std::fs::write(&p, &bytes).unwrap();
+            let _ = DedupIndex::new(&cfg, vec![4]).restore(&p);
         }
     }
 
