@@ -46,6 +46,8 @@ lookahead = 8
 count = 4
 [edges]
 capacity = 2
+[dedup]
+mode = "near"
 [train]
 devices = [{devices}]
 model = "tiny"
@@ -294,6 +296,10 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
         serde_json::from_str(&std::fs::read_to_string(b_dir.join("stats.rank1.json")).unwrap())
             .unwrap();
     assert!(s1["shards"]["sequences_other_processes"].as_u64().unwrap() >= steps * 4);
+    // Every process deduplicates the whole stream itself (`[dedup]`), reporting and logging under its own rank.
+    assert_eq!(s1["dedup"]["mode"], "near", "{}", s1["dedup"]);
+    assert!(s1["dedup"]["per_lang"]["en"]["kept"].as_u64().unwrap() > 0);
+    assert!(b_dir.join("dedup.rank1.jsonl").exists() && b_dir.join("dedup.jsonl").exists());
 }
 
 #[test]
