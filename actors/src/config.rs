@@ -878,6 +878,34 @@ mod tests {
     }
 
     #[test]
+    fn dedup_section_defaults_off_and_errors_name_key_and_line() {
+        let base = "[run]\nname = \"x\"\ndir = \"r\"\n";
+        let c = Config::from_toml(base, "t.toml").unwrap();
+        assert!(!c.dedup.enabled());
+        assert_eq!(
+            (c.dedup.bands, c.dedup.rows, c.dedup.threshold),
+            (14, 8, 0.9)
+        );
+        let c = Config::from_toml(&format!("{base}[dedup]\nmode = \"near\"\n"), "t.toml").unwrap();
+        assert_eq!(c.dedup.mode, crate::dedup::DedupMode::Near);
+        let e = Config::from_toml(
+            &format!("{base}[dedup]\nmode = \"near\"\nthreshold = 1.5\nbands = 0\n"),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 6: key `dedup.threshold`"), "{e}");
+        assert!(e.contains("line 7: key `dedup.bands`"), "{e}");
+        let e = Config::from_toml(&format!("{base}[dedup]\nmode = \"fuzzy\"\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.toml:5: key `dedup.mode`") && e.contains("`near`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn eval_section_defaults_off_and_errors_name_key_and_line() {
         let base = "[run]\nname = \"x\"\ndir = \"r\"\n[train]\ndevices = [\"cpu\"]\nsteps = 1\n";
         let c = Config::from_toml(base, "t.toml").unwrap();
