@@ -234,3 +234,94 @@ fn cli_parse_mixes_good_and_bad_and_exits_zero() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no input matches"));
 }
+
+/// `lexflow run` on `inputs` with a mix and policy, no training; returns (exit status, stderr, run dir). Killed (and
+/// reported as a hang) after two minutes.
+fn run_inputs(dir: &Path, inputs: &[&Path], mix: &str, policy: &str) -> (Option<i32>, String) {
+    let run_dir = dir.join(format!("run-{}", inputs.len()));
+    let cfg = dir.join(format!("run-{}-{policy}.toml", inputs.len()));
+    let paths: Vec<String> = inputs
+        .iter()
+        .map(|p| format!("{:?}", p.display().to_string()))
+        .collect();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[run]\nname = \"bad\"\ndir = {:?}\nmax_sequences = 2000\n[input]\npaths = [{}]\n[sampler]\nmix = {{ {mix} }}\n\
+             on_exhausted = {policy:?}\n[packer]\nseq_len = 256\n[metrics]\nenabled = false\n",
+            run_dir.display().to_string(),
+            paths.join(", ")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(lexflow_bin())
+        .args(["run", cfg.to_str().unwrap(), "--quiet"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if t.elapsed().as_secs() > 120 {
+            child.kill().unwrap();
+            panic!("lexflow run {} hangs", cfg.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn run_quarantines_broken_files_of_unknown_language_and_fails_without_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("L_2016119EN.01000101.xml");
+    std::fs::write(&good, good_xml()).unwrap();
+    // No language in the name and unreadable content: the run used to count them "outside the mix", unread.
+    let zip = dir.path().join("package.zip");
+    std::fs::write(&zip, b"PK\x03\x04 this is not really a zip archive").unwrap();
+    let qa = dir.path().join("pairs.jsonl");
+    std::fs::write(&qa, b"{\"id\": \"x\", \"question\": \n").unwrap();
+
+    let (code, err) = run_inputs(dir.path(), &[&good, &zip, &qa], "en = 1.0", "stop");
+    assert_eq!(code, Some(0), "{err}");
+    let run_dir = dir.path().join("run-3");
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("stats.json")).unwrap())
+            .unwrap();
+    assert_eq!(stats["input"]["quarantined_files"], 2, "{}", stats["input"]);
+    assert_eq!(stats["input"]["files_outside_mix"], 0, "{}", stats["input"]);
+    let quarantine = std::fs::read_to_string(run_dir.join("quarantine.jsonl")).unwrap();
+    for f in ["package.zip", "pairs.jsonl"] {
+        assert!(quarantine.contains(f), "{f} not quarantined: {quarantine}");
+    }
+
+    // Nothing readable at all: an error naming the quarantine report, not a "completed" run of nothing.
+    let (code, err) = run_inputs(dir.path(), &[&zip, &qa], "en = 1.0", "stop");
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("no document was read") && err.contains("quarantine.jsonl"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_cycling_language_whose_files_all_fail_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("L_2016119EN.01000101.xml");
+    std::fs::write(&good, good_xml()).unwrap();
+    let bad = dir.path().join("L_2099001FR.01000101.xml");
+    std::fs::write(&bad, b"<ACT><P>tronqu").unwrap();
+    let (code, err) = run_inputs(dir.path(), &[&good, &bad], "en = 0.5, fr = 0.5", "cycle");
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("language fr") && err.contains("repeat forever"),
+        "{err}"
+    );
+}

@@ -149,6 +149,57 @@ fn elastic_resume_from_two_ranks_to_one_keeps_the_global_stream() {
     );
 }
 
+#[test]
+fn resuming_twice_with_another_global_batch_trains_every_sequence_once() {
+    // 4 steps on 2 ranks × 1 (global batch 2), resumed on 1 rank × 1 (global batch 1) to step 8, resumed again to 10:
+    // the second resume must start after the 12 sequences consumed (8 + 4), not after 8 × 1.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    assert!(run(&config(&dir, &["cpu", "cpu"], 1, 4), false, &[]).success());
+    assert!(run(&config(&dir, &["cpu"], 1, 8), true, &[]).success());
+    assert!(run(&config(&dir, &["cpu"], 1, 10), true, &[]).success());
+    let trained = read_step_records(&dir);
+    let mut indices: Vec<u64> = trained
+        .values()
+        .flat_map(|r| r.sequences.iter().map(|(i, _)| *i))
+        .collect();
+    indices.sort_unstable();
+    assert_eq!(
+        indices,
+        (0..14).collect::<Vec<u64>>(),
+        "every sequence of the stream trained exactly once, in order, across the three runs"
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("checkpoints/step-000010/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["sequences_consumed"], 14);
+    // Replay from the last checkpoint maps steps of both global batches back to what each rank trained.
+    let out = tmp.path().join("replay.jsonl");
+    let st = Command::new(lexflow_bin())
+        .args([
+            "replay",
+            dir.join("checkpoints/step-000010").to_str().unwrap(),
+            "--steps",
+            "1..=10",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let want: BTreeMap<(u64, usize), Vec<(u64, String)>> = trained
+        .iter()
+        .map(|(k, r)| (*k, r.sequences.clone()))
+        .collect();
+    assert_eq!(
+        replayed(&out),
+        want,
+        "replay across a change of global batch"
+    );
+}
+
 /// `(step, rank) → sequences` from `lexflow replay` JSON lines.
 fn replayed(out: &Path) -> BTreeMap<(u64, usize), Vec<(u64, String)>> {
     let mut m: BTreeMap<(u64, usize), Vec<(u64, String)>> = BTreeMap::new();

@@ -508,7 +508,43 @@ impl DedupIndex {
         v
     }
 
-    pub fn count_dropped_bytes(&self, lane: usize, bytes: u64) {
+    /// [`Self::decide`] with its bookkeeping, as the `dedup.<lang>` actor and `lexflow dedup` both need it: a dropped
+    /// document's bytes are counted, and the record names the document it repeats (`lane_paths`: the lane's sorted
+    /// files). For a kept document the record has verdict `kept` and no `of_path`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn judge(
+        &self,
+        lane: usize,
+        lang: &str,
+        file: u32,
+        ordinal: u32,
+        doc: &Document,
+        sig: &Signature,
+        lane_paths: &[PathBuf],
+    ) -> (Verdict, DropRecord) {
+        let v = self.decide(lane, file, ordinal, sig);
+        let bytes = doc.text.len() as u64;
+        let (of_path, of_ordinal) = match v {
+            Verdict::Keep => (String::new(), 0),
+            Verdict::Exact(p) | Verdict::Near(p) => {
+                self.count_dropped_bytes(lane, bytes);
+                self.describe(p, lane_paths)
+            }
+        };
+        let rec = DropRecord {
+            lang: lang.to_string(),
+            file,
+            ordinal,
+            path: doc.path.clone(),
+            verdict: v.label().to_string(),
+            of_path,
+            of_ordinal,
+            bytes,
+        };
+        (v, rec)
+    }
+
+    fn count_dropped_bytes(&self, lane: usize, bytes: u64) {
         self.lanes[lane]
             .lock()
             .expect("dedup lane lock")
@@ -517,7 +553,7 @@ impl DedupIndex {
     }
 
     /// Path and ordinal of the document a duplicate repeats (`lane_paths`: the lane's sorted files).
-    pub fn describe(&self, of: Pos, lane_paths: &[PathBuf]) -> (String, u32) {
+    fn describe(&self, of: Pos, lane_paths: &[PathBuf]) -> (String, u32) {
         if of.held() {
             let p = self
                 .held_paths

@@ -1593,9 +1593,18 @@ impl<'a> Writer<'a> {
 /// One file to write: name (relative to the language directory) and XML text.
 type Member = (String, String);
 
+/// Writes `bytes` unless the file holds them already (a resumed run, `lexflow dedup` or `lexflow heldout` regenerate
+/// the corpus a running run may be reading), and then atomically (a temporary file renamed over it): a reader never
+/// sees a half-written file.
 fn write_file(path: &Path, bytes: &[u8], stats: &mut GenStats) -> anyhow::Result<()> {
-    std::fs::write(path, bytes)
-        .with_context(|| format!("gen-sample: cannot write {}", path.display()))?;
+    if std::fs::read(path).ok().as_deref() != Some(bytes) {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp{}", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp);
+        std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .with_context(|| format!("gen-sample: cannot write {}", path.display()))?;
+    }
     stats.files += 1;
     stats.bytes += bytes.len() as u64;
     Ok(())

@@ -168,11 +168,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         .iter()
         .map(|(k, v)| (k.clone(), *v))
         .collect();
-    let (lanes, files_outside_mix) = lanes_of(cfg, files);
+    let (lanes, outside) = lanes_of(cfg, files);
     let mut input = InputReport {
         files: total_files,
         files_held_out: held_files.len() as u64,
-        files_outside_mix,
+        files_outside_mix: outside.len() as u64,
         ..Default::default()
     };
     for l in &lanes {
@@ -214,6 +214,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     } else if opts.resume && cfg.train.is_some() {
         match crate::trainer::resume_point(&run_dir)? {
             Some(r) => {
+                check_same_stream(cfg, &r.checkpoint)?;
                 tracing::info!(step = r.step, sequences = r.sequences_consumed, checkpoint = %r.checkpoint.display(), "resuming");
                 Some(r)
             }
@@ -293,6 +294,31 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let quarantine_path = per_process("quarantine", ".jsonl");
     let quarantine = Arc::new(Quarantine::create(&quarantine_path)?);
     let counters = Arc::new(Counters::default());
+    // Files outside the mix are not trained on. One whose language could not be told is read here: if it is broken
+    // (a corrupt archive, a Q&A file whose first line is not JSON) it is quarantined like any unreadable input,
+    // never just counted; if it reads, it is a file of no known language, listed in the log.
+    for (f, lang) in &outside {
+        if lang.is_none() {
+            counters.files_read.fetch_add(1, RELAXED);
+            if let Err(e) = reader::read_file_with(f, &manifests, &read_opts) {
+                quarantine.record(&e);
+                counters.quarantined.fetch_add(1, RELAXED);
+                input.files_outside_mix -= 1;
+                continue;
+            }
+            tracing::warn!(
+                file = %f.display(),
+                "no language could be told from this file's name or content: not in any lane of the mix (not trained on)"
+            );
+        }
+        *input
+            .outside_mix
+            .entry(lang.clone().unwrap_or_else(|| "unknown".into()))
+            .or_insert(0) += 1;
+    }
+    if !input.outside_mix.is_empty() {
+        tracing::info!(per_language = ?input.outside_mix, "input files outside the mix (not trained on)");
+    }
 
     // The held-out set, packed once before training starts; the Q&A questions asked at every evaluation.
     let rank0 = process.is_none_or(|(r, _)| r == 0);
@@ -533,6 +559,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         let start = SamplerStart {
             lanes: start_lanes.clone(),
             state: data.as_ref().map(|d| d.sampler.clone()),
+            lane_files: lanes.iter().map(|l| l.files.len() as u64).collect(),
         };
         topo.spawn("sampler", move |ctx| {
             run_sampler(ctx, &mix, policy, start, lane_rx, stx, &rep)
@@ -622,6 +649,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 seed: cfg.run.seed,
                 resume: opts.resume,
                 run_config: Some(toml::to_string(cfg)?),
+                hf_files: Arc::new(crate::tokenizer::hf_model_files(
+                    &tokenizer,
+                    (cfg.input.qa_template == crate::qa::QaTemplate::Llama3)
+                        .then_some(crate::tokenizer::LLAMA3_CHAT_TEMPLATE),
+                )?),
                 dedup: dedup.clone(),
                 eval: (heldout.is_some() || qa_probe.is_some()).then(|| {
                     crate::trainer::EvalSetup {
@@ -765,12 +797,91 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         std::thread::sleep(Duration::from_secs(cfg.metrics.linger_seconds));
     }
     result.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if replay.is_none() && stats.outcome == "completed" && stats.input.documents == 0 {
+        let i = &stats.input;
+        anyhow::bail!(
+            "no document was read: {} input files, {} quarantined{}, {} outside the mix {:?} (sampler.mix has {}), {} \
+             held out: check input.paths and sampler.mix",
+            i.files,
+            i.quarantined_files,
+            i.quarantine_report
+                .as_deref()
+                .map(|p| format!(" (why: {p})"))
+                .unwrap_or_default(),
+            i.files_outside_mix,
+            i.outside_mix,
+            cfg.sampler.mix.keys().cloned().collect::<Vec<_>>().join(", "),
+            i.files_held_out,
+        );
+    }
     Ok(stats)
 }
 
-/// One lane per language of the mix, each with its files (in the given, sorted order); and how many files are
-/// outside the mix.
-fn lanes_of(cfg: &Config, files: Vec<PathBuf>) -> (Vec<Lane>, u64) {
+/// Config keys that decide the data stream: a resume continues the checkpoint's stream, so they must not change.
+/// (Thread counts, edge capacities, `[train]`, `[metrics]`, `[eval]` besides the held-out split do not change it.)
+const STREAM_KEYS: [&str; 8] = [
+    "run.seed",
+    "input",
+    "tokenizer.path",
+    "tokenizer.add_bos",
+    "sampler",
+    "packer",
+    "dedup",
+    "eval.holdout",
+];
+
+/// Refuses to resume from `checkpoint` when a [`STREAM_KEYS`] key differs from the config that wrote it
+/// (`run_config.toml`): the resumed run would train on a stream no uninterrupted run produces (and a shorter
+/// `packer.seq_len` could not even hold the checkpoint's open sequences).
+fn check_same_stream(cfg: &Config, checkpoint: &Path) -> anyhow::Result<()> {
+    let p = checkpoint.join(crate::trainer::RUN_CONFIG_FILE);
+    let Ok(text) = std::fs::read_to_string(&p) else {
+        return Ok(()); // written by a run without a config file (tests driving the trainer directly)
+    };
+    let then = Config::from_toml(&text, &p.display().to_string())
+        .map_err(|e| anyhow::anyhow!("{e} (the config stored in the checkpoint)"))?;
+    let (a, b) = (toml::Value::try_from(&then)?, toml::Value::try_from(cfg)?);
+    let mut diffs = Vec::new();
+    for key in STREAM_KEYS {
+        let get = |v: &toml::Value| key.split('.').try_fold(v.clone(), |v, k| v.get(k).cloned());
+        diff_values(key, get(&a).as_ref(), get(&b).as_ref(), &mut diffs);
+    }
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "--resume: the config changes the data stream of checkpoint {}:\n  {}\nA resumed run continues its \
+         checkpoint's stream exactly; restore these keys, or start a new run (another run.dir, train.init_from = \
+         the checkpoint to start from its weights)",
+        checkpoint.display(),
+        diffs.join("\n  ")
+    )
+}
+
+/// The leaves where `a` (the checkpoint's config) and `b` (this one) differ, as `key: X in the checkpoint, Y now`.
+fn diff_values(key: &str, a: Option<&toml::Value>, b: Option<&toml::Value>, out: &mut Vec<String>) {
+    match (a, b) {
+        (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                diff_values(&format!("{key}.{k}"), x.get(k), y.get(k), out);
+            }
+        }
+        (x, y) if x != y => {
+            let show = |v: Option<&toml::Value>| v.map_or("unset".to_string(), |v| v.to_string());
+            out.push(format!(
+                "{key}: {} in the checkpoint, {} now",
+                show(x),
+                show(y)
+            ));
+        }
+        _ => {}
+    }
+}
+
+/// One lane per language of the mix, each with its files (in the given, sorted order); and the files outside the
+/// mix, with their language (None: none could be told from the name or the first 64 KiB).
+fn lanes_of(cfg: &Config, files: Vec<PathBuf>) -> (Vec<Lane>, Vec<(PathBuf, Option<String>)>) {
     let mut lanes: Vec<Lane> = cfg
         .sampler
         .mix
@@ -780,11 +891,15 @@ fn lanes_of(cfg: &Config, files: Vec<PathBuf>) -> (Vec<Lane>, u64) {
             files: Vec::new(),
         })
         .collect();
-    let mut outside = 0;
+    let mut outside = Vec::new();
     for f in files {
-        match reader::sniff_lang(&f).and_then(|l| lanes.iter().position(|x| x.lang == l)) {
+        let lang = reader::sniff_lang(&f);
+        match lang
+            .as_deref()
+            .and_then(|l| lanes.iter().position(|x| x.lang == l))
+        {
             Some(i) => lanes[i].files.push(f),
-            None => outside += 1,
+            None => outside.push((f, lang)),
         }
     }
     (lanes, outside)
@@ -837,20 +952,11 @@ pub fn audit_dedup(
                 if doc.text.is_empty() {
                     continue;
                 }
-                let v = idx.decide(li, k as u32, i as u32, &idx.hasher.signature(doc));
-                let (of_path, of_ordinal) = match v {
-                    crate::dedup::Verdict::Keep => (String::new(), 0),
-                    crate::dedup::Verdict::Exact(p) | crate::dedup::Verdict::Near(p) => {
-                        idx.count_dropped_bytes(li, doc.text.len() as u64);
-                        idx.describe(p, &lane.files)
-                    }
-                };
+                let sig = idx.hasher.signature(doc);
+                let (_, rec) =
+                    idx.judge(li, &lane.lang, k as u32, i as u32, doc, &sig, &lane.files);
                 if let Some(w) = &mut w {
-                    let mut line = serde_json::json!({
-                        "lang": lane.lang, "file": k, "ordinal": i, "path": doc.path,
-                        "verdict": v.label(), "of_path": of_path, "of_ordinal": of_ordinal,
-                        "bytes": doc.text.len(),
-                    });
+                    let mut line = serde_json::to_value(&rec)?;
                     if texts {
                         line["text"] = serde_json::Value::String(doc.text.clone());
                         line["qa"] = serde_json::Value::Bool(doc.answer_start.is_some());
@@ -961,34 +1067,19 @@ fn run_dedup(
         let mut lines = String::new();
         for (i, sig) in b.signatures.iter().enumerate() {
             let Some(sig) = sig else { continue };
-            let v = idx.decide(lane, b.file, i as u32, sig);
+            let (v, rec) = idx.judge(lane, lang, b.file, i as u32, &b.docs[i], sig, paths);
             m.dedup_documents
                 .with_label_values(&[lang, v.label()])
                 .inc();
-            let of = match v {
-                crate::dedup::Verdict::Keep => continue,
-                crate::dedup::Verdict::Exact(p) | crate::dedup::Verdict::Near(p) => p,
-            };
-            let doc = &mut b.docs[i];
-            let bytes = doc.text.len() as u64;
-            idx.count_dropped_bytes(lane, bytes);
+            if v == crate::dedup::Verdict::Keep {
+                continue;
+            }
             m.dedup_dropped_bytes
                 .with_label_values(&[lang])
-                .inc_by(bytes);
-            let (of_path, of_ordinal) = idx.describe(of, paths);
-            let rec = crate::dedup::DropRecord {
-                lang: lang.to_string(),
-                file: b.file,
-                ordinal: i as u32,
-                path: doc.path.clone(),
-                verdict: v.label().to_string(),
-                of_path,
-                of_ordinal,
-                bytes,
-            };
+                .inc_by(rec.bytes);
             lines.push_str(&serde_json::to_string(&rec).expect("drop record is JSON"));
             lines.push('\n');
-            doc.text.clear();
+            b.docs[i].text.clear();
         }
         if let (Some(f), false) = (log, lines.is_empty()) {
             let mut f = f.lock().expect("dedup log lock");

@@ -97,14 +97,18 @@ pub fn replay_steps(
     last: u64,
     describe: bool,
 ) -> anyhow::Result<(Vec<ReplayedSequence>, Vec<PieceInfo>)> {
+    anyhow::ensure!(
+        first >= 1 && last >= first,
+        "steps {first}..={last}: steps are numbered from 1 (the first optimizer step is step 1)"
+    );
     let given = load_ckpt(checkpoint)?;
     let run_dir = checkpoint
         .parent()
         .and_then(|p| p.parent())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let world = given.state.world_size as u64;
-    let g = world * (given.state.micro_batch * given.state.grad_accum) as u64;
+    // The named checkpoint's history of global batches maps steps to sequences (a resume may have changed it).
+    let batches = given.state.batch_history();
     // Newest usable checkpoint: step < first.
     let mut start: Option<Ckpt> = None;
     if given.state.step < first {
@@ -141,8 +145,8 @@ pub fn replay_steps(
     let spec = ReplaySpec {
         data: start.as_ref().and_then(|c| c.data.clone()),
         checkpoint: start.as_ref().map(|c| c.dir.clone()),
-        skip: (first - 1) * g,
-        limit: last * g,
+        skip: crate::trainer::BatchSegment::consumed_at(&batches, first - 1),
+        limit: crate::trainer::BatchSegment::consumed_at(&batches, last),
         describe,
         ..Default::default()
     };
@@ -165,18 +169,27 @@ pub fn replay_steps(
     let _ = std::fs::remove_dir_all(&scratch);
     r?;
     let seqs: Vec<PackedSequence> = collected.lock().map(|g| g.clone()).unwrap_or_default();
+    anyhow::ensure!(
+        !seqs.is_empty(),
+        "the run's data stream ends before step {first} (its config, from {}, yields fewer sequences): \
+         nothing to replay",
+        checkpoint.display()
+    );
     let out = seqs
         .into_iter()
-        .map(|s| ReplayedSequence {
-            step: s.index / g + 1,
-            rank: s.index % world,
-            index: s.index,
-            hash: crate::trainer::sequence_hash(&s.tokens),
-            padding: s.padding,
-            doc_starts: s.doc_starts,
-            pieces: s.pieces,
-            tokens: s.tokens,
-            no_loss: s.no_loss,
+        .map(|s| {
+            let (step, rank) = crate::trainer::BatchSegment::step_and_rank(&batches, s.index);
+            ReplayedSequence {
+                step,
+                rank,
+                index: s.index,
+                hash: crate::trainer::sequence_hash(&s.tokens),
+                padding: s.padding,
+                doc_starts: s.doc_starts,
+                pieces: s.pieces,
+                tokens: s.tokens,
+                no_loss: s.no_loss,
+            }
         })
         .collect();
     let pieces = described.lock().map(|g| g.clone()).unwrap_or_default();

@@ -142,6 +142,9 @@ pub const OUT_BATCH_DOCS: usize = 64;
 pub struct SamplerStart {
     pub lanes: Vec<LanePosition>,
     pub state: Option<SamplerState>,
+    /// Files per lane: under `cycle`, a lane that goes through more files than this without one document to train
+    /// on would cycle forever (every file unreadable, every document a duplicate): that is an error.
+    pub lane_files: Vec<u64>,
 }
 
 /// The sampler actor body. `lanes[i]` carries the tokenized documents of language `mix[i]`. Documents with zero tokens
@@ -166,6 +169,8 @@ pub fn run_sampler(
         vec![LanePosition::default(); lanes.len()]
     };
     let mut pending: Vec<VecDeque<TokenizedDoc>> = vec![VecDeque::new(); lanes.len()];
+    // Files in a row that gave a lane nothing to train on.
+    let mut barren = vec![0u64; lanes.len()];
     let mut batch = Vec::with_capacity(OUT_BATCH_DOCS);
     let m = lexflow_metrics::global();
     let am = lexflow_metrics::actor("sampler");
@@ -194,7 +199,27 @@ pub fn run_sampler(
                 break d;
             }
             match lanes[lane].recv() {
-                Ok(b) => pending[lane].extend(b.docs),
+                Ok(b) => {
+                    if b.docs.iter().any(|d| !d.tokens.is_empty()) {
+                        barren[lane] = 0;
+                    } else {
+                        barren[lane] += 1;
+                        // More than a whole pass (the resume file may have been skipped over): nothing will come.
+                        let n = start.lane_files.get(lane).copied().unwrap_or(u64::MAX);
+                        if policy == ExhaustedPolicy::Cycle && barren[lane] > n {
+                            return Err(format!(
+                                "language {}: a whole pass over its {n} input files gave no document to train on \
+                                 (every file unreadable or empty, or every document dropped as a duplicate): with \
+                                 sampler.on_exhausted = \"cycle\" it would repeat forever. See quarantine.jsonl and \
+                                 dedup.jsonl in the run directory; fix the inputs or remove the language from \
+                                 sampler.mix",
+                                mix[lane].0
+                            )
+                            .into());
+                        }
+                    }
+                    pending[lane].extend(b.docs)
+                }
                 Err(_) => match policy {
                     // Cycling lanes never close (their reader restarts); a closed lane means its input was empty or
                     // the run is stopping. Either way the exact mix can no longer be kept.

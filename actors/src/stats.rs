@@ -13,8 +13,10 @@ pub struct InputReport {
     pub files: u64,
     /// Files per lane language.
     pub files_per_lang: BTreeMap<String, u64>,
-    /// Files whose language is not in the mix (not read).
+    /// Files whose language is not in the mix (not trained on).
     pub files_outside_mix: u64,
+    /// The same per language (`unknown`: none could be told; such a file is read once, and quarantined if broken).
+    pub outside_mix: BTreeMap<String, u64>,
     /// Files held out of training for evaluation (`eval.holdout`; counted in `files`, not in `files_per_lang`).
     pub files_held_out: u64,
     pub files_read: u64,

@@ -89,6 +89,57 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// Names of the begin- and end-of-text tokens, in the order they are looked for.
+const BOS_NAMES: [&str; 4] = ["<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"];
+const EOS_NAMES: [&str; 4] = ["<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>"];
+
+/// The Llama 3 chat template as Meta ships it (`chat_template` of Meta-Llama-3-8B-Instruct's
+/// `tokenizer_config.json`, verbatim; `scripts/chat_templates.py` holds the same text for the Python checks).
+pub const LLAMA3_CHAT_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+/// The files besides `config.json` and the weights that make a checkpoint a complete Hugging Face model directory:
+/// `tokenizer.json` (the very file the run tokenized with), `tokenizer_config.json` (its special tokens, and the
+/// Llama 3 chat template when the run fine-tuned with it) and `generation_config.json` (stop at end-of-text and
+/// end-of-turn, greedy: what `lexflow generate` and `lexflow qa eval --model` do). `transformers` then loads the
+/// checkpoint with `AutoTokenizer` / `AutoModelForCausalLM` alone.
+pub fn hf_model_files(
+    tok: &Tokenizer,
+    chat_template: Option<&str>,
+) -> Result<Vec<(&'static str, Vec<u8>)>, TokenizerError> {
+    let bytes = std::fs::read(tok.path()).map_err(|source| TokenizerError::Io {
+        path: tok.path().to_path_buf(),
+        source,
+    })?;
+    let name = |names: &[&'static str]| names.iter().copied().find(|n| tok.token_id(n).is_some());
+    let mut cfg = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": false,
+    });
+    if let Some(b) = name(&BOS_NAMES) {
+        cfg["bos_token"] = b.into();
+    }
+    if let Some(e) = name(&EOS_NAMES) {
+        cfg["eos_token"] = e.into();
+    }
+    if let Some(t) = chat_template {
+        cfg["chat_template"] = t.into();
+    }
+    let stops: Vec<u32> = [tok.eos_id(), tok.eot_id()].into_iter().flatten().collect();
+    let mut gen = serde_json::json!({"do_sample": false});
+    if let Some(b) = tok.bos_id() {
+        gen["bos_token_id"] = b.into();
+    }
+    if !stops.is_empty() {
+        gen["eos_token_id"] = stops.into();
+    }
+    let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON value");
+    Ok(vec![
+        ("tokenizer.json", bytes),
+        ("tokenizer_config.json", pretty(&cfg)),
+        ("generation_config.json", pretty(&gen)),
+    ])
+}
+
 /// Resolves a tokenizer spec to a file path (`"llama3"` → `$LEXFLOW_TOKENIZER_JSON`).
 pub fn resolve_spec(spec: &str) -> Result<PathBuf, TokenizerError> {
     if spec == "llama3" {
@@ -163,8 +214,8 @@ impl Tokenizer {
             Engine::Hf(h) => h.token_to_id(name),
         };
         let first = |names: &[&str]| names.iter().find_map(|n| token_id(n));
-        let bos = first(&["<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"]);
-        let eos = first(&["<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>"]);
+        let bos = first(&BOS_NAMES);
+        let eos = first(&EOS_NAMES);
         let vocab_size = match &engine {
             Engine::Fast(f) => f.id_to_bytes.len(),
             Engine::Hf(h) => {

@@ -45,6 +45,9 @@ pub struct TrainerSetup {
     pub resume: bool,
     /// The whole run config (TOML), stored in every checkpoint so `lexflow replay` can rebuild the dataflow.
     pub run_config: Option<String>,
+    /// Tokenizer and generation files written into every checkpoint (a complete HF model directory):
+    /// [`crate::tokenizer::hf_model_files`].
+    pub hf_files: Arc<Vec<(&'static str, Vec<u8>)>>,
     /// Held-out evaluation (`[eval]`).
     pub eval: Option<EvalSetup>,
     /// `[dedup]`: its index goes into every checkpoint (entries before the checkpoint's resume point).
@@ -90,10 +93,50 @@ pub struct ResumeInfo {
     pub sequences_consumed: u64,
     pub checkpoint: PathBuf,
     pub world_size: usize,
+    /// The global batch of every stretch of steps so far (see [`BatchSegment`]).
+    pub batches: Vec<BatchSegment>,
     /// Newer checkpoints that failed verification, with the reason.
     pub skipped: Vec<String>,
     /// The dataflow position right before the last sequence rank 0 trained on (`data_state.json`).
     pub data: Option<ResumePoint>,
+}
+
+/// A stretch of optimizer steps trained with one global batch. A resume may change the world size, micro-batch or
+/// accumulation (the global batch); from then on a step consumes another number of sequences, so the mapping from
+/// step to sequences is kept piecewise: steps `from_step + 1 ..` consume `global_batch` sequences each, starting at
+/// sequence `sequences_before`, dealt to ranks by `index % world_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchSegment {
+    pub from_step: u64,
+    pub sequences_before: u64,
+    pub global_batch: u64,
+    pub world_size: usize,
+}
+
+impl BatchSegment {
+    /// Sequences consumed after `step` optimizer steps (`history`: oldest first, never empty).
+    pub fn consumed_at(history: &[BatchSegment], step: u64) -> u64 {
+        let s = history
+            .iter()
+            .rev()
+            .find(|s| s.from_step <= step)
+            .unwrap_or(&history[0]);
+        s.sequences_before + step.saturating_sub(s.from_step) * s.global_batch
+    }
+
+    /// The (1-based) step and the rank that trained sequence `index`.
+    pub fn step_and_rank(history: &[BatchSegment], index: u64) -> (u64, u64) {
+        let s = history
+            .iter()
+            .rev()
+            .find(|s| s.sequences_before <= index)
+            .unwrap_or(&history[0]);
+        let g = s.global_batch.max(1);
+        (
+            s.from_step + index.saturating_sub(s.sequences_before) / g + 1,
+            index % s.world_size.max(1) as u64,
+        )
+    }
 }
 
 /// `trainer_state.json`.
@@ -114,6 +157,26 @@ pub struct TrainerState {
     pub model: LlamaConfig,
     pub train_config: TrainConfig,
     pub created_unix: f64,
+    /// Every global batch the run has trained with, oldest first (written since lexflow 0.1 session 6; older
+    /// checkpoints have none: one batch for the whole run, as they could only record).
+    #[serde(default)]
+    pub batches: Vec<BatchSegment>,
+}
+
+impl TrainerState {
+    /// [`Self::batches`], or for an older checkpoint the one global batch it records.
+    pub fn batch_history(&self) -> Vec<BatchSegment> {
+        if self.batches.is_empty() {
+            vec![BatchSegment {
+                from_step: 0,
+                sequences_before: 0,
+                global_batch: (self.world_size * self.micro_batch * self.grad_accum) as u64,
+                world_size: self.world_size,
+            }]
+        } else {
+            self.batches.clone()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -588,6 +651,8 @@ struct Rank<'a> {
     world: usize,
     device: Device,
     coll: Box<dyn Collective>,
+    /// The run's global batches so far, this run's last ([`BatchSegment`]).
+    batches: Vec<BatchSegment>,
 }
 
 impl<'a> Rank<'a> {
@@ -606,6 +671,7 @@ impl<'a> Rank<'a> {
             world,
             device,
             coll,
+            batches: Vec::new(),
         }
     }
 
@@ -682,6 +748,17 @@ impl<'a> Rank<'a> {
                 });
             }
             result.resumed_from_step = Some(r.step);
+        }
+        let here = BatchSegment {
+            from_step: resume.map_or(0, |r| r.step),
+            sequences_before: resume.map_or(0, |r| r.sequences_consumed),
+            global_batch: (self.world * cfg.micro_batch.get() * cfg.grad_accum.get()) as u64,
+            world_size: self.world,
+        };
+        self.batches = resume.map_or_else(Vec::new, |r| r.batches.clone());
+        match self.batches.last() {
+            Some(l) if l.global_batch == here.global_batch && l.world_size == here.world_size => {}
+            _ => self.batches.push(here),
         }
         // Ranks start from identical weights whatever their RNG did.
         self.coll.broadcast(&mut model.params.flat.detach(), 0)?;
@@ -1098,8 +1175,7 @@ impl<'a> Rank<'a> {
             let dir = checkpoints_dir(&self.setup.run_dir).join(format!("step-{:06}", opt.step));
             let state = TrainerState {
                 step: opt.step,
-                sequences_consumed: opt.step
-                    * (self.world * cfg.micro_batch.get() * cfg.grad_accum.get()) as u64,
+                sequences_consumed: BatchSegment::consumed_at(&self.batches, opt.step),
                 world_size: self.world,
                 micro_batch: cfg.micro_batch.get(),
                 grad_accum: cfg.grad_accum.get(),
@@ -1111,6 +1187,7 @@ impl<'a> Rank<'a> {
                 model: mcfg.clone(),
                 train_config: cfg.clone(),
                 created_unix: now_unix(),
+                batches: self.batches.clone(),
             };
             let bytes = checkpoint::write_checkpoint_dir(&dir, |tmp| {
                 // First, so that sharded peers waiting to send their slices are served before anything else.
@@ -1135,6 +1212,12 @@ impl<'a> Rank<'a> {
                 }
                 if let Some(c) = &self.setup.run_config {
                     write(RUN_CONFIG_FILE, c.clone())?;
+                }
+                for (name, bytes) in self.setup.hf_files.iter() {
+                    std::fs::write(tmp.join(name), bytes).map_err(|e| GpuError::Io {
+                        path: tmp.join(name),
+                        source: e,
+                    })?;
                 }
                 crash_for_tests(&self.setup.run_dir, opt.step);
                 write(
@@ -1355,6 +1438,7 @@ pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
                     sequences_consumed: s.sequences_consumed,
                     checkpoint: dir.clone(),
                     world_size: s.world_size,
+                    batches: s.batch_history(),
                     skipped,
                     data,
                 }));
