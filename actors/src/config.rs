@@ -592,6 +592,15 @@ pub enum ConfigError {
         line: usize,
         message: String,
     },
+    /// Not TOML (or not a table we can read): the parser's own position and message, no key path to give.
+    #[error("{origin}{}: {message}", position(*line, *column))]
+    Syntax {
+        origin: String,
+        /// 1-based; 0 when the parser gave no position.
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{origin}: {} error(s):\n{}", .errors.len(), .errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid { origin: String, errors: Vec<String> },
 }
@@ -611,12 +620,34 @@ impl Config {
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
-            let line = inner.span().map(|s| line_of(text, s.start)).unwrap_or(0);
-            ConfigError::Parse {
-                origin: origin.to_string(),
-                key,
-                line,
-                message: inner.message().to_string(),
+            let (line, column) = inner
+                .span()
+                .map(|s| line_col(text, s.start))
+                .unwrap_or((0, 0));
+            // toml's messages may run over several lines ("invalid string\nexpected `\"`"): keep them on one.
+            let message = inner
+                .message()
+                .trim_end()
+                .lines()
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join("; ");
+            // A syntax error or a duplicate key fails before any field is entered: the path is `.`, which names
+            // nothing. Give the parser's line and column instead of a bogus key.
+            if key == "." || key.is_empty() {
+                ConfigError::Syntax {
+                    origin: origin.to_string(),
+                    line,
+                    column,
+                    message,
+                }
+            } else {
+                ConfigError::Parse {
+                    origin: origin.to_string(),
+                    key,
+                    line,
+                    message,
+                }
             }
         })?;
         let errors = cfg.validate(text);
@@ -632,12 +663,33 @@ impl Config {
 
     fn validate(&self, text: &str) -> Vec<String> {
         let mut errs = Vec::new();
+        // `line N: key `a.b.c``. A key written inside an inline table (`mix = { en = 0.5 }`) or left at its
+        // default has no line of its own: give the line of the closest enclosing key or table that has one.
         let at = |key: &str| -> String {
-            match find_key_line(text, key) {
-                Some(l) => format!("line {l}: key `{key}`"),
-                None => format!("key `{key}`"),
+            let mut k = key;
+            loop {
+                if let Some(l) = find_key_line(text, k) {
+                    return format!("line {l}: key `{key}`");
+                }
+                match k.rsplit_once('.') {
+                    Some((parent, _)) => k = parent,
+                    None => return format!("key `{key}`"),
+                }
             }
         };
+        if self.run.max_sequences == Some(0) {
+            errs.push(format!(
+                "{}: 0 must be at least 1 (or leave the key out to run until the input is exhausted)",
+                at("run.max_sequences")
+            ));
+        }
+        if let Err(why) = check_listen(&self.metrics.listen) {
+            errs.push(format!(
+                "{}: {:?} {why}",
+                at("metrics.listen"),
+                self.metrics.listen
+            ));
+        }
         let mix = &self.sampler.mix;
         if mix.is_empty() {
             errs.push(format!(
@@ -699,8 +751,64 @@ impl Config {
             if t.steps == 0 {
                 errs.push(format!("{}: must be at least 1", at("train.steps")));
             }
-            if t.lr.is_nan() || t.lr <= 0.0 {
-                errs.push(format!("{}: must be > 0", at("train.lr")));
+            if !(t.lr.is_finite() && t.lr > 0.0) {
+                errs.push(format!(
+                    "{}: {} must be finite and > 0 (the peak learning rate, e.g. 3e-4)",
+                    at("train.lr"),
+                    t.lr
+                ));
+            }
+            if !(t.min_lr.is_finite() && t.min_lr >= 0.0) {
+                errs.push(format!(
+                    "{}: {} must be finite and in [0, train.lr] (the learning rate the cosine schedule decays to)",
+                    at("train.min_lr"),
+                    t.min_lr
+                ));
+            } else if t.lr.is_finite() && t.min_lr > t.lr {
+                errs.push(format!(
+                    "{}: {} is above train.lr = {}; it must be in [0, train.lr] (the schedule decays from lr down \
+                     to min_lr)",
+                    at("train.min_lr"),
+                    t.min_lr,
+                    t.lr
+                ));
+            }
+            if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+                errs.push(format!(
+                    "{}: {} must be finite and >= 0 (0: no weight decay)",
+                    at("train.weight_decay"),
+                    t.weight_decay
+                ));
+            }
+            for (key, beta) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+                if !(beta.is_finite() && (0.0..1.0).contains(&beta)) {
+                    errs.push(format!(
+                        "{}: {beta} must be in [0, 1) (an AdamW moment decay, e.g. 0.9 or 0.95)",
+                        at(key)
+                    ));
+                }
+            }
+            if !(t.eps.is_finite() && t.eps > 0.0) {
+                errs.push(format!(
+                    "{}: {} must be finite and > 0 (AdamW's denominator term, e.g. 1e-8)",
+                    at("train.eps"),
+                    t.eps
+                ));
+            }
+            if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
+                errs.push(format!(
+                    "{}: {} must be finite and >= 0 (the maximum global gradient norm; 0 turns clipping off)",
+                    at("train.grad_clip"),
+                    t.grad_clip
+                ));
+            }
+            if !MODEL_PRESETS.contains(&t.model.as_str()) {
+                errs.push(format!(
+                    "{}: unknown model preset `{}` (expected one of {})",
+                    at("train.model"),
+                    t.model,
+                    MODEL_PRESETS.join(", ")
+                ));
             }
             if t.keep_checkpoints == 0 {
                 errs.push(format!(
@@ -724,11 +832,21 @@ impl Config {
                 e.holdout
             ));
         }
-        if e.qa_gold.is_some() && (e.qa_per_language == 0 || e.qa_max_new_tokens == 0) {
-            errs.push(format!(
-                "{}: qa_per_language and qa_max_new_tokens must be at least 1 with eval.qa_gold",
-                at("eval")
-            ));
+        for (key, n, what) in [
+            (
+                "eval.qa_per_language",
+                e.qa_per_language,
+                "questions per mix language",
+            ),
+            (
+                "eval.qa_max_new_tokens",
+                e.qa_max_new_tokens,
+                "tokens per generated answer",
+            ),
+        ] {
+            if n == 0 {
+                errs.push(format!("{}: 0 must be at least 1 ({what})", at(key)));
+            }
         }
         if e.qa_index.is_some() && e.qa_gold.is_none() {
             errs.push(format!(
@@ -737,7 +855,10 @@ impl Config {
             ));
         }
         if e.max_sequences == 0 {
-            errs.push(format!("{}: must be at least 1", at("eval.max_sequences")));
+            errs.push(format!(
+                "{}: 0 must be at least 1 (packed sequences per language)",
+                at("eval.max_sequences")
+            ));
         }
         if e.enabled() && self.train.is_none() {
             errs.push(format!(
@@ -766,12 +887,56 @@ impl Config {
     }
 }
 
-fn line_of(text: &str, byte: usize) -> usize {
-    text.as_bytes()[..byte.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+/// The model presets `train.model` accepts: those of `lexflow_gpu::LlamaConfig::preset`.
+pub const MODEL_PRESETS: [&str; 5] = ["tiny", "125m", "1b", "8b", "70b"];
+
+/// `metrics.listen` must be `host:port` (what the metrics server binds): a non-empty host (an IPv6 address in
+/// brackets, `[::1]:9400`) and a port in 0..=65535.
+fn check_listen(listen: &str) -> Result<(), String> {
+    let example = "write host:port, e.g. \"127.0.0.1:9400\"";
+    let Some((host, port)) = listen.rsplit_once(':') else {
+        return Err(format!("has no port: {example}"));
+    };
+    if host.is_empty() || host.chars().any(char::is_whitespace) {
+        return Err(format!("has no valid host before the port: {example}"));
+    }
+    if host.contains(':')
+        && !(host.starts_with('[')
+            && host.ends_with(']')
+            && host[1..host.len() - 1]
+                .parse::<std::net::Ipv6Addr>()
+                .is_ok())
+    {
+        return Err(format!(
+            "is not host:port: {example}, with an IPv6 address in brackets (\"[::1]:9400\")"
+        ));
+    }
+    if port.parse::<u16>().is_err() {
+        return Err(format!(
+            "has port `{port}`, which is not a number in 0..=65535: {example}"
+        ));
+    }
+    Ok(())
+}
+
+fn position(line: usize, column: usize) -> String {
+    match (line, column) {
+        (0, _) => String::new(),
+        (l, 0) => format!(":{l}"),
+        (l, c) => format!(":{l}:{c}"),
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, byte: usize) -> (usize, usize) {
+    let mut byte = byte.min(text.len());
+    while !text.is_char_boundary(byte) {
+        byte -= 1;
+    }
+    let before = &text[..byte];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
 }
 
 /// Best-effort line of `a.b.c`: the line of key `c` after the `[a]`/`[a.b]` table header.
@@ -924,6 +1089,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 8: key `eval.max_sequences`"), "{e}");
+        for key in ["qa_per_language", "qa_max_new_tokens"] {
+            let e = Config::from_toml(
+                &format!("{base}[eval]\nqa_gold = \"g.jsonl\"\n{key} = 0\n"),
+                "t.toml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("line 9: key `eval.{key}`: 0 must be at least 1")),
+                "{e}"
+            );
+        }
         let e = Config::from_toml(&format!("{base}[eval]\nevery_steps = 5\n"), "t.toml")
             .unwrap_err()
             .to_string();
@@ -957,5 +1134,161 @@ mod tests {
                 && s.contains("FR"),
             "{s}"
         );
+    }
+
+    const TRAIN_BASE: &str =
+        "[run]\nname = \"x\"\ndir = \"r\"\n[train]\ndevices = [\"cpu\"]\nsteps = 1\n";
+
+    fn invalid(toml: &str) -> String {
+        Config::from_toml(toml, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn optimizer_keys_out_of_range_name_key_line_range_and_value() {
+        for (line, want) in [
+            (
+                "beta1 = 1.5",
+                ["line 7: key `train.beta1`", "1.5", "[0, 1)"],
+            ),
+            ("beta2 = 1.0", ["line 7: key `train.beta2`", "1", "[0, 1)"]),
+            (
+                "beta1 = -0.1",
+                ["line 7: key `train.beta1`", "-0.1", "[0, 1)"],
+            ),
+            ("eps = -1", ["line 7: key `train.eps`", "-1", "> 0"]),
+            ("eps = 0.0", ["line 7: key `train.eps`", "0", "> 0"]),
+            (
+                "grad_clip = -1",
+                [
+                    "line 7: key `train.grad_clip`",
+                    "-1",
+                    "0 turns clipping off",
+                ],
+            ),
+            (
+                "grad_clip = nan",
+                ["line 7: key `train.grad_clip`", "NaN", ">= 0"],
+            ),
+            (
+                "weight_decay = -3",
+                ["line 7: key `train.weight_decay`", "-3", ">= 0"],
+            ),
+            (
+                "lr = inf",
+                ["line 7: key `train.lr`", "inf", "finite and > 0"],
+            ),
+            ("lr = nan", ["line 7: key `train.lr`", "NaN", "> 0"]),
+            (
+                "min_lr = -1e-5",
+                ["line 7: key `train.min_lr`", "-0.00001", "[0, train.lr]"],
+            ),
+        ] {
+            let e = invalid(&format!("{TRAIN_BASE}{line}\n"));
+            for w in want {
+                assert!(e.contains(w), "{line}: want {w:?} in {e}");
+            }
+        }
+        // min_lr above lr: both values in the message.
+        let e = invalid(&format!("{TRAIN_BASE}lr = 1e-3\nmin_lr = 5.0\n"));
+        assert!(
+            e.contains("line 8: key `train.min_lr`")
+                && e.contains("5 is above train.lr = 0.001")
+                && e.contains("[0, train.lr]"),
+            "{e}"
+        );
+        // min_lr = lr (a constant schedule after warmup) and grad_clip = 0 (no clipping) are fine.
+        Config::from_toml(
+            &format!("{TRAIN_BASE}lr = 1e-3\nmin_lr = 1e-3\ngrad_clip = 0.0\nweight_decay = 0.0\nbeta1 = 0.0\n"),
+            "t.toml",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn run_max_sequences_zero_is_rejected_with_line() {
+        let e = invalid("[run]\nname = \"x\"\ndir = \"r\"\nmax_sequences = 0\n");
+        assert!(
+            e.contains("line 4: key `run.max_sequences`") && e.contains("at least 1"),
+            "{e}"
+        );
+        let c = Config::from_toml(
+            "[run]\nname = \"x\"\ndir = \"r\"\nmax_sequences = 1\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.run.max_sequences, Some(1));
+    }
+
+    #[test]
+    fn unknown_model_preset_is_rejected_with_line_and_the_presets() {
+        let e = invalid(&format!("{TRAIN_BASE}model = \"huge\"\n"));
+        assert!(
+            e.contains("line 7: key `train.model`")
+                && e.contains("`huge`")
+                && e.contains("tiny, 125m, 1b, 8b, 70b"),
+            "{e}"
+        );
+        // The list is the trainer's: every preset builds, and the one rejected here is rejected there too.
+        for p in MODEL_PRESETS {
+            lexflow_gpu::LlamaConfig::preset(p, 1000).unwrap();
+            Config::from_toml(&format!("{TRAIN_BASE}model = \"{p}\"\n"), "t.toml").unwrap();
+        }
+        assert!(lexflow_gpu::LlamaConfig::preset("huge", 1000).is_err());
+    }
+
+    #[test]
+    fn metrics_listen_must_be_host_and_port() {
+        let base = "[run]\nname = \"x\"\ndir = \"r\"\n[metrics]\n";
+        for (listen, why) in [
+            ("localhost", "has no port"),
+            ("abc:99999", "`99999`"),
+            (":9400", "no valid host"),
+            ("127.0.0.1:", "port ``"),
+            ("::1:9400", "brackets"),
+        ] {
+            let e = invalid(&format!("{base}listen = \"{listen}\"\n"));
+            assert!(
+                e.contains("line 5: key `metrics.listen`")
+                    && e.contains(&format!("{listen:?}"))
+                    && e.contains(why)
+                    && e.contains("127.0.0.1:9400"),
+                "{listen}: {e}"
+            );
+        }
+        for ok in [
+            "localhost:9400",
+            "0.0.0.0:0",
+            "[::1]:9400",
+            "metrics.example:80",
+        ] {
+            Config::from_toml(&format!("{base}listen = \"{ok}\"\n"), "t.toml").unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_share_in_an_inline_mix_table_has_the_line_of_the_table() {
+        let e =
+            invalid("[run]\nname = \"x\"\ndir = \"r\"\n[sampler]\nmix = { en = 0.5, fr = -0.5 }\n");
+        assert!(
+            e.contains("line 5: key `sampler.mix.fr`") && e.contains("-0.5"),
+            "{e}"
+        );
+        // The sub-table form gives the share's own line.
+        let e = invalid("[run]\nname = \"x\"\ndir = \"r\"\n[sampler.mix]\nen = 0.5\nfr = -0.5\n");
+        assert!(e.contains("line 6: key `sampler.mix.fr`"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_and_duplicate_keys_give_the_parser_position_without_a_key() {
+        let e = invalid("[run]\nname = \"x\"\ndir = \"r\"\nseed = = 3\n");
+        assert!(e.starts_with("t.toml:4:"), "{e}");
+        assert!(!e.contains("key `.`"), "{e}");
+        let e = invalid("[run]\nname = \"x\"\ndir = \"r\"\nname = \"y\"\n");
+        assert!(
+            e.starts_with("t.toml:4:") && e.contains("duplicate key") && !e.contains("key `.`"),
+            "{e}"
+        );
+        let e = invalid("[run]\nname = \"x\"\ndir = \"r\"\n[run]\nseed = 1\n");
+        assert!(e.starts_with("t.toml:4:") && !e.contains("key `.`"), "{e}");
     }
 }
