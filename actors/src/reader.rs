@@ -1,9 +1,11 @@
 //! FORMEX reader: input expansion, decompression, archives, manifest metadata, quarantine, `lexflow parse`.
 //!
-//! * [`expand_inputs`]: files, directories (recursive), globs → sorted, deduplicated paths.
+//! * [`expand_inputs`]: files, directories (recursive), globs → sorted paths, one per regular file (symlink loops
+//!   and repeats skipped with a warning; FIFOs, sockets, devices are errors).
 //! * [`read_file`]: one input (plain `.xml`, `.xml.zst`, `.xml.gz` — detected by magic bytes — or a `.zip` of xml
-//!   members read in name order, member paths `archive.zip!member.xml`) → its documents. Inside a zip, manifests are
-//!   attached to the members of the same package.
+//!   members, also `.xml.gz`/`.xml.zst` ones, read in name order, member paths `archive.zip!member.xml`) → its
+//!   documents. Other members (images, PDFs) are skipped with a warning; a zip with no xml member is an error. Inside a
+//!   zip, manifests are attached to the members of the same package.
 //! * Manifest metadata across files, deterministically: [`ManifestIndex::build`] parses only the manifests (`DOC`
 //!   roots, found by name or by sniffing the root) among the *whole* sorted input list, before any reader thread starts;
 //!   each reader then calls [`read_file_indexed`], which attaches the metadata of the manifest of the same package
@@ -13,7 +15,7 @@
 //! * [`sniff_lang`]: cheap language guess for lane assignment (file name, else the first `<LG.DOC>` of the first 64 KB).
 //! * [`Quarantine`]: one JSON line per bad file + the `lexflow_reader_quarantined_files_total` counter.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -55,6 +57,14 @@ pub enum ReadError {
     },
     #[error("{path}: no input matches this path or pattern — check the spelling (globs: `dir/**/*.xml`)")]
     NoMatch { path: String },
+    /// The path exists but holds nothing to read: not a regular file (a FIFO would block forever), or a zip without
+    /// a FORMEX member.
+    #[error("{path}: {reason} — {hint}")]
+    Unusable {
+        path: String,
+        reason: String,
+        hint: &'static str,
+    },
 }
 
 impl ReadError {
@@ -63,7 +73,8 @@ impl ReadError {
             ReadError::Io { path, .. }
             | ReadError::Parse { path, .. }
             | ReadError::Decompress { path, .. }
-            | ReadError::NoMatch { path } => path,
+            | ReadError::NoMatch { path }
+            | ReadError::Unusable { path, .. } => path,
         }
     }
     /// 1-based line (0 when unknown).
@@ -90,9 +101,9 @@ impl ReadError {
     pub fn reason(&self) -> String {
         match self {
             ReadError::Io { source, .. } => format!("cannot read: {source}"),
-            ReadError::Parse { reason, .. } | ReadError::Decompress { reason, .. } => {
-                reason.clone()
-            }
+            ReadError::Parse { reason, .. }
+            | ReadError::Decompress { reason, .. }
+            | ReadError::Unusable { reason, .. } => reason.clone(),
             ReadError::NoMatch { .. } => "no input matches".into(),
         }
     }
@@ -100,7 +111,8 @@ impl ReadError {
         match self {
             ReadError::Io { hint, .. }
             | ReadError::Parse { hint, .. }
-            | ReadError::Decompress { hint, .. } => hint,
+            | ReadError::Decompress { hint, .. }
+            | ReadError::Unusable { hint, .. } => hint,
             ReadError::NoMatch { .. } => "check the spelling of the path or glob",
         }
     }
@@ -130,6 +142,14 @@ impl ReadError {
             path: path.display().to_string(),
             source,
             hint: "check that the file exists and is readable",
+        }
+    }
+    fn not_regular(path: &Path, ft: &std::fs::FileType) -> Self {
+        ReadError::Unusable {
+            path: path.display().to_string(),
+            reason: format!("not a regular file ({})", file_kind(ft)),
+            hint: "remove it from the input, or replace it by the FORMEX file it stands for (reading it could \
+                   block forever)",
         }
     }
 }
@@ -231,58 +251,245 @@ fn parse_qa_jsonl(path: &str, bytes: &[u8], opts: &ReadOptions) -> Result<Vec<Pa
 
 /// Files, directories (walked recursively, accepted extensions only) and globs → sorted, deduplicated paths. An
 /// explicit file is taken whatever its extension. A path or pattern matching nothing is an error.
+///
+/// Invariants: only regular files (after following symlinks) are inputs — a FIFO, socket or device that is named
+/// explicitly or carries an input extension is an error (reading it would block forever); no directory is walked
+/// twice (symlink loops, a directory reached by two paths), and no file is listed twice: of the paths that reach the
+/// same file (symlinks, hard links), the first in sorted order is kept. Every skip is logged at warn level.
 pub fn expand_inputs(patterns: &[String]) -> Result<Vec<PathBuf>, ReadError> {
-    let mut out = BTreeSet::new();
+    let mut walk = InputWalk::default();
     for p in patterns {
         let path = Path::new(p);
-        if path.is_dir() {
-            walk(path, &mut out, 0)?;
-        } else if path.is_file() {
-            out.insert(path.to_path_buf());
-        } else if p.contains(['*', '?', '[']) {
-            let paths = glob::glob(p).map_err(|e| ReadError::Parse {
-                path: p.clone(),
-                line: 1,
-                column: e.pos as u64 + 1,
-                byte_offset: e.pos as u64,
-                reason: format!("bad glob pattern: {}", e.msg),
-                hint: "fix the pattern (e.g. `corpus/**/*.xml`)",
-            })?;
-            let before = out.len();
-            for entry in paths {
-                let pb = entry
-                    .map_err(|e| ReadError::io(e.path(), std::io::Error::other(e.to_string())))?;
-                if pb.is_dir() {
-                    walk(&pb, &mut out, 0)?;
-                } else if is_supported(&pb) {
-                    out.insert(pb);
+        let meta = std::fs::metadata(path);
+        match &meta {
+            Ok(m) if m.is_dir() => walk.dir(path, m)?,
+            Ok(m) if m.is_file() => walk.file(path, m),
+            Ok(m) => return Err(ReadError::not_regular(path, &m.file_type())),
+            Err(_) if p.contains(['*', '?', '[']) => {
+                let bad = |e: glob::PatternError| ReadError::Parse {
+                    path: p.clone(),
+                    line: 1,
+                    column: e.pos as u64 + 1,
+                    byte_offset: e.pos as u64,
+                    reason: format!("bad glob pattern: {}", e.msg),
+                    hint: "fix the pattern (e.g. `corpus/**/*.xml`)",
+                };
+                let mut matched = false;
+                if p.contains("**") {
+                    // The glob crate follows symlinked directories under `**` without loop detection (a
+                    // `self -> .` link makes it run forever): walk the literal base here, each directory once.
+                    matched = walk.recursive_glob(p, &glob::Pattern::new(p).map_err(bad)?)?;
+                } else {
+                    // Without `**` every match has as many components as the pattern: finite, even through loops.
+                    for entry in glob::glob(p).map_err(bad)? {
+                        let pb = entry.map_err(|e| {
+                            ReadError::io(e.path(), std::io::Error::other(e.to_string()))
+                        })?;
+                        matched |= walk.entry(&pb)?;
+                    }
+                }
+                if !matched {
+                    return Err(ReadError::NoMatch { path: p.clone() });
                 }
             }
-            if out.len() == before {
-                return Err(ReadError::NoMatch { path: p.clone() });
-            }
-        } else {
-            return Err(ReadError::NoMatch { path: p.clone() });
+            Err(_) => return Err(ReadError::NoMatch { path: p.clone() }),
         }
     }
-    Ok(out.into_iter().collect())
+    Ok(walk.finish())
 }
 
-fn walk(dir: &Path, out: &mut BTreeSet<PathBuf>, depth: usize) -> Result<(), ReadError> {
-    if depth > 64 {
-        return Ok(());
-    }
-    let rd = std::fs::read_dir(dir).map_err(|e| ReadError::io(dir, e))?;
-    for entry in rd {
-        let entry = entry.map_err(|e| ReadError::io(dir, e))?;
-        let p = entry.path();
-        if p.is_dir() {
-            walk(&p, out, depth + 1)?;
-        } else if is_supported(&p) {
-            out.insert(p);
+/// Identity of a file or directory, the same for every path that reaches it.
+#[cfg(unix)]
+type FileId = (u64, u64);
+#[cfg(not(unix))]
+type FileId = PathBuf;
+
+#[cfg(unix)]
+fn file_id(_path: &Path, meta: &std::fs::Metadata) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    Some((meta.dev(), meta.ino()))
+}
+#[cfg(not(unix))]
+fn file_id(path: &Path, _meta: &std::fs::Metadata) -> Option<FileId> {
+    std::fs::canonicalize(path).ok()
+}
+
+/// What a non-regular file is, for error messages.
+fn file_kind(ft: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return "a FIFO";
+        } else if ft.is_socket() {
+            return "a socket";
+        } else if ft.is_char_device() {
+            return "a character device";
+        } else if ft.is_block_device() {
+            return "a block device";
         }
     }
-    Ok(())
+    let _ = ft;
+    "a special file"
+}
+
+/// State of one [`expand_inputs`] call: the candidate paths (with their file identity) and the directories walked.
+#[derive(Default)]
+struct InputWalk {
+    /// Path → identity (`None`: no metadata, e.g. a dangling symlink; the reader reports it).
+    found: BTreeMap<PathBuf, Option<FileId>>,
+    /// Directory identity → the path it was first walked through.
+    dirs: HashMap<FileId, PathBuf>,
+}
+
+impl InputWalk {
+    fn file(&mut self, path: &Path, meta: &std::fs::Metadata) {
+        self.found.insert(path.to_path_buf(), file_id(path, meta));
+    }
+
+    /// A glob match: a directory is walked, a regular file with an input extension taken. Whether it was either
+    /// (a pattern matching neither matches nothing).
+    fn entry(&mut self, path: &Path) -> Result<bool, ReadError> {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => self.dir(path, &m).map(|()| true),
+            Ok(m) if m.is_file() => {
+                if is_supported(path) {
+                    self.file(path, &m);
+                }
+                Ok(is_supported(path))
+            }
+            Ok(m) if is_supported(path) => Err(ReadError::not_regular(path, &m.file_type())),
+            Ok(_) => Ok(false),
+            Err(_) => {
+                if is_supported(path) {
+                    self.found.insert(path.to_path_buf(), None); // dangling symlink: the reader names it
+                }
+                Ok(is_supported(path))
+            }
+        }
+    }
+
+    /// Expand a pattern with `**`: walk its literal base (the components before the first wildcard) depth-first in
+    /// sorted order, each directory once, and take the paths `pattern` matches (`*` stays within one component, as
+    /// with the glob crate). A directory reached by several paths is seen through the first.
+    fn recursive_glob(&mut self, p: &str, pattern: &glob::Pattern) -> Result<bool, ReadError> {
+        let opts = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: false,
+        };
+        let base: PathBuf = Path::new(p)
+            .components()
+            .take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[']))
+            .collect();
+        // An empty base is the current directory; its paths are then relative (`a/b.xml`, not `./a/b.xml`).
+        let read_path = |d: &Path| -> PathBuf {
+            if d.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                d.to_path_buf()
+            }
+        };
+        let mut matched = false;
+        let mut seen: std::collections::HashSet<FileId> = std::collections::HashSet::new();
+        let mut stack = vec![base];
+        while let Some(path) = stack.pop() {
+            if pattern.matches_path_with(&path, opts) {
+                matched |= self.entry(&path)?;
+            }
+            let Ok(meta) = std::fs::metadata(read_path(&path)) else {
+                continue;
+            };
+            if !meta.is_dir()
+                || file_id(&read_path(&path), &meta).is_some_and(|id| !seen.insert(id))
+            {
+                continue;
+            }
+            let rd = std::fs::read_dir(read_path(&path)).map_err(|e| ReadError::io(&path, e))?;
+            let mut children = Vec::new();
+            for entry in rd {
+                children.push(path.join(entry.map_err(|e| ReadError::io(&path, e))?.file_name()));
+            }
+            children.sort();
+            stack.extend(children.into_iter().rev());
+        }
+        Ok(matched)
+    }
+
+    /// Walk a directory depth-first in sorted order, iteratively (no recursion limit, no stack overflow).
+    fn dir(&mut self, root: &Path, meta: &std::fs::Metadata) -> Result<(), ReadError> {
+        // Stack of entries still to visit, in reverse sorted order (so popping yields sorted DFS order).
+        let mut stack: Vec<(PathBuf, Option<std::fs::Metadata>)> =
+            vec![(root.to_path_buf(), Some(meta.clone()))];
+        while let Some((path, meta)) = stack.pop() {
+            let Some(meta) = meta.or_else(|| std::fs::metadata(&path).ok()) else {
+                if is_supported(&path) {
+                    self.found.insert(path, None); // dangling symlink: the reader names it
+                }
+                continue;
+            };
+            if meta.is_file() {
+                if is_supported(&path) {
+                    self.file(&path, &meta);
+                }
+                continue;
+            }
+            if !meta.is_dir() {
+                if is_supported(&path) {
+                    return Err(ReadError::not_regular(&path, &meta.file_type()));
+                }
+                continue;
+            }
+            if let Some(id) = file_id(&path, &meta) {
+                if let Some(first) = self.dirs.get(&id) {
+                    if *first == path {
+                        continue; // the same directory given twice
+                    }
+                    tracing::warn!(
+                        target: "lexflow::reader",
+                        "{}: skipped: the same directory as {} (a symlink loop or a directory reached twice); \
+                         its files are read once, through {}",
+                        path.display(),
+                        first.display(),
+                        first.display()
+                    );
+                    continue;
+                }
+                self.dirs.insert(id, path.clone());
+            }
+            let rd = std::fs::read_dir(&path).map_err(|e| ReadError::io(&path, e))?;
+            let mut children = Vec::new();
+            for entry in rd {
+                children.push(entry.map_err(|e| ReadError::io(&path, e))?.path());
+            }
+            children.sort();
+            stack.extend(children.into_iter().rev().map(|c| (c, None)));
+        }
+        Ok(())
+    }
+
+    /// The sorted paths, one per file: a file reached by several paths keeps the first.
+    fn finish(self) -> Vec<PathBuf> {
+        let mut seen: HashMap<FileId, PathBuf> = HashMap::new();
+        let mut out = Vec::with_capacity(self.found.len());
+        for (path, id) in self.found {
+            if let Some(id) = id {
+                if let Some(first) = seen.get(&id) {
+                    tracing::warn!(
+                        target: "lexflow::reader",
+                        "{}: skipped: the same file as {} (a symlink or hard link); read once, as {}",
+                        path.display(),
+                        first.display(),
+                        first.display()
+                    );
+                    continue;
+                }
+                seen.insert(id, path.clone());
+            }
+            out.push(path);
+        }
+        out
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -355,7 +562,32 @@ fn decompress(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>, ReadError> {
     }
 }
 
-/// `(member path, bytes)` of the `.xml` members of a zip, in name order.
+/// Whether a zip member is a FORMEX file this reader takes: `.xml` (incl. `.fmx.xml`, `.doc.xml`), or one compressed
+/// as `.xml.gz` / `.xml.zst`. A EUR-Lex FORMEX package also holds images (`.tif`, `.jpg`, `.png`, …) and sometimes a
+/// PDF rendition: those are not text and are skipped (with a warning naming them).
+fn is_zip_formex_member(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    !n.ends_with('/') && (n.ends_with(".xml") || n.ends_with(".xml.gz") || n.ends_with(".xml.zst"))
+}
+
+/// At most this many skipped member names are quoted in an error or a warning (the count is always given).
+const SKIPPED_NAMES_SHOWN: usize = 10;
+
+fn name_list(names: &[String]) -> String {
+    let mut s = names
+        .iter()
+        .take(SKIPPED_NAMES_SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SKIPPED_NAMES_SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SKIPPED_NAMES_SHOWN));
+    }
+    s
+}
+
+/// `(member path, decompressed bytes)` of the FORMEX members of a zip ([`is_zip_formex_member`]), in name order.
+/// A zip without any is an error naming what it holds; other members next to FORMEX ones are logged and skipped.
 fn zip_members(path: &Path, raw: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ReadError> {
     let p = path.display().to_string();
     let bad = |e: zip::result::ZipError| ReadError::Decompress {
@@ -365,16 +597,53 @@ fn zip_members(path: &Path, raw: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ReadEr
         hint: "re-download the EUR-Lex package",
     };
     let mut z = zip::ZipArchive::new(std::io::Cursor::new(raw)).map_err(bad)?;
-    let mut names: Vec<(String, usize)> = (0..z.len())
-        .filter_map(|i| z.name_for_index(i).map(|n| (n.to_string(), i)))
-        .filter(|(n, _)| n.to_ascii_lowercase().ends_with(".xml") && !n.ends_with('/'))
-        .collect();
+    let mut names: Vec<(String, usize)> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
+    for i in 0..z.len() {
+        let Some(n) = z.name_for_index(i) else {
+            continue;
+        };
+        if is_zip_formex_member(n) {
+            names.push((n.to_string(), i));
+        } else if !n.ends_with('/') {
+            skipped.push(n.to_string());
+        }
+    }
     names.sort();
+    skipped.sort();
+    if names.is_empty() {
+        let reason = if skipped.is_empty() {
+            "a zip archive with no file in it: nothing to read".to_string()
+        } else {
+            format!(
+                "a zip archive with no FORMEX member (`.xml`, `.xml.gz`, `.xml.zst`): its {} member(s) were \
+                 skipped: {}",
+                skipped.len(),
+                name_list(&skipped)
+            )
+        };
+        return Err(ReadError::Unusable {
+            path: p,
+            reason,
+            hint: "give a EUR-Lex FORMEX package (a zip of `.xml` files), extract nested archives first, or \
+                   remove this file from the input",
+        });
+    }
+    if !skipped.is_empty() {
+        tracing::warn!(
+            target: "lexflow::reader",
+            "{p}: skipped {} zip member(s) that are not FORMEX XML (images, PDFs, nested archives are not read): {}",
+            skipped.len(),
+            name_list(&skipped)
+        );
+    }
     let mut out = Vec::with_capacity(names.len());
     for (name, i) in names {
         let mpath = format!("{p}!{name}");
         let f = z.by_index(i).map_err(bad)?;
         let bytes = read_limited(f, &mpath, MAX_DECOMPRESSED)?;
+        // `.xml.gz` / `.xml.zst` members: detected by magic bytes, like top-level files.
+        let bytes = decompress(Path::new(&mpath), bytes)?;
         out.push((mpath, bytes));
     }
     Ok(out)
@@ -664,12 +933,20 @@ fn head_bytes(path: &Path, n: usize) -> Option<(String, Vec<u8>)> {
             let mut z = zip::ZipArchive::new(File::open(path).ok()?).ok()?;
             let mut names: Vec<(String, usize)> = (0..z.len())
                 .filter_map(|i| z.name_for_index(i).map(|s| (s.to_string(), i)))
-                .filter(|(s, _)| s.to_ascii_lowercase().ends_with(".xml"))
+                .filter(|(s, _)| is_zip_formex_member(s))
                 .collect();
             names.sort();
             let (name, i) = names.into_iter().next()?;
             let mut m = z.by_index(i).ok()?;
-            Some((format!("{p}!{name}"), take(&mut m)))
+            let lower = name.to_ascii_lowercase();
+            let head = if lower.ends_with(".gz") {
+                take(&mut flate2::read::MultiGzDecoder::new(m))
+            } else if lower.ends_with(".zst") {
+                take(&mut zstd::stream::read::Decoder::new(m).ok()?)
+            } else {
+                take(&mut m)
+            };
+            Some((format!("{p}!{name}"), head))
         }
     }
 }
@@ -984,5 +1261,183 @@ mod tests {
         assert_eq!(j["line"], 2);
         assert!(j["reason"].as_str().unwrap().contains("malformed"));
         assert!(!j["hint"].as_str().unwrap().is_empty());
+    }
+
+    /// `expand_inputs` in a thread, failing (instead of hanging the test run) when it does not finish in time.
+    fn expand_within(patterns: Vec<String>) -> Result<Vec<PathBuf>, ReadError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(expand_inputs(&patterns));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("expand_inputs did not finish in 30 s (a symlink loop walked again and again?)")
+    }
+
+    fn rel(d: &Path, v: &[PathBuf]) -> Vec<String> {
+        v.iter()
+            .map(|p| p.strip_prefix(d).unwrap().display().to_string())
+            .collect()
+    }
+
+    fn zip_of(path: &Path, members: &[(&str, Vec<u8>)]) {
+        let mut z = zip::ZipWriter::new(File::create(path).unwrap());
+        for (n, c) in members {
+            z.start_file(*n, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            z.write_all(c).unwrap();
+        }
+        z.finish().unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn reader_expand_inputs_symlink_loop_lists_each_file_once() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("a.xml"), BODY).unwrap();
+        std::fs::write(d.join("sub/b.xml"), BODY).unwrap();
+        symlink(".", d.join("self")).unwrap();
+        symlink("..", d.join("sub/up")).unwrap();
+        symlink("a.xml", d.join("alias.xml")).unwrap(); // one file, two paths: the first in sorted order is kept
+        let files = expand_within(vec![d.display().to_string()]).unwrap();
+        assert_eq!(rel(d, &files), ["a.xml", "sub/b.xml"]);
+        // the same file through a directory and an explicit path, a glob reaching through the loop
+        let files = expand_within(vec![
+            d.join("self/sub/b.xml").display().to_string(),
+            d.display().to_string(),
+            format!("{}/*/*.xml", d.display()),
+        ])
+        .unwrap();
+        assert_eq!(rel(d, &files), ["a.xml", "self/sub/b.xml"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn reader_expand_inputs_two_self_links_terminate() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("a.xml"), BODY).unwrap();
+        symlink(".", d.join("s1")).unwrap();
+        symlink(".", d.join("s2")).unwrap();
+        let files = expand_within(vec![d.display().to_string()]).unwrap();
+        assert_eq!(rel(d, &files), ["a.xml"]);
+        // `**` through the links (the glob crate alone never returns here); a pattern matching only files already
+        // found is not "no match"
+        let files = expand_within(vec![
+            d.display().to_string(),
+            format!("{}/**/*.xml", d.display()),
+            format!("{}/*.xml", d.display()),
+            format!("{}/s*", d.display()),
+        ])
+        .unwrap();
+        assert_eq!(rel(d, &files), ["a.xml"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn reader_expand_inputs_fifo_is_an_error() {
+        use std::os::unix::ffi::OsStrExt;
+        let mkfifo = |p: &Path| {
+            let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+            // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("in");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("a.xml"), BODY).unwrap();
+        let fifo = d.join("pipe.xml");
+        mkfifo(&fifo);
+        for pattern in [
+            d.display().to_string(),
+            fifo.display().to_string(),
+            format!("{}/*.xml", d.display()),
+        ] {
+            let e = expand_within(vec![pattern.clone()]).unwrap_err();
+            assert!(matches!(e, ReadError::Unusable { .. }), "{pattern}: {e}");
+            assert_eq!(e.path(), fifo.display().to_string(), "{pattern}");
+            let msg = e.to_string();
+            assert!(msg.contains("not a regular file (a FIFO)"), "{msg}");
+            assert!(msg.contains("remove it from the input"), "{msg}");
+        }
+        // a FIFO without an input extension inside a directory is not an input: ignored like `notes.md`
+        let d2 = dir.path().join("other");
+        std::fs::create_dir(&d2).unwrap();
+        std::fs::write(d2.join("a.xml"), BODY).unwrap();
+        mkfifo(&d2.join("control.fifo"));
+        let files = expand_within(vec![d2.display().to_string()]).unwrap();
+        assert_eq!(rel(&d2, &files), ["a.xml"]);
+    }
+
+    #[test]
+    fn reader_zip_without_xml_member_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let only_txt = d.join("only_txt.zip");
+        zip_of(
+            &only_txt,
+            &[("a.txt", b"x".to_vec()), ("img/p1.tif", b"x".to_vec())],
+        );
+        let empty = d.join("empty.zip");
+        zip_of(&empty, &[]);
+        let nested = d.join("nested.zip");
+        let mut inner = Vec::new();
+        {
+            let mut z = zip::ZipWriter::new(std::io::Cursor::new(&mut inner));
+            z.start_file("x.xml", zip::write::SimpleFileOptions::default())
+                .unwrap();
+            z.write_all(BODY.as_bytes()).unwrap();
+            z.finish().unwrap();
+        }
+        zip_of(&nested, &[("inner.zip", inner)]);
+        for (zpath, names) in [
+            (&only_txt, &["a.txt", "img/p1.tif"][..]),
+            (&empty, &[][..]),
+            (&nested, &["inner.zip"][..]),
+        ] {
+            let e = read_file(zpath).unwrap_err();
+            assert!(matches!(e, ReadError::Unusable { .. }), "{e}");
+            assert_eq!(e.path(), zpath.display().to_string());
+            let msg = e.to_string();
+            for n in names {
+                assert!(msg.contains(n), "{msg} should name {n}");
+            }
+            assert!(msg.contains("zip"), "{msg}");
+            assert!(!e.hint().is_empty());
+        }
+        // `lexflow parse` (read_files_with_manifests) reports it as a bad file, not as nothing at all
+        let r = read_files_with_manifests(std::slice::from_ref(&only_txt));
+        assert!(r[0].1.is_err());
+    }
+
+    #[test]
+    fn reader_zip_mixed_members_reads_xml_and_compressed() {
+        let dir = tempfile::tempdir().unwrap();
+        let zpath = dir.path().join("pkg.zip");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(BODY.as_bytes()).unwrap();
+        zip_of(
+            &zpath,
+            &[
+                ("doc.xml", BODY.as_bytes().to_vec()),
+                ("a.txt", b"x".to_vec()),
+                ("b.fmx", b"x".to_vec()),
+                ("c.xml.gz", gz.finish().unwrap()),
+                ("d.xml.zst", zstd::encode_all(BODY.as_bytes(), 3).unwrap()),
+            ],
+        );
+        let v = read_file(&zpath).unwrap();
+        let members: Vec<_> = v
+            .iter()
+            .map(|d| d.path.rsplit('!').next().unwrap())
+            .collect();
+        assert_eq!(members, ["c.xml.gz", "d.xml.zst", "doc.xml"]);
+        assert!(v.iter().all(|d| d.title.as_deref() == Some("Act")));
+        assert!(v.iter().all(|d| d.articles.len() == 1));
+        // sniffing sees the first member, decompressed
+        assert_eq!(sniff_root(&zpath).as_deref(), Some("ACT"));
     }
 }
