@@ -247,7 +247,7 @@ pub fn read_predictions(path: &Path, gold: &[QaPair]) -> anyhow::Result<HashMap<
     Ok(out)
 }
 
-/// Greedy generation settings for `--model`.
+/// Generation settings for `--model`.
 #[derive(Debug, Clone)]
 pub struct GenOptions {
     pub tokenizer: String,
@@ -258,6 +258,8 @@ pub struct GenOptions {
     /// The prompt format the model was fine-tuned with; None: the checkpoint's `run_config.toml`
     /// (`input.qa_template`, `input.qa_system`), else `plain`.
     pub format: Option<PromptFormat>,
+    /// Greedy by default; sampled answers are reproducible per question (its index in the gold file).
+    pub sampling: crate::generate::Sampling,
 }
 
 /// The prompt format for generating with `model_dir`: `explicit`, else the one of the run that wrote the checkpoint
@@ -300,6 +302,7 @@ pub fn generate_ids(
     opts: &GenOptions,
 ) -> anyhow::Result<HashMap<String, (String, Vec<u32>)>> {
     use lexflow_gpu::tch::Kind;
+    opts.sampling.check()?;
     let device = crate::trainer::parse_device(&opts.device)?;
     let kind = if device.is_cuda() {
         Kind::BFloat16
@@ -342,7 +345,15 @@ pub fn generate_ids(
                 );
             }
         }
-        let gen = greedy_batch(&model, &prompts, &stops, opts.max_new_tokens)?;
+        let rows: Vec<u64> = (done_n..done_n + chunk.len()).map(|r| r as u64).collect();
+        let gen = decode_batch(
+            &model,
+            &prompts,
+            &stops,
+            opts.max_new_tokens,
+            &opts.sampling,
+            &rows,
+        )?;
         for (g, ids) in chunk.iter().zip(gen) {
             out.insert(g.id.clone(), (tok.decode(&ids).trim().to_string(), ids));
         }
@@ -381,6 +392,26 @@ pub fn greedy_batch(
     stops: &[u32],
     max_new: usize,
 ) -> anyhow::Result<Vec<Vec<u32>>> {
+    decode_batch(
+        model,
+        prompts,
+        stops,
+        max_new,
+        &crate::generate::Sampling::default(),
+        &[],
+    )
+}
+
+/// [`greedy_batch`] with a choice of the next token ([`crate::generate::Sampling`]); `rows[r]`: the random stream
+/// of prompt `r` (its index in the whole input, so that a sampled answer does not depend on its batch).
+pub fn decode_batch(
+    model: &lexflow_gpu::Llama,
+    prompts: &[Vec<i64>],
+    stops: &[u32],
+    max_new: usize,
+    sampling: &crate::generate::Sampling,
+    rows: &[u64],
+) -> anyhow::Result<Vec<Vec<u32>>> {
     use lexflow_gpu::tch::{self, Kind, Tensor};
     let _ng = tch::no_grad_guard();
     let device = model.device();
@@ -392,6 +423,9 @@ pub fn greedy_batch(
     }
     let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut gen: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut rngs: Vec<rand_chacha::ChaCha8Rng> = (0..b)
+        .map(|r| sampling.rng(rows.get(r).copied().unwrap_or(r as u64)))
+        .collect();
     let mut finished = vec![false; b];
     let mut cache = lexflow_gpu::KvCache::new();
     let (mut feed, mut valid) = if b == 1 {
@@ -421,13 +455,20 @@ pub fn greedy_batch(
                 &mut cache,
             ),
         };
-        let next = Vec::<i64>::try_from(
-            logits
-                .select(1, -1)
-                .narrow(-1, 0, vocab)
-                .argmax(-1, false)
-                .to_device(tch::Device::Cpu),
-        )?;
+        let last = logits.select(1, -1).narrow(-1, 0, vocab);
+        let next: Vec<i64> = if sampling.is_greedy() {
+            Vec::<i64>::try_from(last.argmax(-1, false).to_device(tch::Device::Cpu))?
+        } else {
+            let flat = Vec::<f32>::try_from(
+                last.to_kind(Kind::Float)
+                    .to_device(tch::Device::Cpu)
+                    .reshape([-1]),
+            )?;
+            flat.chunks(vocab as usize)
+                .zip(rngs.iter_mut())
+                .map(|(row, rng)| crate::generate::sample(row, sampling, rng) as i64)
+                .collect()
+        };
         for (r, &t) in next.iter().enumerate() {
             if finished[r] {
                 continue;

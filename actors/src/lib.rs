@@ -14,6 +14,7 @@ pub mod dedup;
 pub mod eval;
 pub mod formex;
 pub mod gen_sample;
+pub mod generate;
 pub mod heldout;
 pub mod packer;
 pub mod pipeline;

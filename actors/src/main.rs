@@ -107,11 +107,77 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text with a checkpoint (or a run directory: its newest checkpoint): continue raw text, or answer
+    /// questions in the Q&A template the model was fine-tuned with. Greedy unless --temperature > 0.
+    Generate {
+        model: PathBuf,
+        /// A prompt (repeatable).
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// JSON lines with "prompt" (or "question") and an optional "id".
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// `raw` (text continued as written), `plain` or `llama3` (Q&A templates); default: the run's Q&A template
+        /// when it fine-tuned on Q&A pairs, else raw.
+        #[arg(long)]
+        template: Option<String>,
+        /// System turn for `--template llama3`.
+        #[arg(long)]
+        system: Option<String>,
+        /// Default: the checkpoint's tokenizer.json, else the Llama 3 tokenizer.
+        #[arg(long)]
+        tokenizer: Option<String>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// Prompts generated together (left-padded batch).
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// One JSON object per answer (id, prompt, output, token_ids) instead of plain text.
+        #[arg(long)]
+        json: bool,
+        /// Write the JSON lines to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Instruction-tuning data (Q&A with legal citations) and its evaluation.
     Qa {
         #[command(subcommand)]
         cmd: QaCmd,
     },
+}
+
+// Parsed once per process: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
+/// How the next token is chosen (`lexflow generate`, `lexflow qa eval --model`).
+#[derive(clap::Args, Debug, Clone)]
+struct SamplingArgs {
+    /// 0: greedy decoding; > 0: sample from softmax(logits / temperature).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sample among the K most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample among the most likely tokens whose probability adds up to P (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Seed of the sampling (each prompt has its own stream: answers do not depend on the batch).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn get(&self) -> lexflow_actors::generate::Sampling {
+        lexflow_actors::generate::Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
 }
 
 // Parsed once per process: the size of the larger variant does not matter.
@@ -154,6 +220,8 @@ enum QaCmd {
         /// Questions generated together (left-padded batch).
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
         /// Prompt format (`plain` or `llama3`); default: the `input.qa_template` of the run that wrote --model
         /// (its run_config.toml), else `plain`.
         #[arg(long)]
@@ -270,6 +338,36 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
         }
+        Cmd::Generate {
+            model,
+            prompt,
+            prompts,
+            template,
+            system,
+            tokenizer,
+            device,
+            max_new_tokens,
+            batch_size,
+            sampling,
+            json,
+            out,
+        } => {
+            let model = lexflow_actors::generate::resolve_model_dir(&model);
+            lexflow_actors::generate::cli_generate(lexflow_actors::generate::GenerateArgs {
+                model: &model,
+                prompts: prompt,
+                prompts_file: prompts.as_deref(),
+                template,
+                system,
+                tokenizer,
+                device,
+                max_new_tokens,
+                batch_size,
+                sampling: sampling.get(),
+                json,
+                out: out.as_deref(),
+            })
+        }
         Cmd::Qa {
             cmd:
                 QaCmd::Eval {
@@ -281,6 +379,7 @@ fn main() -> ExitCode {
                     device,
                     max_new_tokens,
                     batch_size,
+                    sampling,
                     template,
                     system,
                     limit,
@@ -297,6 +396,7 @@ fn main() -> ExitCode {
                 device,
                 max_new_tokens,
                 batch_size,
+                sampling: sampling.get(),
                 format: match lexflow_actors::qa::parse_template(template.as_deref(), system) {
                     Ok(f) => f,
                     Err(e) => {
