@@ -200,6 +200,65 @@ fn resuming_twice_with_another_global_batch_trains_every_sequence_once() {
     );
 }
 
+/// Every sequence in the Arrow tee files of `tee` (all parts): index → tokens; an index in two parts must hold the
+/// same sequence.
+fn tee_sequences(tee: &Path) -> BTreeMap<u64, Vec<u32>> {
+    let mut out: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for e in std::fs::read_dir(tee).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "arrow") {
+            for s in lexflow_actors::arrow_tee::read_sequences(&p).unwrap() {
+                if let Some(t) = out.insert(s.index, s.tokens.clone()) {
+                    assert_eq!(
+                        t, s.tokens,
+                        "sequence {} differs between tee parts",
+                        s.index
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_resumed_run_adds_to_its_arrow_tee_instead_of_replacing_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let with_tee = |dir: &Path, steps: u64| {
+        let cfg = config(dir, &["cpu"], 2, steps);
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "[shards]\ncount = 4",
+            &format!(
+                "[shards]\ncount = 4\narrow_dir = {:?}",
+                dir.join("tee").display().to_string()
+            ),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    };
+    let ref_dir = tmp.path().join("whole");
+    assert!(run(&with_tee(&ref_dir, 8), false, &[]).success());
+    let dir = tmp.path().join("resumed");
+    assert!(run(&with_tee(&dir, 4), false, &[]).success());
+    assert!(run(&with_tee(&dir, 8), true, &[]).success());
+    let trained = 8 * 2;
+    let want: BTreeMap<u64, Vec<u32>> = tee_sequences(&ref_dir.join("tee"))
+        .into_iter()
+        .filter(|(i, _)| *i < trained)
+        .collect();
+    let got: BTreeMap<u64, Vec<u32>> = tee_sequences(&dir.join("tee"))
+        .into_iter()
+        .filter(|(i, _)| *i < trained)
+        .collect();
+    assert_eq!(want.len(), trained as usize);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "sequences missing from the resumed run's tee"
+    );
+    assert!(got == want, "the resumed run's tee holds other sequences");
+}
+
 /// `(step, rank) → sequences` from `lexflow replay` JSON lines.
 fn replayed(out: &Path) -> BTreeMap<(u64, usize), Vec<(u64, String)>> {
     let mut m: BTreeMap<(u64, usize), Vec<(u64, String)>> = BTreeMap::new();

@@ -151,6 +151,15 @@ pub fn shard_file_name(shard: usize) -> String {
     format!("shard-{shard:05}.arrow")
 }
 
+/// The file of a shard's part that starts at sequence `first_index`: [`shard_file_name`] for a run's first part,
+/// `shard-00007.from-000000001234.arrow` for the part a resumed run writes (its earlier parts stay).
+pub fn part_file_name(shard: usize, first_index: u64) -> String {
+    match first_index {
+        0 => shard_file_name(shard),
+        i => format!("shard-{shard:05}.from-{i:012}.arrow"),
+    }
+}
+
 /// Column buffers of the rows not yet written.
 #[derive(Default)]
 struct Rows {
@@ -306,6 +315,19 @@ pub struct ArrowTee {
 impl ArrowTee {
     /// Creates `dir` (and parents) and one `shard-NNNNN.arrow.partial` per logical shard.
     pub fn create(dir: &Path, shards: usize, meta: TeeMeta) -> Result<Self, ArrowTeeError> {
+        Self::create_part(dir, shards, meta, 0)
+    }
+
+    /// [`Self::create`] for the part of the stream from sequence `first_index` on ([`part_file_name`]): a resumed
+    /// run adds its part next to the earlier ones instead of replacing them. The parts may share a few indices
+    /// (sequences prepared but not trained before the stop); a given index always holds the same sequence. A fresh
+    /// run (`first_index` 0) removes the parts an earlier run left in `dir`.
+    pub fn create_part(
+        dir: &Path,
+        shards: usize,
+        meta: TeeMeta,
+        first_index: u64,
+    ) -> Result<Self, ArrowTeeError> {
         if shards == 0 {
             return Err(ArrowTeeError::NoShards);
         }
@@ -320,9 +342,23 @@ impl ArrowTee {
                 path: dir.to_path_buf(),
                 source,
             })?;
+        if first_index == 0 {
+            if let Ok(rd) = std::fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with("shard-")
+                        && name.contains(".from-")
+                        && name.ends_with(".arrow")
+                    {
+                        tracing::info!(file = %e.path().display(), "removing a resumed part of an earlier run's tee");
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
         let mut files = Vec::with_capacity(shards);
         for shard in 0..shards {
-            let path = dir.join(shard_file_name(shard));
+            let path = dir.join(part_file_name(shard, first_index));
             let partial = path.with_extension("arrow.partial");
             let file_meta = TeeFileMeta {
                 format_version: FORMAT_VERSION,

@@ -615,7 +615,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             .as_ref()
             .filter(|_| process.is_none_or(|(r, _)| r == 0))
         {
-            Some(dir) => Some(crate::arrow_tee::ArrowTee::create(
+            Some(dir) => Some(crate::arrow_tee::ArrowTee::create_part(
                 dir,
                 cfg.shards.count.get(),
                 crate::arrow_tee::TeeMeta {
@@ -623,6 +623,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                     seq_len: cfg.packer.seq_len.get(),
                     tokenizer: cfg.tokenizer.path.clone(),
                 },
+                skip,
             )?),
             None => None,
         };

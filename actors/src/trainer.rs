@@ -317,6 +317,32 @@ fn layout(cfg: &TrainConfig, inputs: usize) -> Result<Layout, TrainerError> {
     })
 }
 
+/// Every CUDA device of the layout must exist: libtorch itself would abort deep inside with an unwrap.
+fn check_devices(l: &Layout) -> Result<(), TrainerError> {
+    let visible = if l.local.iter().any(|(_, d)| d.is_cuda()) {
+        tch::Cuda::device_count().max(0) as usize
+    } else {
+        return Ok(());
+    };
+    for (_, d) in &l.local {
+        if let Device::Cuda(i) = d {
+            if *i >= visible {
+                let hint = match visible {
+                    0 => "no GPU, no driver, or a CPU-only libtorch: use devices = [\"cpu\"] here"
+                        .to_string(),
+                    n => {
+                        format!("use an index below {n} (CUDA_VISIBLE_DEVICES renumbers the GPUs)")
+                    }
+                };
+                return Err(TrainerError::Setup(format!(
+                    "train.devices: cuda:{i}, but libtorch sees {visible} CUDA device(s) on this machine ({hint})"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn collectives(l: &Layout) -> Result<Vec<Box<dyn Collective>>, TrainerError> {
     if l.multi_process {
         // CUDA ranks talk NCCL; CPU ranks (or CUDA without the `cuda` feature) a TCP star through rank 0.
@@ -397,6 +423,7 @@ pub fn spawn_trainers(
     inputs: Vec<EdgeReceiver<PackedSequence>>,
 ) -> anyhow::Result<TrainHandle> {
     let layout = layout(&setup.cfg, inputs.len())?;
+    check_devices(&layout)?;
     let resume = if setup.resume {
         resume_point(&setup.run_dir)?
     } else {
@@ -1478,6 +1505,26 @@ mod failure_tests {
         // 8 × 4096 tokens per micro-batch: activations alone exceed the device.
         let act8 = activation_bytes(&c1, 8 * 4096, 2);
         assert!(needs_recompute(state, act8, 80 * gib));
+    }
+
+    #[test]
+    fn a_cuda_device_libtorch_does_not_see_is_a_setup_error_naming_the_key() {
+        let l = Layout {
+            world: 2,
+            local: vec![(0, Device::Cpu), (1, Device::Cuda(63))],
+            multi_process: false,
+        };
+        let e = check_devices(&l).unwrap_err().to_string();
+        assert!(
+            e.contains("train.devices: cuda:63") && e.contains("CUDA device(s)"),
+            "{e}"
+        );
+        let cpu = Layout {
+            world: 1,
+            local: vec![(0, Device::Cpu)],
+            multi_process: false,
+        };
+        assert!(check_devices(&cpu).is_ok());
     }
 
     #[test]
