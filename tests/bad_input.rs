@@ -325,3 +325,26 @@ fn a_cycling_language_whose_files_all_fail_is_an_error_not_a_hang() {
         "{err}"
     );
 }
+
+#[test]
+fn an_input_that_cannot_be_read_fails_the_run_instead_of_being_skipped() {
+    // A file listed at start that the reader then cannot read (here: /proc/self/mem, whose first page read fails
+    // with EIO even for root) is an I/O failure, not bad input: quarantining it would change the run's stream.
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("L_2016119EN.01000101.xml");
+    std::fs::write(&good, good_xml()).unwrap();
+    let broken = dir.path().join("L_2099003EN.01000101.xml");
+    std::os::unix::fs::symlink("/proc/self/mem", &broken).unwrap();
+    assert!(
+        std::fs::read(&broken).is_err(),
+        "/proc/self/mem is readable here: the test means nothing"
+    );
+    let (code, err) = run_inputs(dir.path(), &[&good, &broken], "en = 1.0", "stop");
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("L_2099003EN.01000101.xml")
+            && err.contains("cannot read")
+            && err.contains("--resume"),
+        "{err}"
+    );
+}

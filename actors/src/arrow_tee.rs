@@ -496,14 +496,32 @@ impl ArrowTee {
 }
 
 fn open_reader(path: &Path) -> Result<FileReader<BufReader<File>>, ArrowTeeError> {
+    let format = |message: &str| ArrowTeeError::Format {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => {
+            return Err(format(
+                "is a directory: give one shard file of it (`shard-00000.arrow`, …)",
+            ))
+        }
+        Ok(m) if m.len() == 0 => {
+            return Err(format(
+                "empty file: not an Arrow IPC file (the tee writes `.arrow.partial` and renames it when complete)",
+            ))
+        }
+        _ => {}
+    }
     let f = File::open(path).map_err(|source| ArrowTeeError::Io {
         op: "open",
         path: path.to_path_buf(),
         source,
     })?;
-    FileReader::try_new(BufReader::new(f), None).map_err(|source| ArrowTeeError::Arrow {
-        path: path.to_path_buf(),
-        source,
+    FileReader::try_new(BufReader::new(f), None).map_err(|source| {
+        format(&format!(
+            "not an Arrow IPC file written by the lexflow tee ({source}); give a `shard-NNNNN.arrow` of `shards.arrow_dir`"
+        ))
     })
 }
 

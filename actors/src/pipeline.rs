@@ -440,6 +440,17 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                     let t = Instant::now();
                     let mut docs = match reader::read_file_with(&path, &mi, &ro) {
                         Ok(docs) => docs,
+                        // Bad content is quarantined; a file that cannot be read now is not bad input, and
+                        // skipping it would make this run's stream differ from its resume and replay.
+                        Err(e @ reader::ReadError::Io { .. }) => {
+                            return Err(format!(
+                                "{e} (retried). An I/O failure is not bad input: skipping the file would make this \
+                                 run's stream differ from its resume and replay. Fix the storage and continue with \
+                                 `lexflow run --resume` (exact from the last checkpoint), or remove the file from \
+                                 the input and start a new run"
+                            )
+                            .into());
+                        }
                         Err(e) => {
                             q.record(&e);
                             c.quarantined.fetch_add(1, RELAXED);
@@ -944,7 +955,8 @@ pub fn audit_dedup(
         for (k, path) in lane.files.iter().enumerate() {
             let docs = match reader::read_file_with(path, &manifests, &read_opts) {
                 Ok(d) => d,
-                Err(_) => {
+                Err(e) => {
+                    tracing::warn!("skipped (`lexflow run` quarantines it): {e}");
                     unreadable += 1;
                     continue;
                 }

@@ -212,8 +212,19 @@ fn parse_qa_jsonl(path: &str, bytes: &[u8], opts: &ReadOptions) -> Result<Vec<Pa
         if l.trim().is_empty() {
             continue;
         }
-        let p: crate::qa::QaPair = serde_json::from_str(l)
-            .map_err(|e| bad(i + 1, here, format!("not a Q&A pair: {e}")))?;
+        let p: crate::qa::QaPair = serde_json::from_str(l).map_err(|e| {
+            // serde_json counts within the line: report the column (and the byte in the file), not its "line 1".
+            let col = e.column().max(1);
+            let msg = e.to_string();
+            let msg = msg
+                .strip_suffix(&format!(" at line {} column {}", e.line(), e.column()))
+                .unwrap_or(&msg);
+            let mut err = bad(i + 1, here + col - 1, format!("not a Q&A pair: {msg}"));
+            if let ReadError::Parse { column, .. } = &mut err {
+                *column = col as u64;
+            }
+            err
+        })?;
         match &lang {
             _ if opts.mixed_languages => {}
             None => lang = Some(p.lang.clone()),
@@ -661,8 +672,33 @@ pub fn read_file_detailed(path: &Path) -> Result<Vec<Parsed>, ReadError> {
     read_file_opts(path, &ReadOptions::default())
 }
 
+/// Reads a whole input file, retrying an I/O failure that may pass (not a missing file, a denied permission, a
+/// directory) three times over about 5 s: an NFS or object-store hiccup should not cost a run.
+fn read_with_retries(path: &Path) -> Result<Vec<u8>, ReadError> {
+    use std::io::ErrorKind as K;
+    let mut delays = [200u64, 1_000, 4_000].into_iter();
+    loop {
+        match std::fs::read(path) {
+            Ok(b) => return Ok(b),
+            Err(e) => {
+                let lasting = matches!(
+                    e.kind(),
+                    K::NotFound | K::PermissionDenied | K::IsADirectory | K::InvalidInput
+                );
+                match delays.next() {
+                    Some(ms) if !lasting => {
+                        tracing::warn!(file = %path.display(), retry_in_ms = ms, "cannot read: {e}; retrying");
+                        std::thread::sleep(std::time::Duration::from_millis(ms));
+                    }
+                    _ => return Err(ReadError::io(path, e)),
+                }
+            }
+        }
+    }
+}
+
 fn read_file_opts(path: &Path, opts: &ReadOptions) -> Result<Vec<Parsed>, ReadError> {
-    let raw = std::fs::read(path).map_err(|e| ReadError::io(path, e))?;
+    let raw = read_with_retries(path)?;
     if container(&raw, path) == Container::Zip {
         let members = zip_members(path, &raw)?;
         let mut all = Vec::new();

@@ -1119,16 +1119,22 @@ impl FastBpe {
 // ---------------------------------------------------------------------------------------------------------------------
 
 /// The training text of FORMEX inputs (files, directories, globs, archives: whatever the reader accepts).
-fn training_texts(paths: &[String]) -> anyhow::Result<Vec<String>> {
+/// The non-empty document texts of `paths`, and the errors of the files that could not be read (reported, not
+/// trained on).
+fn training_texts(paths: &[String]) -> anyhow::Result<(Vec<String>, Vec<serde_json::Value>)> {
     let files = crate::reader::expand_inputs(paths)?;
     let mut texts = Vec::new();
+    let mut errors = Vec::new();
     for f in &files {
         match crate::reader::read_file(f) {
             Ok(docs) => texts.extend(docs.into_iter().map(|d| d.text).filter(|t| !t.is_empty())),
-            Err(e) => tracing::warn!(file = %f.display(), error = %e, "skipping unreadable input"),
+            Err(e) => {
+                tracing::warn!("skipped, not trained on: {e}");
+                errors.push(e.to_json());
+            }
         }
     }
-    Ok(texts)
+    Ok((texts, errors))
 }
 
 /// Trains a byte-level BPE with the Llama 3 pre-tokenizer (so the result runs on the fast path) and the special tokens
@@ -1184,8 +1190,12 @@ pub fn train_bpe(texts: &[String], vocab_size: usize) -> anyhow::Result<tokenize
 
 /// `lexflow tokenizer train`.
 pub fn cli_train(paths: &[String], vocab_size: usize, out: &Path) -> anyhow::Result<ExitCode> {
-    let texts = training_texts(paths)?;
-    anyhow::ensure!(!texts.is_empty(), "no training text in {paths:?}");
+    let (texts, file_errors) = training_texts(paths)?;
+    anyhow::ensure!(
+        !texts.is_empty(),
+        "no training text in {paths:?} ({} unreadable files)",
+        file_errors.len()
+    );
     let bytes: usize = texts.iter().map(String::len).sum();
     let t0 = std::time::Instant::now();
     let tk = train_bpe(&texts, vocab_size)?;
@@ -1204,6 +1214,7 @@ pub fn cli_train(paths: &[String], vocab_size: usize, out: &Path) -> anyhow::Res
             "vocab_size": loaded.vocab_size(),
             "engine": loaded.engine(),
             "seconds": t0.elapsed().as_secs_f64(),
+            "file_errors": file_errors,
         })
     );
     Ok(ExitCode::SUCCESS)

@@ -1252,7 +1252,7 @@ impl<'a> Rank<'a> {
                     serde_json::to_string_pretty(&state).expect("state is JSON"),
                 )
             })?;
-            prune_checkpoints(&self.setup.run_dir, cfg.keep_checkpoints);
+            prune_checkpoints(&self.setup.run_dir, cfg.keep_checkpoints, opt.step);
             let m = lexflow_metrics::global();
             let l = [self.rank.to_string()];
             m.checkpoint_duration
@@ -1322,9 +1322,25 @@ pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
-/// Keeps the newest `keep` checkpoints and removes leftover temporary directories.
-fn prune_checkpoints(run_dir: &Path, keep: usize) {
-    let all = list_checkpoints(run_dir);
+/// Keeps the `keep` newest checkpoints up to `current` (the one just written). Checkpoints of later steps belong to
+/// another timeline — newer ones a resume passed over because they did not verify, or an earlier run's in this
+/// directory — and are removed: counted among the newest, they would push out the good ones just written. Also
+/// removes leftover temporary directories.
+fn prune_checkpoints(run_dir: &Path, keep: usize, current: u64) {
+    let mut all = list_checkpoints(run_dir);
+    for (step, dir) in all.iter().filter(|(s, _)| *s > current) {
+        tracing::warn!(
+            dir = %dir.display(),
+            step,
+            current,
+            "removing a checkpoint newer than the run's current step (it did not verify on resume, or an earlier run \
+             in this directory wrote it)"
+        );
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), "cannot remove it: {e}");
+        }
+    }
+    all.retain(|(s, _)| *s <= current);
     for (_, dir) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
         if let Err(e) = std::fs::remove_dir_all(dir) {
             tracing::warn!(dir = %dir.display(), "cannot remove old checkpoint: {e}");
@@ -1482,7 +1498,8 @@ pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
         }
     }
     anyhow::bail!(
-        "{} checkpoint(s) in {} and none verifies:\n  {}",
+        "{} checkpoint(s) in {} and none verifies:\n  {}\nRestore a good checkpoint from a backup, or move the \
+         checkpoints away (they are kept for inspection) and run without --resume to start over",
         all.len(),
         checkpoints_dir(run_dir).display(),
         skipped.join("\n  ")
@@ -1505,6 +1522,22 @@ mod failure_tests {
         // 8 × 4096 tokens per micro-batch: activations alone exceed the device.
         let act8 = activation_bytes(&c1, 8 * 4096, 2);
         assert!(needs_recompute(state, act8, 80 * gib));
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_up_to_the_current_step_and_drops_other_timelines() {
+        let dir = tempfile::tempdir().unwrap();
+        for s in [10u64, 20, 22, 30] {
+            std::fs::create_dir_all(checkpoints_dir(dir.path()).join(format!("step-{s:06}")))
+                .unwrap();
+        }
+        // Resumed from 20 (30 did not verify), just wrote 22, keeps 2: 20 and 22 stay, 30 and 10 go.
+        prune_checkpoints(dir.path(), 2, 22);
+        let left: Vec<u64> = list_checkpoints(dir.path())
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(left, vec![20, 22]);
     }
 
     #[test]
