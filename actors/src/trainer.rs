@@ -95,6 +95,8 @@ pub struct ResumeInfo {
     pub world_size: usize,
     /// The global batch of every stretch of steps so far (see [`BatchSegment`]).
     pub batches: Vec<BatchSegment>,
+    /// libtorch CPU threads per rank of the run that wrote the checkpoint (None: CUDA ranks, or an older checkpoint).
+    pub cpu_threads: Option<usize>,
     /// Newer checkpoints that failed verification, with the reason.
     pub skipped: Vec<String>,
     /// The dataflow position right before the last sequence rank 0 trained on (`data_state.json`).
@@ -161,6 +163,9 @@ pub struct TrainerState {
     /// checkpoints have none: one batch for the whole run, as they could only record).
     #[serde(default)]
     pub batches: Vec<BatchSegment>,
+    /// libtorch intra-op threads of a CPU rank (the bits of CPU reductions depend on it); None on CUDA.
+    #[serde(default)]
+    pub cpu_threads: Option<usize>,
 }
 
 impl TrainerState {
@@ -459,6 +464,18 @@ pub fn spawn_trainers(
             .unwrap_or((cores / cpu_ranks).max(1));
         tch::set_num_threads(per_rank as i32);
         tracing::debug!(cpu_ranks, per_rank, "libtorch intra-op threads");
+        // CPU reductions split their work by thread: another count may round the last bits differently.
+        if let Some(then) = resume.as_ref().and_then(|r| r.cpu_threads) {
+            if then != per_rank {
+                tracing::warn!(
+                    checkpoint_threads = then,
+                    threads = per_rank,
+                    "the checkpoint was trained with another number of libtorch CPU threads per rank: the batches are \
+                     the same, but losses and weights may differ from an uninterrupted run in the last bits; set \
+                     OMP_NUM_THREADS={then} for a bit-identical continuation"
+                );
+            }
+        }
     }
     let pending = pending_collectives(&layout)?;
     let results = Arc::new(Mutex::new(vec![None; inputs.len()]));
@@ -1215,6 +1232,8 @@ impl<'a> Rank<'a> {
                 train_config: cfg.clone(),
                 created_unix: now_unix(),
                 batches: self.batches.clone(),
+                cpu_threads: matches!(self.device, Device::Cpu)
+                    .then(|| tch::get_num_threads().max(1) as usize),
             };
             let bytes = checkpoint::write_checkpoint_dir(&dir, |tmp| {
                 // First, so that sharded peers waiting to send their slices are served before anything else.
@@ -1482,6 +1501,7 @@ pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
                     checkpoint: dir.clone(),
                     world_size: s.world_size,
                     batches: s.batch_history(),
+                    cpu_threads: s.cpu_threads,
                     skipped,
                     data,
                 }));
