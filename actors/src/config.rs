@@ -343,6 +343,13 @@ pub struct TrainConfig {
     pub min_lr: f64,
     #[serde(default)]
     pub warmup_steps: u64,
+    /// After the warmup: `cosine` (to `min_lr` at `steps`), `wsd` (warmup-stable-decay: `lr`, then a linear decay
+    /// to `min_lr` over the last `decay_steps`), `constant`.
+    #[serde(default)]
+    pub schedule: lexflow_gpu::LrSchedule,
+    /// `wsd`: length of the final decay (default: the last 10% of `steps`).
+    #[serde(default)]
+    pub decay_steps: Option<u64>,
     #[serde(default = "default_wd")]
     pub weight_decay: f64,
     #[serde(default = "default_beta1")]
@@ -616,6 +623,34 @@ impl Config {
 
     /// Parses and validates. `origin` names the source in messages (file path or `<embedded sample>`).
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg = Self::parse(text, origin)?;
+        let errors = cfg.validate(text);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                errors,
+            })
+        }
+    }
+
+    /// A config stored in a checkpoint (`run_config.toml`): parsed, not validated again — the run ran with it, and
+    /// checks added since must not lock its checkpoints out of `--resume`, `replay` or `provenance`.
+    pub fn stored(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Self::parse(text, origin)
+    }
+
+    /// A stored config file ([`Self::stored`]).
+    pub fn stored_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::stored(&text, &path.display().to_string())
+    }
+
+    fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::new(text);
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
@@ -650,15 +685,7 @@ impl Config {
                 }
             }
         })?;
-        let errors = cfg.validate(text);
-        if errors.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(ConfigError::Invalid {
-                origin: origin.to_string(),
-                errors,
-            })
-        }
+        Ok(cfg)
     }
 
     fn validate(&self, text: &str) -> Vec<String> {
@@ -772,6 +799,21 @@ impl Config {
                     t.min_lr,
                     t.lr
                 ));
+            }
+            if let Some(d) = t.decay_steps {
+                if t.schedule != lexflow_gpu::LrSchedule::Wsd {
+                    errs.push(format!(
+                        "{}: only the `wsd` schedule has a decay phase (train.schedule = \"wsd\")",
+                        at("train.decay_steps")
+                    ));
+                } else if d == 0 || d > t.steps.saturating_sub(t.warmup_steps) {
+                    errs.push(format!(
+                        "{}: {d} must be in [1, train.steps - train.warmup_steps = {}] (the final decay of the \
+                         wsd schedule)",
+                        at("train.decay_steps"),
+                        t.steps.saturating_sub(t.warmup_steps)
+                    ));
+                }
             }
             if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
                 errs.push(format!(
@@ -1141,6 +1183,24 @@ mod tests {
 
     fn invalid(toml: &str) -> String {
         Config::from_toml(toml, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn wsd_decay_steps_are_checked_against_the_schedule() {
+        let e = invalid(&format!("{TRAIN_BASE}decay_steps = 3\n"));
+        assert!(
+            e.contains("line 7: key `train.decay_steps`") && e.contains("wsd"),
+            "{e}"
+        );
+        let e = invalid(&format!(
+            "{TRAIN_BASE}schedule = \"wsd\"\ndecay_steps = 0\n"
+        ));
+        assert!(
+            e.contains("line 8: key `train.decay_steps`") && e.contains("[1,"),
+            "{e}"
+        );
+        let e = invalid(&format!("{TRAIN_BASE}schedule = \"linear\"\n"));
+        assert!(e.contains("train.schedule") && e.contains("wsd"), "{e}");
     }
 
     #[test]

@@ -275,7 +275,7 @@ pub fn prompt_format_for(
     if !p.is_file() {
         return Ok(PromptFormat::default());
     }
-    let cfg = crate::config::Config::from_file(&p).map_err(|e| {
+    let cfg = crate::config::Config::stored_file(&p).map_err(|e| {
         anyhow::anyhow!("{e} (pass --template to choose the prompt format yourself)")
     })?;
     Ok(cfg.input.prompt_format())

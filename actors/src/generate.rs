@@ -164,7 +164,7 @@ pub fn prompt_style(
     if !p.is_file() {
         return Ok(PromptStyle::Raw);
     }
-    let cfg = crate::config::Config::from_file(&p).map_err(|e| {
+    let cfg = crate::config::Config::stored_file(&p).map_err(|e| {
         anyhow::anyhow!("{e} (pass --template to choose the prompt format yourself)")
     })?;
     let qa = cfg.input.paths.iter().any(|p| p.ends_with(".jsonl"))

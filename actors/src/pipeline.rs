@@ -215,6 +215,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         match crate::trainer::resume_point(&run_dir)? {
             Some(r) => {
                 check_same_stream(cfg, &r.checkpoint)?;
+                if process.is_none_or(|(rank, _)| rank == 0) {
+                    crate::trainer::set_aside_unusable(&r.skipped_dirs);
+                }
                 tracing::info!(step = r.step, sequences = r.sequences_consumed, checkpoint = %r.checkpoint.display(), "resuming");
                 Some(r)
             }
@@ -229,6 +232,14 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     } else {
         None
     };
+    if replay.is_none()
+        && cfg.train.is_some()
+        && resume.is_none()
+        && !opts.resume
+        && process.is_none_or(|(rank, _)| rank == 0)
+    {
+        crate::trainer::set_aside_previous_run(&run_dir)?;
+    }
     let (skip, data) = match replay {
         Some(r) => (r.skip, r.data.clone()),
         None => (
@@ -440,9 +451,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                     let t = Instant::now();
                     let mut docs = match reader::read_file_with(&path, &mi, &ro) {
                         Ok(docs) => docs,
-                        // Bad content is quarantined; a file that cannot be read now is not bad input, and
-                        // skipping it would make this run's stream differ from its resume and replay.
-                        Err(e @ reader::ReadError::Io { .. }) => {
+                        // Bad content (and a missing or forbidden file: the same on a resume) is quarantined; a
+                        // file that cannot be read now is not bad input, and skipping it would make this run's
+                        // stream differ from its resume and replay.
+                        Err(e) if e.is_transient_io() => {
                             return Err(format!(
                                 "{e} (retried). An I/O failure is not bad input: skipping the file would make this \
                                  run's stream differ from its resume and replay. Fix the storage and continue with \
@@ -831,7 +843,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
 
 /// Config keys that decide the data stream: a resume continues the checkpoint's stream, so they must not change.
 /// (Thread counts, edge capacities, `[train]`, `[metrics]`, `[eval]` besides the held-out split do not change it.)
-const STREAM_KEYS: [&str; 8] = [
+const STREAM_KEYS: [&str; 9] = [
     "run.seed",
     "input",
     "tokenizer.path",
@@ -840,6 +852,8 @@ const STREAM_KEYS: [&str; 8] = [
     "packer",
     "dedup",
     "eval.holdout",
+    // Held-out documents of their own: with dedup.against_heldout, training copies of them are dropped.
+    "eval.paths",
 ];
 
 /// Refuses to resume from `checkpoint` when a [`STREAM_KEYS`] key differs from the config that wrote it
@@ -850,9 +864,36 @@ fn check_same_stream(cfg: &Config, checkpoint: &Path) -> anyhow::Result<()> {
     let Ok(text) = std::fs::read_to_string(&p) else {
         return Ok(()); // written by a run without a config file (tests driving the trainer directly)
     };
-    let then = Config::from_toml(&text, &p.display().to_string())
+    let then = Config::stored(&text, &p.display().to_string())
         .map_err(|e| anyhow::anyhow!("{e} (the config stored in the checkpoint)"))?;
-    let (a, b) = (toml::Value::try_from(&then)?, toml::Value::try_from(cfg)?);
+    let (mut a, mut b) = (toml::Value::try_from(&then)?, toml::Value::try_from(cfg)?);
+    // Settings that cannot act are not changes: [dedup] parameters while it is off in both, the generated corpus's
+    // settings when both read input.paths.
+    let off = |v: &toml::Value| {
+        v.get("dedup")
+            .and_then(|d| d.get("mode"))
+            .and_then(|m| m.as_str())
+            .is_none_or(|m| m == "off")
+    };
+    let reads_paths = |v: &toml::Value| {
+        v.get("input")
+            .and_then(|i| i.get("paths"))
+            .and_then(|p| p.as_array())
+            .is_some_and(|p| !p.is_empty())
+    };
+    let (dedup_off, paths) = (off(&a) && off(&b), reads_paths(&a) && reads_paths(&b));
+    for v in [&mut a, &mut b] {
+        if let Some(t) = v.as_table_mut() {
+            if dedup_off {
+                t.remove("dedup");
+            }
+            if paths {
+                if let Some(i) = t.get_mut("input").and_then(|i| i.as_table_mut()) {
+                    i.remove("generate");
+                }
+            }
+        }
+    }
     let mut diffs = Vec::new();
     for key in STREAM_KEYS {
         let get = |v: &toml::Value| key.split('.').try_fold(v.clone(), |v, k| v.get(k).cloned());

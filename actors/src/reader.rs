@@ -68,6 +68,12 @@ pub enum ReadError {
 }
 
 impl ReadError {
+    /// An I/O failure that persisted through the reader's retries but may pass (not a missing file, a denied
+    /// permission): the run stops on it rather than quarantine the file, which would change its stream.
+    pub fn is_transient_io(&self) -> bool {
+        matches!(self, ReadError::Io { source, .. } if !lasting_io(source))
+    }
+
     pub fn path(&self) -> &str {
         match self {
             ReadError::Io { path, .. }
@@ -672,19 +678,25 @@ pub fn read_file_detailed(path: &Path) -> Result<Vec<Parsed>, ReadError> {
     read_file_opts(path, &ReadOptions::default())
 }
 
+/// An I/O failure that will not pass by retrying: the same on a resume or a replay (so a quarantine keeps the
+/// stream reproducible).
+fn lasting_io(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::NotFound | K::PermissionDenied | K::IsADirectory | K::InvalidInput
+    )
+}
+
 /// Reads a whole input file, retrying an I/O failure that may pass (not a missing file, a denied permission, a
 /// directory) three times over about 5 s: an NFS or object-store hiccup should not cost a run.
 fn read_with_retries(path: &Path) -> Result<Vec<u8>, ReadError> {
-    use std::io::ErrorKind as K;
     let mut delays = [200u64, 1_000, 4_000].into_iter();
     loop {
         match std::fs::read(path) {
             Ok(b) => return Ok(b),
             Err(e) => {
-                let lasting = matches!(
-                    e.kind(),
-                    K::NotFound | K::PermissionDenied | K::IsADirectory | K::InvalidInput
-                );
+                let lasting = lasting_io(&e);
                 match delays.next() {
                     Some(ms) if !lasting => {
                         tracing::warn!(file = %path.display(), retry_in_ms = ms, "cannot read: {e}; retrying");

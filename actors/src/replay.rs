@@ -80,7 +80,7 @@ fn load_ckpt(dir: &Path) -> anyhow::Result<Ckpt> {
     let cfg_path = dir.join(RUN_CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("{}: no run config in this checkpoint", cfg_path.display()))?;
-    let config = Config::from_toml(&text, &cfg_path.display().to_string())?;
+    let config = Config::stored(&text, &cfg_path.display().to_string())?;
     Ok(Ckpt {
         dir: dir.to_path_buf(),
         state,
@@ -107,8 +107,14 @@ pub fn replay_steps(
         .and_then(|p| p.parent())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    // The named checkpoint's history of global batches maps steps to sequences (a resume may have changed it).
-    let batches = given.state.batch_history();
+    // The history of global batches maps steps to sequences (a resume may have changed it): the newest verified
+    // checkpoint of the run knows the most of it (steps after it are taken to continue its last batch).
+    let batches = list_checkpoints(&run_dir)
+        .into_iter()
+        .rev()
+        .find_map(|(_, d)| load_ckpt(&d).ok())
+        .filter(|c| c.state.step >= given.state.step)
+        .map_or_else(|| given.state.batch_history(), |c| c.state.batch_history());
     // Newest usable checkpoint: step < first.
     let mut start: Option<Ckpt> = None;
     if given.state.step < first {

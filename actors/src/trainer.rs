@@ -99,6 +99,9 @@ pub struct ResumeInfo {
     pub cpu_threads: Option<usize>,
     /// Newer checkpoints that failed verification, with the reason.
     pub skipped: Vec<String>,
+    /// Their directories (set aside by the resumed run, so that they neither count among its newest checkpoints
+    /// nor collide with the ones it writes).
+    pub skipped_dirs: Vec<PathBuf>,
     /// The dataflow position right before the last sequence rank 0 trained on (`data_state.json`).
     pub data: Option<ResumePoint>,
 }
@@ -339,8 +342,12 @@ fn check_devices(l: &Layout) -> Result<(), TrainerError> {
                         format!("use an index below {n} (CUDA_VISIBLE_DEVICES renumbers the GPUs)")
                     }
                 };
+                let from = match l.multi_process {
+                    true => "LOCAL_RANK (one process per rank, train.devices = [\"cuda:…\"])",
+                    false => "train.devices",
+                };
                 return Err(TrainerError::Setup(format!(
-                    "train.devices: cuda:{i}, but libtorch sees {visible} CUDA device(s) on this machine ({hint})"
+                    "{from}: cuda:{i}, but libtorch sees {visible} CUDA device(s) on this machine ({hint})"
                 )));
             }
         }
@@ -633,6 +640,9 @@ fn schedule(cfg: &TrainConfig) -> AdamWConfig {
         min_lr: cfg.min_lr,
         warmup_steps: cfg.warmup_steps,
         total_steps: cfg.steps,
+        schedule: cfg.schedule,
+        // WSD without an explicit length: the last 10% of the steps (at least one).
+        decay_steps: cfg.decay_steps.unwrap_or((cfg.steps / 10).max(1)),
         weight_decay: cfg.weight_decay,
         beta1: cfg.beta1,
         beta2: cfg.beta2,
@@ -1271,7 +1281,7 @@ impl<'a> Rank<'a> {
                     serde_json::to_string_pretty(&state).expect("state is JSON"),
                 )
             })?;
-            prune_checkpoints(&self.setup.run_dir, cfg.keep_checkpoints, opt.step);
+            prune_checkpoints(&self.setup.run_dir, cfg.keep_checkpoints);
             let m = lexflow_metrics::global();
             let l = [self.rank.to_string()];
             m.checkpoint_duration
@@ -1341,25 +1351,11 @@ pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
-/// Keeps the `keep` newest checkpoints up to `current` (the one just written). Checkpoints of later steps belong to
-/// another timeline — newer ones a resume passed over because they did not verify, or an earlier run's in this
-/// directory — and are removed: counted among the newest, they would push out the good ones just written. Also
-/// removes leftover temporary directories.
-fn prune_checkpoints(run_dir: &Path, keep: usize, current: u64) {
-    let mut all = list_checkpoints(run_dir);
-    for (step, dir) in all.iter().filter(|(s, _)| *s > current) {
-        tracing::warn!(
-            dir = %dir.display(),
-            step,
-            current,
-            "removing a checkpoint newer than the run's current step (it did not verify on resume, or an earlier run \
-             in this directory wrote it)"
-        );
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            tracing::warn!(dir = %dir.display(), "cannot remove it: {e}");
-        }
-    }
-    all.retain(|(s, _)| *s <= current);
+/// Keeps the `keep` newest checkpoints and removes leftover temporary directories. (No checkpoint newer than the
+/// run's step exists by then: a fresh run sets an earlier run's aside, a resumed run the newer ones that did not
+/// verify — [`set_aside_previous_run`], [`set_aside_unusable`].)
+fn prune_checkpoints(run_dir: &Path, keep: usize) {
+    let all = list_checkpoints(run_dir);
     for (_, dir) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
         if let Err(e) = std::fs::remove_dir_all(dir) {
             tracing::warn!(dir = %dir.display(), "cannot remove old checkpoint: {e}");
@@ -1471,6 +1467,75 @@ fn read_state(dir: &Path) -> Result<TrainerState, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
 }
 
+/// A fresh (not resumed) training run in a directory an earlier run trained in: that run's checkpoints, step records
+/// and evaluation history move to `<run_dir>/previous/` (replacing an older `previous/`), so the two runs' records
+/// never mix and the new run's checkpoints are not pruned in favour of the old ones. Returns what was moved.
+pub fn set_aside_previous_run(run_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let names = [
+        "checkpoints",
+        STEPS_FILE,
+        crate::heldout::RESULTS_FILE,
+        crate::dedup::LOG_FILE,
+    ];
+    let present: Vec<&str> = names
+        .into_iter()
+        .filter(|n| {
+            let p = run_dir.join(n);
+            match *n {
+                "checkpoints" => std::fs::read_dir(&p).is_ok_and(|mut d| d.next().is_some()),
+                _ => p.exists(),
+            }
+        })
+        .collect();
+    if present.is_empty() {
+        return Ok(Vec::new());
+    }
+    let prev = run_dir.join("previous");
+    if prev.exists() {
+        std::fs::remove_dir_all(&prev).with_context(|| format!("removing {}", prev.display()))?;
+    }
+    std::fs::create_dir_all(&prev).with_context(|| format!("creating {}", prev.display()))?;
+    let mut moved = Vec::new();
+    for n in present {
+        let (from, to) = (run_dir.join(n), prev.join(n));
+        std::fs::rename(&from, &to)
+            .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+        moved.push(to);
+    }
+    tracing::warn!(
+        dir = %prev.display(),
+        moved = ?moved,
+        "an earlier run trained in this directory and this one does not --resume it: its checkpoints and records \
+         are set aside"
+    );
+    Ok(moved)
+}
+
+/// Resume: the newer checkpoints that did not verify are renamed `step-NNNNNN.unusable` (kept for inspection; no
+/// longer counted among the run's checkpoints, nor in the way of the ones the resumed run writes).
+pub fn set_aside_unusable(dirs: &[PathBuf]) {
+    for d in dirs {
+        let mut to = d.as_os_str().to_owned();
+        to.push(".unusable");
+        let mut to = PathBuf::from(to);
+        let mut k = 1;
+        while to.exists() {
+            let mut t = d.as_os_str().to_owned();
+            t.push(format!(".unusable-{k}"));
+            to = PathBuf::from(t);
+            k += 1;
+        }
+        match std::fs::rename(d, &to) {
+            Ok(()) => {
+                tracing::warn!(from = %d.display(), to = %to.display(), "set aside a checkpoint that does not verify")
+            }
+            Err(e) => {
+                tracing::warn!(dir = %d.display(), "cannot set aside a checkpoint that does not verify: {e}")
+            }
+        }
+    }
+}
+
 /// On resume: the newest checkpoint whose manifest verifies. Newer broken ones are skipped with a warning; if
 /// checkpoints exist but none verifies, that is an error (starting over silently would waste the run).
 pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
@@ -1479,6 +1544,7 @@ pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
         return Ok(None);
     }
     let mut skipped = Vec::new();
+    let mut skipped_dirs = Vec::new();
     for (step, dir) in all.iter().rev() {
         match read_state(dir) {
             Ok(s) if s.step == *step => {
@@ -1503,23 +1569,29 @@ pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
                     batches: s.batch_history(),
                     cpu_threads: s.cpu_threads,
                     skipped,
+                    skipped_dirs,
                     data,
                 }));
             }
-            Ok(s) => skipped.push(format!(
-                "{}: trainer_state says step {}",
-                dir.display(),
-                s.step
-            )),
+            Ok(s) => {
+                skipped.push(format!(
+                    "{}: trainer_state says step {}",
+                    dir.display(),
+                    s.step
+                ));
+                skipped_dirs.push(dir.clone());
+            }
             Err(e) => {
                 tracing::warn!(checkpoint = %dir.display(), "checkpoint is corrupt, skipping it: {e}");
                 skipped.push(format!("{}: {e}", dir.display()));
+                skipped_dirs.push(dir.clone());
             }
         }
     }
     anyhow::bail!(
-        "{} checkpoint(s) in {} and none verifies:\n  {}\nRestore a good checkpoint from a backup, or move the \
-         checkpoints away (they are kept for inspection) and run without --resume to start over",
+        "{} checkpoint(s) in {} and none verifies:\n  {}\nRestore a good checkpoint from a backup, or run without \
+         --resume to start over (the run's earlier checkpoints and step records are then moved to previous/ in the \
+         run directory, for inspection)",
         all.len(),
         checkpoints_dir(run_dir).display(),
         skipped.join("\n  ")
@@ -1545,19 +1617,36 @@ mod failure_tests {
     }
 
     #[test]
-    fn pruning_keeps_the_newest_up_to_the_current_step_and_drops_other_timelines() {
+    fn earlier_runs_and_unusable_checkpoints_are_set_aside_not_pruned_over() {
         let dir = tempfile::tempdir().unwrap();
-        for s in [10u64, 20, 22, 30] {
-            std::fs::create_dir_all(checkpoints_dir(dir.path()).join(format!("step-{s:06}")))
-                .unwrap();
+        let ck = |s: u64| checkpoints_dir(dir.path()).join(format!("step-{s:06}"));
+        for s in [10u64, 20, 30] {
+            std::fs::create_dir_all(ck(s)).unwrap();
         }
-        // Resumed from 20 (30 did not verify), just wrote 22, keeps 2: 20 and 22 stay, 30 and 10 go.
-        prune_checkpoints(dir.path(), 2, 22);
+        // Resumed from 20 because 30 does not verify: 30 is renamed, so after writing 22 and pruning to 2, the
+        // good 20 and 22 are what is left (counting 30 among the newest would have removed 20).
+        set_aside_unusable(&[ck(30)]);
+        std::fs::create_dir_all(ck(22)).unwrap();
+        prune_checkpoints(dir.path(), 2);
         let left: Vec<u64> = list_checkpoints(dir.path())
             .into_iter()
             .map(|(s, _)| s)
             .collect();
         assert_eq!(left, vec![20, 22]);
+        assert!(checkpoints_dir(dir.path())
+            .join("step-000030.unusable")
+            .is_dir());
+        // A fresh run over it: everything moves to previous/, nothing is lost.
+        std::fs::write(dir.path().join(STEPS_FILE), "{}\n").unwrap();
+        let moved = set_aside_previous_run(dir.path()).unwrap();
+        assert_eq!(moved.len(), 2);
+        assert!(list_checkpoints(dir.path()).is_empty());
+        assert!(dir.path().join("previous/checkpoints/step-000022").is_dir());
+        assert!(dir.path().join("previous").join(STEPS_FILE).is_file());
+        assert!(
+            set_aside_previous_run(dir.path()).unwrap().is_empty(),
+            "nothing left to set aside"
+        );
     }
 
     #[test]
