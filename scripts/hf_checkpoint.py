@@ -20,6 +20,8 @@ def generate(ckpt: str, max_new: int, prompts: list[str]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     tok = AutoTokenizer.from_pretrained(ckpt)
+    # Batch tokenization needs the pad token the checkpoint declares (the packer's).
+    tok(prompts, padding=True)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     gen = GenerationConfig.from_pretrained(ckpt)
@@ -27,7 +29,7 @@ def generate(ckpt: str, max_new: int, prompts: list[str]) -> None:
     for p in prompts:
         enc = tok(p, return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new, generation_config=gen, pad_token_id=stops[0])
+            out = model.generate(**enc, max_new_tokens=max_new, generation_config=gen)
         ids = out[0, enc["input_ids"].shape[1]:].tolist()
         if ids and ids[-1] in stops:
             ids = ids[:-1]

@@ -67,7 +67,19 @@ fn a_checkpoint_loads_in_transformers_alone_and_generates_what_lexflow_generates
         .args(PROMPTS)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    // Loading and generating must not make transformers warn (a false "incorrect regex" tokenizer warning when
+    // config.json lacks transformers_version; "pad_token_id" when no pad token is declared).
+    for w in ["incorrect regex", "pad_token_id"] {
+        assert!(!stderr.contains(w), "transformers warns ({w}): {stderr}");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert!(
+        cfg["bos_token_id"].is_u64() && cfg["eos_token_id"].is_u64(),
+        "{cfg}"
+    );
     let theirs: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

@@ -150,6 +150,9 @@ pub fn prompt_style(
     template: Option<&str>,
     system: Option<String>,
 ) -> anyhow::Result<PromptStyle> {
+    if let Some(t) = template.filter(|t| !["raw", "plain", "llama3"].contains(t)) {
+        anyhow::bail!("--template {t:?}: expected `raw`, `plain` or `llama3`");
+    }
     if template == Some("raw") {
         anyhow::ensure!(
             system.is_none(),
@@ -270,6 +273,29 @@ pub fn cli_generate(a: GenerateArgs<'_>) -> anyhow::Result<ExitCode> {
     );
     let style = prompt_style(a.model, a.template.as_deref(), a.system.clone())?;
     let tok_spec = tokenizer_for(a.model, a.tokenizer.clone());
+    eprintln!(
+        "lexflow generate: {}, {}, tokenizer {tok_spec}, {}",
+        a.model.display(),
+        match &style {
+            PromptStyle::Raw => "raw text".to_string(),
+            PromptStyle::Qa(f) => format!(
+                "Q&A template `{}`{}",
+                f.template.as_str(),
+                if f.system.is_some() {
+                    " with a system turn"
+                } else {
+                    ""
+                }
+            ),
+        },
+        match a.sampling.is_greedy() {
+            true => "greedy".to_string(),
+            false => format!(
+                "sampling (temperature {}, top-k {}, top-p {}, seed {})",
+                a.sampling.temperature, a.sampling.top_k, a.sampling.top_p, a.sampling.seed
+            ),
+        }
+    );
     let tok = crate::tokenizer::Tokenizer::load(&tok_spec)?;
     if let PromptStyle::Qa(f) = &style {
         f.check_tokenizer(&tok)?;

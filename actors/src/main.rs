@@ -389,7 +389,10 @@ fn main() -> ExitCode {
         } => lexflow_actors::eval::cli_eval(lexflow_actors::eval::EvalArgs {
             gold: &gold,
             predictions: predictions.as_deref(),
-            model: model.as_deref(),
+            // A run directory stands for its newest checkpoint, as with `lexflow generate`.
+            model: model
+                .map(|m| lexflow_actors::generate::resolve_model_dir(&m))
+                .as_deref(),
             index: index.as_deref(),
             gen: lexflow_actors::eval::GenOptions {
                 tokenizer,

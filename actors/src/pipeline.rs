@@ -60,6 +60,22 @@ pub fn cli_config(path: Option<&Path>) -> anyhow::Result<ExitCode> {
 
 pub fn cli_run(path: Option<&Path>, resume: bool, quiet: bool) -> anyhow::Result<ExitCode> {
     let (cfg, origin) = load_config(path)?;
+    // A finished run resumed: nothing to train, and its statistics stay as they are.
+    if let (true, Some(t)) = (resume, &cfg.train) {
+        if let Some(r) = crate::trainer::resume_point(&cfg.run.dir)? {
+            if r.step >= t.steps {
+                eprintln!(
+                    "lexflow run `{}`: already complete ({} of {} steps, {}): nothing to do — raise train.steps to \
+                     train further",
+                    cfg.run.name,
+                    r.step,
+                    t.steps,
+                    r.checkpoint.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
     let opts = RunOptions {
         resume,
         progress: !quiet,
@@ -677,6 +693,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                     &tokenizer,
                     (cfg.input.qa_template == crate::qa::QaTemplate::Llama3)
                         .then_some(crate::tokenizer::LLAMA3_CHAT_TEMPLATE),
+                    Some(&cfg.packer.pad_token),
                 )?),
                 dedup: dedup.clone(),
                 eval: (heldout.is_some() || qa_probe.is_some()).then(|| {
@@ -1167,8 +1184,20 @@ fn article_at(
     let offset = tk.decode(&tokens[..start.min(tokens.len())]).len();
     let mut from = 0usize;
     let mut found = None;
+    let t = d.text.as_str();
+    // A heading is a line of its own (`TI.ART` is a block): "Article 1" quoted in a recital is not one.
+    let heading = |from: usize, title: &str| {
+        t[from..]
+            .match_indices(title)
+            .map(|(p, _)| p + from)
+            .find(|&p| {
+                let end = p + title.len();
+                (p == 0 || t.as_bytes()[p - 1] == b'\n')
+                    && (end == t.len() || t.as_bytes()[end] == b'\n')
+            })
+    };
     for a in &d.articles {
-        let Some(pos) = d.text[from..].find(&a.title).map(|p| p + from) else {
+        let Some(pos) = heading(from, &a.title) else {
             continue;
         };
         if pos > offset {

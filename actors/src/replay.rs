@@ -109,6 +109,17 @@ pub fn replay_steps(
         .unwrap_or_else(|| PathBuf::from("."));
     // The history of global batches maps steps to sequences (a resume may have changed it): the newest verified
     // checkpoint of the run knows the most of it (steps after it are taken to continue its last batch).
+    let trained = crate::trainer::read_step_records(&run_dir)
+        .keys()
+        .map(|(s, _)| *s)
+        .max()
+        .unwrap_or(0);
+    if last > trained {
+        eprintln!(
+            "lexflow: note: the run has trained {trained} steps (steps.jsonl); steps after it are the batches it would \
+             train next, not batches it trained"
+        );
+    }
     let batches = list_checkpoints(&run_dir)
         .into_iter()
         .rev()

@@ -105,7 +105,8 @@ pub const LLAMA3_CHAT_TEMPLATE: &str = "{% set loop_messages = messages %}{% for
 pub fn hf_model_files(
     tok: &Tokenizer,
     chat_template: Option<&str>,
-) -> Result<Vec<(&'static str, Vec<u8>)>, TokenizerError> {
+    pad_token: Option<&str>,
+) -> Result<HfFiles, TokenizerError> {
     let bytes = std::fs::read(tok.path()).map_err(|source| TokenizerError::Io {
         path: tok.path().to_path_buf(),
         source,
@@ -124,20 +125,44 @@ pub fn hf_model_files(
     if let Some(t) = chat_template {
         cfg["chat_template"] = t.into();
     }
+    let pad = pad_token.and_then(|p| tok.token_id(p).map(|id| (p, id)));
+    if let Some((p, _)) = pad {
+        cfg["pad_token"] = p.into();
+    }
     let stops: Vec<u32> = [tok.eos_id(), tok.eot_id()].into_iter().flatten().collect();
     let mut gen = serde_json::json!({"do_sample": false});
     if let Some(b) = tok.bos_id() {
         gen["bos_token_id"] = b.into();
     }
     if !stops.is_empty() {
-        gen["eos_token_id"] = stops.into();
+        gen["eos_token_id"] = stops.clone().into();
+    }
+    if let Some((_, id)) = pad {
+        gen["pad_token_id"] = id.into();
+    }
+    let mut model = serde_json::Map::new();
+    if let Some(b) = tok.bos_id() {
+        model.insert("bos_token_id".into(), b.into());
+    }
+    if let Some(e) = tok.eos_id() {
+        model.insert("eos_token_id".into(), e.into());
     }
     let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON value");
-    Ok(vec![
-        ("tokenizer.json", bytes),
-        ("tokenizer_config.json", pretty(&cfg)),
-        ("generation_config.json", pretty(&gen)),
-    ])
+    Ok(HfFiles {
+        files: vec![
+            ("tokenizer.json", bytes),
+            ("tokenizer_config.json", pretty(&cfg)),
+            ("generation_config.json", pretty(&gen)),
+        ],
+        config: model,
+    })
+}
+
+/// What [`hf_model_files`] adds to a checkpoint: whole files, and fields of `config.json` (the token ids).
+#[derive(Debug, Clone, Default)]
+pub struct HfFiles {
+    pub files: Vec<(&'static str, Vec<u8>)>,
+    pub config: serde_json::Map<String, Value>,
 }
 
 /// Resolves a tokenizer spec to a file path (`"llama3"` → `$LEXFLOW_TOKENIZER_JSON`).

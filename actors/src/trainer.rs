@@ -47,7 +47,7 @@ pub struct TrainerSetup {
     pub run_config: Option<String>,
     /// Tokenizer and generation files written into every checkpoint (a complete HF model directory):
     /// [`crate::tokenizer::hf_model_files`].
-    pub hf_files: Arc<Vec<(&'static str, Vec<u8>)>>,
+    pub hf_files: Arc<crate::tokenizer::HfFiles>,
     /// Held-out evaluation (`[eval]`).
     pub eval: Option<EvalSetup>,
     /// `[dedup]`: its index goes into every checkpoint (entries before the checkpoint's resume point).
@@ -1269,11 +1269,27 @@ impl<'a> Rank<'a> {
                 if let Some(c) = &self.setup.run_config {
                     write(RUN_CONFIG_FILE, c.clone())?;
                 }
-                for (name, bytes) in self.setup.hf_files.iter() {
+                for (name, bytes) in self.setup.hf_files.files.iter() {
                     std::fs::write(tmp.join(name), bytes).map_err(|e| GpuError::Io {
                         path: tmp.join(name),
                         source: e,
                     })?;
+                }
+                if !self.setup.hf_files.config.is_empty() {
+                    // The tokenizer's ids in config.json, as transformers' own checkpoints have them.
+                    let p = tmp.join("config.json");
+                    let bad = |m: String| GpuError::Io {
+                        path: p.clone(),
+                        source: std::io::Error::other(m),
+                    };
+                    let mut v: serde_json::Value =
+                        serde_json::from_slice(&std::fs::read(&p).map_err(|e| bad(e.to_string()))?)
+                            .map_err(|e| bad(e.to_string()))?;
+                    if let Some(o) = v.as_object_mut() {
+                        o.extend(self.setup.hf_files.config.clone());
+                    }
+                    std::fs::write(&p, serde_json::to_vec_pretty(&v).expect("JSON value"))
+                        .map_err(|e| bad(e.to_string()))?;
                 }
                 crash_for_tests(&self.setup.run_dir, opt.step);
                 write(

@@ -148,6 +148,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             min_lr: 3e-5,
             warmup_steps: 2,
             total_steps: steps,
+            schedule: lexflow_gpu::LrSchedule::Cosine,
+            decay_steps: 0,
             weight_decay: 0.1,
             beta1: 0.9,
             beta2: 0.95,

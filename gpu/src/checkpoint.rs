@@ -332,6 +332,9 @@ impl StreamingSafetensors {
     }
 }
 
+/// The `transformers_version` written into `config.json`: the 4.x layout lexflow writes (read by every version).
+pub const HF_CONFIG_LAYOUT_VERSION: &str = "4.57.1";
+
 /// `config.json` as Hugging Face writes it for `LlamaForCausalLM` (the pre-v5 `rope_scaling` form, which every
 /// transformers version reads).
 #[derive(Debug, Serialize, Deserialize)]
@@ -374,6 +377,10 @@ struct HfConfig {
     bos_token_id: Option<serde_json::Value>,
     #[serde(default)]
     eos_token_id: Option<serde_json::Value>,
+    /// The transformers release whose `config.json` layout this follows (4.x: `rope_scaling`). Without it,
+    /// transformers ≥ 5 takes a local tokenizer for a Mistral one with a broken regex and warns falsely.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    transformers_version: Option<String>,
 }
 
 fn default_eps() -> f64 {
@@ -422,6 +429,7 @@ impl HfConfig {
             ),
             bos_token_id: None,
             eos_token_id: None,
+            transformers_version: Some(HF_CONFIG_LAYOUT_VERSION.into()),
         }
     }
 

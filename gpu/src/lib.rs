@@ -43,7 +43,7 @@ pub use model::{
 };
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclCollective, NcclUniqueId};
-pub use optim::{AdamWConfig, FlatAdamW, ShardLayout, StepStats, NORM_BLOCK};
+pub use optim::{AdamWConfig, FlatAdamW, LrSchedule, ShardLayout, StepStats, NORM_BLOCK};
 pub use tcp::TcpCollective;
 /// Makes sure libtorch's CUDA backend is loaded, and says whether a CUDA device is usable.
 ///

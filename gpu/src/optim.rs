@@ -32,13 +32,33 @@ use crate::collective::Collective;
 use crate::error::{GpuError, Result};
 use crate::model::Params;
 
+/// The shape of the learning rate after the linear warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// Cosine decay from `lr` to `min_lr` at `total_steps`.
+    #[default]
+    Cosine,
+    /// Warmup-stable-decay: `lr` until the last `decay_steps` steps, then linear decay to `min_lr` at
+    /// `total_steps`. The stable phase does not depend on the run's length, so a run can be extended (and decayed
+    /// later) without changing the steps already taken.
+    Wsd,
+    /// `lr` after the warmup, for good.
+    Constant,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
     pub lr: f64,
     pub min_lr: f64,
     pub warmup_steps: u64,
-    /// Length of the schedule: the cosine reaches `min_lr` here.
+    /// Length of the schedule: the cosine (and the WSD decay) reaches `min_lr` here.
     pub total_steps: u64,
+    #[serde(default)]
+    pub schedule: LrSchedule,
+    /// WSD: steps of the final decay.
+    #[serde(default)]
+    pub decay_steps: u64,
     pub weight_decay: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -48,16 +68,35 @@ pub struct AdamWConfig {
 }
 
 impl AdamWConfig {
-    /// Linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `total_steps`; `step` counts
-    /// from 1 (the step being taken).
+    /// Linear warmup from 0 to `lr` over `warmup_steps`, then the [`LrSchedule`]; `step` counts from 1 (the step being
+    /// taken).
     pub fn lr_at(&self, step: u64) -> f64 {
         if self.warmup_steps > 0 && step <= self.warmup_steps {
             return self.lr * step as f64 / self.warmup_steps as f64;
         }
-        let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
-        let progress = ((step.saturating_sub(self.warmup_steps)) as f64 / span).clamp(0.0, 1.0);
-        self.min_lr
-            + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        match self.schedule {
+            LrSchedule::Cosine => {
+                let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+                let progress =
+                    ((step.saturating_sub(self.warmup_steps)) as f64 / span).clamp(0.0, 1.0);
+                self.min_lr
+                    + 0.5
+                        * (self.lr - self.min_lr)
+                        * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+            LrSchedule::Constant => self.lr,
+            LrSchedule::Wsd => {
+                let decay = self
+                    .decay_steps
+                    .min(self.total_steps.saturating_sub(self.warmup_steps));
+                let start = self.total_steps.saturating_sub(decay);
+                if decay == 0 || step <= start {
+                    return self.lr;
+                }
+                let progress = ((step - start) as f64 / decay as f64).clamp(0.0, 1.0);
+                self.lr + (self.min_lr - self.lr) * progress
+            }
+        }
     }
 }
 
@@ -685,12 +724,52 @@ mod tests {
     use crate::{InProcessCollective, SingleRank};
     use tch::{nn, nn::OptimizerConfig, Device};
 
+    #[test]
+    fn schedules_warm_up_then_follow_their_shape() {
+        let c = |schedule, decay_steps| AdamWConfig {
+            lr: 1.0,
+            min_lr: 0.1,
+            warmup_steps: 10,
+            total_steps: 110,
+            schedule,
+            decay_steps,
+            ..cfg()
+        };
+        for s in [LrSchedule::Cosine, LrSchedule::Wsd, LrSchedule::Constant] {
+            assert!((c(s, 20).lr_at(5) - 0.5).abs() < 1e-12, "{s:?}: warmup");
+            assert!((c(s, 20).lr_at(10) - 1.0).abs() < 1e-12, "{s:?}: peak");
+        }
+        let cos = c(LrSchedule::Cosine, 0);
+        assert!(
+            (cos.lr_at(60) - 0.55).abs() < 1e-12,
+            "cosine halfway: (1 + 0.1) / 2"
+        );
+        assert!((cos.lr_at(110) - 0.1).abs() < 1e-12);
+        let wsd = c(LrSchedule::Wsd, 20);
+        assert_eq!(wsd.lr_at(90), 1.0, "stable until the last 20 steps");
+        assert!(
+            (wsd.lr_at(100) - 0.55).abs() < 1e-12,
+            "linear decay halfway"
+        );
+        assert!((wsd.lr_at(110) - 0.1).abs() < 1e-12);
+        assert!((wsd.lr_at(500) - 0.1).abs() < 1e-12, "past the end: min_lr");
+        assert_eq!(c(LrSchedule::Constant, 0).lr_at(110), 1.0);
+        // An older trainer_state.json (no schedule fields) reads as cosine.
+        let mut v = serde_json::to_value(c(LrSchedule::Wsd, 20)).unwrap();
+        v.as_object_mut().unwrap().remove("schedule");
+        v.as_object_mut().unwrap().remove("decay_steps");
+        let old: AdamWConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(old.schedule, LrSchedule::Cosine);
+    }
+
     fn cfg() -> AdamWConfig {
         AdamWConfig {
             lr: 1e-2,
             min_lr: 1e-3,
             warmup_steps: 2,
             total_steps: 10,
+            schedule: LrSchedule::Cosine,
+            decay_steps: 0,
             weight_decay: 0.1,
             beta1: 0.9,
             beta2: 0.95,
