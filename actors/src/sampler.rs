@@ -134,8 +134,13 @@ pub struct LangReport {
     pub exhausted: bool,
 }
 
-/// Documents per message from the sampler to the packer.
+/// Documents per message from the sampler to the packer (at most).
 pub const OUT_BATCH_DOCS: usize = 64;
+
+/// Tokens per message from the sampler to the packer (a message is sent once it holds this many): edges are bounded
+/// in messages, and whole acts run to 100k tokens, so 64 of them per message would let a sampler→packer edge of
+/// capacity 16 hold ~1,000 acts read ahead of training. 256 Ki tokens (1 MiB of ids) keep it to a few MiB.
+pub const OUT_BATCH_TOKENS: usize = 1 << 18;
 
 /// Where the sampler starts: fresh, or from a checkpoint's lane positions and counters.
 #[derive(Debug, Clone, Default)]
@@ -172,6 +177,7 @@ pub fn run_sampler(
     // Files in a row that gave a lane nothing to train on.
     let mut barren = vec![0u64; lanes.len()];
     let mut batch = Vec::with_capacity(OUT_BATCH_DOCS);
+    let mut batch_tokens = 0usize;
     let m = lexflow_metrics::global();
     let am = lexflow_metrics::actor("sampler");
     let lat = lexflow_metrics::latency("sampler");
@@ -258,7 +264,9 @@ pub fn run_sampler(
         });
         lat.record(t.elapsed());
         am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
-        if batch.len() == OUT_BATCH_DOCS {
+        batch_tokens += batch.last().map_or(0, |d| d.doc.tokens.len());
+        if batch.len() == OUT_BATCH_DOCS || batch_tokens >= OUT_BATCH_TOKENS {
+            batch_tokens = 0;
             publish(&s);
             if out
                 .send(std::mem::replace(
