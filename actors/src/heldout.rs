@@ -70,6 +70,8 @@ pub struct HeldOutSet {
     pub languages: Vec<HeldOutLang>,
     /// Files given (`eval.paths`) or held out of the input (`eval.holdout`).
     pub files: u64,
+    /// Their paths, in the order they are read.
+    pub paths: Vec<String>,
     /// Files actually read (reading stops once every language has `max_sequences`).
     pub files_read: u64,
     /// Files that failed to parse (recorded in the run's quarantine report, like training inputs).
@@ -125,6 +127,7 @@ pub fn build(
     let mut documents = vec![0u64; spec.langs.len()];
     let mut set = HeldOutSet {
         files: files.len() as u64,
+        paths: files.iter().map(|(p, _)| p.display().to_string()).collect(),
         ..Default::default()
     };
     let read_opts = reader::ReadOptions {

@@ -383,6 +383,7 @@ pub fn run_packer(
     // Positions and counters after the last document (for the resume point of the final flush).
     let mut lanes_after = start_lanes;
     let mut sampler_after = start_sampler;
+    let mut published = std::time::Instant::now();
     for batch in input.iter() {
         am.items_in.inc_by(batch.len() as u64);
         for sd in &batch {
@@ -420,8 +421,12 @@ pub fn run_packer(
                     publish(&packer);
                     return Ok(()); // downstream finished
                 }
-                if packer.report.sequences.is_multiple_of(16) {
+                // Every 16 sequences, and at least every 200 ms (the progress line reads it while a send blocks).
+                if packer.report.sequences.is_multiple_of(16)
+                    || published.elapsed() > std::time::Duration::from_millis(200)
+                {
                     publish(&packer);
+                    published = std::time::Instant::now();
                 }
             }
         }

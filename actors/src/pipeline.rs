@@ -196,7 +196,18 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             .files_per_lang
             .insert(l.lang.clone(), l.files.len() as u64);
         if l.files.is_empty() {
-            tracing::warn!(lang = %l.lang, "no input files for this language of the mix");
+            let held = held_files
+                .iter()
+                .filter(|f| reader::sniff_lang(f).as_deref() == Some(l.lang.as_str()))
+                .count();
+            match held {
+                0 => tracing::warn!(lang = %l.lang, "no input files for this language of the mix"),
+                n => tracing::warn!(
+                    lang = %l.lang,
+                    held_out = n,
+                    "every input file of this language of the mix is held out (eval.holdout): none is trained on"
+                ),
+            }
         }
     }
 
@@ -1272,7 +1283,8 @@ fn heldout_set(
     if set.is_empty() {
         anyhow::bail!(
             "[eval]: the held-out set is empty ({} files, {} read, {} quarantined, {} documents outside the mix): \
-             check eval.paths, or raise eval.holdout",
+             eval.holdout holds out whole acts (each with that probability, by a hash of its name), so with few \
+             acts it may hold out none; give held-out files in eval.paths, or raise eval.holdout",
             set.files,
             set.files_read,
             set.quarantined_files,

@@ -19,6 +19,7 @@ pub struct InputReport {
     pub outside_mix: BTreeMap<String, u64>,
     /// Files held out of training for evaluation (`eval.holdout`; counted in `files`, not in `files_per_lang`).
     pub files_held_out: u64,
+    /// File reads (a file counts again in every `cycle` epoch, and once more when read ahead of the end of training).
     pub files_read: u64,
     pub documents: u64,
     pub documents_per_lang: BTreeMap<String, u64>,
@@ -103,12 +104,12 @@ impl RunStats {
         let i = &self.input;
         let _ = writeln!(
             s,
-            "  input      {} files ({} read, {} outside the mix, {} held out, {} quarantined), {} documents, {} tokens",
+            "  input      {} files ({} outside the mix, {} held out, {} quarantined; {} file reads), {} documents, {} tokens read",
             i.files,
-            i.files_read,
             i.files_outside_mix,
             i.files_held_out,
             i.quarantined_files,
+            i.files_read,
             i.documents,
             i.tokens
         );
@@ -128,7 +129,12 @@ impl RunStats {
                 sum(|l| l.bytes_dropped)
             );
         }
-        let _ = writeln!(s, "  mix        lang  target  realized  tokens      docs");
+        // What the sampler emitted, read-ahead of the last steps included (what each step trained: `lexflow
+        // provenance`); the share is exact over the stream, not over a few steps of whole acts.
+        let _ = writeln!(
+            s,
+            "  mix        lang  target  realized  tokens      docs   (sampled stream, incl. read-ahead)"
+        );
         for l in &self.sampler.languages {
             let _ = writeln!(
                 s,

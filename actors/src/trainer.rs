@@ -78,6 +78,7 @@ pub struct TrainReport {
     pub tokens_per_second: f64,
     /// Per rank: time blocked on the input edge / training time.
     pub data_wait_fraction: Vec<f64>,
+    /// Checkpoints this run wrote that are still there (`keep_checkpoints` prunes the older ones).
     pub checkpoints: Vec<PathBuf>,
     pub resumed_from_step: Option<u64>,
     /// Held-out losses measured in this run (`[eval]`), in step order.
@@ -243,7 +244,12 @@ impl TrainHandle {
                     }
                 })
                 .collect(),
-            checkpoints: r0.checkpoints.clone(),
+            checkpoints: r0
+                .checkpoints
+                .iter()
+                .filter(|d| d.is_dir())
+                .cloned()
+                .collect(),
             resumed_from_step: r0.resumed_from_step,
             evals: r0.evals.clone(),
         })
@@ -775,6 +781,13 @@ impl<'a> Rank<'a> {
             model
                 .params
                 .load_named(checkpoint::read_hf_weights(dir)?, mcfg.tie_word_embeddings)?;
+            if self.rank == 0 && resume.is_none() {
+                tracing::info!(
+                    from = %dir.display(),
+                    parameters = mcfg.num_params(),
+                    "train.init_from: weights loaded"
+                );
+            }
         }
         let mut opt = if cfg.shard_optimizer {
             FlatAdamW::sharded(&model.params, schedule(cfg), self.rank, self.world)
