@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use lexflow_actors::generate::{distribution, Sampling};
-use lexflow_tests::{lexflow_bin, tiny_run_config, venv_python};
+use lexflow_tests::{json_lines_of, lexflow_bin, tiny_run_config, venv_python};
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_checkpoint.py")
@@ -36,11 +36,7 @@ fn lexflow_generate(args: &[&str]) -> Vec<serde_json::Value> {
         .arg("--json")
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    json_lines_of(&o)
 }
 
 const PROMPTS: [&str; 3] = [
@@ -80,10 +76,7 @@ fn a_checkpoint_loads_in_transformers_alone_and_generates_what_lexflow_generates
         cfg["bos_token_id"].is_u64() && cfg["eos_token_id"].is_u64(),
         "{cfg}"
     );
-    let theirs: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let theirs = json_lines_of(&o);
     let mut args = vec![
         ckpt.to_str().unwrap(),
         "--max-new-tokens",
@@ -171,12 +164,7 @@ fn sampling_keeps_the_distribution_transformers_warpers_keep() {
             writeln!(stdin, "{line}").unwrap();
         }
     }
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let theirs: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let theirs = json_lines_of(&child.wait_with_output().unwrap());
     assert_eq!(theirs.len(), cases.len());
     for ((l, s), t) in cases.iter().zip(&theirs) {
         let ours = distribution(l, s);

@@ -104,3 +104,12 @@ enabled = false
     std::fs::write(&p, text).unwrap();
     p
 }
+
+/// The JSON lines a successful command printed (its stderr in the panic message otherwise).
+pub fn json_lines_of(o: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}

@@ -11,7 +11,7 @@ use lexflow_actors::trainer::read_step_records;
 use lexflow_gpu::checkpoint::{save_hf, DEFAULT_MAX_SHARD_BYTES};
 use lexflow_gpu::tch::{Device, Kind};
 use lexflow_gpu::{Llama, LlamaConfig, LLAMA3_VOCAB};
-use lexflow_tests::{lexflow_bin, tiny_run_config, venv_python};
+use lexflow_tests::{json_lines_of, lexflow_bin, tiny_run_config, venv_python};
 
 fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/formex")
@@ -86,11 +86,7 @@ fn hf_generate(
         .args(template)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    json_lines_of(&o)
 }
 
 fn lines(p: &Path) -> Vec<serde_json::Value> {

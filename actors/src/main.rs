@@ -124,18 +124,8 @@ enum Cmd {
         /// System turn for `--template llama3`.
         #[arg(long)]
         system: Option<String>,
-        /// Default: the checkpoint's tokenizer.json, else the Llama 3 tokenizer.
-        #[arg(long)]
-        tokenizer: Option<String>,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, default_value_t = 256)]
-        max_new_tokens: usize,
-        /// Prompts generated together (left-padded batch).
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
         #[command(flatten)]
-        sampling: SamplingArgs,
+        decode: DecodeArgs,
         /// One JSON object per answer (id, prompt, output, token_ids) instead of plain text.
         #[arg(long)]
         json: bool,
@@ -150,8 +140,23 @@ enum Cmd {
     },
 }
 
-// Parsed once per process: the size of the larger variant does not matter.
-#[allow(clippy::large_enum_variant)]
+/// How answers are decoded with a checkpoint (`lexflow generate`, `lexflow qa eval --model`).
+#[derive(clap::Args, Debug, Clone)]
+struct DecodeArgs {
+    /// Tokenizer (`llama3` or a tokenizer.json); default: the checkpoint's own tokenizer.json, else `llama3`.
+    #[arg(long)]
+    tokenizer: Option<String>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Prompts decoded together (left-padded batch).
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
 /// How the next token is chosen (`lexflow generate`, `lexflow qa eval --model`).
 #[derive(clap::Args, Debug, Clone)]
 struct SamplingArgs {
@@ -211,17 +216,8 @@ enum QaCmd {
         /// citations.json of `lexflow qa build` (default: the gold file's own citations).
         #[arg(long)]
         index: Option<PathBuf>,
-        #[arg(long, default_value = "llama3")]
-        tokenizer: String,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, default_value_t = 256)]
-        max_new_tokens: usize,
-        /// Questions generated together (left-padded batch).
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
         #[command(flatten)]
-        sampling: SamplingArgs,
+        decode: DecodeArgs,
         /// Prompt format (`plain` or `llama3`); default: the `input.qa_template` of the run that wrote --model
         /// (its run_config.toml), else `plain`.
         #[arg(long)]
@@ -344,11 +340,7 @@ fn main() -> ExitCode {
             prompts,
             template,
             system,
-            tokenizer,
-            device,
-            max_new_tokens,
-            batch_size,
-            sampling,
+            decode,
             json,
             out,
         } => {
@@ -359,11 +351,11 @@ fn main() -> ExitCode {
                 prompts_file: prompts.as_deref(),
                 template,
                 system,
-                tokenizer,
-                device,
-                max_new_tokens,
-                batch_size,
-                sampling: sampling.get(),
+                tokenizer: decode.tokenizer,
+                device: decode.device,
+                max_new_tokens: decode.max_new_tokens,
+                batch_size: decode.batch_size,
+                sampling: decode.sampling.get(),
                 json,
                 out: out.as_deref(),
             })
@@ -375,43 +367,45 @@ fn main() -> ExitCode {
                     predictions,
                     model,
                     index,
-                    tokenizer,
-                    device,
-                    max_new_tokens,
-                    batch_size,
-                    sampling,
+                    decode,
                     template,
                     system,
                     limit,
                     out,
                     predictions_out,
                 },
-        } => lexflow_actors::eval::cli_eval(lexflow_actors::eval::EvalArgs {
-            gold: &gold,
-            predictions: predictions.as_deref(),
-            // A run directory stands for its newest checkpoint, as with `lexflow generate`.
-            model: model
-                .map(|m| lexflow_actors::generate::resolve_model_dir(&m))
-                .as_deref(),
-            index: index.as_deref(),
-            gen: lexflow_actors::eval::GenOptions {
-                tokenizer,
-                device,
-                max_new_tokens,
-                batch_size,
-                sampling: sampling.get(),
-                format: match lexflow_actors::qa::parse_template(template.as_deref(), system) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        eprintln!("lexflow: error: {e:#}");
-                        return ExitCode::FAILURE;
-                    }
+        } => {
+            // A run directory stands for its newest checkpoint, as with `lexflow generate`; the tokenizer defaults to
+            // the checkpoint's own.
+            let model = model.map(|m| lexflow_actors::generate::resolve_model_dir(&m));
+            let tokenizer = match &model {
+                Some(m) => lexflow_actors::generate::tokenizer_for(m, decode.tokenizer),
+                None => decode.tokenizer.unwrap_or_else(|| "llama3".into()),
+            };
+            lexflow_actors::eval::cli_eval(lexflow_actors::eval::EvalArgs {
+                gold: &gold,
+                predictions: predictions.as_deref(),
+                model: model.as_deref(),
+                index: index.as_deref(),
+                gen: lexflow_actors::eval::GenOptions {
+                    tokenizer,
+                    device: decode.device,
+                    max_new_tokens: decode.max_new_tokens,
+                    batch_size: decode.batch_size,
+                    sampling: decode.sampling.get(),
+                    format: match lexflow_actors::qa::parse_template(template.as_deref(), system) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            eprintln!("lexflow: error: {e:#}");
+                            return ExitCode::FAILURE;
+                        }
+                    },
                 },
-            },
-            limit,
-            out: out.as_deref(),
-            predictions_out: predictions_out.as_deref(),
-        }),
+                limit,
+                out: out.as_deref(),
+                predictions_out: predictions_out.as_deref(),
+            })
+        }
     };
     match r {
         Ok(code) => code,
