@@ -259,6 +259,45 @@ fn a_resumed_run_adds_to_its_arrow_tee_instead_of_replacing_it() {
     assert!(got == want, "the resumed run's tee holds other sequences");
 }
 
+#[test]
+fn a_fresh_run_over_an_earlier_one_sets_it_aside_and_resume_of_a_finished_run_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    assert!(run(&config(&dir, &["cpu"], 2, 4), false, &[]).success());
+    let stats = std::fs::read(dir.join("stats.json")).unwrap();
+    // Finished: --resume says so and leaves the run as it is.
+    assert!(run(&config(&dir, &["cpu"], 2, 4), true, &[]).success());
+    assert_eq!(
+        std::fs::read(dir.join("stats.json")).unwrap(),
+        stats,
+        "stats.json rewritten"
+    );
+    // Starting from this run's own checkpoint without --resume would set it aside before reading it: refused.
+    let own = dir.join("checkpoints/step-000004");
+    let cfg = tiny_run_config(
+        &dir,
+        &["cpu"],
+        2,
+        6,
+        &format!("init_from = {:?}", own.display().to_string()),
+    );
+    assert!(!run(&cfg, false, &[]).success());
+    assert!(own.is_dir(), "the refused run moved the checkpoint");
+    // A fresh run: the earlier one's checkpoints and step records go to previous/, nothing is lost or mixed.
+    let before = final_weights(&dir, 4);
+    assert!(run(&config(&dir, &["cpu"], 2, 2), false, &[]).success());
+    assert_eq!(
+        std::fs::read(dir.join("previous/checkpoints/step-000004/model.safetensors")).unwrap(),
+        before
+    );
+    let steps: Vec<u64> = read_step_records(&dir).keys().map(|(s, _)| *s).collect();
+    assert_eq!(
+        steps,
+        vec![1, 2],
+        "the new run's step records hold only its own steps"
+    );
+}
+
 /// `(step, rank) → sequences` from `lexflow replay` JSON lines.
 fn replayed(out: &Path) -> BTreeMap<(u64, usize), Vec<(u64, String)>> {
     let mut m: BTreeMap<(u64, usize), Vec<(u64, String)>> = BTreeMap::new();

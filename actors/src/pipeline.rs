@@ -62,7 +62,18 @@ pub fn cli_run(path: Option<&Path>, resume: bool, quiet: bool) -> anyhow::Result
     let (cfg, origin) = load_config(path)?;
     // A finished run resumed: nothing to train, and its statistics stay as they are.
     if let (true, Some(t)) = (resume, &cfg.train) {
-        if let Some(r) = crate::trainer::resume_point(&cfg.run.dir)? {
+        // The newest checkpoint's step, read without verifying it (a resume verifies it, once): only a finished run
+        // pays the verification here.
+        let newest = crate::trainer::list_checkpoints(&cfg.run.dir)
+            .last()
+            .and_then(|(_, d)| std::fs::read_to_string(d.join("trainer_state.json")).ok())
+            .and_then(|t| serde_json::from_str::<crate::trainer::TrainerState>(&t).ok())
+            .map_or(0, |s| s.step);
+        let done = match newest >= t.steps {
+            true => crate::trainer::resume_point(&cfg.run.dir)?,
+            false => None,
+        };
+        if let Some(r) = done {
             if r.step >= t.steps {
                 eprintln!(
                     "lexflow run `{}`: already complete ({} of {} steps, {}): nothing to do — raise train.steps to \
@@ -259,13 +270,24 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     } else {
         None
     };
-    if replay.is_none()
-        && cfg.train.is_some()
-        && resume.is_none()
-        && !opts.resume
-        && process.is_none_or(|(rank, _)| rank == 0)
-    {
-        crate::trainer::set_aside_previous_run(&run_dir)?;
+    if let (None, Some(t), None) = (replay, &cfg.train, &resume) {
+        // Weights to start from inside this run's own checkpoints would be set aside before they are read.
+        if let Some(init) = &t.init_from {
+            let c = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            let own = crate::trainer::checkpoints_dir(&run_dir);
+            if c(init).starts_with(c(&own))
+                && !crate::trainer::list_checkpoints(&run_dir).is_empty()
+            {
+                anyhow::bail!(
+                    "train.init_from = {} is a checkpoint of this run.dir, which a run started without --resume sets \
+                     aside: continue this run with --resume, or start the new one in another run.dir",
+                    init.display()
+                );
+            }
+        }
+        if process.is_none_or(|(rank, _)| rank == 0) {
+            crate::trainer::set_aside_previous_run(&run_dir)?;
+        }
     }
     let (skip, data) = match replay {
         Some(r) => (r.skip, r.data.clone()),
@@ -896,7 +918,7 @@ fn check_same_stream(cfg: &Config, checkpoint: &Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e} (the config stored in the checkpoint)"))?;
     let (mut a, mut b) = (toml::Value::try_from(&then)?, toml::Value::try_from(cfg)?);
     // Settings that cannot act are not changes: [dedup] parameters while it is off in both, the generated corpus's
-    // settings when both read input.paths.
+    // settings when both read input.paths, eval.paths when neither drops training copies of held-out documents.
     let off = |v: &toml::Value| {
         v.get("dedup")
             .and_then(|d| d.get("mode"))
@@ -909,7 +931,16 @@ fn check_same_stream(cfg: &Config, checkpoint: &Path) -> anyhow::Result<()> {
             .and_then(|p| p.as_array())
             .is_some_and(|p| !p.is_empty())
     };
+    let no_heldout_check = |v: &toml::Value| {
+        off(v)
+            || v.get("dedup")
+                .and_then(|d| d.get("against_heldout"))
+                .and_then(|h| h.as_bool())
+                == Some(false)
+    };
     let (dedup_off, paths) = (off(&a) && off(&b), reads_paths(&a) && reads_paths(&b));
+    // eval.paths acts on the stream only through dedup.against_heldout.
+    let eval_paths_inert = no_heldout_check(&a) && no_heldout_check(&b);
     for v in [&mut a, &mut b] {
         if let Some(t) = v.as_table_mut() {
             if dedup_off {
@@ -918,6 +949,11 @@ fn check_same_stream(cfg: &Config, checkpoint: &Path) -> anyhow::Result<()> {
             if paths {
                 if let Some(i) = t.get_mut("input").and_then(|i| i.as_table_mut()) {
                     i.remove("generate");
+                }
+            }
+            if eval_paths_inert {
+                if let Some(e) = t.get_mut("eval").and_then(|e| e.as_table_mut()) {
+                    e.remove("paths");
                 }
             }
         }

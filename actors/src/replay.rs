@@ -113,7 +113,8 @@ pub fn replay_steps(
         .keys()
         .map(|(s, _)| *s)
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .max(given.state.step);
     if last > trained {
         eprintln!(
             "lexflow: note: the run has trained {trained} steps (steps.jsonl); steps after it are the batches it would \

@@ -1310,7 +1310,7 @@ impl<'a> Rank<'a> {
                     serde_json::to_string_pretty(&state).expect("state is JSON"),
                 )
             })?;
-            prune_checkpoints(&self.setup.run_dir, cfg.keep_checkpoints);
+            prune_checkpoints(&self.setup.run_dir, cfg.keep_checkpoints, opt.step);
             let m = lexflow_metrics::global();
             let l = [self.rank.to_string()];
             m.checkpoint_duration
@@ -1383,8 +1383,10 @@ pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
 /// Keeps the `keep` newest checkpoints and removes leftover temporary directories. (No checkpoint newer than the
 /// run's step exists by then: a fresh run sets an earlier run's aside, a resumed run the newer ones that did not
 /// verify — [`set_aside_previous_run`], [`set_aside_unusable`].)
-fn prune_checkpoints(run_dir: &Path, keep: usize) {
-    let all = list_checkpoints(run_dir);
+fn prune_checkpoints(run_dir: &Path, keep: usize, current: u64) {
+    // Newer ones (should a rename to `.unusable` have failed) are neither counted nor removed.
+    let mut all = list_checkpoints(run_dir);
+    all.retain(|(s, _)| *s <= current);
     for (_, dir) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
         if let Err(e) = std::fs::remove_dir_all(dir) {
             tracing::warn!(dir = %dir.display(), "cannot remove old checkpoint: {e}");
@@ -1496,37 +1498,42 @@ fn read_state(dir: &Path) -> Result<TrainerState, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
 }
 
-/// A fresh (not resumed) training run in a directory an earlier run trained in: that run's checkpoints, step records
-/// and evaluation history move to `<run_dir>/previous/` (replacing an older `previous/`), so the two runs' records
-/// never mix and the new run's checkpoints are not pruned in favour of the old ones. Returns what was moved.
+/// A fresh (not resumed) training run in a directory an earlier run trained in (it has a checkpoint, or step
+/// records): that run's checkpoints, step records, evaluation history and dedup logs move to `<run_dir>/previous/`
+/// (`previous.1/`, … when that exists: nothing is ever deleted), so the two runs' records never mix and the new run's
+/// checkpoints are not pruned in favour of the old ones. Returns what was moved.
 pub fn set_aside_previous_run(run_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let names = [
-        "checkpoints",
-        STEPS_FILE,
-        crate::heldout::RESULTS_FILE,
-        crate::dedup::LOG_FILE,
-    ];
-    let present: Vec<&str> = names
-        .into_iter()
-        .filter(|n| {
-            let p = run_dir.join(n);
-            match *n {
-                "checkpoints" => std::fs::read_dir(&p).is_ok_and(|mut d| d.next().is_some()),
-                _ => p.exists(),
-            }
-        })
-        .collect();
-    if present.is_empty() {
+    let steps = run_dir.join(STEPS_FILE);
+    let trained = !list_checkpoints(run_dir).is_empty()
+        || std::fs::metadata(&steps).is_ok_and(|m| m.len() > 0);
+    if !trained {
         return Ok(Vec::new());
     }
-    let prev = run_dir.join("previous");
-    if prev.exists() {
-        std::fs::remove_dir_all(&prev).with_context(|| format!("removing {}", prev.display()))?;
+    let mut present: Vec<String> = ["checkpoints", STEPS_FILE, crate::heldout::RESULTS_FILE]
+        .iter()
+        .map(|n| n.to_string())
+        .filter(|n| run_dir.join(n).exists())
+        .collect();
+    // dedup.jsonl and the per-process dedup.rankR.jsonl.
+    if let Ok(rd) = std::fs::read_dir(run_dir) {
+        let mut logs: Vec<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("dedup.") && n.ends_with(".jsonl"))
+            .collect();
+        logs.sort();
+        present.extend(logs);
+    }
+    let mut prev = run_dir.join("previous");
+    let mut k = 1;
+    while prev.exists() {
+        prev = run_dir.join(format!("previous.{k}"));
+        k += 1;
     }
     std::fs::create_dir_all(&prev).with_context(|| format!("creating {}", prev.display()))?;
     let mut moved = Vec::new();
     for n in present {
-        let (from, to) = (run_dir.join(n), prev.join(n));
+        let (from, to) = (run_dir.join(&n), prev.join(&n));
         std::fs::rename(&from, &to)
             .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
         moved.push(to);
@@ -1534,8 +1541,10 @@ pub fn set_aside_previous_run(run_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     tracing::warn!(
         dir = %prev.display(),
         moved = ?moved,
-        "an earlier run trained in this directory and this one does not --resume it: its checkpoints and records \
-         are set aside"
+        "an earlier run trained in this directory and this run was started without --resume: its checkpoints and \
+         records are set aside (to continue it instead: stop this run, move {}/checkpoints and steps.jsonl back, \
+         and run with --resume)",
+        prev.display()
     );
     Ok(moved)
 }
@@ -1656,7 +1665,7 @@ mod failure_tests {
         // good 20 and 22 are what is left (counting 30 among the newest would have removed 20).
         set_aside_unusable(&[ck(30)]);
         std::fs::create_dir_all(ck(22)).unwrap();
-        prune_checkpoints(dir.path(), 2);
+        prune_checkpoints(dir.path(), 2, 22);
         let left: Vec<u64> = list_checkpoints(dir.path())
             .into_iter()
             .map(|(s, _)| s)
@@ -1667,15 +1676,25 @@ mod failure_tests {
             .is_dir());
         // A fresh run over it: everything moves to previous/, nothing is lost.
         std::fs::write(dir.path().join(STEPS_FILE), "{}\n").unwrap();
+        std::fs::write(dir.path().join("dedup.rank1.jsonl"), "").unwrap();
         let moved = set_aside_previous_run(dir.path()).unwrap();
-        assert_eq!(moved.len(), 2);
+        assert_eq!(moved.len(), 3);
         assert!(list_checkpoints(dir.path()).is_empty());
         assert!(dir.path().join("previous/checkpoints/step-000022").is_dir());
         assert!(dir.path().join("previous").join(STEPS_FILE).is_file());
-        assert!(
-            set_aside_previous_run(dir.path()).unwrap().is_empty(),
-            "nothing left to set aside"
-        );
+        assert!(dir.path().join("previous/dedup.rank1.jsonl").is_file());
+        // A run that failed before training left only empty records: not an earlier run, nothing moves.
+        std::fs::write(dir.path().join(crate::dedup::LOG_FILE), "").unwrap();
+        std::fs::write(dir.path().join(STEPS_FILE), "").unwrap();
+        assert!(set_aside_previous_run(dir.path()).unwrap().is_empty());
+        // Another earlier run: previous.1, previous/ untouched.
+        std::fs::create_dir_all(ck(4)).unwrap();
+        set_aside_previous_run(dir.path()).unwrap();
+        assert!(dir
+            .path()
+            .join("previous.1/checkpoints/step-000004")
+            .is_dir());
+        assert!(dir.path().join("previous/checkpoints/step-000022").is_dir());
     }
 
     #[test]
