@@ -14,6 +14,24 @@ fn config(dir: &Path, devices: &[&str], micro_batch: usize, steps: u64) -> PathB
     tiny_run_config(dir, devices, micro_batch, steps, "")
 }
 
+/// [`config`] with the Arrow tee in `<dir>/tee`.
+fn config_with_tee(dir: &Path, devices: &[&str], micro_batch: usize, steps: u64) -> PathBuf {
+    let cfg = config(dir, devices, micro_batch, steps);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[shards]\ncount = 4",
+        &format!(
+            "[shards]\ncount = 4\narrow_dir = {:?}",
+            dir.join("tee").display().to_string()
+        ),
+    );
+    assert!(
+        text.contains("arrow_dir"),
+        "the test config has a [shards] table"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
 fn run(cfg: &Path, resume: bool, env: &[(&str, &str)]) -> std::process::ExitStatus {
     let mut c = Command::new(lexflow_bin());
     c.arg("run")
@@ -53,7 +71,7 @@ fn kill_9_at_random_moments_then_resume_is_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let steps = 30;
     let ref_dir = tmp.path().join("reference");
-    let ref_cfg = config(&ref_dir, &["cpu", "cpu"], 2, steps);
+    let ref_cfg = config_with_tee(&ref_dir, &["cpu", "cpu"], 2, steps);
     assert!(run(&ref_cfg, false, &[]).success());
     let want = read_step_records(&ref_dir);
     assert_eq!(
@@ -63,7 +81,7 @@ fn kill_9_at_random_moments_then_resume_is_bit_identical() {
     );
 
     let dir = tmp.path().join("killed");
-    let cfg = config(&dir, &["cpu", "cpu"], 2, steps);
+    let cfg = config_with_tee(&dir, &["cpu", "cpu"], 2, steps);
     // First: crash inside the checkpoint write of step 6 (model written, state not yet).
     let st = run(&cfg, false, &[("LEXFLOW_CRASH_IN_CHECKPOINT", "6")]);
     assert!(!st.success(), "the injected crash must kill the run");
@@ -128,6 +146,27 @@ fn kill_9_at_random_moments_then_resume_is_bit_identical() {
         final_weights(&dir, steps) == final_weights(&ref_dir, steps),
         "final weights differ"
     );
+    // The Arrow tee: the unfinished parts the kills left were recovered, and over all parts it holds every trained
+    // sequence, as the uninterrupted run's tee does.
+    let left: Vec<_> = std::fs::read_dir(dir.join("tee"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".arrow"))
+        .collect();
+    assert!(left.is_empty(), "unfinished tee files left: {left:?}");
+    let trained = steps * 2 * 2;
+    let under = |m: BTreeMap<u64, Vec<u32>>| -> BTreeMap<u64, Vec<u32>> {
+        m.into_iter().filter(|(i, _)| *i < trained).collect()
+    };
+    let want = under(tee_sequences(&ref_dir.join("tee")));
+    let got = under(tee_sequences(&dir.join("tee")));
+    assert_eq!(want.len(), trained as usize);
+    let missing: Vec<_> = want.keys().filter(|i| !got.contains_key(i)).collect();
+    assert!(
+        missing.is_empty(),
+        "trained sequences missing from the killed run's tee: {missing:?}"
+    );
+    assert!(got == want, "the killed run's tee holds other sequences");
 }
 
 #[test]

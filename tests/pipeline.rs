@@ -156,3 +156,39 @@ fn bad_tokenizer_path_is_a_clear_error() {
     let e = format!("{:#}", run(&cfg, &opts()).unwrap_err());
     assert!(e.contains("/nonexistent/tokenizer.json"), "{e}");
 }
+
+#[test]
+fn the_mix_counts_only_the_tokens_max_doc_tokens_keeps() {
+    // Real acts run to hundreds of thousands of tokens; truncated to 1,000 each, the trained mix must still be the
+    // configured one (the sampler counts what the packer keeps, not the whole document).
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/formex");
+    let d = tempfile::tempdir().unwrap();
+    let max_doc = 1000u64;
+    let mut cfg = base_config(d.path(), &[corpus.display().to_string()], 1, "");
+    cfg.sampler.mix = [("en".to_string(), 0.5), ("fr".to_string(), 0.5)].into();
+    cfg.sampler.on_exhausted = lexflow_actors::config::ExhaustedPolicy::Cycle;
+    cfg.packer.mode = lexflow_actors::config::PackMode::Concat;
+    cfg.packer.max_doc_tokens = std::num::NonZeroUsize::new(max_doc as usize);
+    cfg.run.max_sequences = Some(600);
+    let s = run(&cfg, &opts()).unwrap();
+    assert!(
+        s.packer.truncated_documents > 10,
+        "the test needs truncated documents"
+    );
+    let mut per_lane = [0u64; 2];
+    for p in all_sequences(d.path()).iter().flat_map(|q| &q.pieces) {
+        per_lane[p.doc.lane as usize] += (p.end - p.start) as u64;
+    }
+    let total = per_lane.iter().sum::<u64>();
+    let slack = max_doc + cfg.packer.seq_len.get() as u64 + 1;
+    for (lane, l) in s.sampler.languages.iter().enumerate() {
+        let dev = (per_lane[lane] as f64 - l.target_share * total as f64).abs();
+        assert!(
+            dev <= slack as f64,
+            "{}: {} of {total} trained tokens, {dev} away from its share {} (at most {slack})",
+            l.lang,
+            per_lane[lane],
+            l.target_share
+        );
+    }
+}

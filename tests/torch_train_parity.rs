@@ -97,6 +97,7 @@ fn train(run_dir: &Path, init: &Path) -> TrainReport {
         hf_files: Default::default(),
         eval: None,
         dedup: None,
+        tee: None,
     };
     let handle = spawn_trainers(&mut topo, setup, vec![rx]).expect("spawn trainer");
     topo.spawn("feeder", move |_ctx| {

@@ -92,6 +92,7 @@ fn run(
         hf_files: Default::default(),
         eval: None,
         dedup: None,
+        tee: None,
     };
     let handle = spawn_trainers(&mut topo, setup, rxs).expect("spawn trainers");
     topo.spawn("feeder", move |_ctx| {

@@ -319,6 +319,7 @@ fn main() -> anyhow::Result<()> {
             hf_files: Default::default(),
             eval: None,
             dedup: None,
+            tee: None,
         },
         vec![rx],
     )?;

@@ -20,7 +20,10 @@
 //! iteration order changes from process to process.
 //!
 //! Files are written as `shard-NNNNN.arrow.partial` and renamed on [`ArrowTee::finish`]; a tee dropped without
-//! `finish` (crash, error) leaves only `.partial` files, never a truncated file under the final name.
+//! `finish` (crash, error) leaves only `.partial` files, never a truncated file under the final name. Before every
+//! checkpoint the trainer makes the tee durable up to the checkpoint's position ([`SharedTee::sync`]), and a resumed
+//! run turns the `.partial` files a killed run left into complete files ([`recover_partials`]), so the parts of a
+//! run that was killed and resumed still hold every sequence it trained.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -343,18 +346,22 @@ impl ArrowTee {
                 source,
             })?;
         if first_index == 0 {
+            // A run from the start rewrites the whole stream: no file of an earlier run may stay next to it.
             if let Ok(rd) = std::fs::read_dir(dir) {
                 for e in rd.flatten() {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    if name.starts_with("shard-")
-                        && name.contains(".from-")
-                        && name.ends_with(".arrow")
-                    {
-                        tracing::info!(file = %e.path().display(), "removing a resumed part of an earlier run's tee");
+                    if is_tee_file(&name) {
+                        tracing::info!(file = %e.path().display(), "removing an earlier run's tee file");
                         let _ = std::fs::remove_file(e.path());
                     }
                 }
             }
+        } else {
+            // Parts this run writes again from the same index are simply rewritten; the others are recovered.
+            let mine: Vec<String> = (0..shards)
+                .map(|k| part_file_name(k, first_index) + ".partial")
+                .collect();
+            recover_partials(dir, &mine)?;
         }
         let mut files = Vec::with_capacity(shards);
         for shard in 0..shards {
@@ -440,6 +447,28 @@ impl ArrowTee {
         Ok(())
     }
 
+    /// Writes every buffered row of every shard as a record batch and makes the files durable (flush + fsync), so
+    /// that a `.partial` file left by a kill holds at least the sequences written so far ([`recover_partials`]).
+    pub fn sync(&mut self) -> Result<(), ArrowTeeError> {
+        for sf in &mut self.shards {
+            sf.flush()?;
+            sf.writer.flush().map_err(|source| ArrowTeeError::Arrow {
+                path: sf.partial.clone(),
+                source,
+            })?;
+            sf.writer
+                .get_mut()
+                .get_mut()
+                .sync_data()
+                .map_err(|source| ArrowTeeError::Io {
+                    op: "sync",
+                    path: sf.partial.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// Writes the remaining rows, the footers, syncs and renames every file to its final name.
     pub fn finish(self) -> Result<TeeSummary, ArrowTeeError> {
         let mut summary = TeeSummary {
@@ -495,6 +524,250 @@ impl ArrowTee {
     }
 }
 
+/// A file the tee writes: `shard-….arrow`, its `.partial`, or a recovery's temporary file.
+fn is_tee_file(name: &str) -> bool {
+    name.starts_with("shard-")
+        && (name.ends_with(".arrow")
+            || name.ends_with(".arrow.partial")
+            || name.ends_with(".arrow.recovering"))
+}
+
+/// What [`recover_partials`] made of one `.partial` file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    pub file: PathBuf,
+    /// Rows of the record batches that were complete on disk.
+    pub rows: u64,
+    /// Smallest and largest sequence index among them.
+    pub indices: Option<(u64, u64)>,
+}
+
+/// The IPC file format starts with this magic (then zero padding); the IPC *stream* of the batches follows.
+const ARROW_FILE_MAGIC: &[u8; 6] = b"ARROW1";
+
+/// Turns the `shard-….arrow.partial` files that a killed run left in `dir` into complete Arrow IPC files under
+/// their final names: every record batch that reached the disk whole is kept (the tee made them durable up to the
+/// checkpoint the run resumes from: [`SharedTee::sync`]), a torn last batch is dropped. The sequences they hold are
+/// the same a rerun would produce (an index always holds the same sequence). Files named in `skip` (the parts the
+/// resumed run rewrites from the same index) are left alone. A partial file without a single complete batch is
+/// removed. Crash-safe: the new file is written as `….arrow.recovering`, synced and renamed, and only then is the
+/// partial file removed; a partial whose final file already exists was recovered before and is removed.
+pub fn recover_partials(dir: &Path, skip: &[String]) -> Result<Vec<Recovered>, ArrowTeeError> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut partials: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("shard-")
+                    && n.ends_with(".arrow.partial")
+                    && !skip.iter().any(|k| k == n)
+            })
+        })
+        .collect();
+    partials.sort();
+    let mut out = Vec::new();
+    for partial in partials {
+        let target = partial.with_extension(""); // drops ".partial"
+        let io = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ArrowTeeError::Io { op, path, source }
+        };
+        if target.exists() {
+            std::fs::remove_file(&partial).map_err(io("remove", &partial))?;
+            continue;
+        }
+        let rec = recover_one(&partial, &target)?;
+        match &rec {
+            Some(r) => tracing::warn!(
+                file = %r.file.display(),
+                rows = r.rows,
+                first = r.indices.map(|i| i.0),
+                last = r.indices.map(|i| i.1),
+                "recovered the Arrow tee part a stopped run left unfinished"
+            ),
+            None => tracing::warn!(
+                file = %partial.display(),
+                "an unfinished Arrow tee part held no complete record batch: removed"
+            ),
+        }
+        std::fs::remove_file(&partial).map_err(io("remove", &partial))?;
+        out.extend(rec);
+    }
+    Ok(out)
+}
+
+fn recover_one(partial: &Path, target: &Path) -> Result<Option<Recovered>, ArrowTeeError> {
+    use std::io::{BufRead, Read};
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ArrowTeeError::Io { op, path, source }
+    };
+    let mut f = BufReader::new(File::open(partial).map_err(io("open", partial))?);
+    let mut magic = [0u8; 6];
+    if f.read_exact(&mut magic).is_err() || &magic != ARROW_FILE_MAGIC {
+        return Ok(None);
+    }
+    // The writer pads the magic to its alignment (8 in the spec, 64 by default in arrow-rs) with zeros; the
+    // stream's first message starts with the continuation marker 0xFFFFFFFF.
+    loop {
+        match f.fill_buf() {
+            Ok([0, ..]) => f.consume(1),
+            Ok([_, ..]) => break,
+            _ => return Ok(None),
+        }
+    }
+    let Ok(reader) = arrow_ipc::reader::StreamReader::try_new(f, None) else {
+        return Ok(None); // not even the schema reached the disk
+    };
+    let schema = reader.schema();
+    let tmp = target.with_extension("arrow.recovering");
+    let options = IpcWriteOptions::default()
+        .try_with_compression(Some(CompressionType::ZSTD))
+        .map_err(|source| ArrowTeeError::Arrow {
+            path: tmp.clone(),
+            source,
+        })?;
+    let file = File::create(&tmp).map_err(io("create", &tmp))?;
+    let arrow = |source| ArrowTeeError::Arrow {
+        path: tmp.clone(),
+        source,
+    };
+    let mut w =
+        FileWriter::try_new_with_options(BufWriter::new(file), &schema, options).map_err(arrow)?;
+    let mut rows = 0u64;
+    let mut indices: Option<(u64, u64)> = None;
+    for batch in reader {
+        // A batch cut off by the kill ends the readable part.
+        let Ok(batch) = batch else { break };
+        if let Ok(idx) = column(partial, &batch, "index", &DataType::UInt64) {
+            for v in idx.as_primitive::<UInt64Type>().values().iter() {
+                indices = Some(indices.map_or((*v, *v), |(a, b)| (a.min(*v), b.max(*v))));
+            }
+        }
+        rows += batch.num_rows() as u64;
+        w.write(&batch).map_err(arrow)?;
+    }
+    if rows == 0 {
+        drop(w);
+        let _ = std::fs::remove_file(&tmp);
+        return Ok(None);
+    }
+    w.finish().map_err(arrow)?;
+    let f = w
+        .into_inner()
+        .map_err(arrow)?
+        .into_inner()
+        .map_err(|e| ArrowTeeError::Io {
+            op: "write",
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+    f.sync_all().map_err(io("sync", &tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, target).map_err(io("rename", &tmp))?;
+    if let Some(parent) = target.parent() {
+        if let Ok(d) = File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(Some(Recovered {
+        file: target.to_path_buf(),
+        rows,
+        indices,
+    }))
+}
+
+/// The tee shared by the shard writer (which writes every sequence before sending it to its rank) and trainer rank
+/// 0 (which makes it durable before each checkpoint: [`SharedTee::sync`]).
+pub struct SharedTee {
+    slot: std::sync::Mutex<TeeSlot>,
+    progress: std::sync::Condvar,
+}
+
+impl std::fmt::Debug for SharedTee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = self.lock();
+        f.debug_struct("SharedTee")
+            .field("next", &g.next)
+            .field("closed", &g.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+struct TeeSlot {
+    tee: Option<ArrowTee>,
+    /// Every sequence with an index below this has been written (or was skipped as consumed before a resume).
+    next: u64,
+    /// The shard writer has finished (or failed): nothing more will be written.
+    closed: bool,
+}
+
+impl SharedTee {
+    /// `first_index`: the first sequence this run writes (the resume position).
+    pub fn new(tee: ArrowTee, first_index: u64) -> Self {
+        SharedTee {
+            slot: std::sync::Mutex::new(TeeSlot {
+                tee: Some(tee),
+                next: first_index,
+                closed: false,
+            }),
+            progress: std::sync::Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TeeSlot> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes one sequence (they come in index order).
+    pub fn write(&self, seq: &PackedSequence) -> Result<(), ArrowTeeError> {
+        let mut g = self.lock();
+        if let Some(t) = g.tee.as_mut() {
+            t.write(seq)?;
+        }
+        g.next = g.next.max(seq.index + 1);
+        drop(g);
+        self.progress.notify_all();
+        Ok(())
+    }
+
+    /// Finishes the files (footers, final names). Later [`Self::sync`] calls return at once.
+    pub fn finish(&self) -> Result<Option<TeeSummary>, ArrowTeeError> {
+        let tee = {
+            let mut g = self.lock();
+            g.closed = true;
+            g.tee.take()
+        };
+        self.progress.notify_all();
+        tee.map(ArrowTee::finish).transpose()
+    }
+
+    /// Marks the tee closed without finishing it (the shard writer failed): its files stay `.partial`.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.progress.notify_all();
+    }
+
+    /// Waits until every sequence below `upto` has been written (at most `timeout`: the shard writer writes a
+    /// sequence before any rank can train on it, so this only waits for sequences of other processes' ranks), then
+    /// makes the files durable. Returns whether every sequence below `upto` is on disk.
+    pub fn sync(&self, upto: u64, timeout: std::time::Duration) -> Result<bool, ArrowTeeError> {
+        let g = self.lock();
+        let (mut g, _) = self
+            .progress
+            .wait_timeout_while(g, timeout, |s| s.next < upto && !s.closed)
+            .unwrap_or_else(|e| e.into_inner());
+        let complete = g.next >= upto;
+        if let Some(t) = g.tee.as_mut() {
+            t.sync()?;
+        }
+        Ok(complete || g.tee.is_none())
+    }
+}
+
 fn open_reader(path: &Path) -> Result<FileReader<BufReader<File>>, ArrowTeeError> {
     let format = |message: &str| ArrowTeeError::Format {
         path: path.to_path_buf(),
@@ -512,6 +785,12 @@ fn open_reader(path: &Path) -> Result<FileReader<BufReader<File>>, ArrowTeeError
             ))
         }
         _ => {}
+    }
+    if path.to_string_lossy().ends_with(".arrow.partial") {
+        return Err(format(
+            "an unfinished tee file (its run stopped before finishing it): `lexflow run CONFIG --resume` turns it \
+             into a complete `.arrow` file holding every record batch that reached the disk",
+        ));
     }
     let f = File::open(path).map_err(|source| ArrowTeeError::Io {
         op: "open",
@@ -774,6 +1053,76 @@ mod tests {
             shard: rng.gen_range(0..shards),
             resume: None,
         }
+    }
+
+    #[test]
+    fn a_killed_tee_is_recovered_up_to_its_last_sync_and_a_torn_tail_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let seqs: Vec<_> = (0..40).map(|i| random_seq(&mut rng, i, 2, 50)).collect();
+        let shared = SharedTee::new(ArrowTee::create(dir.path(), 2, meta(50)).unwrap(), 0);
+        for s in &seqs[..30] {
+            shared.write(s).unwrap();
+        }
+        // Everything below 30 is written: the sync does not wait.
+        assert!(shared.sync(30, std::time::Duration::from_secs(5)).unwrap());
+        // Waiting for a sequence never written times out and says so.
+        assert!(!shared
+            .sync(31, std::time::Duration::from_millis(50))
+            .unwrap());
+        for s in &seqs[30..] {
+            shared.write(s).unwrap(); // buffered, never synced: lost in the "kill" below
+        }
+        // A kill: the tee is never finished (leak it so nothing is flushed on drop).
+        std::mem::forget(shared);
+        let p0 = dir.path().join("shard-00000.arrow.partial");
+        assert!(p0.exists());
+        assert!(
+            read_sequences(&p0).is_err(),
+            "a .partial file is not readable as it is"
+        );
+        // A torn tail on shard 1: half a message after the synced batches.
+        let p1 = dir.path().join("shard-00001.arrow.partial");
+        let mut bytes = std::fs::read(&p1).unwrap();
+        let synced = bytes.len();
+        bytes.extend_from_slice(&bytes[64..64 + 300].to_vec());
+        std::fs::write(&p1, &bytes).unwrap();
+        assert!(synced > 64);
+        // A partial file with nothing recoverable.
+        std::fs::write(dir.path().join("shard-00005.arrow.partial"), b"ARROW1\0\0").unwrap();
+        let rec = recover_partials(dir.path(), &[]).unwrap();
+        assert_eq!(rec.len(), 2, "{rec:?}");
+        for (shard, r) in rec.iter().enumerate() {
+            assert_eq!(r.file, dir.path().join(shard_file_name(shard)));
+            let want: Vec<_> = seqs[..30]
+                .iter()
+                .filter(|s| s.shard as usize == shard)
+                .cloned()
+                .collect();
+            assert_eq!(read_sequences(&r.file).unwrap(), want, "shard {shard}");
+            assert_eq!(r.rows, want.len() as u64);
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".arrow"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        // A resumed part starting at 30 next to them; a fresh run (from 0) removes every earlier file.
+        let t = ArrowTee::create_part(dir.path(), 2, meta(50), 30).unwrap();
+        assert_eq!(t.finish().unwrap().files.len(), 2);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4);
+        drop(ArrowTee::create(dir.path(), 2, meta(50)).unwrap());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| n.ends_with(".partial") && !n.contains(".from-")),
+            "{names:?}"
+        );
     }
 
     #[test]

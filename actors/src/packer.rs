@@ -235,20 +235,27 @@ impl Packer {
         let cap = self.cap;
         let total = tokens.len() + 1; // + EOT
         let mut start = 0usize;
-        // Cut full sequences off the front of documents longer than one sequence.
+        // Cut full sequences off the front of documents longer than one sequence. The last piece keeps at least one
+        // token of the document, so that its EOT follows it: when exactly `cap` tokens remain (they cannot fit with
+        // the EOT), the cut takes `cap - 1` and that sequence ends with one pad.
         if total > cap {
             self.report.split_documents += 1;
             while tokens.len() + 1 - start > cap {
+                let take = if tokens.len() - start == cap {
+                    cap - 1
+                } else {
+                    cap
+                };
                 let mut s = self.new_open();
                 s.pieces.push(Piece {
                     doc: id,
                     start: start as u32,
-                    end: (start + cap) as u32,
+                    end: (start + take) as u32,
                     offset: 0,
                     loss_from,
                 });
-                s.tokens.extend_from_slice(&tokens[start..start + cap]);
-                start += cap;
+                s.tokens.extend_from_slice(&tokens[start..start + take]);
+                start += take;
                 self.finish(s);
             }
         }
@@ -521,6 +528,23 @@ mod tests {
                     "piece content"
                 );
                 per_doc.entry(p.doc).or_default().push((p.start, p.end));
+                if p.end as usize == doc.tokens.len() {
+                    // The document's EOT follows its last token: in the same sequence, or (concat only, when the
+                    // document fills the sequence) as the next sequence's first token.
+                    let at = (p.offset + p.end - p.start) as usize;
+                    let eot = if at < cap {
+                        s.tokens[at]
+                    } else {
+                        assert_eq!(
+                            c.mode,
+                            PackMode::Concat,
+                            "best-fit: EOT of {:?} not after it",
+                            p.doc
+                        );
+                        seqs[k + 1].tokens[0]
+                    };
+                    assert_eq!(eot, EOT, "doc {:?}: its EOT does not follow it", p.doc);
+                }
             }
             assert!(s.tokens[cap - s.padding as usize..]
                 .iter()
@@ -569,6 +593,17 @@ mod tests {
             let (seqs, rep) = pack(&c, &ds);
             check(&c, &ds, &seqs, &rep);
         }
+    }
+
+    #[test]
+    fn best_fit_keeps_the_eot_with_documents_of_a_multiple_of_the_sequence_length() {
+        // cap = 10: documents of 10, 20, 30 tokens end exactly on a cut.
+        let c = cfg(9, PackMode::BestFit, 4);
+        let ds = docs(&[10, 3, 20, 5, 30, 1, 9, 10]);
+        let (seqs, rep) = pack(&c, &ds);
+        check(&c, &ds, &seqs, &rep);
+        // Every document longer than 9 tokens is split (its EOT cannot share its only sequence), the others not.
+        assert_eq!(rep.split_documents, 4);
     }
 
     #[test]

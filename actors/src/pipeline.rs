@@ -632,6 +632,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             lanes: start_lanes.clone(),
             state: data.as_ref().map(|d| d.sampler.clone()),
             lane_files: lanes.iter().map(|l| l.files.len() as u64).collect(),
+            max_doc_tokens: cfg.packer.max_doc_tokens.map(|n| n.get()),
         };
         topo.spawn("sampler", move |ctx| {
             run_sampler(ctx, &mix, policy, start, lane_rx, stx, &rep)
@@ -679,6 +680,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         rank_tx.push(tx);
         rank_rx.push(rx);
     }
+    let tee_for_trainer;
     {
         // One process per rank: rank 0's process tees the whole stream, the others none.
         let tee = match cfg
@@ -698,7 +700,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 skip,
             )?),
             None => None,
-        };
+        }
+        .map(|t| Arc::new(crate::arrow_tee::SharedTee::new(t, skip)));
+        tee_for_trainer = tee.clone();
         let w = ShardWriter {
             shards: cfg.shards.count.get(),
             skip,
@@ -729,6 +733,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                     Some(&cfg.packer.pad_token),
                 )?),
                 dedup: dedup.clone(),
+                tee: tee_for_trainer,
                 eval: (heldout.is_some() || qa_probe.is_some()).then(|| {
                     crate::trainer::EvalSetup {
                         set: heldout.clone(),

@@ -150,6 +150,9 @@ pub struct SamplerStart {
     /// Files per lane: under `cycle`, a lane that goes through more files than this without one document to train
     /// on would cycle forever (every file unreadable, every document a duplicate): that is an error.
     pub lane_files: Vec<u64>,
+    /// `packer.max_doc_tokens`: the packer keeps only this many tokens of a document, so the mix counts only those
+    /// (counting the whole document would skew the trained mix towards languages with long documents).
+    pub max_doc_tokens: Option<usize>,
 }
 
 /// The sampler actor body. `lanes[i]` carries the tokenized documents of language `mix[i]`. Documents with zero tokens
@@ -250,10 +253,14 @@ pub fn run_sampler(
             file: doc.id.file,
             ordinal: doc.id.ordinal + 1,
         };
-        s.record(lane, doc.tokens.len() as u64);
+        let trained = doc
+            .tokens
+            .len()
+            .min(start.max_doc_tokens.unwrap_or(usize::MAX)) as u64;
+        s.record(lane, trained);
         m.sampler_tokens
             .with_label_values(&[&mix[lane].0])
-            .inc_by(doc.tokens.len() as u64);
+            .inc_by(trained);
         am.items_in.inc();
         am.items_out.inc();
         am.bytes_out.inc_by(doc.tokens.len() as u64 * 4);

@@ -7,7 +7,9 @@
 use lexflow_dataflow::{ActorContext, ActorError, EdgeReceiver, EdgeSender};
 use serde::Serialize;
 
-use crate::arrow_tee::ArrowTee;
+use std::sync::Arc;
+
+use crate::arrow_tee::SharedTee;
 use crate::types::PackedSequence;
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -26,13 +28,30 @@ pub struct ShardWriter {
     pub skip: u64,
     /// Stop after this many global sequences (counting skipped ones).
     pub limit: Option<u64>,
-    pub tee: Option<ArrowTee>,
+    /// Shared with trainer rank 0, which makes it durable before each checkpoint.
+    pub tee: Option<Arc<SharedTee>>,
     /// One process per rank: `(this process's rank, world size)`; the writer then has one rank edge and sends it
     /// the sequences with `index % world == rank`.
     pub process: Option<(usize, usize)>,
 }
 
 pub fn run_shard_writer(
+    ctx: &ActorContext,
+    w: ShardWriter,
+    input: EdgeReceiver<PackedSequence>,
+    ranks: Vec<EdgeSender<PackedSequence>>,
+    report: &std::sync::Mutex<ShardReport>,
+) -> Result<(), ActorError> {
+    let tee = w.tee.clone();
+    let r = route(ctx, w, input, ranks, report);
+    // However the writer ended, a checkpoint waiting for the tee must not wait for more sequences.
+    if let Some(t) = tee {
+        t.close();
+    }
+    r
+}
+
+fn route(
     ctx: &ActorContext,
     mut w: ShardWriter,
     input: EdgeReceiver<PackedSequence>,
@@ -77,7 +96,7 @@ pub fn run_shard_writer(
             rep.sequences_skipped_on_resume += 1;
             continue;
         }
-        if let Some(tee) = w.tee.as_mut() {
+        if let Some(tee) = &w.tee {
             tee.write(&seq)?;
         }
         let rank = match w.process {

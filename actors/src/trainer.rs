@@ -16,7 +16,7 @@
 #![allow(clippy::manual_checked_ops)]
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lexflow_dataflow::{ActorContext, EdgeReceiver, Topology};
 use lexflow_gpu::checkpoint::{self, DEFAULT_MAX_SHARD_BYTES};
@@ -52,6 +52,9 @@ pub struct TrainerSetup {
     pub eval: Option<EvalSetup>,
     /// `[dedup]`: its index goes into every checkpoint (entries before the checkpoint's resume point).
     pub dedup: Option<Arc<crate::dedup::DedupIndex>>,
+    /// `shards.arrow_dir`: rank 0 makes the tee durable up to a checkpoint's position before writing it, so the tee
+    /// of a run killed after that checkpoint still covers what it trained (`arrow_tee::recover_partials`).
+    pub tee: Option<Arc<crate::arrow_tee::SharedTee>>,
 }
 
 /// What the ranks evaluate, and when.
@@ -1258,6 +1261,24 @@ impl<'a> Rank<'a> {
                 cpu_threads: matches!(self.device, Device::Cpu)
                     .then(|| tch::get_num_threads().max(1) as usize),
             };
+            if let Some(tee) = &self.setup.tee {
+                let upto = state.sequences_consumed;
+                match tee.sync(upto, Duration::from_secs(120)) {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(
+                        step = opt.step,
+                        sequences = upto,
+                        "the Arrow tee had not received every sequence of this checkpoint after 120 s: if the run \
+                         is killed before the next checkpoint, its tee may lack some of them"
+                    ),
+                    Err(e) => {
+                        return Err(TrainerError::Setup(format!(
+                            "making the Arrow tee durable before the checkpoint of step {}: {e}",
+                            opt.step
+                        )))
+                    }
+                }
+            }
             let bytes = checkpoint::write_checkpoint_dir(&dir, |tmp| {
                 // First, so that sharded peers waiting to send their slices are served before anything else.
                 opt.save_collective(Some(&tmp.join("optimizer.safetensors")), &*self.coll)?;
