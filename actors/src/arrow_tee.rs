@@ -1085,7 +1085,8 @@ mod tests {
         let p1 = dir.path().join("shard-00001.arrow.partial");
         let mut bytes = std::fs::read(&p1).unwrap();
         let synced = bytes.len();
-        bytes.extend_from_slice(&bytes[64..64 + 300].to_vec());
+        let head = bytes[64..64 + 300].to_vec();
+        bytes.extend_from_slice(&head);
         std::fs::write(&p1, &bytes).unwrap();
         assert!(synced > 64);
         // A partial file with nothing recoverable.
