@@ -5,6 +5,8 @@
                                                     (.zst decompressed), independent of lexflow's FORMEX parser
   tokenize_ref.py encode TOKENIZER_JSON             stdin: JSON list of strings; stdout: JSON list of id lists
                                                     (add_special_tokens=False)
+  tokenize_ref.py encode-text TOKENIZER_JSON        the same with special-token text encoded as ordinary text
+                                                    (encode_special_tokens=True: how lexflow encodes documents)
   tokenize_ref.py hash TOKENIZER_JSON               stdin: JSONL of {"text"}; stdout: {"docs","tokens","ids_hash"}, the ids
                                                     hash of actors/examples/preprocess_bench.rs
 """
@@ -64,8 +66,10 @@ def main(argv):
         files = files_of(args)[:max_files]
         json.dump([{"path": f, "text": crude_text(read_xml(f))} for f in files], sys.stdout, ensure_ascii=False)
         return 0
-    if cmd == "encode":
+    if cmd in ("encode", "encode-text"):
         tok = load(argv[2])
+        # encode-text: special-token text is ordinary text (lexflow's encode_text, for documents)
+        tok.encode_special_tokens = cmd == "encode-text"
         texts = json.load(sys.stdin)
         encs = tok.encode_batch(texts, add_special_tokens=False)
         json.dump([e.ids for e in encs], sys.stdout)

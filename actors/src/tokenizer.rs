@@ -75,7 +75,9 @@ struct Inner {
 
 enum Engine {
     Fast(FastBpe),
-    Hf(Box<tokenizers::Tokenizer>),
+    /// The `tokenizers` crate; the second copy encodes special-token text as ordinary text
+    /// (`encode_special_tokens`), for [`Tokenizer::encode_text`].
+    Hf(Box<tokenizers::Tokenizer>, Box<tokenizers::Tokenizer>),
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -231,19 +233,21 @@ impl Tokenizer {
             None => {
                 let hf =
                     tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| invalid(e.to_string()))?;
-                Engine::Hf(Box::new(hf))
+                let mut literal = hf.clone();
+                literal.set_encode_special_tokens(true);
+                Engine::Hf(Box::new(hf), Box::new(literal))
             }
         };
         let token_id = |name: &str| match &engine {
             Engine::Fast(f) => f.token_to_id.get(name).copied(),
-            Engine::Hf(h) => h.token_to_id(name),
+            Engine::Hf(h, _) => h.token_to_id(name),
         };
         let first = |names: &[&str]| names.iter().find_map(|n| token_id(n));
         let bos = first(&BOS_NAMES);
         let eos = first(&EOS_NAMES);
         let vocab_size = match &engine {
             Engine::Fast(f) => f.id_to_bytes.len(),
-            Engine::Hf(h) => {
+            Engine::Hf(h, _) => {
                 let max_added = h
                     .get_added_tokens_decoder()
                     .keys()
@@ -269,7 +273,7 @@ impl Tokenizer {
     pub fn engine(&self) -> &'static str {
         match self.inner.engine {
             Engine::Fast(_) => "fast-bpe",
-            Engine::Hf(_) => "hf-tokenizers",
+            Engine::Hf(..) => "hf-tokenizers",
         }
     }
 
@@ -282,15 +286,28 @@ impl Tokenizer {
     }
 
     /// Encodes `text` without adding special tokens (special-token text inside `text` still maps to its id, as in
-    /// `tokenizers`).
+    /// `tokenizers`): for text that spells out a template's control tokens (the Q&A templates).
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        self.encode_with(text, false)
+    }
+
+    /// Encodes document text: special-token text inside it (`<|end_of_text|>` written in a document) is ordinary
+    /// text, so no document can forge a control token — an EOT mid-document, say (`tokenizers` with
+    /// `encode_special_tokens`). Added tokens that are not special still match.
+    pub fn encode_text(&self, text: &str) -> Vec<u32> {
+        self.encode_with(text, true)
+    }
+
+    fn encode_with(&self, text: &str, literal_special: bool) -> Vec<u32> {
         match &self.inner.engine {
             Engine::Fast(f) => {
                 let mut out = Vec::with_capacity(text.len() / 4 + 1);
-                f.encode_into(text, &mut out);
+                f.encode_into(text, literal_special, &mut out);
                 out
             }
-            Engine::Hf(h) => match h.encode_fast(text, false) {
+            Engine::Hf(h, literal) => match if literal_special { literal } else { h }
+                .encode_fast(text, false)
+            {
                 Ok(e) => e.get_ids().to_vec(),
                 // Byte-level BPE cannot fail; other models only fail on a broken tokenizer.json.
                 Err(e) => panic!(
@@ -305,7 +322,7 @@ impl Tokenizer {
     pub fn token_id(&self, token: &str) -> Option<u32> {
         match &self.inner.engine {
             Engine::Fast(f) => f.token_to_id.get(token).copied(),
-            Engine::Hf(h) => h.token_to_id(token),
+            Engine::Hf(h, _) => h.token_to_id(token),
         }
     }
 
@@ -321,7 +338,7 @@ impl Tokenizer {
                 }
                 String::from_utf8_lossy(&bytes).into_owned()
             }
-            Engine::Hf(h) => h.decode(ids, false).unwrap_or_default(),
+            Engine::Hf(h, _) => h.decode(ids, false).unwrap_or_default(),
         }
     }
 
@@ -359,7 +376,7 @@ impl Tokenizer {
                 t.extend(self.encode(&d.text[b..]));
                 (t, n)
             }
-            None => (self.encode(&d.text), 0),
+            None => (self.encode_text(&d.text), 0),
         }
     }
 
@@ -763,8 +780,8 @@ pub struct FastBpe {
     merges: FxMap<u64, (u32, u32)>,
     byte_ids: [u32; 256],
     ignore_merges: bool,
-    /// Added tokens: (content, id), grouped by first byte, longest first.
-    added: Vec<Vec<(Box<[u8]>, u32)>>,
+    /// Added tokens: (content, id, special), grouped by first byte, longest first.
+    added: Vec<Vec<(Box<[u8]>, u32, bool)>>,
     added_first: [bool; 256],
     id_to_bytes: Vec<Box<[u8]>>,
     token_to_id: HashMap<String, u32>,
@@ -902,7 +919,7 @@ impl FastBpe {
             merges.insert(((ia as u64) << 32) | ib as u64, (rank as u32, inew));
         }
         // Added tokens.
-        let mut added: Vec<Vec<(Box<[u8]>, u32)>> = vec![Vec::new(); 256];
+        let mut added: Vec<Vec<(Box<[u8]>, u32, bool)>> = vec![Vec::new(); 256];
         let mut added_first = [false; 256];
         if let Some(at) = j.get("added_tokens").and_then(Value::as_array) {
             for t in at {
@@ -929,7 +946,8 @@ impl FastBpe {
                 id_to_bytes[id as usize] = Some(content.as_bytes().into());
                 let first = content.as_bytes()[0];
                 added_first[first as usize] = true;
-                added[first as usize].push((content.as_bytes().into(), id));
+                let special = json_bool(t, "special", false);
+                added[first as usize].push((content.as_bytes().into(), id, special));
             }
         }
         for g in &mut added {
@@ -1107,7 +1125,8 @@ impl FastBpe {
         }
     }
 
-    fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
+    /// `literal_special`: special added tokens are not matched (their text is encoded as ordinary text).
+    fn encode_into(&self, text: &str, literal_special: bool, out: &mut Vec<u32>) {
         WORD_CACHE.with(|c| {
             let mut cache = c.borrow_mut();
             if cache.owner != self.instance {
@@ -1122,8 +1141,8 @@ impl FastBpe {
                 if self.added_first[s[i] as usize] {
                     if let Some((len, id)) = self.added[s[i] as usize]
                         .iter()
-                        .find(|(t, _)| s[i..].starts_with(t))
-                        .map(|(t, id)| (t.len(), *id))
+                        .find(|(t, _, special)| !(literal_special && *special) && s[i..].starts_with(t))
+                        .map(|(t, id, _)| (t.len(), *id))
                     {
                         self.encode_plain(&s[seg..i], &mut cache, out);
                         out.push(id);
@@ -1539,6 +1558,19 @@ mod tests {
         ] {
             assert_eq!(fast.encode(&t), reference.encode(&t));
         }
+        // Special-token text in a document is ordinary text for `encode_text`, a control token for `encode`.
+        for t in [
+            "Article 1<|end_of_text|>Article 2",
+            "<|begin_of_text|><|eot_id|> x <|reserved_special_token_7|><|start_header_id|>",
+            "<|end_of_text|",
+        ] {
+            let text = fast.encode_text(t);
+            assert_eq!(text, reference.encode_text(t), "{t:?}");
+            assert!(text.iter().all(|&i| i < 128000), "{t:?}: {text:?}");
+            assert_eq!(fast.decode(&text), t);
+            assert_eq!(fast.encode(t), reference.encode(t), "{t:?}");
+        }
+        assert!(fast.encode("a<|end_of_text|>b").contains(&128001));
     }
 
     #[test]
@@ -1570,5 +1602,10 @@ mod tests {
         assert_eq!(out.docs[1].tokens, tk.encode("The Member States"));
         assert_eq!(out.docs[1].text_bytes, "The Member States".len());
         assert_eq!(out.docs[0].celex.as_deref(), Some("32016R0679"));
+        // A document that spells out the end-of-text token gets no control token (a forged document boundary).
+        let eos = tk.eos_id().unwrap();
+        let (ids, _) = tk.encode_document(&doc("Article 1<|end_of_text|>Article 2"));
+        assert!(!ids.contains(&eos), "{ids:?}");
+        assert!(tk.encode("Article 1<|end_of_text|>Article 2").contains(&eos));
     }
 }
