@@ -14,10 +14,13 @@ run: build
 	$(ENV) "$$CARGO_TARGET_DIR/debug/lexflow" run $(CONFIG)
 
 test: build
+	@# The GPU code (behind the `cuda` feature) must keep compiling on machines without a GPU.
+	$(ENV) cargo check --workspace --all-targets --features cuda $(CARGO_FLAGS)
 	$(ENV) cargo test --workspace $(CARGO_FLAGS) -- --test-threads=2
 
 bench: setup
 	$(ENV) bash bench/run.sh
 
 lint:
-	$(ENV) cargo fmt --all --check && cargo clippy --workspace -- -D warnings
+	$(ENV) cargo fmt --all --check && cargo clippy --workspace --all-targets -- -D warnings && \
+		cargo clippy --workspace --all-targets --features cuda -- -D warnings
