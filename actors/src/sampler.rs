@@ -45,21 +45,21 @@ impl LanguageSampler {
         }
     }
 
-    /// The lane due next (None when every lane is exhausted).
+    /// The lane due next (None when every lane is exhausted). Deficits are taken over the active lanes only (their
+    /// renormalized shares of the tokens they emitted), so after a lane runs out (`renormalize`) the others stay in
+    /// their relative proportions, counted over the whole run: the tokens of the exhausted lane owe nobody anything.
     pub fn choose(&self) -> Option<usize> {
-        let norm: f64 = self
-            .active
-            .iter()
-            .zip(&self.targets)
-            .filter(|(a, _)| **a)
-            .map(|(_, t)| t)
-            .sum();
+        let (norm, active_total) = (0..self.langs.len())
+            .filter(|&i| self.active[i])
+            .fold((0.0f64, 0u64), |(n, t), i| {
+                (n + self.targets[i], t + self.emitted[i])
+            });
         let mut best: Option<(usize, f64)> = None;
         for i in 0..self.langs.len() {
             if !self.active[i] {
                 continue;
             }
-            let deficit = self.targets[i] / norm * self.total as f64 - self.emitted[i] as f64;
+            let deficit = self.targets[i] / norm * active_total as f64 - self.emitted[i] as f64;
             if best.is_none_or(|(_, d)| deficit > d + 1e-9) {
                 best = Some((i, deficit));
             }
@@ -363,5 +363,37 @@ mod tests {
         }
         let r = s.report();
         assert!((r.languages[1].realized_share - 0.5).abs() < 0.01);
+    }
+
+    #[test]
+    fn after_a_lane_runs_out_the_others_keep_their_relative_shares() {
+        // en runs out after 10,000 tokens; fr and de (2 : 1) must stay within two documents of 2/3 and 1/3 of what
+        // they emitted together, at every prefix — the exhausted lane's tokens must not shift them.
+        let mix = vec![
+            ("en".to_string(), 0.4),
+            ("fr".to_string(), 0.4),
+            ("de".to_string(), 0.2),
+        ];
+        let mut s = LanguageSampler::new(&mix);
+        let doc = 10u64;
+        while s.total() < 10_000 {
+            let lane = s.choose().unwrap();
+            s.record(lane, doc);
+        }
+        s.deactivate(0);
+        for _ in 0..500 {
+            let lane = s.choose().unwrap();
+            assert_ne!(lane, 0);
+            s.record(lane, doc);
+            let st = s.state();
+            let active = st.emitted_tokens[1] + st.emitted_tokens[2];
+            for (lane, share) in [(1, 2.0 / 3.0), (2, 1.0 / 3.0)] {
+                let dev = (st.emitted_tokens[lane] as f64 - share * active as f64).abs();
+                assert!(
+                    dev <= 2.0 * doc as f64,
+                    "lane {lane}: {dev} tokens off after {active}"
+                );
+            }
+        }
     }
 }
