@@ -281,6 +281,13 @@ fn a_resumed_run_adds_to_its_arrow_tee_instead_of_replacing_it() {
     assert!(run(&with_tee(&dir, 4), false, &[]).success());
     assert!(run(&with_tee(&dir, 8), true, &[]).success());
     let trained = 8 * 2;
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("stats.json")).unwrap()).unwrap();
+    assert_eq!(stats["train"]["sequences_consumed"].as_u64(), Some(trained));
+    assert_eq!(
+        stats["shards"]["arrow_tee"]["first_index"].as_u64(),
+        Some(4 * 2)
+    );
     let want: BTreeMap<u64, Vec<u32>> = tee_sequences(&ref_dir.join("tee"))
         .into_iter()
         .filter(|(i, _)| *i < trained)

@@ -85,6 +85,11 @@ pub struct TeeSummary {
     pub batches: u64,
     /// Total bytes of the finished files.
     pub bytes: u64,
+    /// The first sequence index of this part (0, or the resume position).
+    pub first_index: u64,
+    /// Unfinished parts of an earlier, killed run that this run completed ([`recover_partials`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recovered: Vec<Recovered>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +315,8 @@ impl ShardFile {
 /// The tee: buffers rows per shard and writes a zstd-compressed record batch every [`BATCH_ROWS`] rows.
 pub struct ArrowTee {
     dir: PathBuf,
+    first_index: u64,
+    recovered: Vec<Recovered>,
     meta: TeeMeta,
     shards: Vec<ShardFile>,
     batch_rows: usize,
@@ -345,6 +352,7 @@ impl ArrowTee {
                 path: dir.to_path_buf(),
                 source,
             })?;
+        let mut recovered = Vec::new();
         if first_index == 0 {
             // A run from the start rewrites the whole stream: no file of an earlier run may stay next to it.
             if let Ok(rd) = std::fs::read_dir(dir) {
@@ -361,7 +369,7 @@ impl ArrowTee {
             let mine: Vec<String> = (0..shards)
                 .map(|k| part_file_name(k, first_index) + ".partial")
                 .collect();
-            recover_partials(dir, &mine)?;
+            recovered = recover_partials(dir, &mine)?;
         }
         let mut files = Vec::with_capacity(shards);
         for shard in 0..shards {
@@ -406,6 +414,8 @@ impl ArrowTee {
         }
         Ok(ArrowTee {
             dir: dir.to_path_buf(),
+            first_index,
+            recovered,
             meta,
             shards: files,
             batch_rows: BATCH_ROWS,
@@ -478,6 +488,8 @@ impl ArrowTee {
             sequences: 0,
             batches: 0,
             bytes: 0,
+            first_index: self.first_index,
+            recovered: self.recovered,
         };
         for mut sf in self.shards {
             sf.flush()?;
@@ -533,7 +545,7 @@ fn is_tee_file(name: &str) -> bool {
 }
 
 /// What [`recover_partials`] made of one `.partial` file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Recovered {
     pub file: PathBuf,
     /// Rows of the record batches that were complete on disk.

@@ -20,6 +20,9 @@ pub struct ShardReport {
     pub sequences_other_processes: u64,
     pub per_rank: Vec<u64>,
     pub per_shard: Vec<u64>,
+    /// `shards.arrow_dir`: what this run's part of the tee holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arrow_tee: Option<crate::arrow_tee::TeeSummary>,
 }
 
 pub struct ShardWriter {
@@ -132,7 +135,7 @@ fn route(
         }
     }
     if let Some(tee) = w.tee.take() {
-        tee.finish()?;
+        rep.arrow_tee = tee.finish()?;
     }
     if let Ok(mut g) = report.lock() {
         *g = rep;

@@ -165,6 +165,25 @@ impl RunStats {
             self.shards.per_rank,
             self.shards.sequences_skipped_on_resume
         );
+        if let Some(t) = &self.shards.arrow_tee {
+            let recovered: u64 = t.recovered.iter().map(|r| r.rows).sum();
+            let _ = writeln!(
+                s,
+                "  tee        {} sequences from index {} in {} ({:.1} MB){}",
+                t.sequences,
+                t.first_index,
+                t.dir.display(),
+                t.bytes as f64 / 1e6,
+                if t.recovered.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; {} unfinished parts of the stopped run recovered ({recovered} sequences)",
+                        t.recovered.len()
+                    )
+                }
+            );
+        }
         if let Some(t) = &self.train {
             let _ = writeln!(s, "{}", train_line(t));
             let last = t
@@ -231,6 +250,7 @@ mod tests {
             data_wait_fraction: vec![0.001, 0.02],
             checkpoints: vec!["runs/x/step-10".into(), "runs/x/step-12".into()],
             resumed_from_step: Some(9),
+            sequences_consumed: 48,
             evals: Vec::new(),
         };
         let line = train_line(&serde_json::to_value(&report).unwrap());

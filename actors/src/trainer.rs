@@ -84,6 +84,9 @@ pub struct TrainReport {
     /// Checkpoints this run wrote that are still there (`keep_checkpoints` prunes the older ones).
     pub checkpoints: Vec<PathBuf>,
     pub resumed_from_step: Option<u64>,
+    /// Global sequences trained by steps 1..`steps` (before a resume included): the sequences with a smaller index
+    /// are exactly the trained ones (the Arrow tee may also hold a few prepared but never trained).
+    pub sequences_consumed: u64,
     /// Held-out losses measured in this run (`[eval]`), in step order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evals: Vec<EvalResult>,
@@ -211,6 +214,7 @@ struct RankResult {
     wait_seconds: f64,
     checkpoints: Vec<PathBuf>,
     resumed_from_step: Option<u64>,
+    sequences_consumed: u64,
     evals: Vec<EvalResult>,
     eval_seconds: f64,
 }
@@ -254,6 +258,7 @@ impl TrainHandle {
                 .cloned()
                 .collect(),
             resumed_from_step: r0.resumed_from_step,
+            sequences_consumed: r0.sequences_consumed,
             evals: r0.evals.clone(),
         })
     }
@@ -1038,6 +1043,7 @@ impl<'a> Rank<'a> {
             )?;
         }
         result.steps = opt.step;
+        result.sequences_consumed = BatchSegment::consumed_at(&self.batches, opt.step);
         Ok(result)
     }
 
