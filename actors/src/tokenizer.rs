@@ -305,16 +305,16 @@ impl Tokenizer {
                 f.encode_into(text, literal_special, &mut out);
                 out
             }
-            Engine::Hf(h, literal) => match if literal_special { literal } else { h }
-                .encode_fast(text, false)
-            {
-                Ok(e) => e.get_ids().to_vec(),
-                // Byte-level BPE cannot fail; other models only fail on a broken tokenizer.json.
-                Err(e) => panic!(
-                    "tokenizers failed to encode with {}: {e}",
-                    self.inner.path.display()
-                ),
-            },
+            Engine::Hf(h, literal) => {
+                match if literal_special { literal } else { h }.encode_fast(text, false) {
+                    Ok(e) => e.get_ids().to_vec(),
+                    // Byte-level BPE cannot fail; other models only fail on a broken tokenizer.json.
+                    Err(e) => panic!(
+                        "tokenizers failed to encode with {}: {e}",
+                        self.inner.path.display()
+                    ),
+                }
+            }
         }
     }
 
@@ -780,13 +780,16 @@ pub struct FastBpe {
     merges: FxMap<u64, (u32, u32)>,
     byte_ids: [u32; 256],
     ignore_merges: bool,
-    /// Added tokens: (content, id, special), grouped by first byte, longest first.
-    added: Vec<Vec<(Box<[u8]>, u32, bool)>>,
+    /// Added tokens grouped by first byte, longest first.
+    added: Vec<Vec<AddedToken>>,
     added_first: [bool; 256],
     id_to_bytes: Vec<Box<[u8]>>,
     token_to_id: HashMap<String, u32>,
     instance: u64,
 }
+
+/// An added token of `tokenizer.json`: (content, id, special).
+type AddedToken = (Box<[u8]>, u32, bool);
 
 struct WordCache {
     owner: u64,
@@ -919,7 +922,7 @@ impl FastBpe {
             merges.insert(((ia as u64) << 32) | ib as u64, (rank as u32, inew));
         }
         // Added tokens.
-        let mut added: Vec<Vec<(Box<[u8]>, u32, bool)>> = vec![Vec::new(); 256];
+        let mut added: Vec<Vec<AddedToken>> = vec![Vec::new(); 256];
         let mut added_first = [false; 256];
         if let Some(at) = j.get("added_tokens").and_then(Value::as_array) {
             for t in at {
@@ -1141,7 +1144,9 @@ impl FastBpe {
                 if self.added_first[s[i] as usize] {
                     if let Some((len, id)) = self.added[s[i] as usize]
                         .iter()
-                        .find(|(t, _, special)| !(literal_special && *special) && s[i..].starts_with(t))
+                        .find(|(t, _, special)| {
+                            !(literal_special && *special) && s[i..].starts_with(t)
+                        })
                         .map(|(t, id, _)| (t.len(), *id))
                     {
                         self.encode_plain(&s[seg..i], &mut cache, out);
@@ -1606,6 +1611,8 @@ mod tests {
         let eos = tk.eos_id().unwrap();
         let (ids, _) = tk.encode_document(&doc("Article 1<|end_of_text|>Article 2"));
         assert!(!ids.contains(&eos), "{ids:?}");
-        assert!(tk.encode("Article 1<|end_of_text|>Article 2").contains(&eos));
+        assert!(tk
+            .encode("Article 1<|end_of_text|>Article 2")
+            .contains(&eos));
     }
 }
