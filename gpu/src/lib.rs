@@ -33,6 +33,7 @@ mod nccl;
 pub mod ops;
 mod optim;
 mod tcp;
+pub mod watchdog;
 
 pub use batch::{valid_targets, Batch, SequenceRef, IGNORE_INDEX};
 pub use collective::{Collective, InProcessCollective, SingleRank};

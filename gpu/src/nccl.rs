@@ -8,9 +8,14 @@
 //! * Rendezvous: rank 0 creates the unique id and serves it over TCP at `MASTER_ADDR:MASTER_PORT` (torchrun
 //!   conventions); other ranks connect and read its 128 bytes. Threads of one process can share an id directly.
 //! * cudarc looks for `libnccl.so` (not `libnccl.so.2`): the set-up script provides the symlink.
+//! * Watchdog: a CUDA event recorded after each collective and NCCL's asynchronous error state are polled by a
+//!   thread per communicator; a dead or stuck peer stops the process with a clear message instead of a silent hang
+//!   ([`crate::watchdog`]).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cudarc::nccl::{result, sys};
@@ -18,6 +23,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::collective::{check_chunks, Collective};
 use crate::error::{GpuError, Result};
+use crate::watchdog::{verdict, Probe, WatchdogConfig};
 
 /// Elements per all-reduce call (100 MB of fp32).
 pub const BUCKET_ELEMS: i64 = 25 << 20;
@@ -102,6 +108,58 @@ fn dtype(kind: Kind, rank: usize) -> Result<sys::ncclDataType_t> {
     })
 }
 
+/// The oldest collective not known to be finished.
+struct Inflight {
+    op: &'static str,
+    since: Instant,
+}
+
+/// What the watchdog thread shares with the communicator's owner.
+struct Watch {
+    /// Recorded on the default stream after each collective.
+    event: cudarc::driver::CudaEvent,
+    stream: Arc<cudarc::driver::CudaStream>,
+    pending: Mutex<Option<Inflight>>,
+    stop: AtomicBool,
+    /// Set by the thread when it no longer touches the communicator.
+    exited: AtomicBool,
+}
+
+impl Watch {
+    /// Stops the thread and waits until it no longer touches the communicator (at most one poll slice).
+    fn halt(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        while !self.exited.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Watch {
+    fn probe(&self) -> Probe {
+        let mut g = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = g.as_ref() else {
+            return Probe::Idle;
+        };
+        match self.event.try_is_complete() {
+            Ok(true) => {
+                *g = None;
+                Probe::Idle
+            }
+            Ok(false) => Probe::Pending {
+                op: p.op,
+                age: p.since.elapsed(),
+            },
+            Err(e) => Probe::CudaError(format!("{e:?}")),
+        }
+    }
+}
+
+/// The communicator handle, for the watchdog thread (NCCL allows querying its error state from another thread).
+struct CommHandle(sys::ncclComm_t);
+unsafe impl Send for CommHandle {}
+
 /// One rank of an NCCL communicator, bound to `cuda:ordinal`.
 pub struct NcclCollective {
     comm: sys::ncclComm_t,
@@ -109,6 +167,7 @@ pub struct NcclCollective {
     world: usize,
     ordinal: usize,
     aborted: std::sync::atomic::AtomicBool,
+    watch: Option<(Arc<Watch>, std::thread::JoinHandle<()>)>,
     _ctx: std::sync::Arc<cudarc::driver::CudaContext>,
 }
 
@@ -123,12 +182,17 @@ impl NcclCollective {
             rank,
             message: format!("CUDA context for device {ordinal}: {e:?}"),
         })?;
+        let cfg = WatchdogConfig::from_env().map_err(|e| GpuError::Collective {
+            rank,
+            message: e.to_string(),
+        })?;
         let mut me = NcclCollective {
             comm: std::ptr::null_mut(),
             rank,
             world,
             ordinal,
             aborted: Default::default(),
+            watch: None,
             _ctx: ctx,
         };
         me.bind()?;
@@ -136,7 +200,83 @@ impl NcclCollective {
         unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, id.0, rank as i32) }
             .map_err(|e| nccl_err(rank, "ncclCommInitRank", e))?;
         me.comm = unsafe { comm.assume_init() };
+        me.start_watchdog(cfg)?;
         Ok(me)
+    }
+
+    fn start_watchdog(&mut self, cfg: WatchdogConfig) -> Result<()> {
+        let rank = self.rank;
+        let cuda = |what: &str, e: cudarc::driver::DriverError| GpuError::Collective {
+            rank,
+            message: format!("watchdog {what}: {e:?}"),
+        };
+        let event = self._ctx.new_event(None).map_err(|e| cuda("event", e))?;
+        let watch = Arc::new(Watch {
+            event,
+            stream: self._ctx.default_stream(),
+            pending: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            exited: AtomicBool::new(false),
+        });
+        let w = watch.clone();
+        let ctx = self._ctx.clone();
+        let comm = CommHandle(self.comm);
+        let handle = std::thread::Builder::new()
+            .name(format!("nccl-watchdog.rank{rank}"))
+            .spawn(move || {
+                let comm = comm;
+                let _ = ctx.bind_to_thread();
+                let slice = Duration::from_millis(100);
+                let mut last = Instant::now();
+                while !w.stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(slice);
+                    if last.elapsed() < cfg.poll {
+                        continue;
+                    }
+                    last = Instant::now();
+                    let mut state = sys::ncclResult_t::ncclSuccess;
+                    let r = unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) };
+                    let async_error = match (r, state) {
+                        (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclSuccess)
+                        | (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclInProgress) => {
+                            None
+                        }
+                        (sys::ncclResult_t::ncclSuccess, s) => Some(format!("{s:?}")),
+                        (r, _) => Some(format!("ncclCommGetAsyncError: {r:?}")),
+                    };
+                    if let Some(msg) = verdict(rank, &w.probe(), async_error.as_deref(), &cfg) {
+                        tracing::error!("{msg}");
+                        eprintln!("lexflow: error: {msg}");
+                        let _ = std::io::stderr().flush();
+                        // Not `exit`: its handlers would wait for the GPU work that never finishes.
+                        extern "C" {
+                            fn _exit(code: std::ffi::c_int) -> !;
+                        }
+                        unsafe { _exit(75) }
+                    }
+                }
+                w.exited.store(true, Ordering::SeqCst);
+            })
+            .map_err(|e| GpuError::Collective {
+                rank,
+                message: format!("cannot start the NCCL watchdog thread: {e}"),
+            })?;
+        self.watch = Some((watch, handle));
+        Ok(())
+    }
+
+    /// After enqueueing a collective: the watchdog follows it through the event.
+    fn enqueued(&self, op: &'static str) {
+        let Some((w, _)) = &self.watch else { return };
+        let mut g = w.pending.lock().unwrap_or_else(|e| e.into_inner());
+        // Keep the time of the oldest unfinished one.
+        let since = match g.as_ref() {
+            Some(p) if !matches!(w.event.try_is_complete(), Ok(true)) => p.since,
+            _ => Instant::now(),
+        };
+        if w.event.record(&w.stream).is_ok() {
+            *g = Some(Inflight { op, since });
+        }
     }
 
     /// From torchrun-style environment: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`.
@@ -210,6 +350,7 @@ impl NcclCollective {
             off += len;
         }
         result::group_end().map_err(|e| nccl_err(self.rank, "ncclGroupEnd", e))?;
+        self.enqueued("ncclAllReduce");
         Ok(())
     }
 }
@@ -248,6 +389,7 @@ impl Collective for NcclCollective {
             )
         }
         .map_err(|e| nccl_err(self.rank, "ncclBroadcast", e))?;
+        self.enqueued("ncclBroadcast");
         Ok(())
     }
 
@@ -269,6 +411,7 @@ impl Collective for NcclCollective {
             )
         }
         .map_err(|e| nccl_err(self.rank, "ncclReduceScatter", e))?;
+        self.enqueued("ncclReduceScatter");
         Ok(())
     }
 
@@ -289,6 +432,7 @@ impl Collective for NcclCollective {
             )
         }
         .map_err(|e| nccl_err(self.rank, "ncclAllGather", e))?;
+        self.enqueued("ncclAllGather");
         Ok(())
     }
 
@@ -302,6 +446,10 @@ impl Collective for NcclCollective {
     fn abort(&self) {
         if self.aborted.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
+        }
+        // The watchdog queries the communicator: it must be done before the communicator is freed.
+        if let Some((w, _)) = &self.watch {
+            w.halt();
         }
         unsafe {
             let _ = result::comm_abort(self.comm);
@@ -319,6 +467,11 @@ impl Collective for NcclCollective {
 
 impl Drop for NcclCollective {
     fn drop(&mut self) {
+        // The watchdog reads the communicator: stop it before the communicator goes.
+        if let Some((w, h)) = self.watch.take() {
+            w.stop.store(true, Ordering::SeqCst);
+            let _ = h.join();
+        }
         if !self.comm.is_null() && !*self.aborted.get_mut() {
             unsafe {
                 let _ = result::comm_destroy(self.comm);
