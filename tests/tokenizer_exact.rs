@@ -143,8 +143,8 @@ fn compare(tk: &Tokenizer, labels: &[String], texts: &[String]) -> usize {
 fn compare_mode(tk: &Tokenizer, labels: &[String], texts: &[String], as_text: bool) -> usize {
     let json = serde_json::to_vec(texts).unwrap();
     let cmd = if as_text { "encode-text" } else { "encode" };
-    let expected: Vec<Vec<u32>> = serde_json::from_slice(&run_ref(&[cmd, &tokenizer_json()], &json))
-        .expect("encode JSON");
+    let expected: Vec<Vec<u32>> =
+        serde_json::from_slice(&run_ref(&[cmd, &tokenizer_json()], &json)).expect("encode JSON");
     assert_eq!(expected.len(), texts.len());
     let mut tokens = 0;
     for ((label, text), want) in labels.iter().zip(texts).zip(&expected) {
