@@ -401,6 +401,46 @@ fn qa_build_and_eval_on_the_real_corpus() {
         "{stderr}"
     );
 
+    // An index from another build (here `{}`) lacks the gold acts: reference citations are still known, never
+    // hallucinated (this panicked with an overflow once).
+    let empty_index = tmp.path().join("empty_citations.json");
+    std::fs::write(&empty_index, "{}").unwrap();
+    let r = eval_report(
+        &[
+            "qa",
+            "eval",
+            "--gold",
+            gold.to_str().unwrap(),
+            "--index",
+            empty_index.to_str().unwrap(),
+            "--predictions",
+            perfect.to_str().unwrap(),
+        ],
+        &tmp.path().join("r_empty_index.json"),
+    );
+    let o = &r["overall"];
+    assert_eq!(
+        (
+            o["hallucination_rate"].as_f64(),
+            o["wrong_citation_rate"].as_f64(),
+            o["citation_precision"].as_f64()
+        ),
+        (Some(0.0), Some(0.0), Some(1.0)),
+        "{o}"
+    );
+    // --limit with a predictions file for the whole gold file: the first N are scored, the rest ignored.
+    let mut a = base.to_vec();
+    a.extend(["--predictions", perfect.to_str().unwrap(), "--limit", "5"]);
+    let r = eval_report(&a, &tmp.path().join("r_limit.json"));
+    assert_eq!(
+        (
+            r["overall"]["examples"].as_u64(),
+            r["overall"]["missing_predictions"].as_u64(),
+            r["overall"]["exact_match"].as_f64()
+        ),
+        (Some(5), Some(0), Some(1.0))
+    );
+
     // Generation with a (barely) trained checkpoint: runs, and scores what it generated.
     let run = tmp.path().join("run");
     let cfg = tiny_run_config(&run, &["cpu"], 2, 2, "");
@@ -489,6 +529,65 @@ fn qa_build_and_eval_on_the_real_corpus() {
     assert!(
         generated >= 8,
         "the random model stopped at once: the comparison would be empty"
+    );
+}
+
+/// Consolidated acts of `shared/corpus/bench`: the pairs are of the act's own articles (not those of its annexes),
+/// headings leave footnotes out, and quotes are first paragraphs.
+#[test]
+fn qa_pairs_of_consolidated_acts() {
+    let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/bench/en");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qa");
+    let mut args = vec!["qa".to_string(), "build".into(), "--out".into()];
+    args.push(out.to_str().unwrap().into());
+    for f in [
+        // Regulation 651/2014: Annex I has Articles 1 to 6 of its own ("An enterprise is considered to be …").
+        "CL2014R0651EN0060010.0001.xml.zst",
+        // Regulation 1346/2000: a footnote in the heading of Articles 26 and 37.
+        "CL2000R1346EN0120010.0001.xml.zst",
+        // GDPR: Article 5 opens with "1. Personal data shall be:" and a list.
+        "CL2016R0679EN0000020.0001.xml.zst",
+    ] {
+        args.push(bench.join(f).to_str().unwrap().into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, stdout, stderr) = lexflow(&args);
+    assert!(ok, "{stdout}\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // One file per act and language: two pairs with one id would be two articles with one number in one act.
+    assert!(
+        summary["skipped"]["duplicate (same act, article, language)"].is_null(),
+        "{summary}"
+    );
+    let mut pairs = lines(&out.join("eval.jsonl"));
+    pairs.extend(lines(&out.join("train/en.jsonl")));
+    let by_id = |id: &str| pairs.iter().find(|p| p["id"] == id);
+    for p in &pairs {
+        let (q, a) = (
+            p["question"].as_str().unwrap(),
+            p["answer"].as_str().unwrap(),
+        );
+        assert!(
+            !a.starts_with("An enterprise is considered to be any entity"),
+            "an article of Annex I answers for the act: {p}"
+        );
+        // Headings (in article_text questions, article_locate answers) are without footnotes.
+        if p["kind"] == "article_text" {
+            assert!(!q.contains('['), "{p}");
+        }
+        if p["kind"] == "article_locate" {
+            assert!(!a[..a.rfind(" [CELEX").unwrap()].contains('['), "{p}");
+        }
+    }
+    let locate37 = by_id("32000R1346:37:en:article_locate").expect("Art. 37 of 1346/2000");
+    assert_eq!(locate37["answer"], "Article 37 [CELEX 32000R1346, Art. 37]");
+    // GDPR Art. 5: the quote is its first paragraph, list included ("1. Personal data shall be:" alone is too short).
+    let gdpr5 = by_id("32016R0679:5:en:provision_identify").expect("GDPR Art. 5 quoted");
+    let q = gdpr5["question"].as_str().unwrap();
+    assert!(
+        q.contains("“1. Personal data shall be: (a) processed lawfully, fairly"),
+        "{q}"
     );
 }
 

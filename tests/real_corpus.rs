@@ -1,7 +1,8 @@
 //! Every real FORMEX file of `shared/corpus` parses, with asserted metadata for the development set.
 //!
 //! Expectations: root/language/CELEX/type from `shared/corpus/formex/SOURCES.md`; article counts are `ARTICLE`
-//! elements outside `QUOT.S`, counted independently with lxml (see the generator note at the table). `celex = "-"`
+//! elements outside `QUOT.S` (for these files the same as the act's own articles: in `ENACTING.TERMS`, not in an
+//! annex), counted independently with lxml (see the generator note at the table). `celex = "-"`
 //! means "not derivable from the files, asserted None" (corrigenda: the `R(nn)` number is in no file; OJ issue
 //! manifests). The corpus is required: the test fails if it is missing.
 

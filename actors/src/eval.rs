@@ -10,13 +10,16 @@
 //! * ROUGE-L: F1 of the longest common subsequence of lower-cased alphanumeric word tokens (both empty: 1);
 //! * citation accuracy: every reference citation appears in the answer (an act-level reference is satisfied by any
 //!   citation of that act);
-//! * hallucinated: the answer cites an act, or an article of an act, that does not exist in the citation index
-//!   (`citations.json` of `lexflow qa build`: every article of the corpus read; without `--index`, the reference
-//!   citations of the whole gold file).
+//! * every cited provision ([`extract_citations`]) is exactly one of: a reference citation of this example; else
+//!   hallucinated, when its act, or that article of the act, is not known — known are the citation index
+//!   (`citations.json` of `lexflow qa build`: every article of the corpus read) and the reference citations of the
+//!   whole gold file (alone without `--index`); else wrong (a real provision, not the reference one).
 //!
-//! Aggregates also give citation precision (share of cited provisions that are reference citations) and the share of
-//! answers citing a real provision that is not the reference one (`wrong_citation_rate`). An answer missing from the
-//! predictions file counts as empty (and is counted), a prediction for an unknown id is an error.
+//! Aggregates: exact match, ROUGE-L, citation accuracy, hallucination rate (answers with a hallucinated citation) and
+//! wrong citation rate (answers with a wrong one) are means over the examples; citation precision is pooled over the
+//! group's answers (micro-average: Σ reference citations / Σ cited provisions), None when nothing was cited. An
+//! answer missing from the predictions file counts as empty (and is counted), a prediction for an id the gold file
+//! lacks is an error.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -81,6 +84,12 @@ fn cites(pred: &[Citation], want: &Citation) -> bool {
         .any(|p| p.celex == want.celex && (want.article.is_none() || p.article == want.article))
 }
 
+/// `c` is (or, for an act-level reference, falls under) one of `refs`.
+fn is_reference(refs: &[Citation], c: &Citation) -> bool {
+    refs.iter()
+        .any(|r| r.celex == c.celex && (r.article.is_none() || r.article == c.article))
+}
+
 fn exists(index: &CitationIndex, c: &Citation) -> bool {
     match (index.get(&c.celex), &c.article) {
         (None, _) => false,
@@ -98,16 +107,30 @@ pub struct ExampleScore {
     pub exact_match: bool,
     pub rouge_l: f64,
     pub citation_correct: bool,
+    /// Citations in the answer: `cited = cited_reference + hallucinated + wrong`.
     pub cited: usize,
+    /// … that are reference citations of this example;
     pub cited_reference: usize,
+    /// … that are not, of an act or article that is not known (index and gold file);
     pub hallucinated: usize,
+    /// … that are not, of a known provision.
+    pub wrong: usize,
     pub missing: bool,
 }
 
 pub fn score(gold: &QaPair, output: Option<&str>, index: &CitationIndex) -> ExampleScore {
     let out = output.unwrap_or("");
     let pred = extract_citations(out);
-    let cited_reference = pred.iter().filter(|p| gold.citations.contains(p)).count();
+    let (mut cited_reference, mut hallucinated, mut wrong) = (0, 0, 0);
+    for p in &pred {
+        if is_reference(&gold.citations, p) {
+            cited_reference += 1;
+        } else if !exists(index, p) {
+            hallucinated += 1;
+        } else {
+            wrong += 1;
+        }
+    }
     ExampleScore {
         id: gold.id.clone(),
         lang: gold.lang.clone(),
@@ -117,23 +140,25 @@ pub fn score(gold: &QaPair, output: Option<&str>, index: &CitationIndex) -> Exam
         citation_correct: gold.citations.iter().all(|c| cites(&pred, c)),
         cited: pred.len(),
         cited_reference,
-        hallucinated: pred.iter().filter(|c| !exists(index, c)).count(),
+        hallucinated,
+        wrong,
         missing: output.is_none(),
     }
 }
 
-/// Means over a group of examples.
+/// Scores of a group of examples: means over its examples, except citation precision (pooled).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Aggregate {
     pub examples: usize,
     pub exact_match: f64,
     pub rouge_l: f64,
     pub citation_accuracy: f64,
-    /// Cited provisions that are reference citations / all cited provisions (None when nothing was cited).
+    /// Pooled over the group (micro-average): Σ reference citations / Σ cited provisions of its answers (None when
+    /// nothing was cited); an answer citing ten provisions weighs ten times one citing one.
     pub citation_precision: Option<f64>,
-    /// Answers citing at least one provision that does not exist.
+    /// Answers citing at least one provision that is not known (neither in the index nor in the gold file).
     pub hallucination_rate: f64,
-    /// Answers citing an existing provision that is not a reference citation.
+    /// Answers citing at least one known provision that is not a reference citation.
     pub wrong_citation_rate: f64,
     pub missing_predictions: usize,
 }
@@ -151,9 +176,7 @@ pub fn aggregate<'a>(scores: impl IntoIterator<Item = &'a ExampleScore>) -> Aggr
         citation_accuracy: mean(&|s| s.citation_correct as u8 as f64),
         citation_precision: (cited > 0).then(|| right as f64 / cited as f64),
         hallucination_rate: mean(&|s| (s.hallucinated > 0) as u8 as f64),
-        wrong_citation_rate: mean(&|s| {
-            (s.cited - s.cited_reference - s.hallucinated > 0) as u8 as f64
-        }),
+        wrong_citation_rate: mean(&|s| (s.wrong > 0) as u8 as f64),
         missing_predictions: v.iter().filter(|s| s.missing).count(),
     }
 }
@@ -488,20 +511,31 @@ pub fn decode_batch(
     Ok(gen)
 }
 
-/// The citation index to score against: `citations.json` of `lexflow qa build`, else the gold answers' own
-/// citations. Returns it with a description of its source.
+/// The citation index to score against: `citations.json` of `lexflow qa build` (from any build: an index that lacks
+/// some of the gold file's acts is completed by them), plus the reference citations of `gold` (the whole gold file,
+/// not a `--limit`ed part of it), or those alone. A reference citation is therefore always known. Returns it with a
+/// description of its source.
 pub fn load_index(path: Option<&Path>, gold: &[QaPair]) -> anyhow::Result<(CitationIndex, String)> {
     Ok(match path {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", p.display()))?;
-            let idx: CitationIndex = serde_json::from_str(&text).map_err(|e| {
+            let mut idx: CitationIndex = serde_json::from_str(&text).map_err(|e| {
                 anyhow::anyhow!(
                     "{}: not a citation index ({e}); expected the citations.json of `lexflow qa build`",
                     p.display()
                 )
             })?;
-            (idx, p.display().to_string())
+            for (celex, arts) in index_from_gold(gold) {
+                idx.entry(celex).or_default().extend(arts);
+            }
+            (
+                idx,
+                format!(
+                    "{} and the reference citations of the gold file",
+                    p.display()
+                ),
+            )
         }
         None => (
             index_from_gold(gold),
@@ -551,15 +585,21 @@ pub struct EvalArgs<'a> {
 }
 
 pub fn cli_eval(a: EvalArgs<'_>) -> anyhow::Result<ExitCode> {
-    let mut gold = read_pairs(a.gold)?;
-    anyhow::ensure!(!gold.is_empty(), "{}: no Q&A pairs", a.gold.display());
-    if let Some(n) = a.limit {
-        gold.truncate(n);
-    }
+    let all = read_pairs(a.gold)?;
+    anyhow::ensure!(!all.is_empty(), "{}: no Q&A pairs", a.gold.display());
+    let gold = &all[..a.limit.unwrap_or(all.len()).min(all.len())];
     let (outputs, token_ids) = match (a.predictions, a.model) {
-        (Some(p), None) => (read_predictions(p, &gold)?, HashMap::new()),
+        // Ids are checked against the whole gold file; with --limit, predictions for the examples after the first N
+        // are ignored, not errors.
+        (Some(p), None) => {
+            let mut o = read_predictions(p, &all)?;
+            let scored: std::collections::HashSet<&str> =
+                gold.iter().map(|g| g.id.as_str()).collect();
+            o.retain(|id, _| scored.contains(id.as_str()));
+            (o, HashMap::new())
+        }
         (None, Some(m)) => {
-            let g = generate_ids(m, &gold, &a.gen)?;
+            let g = generate_ids(m, gold, &a.gen)?;
             let ids = g.iter().map(|(k, (_, t))| (k.clone(), t.clone())).collect();
             (g.into_iter().map(|(k, (o, _))| (k, o)).collect(), ids)
         }
@@ -570,7 +610,7 @@ pub fn cli_eval(a: EvalArgs<'_>) -> anyhow::Result<ExitCode> {
             std::fs::File::create(p)
                 .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", p.display()))?,
         );
-        for g in &gold {
+        for g in gold {
             if let Some(o) = outputs.get(&g.id) {
                 let mut j = serde_json::json!({"id": g.id, "output": o});
                 if let Some(t) = token_ids.get(&g.id) {
@@ -581,8 +621,8 @@ pub fn cli_eval(a: EvalArgs<'_>) -> anyhow::Result<ExitCode> {
         }
         w.flush()?;
     }
-    let (index, source) = load_index(a.index, &gold)?;
-    let r = report(&gold, &outputs, &index, &source);
+    let (index, source) = load_index(a.index, &all)?;
+    let r = report(gold, &outputs, &index, &source);
     print!("{}", table(&r));
     if r.overall.missing_predictions > 0 {
         eprintln!(
@@ -665,6 +705,124 @@ mod tests {
         );
         let m = score(&g, None, &idx);
         assert!(m.missing && !m.citation_correct && m.rouge_l == 0.0);
+    }
+
+    #[test]
+    fn a_reference_citation_missing_from_the_index_is_never_hallucinated() {
+        // An index from another build (or `{}`) that lacks the gold act: the reference citation is still known.
+        let g = pair("1", "en", "T [CELEX 32016R0679, Art. 5]", "32016R0679", "5");
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("citations.json");
+        std::fs::write(&empty, "{}").unwrap();
+        let (idx, source) = load_index(Some(&empty), std::slice::from_ref(&g)).unwrap();
+        assert!(source.contains("gold file"), "{source}");
+        for index in [&idx, &CitationIndex::new()] {
+            let s = score(&g, Some(&g.answer), index);
+            assert_eq!(
+                (s.cited, s.cited_reference, s.hallucinated, s.wrong),
+                (1, 1, 0, 0)
+            );
+            let a = aggregate([&s]);
+            assert_eq!((a.hallucination_rate, a.wrong_citation_rate), (0.0, 0.0));
+        }
+        // With the merged index, another article of the gold act is known (wrong), an unknown act is hallucinated.
+        let mut idx = idx;
+        idx.entry("32016R0679".into())
+            .or_default()
+            .insert("6".into());
+        let s = score(
+            &g,
+            Some("[CELEX 32016R0679, Art. 5] [CELEX 32016R0679, Art. 6] [CELEX 39999R9999] [celex 32016r0679, art. 5(2)]"),
+            &idx,
+        );
+        assert_eq!(
+            (s.cited, s.cited_reference, s.hallucinated, s.wrong),
+            (4, 2, 1, 1)
+        );
+        assert!(s.citation_correct);
+    }
+
+    #[test]
+    fn citation_precision_is_pooled_over_the_answers() {
+        // One answer with 1 reference citation out of 1, one with 0 out of 3: pooled 1/4 (a mean of per-answer
+        // precisions would give 1/2).
+        let gold = vec![
+            pair("a", "en", "A [CELEX 1, Art. 1]", "1", "1"),
+            pair("b", "en", "B [CELEX 2, Art. 2]", "2", "2"),
+        ];
+        let outputs: HashMap<String, String> = [
+            ("a".to_string(), "[CELEX 1, Art. 1]".to_string()),
+            (
+                "b".to_string(),
+                "[CELEX 1, Arts. 1 and 1] [CELEX 2]".to_string(),
+            ),
+        ]
+        .into();
+        let r = report(&gold, &outputs, &index_from_gold(&gold), "gold");
+        assert_eq!(r.overall.citation_precision, Some(0.25));
+    }
+
+    #[test]
+    fn limit_ignores_predictions_for_later_examples_but_not_unknown_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let gold: Vec<QaPair> = (0..5)
+            .map(|i| {
+                pair(
+                    &format!("g{i}"),
+                    "en",
+                    &format!("A [CELEX 1, Art. {i}]"),
+                    "1",
+                    &i.to_string(),
+                )
+            })
+            .collect();
+        let gold_path = dir.path().join("eval.jsonl");
+        let text: String = gold
+            .iter()
+            .map(|g| serde_json::to_string(g).unwrap() + "\n")
+            .collect();
+        std::fs::write(&gold_path, text).unwrap();
+        let preds = dir.path().join("preds.jsonl");
+        let text: String = gold
+            .iter()
+            .map(|g| serde_json::json!({"id": g.id, "output": g.answer}).to_string() + "\n")
+            .collect();
+        std::fs::write(&preds, &text).unwrap();
+        let out = dir.path().join("report.json");
+        fn args<'a>(gold_path: &'a Path, preds: &'a Path, out: &'a Path) -> EvalArgs<'a> {
+            EvalArgs {
+                gold: gold_path,
+                predictions: Some(preds),
+                model: None,
+                index: None,
+                gen: GenOptions {
+                    tokenizer: String::new(),
+                    device: "cpu".into(),
+                    max_new_tokens: 1,
+                    batch_size: 1,
+                    format: None,
+                    sampling: Default::default(),
+                },
+                limit: Some(2),
+                out: Some(out),
+                predictions_out: None,
+            }
+        }
+        cli_eval(args(&gold_path, &preds, &out)).unwrap();
+        let r: Report = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        assert_eq!((r.overall.examples, r.overall.missing_predictions), (2, 0));
+        assert_eq!(r.overall.exact_match, 1.0);
+        // An id that is in no part of the gold file is still an error naming the line.
+        let bad = dir.path().join("bad.jsonl");
+        std::fs::write(
+            &bad,
+            format!("{text}{{\"id\": \"nope\", \"output\": \"x\"}}\n"),
+        )
+        .unwrap();
+        let e = cli_eval(args(&gold_path, &bad, &out))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad.jsonl:6") && e.contains("nope"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,10 @@
 //! character, footnotes (`NOTE`) render inline in brackets, table rows render as `cell | cell` lines, images are
 //! skipped, and the metadata blocks (`BIB.INSTANCE`, `FAM.COMP`, `INFO.*`, `BIB.JUDGMENT`, …) are not training text.
 //!
+//! [`Document::articles`] are the act's own articles: `ARTICLE`s in its `ENACTING.TERMS`, not inside `QUOT.S`
+//! (articles quoted by amending text) nor inside an annex (`ANNEX`/`CONS.ANNEX`: Annex I of a consolidated
+//! regulation can have an "Article 1" of its own). Their text stays in the document's text.
+//!
 //! Safety: input must be UTF-8 (a UTF-16 BOM, NUL bytes, invalid UTF-8 or a declared non-UTF-8 encoding on non-ASCII
 //! content are errors), a DOCTYPE declaring entities is rejected (no entity is ever expanded or resolved), unknown
 //! entity references are errors, nesting is bounded, and no input panics (fuzzed, see `docs/FUZZING.md`).
@@ -212,6 +216,10 @@ enum K {
     NoCurrent,
     LegalValue,
     Title,
+    /// `ENACTING.TERMS` (`.CJT` too): where an act's own articles are.
+    EnactingTerms,
+    /// `ANNEX`/`CONS.ANNEX` inside a document: its articles (if any) are not the act's.
+    Annex,
     Article,
     TiArt,
     StiArt,
@@ -262,6 +270,8 @@ fn classify(name: &[u8]) -> (K, Disp) {
         b"NO.CURRENT" => (K::NoCurrent, Hidden),
         b"LEGAL.VALUE" => (K::LegalValue, Hidden),
         b"TITLE" => (K::Title, Block),
+        b"ENACTING.TERMS" | b"ENACTING.TERMS.CJT" => (K::EnactingTerms, Block),
+        b"ANNEX" | b"CONS.ANNEX" => (K::Annex, Block),
         b"ARTICLE" => (K::Article, Block),
         b"TI.ART" => (K::TiArt, Block),
         b"STI.ART" => (K::StiArt, Block),
@@ -312,8 +322,6 @@ fn classify(name: &[u8]) -> (K, Disp) {
         | b"CONSID"
         | b"DIV.CONSID"
         | b"NP"
-        | b"ENACTING.TERMS"
-        | b"ENACTING.TERMS.CJT"
         | b"DIVISION"
         | b"PARAG"
         | b"ALINEA"
@@ -357,9 +365,7 @@ fn classify(name: &[u8]) -> (K, Disp) {
         | b"ORDER.INIT"
         | b"OPINION.INIT"
         | b"CONS.DOC"
-        | b"CONS.ANNEX"
         | b"CONS.OTH.DOC"
-        | b"ANNEX"
         | b"ACT.GEN"
         | b"ADDR.S"
         | b"ANNOTATION"
@@ -489,6 +495,9 @@ struct DocState {
     notes: u32,
     cells: u32,
     quot: u32,
+    /// Open `ENACTING.TERMS` elements, and open annexes (the root of an annex document counts as one).
+    enacting: u32,
+    annex: u32,
     cell_index: u32,
     art: Option<ArtState>,
     title: Option<TitleCap>,
@@ -526,6 +535,8 @@ impl DocState {
             notes: 0,
             cells: 0,
             quot: 0,
+            enacting: 0,
+            annex: u32::from(matches!(root, "ANNEX" | "CONS.ANNEX")),
             cell_index: 0,
             art: None,
             title: None,
@@ -932,8 +943,18 @@ impl<'a> Parser<'a> {
                     });
                 }
             }
+            K::EnactingTerms => ds.enacting += 1,
+            K::Annex => ds.annex += 1,
             K::Article => {
-                if ds.quot == 0 && ds.notes == 0 && ds.hidden == 0 && ds.art.is_none() {
+                // The act's own articles: in its enacting terms, not quoted (amending text) nor in an annex (annexes of
+                // consolidated acts, and annexed agreements, have articles of their own).
+                if ds.enacting > 0
+                    && ds.annex == 0
+                    && ds.quot == 0
+                    && ds.notes == 0
+                    && ds.hidden == 0
+                    && ds.art.is_none()
+                {
                     let id = match e.try_get_attribute(b"IDENTIFIER") {
                         Ok(Some(a)) => a
                             .unescape_value()
@@ -1152,6 +1173,8 @@ impl<'a> Parser<'a> {
                 }
             }
             K::QuotS => ds.quot = ds.quot.saturating_sub(1),
+            K::EnactingTerms => ds.enacting = ds.enacting.saturating_sub(1),
+            K::Annex => ds.annex = ds.annex.saturating_sub(1),
             K::Note => {
                 ds.notes = ds.notes.saturating_sub(1);
                 if let Some(t) = ds.title.as_mut() {
@@ -1690,6 +1713,37 @@ mod tests {
             "BIB.INSTANCE stripped: {}",
             d.text
         );
+    }
+
+    #[test]
+    fn formex_articles_are_the_enacting_terms_not_annexes() {
+        // A consolidated act whose Annex I has an "Article 1" of its own (as CL2014R0651: "An enterprise is
+        // considered to be …"), an annexed agreement with enacting terms, and an annex document with articles.
+        let cons = r#"<CONS.ACT><CONS.DOC><TITLE><TI><P>Commission Regulation (EU) No 651/2014</P></TI></TITLE><ENACTING.TERMS><ARTICLE IDENTIFIER="001"><TI.ART>Article 1</TI.ART><ALINEA>This Regulation shall apply to aid.</ALINEA></ARTICLE><ARTICLE IDENTIFIER="002"><TI.ART>Article 2</TI.ART><ALINEA>Definitions.</ALINEA></ARTICLE></ENACTING.TERMS><CONS.ANNEX><TITLE><TI><P>ANNEX I</P></TI></TITLE><CONTENTS><ARTICLE IDENTIFIER="001"><TI.ART>Article 1</TI.ART><ALINEA>An enterprise is any entity.</ALINEA></ARTICLE></CONTENTS></CONS.ANNEX><CONS.ANNEX><CONTENTS><ENACTING.TERMS><ARTICLE IDENTIFIER="003"><TI.ART>Article 3</TI.ART><ALINEA>Agreement.</ALINEA></ARTICLE></ENACTING.TERMS></CONTENTS></CONS.ANNEX></CONS.DOC></CONS.ACT>"#;
+        let d = one(cons);
+        let arts: Vec<(&str, &str)> = d
+            .articles
+            .iter()
+            .map(|a| (a.id.as_str(), a.paragraphs[0].as_str()))
+            .collect();
+        assert_eq!(
+            arts,
+            [
+                ("001", "This Regulation shall apply to aid."),
+                ("002", "Definitions.")
+            ]
+        );
+        // The annexes' text is still the document's text.
+        assert!(
+            d.text.contains("An enterprise is any entity."),
+            "{}",
+            d.text
+        );
+        let annex = r#"<ANNEX><CONTENTS><ENACTING.TERMS><ARTICLE IDENTIFIER="001"><TI.ART>Article 1</TI.ART><ALINEA>x</ALINEA></ARTICLE></ENACTING.TERMS></CONTENTS></ANNEX>"#;
+        assert!(one(annex).articles.is_empty());
+        // Articles outside any enacting terms (a bare list, a preamble) are not the act's either.
+        let bare = r#"<ACT><PREAMBLE><ARTICLE IDENTIFIER="001"><TI.ART>Article 1</TI.ART><ALINEA>x</ALINEA></ARTICLE></PREAMBLE></ACT>"#;
+        assert!(one(bare).articles.is_empty());
     }
 
     #[test]

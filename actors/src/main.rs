@@ -194,7 +194,8 @@ enum QaCmd {
     Build {
         #[arg(long)]
         out: PathBuf,
-        /// Share of pairs (by a hash of their id) written to eval.jsonl.
+        /// Share of the provisions written to eval.jsonl: a hash of (CELEX, article) decides, so every language and
+        /// question kind of a provision is on the same side.
         #[arg(long, default_value_t = 0.1)]
         eval_fraction: f64,
         /// Articles with longer text get no `article_text` pair (counted in summary.json), never a truncated one.
@@ -213,7 +214,8 @@ enum QaCmd {
         /// A checkpoint directory (HF layout) to generate the answers with (greedy).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// citations.json of `lexflow qa build` (default: the gold file's own citations).
+        /// citations.json of `lexflow qa build`: the known provisions for hallucination checks, together with the
+        /// gold file's own citations (alone by default).
         #[arg(long)]
         index: Option<PathBuf>,
         #[command(flatten)]
@@ -225,7 +227,7 @@ enum QaCmd {
         /// System turn for `--template llama3` (default: the run's `input.qa_system`).
         #[arg(long)]
         system: Option<String>,
-        /// Only the first N gold examples.
+        /// Only the first N gold examples (predictions for later ones are ignored).
         #[arg(long)]
         limit: Option<usize>,
         /// The full report (aggregates and every example's scores) as JSON.

@@ -6,9 +6,12 @@
 //!   citation;
 //! * `article_locate` (articles with a heading): "Which article of Regulation (EU) 2016/679 is headed “Principles
 //!   relating to processing of personal data”?" → "Article 5" and the citation;
-//! * `provision_identify`: "Which provision of EU law says: “Personal data shall be: …”?" (the opening of the
-//!   article's text) → "Regulation (EU) 2016/679, Article 5" and the citation — only when no other provision of the
-//!   corpus in that language opens with the same words.
+//! * `provision_identify`: "Which provision of EU law says: “1. Personal data shall be: (a) processed …”?" (the
+//!   opening of the article's first paragraph) → "Regulation (EU) 2016/679, Article 5" and the citation — only when
+//!   no other provision of the corpus in that language opens with the same words.
+//!
+//! The articles are the act's own (`ENACTING.TERMS`, not quoted amendments nor articles of its annexes, see
+//! [`crate::formex`]), named by their heading without footnotes ([`article_heading`]).
 //!
 //! Every answer ends with a machine-checkable citation `[CELEX 32016R0679, Art. 5]` ([`format_citation`]), which is
 //! what `lexflow qa eval` checks (citation accuracy, hallucinated citations). Pairs are split into `train/<lang>.jsonl`
@@ -66,38 +69,145 @@ pub fn format_citation(c: &Citation) -> String {
     }
 }
 
-/// The citations in a text: every `[CELEX <id>, Art. <n>]` and `[CELEX <id>]`, in order of appearance (article
-/// numbers lower-cased). Anything else — free-form references — is not a citation for the metrics.
+/// The citations in a text, in order of appearance. A citation is a bracket opened by `[CELEX` (any case):
+/// * `[CELEX 32016R0679]`: the act (CELEX upper-cased);
+/// * `[CELEX 32016R0679, Art. 5]`, also `Art 5`, `Article 5`, `art. 5`: one article (number lower-cased: `8a`);
+///   paragraphs and points after the number (`Art. 5(1)(a)`) are dropped, the citation is of the article;
+/// * several articles, each one citation: `Art. 9, Art. 12`, `Arts. 5 and 6`, `Articles 5, 6 & 7`, `Art. 5; Art. 6`.
+///
+/// Anything else inside such a bracket (ranges `Arts. 5-7`, `point (a)`, free text) makes the whole bracket not a
+/// citation, and so is free-form text outside brackets: the metrics never guess. A `[CELEX` that is not closed by
+/// `]` before the next `[` is skipped alone, so it cannot swallow the citation that follows it.
 pub fn extract_citations(text: &str) -> Vec<Citation> {
+    const OPEN: &str = "[celex";
     let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("[CELEX") {
-        rest = &rest[i + 6..];
-        let Some(end) = rest.find(']') else { break };
-        let inner = rest[..end].trim();
-        let (celex, art) = match inner.split_once(',') {
-            Some((c, a)) => (c.trim(), Some(a.trim())),
-            None => (inner, None),
+    let mut from = 0;
+    while let Some(i) = find_ascii_ci(&text[from..], OPEN) {
+        let after = from + i + OPEN.len();
+        from = after;
+        let rest = &text[after..];
+        let Some(end) = rest.find([']', '[']) else {
+            break;
         };
-        let celex_ok = !celex.is_empty()
-            && celex.len() <= 20
-            && celex
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || "()".contains(ch));
-        let article = art.and_then(|a| {
-            let n = a.strip_prefix("Art.")?.trim();
-            (!n.is_empty() && n.len() <= 12 && n.chars().all(|ch| ch.is_ascii_alphanumeric()))
-                .then(|| n.to_ascii_lowercase())
-        });
-        if celex_ok && (art.is_none() || article.is_some()) {
-            out.push(Citation {
-                celex: celex.to_string(),
-                article,
-            });
+        if rest.as_bytes()[end] != b']' {
+            continue;
         }
-        rest = &rest[end..];
+        if let Some(cites) = parse_citation(&rest[..end]) {
+            out.extend(cites);
+            from = after + end + 1;
+        }
     }
     out
+}
+
+/// Byte offset of the first ASCII-case-insensitive occurrence of `needle` (lower-case ASCII) in `hay`.
+fn find_ascii_ci(hay: &str, needle: &str) -> Option<usize> {
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    (0..h.len().saturating_sub(n.len() - 1)).find(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
+}
+
+/// The inside of `[CELEX …]` (after `CELEX`): the act and its cited articles, or None when it is not of a form
+/// [`extract_citations`] recognises.
+fn parse_citation(inner: &str) -> Option<Vec<Citation>> {
+    let (celex, arts) = match inner.split_once(',') {
+        Some((c, a)) => (c.trim(), Some(a)),
+        None => (inner.trim(), None),
+    };
+    let celex_ok = !celex.is_empty()
+        && celex.len() <= 20
+        && celex
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "()".contains(ch));
+    if !celex_ok {
+        return None;
+    }
+    let celex = celex.to_ascii_uppercase();
+    let Some(arts) = arts else {
+        return Some(vec![Citation {
+            celex,
+            article: None,
+        }]);
+    };
+    let mut out = Vec::new();
+    for item in arts.split([',', ';']).flat_map(split_and) {
+        let item = item.trim();
+        let lower = item.to_ascii_lowercase();
+        // `Art.`, `Arts.`, `Article`, `Articles`, without the dot too; the first item must have one.
+        let number = ["articles", "article", "arts.", "arts", "art.", "art"]
+            .iter()
+            .find_map(|p| lower.strip_prefix(p))
+            .filter(|n| n.starts_with(|c: char| c.is_ascii_whitespace() || c.is_ascii_digit()))
+            .map(str::trim_start);
+        let number = match number {
+            Some(n) => n,
+            None if !out.is_empty() => lower.as_str(),
+            None => return None,
+        };
+        out.push(Citation {
+            celex: celex.clone(),
+            article: Some(article_of_reference(number)?),
+        });
+    }
+    Some(out)
+}
+
+/// `"5 and 6"` → `["5", "6"]` (also `&`); words are split on whitespace, so `"Standard"` is not cut.
+fn split_and(s: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let sep = if b[i] == b'&' {
+            Some(1)
+        } else if b.len() - i >= 3
+            && b[i..i + 3].eq_ignore_ascii_case(b"and")
+            && (i == 0 || b[i - 1].is_ascii_whitespace())
+            && b.get(i + 3).is_none_or(|c| c.is_ascii_whitespace())
+        {
+            Some(3)
+        } else {
+            None
+        };
+        match sep {
+            Some(n) => {
+                parts.push(&s[start..i]);
+                i += n;
+                start = i;
+            }
+            None => i += 1,
+        }
+    }
+    parts.push(&s[start..]);
+    parts
+}
+
+/// `"5(1)(a)"`, `"8a"`, `"12 (3)"` → the article number (`"5"`, `"8a"`, `"12"`): digits first, then letters or
+/// digits, at most 12 characters; paragraph and point references in parentheses are dropped. None for anything else.
+fn article_of_reference(s: &str) -> Option<String> {
+    let s = s.trim();
+    let n_end = s
+        .find(|c: char| !c.is_ascii_alphanumeric())
+        .unwrap_or(s.len());
+    let (n, mut rest) = s.split_at(n_end);
+    if n.is_empty() || n.len() > 12 || !n.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    // Paragraphs and points: `(1)`, `(a)`, `(iv)`, possibly after a space.
+    loop {
+        rest = rest.trim_start();
+        if rest.is_empty() {
+            return Some(n.to_ascii_lowercase());
+        }
+        let inner = rest.strip_prefix('(')?;
+        let close = inner.find(')')?;
+        let label = &inner[..close];
+        if label.is_empty() || label.len() > 6 || !label.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            return None;
+        }
+        rest = &inner[close + 1..];
+    }
 }
 
 /// `input.qa_template`: how a Q&A pair becomes text.
@@ -313,11 +423,14 @@ pub const MIN_QUOTE_CHARS: usize = 40;
 /// Longest quote: the opening of the article's first paragraph, cut at a word boundary, then "…".
 pub const MAX_QUOTE_CHARS: usize = 200;
 
-/// The opening of an article's text to quote in a `provision_identify` question (whitespace collapsed), or None
-/// when it is too short to identify anything.
-pub fn quote_of(text: &str) -> Option<String> {
-    let first = text.lines().map(str::trim).find(|l| !l.is_empty())?;
-    let plain = first.split_whitespace().collect::<Vec<_>>().join(" ");
+/// The quote of a `provision_identify` question: the article's first paragraph (a `PARAG`, or the article's first
+/// `ALINEA` — with its lists: "1. Personal data shall be: (a) processed lawfully, …"), whitespace collapsed, cut at
+/// a word after [`MAX_QUOTE_CHARS`]; None when it is shorter than [`MIN_QUOTE_CHARS`] (it identifies nothing).
+pub fn quote_of(first_paragraph: &str) -> Option<String> {
+    let plain = first_paragraph
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     let n = plain.chars().count();
     if n < MIN_QUOTE_CHARS {
         return None;
@@ -338,7 +451,8 @@ pub const QA_LANGUAGES: [&str; 7] = ["en", "fr", "de", "es", "pt", "it", "nl"];
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
-    /// Share of pairs (by hash) that go to `eval.jsonl`.
+    /// Share of provisions (CELEX, article), by a hash of the pair, whose pairs (all languages and kinds) go to
+    /// `eval.jsonl`; see [`split_key`].
     pub eval_fraction: f64,
     /// Articles whose text is longer are skipped (counted), never truncated: a truncated answer would be wrong.
     pub max_answer_chars: usize,
@@ -394,10 +508,10 @@ pub fn pairs_for_document(
     };
     let lang = d.lang.as_deref().unwrap_or("");
     let Some((t_text, t_locate, t_identify)) = templates(lang) else {
-        bump(
-            &mut summary.skipped,
-            format!("articles in a language without templates ({lang})"),
-        );
+        *summary
+            .skipped
+            .entry(format!("articles in a language without templates ({lang})"))
+            .or_insert(0) += d.articles.len();
         return out;
     };
     // Headings use no-break spaces ("Artikel\u{a0}5"); questions get plain ones.
@@ -410,27 +524,40 @@ pub fn pairs_for_document(
             *headings.entry(h).or_insert(0) += 1;
         }
     }
+    // A number borne by several articles of the act (consolidated texts have two "Article 69a" inserted by different
+    // amendments) has no single answer: none of them gets pairs (else the second would answer for the first when
+    // the first is skipped, e.g. for length).
+    let mut numbers: HashMap<String, usize> = HashMap::new();
+    for n in d.articles.iter().filter_map(article_number) {
+        *numbers.entry(n).or_insert(0) += 1;
+    }
     for a in &d.articles {
         let Some(n) = article_number(a) else {
             bump(&mut summary.skipped, "article without a number");
             continue;
         };
-        let text = a
+        if numbers[&n] > 1 {
+            bump(
+                &mut summary.skipped,
+                "article number shared by several articles of the act",
+            );
+            continue;
+        }
+        let paragraphs: Vec<&str> = a
             .paragraphs
             .iter()
             .map(|p| p.trim())
             .filter(|p| !p.is_empty())
-            .collect::<Vec<_>>()
-            .join("\n");
+            .collect();
+        let text = paragraphs.join("\n");
         let cite = Citation {
             celex: celex.to_string(),
             article: Some(n.clone()),
         };
         let tag = format_citation(&cite);
-        let art = if a.title.trim().is_empty() {
-            format!("Art. {n}")
-        } else {
-            plain(&a.title)
+        let art = match article_heading(&a.title) {
+            h if h.is_empty() => format!("Art. {n}"),
+            h => h,
         };
         let mk = |kind: &str, question: String, answer: String| QaPair {
             id: format!("{celex}:{n}:{lang}:{kind}"),
@@ -453,7 +580,7 @@ pub fn pairs_for_document(
             out.push(mk("article_text", q, format!("{text}\n{tag}")));
         }
         // Which provision says this? (Kept by `build` only when no other provision opens with the same words.)
-        match quote_of(&text) {
+        match paragraphs.first().and_then(|p| quote_of(p)) {
             Some(quote) => {
                 let q = t_identify.replace("{quote}", &quote);
                 out.push(mk("provision_identify", q, format!("{act}, {art} {tag}")));
@@ -482,15 +609,34 @@ pub fn pairs_for_document(
     out
 }
 
+/// An article's heading as questions and answers name it: its `TI.ART` without footnotes, whitespace collapsed
+/// (`Article 37`, not `Article 37 [Note the Declaration by Portugal …]`). The reader renders a `NOTE` inline in
+/// brackets and keeps it in [`Article::title`] (provenance finds headings in the text by it), and `TI.ART` text
+/// has no brackets of its own (none in the 678 FORMEX files of `shared/corpus/formex` and `shared/corpus/bench`), so
+/// bracketed groups are dropped (nested ones too).
+pub fn article_heading(title: &str) -> String {
+    let mut kept = String::with_capacity(title.len());
+    let mut depth = 0usize;
+    for c in title.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' if depth > 0 => depth -= 1,
+            _ if depth == 0 => kept.push(c),
+            _ => {}
+        }
+    }
+    kept.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// What the train/eval split hashes: the cited provision, so that every language and question kind of an article is
 /// on one side.
 pub fn split_key(p: &QaPair) -> String {
     format!("{}:{}", p.celex, p.article)
 }
 
-/// Deterministic split: eval when the hash of the key falls under `fraction`.
-pub fn is_eval(id: &str, fraction: f64) -> bool {
-    let h = Sha256::digest(id.as_bytes());
+/// Deterministic split: eval when the hash of the key ([`split_key`]) falls under `fraction`.
+pub fn is_eval(key: &str, fraction: f64) -> bool {
+    let h = Sha256::digest(key.as_bytes());
     let v = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
     (v as f64 / u64::MAX as f64) < fraction
 }
@@ -685,7 +831,7 @@ mod tests {
             article: Some("8a".into()),
         };
         let text = format!(
-            "See {} and [CELEX 31995L0046] but not [CELEX bad id!, Art. 3] nor [CELEX 3, Article 4] {}",
+            "See {} and [CELEX 31995L0046] but not [CELEX bad id!, Art. 3] nor [CELEX 3, Art. 4 to 6] {}",
             format_citation(&c),
             "[CELEX 32016R0679, Art. 5"
         );
@@ -704,6 +850,84 @@ mod tests {
                 .article
                 .as_deref(),
             Some("12b")
+        );
+    }
+
+    fn cites(pairs: &[(&str, Option<&str>)]) -> Vec<Citation> {
+        pairs
+            .iter()
+            .map(|(c, a)| Citation {
+                celex: c.to_string(),
+                article: a.map(str::to_string),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn citations_are_case_insensitive_with_upper_case_celex() {
+        assert_eq!(
+            extract_citations(
+                "[celex 32022r1925, art. 9] [CeLeX 32016r0679] [CELEX 32016R0679, ART. 8A]"
+            ),
+            cites(&[
+                ("32022R1925", Some("9")),
+                ("32016R0679", None),
+                ("32016R0679", Some("8a"))
+            ])
+        );
+    }
+
+    #[test]
+    fn citations_with_paragraphs_or_several_articles() {
+        let c = "39999R9999";
+        for (text, want) in [
+            ("[CELEX 39999R9999, Art. 5(1)]", vec!["5"]),
+            ("[CELEX 39999R9999, Art. 5 (1)(a)]", vec!["5"]),
+            ("[CELEX 39999R9999, Article 9]", vec!["9"]),
+            ("[CELEX 39999R9999, Art 9]", vec!["9"]),
+            ("[CELEX 39999R9999, Art. 9, Art. 999]", vec!["9", "999"]),
+            ("[CELEX 39999R9999, Art. 9; Article 10(2)]", vec!["9", "10"]),
+            ("[CELEX 39999R9999, Arts. 5 and 6]", vec!["5", "6"]),
+            (
+                "[CELEX 39999R9999, Articles 5, 6 & 7a]",
+                vec!["5", "6", "7a"],
+            ),
+        ] {
+            let want: Vec<_> = want.iter().map(|a| (c, Some(*a))).collect();
+            assert_eq!(extract_citations(text), cites(&want), "{text}");
+        }
+        // Not of a recognised form: the whole bracket is not a citation.
+        for text in [
+            "[CELEX 39999R9999, Arts. 5-7]",
+            "[CELEX 39999R9999, Art. 5, point (a)]",
+            "[CELEX 39999R9999, 5]",
+            "[CELEX 39999R9999, Art. 5(1]",
+            "[CELEX 39999R9999, Article]",
+            "[CELEX 39999R9999, Artikel 5]",
+            "[CELEX 39999R9999, Art. 5,]",
+        ] {
+            assert_eq!(extract_citations(text), vec![], "{text}");
+        }
+        // Non-ASCII text around and inside brackets never panics.
+        assert_eq!(
+            extract_citations(
+                "« [CELEX 39999R9999, Art. 5 et 6] » [CELEX é, Art. 1] [CELEX 39999R9999, Art. ①]"
+            ),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_stray_celex_bracket_does_not_swallow_the_next_citation() {
+        assert_eq!(
+            extract_citations(
+                "see [CELEX and then [CELEX 32016R0679, Art. 5] [CELEX 32016R0679, Art. 6"
+            ),
+            cites(&[("32016R0679", Some("5"))])
+        );
+        assert_eq!(
+            extract_citations("[CELEX 3201, Art. x] [CELEX 32016R0679, Art. 6]"),
+            cites(&[("32016R0679", Some("6"))])
         );
     }
 
@@ -787,20 +1011,127 @@ mod tests {
             ..d
         };
         assert!(pairs_for_document(&bg, &BuildOptions::default(), &mut s).is_empty());
+        // …one per article, not per document.
         assert_eq!(
             s.skipped["articles in a language without templates (bg)"],
-            1
+            bg.articles.len()
+        );
+    }
+
+    fn doc(lang: &str, articles: Vec<Article>) -> Document {
+        Document {
+            path: "x.xml".into(),
+            root: "CONS.ACT".into(),
+            celex: Some("32000R1346".into()),
+            lang: Some(lang.into()),
+            doc_type: DocType::Regulation,
+            title: Some("Council Regulation (EC) No 1346/2000 of 29 May 2000".into()),
+            articles,
+            text: String::new(),
+            answer_start: None,
+            date: None,
+        }
+    }
+
+    #[test]
+    fn article_headings_leave_footnotes_out() {
+        let note = "Article\u{a0}37 [Note the Declaration by Portugal concerning the application of Articles 26 and \
+                    37 (OJ C 183, 30.6.2000, p. 1).]";
+        assert_eq!(article_heading(note), "Article 37");
+        assert_eq!(
+            article_heading("Article 5 [a [nested] note] bis"),
+            "Article 5 bis"
+        );
+        let d = doc(
+            "en",
+            vec![art(
+                "037",
+                note,
+                Some("Conversion of earlier proceedings"),
+                &["The liquidator in the main proceedings may request that secondary proceedings be converted."],
+            )],
+        );
+        let p = pairs_for_document(&d, &BuildOptions::default(), &mut BuildSummary::default());
+        assert_eq!(p.len(), 3, "{p:?}");
+        for p in &p {
+            assert!(
+                !p.question.contains("Portugal") && !p.answer.contains("Portugal"),
+                "{p:?}"
+            );
+        }
+        assert_eq!(
+            p[0].question,
+            "What does Article 37 of Council Regulation (EC) No 1346/2000 provide?"
+        );
+        assert_eq!(p[2].answer, "Article 37 [CELEX 32000R1346, Art. 37]");
+    }
+
+    #[test]
+    fn an_article_number_borne_twice_in_an_act_gets_no_pairs() {
+        let d = doc(
+            "en",
+            vec![
+                art(
+                    "069A",
+                    "Article 69a",
+                    None,
+                    &["Long enough to be the text of the first article 69a."],
+                ),
+                art(
+                    "069A",
+                    "Article 69-a",
+                    None,
+                    &["Long enough to be the text of the other article 69a."],
+                ),
+                art("070", "Article 70", None, &["x"]),
+            ],
+        );
+        let mut s = BuildSummary::default();
+        let p = pairs_for_document(&d, &BuildOptions::default(), &mut s);
+        assert!(p.iter().all(|p| p.article == "70"), "{p:?}");
+        assert_eq!(
+            s.skipped["article number shared by several articles of the act"],
+            2
         );
     }
 
     #[test]
-    fn quotes_are_openings_cut_at_a_word() {
+    fn quotes_are_first_paragraphs_cut_at_a_word() {
         assert_eq!(quote_of("(deleted)"), None);
         assert_eq!(quote_of("\n  \n"), None);
         let short = "1. Member States shall ensure that   the rules apply.";
         assert_eq!(
-            quote_of(&format!("{short}\n2. More.")).as_deref(),
+            quote_of(short).as_deref(),
             Some("1. Member States shall ensure that the rules apply.")
+        );
+        // The whole first paragraph, its list included, not its first line ("1. Personal data shall be:" is too
+        // short to identify anything).
+        let gdpr5 = "1. Personal data shall be:\n(a) processed lawfully, fairly and in a transparent manner in \
+                     relation to the data subject;\n(b) collected for specified purposes.";
+        assert_eq!(
+            quote_of(gdpr5).as_deref(),
+            Some(
+                "1. Personal data shall be: (a) processed lawfully, fairly and in a transparent manner in relation \
+                 to the data subject; (b) collected for specified purposes."
+            )
+        );
+        let d = doc(
+            "en",
+            vec![art(
+                "005",
+                "Article 5",
+                None,
+                &[gdpr5, "2. The controller shall be responsible."],
+            )],
+        );
+        let p = pairs_for_document(&d, &BuildOptions::default(), &mut BuildSummary::default());
+        let q = p
+            .iter()
+            .find(|p| p.kind == "provision_identify")
+            .expect("a quote");
+        assert!(
+            q.question.contains("(b) collected") && !q.question.contains("controller"),
+            "{q:?}"
         );
         let long = "word ".repeat(100);
         let q = quote_of(&long).unwrap();

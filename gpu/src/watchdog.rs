@@ -39,13 +39,15 @@ impl WatchdogConfig {
             Some(v) => match v.parse::<u64>() {
                 Ok(0) => None,
                 Ok(s) => Some(Duration::from_secs(s)),
-                Err(_) => return Err(GpuError::Collective {
-                    rank: 0,
-                    message: format!(
+                Err(_) => {
+                    return Err(GpuError::Collective {
+                        rank: 0,
+                        message: format!(
                         "{TIMEOUT_ENV}={v:?}: expected whole seconds (0 = no timeout; default {})",
                         DEFAULT_TIMEOUT.as_secs()
                     ),
-                }),
+                    })
+                }
             },
         };
         Ok(WatchdogConfig {
