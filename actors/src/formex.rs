@@ -474,6 +474,10 @@ struct ArtState {
     art: Article,
     /// Direct child being captured: kind and start offset in the text.
     child: Option<(K, usize)>,
+    /// Footnotes inside that child: their byte ranges in the text (brackets included), and the start of the one
+    /// being read.
+    notes: Vec<(usize, usize)>,
+    note_start: Option<usize>,
 }
 
 #[derive(Default)]
@@ -969,6 +973,8 @@ impl<'a> Parser<'a> {
                             ..Default::default()
                         },
                         child: None,
+                        notes: Vec::new(),
+                        note_start: None,
                     });
                 }
             }
@@ -992,6 +998,11 @@ impl<'a> Parser<'a> {
                 if ds.hidden == 0 {
                     ds.want(Sep::Space);
                     ds.flush();
+                    if ds.notes == 0 {
+                        if let Some(a) = ds.art.as_mut().filter(|a| a.child.is_some()) {
+                            a.note_start = Some(ds.doc.text.len());
+                        }
+                    }
                     ds.doc.text.push('[');
                 }
                 ds.notes += 1;
@@ -1101,16 +1112,34 @@ impl<'a> Parser<'a> {
         if let Some(a) = ds.art.as_mut() {
             if depth == a.depth + 1 {
                 if let Some((ck, st)) = a.child.take() {
-                    let txt = ds.doc.text.get(st..).unwrap_or("").trim().to_string();
+                    let raw = ds.doc.text.get(st..).unwrap_or("");
+                    let txt = raw.trim().to_string();
+                    // Headings without their footnotes (what a reader calls the article's title).
+                    let heading = || {
+                        let mut plain = String::with_capacity(raw.len());
+                        let mut at = st;
+                        for &(a0, a1) in &a.notes {
+                            plain.push_str(ds.doc.text.get(at.max(st)..a0.max(at)).unwrap_or(""));
+                            plain.push(' ');
+                            at = at.max(a1);
+                        }
+                        plain.push_str(ds.doc.text.get(at.max(st)..).unwrap_or(""));
+                        plain.split_whitespace().collect::<Vec<_>>().join(" ")
+                    };
                     match ck {
-                        K::TiArt => a.art.title = txt,
-                        K::StiArt => a.art.subtitle = Some(txt),
+                        K::TiArt => {
+                            a.art.title = heading();
+                            a.art.title_in_text = txt;
+                        }
+                        K::StiArt => a.art.subtitle = Some(heading()),
                         _ => {
                             if !txt.is_empty() {
                                 a.art.paragraphs.push(txt)
                             }
                         }
                     }
+                    a.notes.clear();
+                    a.note_start = None;
                 }
             } else if depth == a.depth {
                 if let Some(a) = ds.art.take() {
@@ -1189,6 +1218,14 @@ impl<'a> Parser<'a> {
                         t.pop(); // empty note
                     } else {
                         t.push(']');
+                    }
+                    let end = t.len();
+                    if ds.notes == 0 {
+                        if let Some(a) = ds.art.as_mut() {
+                            if let Some(st) = a.note_start.take() {
+                                a.notes.push((st, end.max(st)));
+                            }
+                        }
                     }
                     ds.pending = Sep::None;
                 }

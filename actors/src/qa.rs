@@ -11,7 +11,7 @@
 //!   no other provision of the corpus in that language opens with the same words.
 //!
 //! The articles are the act's own (`ENACTING.TERMS`, not quoted amendments nor articles of its annexes, see
-//! [`crate::formex`]), named by their heading without footnotes ([`article_heading`]).
+//! [`crate::formex`]), named by their heading without footnotes ([`Article::title`]).
 //!
 //! Every answer ends with a machine-checkable citation `[CELEX 32016R0679, Art. 5]` ([`format_citation`]), which is
 //! what `lexflow qa eval` checks (citation accuracy, hallucinated citations). Pairs are split into `train/<lang>.jsonl`
@@ -555,7 +555,8 @@ pub fn pairs_for_document(
             article: Some(n.clone()),
         };
         let tag = format_citation(&cite);
-        let art = match article_heading(&a.title) {
+        // The reader's heading has no footnotes (`Article 37`, not `Article 37 [Note the Declaration …]`).
+        let art = match plain(&a.title) {
             h if h.is_empty() => format!("Art. {n}"),
             h => h,
         };
@@ -607,25 +608,6 @@ pub fn pairs_for_document(
         }
     }
     out
-}
-
-/// An article's heading as questions and answers name it: its `TI.ART` without footnotes, whitespace collapsed
-/// (`Article 37`, not `Article 37 [Note the Declaration by Portugal …]`). The reader renders a `NOTE` inline in
-/// brackets and keeps it in [`Article::title`] (provenance finds headings in the text by it), and `TI.ART` text
-/// has no brackets of its own (none in the 678 FORMEX files of `shared/corpus/formex` and `shared/corpus/bench`), so
-/// bracketed groups are dropped (nested ones too).
-pub fn article_heading(title: &str) -> String {
-    let mut kept = String::with_capacity(title.len());
-    let mut depth = 0usize;
-    for c in title.chars() {
-        match c {
-            '[' => depth += 1,
-            ']' if depth > 0 => depth -= 1,
-            _ if depth == 0 => kept.push(c),
-            _ => {}
-        }
-    }
-    kept.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// What the train/eval split hashes: the cited provision, so that every language and question kind of an article is
@@ -821,6 +803,7 @@ mod tests {
             title: title.into(),
             subtitle: sub.map(Into::into),
             paragraphs: paras.iter().map(|s| s.to_string()).collect(),
+            title_in_text: title.into(),
         }
     }
 
@@ -1035,27 +1018,25 @@ mod tests {
 
     #[test]
     fn article_headings_leave_footnotes_out() {
-        let note = "Article\u{a0}37 [Note the Declaration by Portugal concerning the application of Articles 26 and \
-                    37 (OJ C 183, 30.6.2000, p. 1).]";
-        assert_eq!(article_heading(note), "Article 37");
+        // As the reader gives them: a NOTE in TI.ART and in STI.ART (32000R1346 Art. 37; 32024R3117).
+        let xml = r#"<ACT><ENACTING.TERMS><ARTICLE IDENTIFIER="037"><TI.ART>Article&#160;37<NOTE NOTE.ID="E1"><P>Note the Declaration by Portugal concerning the application of Articles 26 and 37 (OJ C 183, 30.6.2000, p. 1).</P></NOTE></TI.ART><STI.ART>Conversion of earlier proceedings<NOTE NOTE.ID="E2"><P>See [the] annex.</P></NOTE></STI.ART><ALINEA>The liquidator in the main proceedings may request that secondary proceedings be converted.</ALINEA></ARTICLE></ENACTING.TERMS></ACT>"#;
+        let parsed = crate::formex::parse_bytes("t.xml", xml.as_bytes()).unwrap();
+        let a = parsed[0].articles[0].clone();
+        assert_eq!(a.title, "Article 37");
         assert_eq!(
-            article_heading("Article 5 [a [nested] note] bis"),
-            "Article 5 bis"
+            a.subtitle.as_deref(),
+            Some("Conversion of earlier proceedings")
         );
-        let d = doc(
-            "en",
-            vec![art(
-                "037",
-                note,
-                Some("Conversion of earlier proceedings"),
-                &["The liquidator in the main proceedings may request that secondary proceedings be converted."],
-            )],
-        );
+        assert!(a.title_in_text.contains("Portugal"), "{a:?}");
+        assert!(parsed[0].text.contains(&a.title_in_text));
+        let d = doc("en", vec![a]);
         let p = pairs_for_document(&d, &BuildOptions::default(), &mut BuildSummary::default());
         assert_eq!(p.len(), 3, "{p:?}");
         for p in &p {
             assert!(
-                !p.question.contains("Portugal") && !p.answer.contains("Portugal"),
+                !p.question.contains("Portugal")
+                    && !p.answer.contains("Portugal")
+                    && !p.question.contains("annex"),
                 "{p:?}"
             );
         }

@@ -49,10 +49,14 @@ impl DocType {
 pub struct Article {
     /// `IDENTIFIER` attribute, e.g. `"001"`, `"008A"`.
     pub id: String,
-    /// `TI.ART`, e.g. "Article 1".
+    /// `TI.ART`, e.g. "Article 1", without footnotes, whitespace collapsed.
     pub title: String,
-    /// `STI.ART` when present, e.g. "Subject-matter and objectives".
+    /// `STI.ART` when present, e.g. "Subject-matter and objectives", without footnotes, whitespace collapsed.
     pub subtitle: Option<String>,
+    /// `TI.ART` exactly as it stands in the document's text (footnotes in brackets, no-break spaces): where
+    /// provenance finds the heading.
+    #[serde(default)]
+    pub title_in_text: String,
     /// Paragraph texts (`PARAG`, or the article's `ALINEA`s).
     pub paragraphs: Vec<String>,
 }
