@@ -82,3 +82,69 @@ fn stalled_sink_bounds_items_in_flight_and_loses_nothing() {
         "every item arrives once, in order"
     );
 }
+
+/// The value of one series (`name{labels}`) in a Prometheus text scrape.
+fn scraped(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Backpressure and starvation are counted while they happen: a scrape during a long block sees
+/// `lexflow_edge_blocked_seconds_total` / `lexflow_edge_starved_seconds_total` grow at about 1 s/s, not stay flat
+/// until the blocked call returns (which made the Grafana panels read 0 during a run and spike at its end).
+#[test]
+fn blocked_and_starved_seconds_grow_in_a_scrape_during_a_long_block() {
+    let nz = |n: usize| NonZeroUsize::new(n).unwrap();
+    let (tx, rx) = edge::<u64>("bp.live.source->sink", nz(1));
+    let (go_tx, go_rx) = edge::<()>("bp.live.control->sink", nz(1));
+    let source = std::thread::spawn(move || {
+        for i in 0..3 {
+            tx.send(i).unwrap(); // 0 fills the edge, 1 blocks until the sink drains
+        }
+    });
+    // The sink waits (starved) on the control edge before it drains the data edge.
+    let sink = std::thread::spawn(move || {
+        go_rx.recv().unwrap();
+        rx.iter().collect::<Vec<_>>()
+    });
+    let blocked = r#"lexflow_edge_blocked_seconds_total{edge="bp.live.source->sink"}"#;
+    let starved = r#"lexflow_edge_starved_seconds_total{edge="bp.live.control->sink"}"#;
+    let scrape = || {
+        let text = lexflow_metrics::global().encode();
+        (
+            scraped(&text, blocked).unwrap_or(0.0),
+            scraped(&text, starved).unwrap_or(0.0),
+        )
+    };
+
+    std::thread::sleep(Duration::from_millis(1000));
+    let (b1, s1) = scrape();
+    std::thread::sleep(Duration::from_millis(500));
+    let (b2, s2) = scrape();
+    assert!(
+        !source.is_finished() && !sink.is_finished(),
+        "both should still be waiting"
+    );
+    assert!(b1 >= 0.5, "blocked for ~1 s, the scrape reads {b1} s");
+    assert!(s1 >= 0.5, "starved for ~1 s, the scrape reads {s1} s");
+    // Between two scrapes 0.5 s apart the counters advance at ~1 s/s (WAIT_SLICE granularity: 0.1 s).
+    assert!(b2 - b1 >= 0.3, "blocked counter went {b1} -> {b2} in 0.5 s");
+    assert!(s2 - s1 >= 0.3, "starved counter went {s1} -> {s2} in 0.5 s");
+
+    go_tx.send(()).unwrap();
+    drop(go_tx);
+    source.join().unwrap();
+    assert_eq!(
+        sink.join().unwrap(),
+        vec![0, 1, 2],
+        "nothing lost or reordered"
+    );
+    let (b3, s3) = scrape();
+    assert!(b3 >= b2 && b3 < 5.0, "blocked total {b3} s");
+    assert!(s3 >= s2 && s3 < 5.0, "starved total {s3} s");
+}
