@@ -1,7 +1,7 @@
 //! One process per rank, launched the torchrun way (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
 //! `MASTER_PORT`): two `lexflow run` processes on loopback train exactly what one process with two in-process ranks
-//! trains — the same sequences on each rank, bit-identical losses and final weights — and a process that dies takes
-//! its peer down with an error naming it instead of a hang.
+//! trains — the same sequences on each rank, bit-identical losses and final weights — and a process that dies or
+//! stops answering takes its peer down with an error naming it instead of a hang.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -331,12 +331,123 @@ fn a_dead_rank_stops_its_peer_with_an_error_naming_it() {
     );
 }
 
+/// A rank that stops answering (`SIGSTOP`: hung, not dead, so its sockets stay open) stops its peer after the
+/// collective timeout with an error naming it, instead of a hang.
+#[test]
+fn a_stopped_rank_stops_its_peer_after_the_collective_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("procs");
+    let cfg = config(&dir, &["cpu"], 200);
+    let port = free_port();
+    let env = |r| {
+        let mut e = rank_env(r, 2, port);
+        e.push(("LEXFLOW_COLLECTIVE_TIMEOUT_S", "10".into()));
+        e
+    };
+    let log0 = tmp.path().join("rank0.log");
+    let r0 = spawn(&cfg, &env(0), &log0);
+    /// Kills the (stopped) rank 1 however the test ends: SIGKILL ends a stopped process too.
+    struct KillOnDrop(Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let r1 = KillOnDrop(spawn(&cfg, &env(1), &tmp.path().join("rank1.log")));
+    let t = Instant::now();
+    while read_step_records(&dir).len() < 4 && t.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        read_step_records(&dir).len() >= 4,
+        "no training steps within 120 s"
+    );
+    let stop = Command::new("kill")
+        .args(["-STOP", &r1.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    // Rank 0 fails within the timeout (10 s) plus its own way out, not never; the old code hung here.
+    let waited = Instant::now();
+    let st = wait(r0, Duration::from_secs(90));
+    let took = waited.elapsed();
+    drop(r1);
+    assert!(
+        !st.success(),
+        "rank 0 should fail when rank 1 stops answering"
+    );
+    let log = std::fs::read_to_string(&log0).unwrap();
+    assert!(
+        log.contains("rank 1 did not answer") && log.contains("LEXFLOW_COLLECTIVE_TIMEOUT_S=10"),
+        "rank 0's log: {log}"
+    );
+    assert!(
+        took >= Duration::from_secs(9),
+        "failed {took:?} after the stop, before the timeout: {log}"
+    );
+}
+
+/// Launch variables that do not make a group are errors naming the variable, before anything is written into the
+/// (shared) run directory — not a silent single-process run that trains as rank 0 and writes its checkpoints.
+#[test]
+fn invalid_rank_variables_stop_before_writing_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let without = |k: &str| -> Vec<(&'static str, String)> {
+        rank_env(1, 2, port)
+            .into_iter()
+            .filter(|(n, _)| *n != k)
+            .collect()
+    };
+    let with = |k: &'static str, v: &str| {
+        let mut e = rank_env(1, 2, port);
+        e.push((k, v.into()));
+        e
+    };
+    for (i, (env, want)) in [
+        (without("RANK"), "WORLD_SIZE=2 is set but RANK is not"),
+        (without("WORLD_SIZE"), "RANK=1 is set but WORLD_SIZE is not"),
+        (
+            with("WORLD_SIZE", "0"),
+            "WORLD_SIZE=0 is not a whole number",
+        ),
+        (with("RANK", "one"), "RANK=one is not a whole number"),
+        (rank_env(2, 2, port), "RANK=2 is not below WORLD_SIZE=2"),
+        (
+            with("LOCAL_RANK", "x"),
+            "LOCAL_RANK=x is not a whole number",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tmp.path().join(format!("run{i}"));
+        let cfg = config(&dir, &["cpu"], 2);
+        let log = tmp.path().join(format!("bad{i}.log"));
+        let st = wait(spawn(&cfg, &env, &log), Duration::from_secs(120));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !st.success() && text.contains(want),
+            "want {want:?} in: {text}"
+        );
+        let written: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            written.is_empty(),
+            "{want}: written into run.dir: {written:?}"
+        );
+    }
+}
+
 #[test]
 fn launch_mistakes_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("procs");
     let cfg = config(&dir, &["cpu"], 2);
     let port = free_port();
+    let other = TcpListener::bind("127.0.0.1:0").unwrap(); // accepts connections, never answers
     for (env, want) in [
         (rank_env(2, 2, port), "RANK=2 is not below WORLD_SIZE=2"),
         (
@@ -354,6 +465,15 @@ fn launch_mistakes_are_named() {
                 e
             },
             "cannot reach rank 0",
+        ),
+        (
+            // MASTER_PORT is some other listener, not rank 0: named within the rendezvous timeout, no hang.
+            {
+                let mut e = rank_env(1, 2, other.local_addr().unwrap().port());
+                e.push(("LEXFLOW_RENDEZVOUS_TIMEOUT_S", "2".into()));
+                e
+            },
+            "did not acknowledge rank 1",
         ),
     ] {
         let log = tmp.path().join("bad.log");

@@ -158,7 +158,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     // One process per rank (torchrun-style launch): this process trains one rank and keeps its share of the stream;
     // ranks other than 0 write their own stats/quarantine/corpus files and serve metrics on port + LOCAL_RANK.
     let process = match (&cfg.train, replay) {
-        (Some(t), None) => crate::trainer::process_group(t),
+        (Some(t), None) => crate::trainer::process_group(t)?,
         _ => None,
     };
     let per_process = |name: &str, ext: &str| match process {
@@ -1249,14 +1249,19 @@ fn article_at(
             })
     };
     for a in &d.articles {
-        let Some(pos) = heading(from, &a.title) else {
+        let in_text = if a.title_in_text.is_empty() {
+            &a.title
+        } else {
+            &a.title_in_text
+        };
+        let Some(pos) = heading(from, in_text) else {
             continue;
         };
         if pos > offset {
             break;
         }
         found = Some(format!("{} ({})", a.title, a.id));
-        from = pos + a.title.len();
+        from = pos + in_text.len();
     }
     found
 }

@@ -284,16 +284,119 @@ pub fn parse_device(s: &str) -> Result<Device, TrainerError> {
 
 /// One process per rank (torchrun-style `RANK` and `WORLD_SIZE` in the environment): `(rank, world)`. At world size
 /// 1 this still counts when the devices are CUDA and NCCL is built in (`cuda` feature), which is how the single-GPU
-/// check exercises the NCCL path; otherwise world size 1 is a plain single-process run.
-pub fn process_group(cfg: &TrainConfig) -> Option<(usize, usize)> {
-    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
-    let (world, rank) = (env("WORLD_SIZE")?, env("RANK")?);
+/// check exercises the NCCL path; otherwise world size 1 is a plain single-process run, as is an environment with
+/// neither variable. A launch mistake is an error naming the variable (see [`rank_and_world`]), never a silent
+/// single-process run: the pipeline calls this before it writes anything into `run.dir`.
+pub fn process_group(cfg: &TrainConfig) -> Result<Option<(usize, usize)>, TrainerError> {
+    let var = |k: &str| std::env::var(k).ok();
+    let Some((rank, world)) = rank_and_world(
+        var("RANK").as_deref(),
+        var("WORLD_SIZE").as_deref(),
+        var("LOCAL_RANK").as_deref(),
+    )?
+    else {
+        return Ok(None);
+    };
     let cuda = cfg.devices.iter().all(|d| d.starts_with("cuda"));
-    (world > 1 || (cuda && cfg!(feature = "cuda"))).then_some((rank, world))
+    Ok((world > 1 || (cuda && cfg!(feature = "cuda"))).then_some((rank, world)))
+}
+
+/// `RANK`, `WORLD_SIZE` and `LOCAL_RANK` as found in the environment (None or empty: not set). Neither `RANK` nor
+/// `WORLD_SIZE`: Ok(None). Otherwise both must be set, `WORLD_SIZE` ≥ 1, `RANK` < `WORLD_SIZE`, and `LOCAL_RANK`, where
+/// set, a number: a rank that guessed would train as another rank and write into the shared `run.dir`.
+fn rank_and_world(
+    rank: Option<&str>,
+    world: Option<&str>,
+    local: Option<&str>,
+) -> Result<Option<(usize, usize)>, TrainerError> {
+    const BOTH: &str = "one process per rank needs both RANK and WORLD_SIZE (torchrun-style); a single-process run \
+                        sets neither";
+    fn set(v: Option<&str>) -> Option<&str> {
+        v.filter(|v| !v.is_empty())
+    }
+    let (r, w) = match (set(rank), set(world)) {
+        (None, None) => return Ok(None),
+        (Some(r), None) => {
+            return Err(TrainerError::Setup(format!(
+                "RANK={r} is set but WORLD_SIZE is not: {BOTH}"
+            )))
+        }
+        (None, Some(w)) => {
+            return Err(TrainerError::Setup(format!(
+                "WORLD_SIZE={w} is set but RANK is not: {BOTH}"
+            )))
+        }
+        (Some(r), Some(w)) => (r, w),
+    };
+    let world = w.parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| {
+        TrainerError::Setup(format!(
+            "WORLD_SIZE={w} is not a whole number ≥ 1 (the number of ranks)"
+        ))
+    })?;
+    let rank = r.parse::<usize>().map_err(|_| {
+        TrainerError::Setup(format!(
+            "RANK={r} is not a whole number (this process's rank, 0 to WORLD_SIZE − 1)"
+        ))
+    })?;
+    if rank >= world {
+        return Err(TrainerError::Setup(format!(
+            "RANK={rank} is not below WORLD_SIZE={world}"
+        )));
+    }
+    if let Some(l) = set(local) {
+        l.parse::<usize>().map_err(|_| {
+            TrainerError::Setup(format!(
+                "LOCAL_RANK={l} is not a whole number (this rank's GPU on its node)"
+            ))
+        })?;
+    }
+    Ok(Some((rank, world)))
+}
+
+#[cfg(test)]
+mod process_group_tests {
+    use super::rank_and_world;
+
+    fn err(rank: Option<&str>, world: Option<&str>, local: Option<&str>) -> String {
+        rank_and_world(rank, world, local).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn no_variables_is_a_single_process_and_valid_ones_are_a_group() {
+        assert_eq!(rank_and_world(None, None, None).unwrap(), None);
+        assert_eq!(rank_and_world(Some(""), Some(""), None).unwrap(), None);
+        assert_eq!(
+            rank_and_world(Some("1"), Some("2"), Some("1")).unwrap(),
+            Some((1, 2))
+        );
+        assert_eq!(
+            rank_and_world(Some("0"), Some("1"), None).unwrap(),
+            Some((0, 1))
+        );
+    }
+
+    /// A launch mistake is named, never a silent single-process run writing into the shared run.dir.
+    #[test]
+    fn launch_mistakes_name_the_variable_and_its_value() {
+        let e = err(None, Some("2"), None);
+        assert!(e.contains("WORLD_SIZE=2 is set but RANK is not"), "{e}");
+        let e = err(Some("1"), None, Some("1"));
+        assert!(e.contains("RANK=1 is set but WORLD_SIZE is not"), "{e}");
+        let e = err(Some("0"), Some("0"), None);
+        assert!(e.contains("WORLD_SIZE=0 is not a whole number ≥ 1"), "{e}");
+        let e = err(Some("0"), Some("two"), None);
+        assert!(e.contains("WORLD_SIZE=two is not"), "{e}");
+        let e = err(Some("-1"), Some("2"), None);
+        assert!(e.contains("RANK=-1 is not a whole number"), "{e}");
+        let e = err(Some("2"), Some("2"), None);
+        assert!(e.contains("RANK=2 is not below WORLD_SIZE=2"), "{e}");
+        let e = err(Some("1"), Some("2"), Some("gpu1"));
+        assert!(e.contains("LOCAL_RANK=gpu1 is not a whole number"), "{e}");
+    }
 }
 
 fn layout(cfg: &TrainConfig, inputs: usize) -> Result<Layout, TrainerError> {
-    if let Some((rank, world)) = process_group(cfg) {
+    if let Some((rank, world)) = process_group(cfg)? {
         if inputs != 1 {
             return Err(TrainerError::Setup(format!(
                 "WORLD_SIZE={world} (one process per rank) needs exactly one input edge, got {inputs}"

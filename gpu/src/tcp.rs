@@ -7,9 +7,17 @@
 //! the same gradients, losses and weights as the same run with two in-process ranks. Bandwidth is rank 0's link
 //! (fine for CPU training; GPUs use NCCL).
 //!
-//! Rendezvous: rank 0 listens on `MASTER_ADDR:MASTER_PORT`; the others connect (retrying until
-//! `LEXFLOW_RENDEZVOUS_TIMEOUT_S`, default 300 s) and introduce themselves (rank, world size). A rank that dies closes
-//! its socket: its peers' pending and later calls fail with an error naming it instead of waiting forever.
+//! Rendezvous: rank 0 listens on `MASTER_ADDR:MASTER_PORT`; the others connect (retrying) and introduce themselves
+//! (rank, world size); rank 0 acknowledges each, then tells them all once the group is complete. The whole handshake
+//! is bounded by `LEXFLOW_RENDEZVOUS_TIMEOUT_S` (default 300 s) on every rank, so a rank that reached a listener that
+//! is not rank 0 fails naming the address instead of waiting.
+//!
+//! Failures: a rank that dies closes its socket: its peers' pending and later calls fail with an error naming it
+//! instead of waiting forever. A rank that stops answering (hung, `SIGSTOP`ped, its node unreachable) is caught by
+//! the collective timeout (`LEXFLOW_COLLECTIVE_TIMEOUT_S`, default 1800 s, shared with NCCL's watchdog:
+//! [`crate::watchdog`]): every read and write of a collective gives up after that long without progress, with an
+//! error naming the peer, the operation and the time waited. After any failure the collective shuts all its
+//! connections down, so the other ranks fail at once too.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -20,8 +28,12 @@ use tch::{Device, Kind, Tensor};
 
 use crate::collective::Collective;
 use crate::error::{GpuError, Result};
+use crate::watchdog::{WatchdogConfig, DEFAULT_TIMEOUT, TIMEOUT_ENV};
 
 const MAGIC: &[u8; 4] = b"LXFC";
+/// Rank 0's answer to a rank's hello, then (once every rank joined) the start of the group.
+const ACK: &[u8; 4] = b"LXAK";
+const GO: &[u8; 4] = b"LXGO";
 const OP_REDUCE: u8 = 1;
 const OP_BROADCAST: u8 = 2;
 
@@ -30,6 +42,37 @@ pub struct TcpCollective {
     world: usize,
     /// Rank 0: one stream per peer, indexed by rank (None at 0). Others: `[Some(stream to rank 0)]`.
     peers: Mutex<Vec<Option<TcpStream>>>,
+    /// Longest wait of one read or write of a collective (None: forever).
+    timeout: Option<Duration>,
+}
+
+fn op_name(op: u8) -> &'static str {
+    match op {
+        OP_REDUCE => "all-reduce",
+        OP_BROADCAST => "broadcast",
+        _ => "collective",
+    }
+}
+
+/// `read_exact` within `timeout` in all (the socket's read timeout applies to each read; the handshake's messages are
+/// a few bytes, so one or two reads).
+fn read_within(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> std::io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn kind_code(k: Kind) -> Result<u8> {
@@ -82,6 +125,12 @@ impl TcpCollective {
             .and_then(|v| v.parse().ok())
             .map(Duration::from_secs)
             .unwrap_or(Duration::from_secs(300));
+        let collective = WatchdogConfig::from_env()
+            .map_err(|e| GpuError::Collective {
+                rank,
+                message: e.to_string(),
+            })?
+            .timeout;
         let addr = (host.as_str(), port)
             .to_socket_addrs()
             .ok()
@@ -90,22 +139,44 @@ impl TcpCollective {
                 rank,
                 message: format!("MASTER_ADDR={host}: cannot resolve"),
             })?;
-        Self::connect(rank, world, addr, timeout)
+        Self::connect_with(rank, world, addr, timeout, collective)
     }
 
-    /// Joins the group: rank 0 listens on `addr` and accepts the `world − 1` others; they connect to it.
+    /// [`connect_with`](Self::connect_with) with the default collective timeout ([`DEFAULT_TIMEOUT`]).
     pub fn connect(rank: usize, world: usize, addr: SocketAddr, timeout: Duration) -> Result<Self> {
+        Self::connect_with(rank, world, addr, timeout, Some(DEFAULT_TIMEOUT))
+    }
+
+    /// Joins the group: rank 0 listens on `addr` and accepts the `world − 1` others; they connect to it. The
+    /// handshake gives up after `timeout` (the rendezvous timeout); later, one read or write of a collective gives
+    /// up after `collective` without progress (None: never).
+    pub fn connect_with(
+        rank: usize,
+        world: usize,
+        addr: SocketAddr,
+        timeout: Duration,
+        collective: Option<Duration>,
+    ) -> Result<Self> {
         let err = |message: String| GpuError::Collective { rank, message };
         if world == 0 || rank >= world {
             return Err(err(format!("rank {rank} outside world size {world}")));
         }
+        // `set_read_timeout(Some(0))` is an error: a zero timeout means none.
+        let collective = collective.filter(|t| !t.is_zero());
         let deadline = Instant::now() + timeout;
+        // What is left of the rendezvous time, as a socket timeout (never zero, which sockets refuse).
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
         let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         if world == 1 {
             return Ok(TcpCollective {
                 rank,
                 world,
                 peers: Mutex::new(peers),
+                timeout: collective,
             });
         }
         if rank == 0 {
@@ -124,7 +195,8 @@ impl TcpCollective {
                         s.set_nonblocking(false)
                             .and_then(|_| s.set_nodelay(true))
                             .map_err(|e| err(format!("{from}: {e}")))?;
-                        s.set_read_timeout(Some(Duration::from_secs(30)))
+                        s.set_read_timeout(Some(left().min(Duration::from_secs(30))))
+                            .and_then(|_| s.set_write_timeout(Some(left())))
                             .map_err(|e| err(format!("{from}: {e}")))?;
                         let mut hello = [0u8; 12];
                         s.read_exact(&mut hello)
@@ -144,8 +216,12 @@ impl TcpCollective {
                                  or foreign process on MASTER_PORT?)"
                             )));
                         }
-                        s.set_read_timeout(None)
-                            .map_err(|e| err(format!("{from}: {e}")))?;
+                        let mut ack = Vec::with_capacity(12);
+                        ack.extend_from_slice(ACK);
+                        ack.extend_from_slice(&(r as u32).to_le_bytes());
+                        ack.extend_from_slice(&(world as u32).to_le_bytes());
+                        s.write_all(&ack)
+                            .map_err(|e| err(format!("{from} (rank {r}): handshake: {e}")))?;
                         peers[r] = Some(s);
                         joined += 1;
                     }
@@ -162,6 +238,12 @@ impl TcpCollective {
                     }
                     Err(e) => return Err(err(format!("accept on {addr}: {e}"))),
                 }
+            }
+            // Everyone is here: start the group.
+            for (r, p) in peers.iter_mut().enumerate().skip(1) {
+                let s = p.as_mut().expect("every rank joined");
+                s.write_all(GO)
+                    .map_err(|e| err(format!("rank {r}: starting the group: {e}")))?;
             }
         } else {
             let mut s = loop {
@@ -183,19 +265,84 @@ impl TcpCollective {
             hello.extend_from_slice(MAGIC);
             hello.extend_from_slice(&(rank as u32).to_le_bytes());
             hello.extend_from_slice(&(world as u32).to_le_bytes());
+            s.set_write_timeout(Some(left()))
+                .map_err(|e| err(format!("{addr}: {e}")))?;
             s.write_all(&hello)
                 .map_err(|e| err(format!("handshake with {addr}: {e}")))?;
+            // Rank 0 acknowledges at once; a listener that is not rank 0 of this run does not (or not like that).
+            let mut ack = [0u8; 12];
+            read_within(&mut s, &mut ack, left()).map_err(|e| {
+                err(match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                        "{addr} (MASTER_ADDR:MASTER_PORT) accepted the connection but did not acknowledge rank \
+                         {rank} within the rendezvous timeout ({timeout:?}, LEXFLOW_RENDEZVOUS_TIMEOUT_S): it is not \
+                         rank 0 of this run (another process on MASTER_PORT?)"
+                    ),
+                    _ => format!(
+                        "{addr} (MASTER_ADDR:MASTER_PORT) closed the connection during the handshake ({e}): rank 0 \
+                         refused rank {rank} of {world} (see its log: another world size, or this rank twice?)"
+                    ),
+                })
+            })?;
+            let (r, w) = (
+                u32::from_le_bytes(ack[4..8].try_into().expect("4 bytes")) as usize,
+                u32::from_le_bytes(ack[8..12].try_into().expect("4 bytes")) as usize,
+            );
+            if &ack[..4] != ACK || r != rank || w != world {
+                return Err(err(format!(
+                    "{addr} (MASTER_ADDR:MASTER_PORT) did not answer the handshake as rank 0 of a group of world \
+                     {world}: it is not rank 0 of this run (another process on MASTER_PORT?)"
+                )));
+            }
+            // Then the start of the group, once every rank joined rank 0.
+            let mut go = [0u8; 4];
+            read_within(&mut s, &mut go, left()).map_err(|e| {
+                err(match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                        "rendezvous on {addr} timed out after {timeout:?} (LEXFLOW_RENDEZVOUS_TIMEOUT_S): rank 0 \
+                         accepted rank {rank}, but not every rank of {world} joined (see rank 0's log)"
+                    ),
+                    _ => format!(
+                        "rank 0 at {addr} gave up the rendezvous ({e}): see its log (a rank never connected?)"
+                    ),
+                })
+            })?;
+            if &go != GO {
+                return Err(err(format!(
+                    "{addr}: unexpected bytes where rank 0 starts the group (not a lexflow rank 0 of this version?)"
+                )));
+            }
             peers[0] = Some(s);
+        }
+        for s in peers.iter().flatten() {
+            s.set_read_timeout(collective)
+                .and_then(|_| s.set_write_timeout(collective))
+                .map_err(|e| err(format!("setting the collective timeout: {e}")))?;
         }
         Ok(TcpCollective {
             rank,
             world,
             peers: Mutex::new(peers),
+            timeout: collective,
         })
     }
 
+    #[cfg(test)]
     fn io_err(&self, peer: usize, what: &str, e: std::io::Error) -> GpuError {
-        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        self.io_err_after(peer, what, e, Duration::ZERO)
+    }
+
+    /// `what`: the operation and the direction ("all-reduce: receive"); `waited`: since the read or write began.
+    fn io_err_after(
+        &self,
+        peer: usize,
+        what: &str,
+        e: std::io::Error,
+        waited: Duration,
+    ) -> GpuError {
+        use std::io::ErrorKind::{
+            BrokenPipe, ConnectionAborted, ConnectionReset, TimedOut, UnexpectedEof, WouldBlock,
+        };
         // A peer that exits closes with a FIN (EOF here); one killed with unread data in its socket resets the
         // connection instead (ECONNRESET, or EPIPE on our next send). Both mean the same to the user.
         let message = if matches!(
@@ -204,6 +351,16 @@ impl TcpCollective {
         ) {
             format!(
                 "rank {peer} closed its connection during {what} (it failed or stopped: see its log; {e})"
+            )
+        } else if matches!(e.kind(), WouldBlock | TimedOut) {
+            // A socket timeout (SO_RCVTIMEO/SO_SNDTIMEO: EAGAIN on Linux): the peer made no progress for that long.
+            let limit = self.timeout.map_or(0, |t| t.as_secs());
+            format!(
+                "rank {peer} did not answer during {what}: waited {} s, the last {limit} s without any progress \
+                 (collective timeout {TIMEOUT_ENV}={limit}): it is stuck, stopped or unreachable (a legitimate wait, \
+                 e.g. rank 0 writing a large checkpoint, needs a larger {TIMEOUT_ENV}); the run stops here; \
+                 checkpoints are intact: `--resume` continues from the last one",
+                waited.as_secs_f64().round() as u64
             )
         } else {
             format!("{what} with rank {peer}: {e}")
@@ -219,9 +376,12 @@ impl TcpCollective {
         head[0] = op;
         head[1] = kind;
         head[2..10].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        let t0 = Instant::now();
         s.write_all(&head)
             .and_then(|_| s.write_all(payload))
-            .map_err(|e| self.io_err(peer, "send", e))
+            .map_err(|e| {
+                self.io_err_after(peer, &format!("{}: send", op_name(op)), e, t0.elapsed())
+            })
     }
 
     fn recv(
@@ -232,9 +392,11 @@ impl TcpCollective {
         kind: u8,
         len: usize,
     ) -> Result<Vec<u8>> {
+        let what = || format!("{}: receive", op_name(op));
         let mut head = [0u8; 10];
+        let t0 = Instant::now();
         s.read_exact(&mut head)
-            .map_err(|e| self.io_err(peer, "receive", e))?;
+            .map_err(|e| self.io_err_after(peer, &what(), e, t0.elapsed()))?;
         let n = u64::from_le_bytes(head[2..10].try_into().expect("8 bytes")) as usize;
         if head[0] != op || head[1] != kind || n != len {
             return Err(GpuError::Collective {
@@ -247,9 +409,21 @@ impl TcpCollective {
             });
         }
         let mut buf = vec![0u8; n];
+        let t0 = Instant::now();
         s.read_exact(&mut buf)
-            .map_err(|e| self.io_err(peer, "receive", e))?;
+            .map_err(|e| self.io_err_after(peer, &what(), e, t0.elapsed()))?;
         Ok(buf)
+    }
+
+    /// After a failed exchange the byte streams are out of step (a late peer may still send the rest): shut every
+    /// connection down, so that later calls fail at once and the peers notice now instead of at their own timeout.
+    fn fail<T>(&self, peers: &mut [Option<TcpStream>], r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            for s in peers.iter_mut().filter_map(Option::take) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+        r
     }
 
     fn poisoned(&self) -> GpuError {
@@ -265,29 +439,34 @@ impl TcpCollective {
             let code = kind_code(kind)?;
             let host = buf.detach().to_device(Device::Cpu).contiguous();
             let bytes = tensor_bytes(&host);
-            let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-            let summed = if self.rank == 0 {
-                // Rank order, in f64: the arithmetic of the in-process collective.
-                let mut acc = host.to_kind(Kind::Double).reshape([-1]);
-                for (r, p) in peers.iter_mut().enumerate().skip(1) {
-                    let s = p.as_mut().ok_or_else(|| self.poisoned())?;
-                    let got = self.recv(s, r, OP_REDUCE, code, bytes.len())?;
-                    let t = Tensor::from_data_size(&got, &[host.numel() as i64], kind);
-                    acc += t.to_kind(Kind::Double);
-                }
-                let out = acc.to_kind(kind);
-                let out_bytes = tensor_bytes(&out);
-                for (r, p) in peers.iter_mut().enumerate().skip(1) {
-                    let s = p.as_mut().ok_or_else(|| self.poisoned())?;
-                    self.send(s, r, OP_REDUCE, code, &out_bytes)?;
-                }
-                out
-            } else {
-                let s = peers[0].as_mut().ok_or_else(|| self.poisoned())?;
-                self.send(s, 0, OP_REDUCE, code, &bytes)?;
-                let got = self.recv(s, 0, OP_REDUCE, code, bytes.len())?;
-                Tensor::from_data_size(&got, &[host.numel() as i64], kind)
-            };
+            let mut guard = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            let peers = &mut *guard;
+            let summed = (|| -> Result<Tensor> {
+                Ok(if self.rank == 0 {
+                    // Rank order, in f64: the arithmetic of the in-process collective.
+                    let mut acc = host.to_kind(Kind::Double).reshape([-1]);
+                    for (r, p) in peers.iter_mut().enumerate().skip(1) {
+                        let s = p.as_mut().ok_or_else(|| self.poisoned())?;
+                        let got = self.recv(s, r, OP_REDUCE, code, bytes.len())?;
+                        let t = Tensor::from_data_size(&got, &[host.numel() as i64], kind);
+                        acc += t.to_kind(Kind::Double);
+                    }
+                    let out = acc.to_kind(kind);
+                    let out_bytes = tensor_bytes(&out);
+                    for (r, p) in peers.iter_mut().enumerate().skip(1) {
+                        let s = p.as_mut().ok_or_else(|| self.poisoned())?;
+                        self.send(s, r, OP_REDUCE, code, &out_bytes)?;
+                    }
+                    out
+                } else {
+                    let s = peers[0].as_mut().ok_or_else(|| self.poisoned())?;
+                    self.send(s, 0, OP_REDUCE, code, &bytes)?;
+                    let got = self.recv(s, 0, OP_REDUCE, code, bytes.len())?;
+                    Tensor::from_data_size(&got, &[host.numel() as i64], kind)
+                })
+            })();
+            let summed = self.fail(peers, summed)?;
+            drop(guard);
             let _ng = tch::no_grad_guard();
             buf.copy_(&summed.view(buf.size().as_slice()).to_device(buf.device()));
         }
@@ -336,30 +515,35 @@ impl Collective for TcpCollective {
         let code = kind_code(kind)?;
         let host = buf.detach().to_device(Device::Cpu).contiguous();
         let len = host.numel() * kind.elt_size_in_bytes();
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let data: Option<Vec<u8>> = if self.rank == 0 {
-            let data = if root == 0 {
-                tensor_bytes(&host)
-            } else {
-                let s = peers[root].as_mut().ok_or_else(|| self.poisoned())?;
-                self.recv(s, root, OP_BROADCAST, code, len)?
-            };
-            for (r, p) in peers.iter_mut().enumerate().skip(1) {
-                if r != root {
-                    let s = p.as_mut().ok_or_else(|| self.poisoned())?;
-                    self.send(s, r, OP_BROADCAST, code, &data)?;
+        let mut guard = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let peers = &mut *guard;
+        let data = (|| -> Result<Option<Vec<u8>>> {
+            Ok(if self.rank == 0 {
+                let data = if root == 0 {
+                    tensor_bytes(&host)
+                } else {
+                    let s = peers[root].as_mut().ok_or_else(|| self.poisoned())?;
+                    self.recv(s, root, OP_BROADCAST, code, len)?
+                };
+                for (r, p) in peers.iter_mut().enumerate().skip(1) {
+                    if r != root {
+                        let s = p.as_mut().ok_or_else(|| self.poisoned())?;
+                        self.send(s, r, OP_BROADCAST, code, &data)?;
+                    }
                 }
-            }
-            (root != 0).then_some(data)
-        } else {
-            let s = peers[0].as_mut().ok_or_else(|| self.poisoned())?;
-            if self.rank == root {
-                self.send(s, 0, OP_BROADCAST, code, &tensor_bytes(&host))?;
-                None
+                (root != 0).then_some(data)
             } else {
-                Some(self.recv(s, 0, OP_BROADCAST, code, len)?)
-            }
-        };
+                let s = peers[0].as_mut().ok_or_else(|| self.poisoned())?;
+                if self.rank == root {
+                    self.send(s, 0, OP_BROADCAST, code, &tensor_bytes(&host))?;
+                    None
+                } else {
+                    Some(self.recv(s, 0, OP_BROADCAST, code, len)?)
+                }
+            })
+        })();
+        let data = self.fail(peers, data)?;
+        drop(guard);
         if let Some(d) = data {
             let t = Tensor::from_data_size(&d, &[host.numel() as i64], kind);
             let _ng = tch::no_grad_guard();
@@ -513,6 +697,180 @@ mod tests {
         assert!(e.contains("not running the same program"), "{e}");
         r0.abort();
         h.join().unwrap();
+    }
+
+    /// Runs `f` on a thread and returns its result, failing the test if it is still blocked after `limit`: a hang
+    /// is a test failure here, not a test that never ends.
+    fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(v) => v,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("still blocked after {limit:?}: a hang")
+            }
+            Err(e) => panic!("the thread panicked ({e})"),
+        }
+    }
+
+    /// Joins `addr` as `rank` of `world` with a valid hello, then never reads or sends anything (a hung or
+    /// `SIGSTOP`ped process). The returned socket keeps the connection open.
+    fn silent_rank(addr: SocketAddr, rank: usize, world: usize) -> TcpStream {
+        let mut s = loop {
+            match TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let mut hello = MAGIC.to_vec();
+        hello.extend_from_slice(&(rank as u32).to_le_bytes());
+        hello.extend_from_slice(&(world as u32).to_le_bytes());
+        s.write_all(&hello).unwrap();
+        s
+    }
+
+    /// A peer that stops answering (a thread that joins and then never sends) fails rank 0's collective after the
+    /// collective timeout, naming the peer, the operation and the variable, instead of blocking forever; rank 0 then
+    /// shuts its other connections down, so rank 2 (no timeout of its own) fails at once too.
+    #[test]
+    fn a_stuck_peer_times_out_naming_it_not_a_hang() {
+        let addr = free_addr();
+        let stuck = std::thread::spawn(move || silent_rank(addr, 1, 3));
+        let r2 = std::thread::spawn(move || {
+            let c = TcpCollective::connect_with(2, 3, addr, Duration::from_secs(20), None).unwrap();
+            let mut t = Tensor::ones([4], (Kind::Float, Device::Cpu));
+            c.all_reduce_sum(&mut t).unwrap_err().to_string()
+        });
+        let t0 = Instant::now();
+        let (e, again) = within(Duration::from_secs(30), move || {
+            let c = TcpCollective::connect_with(
+                0,
+                3,
+                addr,
+                Duration::from_secs(20),
+                Some(Duration::from_secs(1)),
+            )
+            .unwrap();
+            let mut t = Tensor::ones([4], (Kind::Float, Device::Cpu));
+            let e = c.all_reduce_sum(&mut t).unwrap_err().to_string();
+            let again = c.barrier().unwrap_err().to_string();
+            (e, again)
+        });
+        assert!(
+            e.contains("rank 1 did not answer during all-reduce: receive")
+                && e.contains("LEXFLOW_COLLECTIVE_TIMEOUT_S=1")
+                && e.contains("waited "),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+        assert!(again.contains("used after an abort"), "{again}");
+        let e2 = within(Duration::from_secs(10), move || r2.join().unwrap());
+        assert!(e2.contains("rank 0 closed its connection"), "{e2}");
+        drop(stuck.join().unwrap());
+    }
+
+    /// A rank 0 that stops reading (its socket buffers fill up) fails a rank's send after the collective timeout.
+    #[test]
+    fn a_peer_that_stops_reading_times_out_the_sender() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stuck_rank0 = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut hello = [0u8; 12];
+            s.read_exact(&mut hello).unwrap();
+            let mut ack = ACK.to_vec();
+            ack.extend_from_slice(&hello[4..12]);
+            ack.extend_from_slice(GO);
+            s.write_all(&ack).unwrap();
+            s // never reads again
+        });
+        let e = within(Duration::from_secs(60), move || {
+            let c = TcpCollective::connect_with(
+                1,
+                2,
+                addr,
+                Duration::from_secs(20),
+                Some(Duration::from_secs(1)),
+            )
+            .unwrap();
+            // 64 MB: more than the loopback socket buffers hold.
+            let mut t = Tensor::zeros([16 << 20], (Kind::Float, Device::Cpu));
+            c.all_reduce_sum(&mut t).unwrap_err().to_string()
+        });
+        assert!(
+            e.contains("rank 0 did not answer during all-reduce: send"),
+            "{e}"
+        );
+        drop(stuck_rank0.join().unwrap());
+    }
+
+    /// A rank whose MASTER_ADDR:MASTER_PORT is a listener that is not rank 0 fails within the rendezvous timeout,
+    /// naming the address, instead of joining a "group" and blocking in its first collective.
+    #[test]
+    fn a_listener_that_is_not_rank_0_is_named_within_the_rendezvous_timeout() {
+        let other = TcpListener::bind("127.0.0.1:0").unwrap(); // accepts (backlog), never answers
+        let addr = other.local_addr().unwrap();
+        let t0 = Instant::now();
+        let e = within(Duration::from_secs(20), move || {
+            TcpCollective::connect_with(1, 2, addr, Duration::from_secs(1), None)
+                .err()
+                .map(|e| e.to_string())
+        })
+        .expect("joined a listener that never answered");
+        assert!(
+            e.contains(&addr.to_string()) && e.contains("did not acknowledge rank 1"),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        drop(other);
+    }
+
+    /// Rank 0 refuses a rank of another world size; that rank hears it instead of joining.
+    #[test]
+    fn a_refused_rank_hears_it_from_rank_0() {
+        let addr = free_addr();
+        let r0 = std::thread::spawn(move || {
+            TcpCollective::connect(0, 2, addr, Duration::from_secs(20))
+                .err()
+                .map(|e| e.to_string())
+        });
+        let e1 = within(Duration::from_secs(30), move || {
+            TcpCollective::connect_with(1, 3, addr, Duration::from_secs(20), None)
+                .err()
+                .map(|e| e.to_string())
+        })
+        .expect("rank 1 of 3 joined a group of 2");
+        assert!(
+            e1.contains("closed the connection during the handshake"),
+            "{e1}"
+        );
+        let e0 = r0.join().unwrap().expect("rank 0 accepted rank 1 of 3");
+        assert!(e0.contains("introduced itself as rank 1 of 3"), "{e0}");
+    }
+
+    /// A rank that joined waits for the whole group within the rendezvous timeout, not forever.
+    #[test]
+    fn a_joined_rank_fails_when_the_group_never_completes() {
+        let addr = free_addr();
+        let r0 = std::thread::spawn(move || {
+            TcpCollective::connect(0, 3, addr, Duration::from_secs(1))
+                .err()
+                .map(|e| e.to_string())
+        });
+        let e1 = within(Duration::from_secs(20), move || {
+            TcpCollective::connect_with(1, 3, addr, Duration::from_secs(1), None)
+                .err()
+                .map(|e| e.to_string())
+        })
+        .expect("rank 1 joined a group without rank 2");
+        assert!(
+            e1.contains("gave up the rendezvous") || e1.contains("not every rank of 3 joined"),
+            "{e1}"
+        );
+        let e0 = r0.join().unwrap().unwrap();
+        assert!(e0.contains("ranks [2] never connected"), "{e0}");
     }
 
     #[test]
