@@ -311,3 +311,233 @@ fn holdout_takes_whole_acts_out_of_training() {
         assert!(n > 0, "step {step}: no provenance");
     }
 }
+
+/// `lexflow_packer_*` count the training stream only: the held-out set is packed with packers of its own that leave
+/// them alone, and a resumed run's carry-over restore counts nothing. In-process (the metrics registry is this test
+/// process's; no other test of this file runs a pipeline in it).
+#[test]
+fn packer_metrics_count_the_training_stream_only_also_across_a_resume() {
+    use lexflow_actors::pipeline::RunOptions;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("p");
+    let m = lexflow_metrics::global();
+    let opts = |resume| RunOptions {
+        resume,
+        progress: false,
+        origin: "test".into(),
+        replay: None,
+    };
+    let extra = "[eval]\nholdout = 0.25\nmax_sequences = 4";
+    for (steps, resume) in [(3, false), (5, true)] {
+        let cfg = lexflow_actors::config::Config::from_file(&tiny_run_config(
+            &dir,
+            &["cpu"],
+            2,
+            steps,
+            extra,
+        ))
+        .unwrap();
+        let (seqs, pad) = (m.packer_sequences.get(), m.packer_padding_tokens.get());
+        let s = lexflow_actors::pipeline::run(&cfg, &opts(resume)).unwrap();
+        assert_eq!(s.outcome, "completed");
+        let held: u64 = s.eval_set.as_ref().unwrap()["languages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["sequences"].as_u64().unwrap())
+            .sum();
+        assert!(held > 0, "the test needs held-out sequences");
+        assert_eq!(
+            m.packer_sequences.get() - seqs,
+            s.packer.sequences,
+            "lexflow_packer_sequences_total vs stats.json packer.sequences ({held} held-out sequences; resume: {resume})"
+        );
+        assert_eq!(m.packer_padding_tokens.get() - pad, s.packer.padding_tokens);
+        assert_eq!(m.packer_fill_efficiency.get(), s.packer.fill_efficiency);
+        if resume {
+            assert_eq!(
+                s.train.as_ref().unwrap()["resumed_from_step"].as_u64(),
+                Some(3)
+            );
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The series lines (no comments) of `http://127.0.0.1:port/metrics`.
+fn scrape(port: u16) -> Vec<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// One process per rank: each process exports the trainer series of its own rank only (no zero series for rank 0 in
+/// rank 1's process, which Grafana would draw as a second loss at 0), and only the process that records evaluations
+/// (rank 0) exports `lexflow_eval_step`; rank 0's packer counter equals its stats.json.
+#[test]
+fn a_process_of_one_rank_exports_only_its_own_rank() {
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mp");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Metrics on `port` (rank 0) and `port + 1` (LOCAL_RANK 1).
+    let port = loop {
+        let p = free_port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    let cfg = tmp.path().join("mp.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[run]
+name = "mp"
+dir = {dir:?}
+seed = 5
+[input.generate]
+acts_per_language = 8
+[packer]
+seq_len = 64
+mode = "best-fit"
+lookahead = 8
+[shards]
+count = 4
+[edges]
+capacity = 2
+[train]
+devices = ["cpu"]
+model = "tiny"
+micro_batch = 1
+steps = 4
+lr = 1e-3
+checkpoint_every = 2
+[eval]
+holdout = 0.25
+max_sequences = 2
+every = 2
+[metrics]
+enabled = true
+listen = "127.0.0.1:{port}"
+linger_seconds = 120
+"#,
+            dir = dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let master = free_port();
+    let logs: Vec<_> = (0..2)
+        .map(|r| tmp.path().join(format!("r{r}.log")))
+        .collect();
+    /// The lingering processes are stopped however the test ends.
+    struct Kids(Vec<Child>);
+    impl Drop for Kids {
+        fn drop(&mut self) {
+            for k in &mut self.0 {
+                let _ = k.kill();
+                let _ = k.wait();
+            }
+        }
+    }
+    let mut kids = Kids(
+        (0..2)
+            .map(|r| {
+                Command::new(lexflow_bin())
+                    .args(["run", cfg.to_str().unwrap(), "--quiet"])
+                    .env("RANK", r.to_string())
+                    .env("LOCAL_RANK", r.to_string())
+                    .env("WORLD_SIZE", "2")
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", master.to_string())
+                    .env("OMP_NUM_THREADS", "1")
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&logs[r]).unwrap())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect(),
+    );
+    // Both finished (stats written) and linger: scrape, then stop them.
+    let t = Instant::now();
+    while !(dir.join("stats.json").exists() && dir.join("stats.rank1.json").exists()) {
+        for (r, k) in kids.0.iter_mut().enumerate() {
+            if let Some(st) = k.try_wait().unwrap() {
+                panic!(
+                    "rank {r} exited ({st}) before lingering: {}",
+                    std::fs::read_to_string(&logs[r]).unwrap_or_default()
+                );
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "the run did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (r0, r1) = (scrape(port), scrape(port + 1));
+    drop(kids);
+    let has = |lines: &[String], family: &str, rank: &str| {
+        lines
+            .iter()
+            .any(|l| l.starts_with(family) && l.contains(&format!("rank=\"{rank}\"")))
+    };
+    for (lines, own, other) in [(&r0, "0", "1"), (&r1, "1", "0")] {
+        assert!(has(lines, "lexflow_trainer_loss{", own), "{lines:#?}");
+        assert!(
+            has(lines, "lexflow_trainer_steps_total{", own),
+            "{lines:#?}"
+        );
+        let foreign: Vec<&String> = lines
+            .iter()
+            .filter(|l| {
+                l.starts_with("lexflow_trainer_") && l.contains(&format!("rank=\"{other}\""))
+            })
+            .collect();
+        assert!(
+            foreign.is_empty(),
+            "the process of rank {own} exports series of rank {other}: {foreign:#?}"
+        );
+    }
+    let eval_step = |lines: &[String]| {
+        lines
+            .iter()
+            .find(|l| l.starts_with("lexflow_eval_step "))
+            .cloned()
+    };
+    assert_eq!(eval_step(&r0).as_deref(), Some("lexflow_eval_step 4"));
+    assert_eq!(eval_step(&r1), None, "rank 1 records no evaluation");
+    let stats: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("stats.json")).unwrap()).unwrap();
+    let packed = r0
+        .iter()
+        .find_map(|l| l.strip_prefix("lexflow_packer_sequences_total "))
+        .unwrap();
+    assert_eq!(
+        packed.parse::<u64>().ok(),
+        stats["packer"]["sequences"].as_u64(),
+        "held-out sequences counted as packed training sequences"
+    );
+    // stats.json says whose throughput its tokens/s is.
+    let s1: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("stats.rank1.json")).unwrap())
+            .unwrap();
+    assert_eq!(s1["train"]["process_ranks"], serde_json::json!([1]));
+    assert_eq!(s1["train"]["world_size"], 2);
+}

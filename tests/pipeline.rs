@@ -192,3 +192,191 @@ fn the_mix_counts_only_the_tokens_max_doc_tokens_keeps() {
         );
     }
 }
+
+/// `input.documents` and `input.documents_per_lang` count the same thing (documents read, read-ahead included); what
+/// the sampler passed on is `sampler.languages[].documents`.
+#[test]
+fn documents_per_language_add_up_to_the_documents_read() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = base_config(d.path(), &[], 1, "");
+    cfg.run.max_sequences = Some(6);
+    let s = run(&cfg, &opts()).unwrap();
+    let per_lang: u64 = s.input.documents_per_lang.values().sum();
+    assert_eq!(per_lang, s.input.documents, "{:?}", s.input);
+    assert_eq!(s.input.documents_per_lang.len(), 5, "every lane's language");
+    let sampled: u64 = s.sampler.languages.iter().map(|l| l.documents).sum();
+    assert!(
+        sampled < s.input.documents,
+        "the test needs read-ahead: {sampled} sampled of {}",
+        s.input.documents
+    );
+    assert!(s.tokenizer_tokens_per_busy_second > 0.0);
+    assert!(!s.paced_by_training);
+}
+
+fn tiny_train(dir: &Path, steps: u64) -> Config {
+    Config::from_file(&lexflow_tests::tiny_run_config(dir, &["cpu"], 2, steps, "")).unwrap()
+}
+
+fn checkpoints_on_disk(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("step-")
+        })
+        .map(|p| p.display().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// After `--resume`, `train.checkpoints` lists the checkpoints on disk, the earlier session's included.
+#[test]
+fn train_checkpoints_lists_the_checkpoints_on_disk_after_a_resume() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("r");
+    run(&tiny_train(&dir, 4), &opts()).unwrap(); // checkpoints at 2 and 4
+    let resume = RunOptions {
+        resume: true,
+        ..opts()
+    };
+    let s = run(&tiny_train(&dir, 6), &resume).unwrap(); // writes 6; keep_checkpoints = 2 keeps 4 and 6
+    let on_disk = checkpoints_on_disk(&dir);
+    assert_eq!(on_disk.len(), 2, "{on_disk:?}");
+    let listed: Vec<String> = s.train.as_ref().unwrap()["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, on_disk);
+    assert!(s
+        .summary()
+        .contains(&format!("last checkpoint {}", on_disk[1])));
+}
+
+/// A run whose checkpoint cannot be written fails with that error and its stats.json says how far it got; when
+/// stats.json cannot be written either, the run's error still comes first (and no temporary file is left).
+#[test]
+fn a_failed_run_reports_its_error_first_and_how_far_it_trained() {
+    let d = tempfile::tempdir().unwrap();
+    // `checkpoints` is a file: the checkpoint of step 2 fails.
+    let dir = d.path().join("f");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("checkpoints"), b"not a directory").unwrap();
+    let e = format!("{:#}", run(&tiny_train(&dir, 4), &opts()).unwrap_err());
+    assert!(e.contains("checkpoints"), "{e}");
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("stats.json")).unwrap()).unwrap();
+    assert_eq!(st["outcome"], "failed");
+    assert_eq!(st["train"]["complete"], false, "{}", st["train"]);
+    assert_eq!(st["train"]["steps"], 2, "{}", st["train"]);
+    assert_eq!(st["train"]["losses"].as_array().unwrap().len(), 2);
+
+    // And stats.json cannot be written (a non-empty directory in its place).
+    let dir = d.path().join("g");
+    std::fs::create_dir_all(dir.join("stats.json/x")).unwrap();
+    std::fs::write(dir.join("checkpoints"), b"not a directory").unwrap();
+    let e = format!("{:#}", run(&tiny_train(&dir, 4), &opts()).unwrap_err());
+    let (cause, stats) = (e.find("checkpoints"), e.find("stats.json"));
+    assert!(
+        cause.is_some() && stats.is_some() && cause < stats,
+        "the run's error must come first, then the stats.json failure: {e}"
+    );
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+}
+
+/// Waits until `dir`'s run trained a step (steps.jsonl has a line), then sends `signals` (`kill -<SIG>`) back to back;
+/// returns the exit code and stderr.
+fn signal_a_training_run(d: &Path, signals: &[&str]) -> (Option<i32>, String, PathBuf) {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let name = "run";
+    let dir = d.join(name);
+    let cfg = lexflow_tests::tiny_run_config(&dir, &["cpu"], 1, 1_000_000, "");
+    let log = d.join(format!("{name}.log"));
+    let mut child = Command::new(lexflow_tests::lexflow_bin())
+        .args(["run", cfg.to_str().unwrap(), "--quiet"])
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::fs::metadata(dir.join("steps.jsonl")).map_or(true, |m| m.len() == 0) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        if t.elapsed() > Duration::from_secs(180) {
+            let _ = child.kill();
+            panic!("no training step");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let script: Vec<String> = signals
+        .iter()
+        .map(|s| format!("kill -{s} {}", child.id()))
+        .collect();
+    let ok = Command::new("sh")
+        .args(["-c", &script.join("; ")])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the run did not stop after {signals:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (
+        status.code(),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        dir,
+    )
+}
+
+/// SIGTERM stops a run cleanly with exit code 143 (128 + 15, as for SIGINT 130), and stats.json says `interrupted`.
+#[test]
+fn sigterm_stops_cleanly_with_exit_code_143() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, log, dir) = signal_a_training_run(tmp.path(), &["TERM"]);
+    assert_eq!(code, Some(143), "{log}");
+    assert_eq!(log.matches("send again to force").count(), 1, "{log}");
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("stats.json")).unwrap()).unwrap();
+    assert_eq!(st["outcome"], "interrupted");
+}
+
+/// A second signal forces the exit, with its own exit code and its own message (not "send again to force" again).
+/// The process is stopped while both arrive (two different signals: pending ones of the same kind merge), so the
+/// second one is always there before the clean stop could finish.
+#[test]
+fn a_second_signal_forces_the_exit_with_its_own_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, log, dir) = signal_a_training_run(tmp.path(), &["STOP", "INT", "TERM", "CONT"]);
+    let code = code.expect("an exit code");
+    assert!(code == 130 || code == 143, "exit code {code}: {log}");
+    // The first signal's message comes from another thread, which the forced exit may beat; never a second one.
+    assert!(log.matches("send again to force").count() <= 1, "{log}");
+    assert!(log.contains(&format!("forced exit (code {code})")), "{log}");
+    assert!(
+        !dir.join("stats.json").exists(),
+        "a forced exit writes no stats.json"
+    );
+}

@@ -118,10 +118,11 @@ pub fn build(
     quarantine: &Quarantine,
 ) -> HeldOutSet {
     let max = spec.eval.max_sequences;
+    // Unmetered: the held-out sequences are not part of the training stream's `lexflow_packer_*` metrics.
     let mut packers: Vec<Packer> = spec
         .langs
         .iter()
-        .map(|_| Packer::new(spec.packer, spec.eot, spec.pad))
+        .map(|_| Packer::unmetered(spec.packer, spec.eot, spec.pad))
         .collect();
     let mut out: Vec<Vec<PackedSequence>> = vec![Vec::new(); spec.langs.len()];
     let mut documents = vec![0u64; spec.langs.len()];

@@ -61,6 +61,9 @@ pub struct Packer {
     ready: VecDeque<PackedSequence>,
     /// Resume point attached to the sequences emitted by the current `push`/`flush`.
     current_resume: Option<Arc<ResumePoint>>,
+    /// Records into the process's `lexflow_packer_*` metrics (the training packer); false for the held-out set's
+    /// packers ([`Packer::unmetered`]), whose sequences are never trained on.
+    metered: bool,
     pub report: PackerReport,
 }
 
@@ -89,6 +92,8 @@ pub fn no_loss_ranges(pieces: &[Piece]) -> Vec<[u32; 2]> {
 }
 
 impl Packer {
+    /// The training stream's packer: its sequences, padding, truncation and fill efficiency go into the process's
+    /// `lexflow_packer_*` metrics (and its [`PackerReport`]).
     pub fn new(cfg: &PackerConfig, eot: u32, pad: u32) -> Self {
         Packer {
             cap: cfg.seq_len.get() + 1,
@@ -102,7 +107,18 @@ impl Packer {
             next_index: 0,
             ready: VecDeque::new(),
             current_resume: None,
+            metered: true,
             report: PackerReport::default(),
+        }
+    }
+
+    /// A packer that leaves the process's `lexflow_packer_*` metrics alone (the held-out evaluation set: packed once,
+    /// never trained on, so it must not count in the training stream's sequences, padding or fill efficiency). Its
+    /// own [`PackerReport`] is kept as usual.
+    pub fn unmetered(cfg: &PackerConfig, eot: u32, pad: u32) -> Self {
+        Packer {
+            metered: false,
+            ..Packer::new(cfg, eot, pad)
         }
     }
 
@@ -128,6 +144,8 @@ impl Packer {
 
     /// Continues from a checkpointed carry-over. `fetch(doc)` returns a document's tokens (re-read and re-tokenized:
     /// only the documents that were partly packed).
+    /// Nothing is counted here (report or metrics): the open sequences were not emitted by the stopped run, and
+    /// count once, when this packer closes them.
     pub fn restore<E>(
         &mut self,
         st: &PackerState,
@@ -173,10 +191,12 @@ impl Packer {
             if tokens.len() > max {
                 self.report.truncated_documents += 1;
                 self.report.truncated_tokens += (tokens.len() - max) as u64;
-                lexflow_metrics::global().packer_truncated_documents.inc();
-                lexflow_metrics::global()
-                    .packer_truncated_tokens
-                    .inc_by((tokens.len() - max) as u64);
+                if self.metered {
+                    let m = lexflow_metrics::global();
+                    m.packer_truncated_documents.inc();
+                    m.packer_truncated_tokens
+                        .inc_by((tokens.len() - max) as u64);
+                }
                 tokens = &tokens[..max];
             }
         }
@@ -344,12 +364,14 @@ impl Packer {
         self.next_index += 1;
         self.report.sequences += 1;
         self.report.padding_tokens += padding as u64;
-        let m = lexflow_metrics::global();
-        m.packer_sequences.inc();
-        m.packer_padding_tokens.inc_by(padding as u64);
         let all = self.report.sequences * self.cap as u64;
         self.report.fill_efficiency = 1.0 - self.report.padding_tokens as f64 / all as f64;
-        m.packer_fill_efficiency.set(self.report.fill_efficiency);
+        if self.metered {
+            let m = lexflow_metrics::global();
+            m.packer_sequences.inc();
+            m.packer_padding_tokens.inc_by(padding as u64);
+            m.packer_fill_efficiency.set(self.report.fill_efficiency);
+        }
         self.ready.push_back(seq);
     }
 

@@ -98,7 +98,9 @@ pub fn cli_run(path: Option<&Path>, resume: bool, quiet: bool) -> anyhow::Result
     Ok(if stats.outcome == "completed" {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(130)
+        // Stopped by a signal: 128 + its number, as a shell reports a process the signal killed (SIGINT 130,
+        // SIGTERM 143, SIGHUP 129).
+        ExitCode::from(signals::exit_code(signals::received()))
     })
 }
 
@@ -348,6 +350,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     if let Err(e) = shutdown.install_signal_handler() {
         tracing::debug!("signal handler not installed: {e}");
     }
+    // On top of it: which signal stopped the run (its exit code), and the forced exit on a second one.
+    if let Err(e) = signals::install() {
+        tracing::debug!("signal exit codes not installed: {e}");
+    }
     let mut topo = Topology::new(shutdown.clone());
     let cap = |stage: &str| cfg.edges.capacity_of(stage);
 
@@ -525,6 +531,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                     }
                     c.files_read.fetch_add(1, RELAXED);
                     c.documents.fetch_add(docs.len() as u64, RELAXED);
+                    if let Ok(mut g) = c.documents_per_lang.lock() {
+                        *g.entry(lang.clone()).or_insert(0) += docs.len() as u64;
+                    }
                     let mism = docs
                         .iter()
                         .filter(|d| d.lang.as_deref().is_some_and(|l| l != lang))
@@ -604,6 +613,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                     }
                     let toks: u64 = out.docs.iter().map(|d| d.tokens.len() as u64).sum();
                     c.tokens.fetch_add(toks, RELAXED);
+                    c.tokenizer_busy_nanos
+                        .fetch_add(t.elapsed().as_nanos() as u64, RELAXED);
                     c.text_bytes.fetch_add(bytes, RELAXED);
                     am.items_in.inc();
                     am.bytes_in.inc_by(bytes);
@@ -769,6 +780,20 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         }
     };
 
+    // The global ranks this process trains: all of them in one process, its own with one process per rank.
+    let local_ranks: Vec<usize> = match train_handle {
+        Some(_) => match process {
+            Some((r, _)) => vec![r],
+            None => (0..world).collect(),
+        },
+        None => Vec::new(),
+    };
+    // `lexflow_eval_step` and `lexflow_eval_seconds` have no labels, so they would be exported (0, empty) by every
+    // process from its start: only a process that records evaluations (it trains rank 0 with `[eval]`) exports them.
+    export_eval_gauges(
+        train_handle.is_some() && rank0 && (heldout.is_some() || qa_probe.is_some()),
+    );
+
     // Progress: a bar on a terminal, a log line every few seconds otherwise.
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let progress = {
@@ -777,7 +802,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         let pr = packer_report.clone();
         let show_bar = opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
         let steps = cfg.train.as_ref().map(|t| t.steps);
-        std::thread::spawn(move || progress_loop(&done, &counters, &pr, show_bar, steps))
+        let ranks = local_ranks.clone();
+        std::thread::spawn(move || progress_loop(&done, &counters, &pr, show_bar, steps, &ranks))
     };
 
     let result = topo.join();
@@ -793,24 +819,40 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     input.quarantine_report =
         (input.quarantined_files > 0).then(|| quarantine_path.display().to_string());
     let sampler = sampler_report.lock().map(|g| g.clone()).unwrap_or_default();
-    for l in &sampler.languages {
-        input.documents_per_lang.insert(l.lang.clone(), l.documents);
+    // Documents read per language (the lanes' readers, like `input.documents`); what the sampler passed on to
+    // training is `sampler.languages[].documents`.
+    input.documents_per_lang = lanes.iter().map(|l| (l.lang.clone(), 0)).collect();
+    if let Ok(g) = counters.documents_per_lang.lock() {
+        for (lang, n) in g.iter() {
+            *input.documents_per_lang.entry(lang.clone()).or_insert(0) += n;
+        }
     }
     let elapsed = t0.elapsed().as_secs_f64();
+    let tokenizer_busy = counters.tokenizer_busy_nanos.load(RELAXED) as f64 * 1e-9;
     let stats = RunStats {
         run: cfg.run.name.clone(),
         config: opts.origin.clone(),
         seed: cfg.run.seed,
         elapsed_seconds: elapsed,
         preprocess_tokens_per_second: input.tokens as f64 / elapsed.max(1e-9),
+        tokenizer_tokens_per_busy_second: match tokenizer_busy > 0.0 {
+            true => input.tokens as f64 / tokenizer_busy,
+            false => 0.0,
+        },
+        paced_by_training: train_handle.is_some(),
         input,
         sampler,
         packer: packer_report.lock().map(|g| g.clone()).unwrap_or_default(),
         shards: shard_report.lock().map(|g| g.clone()).unwrap_or_default(),
-        train: train_handle
-            .as_ref()
-            .and_then(|h| h.report())
-            .and_then(|r| serde_json::to_value(r).ok()),
+        train: train_handle.as_ref().map(|h| {
+            train_json(
+                h.report(),
+                &run_dir,
+                resume.as_ref().map(|r| r.step),
+                &local_ranks,
+                process.map_or(world, |(_, w)| w),
+            )
+        }),
         eval_set: heldout
             .as_deref()
             .and_then(|s| serde_json::to_value(s).ok()),
@@ -865,17 +907,34 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             *g = out;
         }
     }
+    // Atomically (a temporary file renamed into place): a failed write (a full disk) leaves the previous stats.json
+    // whole, never a truncated one. When the run failed too, its error comes first: it is the cause.
     let stats_path = per_process("stats", ".json");
-    std::fs::write(&stats_path, serde_json::to_string_pretty(&stats)?)
-        .with_context(|| format!("writing {}", stats_path.display()))?;
-    if cfg.metrics.enabled && cfg.metrics.linger_seconds > 0 {
+    let written = serde_json::to_string_pretty(&stats)
+        .map_err(anyhow::Error::from)
+        .and_then(|text| write_file_atomically(&stats_path, text.as_bytes()))
+        .with_context(|| format!("writing {}", stats_path.display()));
+    if let (Err(w), Err(_)) = (&written, &result) {
+        tracing::error!("the run failed, and its statistics could not be saved either: {w:#}");
+    }
+    if cfg.metrics.enabled && cfg.metrics.linger_seconds > 0 && signals::received().is_none() {
         tracing::info!(
             seconds = cfg.metrics.linger_seconds,
-            "keeping /metrics up after the run"
+            "keeping /metrics up after the run (a signal ends the wait)"
         );
-        std::thread::sleep(Duration::from_secs(cfg.metrics.linger_seconds));
+        let until = Instant::now() + Duration::from_secs(cfg.metrics.linger_seconds);
+        while Instant::now() < until && signals::received().is_none() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
-    result.map_err(|e| anyhow::anyhow!("{e}"))?;
+    match (result, written) {
+        (Err(e), Ok(())) => anyhow::bail!("{e}"),
+        (Err(e), Err(w)) => anyhow::bail!(
+            "{e}\n(outcome `failed`; the statistics of the run could not be saved either: {w:#})"
+        ),
+        (Ok(()), Err(w)) => return Err(w),
+        (Ok(()), Ok(())) => {}
+    }
     if replay.is_none() && stats.outcome == "completed" && stats.input.documents == 0 {
         let i = &stats.input;
         anyhow::bail!(
@@ -1410,6 +1469,10 @@ const RELAXED: std::sync::atomic::Ordering = std::sync::atomic::Ordering::Relaxe
 struct Counters {
     files_read: std::sync::atomic::AtomicU64,
     documents: std::sync::atomic::AtomicU64,
+    /// `documents` per lane language.
+    documents_per_lang: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Time the tokenizer threads spent tokenizing (all threads and lanes together).
+    tokenizer_busy_nanos: std::sync::atomic::AtomicU64,
     quarantined: std::sync::atomic::AtomicU64,
     lang_mismatches: std::sync::atomic::AtomicU64,
     text_bytes: std::sync::atomic::AtomicU64,
@@ -1418,14 +1481,100 @@ struct Counters {
     sink_tokens: std::sync::atomic::AtomicU64,
 }
 
+/// Registers (`on`) or unregisters the label-less evaluation metrics of the process registry (idempotent).
+fn export_eval_gauges(on: bool) {
+    let m = lexflow_metrics::global();
+    let step = Box::new(m.eval_step.clone());
+    let seconds = Box::new(m.eval_seconds.clone());
+    if on {
+        // Already registered (the registry's start, or an earlier run of this process): nothing to do.
+        let _ = m.registry.register(step);
+        let _ = m.registry.register(seconds);
+    } else {
+        let _ = m.registry.unregister(step);
+        let _ = m.registry.unregister(seconds);
+    }
+}
+
+/// The trainer's step, loss and tokens/s of each of `ranks` whose series exist, read from a gather of the registry:
+/// a `with_label_values` read would create (and export) a zero series for a rank that has not stepped yet, or that
+/// another process runs.
+fn trainer_progress(ranks: &[usize]) -> Vec<(usize, u64, f64, f64)> {
+    use lexflow_metrics::names::{
+        LABEL_RANK, TRAINER_LOSS, TRAINER_STEPS_TOTAL, TRAINER_TOKENS_PER_SECOND,
+    };
+    if ranks.is_empty() {
+        return Vec::new();
+    }
+    let families = lexflow_metrics::global().registry.gather();
+    let value = |name: &str, rank: &str| -> Option<f64> {
+        let f = families.iter().find(|f| f.get_name() == name)?;
+        let m = f.get_metric().iter().find(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.get_name() == LABEL_RANK && l.get_value() == rank)
+        })?;
+        // Counters end in `_total` (docs/OBSERVABILITY.md).
+        Some(match name.ends_with("_total") {
+            true => m.get_counter().get_value(),
+            false => m.get_gauge().get_value(),
+        })
+    };
+    ranks
+        .iter()
+        .filter_map(|&r| {
+            let label = r.to_string();
+            let step = value(TRAINER_STEPS_TOTAL, &label)?;
+            Some((
+                r,
+                step as u64,
+                value(TRAINER_LOSS, &label)?,
+                value(TRAINER_TOKENS_PER_SECOND, &label)?,
+            ))
+        })
+        .collect()
+}
+
+/// The progress line: input counters, and the training of this process's `ranks` once they stepped.
+fn progress_message(
+    c: &Counters,
+    seqs: u64,
+    ranks: &[usize],
+    trained: &[(usize, u64, f64, f64)],
+) -> (Option<u64>, String) {
+    let mut msg = format!(
+        "files {} docs {} tokens {} seqs {}",
+        c.files_read.load(RELAXED),
+        c.documents.load(RELAXED),
+        c.tokens.load(RELAXED),
+        seqs
+    );
+    // The loss is global (all-reduced), the same on every rank; tokens/s is summed over this process's ranks.
+    let step = trained.iter().map(|t| t.1).min();
+    if let (Some(step), false) = (step, trained.len() < ranks.len()) {
+        let loss = trained[0].2;
+        let tps: f64 = trained.iter().map(|t| t.3).sum();
+        let which = match ranks {
+            [r] => format!("rank {r}"),
+            _ => format!(
+                "ranks {}-{} of this process",
+                ranks[0],
+                ranks[ranks.len() - 1]
+            ),
+        };
+        msg += &format!(" | step {step} loss {loss:.3} {tps:.0} tok/s ({which})");
+    }
+    (step.filter(|_| trained.len() == ranks.len()), msg)
+}
+
 fn progress_loop(
     done: &std::sync::atomic::AtomicBool,
     c: &Counters,
     packer: &Mutex<PackerReport>,
     bar: bool,
     steps: Option<u64>,
+    ranks: &[usize],
 ) {
-    let m = lexflow_metrics::global();
     let pb = bar.then(|| {
         let pb = match steps {
             Some(n) => indicatif::ProgressBar::new(n),
@@ -1442,29 +1591,243 @@ fn progress_loop(
     let mut last_log = Instant::now();
     while !done.load(RELAXED) {
         std::thread::sleep(Duration::from_millis(200));
+        // The bar refreshes every 200 ms, the log line every 5 s: gather the registry only when shown.
+        if pb.is_none() && last_log.elapsed() <= Duration::from_secs(5) {
+            continue;
+        }
         let seqs = packer.lock().map(|p| p.sequences).unwrap_or(0);
-        let step = m.trainer_steps.with_label_values(&["0"]).get();
-        let loss = m.trainer_loss.with_label_values(&["0"]).get();
-        let tps: f64 = m.trainer_tokens_per_second.with_label_values(&["0"]).get();
-        let msg = format!(
-            "files {} docs {} tokens {} seqs {} | loss {:.3} {:.0} tok/s/rank",
-            c.files_read.load(RELAXED),
-            c.documents.load(RELAXED),
-            c.tokens.load(RELAXED),
-            seqs,
-            loss,
-            tps
-        );
+        let (step, msg) = progress_message(c, seqs, ranks, &trainer_progress(ranks));
         if let Some(pb) = &pb {
-            pb.set_position(step);
+            pb.set_position(step.unwrap_or(0));
             pb.set_message(msg);
-        } else if last_log.elapsed() > Duration::from_secs(5) {
-            tracing::info!(step, "{msg}");
+        } else {
+            match step {
+                Some(step) => tracing::info!(step, "{msg}"),
+                None => tracing::info!("{msg}"),
+            }
             last_log = Instant::now();
         }
     }
     if let Some(pb) = pb {
         pb.finish_and_clear();
+    }
+}
+
+/// Writes `path` through a temporary sibling (`.<name>.tmp-<pid>`), synced and renamed into place; the temporary file
+/// is removed when anything fails.
+fn write_file_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: no file name", path.display()))?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let r = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// `stats.json` → `train`: the trainer's report (`report`: None when a rank failed) with what this process adds: the
+/// checkpoints on disk (after a resume, the earlier sessions' too), the global ranks this process trains (whose
+/// tokens/s `tokens_per_second` sums) and the world size. A failed run still says how far it got: the steps done and
+/// their losses from `steps.jsonl`, the checkpoints on disk, `complete: false`.
+fn train_json(
+    report: Option<crate::trainer::TrainReport>,
+    run_dir: &Path,
+    resumed_from: Option<u64>,
+    ranks: &[usize],
+    world: usize,
+) -> serde_json::Value {
+    let checkpoints: Vec<String> = crate::trainer::list_checkpoints(run_dir)
+        .into_iter()
+        .map(|(_, d)| d.display().to_string())
+        .collect();
+    let mut v = match report.and_then(|r| serde_json::to_value(r).ok()) {
+        Some(v) => v,
+        None => {
+            // Steps this session finished (every rank records each step; the loss is global).
+            let mut losses = std::collections::BTreeMap::new();
+            for ((step, _), r) in crate::trainer::read_step_records(run_dir) {
+                if step > resumed_from.unwrap_or(0) {
+                    losses.entry(step).or_insert(r.loss);
+                }
+            }
+            let steps = losses
+                .keys()
+                .next_back()
+                .copied()
+                .or(resumed_from)
+                .unwrap_or(0);
+            serde_json::json!({
+                "complete": false,
+                "steps": steps,
+                "losses": losses.values().collect::<Vec<_>>(),
+                "resumed_from_step": resumed_from,
+            })
+        }
+    };
+    if let Some(o) = v.as_object_mut() {
+        o.insert("checkpoints".into(), serde_json::json!(checkpoints));
+        o.insert("process_ranks".into(), serde_json::json!(ranks));
+        o.insert("world_size".into(), serde_json::json!(world));
+    }
+    v
+}
+
+/// Signals of a run (SIGINT, SIGTERM, SIGHUP). The first one goes to the run's own handler
+/// ([`Shutdown::install_signal_handler`]), which drains the pipeline and stops cleanly; this module only notes which
+/// signal it was, so that the exit code is 128 + its number, as a shell reports a process that signal killed (130 for
+/// Ctrl-C, 143 for `kill`/SIGTERM, 129 for SIGHUP). A second signal exits at once, with 128 + its own number.
+mod signals {
+    use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    /// The first signal received during the current run (0: none).
+    static RECEIVED: AtomicI32 = AtomicI32::new(0);
+    /// Write end of the self-pipe through which the handler reports a second signal.
+    static PIPE_W: AtomicI32 = AtomicI32::new(-1);
+    /// The handlers installed before ours (the run's clean-stop handler), per entry of `SIGNALS`.
+    static PREVIOUS: [AtomicUsize; 3] = [
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    ];
+
+    pub fn name(sig: i32) -> &'static str {
+        match sig {
+            libc::SIGINT => "SIGINT",
+            libc::SIGTERM => "SIGTERM",
+            libc::SIGHUP => "SIGHUP",
+            _ => "signal",
+        }
+    }
+
+    /// 128 + `sig` (130, SIGINT's, when unknown).
+    pub fn exit_code(sig: Option<i32>) -> u8 {
+        sig.and_then(|s| u8::try_from(128 + s).ok()).unwrap_or(130)
+    }
+
+    /// The first signal of the current run.
+    pub fn received() -> Option<i32> {
+        match RECEIVED.load(Ordering::SeqCst) {
+            0 => None,
+            s => Some(s),
+        }
+    }
+
+    /// Starts a run's signal bookkeeping; the handlers go in (once per process) on top of the ones installed before.
+    pub fn install() -> Result<(), String> {
+        RECEIVED.store(0, Ordering::SeqCst);
+        static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+        INSTALLED.get_or_init(install_handlers).clone()
+    }
+
+    extern "C" fn on_signal(sig: libc::c_int) {
+        // Async-signal-safe only: atomics, write(2), and the previous handler (itself a signal handler).
+        let first = RECEIVED
+            .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if first {
+            let i = SIGNALS.iter().position(|&s| s == sig).unwrap_or(0);
+            let prev = PREVIOUS[i].load(Ordering::SeqCst);
+            if prev != libc::SIG_DFL && prev != libc::SIG_IGN {
+                // SAFETY: `prev` is the one-argument handler sigaction returned for this signal.
+                let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(prev) };
+                f(sig);
+                return;
+            }
+        }
+        // A second signal (or no clean-stop handler): the dispatcher thread exits. High bit: a second signal.
+        let fd = PIPE_W.load(Ordering::Relaxed);
+        if fd >= 0 {
+            let b = (sig as u8 & 0x7f) | if first { 0 } else { 0x80 };
+            // SAFETY: writes one byte from a valid stack buffer to the pipe this module owns.
+            unsafe {
+                libc::write(fd, (&b as *const u8).cast(), 1);
+            }
+        }
+    }
+
+    fn install_handlers() -> Result<(), String> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` is a valid array of two descriptors for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+        }
+        let (r, w) = (fds[0], fds[1]);
+        // The handler must never block: its end is non-blocking (one byte per signal never fills the pipe anyway).
+        // SAFETY: fcntl on a descriptor just created.
+        unsafe {
+            let fl = libc::fcntl(w, libc::F_GETFL);
+            libc::fcntl(w, libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        PIPE_W.store(w, Ordering::SeqCst);
+        std::thread::Builder::new()
+            .name("lexflow-signals".into())
+            .spawn(move || loop {
+                let mut b = 0u8;
+                // SAFETY: reads one byte into a valid stack buffer from the pipe's read end, owned by this thread.
+                let n = unsafe { libc::read(r, (&mut b as *mut u8).cast(), 1) };
+                match n {
+                    1 => forced_exit(i32::from(b & 0x7f), b & 0x80 != 0),
+                    n if n < 0
+                        && std::io::Error::last_os_error().kind()
+                            == std::io::ErrorKind::Interrupted => {}
+                    _ => return,
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        for (i, sig) in SIGNALS.into_iter().enumerate() {
+            // SAFETY: a zeroed sigaction with a valid handler and an empty mask is a valid argument; `old` receives
+            // the previous disposition.
+            let (rc, old) = unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                let mut old: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                sa.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                (libc::sigaction(sig, &sa, &mut old), old)
+            };
+            if rc != 0 {
+                return Err(format!(
+                    "sigaction({}): {}",
+                    name(sig),
+                    std::io::Error::last_os_error()
+                ));
+            }
+            // A three-argument (SA_SIGINFO) handler cannot be called as a one-argument one: treat it as none.
+            let prev = match old.sa_flags & libc::SA_SIGINFO {
+                0 => old.sa_sigaction,
+                _ => libc::SIG_DFL,
+            };
+            PREVIOUS[i].store(prev, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn forced_exit(sig: i32, second: bool) -> ! {
+        let code = exit_code(Some(sig));
+        match second {
+            true => tracing::error!(
+                "{} received while the run was stopping: forced exit (code {code}) without draining the pipeline \
+                 or writing stats.json; continue from the last checkpoint with --resume",
+                name(sig)
+            ),
+            false => tracing::error!("{} received: exiting (code {code})", name(sig)),
+        }
+        // _exit: no atexit handlers or static destructors (libtorch's would tear down under the running trainer
+        // threads and crash instead of exiting with `code`). The log went to stderr, which is unbuffered.
+        // SAFETY: _exit ends the process; nothing is used afterwards.
+        unsafe { libc::_exit(i32::from(code)) }
     }
 }
 

@@ -21,13 +21,18 @@ pub struct InputReport {
     pub files_held_out: u64,
     /// File reads (a file counts again in every `cycle` epoch, and once more when read ahead of the end of training).
     pub files_read: u64,
+    /// Documents parsed from the lanes' file reads (read-ahead of the end of training and, on a resume, the documents
+    /// skipped before the resume position included). How many the sampler passed on to training, per language:
+    /// `sampler.languages[].documents`.
     pub documents: u64,
+    /// `documents` per language of the mix (sums to `documents`).
     pub documents_per_lang: BTreeMap<String, u64>,
     pub quarantined_files: u64,
     pub quarantine_report: Option<String>,
     /// Documents whose parsed language differs from their file's lane.
     pub lang_mismatches: u64,
     pub text_bytes: u64,
+    /// Tokens out of the tokenizers (read-ahead included).
     pub tokens: u64,
 }
 
@@ -41,6 +46,10 @@ pub struct RunStats {
     pub sampler: SamplerReport,
     pub packer: PackerReport,
     pub shards: ShardReport,
+    /// The trainer's report (`TrainReport`), with `checkpoints` = the checkpoints on disk (after a resume, the
+    /// earlier sessions' too), `process_ranks` (the global ranks this process trains, whose throughput
+    /// `tokens_per_second` sums) and `world_size`. A failed run: `complete: false`, the steps done and their losses
+    /// (from `steps.jsonl`), the checkpoints on disk.
     pub train: Option<serde_json::Value>,
     /// The held-out evaluation set (`[eval]`): files, sequences and target tokens per language, its hash. The
     /// losses measured on it are in `train.evals`.
@@ -49,8 +58,14 @@ pub struct RunStats {
     /// Documents dropped as repeats (`[dedup]`), per language.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dedup: Option<crate::dedup::DedupReport>,
-    /// Tokens through the tokenizers per second of wall time.
+    /// `input.tokens` per second of the whole run's wall time (`elapsed_seconds`). With `[train]` the trainers set the
+    /// pace (backpressure: preprocessing only reads ahead), so this is the rate the run consumed input at, not what
+    /// preprocessing could do: that is `tokenizer_tokens_per_busy_second`.
     pub preprocess_tokens_per_second: f64,
+    /// `input.tokens` per second the tokenizer threads spent tokenizing (one thread's speed; waits excluded).
+    pub tokenizer_tokens_per_busy_second: f64,
+    /// The run trained (`[train]`): `preprocess_tokens_per_second` is paced by training.
+    pub paced_by_training: bool,
     pub outcome: String,
 }
 
@@ -64,6 +79,9 @@ fn train_line(t: &serde_json::Value) -> String {
         .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
         .unwrap_or_default();
     let mut line = format!("  train      {} steps", t["steps"]);
+    if t.get("complete").and_then(|v| v.as_bool()) == Some(false) {
+        line += " done before the failure";
+    }
     if let Some(r) = t.get("resumed_from_step").and_then(|v| v.as_u64()) {
         line += &format!(" (resumed from step {r})");
     }
@@ -71,7 +89,23 @@ fn train_line(t: &serde_json::Value) -> String {
         line += &format!(", loss {a:.4} → {b:.4}");
     }
     if let Some(tps) = f("tokens_per_second") {
+        // Summed over the ranks this process trains: all of them in one process, one with one process per rank.
+        let ranks: Vec<u64> = t
+            .get("process_ranks")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        let world = t.get("world_size").and_then(|v| v.as_u64());
         line += &format!(", {tps:.0} tokens/s");
+        line += &match (ranks.as_slice(), world) {
+            ([r], Some(w)) if w > 1 => {
+                format!(" (rank {r} only: one process per rank, world size {w})")
+            }
+            (rs, Some(w)) if rs.len() as u64 == w && w > 1 => {
+                format!(" (all {w} ranks of this process)")
+            }
+            _ => String::new(),
+        };
     }
     let wait: Vec<f64> = t
         .get("data_wait_fraction")
@@ -104,7 +138,7 @@ impl RunStats {
         let i = &self.input;
         let _ = writeln!(
             s,
-            "  input      {} files ({} outside the mix, {} held out, {} quarantined; {} file reads), {} documents, {} tokens read",
+            "  input      {} files ({} outside the mix, {} held out, {} quarantined; {} file reads), {} documents and {} tokens read (read-ahead included)",
             i.files,
             i.files_outside_mix,
             i.files_held_out,
@@ -228,8 +262,14 @@ impl RunStats {
         }
         let _ = write!(
             s,
-            "  throughput {:.0} tokens/s preprocessing",
-            self.preprocess_tokens_per_second
+            "  throughput {:.0} tokens/s read over the run{}; tokenizing {:.0} tokens/s per busy tokenizer thread",
+            self.preprocess_tokens_per_second,
+            if self.paced_by_training {
+                " (paced by training)"
+            } else {
+                ""
+            },
+            self.tokenizer_tokens_per_busy_second
         );
         s
     }
@@ -258,6 +298,39 @@ mod tests {
             line,
             "  train      12 steps (resumed from step 9), loss 3.2500 → 2.5000, 1234 tokens/s, \
              data wait ≤ 2.000% of step time, last checkpoint runs/x/step-12"
+        );
+        // Whose tokens/s: all ranks of one process, or one rank's process.
+        let mut v = serde_json::to_value(&report).unwrap();
+        v["world_size"] = serde_json::json!(2);
+        v["process_ranks"] = serde_json::json!([0, 1]);
+        assert!(train_line(&v).contains("1234 tokens/s (all 2 ranks of this process)"));
+        v["process_ranks"] = serde_json::json!([1]);
+        assert!(train_line(&v)
+            .contains("1234 tokens/s (rank 1 only: one process per rank, world size 2)"));
+        // A failed run: how far it got.
+        let failed = serde_json::json!({"complete": false, "steps": 23, "losses": [3.0, 2.0],
+            "checkpoints": ["runs/x/step-20"], "process_ranks": [0], "world_size": 1});
+        assert_eq!(
+            train_line(&failed),
+            "  train      23 steps done before the failure, loss 3.0000 → 2.0000, last checkpoint runs/x/step-20"
+        );
+    }
+
+    #[test]
+    fn summary_says_what_its_throughput_measures() {
+        let st = RunStats {
+            preprocess_tokens_per_second: 1000.0,
+            tokenizer_tokens_per_busy_second: 250000.0,
+            paced_by_training: true,
+            ..Default::default()
+        };
+        assert!(
+            st.summary().ends_with(
+                "throughput 1000 tokens/s read over the run (paced by training); tokenizing 250000 tokens/s per \
+                 busy tokenizer thread"
+            ),
+            "{}",
+            st.summary()
         );
     }
 }

@@ -634,7 +634,22 @@ pub struct ManifestEntry {
 
 /// Creates `dir` atomically: `fill` writes files into a temporary sibling, then checksums go into `manifest.json`,
 /// everything is fsynced and the directory renamed into place (replacing an older `dir`). Returns total bytes.
+/// When anything fails (or `fill` panics), the temporary directory is removed: a failed write (a full disk) does not
+/// keep holding the space it took.
 pub fn write_checkpoint_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<u64> {
+    /// Removes the temporary directory unless it was renamed into place.
+    struct TmpGuard<'a>(&'a Path, bool);
+    impl Drop for TmpGuard<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                if let Err(e) = std::fs::remove_dir_all(self.0) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(dir = %self.0.display(), "cannot remove a failed checkpoint's temporary directory: {e}");
+                    }
+                }
+            }
+        }
+    }
     let parent = dir
         .parent()
         .ok_or_else(|| GpuError::checkpoint(dir, "no parent directory"))?;
@@ -647,6 +662,7 @@ pub fn write_checkpoint_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| GpuError::io(&tmp, e))?;
     }
+    let mut guard = TmpGuard(&tmp, false);
     std::fs::create_dir_all(&tmp).map_err(|e| GpuError::io(&tmp, e))?;
     fill(&tmp)?;
     let mut files = BTreeMap::new();
@@ -684,6 +700,7 @@ pub fn write_checkpoint_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
         std::fs::remove_dir_all(dir).map_err(|e| GpuError::io(dir, e))?;
     }
     std::fs::rename(&tmp, dir).map_err(|e| GpuError::io(dir, e))?;
+    guard.1 = true;
     sync_dir(parent)?;
     Ok(total + text.len() as u64)
 }
@@ -770,6 +787,46 @@ mod tests {
         assert!(e.contains("a.bin") && e.contains("sha256"), "{e}");
         std::fs::remove_file(dir.join("a.bin")).unwrap();
         assert!(verify_checkpoint_dir(&dir).is_err());
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temporary_directory_and_the_older_checkpoint() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("step-000002");
+        write_checkpoint_dir(&dir, |tmp| write_file_synced(&tmp.join("a.bin"), b"old")).unwrap();
+        let names = || -> Vec<String> {
+            let mut v: Vec<String> = root
+                .path()
+                .read_dir()
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        // A fill that wrote part of its files and then failed (a full disk): the error comes back, the space is freed.
+        let e = write_checkpoint_dir(&dir, |tmp| {
+            write_file_synced(&tmp.join("a.bin"), &[7u8; 4096])?;
+            Err(GpuError::io(
+                tmp.join("b.bin"),
+                std::io::Error::other("No space left on device"),
+            ))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("No space left"), "{e}");
+        assert_eq!(names(), ["step-000002"], "temporary directory left behind");
+        // A fill that panics (libtorch errors surface as panics): the same.
+        let r = std::panic::catch_unwind(|| {
+            write_checkpoint_dir(&dir, |tmp| {
+                write_file_synced(&tmp.join("a.bin"), b"x")?;
+                panic!("libtorch failed")
+            })
+        });
+        assert!(r.is_err());
+        assert_eq!(names(), ["step-000002"], "temporary directory left behind");
+        // The checkpoint written before is untouched.
+        verify_checkpoint_dir(&dir).unwrap();
+        assert_eq!(std::fs::read(dir.join("a.bin")).unwrap(), b"old");
     }
 
     #[test]
