@@ -5,15 +5,16 @@
 //!   and the optimizer kernels start after it, with no host synchronisation.
 //! * Buckets: a flat buffer is reduced in buckets of [`BUCKET_ELEMS`] elements inside one NCCL group, which keeps
 //!   each call within NCCL's sweet spot without extra copies.
-//! * Rendezvous: rank 0 creates the unique id and serves it over TCP at `MASTER_ADDR:MASTER_PORT` (torchrun
-//!   conventions); other ranks connect and read its 128 bytes. Threads of one process can share an id directly.
+//! * Rendezvous: rank 0 creates the unique id and hands it out at `MASTER_ADDR:MASTER_PORT` (torchrun
+//!   conventions) through the CPU collective's handshake ([`crate::tcp::rendezvous`]: ranks introduce themselves,
+//!   foreign or duplicate ranks are refused, bounded by `LEXFLOW_RENDEZVOUS_TIMEOUT_S`). Threads of one process can share an id directly.
 //! * cudarc looks for `libnccl.so` (not `libnccl.so.2`): the set-up script provides the symlink.
 //! * Watchdog: a CUDA event recorded after each collective and NCCL's asynchronous error state are polled by a
 //!   thread per communicator; a dead or stuck peer stops the process with a clear message instead of a silent hang
 //!   ([`crate::watchdog`]).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,38 +50,28 @@ impl NcclUniqueId {
         })
     }
 
-    /// Rank 0 creates the id and sends it to `world - 1` peers over TCP; the others fetch it (retrying for `timeout`
-    /// while rank 0 starts).
-    pub fn exchange_tcp(rank: usize, world: usize, addr: &str, timeout: Duration) -> Result<Self> {
-        let io = |m: String| GpuError::Collective { rank, message: m };
-        if rank == 0 {
-            let id = Self::new()?;
-            let listener =
-                TcpListener::bind(addr).map_err(|e| io(format!("listen on {addr}: {e}")))?;
-            for _ in 1..world {
-                let (mut s, _) = listener
-                    .accept()
-                    .map_err(|e| io(format!("accept on {addr}: {e}")))?;
-                s.write_all(&id.to_bytes())
-                    .map_err(|e| io(format!("send id: {e}")))?;
-            }
-            return Ok(id);
-        }
-        let t0 = Instant::now();
-        loop {
-            match TcpStream::connect(addr) {
-                Ok(mut s) => {
-                    let mut b = [0u8; 128];
-                    s.read_exact(&mut b)
-                        .map_err(|e| io(format!("read id from {addr}: {e}")))?;
-                    return Ok(Self::from_bytes(b));
-                }
-                Err(e) if t0.elapsed() > timeout => {
-                    return Err(io(format!("connect to {addr}: {e}")))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
-        }
+    /// Rank 0 creates the id and hands it to the `world - 1` others through the TCP rendezvous of the CPU
+    /// collective ([`crate::tcp::rendezvous`]): each rank introduces itself (rank, world size) and is acknowledged,
+    /// a foreign or duplicate rank is refused by name, and every rank gives up after `timeout` (naming the missing
+    /// ranks) instead of waiting forever for a rank that never starts.
+    pub fn exchange_tcp(
+        rank: usize,
+        world: usize,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let id = if rank == 0 { Some(Self::new()?) } else { None };
+        let mine = id.map(|i| i.to_bytes().to_vec()).unwrap_or_default();
+        let (_, got) = crate::tcp::rendezvous(rank, world, addr, timeout, &mine)?;
+        let bytes: [u8; 128] = got.as_slice().try_into().map_err(|_| GpuError::Collective {
+            rank,
+            message: format!(
+                "rank 0 at {addr} sent {} bytes where the 128-byte NCCL unique id belongs (another program on \
+                 MASTER_PORT, or a CPU rank 0?)",
+                got.len()
+            ),
+        })?;
+        Ok(Self::from_bytes(bytes))
     }
 }
 
@@ -279,29 +270,22 @@ impl NcclCollective {
         }
     }
 
-    /// From torchrun-style environment: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`.
+    /// From torchrun-style environment: `RANK`, `WORLD_SIZE`, `LOCAL_RANK` (default 0), `MASTER_ADDR`, `MASTER_PORT`,
+    /// `LEXFLOW_RENDEZVOUS_TIMEOUT_S` ([`crate::tcp::RendezvousEnv`]).
     pub fn from_env() -> Result<Self> {
-        let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
-        let num = |k: &str, d: &str| {
-            var(k, d)
+        let env = crate::tcp::RendezvousEnv::from_env()?;
+        let local = match std::env::var("LOCAL_RANK") {
+            Err(_) => 0,
+            Ok(v) => v
+                .trim()
                 .parse::<usize>()
-                .map_err(|e| GpuError::Collective {
-                    rank: 0,
-                    message: format!("{k}: {e}"),
-                })
+                .map_err(|_| GpuError::Collective {
+                    rank: env.rank,
+                    message: format!("LOCAL_RANK={v} is not a number"),
+                })?,
         };
-        let (rank, world, local) = (
-            num("RANK", "0")?,
-            num("WORLD_SIZE", "1")?,
-            num("LOCAL_RANK", "0")?,
-        );
-        let addr = format!(
-            "{}:{}",
-            var("MASTER_ADDR", "127.0.0.1"),
-            var("MASTER_PORT", "29500")
-        );
-        let id = NcclUniqueId::exchange_tcp(rank, world, &addr, Duration::from_secs(300))?;
-        Self::new(id, rank, world, local)
+        let id = NcclUniqueId::exchange_tcp(env.rank, env.world, env.addr, env.timeout)?;
+        Self::new(id, env.rank, env.world, local)
     }
 
     /// NCCL uses the calling thread's current device; libtorch's device guards restore theirs, so set ours each time.

@@ -34,6 +34,8 @@ const MAGIC: &[u8; 4] = b"LXFC";
 /// Rank 0's answer to a rank's hello, then (once every rank joined) the start of the group.
 const ACK: &[u8; 4] = b"LXAK";
 const GO: &[u8; 4] = b"LXGO";
+/// Largest payload rank 0 hands out when it starts the group (the NCCL unique id is 128 bytes).
+const MAX_PAYLOAD: usize = 1 << 16;
 const OP_REDUCE: u8 = 1;
 const OP_BROADCAST: u8 = 2;
 
@@ -75,6 +77,259 @@ fn read_within(s: &mut TcpStream, buf: &mut [u8], timeout: Duration) -> std::io:
     Ok(())
 }
 
+/// The handshake both TCP rendezvous use (this module's collective and NCCL's unique-id exchange): rank 0 listens on
+/// `addr` and accepts the `world − 1` others, each introducing itself (magic, rank, world size) and acknowledged at
+/// once; a foreign or duplicate rank is refused by name. Once every rank joined, rank 0 starts the group and hands
+/// each rank `payload` (the NCCL unique id; empty for the TCP collective). The whole handshake is bounded by
+/// `timeout` on every rank. Returns the connections (rank 0: one per peer, indexed by rank; others: `[Some(rank 0)]`)
+/// and rank 0's payload.
+pub(crate) fn rendezvous(
+    rank: usize,
+    world: usize,
+    addr: SocketAddr,
+    timeout: Duration,
+    payload: &[u8],
+) -> Result<(Vec<Option<TcpStream>>, Vec<u8>)> {
+    let err = |message: String| GpuError::Collective { rank, message };
+    if world == 0 || rank >= world {
+        return Err(err(format!("rank {rank} outside world size {world}")));
+    }
+    let deadline = Instant::now() + timeout;
+    // What is left of the rendezvous time, as a socket timeout (never zero, which sockets refuse).
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+    if world == 1 {
+        return Ok((peers, payload.to_vec()));
+    }
+    if rank == 0 {
+        let listener = TcpListener::bind(addr).map_err(|e| {
+            err(format!(
+                "cannot listen on {addr} (MASTER_ADDR:MASTER_PORT): {e}"
+            ))
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| err(format!("listener: {e}")))?;
+        let mut joined = 1;
+        while joined < world {
+            match listener.accept() {
+                Ok((mut s, from)) => {
+                    s.set_nonblocking(false)
+                        .and_then(|_| s.set_nodelay(true))
+                        .map_err(|e| err(format!("{from}: {e}")))?;
+                    s.set_read_timeout(Some(left().min(Duration::from_secs(30))))
+                        .and_then(|_| s.set_write_timeout(Some(left())))
+                        .map_err(|e| err(format!("{from}: {e}")))?;
+                    let mut hello = [0u8; 12];
+                    s.read_exact(&mut hello)
+                        .map_err(|e| err(format!("{from}: no handshake: {e}")))?;
+                    let r = u32::from_le_bytes(hello[4..8].try_into().expect("4 bytes")) as usize;
+                    let w = u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes")) as usize;
+                    if &hello[..4] != MAGIC
+                        || w != world
+                        || r == 0
+                        || r >= world
+                        || peers[r].is_some()
+                    {
+                        return Err(err(format!(
+                            "{from} introduced itself as rank {r} of {w} (this group: world {world}; duplicate \
+                             or foreign process on MASTER_PORT?)"
+                        )));
+                    }
+                    let mut ack = Vec::with_capacity(12);
+                    ack.extend_from_slice(ACK);
+                    ack.extend_from_slice(&(r as u32).to_le_bytes());
+                    ack.extend_from_slice(&(world as u32).to_le_bytes());
+                    s.write_all(&ack)
+                        .map_err(|e| err(format!("{from} (rank {r}): handshake: {e}")))?;
+                    peers[r] = Some(s);
+                    joined += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        let missing: Vec<usize> =
+                            (1..world).filter(|&r| peers[r].is_none()).collect();
+                        return Err(err(format!(
+                            "rendezvous timed out after {timeout:?} on {addr}: ranks {missing:?} never connected \
+                             (started? same MASTER_ADDR/MASTER_PORT?)"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(err(format!("accept on {addr}: {e}"))),
+            }
+        }
+        // Everyone is here: start the group, handing out rank 0's payload.
+        let mut go = Vec::with_capacity(8 + payload.len());
+        go.extend_from_slice(GO);
+        go.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        go.extend_from_slice(payload);
+        for (r, p) in peers.iter_mut().enumerate().skip(1) {
+            let s = p.as_mut().expect("every rank joined");
+            s.write_all(&go)
+                .map_err(|e| err(format!("rank {r}: starting the group: {e}")))?;
+        }
+        Ok((peers, payload.to_vec()))
+    } else {
+        let mut s = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(s) => break s,
+                Err(e) => {
+                    if Instant::now() > deadline {
+                        return Err(err(format!(
+                            "cannot reach rank 0 at {addr} (MASTER_ADDR:MASTER_PORT) within {timeout:?}: {e}"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        s.set_nodelay(true)
+            .map_err(|e| err(format!("{addr}: {e}")))?;
+        let mut hello = Vec::with_capacity(12);
+        hello.extend_from_slice(MAGIC);
+        hello.extend_from_slice(&(rank as u32).to_le_bytes());
+        hello.extend_from_slice(&(world as u32).to_le_bytes());
+        s.set_write_timeout(Some(left()))
+            .map_err(|e| err(format!("{addr}: {e}")))?;
+        s.write_all(&hello)
+            .map_err(|e| err(format!("handshake with {addr}: {e}")))?;
+        // Rank 0 acknowledges at once; a listener that is not rank 0 of this run does not (or not like that).
+        let mut ack = [0u8; 12];
+        read_within(&mut s, &mut ack, left()).map_err(|e| {
+            err(match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                    "{addr} (MASTER_ADDR:MASTER_PORT) accepted the connection but did not acknowledge rank \
+                     {rank} within the rendezvous timeout ({timeout:?}, LEXFLOW_RENDEZVOUS_TIMEOUT_S): it is not \
+                     rank 0 of this run (another process on MASTER_PORT?)"
+                ),
+                _ => format!(
+                    "{addr} (MASTER_ADDR:MASTER_PORT) closed the connection during the handshake ({e}): rank 0 \
+                     refused rank {rank} of {world} (see its log: another world size, or this rank twice?)"
+                ),
+            })
+        })?;
+        let (r, w) = (
+            u32::from_le_bytes(ack[4..8].try_into().expect("4 bytes")) as usize,
+            u32::from_le_bytes(ack[8..12].try_into().expect("4 bytes")) as usize,
+        );
+        if &ack[..4] != ACK || r != rank || w != world {
+            return Err(err(format!(
+                "{addr} (MASTER_ADDR:MASTER_PORT) did not answer the handshake as rank 0 of a group of world \
+                 {world}: it is not rank 0 of this run (another process on MASTER_PORT?)"
+            )));
+        }
+        // Then the start of the group, once every rank joined rank 0.
+        let mut go = [0u8; 8];
+        read_within(&mut s, &mut go, left()).map_err(|e| {
+            err(match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                    "rendezvous on {addr} timed out after {timeout:?} (LEXFLOW_RENDEZVOUS_TIMEOUT_S): rank 0 \
+                     accepted rank {rank}, but not every rank of {world} joined (see rank 0's log)"
+                ),
+                _ => format!(
+                    "rank 0 at {addr} gave up the rendezvous ({e}): see its log (a rank never connected?)"
+                ),
+            })
+        })?;
+        let len = u32::from_le_bytes(go[4..8].try_into().expect("4 bytes")) as usize;
+        if &go[..4] != GO || len > MAX_PAYLOAD {
+            return Err(err(format!(
+                "{addr}: unexpected bytes where rank 0 starts the group (not a lexflow rank 0 of this version?)"
+            )));
+        }
+        let mut got = vec![0u8; len];
+        read_within(&mut s, &mut got, left())
+            .map_err(|e| err(format!("rank 0 at {addr}: reading the group's start: {e}")))?;
+        peers[0] = Some(s);
+        Ok((peers, got))
+    }
+}
+
+/// Where and how long the ranks of one group meet, from torchrun-style variables (shared by the TCP collective and
+/// NCCL's unique-id exchange).
+pub(crate) struct RendezvousEnv {
+    pub rank: usize,
+    pub world: usize,
+    pub addr: SocketAddr,
+    pub timeout: Duration,
+}
+
+/// Default of `LEXFLOW_RENDEZVOUS_TIMEOUT_S`.
+pub(crate) const DEFAULT_RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl RendezvousEnv {
+    /// `RANK`, `WORLD_SIZE` (required), `MASTER_ADDR` (default 127.0.0.1), `MASTER_PORT` (default 29500),
+    /// `LEXFLOW_RENDEZVOUS_TIMEOUT_S` (whole seconds, default 300). A value that does not parse is an error naming
+    /// the variable, never a silent default.
+    pub fn from_env() -> Result<Self> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let bad = |rank: usize, message: String| GpuError::Collective { rank, message };
+        let num = |k: &str| -> Result<usize> {
+            let v = var(k).ok_or_else(|| {
+                bad(
+                    usize::MAX,
+                    format!(
+                        "{k} is not set (launch one process per rank with RANK and WORLD_SIZE)"
+                    ),
+                )
+            })?;
+            v.trim()
+                .parse()
+                .map_err(|_| bad(usize::MAX, format!("{k}={v} is not a number")))
+        };
+        let (rank, world) = (num("RANK")?, num("WORLD_SIZE")?);
+        if world == 0 || rank >= world {
+            return Err(bad(
+                rank,
+                format!("RANK={rank} is outside WORLD_SIZE={world} (ranks are 0..WORLD_SIZE-1)"),
+            ));
+        }
+        let host = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let port: u16 = match var("MASTER_PORT") {
+            None => 29500,
+            Some(p) => p.trim().parse().map_err(|_| {
+                bad(
+                    rank,
+                    format!("MASTER_PORT={p} is not a port number (1-65535)"),
+                )
+            })?,
+        };
+        let timeout = match var("LEXFLOW_RENDEZVOUS_TIMEOUT_S") {
+            None => DEFAULT_RENDEZVOUS_TIMEOUT,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(s) if s > 0 => Duration::from_secs(s),
+                _ => {
+                    return Err(bad(
+                        rank,
+                        format!(
+                            "LEXFLOW_RENDEZVOUS_TIMEOUT_S={v} is not a positive whole number of seconds (default 300)"
+                        ),
+                    ))
+                }
+            },
+        };
+        let addr = (host.as_str(), port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| bad(rank, format!("MASTER_ADDR={host}: cannot resolve")))?;
+        Ok(RendezvousEnv {
+            rank,
+            world,
+            addr,
+            timeout,
+        })
+    }
+}
+
 fn kind_code(k: Kind) -> Result<u8> {
     Ok(match k {
         Kind::Float => 1,
@@ -93,53 +348,17 @@ fn kind_code(k: Kind) -> Result<u8> {
 
 impl TcpCollective {
     /// From torchrun-style variables: `RANK`, `WORLD_SIZE`, `MASTER_ADDR` (default 127.0.0.1), `MASTER_PORT`
-    /// (default 29500).
+    /// (default 29500), `LEXFLOW_RENDEZVOUS_TIMEOUT_S` (default 300) and the collective timeout
+    /// ([`WatchdogConfig::from_env`]).
     pub fn from_env() -> Result<Self> {
-        let var = |k: &str| std::env::var(k).ok();
-        let num = |k: &str| -> Result<usize> {
-            var(k)
-                .ok_or_else(|| GpuError::Collective {
-                    rank: usize::MAX,
-                    message: format!(
-                        "{k} is not set (launch one process per rank with RANK and WORLD_SIZE)"
-                    ),
-                })?
-                .parse()
-                .map_err(|_| GpuError::Collective {
-                    rank: usize::MAX,
-                    message: format!("{k} is not a number"),
-                })
-        };
-        let (rank, world) = (num("RANK")?, num("WORLD_SIZE")?);
-        let host = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
-        let port: u16 = var("MASTER_PORT")
-            .map(|p| {
-                p.parse().map_err(|_| GpuError::Collective {
-                    rank,
-                    message: format!("MASTER_PORT={p} is not a port number"),
-                })
-            })
-            .transpose()?
-            .unwrap_or(29500);
-        let timeout = var("LEXFLOW_RENDEZVOUS_TIMEOUT_S")
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_secs)
-            .unwrap_or(Duration::from_secs(300));
+        let env = RendezvousEnv::from_env()?;
         let collective = WatchdogConfig::from_env()
             .map_err(|e| GpuError::Collective {
-                rank,
+                rank: env.rank,
                 message: e.to_string(),
             })?
             .timeout;
-        let addr = (host.as_str(), port)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| GpuError::Collective {
-                rank,
-                message: format!("MASTER_ADDR={host}: cannot resolve"),
-            })?;
-        Self::connect_with(rank, world, addr, timeout, collective)
+        Self::connect_with(env.rank, env.world, env.addr, env.timeout, collective)
     }
 
     /// [`connect_with`](Self::connect_with) with the default collective timeout ([`DEFAULT_TIMEOUT`]).
@@ -158,162 +377,9 @@ impl TcpCollective {
         collective: Option<Duration>,
     ) -> Result<Self> {
         let err = |message: String| GpuError::Collective { rank, message };
-        if world == 0 || rank >= world {
-            return Err(err(format!("rank {rank} outside world size {world}")));
-        }
         // `set_read_timeout(Some(0))` is an error: a zero timeout means none.
         let collective = collective.filter(|t| !t.is_zero());
-        let deadline = Instant::now() + timeout;
-        // What is left of the rendezvous time, as a socket timeout (never zero, which sockets refuse).
-        let left = || {
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1))
-        };
-        let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
-        if world == 1 {
-            return Ok(TcpCollective {
-                rank,
-                world,
-                peers: Mutex::new(peers),
-                timeout: collective,
-            });
-        }
-        if rank == 0 {
-            let listener = TcpListener::bind(addr).map_err(|e| {
-                err(format!(
-                    "cannot listen on {addr} (MASTER_ADDR:MASTER_PORT): {e}"
-                ))
-            })?;
-            listener
-                .set_nonblocking(true)
-                .map_err(|e| err(format!("listener: {e}")))?;
-            let mut joined = 1;
-            while joined < world {
-                match listener.accept() {
-                    Ok((mut s, from)) => {
-                        s.set_nonblocking(false)
-                            .and_then(|_| s.set_nodelay(true))
-                            .map_err(|e| err(format!("{from}: {e}")))?;
-                        s.set_read_timeout(Some(left().min(Duration::from_secs(30))))
-                            .and_then(|_| s.set_write_timeout(Some(left())))
-                            .map_err(|e| err(format!("{from}: {e}")))?;
-                        let mut hello = [0u8; 12];
-                        s.read_exact(&mut hello)
-                            .map_err(|e| err(format!("{from}: no handshake: {e}")))?;
-                        let r =
-                            u32::from_le_bytes(hello[4..8].try_into().expect("4 bytes")) as usize;
-                        let w =
-                            u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes")) as usize;
-                        if &hello[..4] != MAGIC
-                            || w != world
-                            || r == 0
-                            || r >= world
-                            || peers[r].is_some()
-                        {
-                            return Err(err(format!(
-                                "{from} introduced itself as rank {r} of {w} (this group: world {world}; duplicate \
-                                 or foreign process on MASTER_PORT?)"
-                            )));
-                        }
-                        let mut ack = Vec::with_capacity(12);
-                        ack.extend_from_slice(ACK);
-                        ack.extend_from_slice(&(r as u32).to_le_bytes());
-                        ack.extend_from_slice(&(world as u32).to_le_bytes());
-                        s.write_all(&ack)
-                            .map_err(|e| err(format!("{from} (rank {r}): handshake: {e}")))?;
-                        peers[r] = Some(s);
-                        joined += 1;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if Instant::now() > deadline {
-                            let missing: Vec<usize> =
-                                (1..world).filter(|&r| peers[r].is_none()).collect();
-                            return Err(err(format!(
-                                "rendezvous timed out after {timeout:?} on {addr}: ranks {missing:?} never connected \
-                                 (started? same MASTER_ADDR/MASTER_PORT?)"
-                            )));
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => return Err(err(format!("accept on {addr}: {e}"))),
-                }
-            }
-            // Everyone is here: start the group.
-            for (r, p) in peers.iter_mut().enumerate().skip(1) {
-                let s = p.as_mut().expect("every rank joined");
-                s.write_all(GO)
-                    .map_err(|e| err(format!("rank {r}: starting the group: {e}")))?;
-            }
-        } else {
-            let mut s = loop {
-                match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        if Instant::now() > deadline {
-                            return Err(err(format!(
-                                "cannot reach rank 0 at {addr} (MASTER_ADDR:MASTER_PORT) within {timeout:?}: {e}"
-                            )));
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            };
-            s.set_nodelay(true)
-                .map_err(|e| err(format!("{addr}: {e}")))?;
-            let mut hello = Vec::with_capacity(12);
-            hello.extend_from_slice(MAGIC);
-            hello.extend_from_slice(&(rank as u32).to_le_bytes());
-            hello.extend_from_slice(&(world as u32).to_le_bytes());
-            s.set_write_timeout(Some(left()))
-                .map_err(|e| err(format!("{addr}: {e}")))?;
-            s.write_all(&hello)
-                .map_err(|e| err(format!("handshake with {addr}: {e}")))?;
-            // Rank 0 acknowledges at once; a listener that is not rank 0 of this run does not (or not like that).
-            let mut ack = [0u8; 12];
-            read_within(&mut s, &mut ack, left()).map_err(|e| {
-                err(match e.kind() {
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
-                        "{addr} (MASTER_ADDR:MASTER_PORT) accepted the connection but did not acknowledge rank \
-                         {rank} within the rendezvous timeout ({timeout:?}, LEXFLOW_RENDEZVOUS_TIMEOUT_S): it is not \
-                         rank 0 of this run (another process on MASTER_PORT?)"
-                    ),
-                    _ => format!(
-                        "{addr} (MASTER_ADDR:MASTER_PORT) closed the connection during the handshake ({e}): rank 0 \
-                         refused rank {rank} of {world} (see its log: another world size, or this rank twice?)"
-                    ),
-                })
-            })?;
-            let (r, w) = (
-                u32::from_le_bytes(ack[4..8].try_into().expect("4 bytes")) as usize,
-                u32::from_le_bytes(ack[8..12].try_into().expect("4 bytes")) as usize,
-            );
-            if &ack[..4] != ACK || r != rank || w != world {
-                return Err(err(format!(
-                    "{addr} (MASTER_ADDR:MASTER_PORT) did not answer the handshake as rank 0 of a group of world \
-                     {world}: it is not rank 0 of this run (another process on MASTER_PORT?)"
-                )));
-            }
-            // Then the start of the group, once every rank joined rank 0.
-            let mut go = [0u8; 4];
-            read_within(&mut s, &mut go, left()).map_err(|e| {
-                err(match e.kind() {
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
-                        "rendezvous on {addr} timed out after {timeout:?} (LEXFLOW_RENDEZVOUS_TIMEOUT_S): rank 0 \
-                         accepted rank {rank}, but not every rank of {world} joined (see rank 0's log)"
-                    ),
-                    _ => format!(
-                        "rank 0 at {addr} gave up the rendezvous ({e}): see its log (a rank never connected?)"
-                    ),
-                })
-            })?;
-            if &go != GO {
-                return Err(err(format!(
-                    "{addr}: unexpected bytes where rank 0 starts the group (not a lexflow rank 0 of this version?)"
-                )));
-            }
-            peers[0] = Some(s);
-        }
+        let (peers, _) = rendezvous(rank, world, addr, timeout, &[])?;
         for s in peers.iter().flatten() {
             s.set_read_timeout(collective)
                 .and_then(|_| s.set_write_timeout(collective))
@@ -783,6 +849,7 @@ mod tests {
             let mut ack = ACK.to_vec();
             ack.extend_from_slice(&hello[4..12]);
             ack.extend_from_slice(GO);
+            ack.extend_from_slice(&0u32.to_le_bytes()); // no payload
             s.write_all(&ack).unwrap();
             s // never reads again
         });
@@ -871,6 +938,90 @@ mod tests {
         );
         let e0 = r0.join().unwrap().unwrap();
         assert!(e0.contains("ranks [2] never connected"), "{e0}");
+    }
+
+    /// Rank 0's payload (NCCL's unique id goes this way) reaches every rank, whatever order they start in.
+    #[test]
+    fn the_rendezvous_hands_rank_0s_payload_to_every_rank() {
+        let addr = free_addr();
+        let payload: Vec<u8> = (0..128u32).map(|i| (i * 7 + 3) as u8).collect();
+        let world = 4;
+        let handles: Vec<_> = (0..world)
+            .rev()
+            .map(|r| {
+                let mine = if r == 0 { payload.clone() } else { Vec::new() };
+                std::thread::spawn(move || {
+                    let (peers, got) =
+                        rendezvous(r, world, addr, Duration::from_secs(20), &mine).unwrap();
+                    (r, peers.iter().flatten().count(), got)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (r, conns, got) = h.join().unwrap();
+            assert_eq!(got, payload, "rank {r}");
+            assert_eq!(conns, if r == 0 { world - 1 } else { 1 }, "rank {r}");
+        }
+    }
+
+    /// Variables that do not parse are errors naming them, never silent defaults; ranks are checked against the world.
+    #[test]
+    fn rendezvous_variables_are_checked() {
+        let from = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            RendezvousEnv::from_vars(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+        };
+        let ok = from(&[("RANK", "1"), ("WORLD_SIZE", "2")]).unwrap();
+        assert_eq!((ok.rank, ok.world), (1, 2));
+        assert_eq!(ok.addr, "127.0.0.1:29500".parse().unwrap());
+        assert_eq!(ok.timeout, DEFAULT_RENDEZVOUS_TIMEOUT);
+        let t = from(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("LEXFLOW_RENDEZVOUS_TIMEOUT_S", "7"),
+        ])
+        .unwrap();
+        assert_eq!(t.timeout, Duration::from_secs(7));
+        for (vars, needle) in [
+            (vec![("WORLD_SIZE", "2")], "RANK is not set"),
+            (
+                vec![("RANK", "x"), ("WORLD_SIZE", "2")],
+                "RANK=x is not a number",
+            ),
+            (
+                vec![("RANK", "2"), ("WORLD_SIZE", "2")],
+                "RANK=2 is outside WORLD_SIZE=2",
+            ),
+            (
+                vec![("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "70000")],
+                "MASTER_PORT=70000",
+            ),
+            (
+                vec![
+                    ("RANK", "0"),
+                    ("WORLD_SIZE", "2"),
+                    ("LEXFLOW_RENDEZVOUS_TIMEOUT_S", "5m"),
+                ],
+                "LEXFLOW_RENDEZVOUS_TIMEOUT_S=5m",
+            ),
+            (
+                vec![
+                    ("RANK", "0"),
+                    ("WORLD_SIZE", "2"),
+                    ("LEXFLOW_RENDEZVOUS_TIMEOUT_S", "0"),
+                ],
+                "LEXFLOW_RENDEZVOUS_TIMEOUT_S=0",
+            ),
+        ] {
+            let e = from(&vars)
+                .err()
+                .unwrap_or_else(|| panic!("{vars:?} accepted"))
+                .to_string();
+            assert!(e.contains(needle), "{vars:?}: {e}");
+        }
     }
 
     #[test]

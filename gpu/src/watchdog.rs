@@ -19,8 +19,6 @@ use crate::error::{GpuError, Result};
 /// Environment variable: seconds a collective may stay unfinished, NCCL or TCP (0: no timeout; NCCL errors and closed
 /// connections still stop the run).
 pub const TIMEOUT_ENV: &str = "LEXFLOW_COLLECTIVE_TIMEOUT_S";
-/// Older name of [`TIMEOUT_ENV`], still read when [`TIMEOUT_ENV`] is not set.
-pub const TIMEOUT_ENV_ALIAS: &str = "LEXFLOW_NCCL_TIMEOUT_S";
 /// Default of [`TIMEOUT_ENV`]: 30 minutes (a checkpoint of a large model by rank 0 keeps the others waiting).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -34,23 +32,14 @@ pub struct WatchdogConfig {
 }
 
 impl WatchdogConfig {
-    /// From [`TIMEOUT_ENV`], else [`TIMEOUT_ENV_ALIAS`] (whole seconds).
+    /// From [`TIMEOUT_ENV`] (whole seconds).
     pub fn from_env() -> Result<Self> {
-        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        match (get(TIMEOUT_ENV), get(TIMEOUT_ENV_ALIAS)) {
-            (Some(v), _) => Self::parse_var(TIMEOUT_ENV, Some(&v)),
-            (None, Some(v)) => Self::parse_var(TIMEOUT_ENV_ALIAS, Some(&v)),
-            (None, None) => Self::parse(None),
-        }
+        Self::parse(std::env::var(TIMEOUT_ENV).ok().as_deref())
     }
 
     /// The value of [`TIMEOUT_ENV`] (None: not set).
     pub fn parse(value: Option<&str>) -> Result<Self> {
-        Self::parse_var(TIMEOUT_ENV, value)
-    }
-
-    /// The value of the variable `name` (for its error message).
-    pub fn parse_var(name: &str, value: Option<&str>) -> Result<Self> {
+        let name = TIMEOUT_ENV;
         let timeout = match value.map(str::trim) {
             None | Some("") => Some(DEFAULT_TIMEOUT),
             Some(v) => match v.parse::<u64>() {
@@ -136,10 +125,6 @@ mod tests {
         assert_eq!(WatchdogConfig::parse(Some("0")).unwrap().timeout, None);
         let e = WatchdogConfig::parse(Some("10m")).unwrap_err().to_string();
         assert!(e.contains(TIMEOUT_ENV) && e.contains("10m"), "{e}");
-        let e = WatchdogConfig::parse_var(TIMEOUT_ENV_ALIAS, Some("x"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("LEXFLOW_NCCL_TIMEOUT_S=\"x\""), "{e}");
     }
 
     #[test]
