@@ -9,6 +9,9 @@
 //!   generated corpus plus one malformed file, 12 steps, `[metrics] linger_seconds` so the last values get scraped),
 //!   scraped by Prometheus; every dashboard expression must return data over the run, and so must a few facts of the
 //!   run (MFU, memory, checkpoints, the quarantined file, per-stage latency); the failure lists each one that did not.
+//! * `one_process_per_rank_shows_the_same_dashboard`: the same recorded scrapes laid out as one process holding both
+//!   ranks, or as one process per rank (each exporting the whole stream and its own rank), backfilled with `promtool`:
+//!   every expression must give the same series in both (the stream counted once, nothing drawn once per process).
 //!
 //! An error panel may end in `or vector(0)` (a flat zero until the first error); the live tests strip it, so a
 //! misspelled metric still has no data. No other fallback is allowed (`dashboard_is_consistent`).
@@ -346,18 +349,29 @@ fn scrape_config(target: &str, interval: &str) -> String {
 
 impl Prometheus {
     fn start(target: &str) -> Result<Prometheus> {
-        let bin = ensure_prometheus();
         let dir = tempfile::tempdir()?;
         let cfg = dir.path().join("prometheus.yml");
         std::fs::write(&cfg, scrape_config(target, "1s"))?;
+        let tsdb = dir.path().join("tsdb");
+        Self::spawn(dir, &cfg, &tsdb)
+    }
+
+    /// A Prometheus that scrapes nothing and serves the TSDB blocks in `tsdb` (written by `promtool tsdb
+    /// create-blocks-from`).
+    fn serve_blocks(tsdb: &Path) -> Result<Prometheus> {
+        let dir = tempfile::tempdir()?;
+        let cfg = dir.path().join("prometheus.yml");
+        std::fs::write(&cfg, "global:\n  evaluation_interval: 1m\n")?;
+        Self::spawn(dir, &cfg, tsdb)
+    }
+
+    fn spawn(dir: tempfile::TempDir, cfg: &Path, tsdb: &Path) -> Result<Prometheus> {
+        let bin = ensure_prometheus();
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("prometheus.log"))?;
         let child = Command::new(&bin)
             .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("tsdb").display()
-            ))
+            .arg(format!("--storage.tsdb.path={}", tsdb.display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--log.level=warn")
             .stdin(Stdio::null())
@@ -686,45 +700,58 @@ fn expression_parsing_helpers() {
     );
 }
 
-/// Records into every metric family, with the label values a run produces, until `stop` is set.
-fn simulate_a_run(stop: &std::sync::atomic::AtomicBool) {
-    use std::sync::atomic::Ordering;
-    let m = lexflow_metrics::global();
-    lexflow_metrics::set_run_labels("harness");
-    let actors = [
-        "reader",
-        "tokenizer",
-        "sampler",
-        "packer",
-        "shard_writer",
-        "trainer",
-    ];
-    let edges: Vec<_> = [
-        "reader->tokenizer",
-        "tokenizer->sampler",
-        "sampler->packer",
-        "packer->shard_writer",
-    ]
-    .iter()
-    .map(|e| {
-        let em = lexflow_metrics::edge(e);
-        em.capacity.set(8);
-        em
-    })
-    .collect();
-    let langs = [
-        ("en", 0.35),
-        ("fr", 0.25),
-        ("de", 0.2),
-        ("es", 0.12),
-        ("pt", 0.08),
-    ];
-    for (l, share) in langs {
-        m.sampler_target_share.with_label_values(&[l]).set(share);
+/// Records into every metric family, with the label values a run of two ranks produces, one step per [`tick`].
+///
+/// [`tick`]: Simulation::tick
+struct Simulation {
+    step: u64,
+    edges: Vec<lexflow_metrics::EdgeMetrics>,
+}
+
+const SIM_ACTORS: [&str; 6] = [
+    "reader",
+    "tokenizer",
+    "sampler",
+    "packer",
+    "shard_writer",
+    "trainer",
+];
+const SIM_LANGS: [(&str, f64); 5] = [
+    ("en", 0.35),
+    ("fr", 0.25),
+    ("de", 0.2),
+    ("es", 0.12),
+    ("pt", 0.08),
+];
+
+impl Simulation {
+    fn new() -> Simulation {
+        let m = lexflow_metrics::global();
+        lexflow_metrics::set_run_labels("harness");
+        let edges: Vec<_> = [
+            "reader->tokenizer",
+            "tokenizer->sampler",
+            "sampler->packer",
+            "packer->shard_writer",
+        ]
+        .iter()
+        .map(|e| {
+            let em = lexflow_metrics::edge(e);
+            em.capacity.set(8);
+            em
+        })
+        .collect();
+        for (l, share) in SIM_LANGS {
+            m.sampler_target_share.with_label_values(&[l]).set(share);
+        }
+        Simulation { step: 0, edges }
     }
-    let mut step = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        step += 1;
+
+    fn tick(&mut self) {
+        let m = lexflow_metrics::global();
+        let (actors, langs, edges) = (SIM_ACTORS, SIM_LANGS, &self.edges);
+        self.step += 1;
+        let step = self.step;
         for a in actors {
             let am = lexflow_metrics::actor(a);
             am.items_in.inc();
@@ -814,6 +841,14 @@ fn simulate_a_run(stop: &std::sync::atomic::AtomicBool) {
                 }
             }
         }
+    }
+}
+
+/// Records into every metric family until `stop` is set, a step every 100 ms.
+fn simulate_a_run(stop: &std::sync::atomic::AtomicBool) {
+    let mut sim = Simulation::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        sim.tick();
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -1096,4 +1131,164 @@ fn tail(p: &Path, n: usize) -> String {
     let s = std::fs::read_to_string(p).unwrap_or_default();
     let lines: Vec<_> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The exposition text `text` (one scrape of a process) as OpenMetrics samples at `ts`, labelled as Prometheus would
+/// label a scrape of `instance`, keeping only the series `keep` accepts.
+fn openmetrics_samples(text: &str, instance: &str, ts: f64, keep: impl Fn(&str) -> bool) -> String {
+    let mut out = String::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        if !keep(line) {
+            continue;
+        }
+        let target = format!("instance=\"{instance}\",job=\"lexflow\"");
+        let labelled = match line.find('{') {
+            Some(i) if line[i..].starts_with("{}") => {
+                format!("{}{{{target}}}{}", &line[..i], &line[i + 2..])
+            }
+            Some(i) => format!("{}{{{target},{}", &line[..i], &line[i + 1..]),
+            None => {
+                let (name, value) = line.split_once(' ').expect("name value");
+                format!("{name}{{{target}}} {value}")
+            }
+        };
+        out.push_str(&format!("{labelled} {ts:.3}\n"));
+    }
+    out
+}
+
+/// An instant query's result as `labels (without instance and job) → value`; a label set that comes twice is an
+/// error: the panel would draw one line per process for the same thing.
+fn instant(prom: &Prometheus, q: &str, t: f64) -> Result<std::collections::BTreeMap<String, f64>> {
+    let d = prom.api(&format!("/api/v1/query?query={}&time={t:.3}", urlencode(q)))?;
+    let mut out = std::collections::BTreeMap::new();
+    let series: Vec<Value> = match d["resultType"].as_str() {
+        Some("vector") => d["result"].as_array().cloned().unwrap_or_default(),
+        Some("scalar") => vec![serde_json::json!({"metric": {}, "value": d["result"]})],
+        other => bail!("{q}: unexpected result type {other:?}"),
+    };
+    for s in series {
+        let mut labels: Vec<String> = s["metric"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| *k != "instance" && *k != "job")
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect();
+        labels.sort();
+        let key = format!("{{{}}}", labels.join(","));
+        let v: f64 = s["value"][1]
+            .as_str()
+            .unwrap_or("NaN")
+            .parse()
+            .unwrap_or(f64::NAN);
+        if out.insert(key.clone(), v).is_some() {
+            bail!("{key} comes once per process");
+        }
+    }
+    Ok(out)
+}
+
+/// With one process per rank (torchrun style), every process runs the whole preprocessing stream and exports it,
+/// and exports its own rank's trainer series. The dashboard must show such a run as it shows the same run with both
+/// ranks in one process: the stream once (not once per process), each rank once, nothing twice.
+///
+/// Both layouts are built from the same recorded scrapes (the registry after each simulated step): one process
+/// exporting everything, or two processes each exporting the stream and one rank. They are backfilled into two
+/// TSDBs with `promtool tsdb create-blocks-from openmetrics`, and every dashboard expression is evaluated in both at
+/// the same instants: results must match series for series.
+#[test]
+fn one_process_per_rank_shows_the_same_dashboard() -> Result<()> {
+    let promtool = ensure_prometheus().with_file_name("promtool");
+    let work = tempfile::tempdir()?;
+    let mut sim = Simulation::new();
+    // 15 minutes of scrapes every 5 s, ending 2 h ago (backfilled blocks must not overlap the head).
+    let scrapes = 180;
+    let t0 = (now_s() - 3.0 * 3600.0).floor();
+    let (mut single, mut split) = (String::new(), String::new());
+    let rank = |r: &str| format!("rank=\"{r}\"");
+    for k in 0..scrapes {
+        sim.tick();
+        let text = lexflow_metrics::global().encode();
+        let ts = t0 + 5.0 * k as f64;
+        single.push_str(&openmetrics_samples(&text, "host:9400", ts, |_| true));
+        split.push_str(&openmetrics_samples(&text, "host:9400", ts, |l| {
+            !l.contains(&rank("1"))
+        }));
+        split.push_str(&openmetrics_samples(&text, "host:9401", ts, |l| {
+            !l.contains(&rank("0"))
+        }));
+    }
+    anyhow::ensure!(
+        single.contains(&rank("1")) && single.contains(&rank("0")),
+        "the simulation records no per-rank series"
+    );
+    let mut proms = Vec::new();
+    for (name, samples) in [("single", single), ("split", split)] {
+        let input = work.path().join(format!("{name}.om"));
+        std::fs::write(&input, samples + "# EOF\n")?;
+        let tsdb = work.path().join(name);
+        let out = Command::new(&promtool)
+            .args(["tsdb", "create-blocks-from", "openmetrics", "--quiet"])
+            .arg(&input)
+            .arg(&tsdb)
+            .output()
+            .with_context(|| format!("run {}", promtool.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "promtool tsdb create-blocks-from openmetrics {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        proms.push(Prometheus::serve_blocks(&tsdb)?);
+    }
+    let d = dashboard();
+    let mut queries = dashboard_exprs(&d);
+    for (name, q) in template_queries(&d) {
+        if let Some(m) = label_values_metric(&q) {
+            queries.push((format!("variable ${name}"), m));
+        }
+    }
+    let mut failures = Vec::new();
+    let mut compared = 0;
+    for (title, expr) in &queries {
+        let q = substitute(strip_zero_fallback(expr), &d, "5m").replace("[10s]", "[1m]");
+        // Instants inside the recording, after at least one rate window.
+        for t in [t0 + 300.0, t0 + 600.0, t0 + 5.0 * (scrapes - 1) as f64] {
+            let (one, two) = (instant(&proms[0], &q, t), instant(&proms[1], &q, t));
+            match (one, two) {
+                (Ok(one), Ok(two)) => {
+                    let differ = one.len() != two.len()
+                        || one.iter().any(|(k, a)| {
+                            two.get(k).is_none_or(|b| {
+                                !(a == b
+                                    || (a.is_nan() && b.is_nan())
+                                    || (a - b).abs() <= 1e-9 * a.abs().max(b.abs()))
+                            })
+                        });
+                    if one.is_empty() {
+                        failures.push(format!("[{title}] no data at all: {q}"));
+                    } else if differ {
+                        failures.push(format!(
+                            "[{title}] {q}\n    one process: {one:?}\n    one per rank: {two:?}"
+                        ));
+                    }
+                    compared += 1;
+                }
+                (Err(e), _) => failures.push(format!("[{title}] one process: {q}: {e:#}")),
+                (_, Err(e)) => failures.push(format!("[{title}] one process per rank: {q}: {e:#}")),
+            }
+        }
+    }
+    failures.dedup();
+    assert!(
+        failures.is_empty(),
+        "{} dashboard expression(s) show a run of one process per rank differently from the same run in one \
+         process ({compared} comparisons):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    Ok(())
 }
