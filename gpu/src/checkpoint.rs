@@ -697,12 +697,61 @@ pub fn write_checkpoint_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
     write_file_synced(&tmp.join(MANIFEST), text.as_bytes())?;
     sync_dir(&tmp)?;
     if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| GpuError::io(dir, e))?;
+        // Rewriting a step (a resume that goes back past a bad checkpoint): the new directory and the old one trade
+        // names in one step, so a crash leaves one complete checkpoint under the name, never none; the old one,
+        // now under the temporary name, goes with the guard.
+        exchange_dirs(&tmp, dir)?;
+        sync_dir(parent)?;
+        drop(guard);
+    } else {
+        std::fs::rename(&tmp, dir).map_err(|e| GpuError::io(dir, e))?;
+        guard.1 = true;
+        sync_dir(parent)?;
     }
-    std::fs::rename(&tmp, dir).map_err(|e| GpuError::io(dir, e))?;
-    guard.1 = true;
-    sync_dir(parent)?;
     Ok(total + text.len() as u64)
+}
+
+/// Swaps the names of two directories atomically (`renameat2(RENAME_EXCHANGE)`, Linux ≥ 3.15 on the usual
+/// filesystems). Where the filesystem cannot, falls back to moving `b` aside, renaming `a` to `b` and the old `b`
+/// to `a` — a crash between the renames leaves the old checkpoint under a hidden name next to it.
+fn exchange_dirs(a: &Path, b: &Path) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| {
+            CString::new(p.as_os_str().as_bytes())
+                .map_err(|_| GpuError::checkpoint(p, "path contains a NUL byte"))
+        };
+        let (ca, cb) = (c(a)?, c(b)?);
+        // SAFETY: two valid NUL-terminated paths, relative to the current directory like `std::fs::rename`.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(GpuError::io(b, e));
+        }
+    }
+    let aside = b.with_file_name(format!(
+        ".{}.old-{}",
+        b.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("checkpoint"),
+        std::process::id()
+    ));
+    std::fs::rename(b, &aside).map_err(|e| GpuError::io(b, e))?;
+    std::fs::rename(a, b).map_err(|e| GpuError::io(b, e))?;
+    std::fs::rename(&aside, a).map_err(|e| GpuError::io(a, e))
 }
 
 /// Checks every file listed in `dir/manifest.json` (size and SHA-256). The error names the first bad file.
@@ -827,6 +876,39 @@ mod tests {
         // The checkpoint written before is untouched.
         verify_checkpoint_dir(&dir).unwrap();
         assert_eq!(std::fs::read(dir.join("a.bin")).unwrap(), b"old");
+    }
+
+    /// Rewriting a step that exists replaces it whole (the new files only, verified) and leaves nothing else; the
+    /// swap also works where it has to fall back to renames.
+    #[test]
+    fn rewriting_a_step_replaces_it_whole() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("step-000003");
+        write_checkpoint_dir(&dir, |tmp| {
+            write_file_synced(&tmp.join("a.bin"), b"old")?;
+            write_file_synced(&tmp.join("stale.bin"), b"only in the old one")
+        })
+        .unwrap();
+        write_checkpoint_dir(&dir, |tmp| write_file_synced(&tmp.join("a.bin"), b"new")).unwrap();
+        verify_checkpoint_dir(&dir).unwrap();
+        assert_eq!(std::fs::read(dir.join("a.bin")).unwrap(), b"new");
+        assert!(!dir.join("stale.bin").exists());
+        let names: Vec<String> = root
+            .path()
+            .read_dir()
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names, ["step-000003"]);
+        // Both directories keep their contents, under each other's names.
+        let (a, b) = (root.path().join("a"), root.path().join("b"));
+        for (d, f) in [(&a, "in-a"), (&b, "in-b")] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join(f), f).unwrap();
+        }
+        exchange_dirs(&a, &b).unwrap();
+        assert!(a.join("in-b").exists() && b.join("in-a").exists());
+        assert!(!a.join("in-a").exists() && !b.join("in-b").exists());
     }
 
     #[test]

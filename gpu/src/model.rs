@@ -194,10 +194,39 @@ impl LlamaConfig {
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
             ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
             ("head_dim", self.head_dim),
         ] {
             if v == 0 {
                 errs.push(format!("{k} must be > 0"));
+            }
+        }
+        // A zero or negative epsilon divides by zero on an all-zero row; a non-positive theta makes NaN frequencies.
+        for (k, v) in [
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("rope_theta", self.rope_theta),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                errs.push(format!("{k} ({v}) must be a finite number > 0"));
+            }
+        }
+        if let Some(r) = &self.rope_scaling {
+            // HF's Llama 3 rope-scaling checks: the smoothing divides by high − low.
+            let finite_pos = |v: f64| v.is_finite() && v > 0.0;
+            if !finite_pos(r.factor) || !finite_pos(r.low_freq_factor) {
+                errs.push(format!(
+                    "rope_scaling.factor ({}) and rope_scaling.low_freq_factor ({}) must be finite numbers > 0",
+                    r.factor, r.low_freq_factor
+                ));
+            }
+            if !(r.high_freq_factor.is_finite() && r.high_freq_factor > r.low_freq_factor) {
+                errs.push(format!(
+                    "rope_scaling.high_freq_factor ({}) must be greater than rope_scaling.low_freq_factor ({})",
+                    r.high_freq_factor, r.low_freq_factor
+                ));
+            }
+            if r.original_max_position_embeddings == 0 {
+                errs.push("rope_scaling.original_max_position_embeddings must be > 0".into());
             }
         }
         if errs.is_empty() {
@@ -1091,6 +1120,66 @@ pub fn document_mask(doc_ids: &Tensor) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `config.json` whose numbers would divide by zero or make NaN is a config error naming the key, never a
+    /// panic or a model that trains on NaN.
+    #[test]
+    fn degenerate_configs_are_errors_naming_the_key() {
+        let base = LlamaConfig::tiny(256);
+        base.validate().unwrap();
+        base.rope_inv_freq()
+            .iter()
+            .for_each(|f| assert!(f.is_finite() && *f > 0.0));
+        let scaled = || {
+            let mut c = LlamaConfig::tiny(256);
+            c.rope_scaling = Some(RopeScaling {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            });
+            c
+        };
+        scaled().validate().unwrap();
+        let cases: Vec<(&str, Box<dyn Fn(&mut LlamaConfig)>)> = vec![
+            (
+                "num_attention_heads",
+                Box::new(|c| c.num_attention_heads = 0),
+            ),
+            ("rms_norm_eps", Box::new(|c| c.rms_norm_eps = 0.0)),
+            ("rms_norm_eps", Box::new(|c| c.rms_norm_eps = f64::NAN)),
+            ("rope_theta", Box::new(|c| c.rope_theta = -1.0)),
+            ("rope_theta", Box::new(|c| c.rope_theta = 0.0)),
+        ];
+        for (key, break_it) in &cases {
+            let mut c = LlamaConfig::tiny(256);
+            break_it(&mut c);
+            let e = c.validate().expect_err(key).to_string();
+            assert!(e.contains(key), "{key}: {e}");
+            let e = Llama::new(&c, Device::Cpu, Kind::Float, 1)
+                .err()
+                .expect(key)
+                .to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        let scaled_cases: Vec<(&str, Box<dyn Fn(&mut RopeScaling)>)> = vec![
+            (
+                "high_freq_factor",
+                Box::new(|r| r.high_freq_factor = r.low_freq_factor),
+            ),
+            ("rope_scaling.factor", Box::new(|r| r.factor = 0.0)),
+            (
+                "original_max_position_embeddings",
+                Box::new(|r| r.original_max_position_embeddings = 0),
+            ),
+        ];
+        for (key, break_it) in &scaled_cases {
+            let mut c = scaled();
+            break_it(c.rope_scaling.as_mut().unwrap());
+            let e = c.validate().expect_err(key).to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
 
     #[test]
     fn presets_have_published_sizes() {
