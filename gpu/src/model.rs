@@ -1141,15 +1141,12 @@ mod tests {
             c
         };
         scaled().validate().unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut LlamaConfig)>)> = vec![
-            (
-                "num_attention_heads",
-                Box::new(|c| c.num_attention_heads = 0),
-            ),
-            ("rms_norm_eps", Box::new(|c| c.rms_norm_eps = 0.0)),
-            ("rms_norm_eps", Box::new(|c| c.rms_norm_eps = f64::NAN)),
-            ("rope_theta", Box::new(|c| c.rope_theta = -1.0)),
-            ("rope_theta", Box::new(|c| c.rope_theta = 0.0)),
+        let cases: [(&str, fn(&mut LlamaConfig)); 5] = [
+            ("num_attention_heads", |c| c.num_attention_heads = 0),
+            ("rms_norm_eps", |c| c.rms_norm_eps = 0.0),
+            ("rms_norm_eps", |c| c.rms_norm_eps = f64::NAN),
+            ("rope_theta", |c| c.rope_theta = -1.0),
+            ("rope_theta", |c| c.rope_theta = 0.0),
         ];
         for (key, break_it) in &cases {
             let mut c = LlamaConfig::tiny(256);
@@ -1162,16 +1159,14 @@ mod tests {
                 .to_string();
             assert!(e.contains(key), "{key}: {e}");
         }
-        let scaled_cases: Vec<(&str, Box<dyn Fn(&mut RopeScaling)>)> = vec![
-            (
-                "high_freq_factor",
-                Box::new(|r| r.high_freq_factor = r.low_freq_factor),
-            ),
-            ("rope_scaling.factor", Box::new(|r| r.factor = 0.0)),
-            (
-                "original_max_position_embeddings",
-                Box::new(|r| r.original_max_position_embeddings = 0),
-            ),
+        let scaled_cases: [(&str, fn(&mut RopeScaling)); 3] = [
+            ("high_freq_factor", |r| {
+                r.high_freq_factor = r.low_freq_factor
+            }),
+            ("rope_scaling.factor", |r| r.factor = 0.0),
+            ("original_max_position_embeddings", |r| {
+                r.original_max_position_embeddings = 0
+            }),
         ];
         for (key, break_it) in &scaled_cases {
             let mut c = scaled();
