@@ -1141,7 +1141,8 @@ mod tests {
             c
         };
         scaled().validate().unwrap();
-        let cases: [(&str, fn(&mut LlamaConfig)); 5] = [
+        type Breaks<T> = (&'static str, fn(&mut T));
+        let cases: [Breaks<LlamaConfig>; 5] = [
             ("num_attention_heads", |c| c.num_attention_heads = 0),
             ("rms_norm_eps", |c| c.rms_norm_eps = 0.0),
             ("rms_norm_eps", |c| c.rms_norm_eps = f64::NAN),
@@ -1159,7 +1160,7 @@ mod tests {
                 .to_string();
             assert!(e.contains(key), "{key}: {e}");
         }
-        let scaled_cases: [(&str, fn(&mut RopeScaling)); 3] = [
+        let scaled_cases: [Breaks<RopeScaling>; 3] = [
             ("high_freq_factor", |r| {
                 r.high_freq_factor = r.low_freq_factor
             }),
