@@ -348,3 +348,215 @@ fn an_input_that_cannot_be_read_fails_the_run_instead_of_being_skipped() {
         "{err}"
     );
 }
+
+/// `lexflow` with `args` in `dir`: (exit code, stderr).
+fn lexflow_in(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(lexflow_bin())
+        .args(args)
+        .current_dir(dir)
+        .env("LEXFLOW_LOG", "json")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Bad configs given to `lexflow run`: exit 1 before anything is written into `run.dir`, and every error names the
+/// file, the key and its line and says what is wrong — never a panic.
+#[test]
+fn bad_configs_fail_the_run_up_front_naming_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "[run]\nname = \"bad\"\ndir = \"out\"\n";
+    let train = "[train]\ndevices = [\"cpu\"]\nsteps = 1\n";
+    // (config after `base`, expected pieces of the message)
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            "[packer]\nseq_len = 0\n".into(),
+            vec!["c.toml:5", "packer.seq_len", "at least 2"],
+        ),
+        (
+            "[edges]\ncapacity = 0\n".into(),
+            vec!["c.toml:5", "edges.capacity", "bounded"],
+        ),
+        (
+            "[reader]\nthreads = \"2\"\n".into(),
+            vec!["c.toml:5", "reader.threads", "invalid type"],
+        ),
+        (
+            "[packer]\nsequence_len = 4\n".into(),
+            vec!["c.toml:5", "sequence_len", "expected one of"],
+        ),
+        (
+            "[sampler]\nmix = { en = 0.5, fr = 0.4 }\n".into(),
+            vec!["line 5: key `sampler.mix`", "sum to 0.9"],
+        ),
+        (
+            "[sampler]\nmix = { en = 1.2, fr = -0.2 }\n".into(),
+            vec!["line 5: key `sampler.mix.fr`", "(0, 1]"],
+        ),
+        (
+            "[input]\npaths = [\"c\"]\n[sampler]\nmix = { en = 0.5, xx = 0.5 }\n".into(),
+            vec!["line 7: key `sampler.mix`", "`xx`", "EU language"],
+        ),
+        (
+            "[sampler]\nmix = { en = 0.5, it = 0.5 }\n".into(),
+            vec!["key `input.generate.languages`", "sampler.mix has it"],
+        ),
+        (
+            "[input]\npaths = [\"/no/such/corpus\"]\n".into(),
+            vec![
+                "line 5: key `input.paths`",
+                "/no/such/corpus does not exist",
+            ],
+        ),
+        (
+            "[tokenizer]\npath = \"no-tokenizer.json\"\n".into(),
+            vec!["line 5: key `tokenizer.path`", "not found"],
+        ),
+        (
+            format!("{train}init_from = \"/no/ckpt\"\n"),
+            vec!["line 7: key `train.init_from`", "does not exist"],
+        ),
+        (
+            format!("{train}[eval]\nevery = 5\n"),
+            vec!["line 8: key `eval.every`", "nothing to evaluate"],
+        ),
+        (
+            format!("{train}[eval]\nqa_gold = \"/no/g.jsonl\"\n"),
+            vec!["line 8: key `eval.qa_gold`", "does not exist"],
+        ),
+        (
+            format!("{train}[eval]\nholdout = 0.9\n"),
+            vec!["line 8: key `eval.holdout`", "[0, 0.5]"],
+        ),
+        (
+            format!("{train}[shards]\nranks = 2\n"),
+            vec!["line 8: key `shards.ranks`", "train.devices"],
+        ),
+        (
+            "[train]\ndevices = [\"cuda:0\", \"cuda:0\"]\nsteps = 1\n".into(),
+            vec!["line 5: key `train.devices`", "twice"],
+        ),
+        (
+            "[train]\ndevices = [\"cpu\"]\n".into(),
+            vec!["c.toml:4", "train", "missing field `steps`"],
+        ),
+        (
+            "[dedup]\nmode = \"near\"\nrows = 0\n".into(),
+            vec!["line 6: key `dedup.rows`"],
+        ),
+    ];
+    for (body, want) in cases {
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(&cfg, format!("{base}{body}")).unwrap();
+        let (code, err) = lexflow_in(dir.path(), &["run", "c.toml"]);
+        assert_eq!(code, Some(1), "{body}: {err}");
+        assert!(!err.contains("panicked"), "{body}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{body}: want {w:?} in {err}");
+        }
+        assert!(
+            !dir.path().join("out").exists(),
+            "{body}: the run started: {err}"
+        );
+    }
+    // A config that cannot be read: the reason once, and where relative paths start.
+    let (code, err) = lexflow_in(dir.path(), &["run", "missing.toml"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert!(
+        err.contains("missing.toml") && err.contains("working directory"),
+        "{err}"
+    );
+}
+
+/// What `lexflow config` prints is a config `lexflow config` (and so `lexflow run`) accepts again.
+#[test]
+fn printed_config_is_accepted_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(lexflow_bin()).arg("config").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(dir.path().join("printed.toml"), &out.stdout).unwrap();
+    let (code, err) = lexflow_in(dir.path(), &["config", "printed.toml"]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// Command-line misuse is refused before any work, with exit code 2 and the option named.
+#[test]
+fn conflicting_or_empty_cli_options_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("g.jsonl"), "").unwrap();
+    std::fs::write(dir.path().join("p.jsonl"), "").unwrap();
+    for (args, want) in [
+        (&["qa", "eval", "--gold", "g.jsonl"][..], "--predictions"),
+        (
+            &[
+                "qa",
+                "eval",
+                "--gold",
+                "g.jsonl",
+                "--predictions",
+                "p.jsonl",
+                "--model",
+                "m",
+            ][..],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "qa",
+                "eval",
+                "--gold",
+                "g.jsonl",
+                "--predictions",
+                "p.jsonl",
+                "--temperature",
+                "0.7",
+            ][..],
+            "--temperature",
+        ),
+        (
+            &[
+                "qa",
+                "eval",
+                "--gold",
+                "g.jsonl",
+                "--predictions",
+                "p.jsonl",
+                "--template",
+                "llama3",
+            ][..],
+            "--template",
+        ),
+        (
+            &["generate", "m", "--prompt", "x", "--max-new-tokens", "0"][..],
+            "--max-new-tokens",
+        ),
+        (
+            &["generate", "m", "--prompt", "x", "--batch-size", "0"][..],
+            "--batch-size",
+        ),
+        (
+            &["gen-sample", "out", "--acts-per-language", "0"][..],
+            "--acts-per-language",
+        ),
+    ] {
+        let (code, err) = lexflow_in(dir.path(), args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: want {want:?} in {err}");
+    }
+    assert!(!dir.path().join("out").exists());
+    // A negative temperature reaches the check that explains it (clap took `-1` for a flag before).
+    let (code, err) = lexflow_in(
+        dir.path(),
+        &["generate", "m", "--prompt", "x", "--temperature", "-1"],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--temperature -1: must be"), "{err}");
+}

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::formex::EU_LANGS;
+
 /// The embedded default (`lexflow run` without a file, and `make run`).
 pub const SAMPLE_TOML: &str = include_str!("../../configs/sample.toml");
 
@@ -268,7 +270,8 @@ impl Default for PackerConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardConfig {
-    /// Logical shards; shard `s` goes to rank `s % world_size`.
+    /// Logical shards: sequence `index` is in shard `index % count` (the Arrow tee's files); ranks get
+    /// `index % world_size`, whatever the shard count.
     #[serde(default = "default_shards")]
     pub count: NonZeroUsize,
     /// Ranks when there is no `[train]` section (the sinks).
@@ -587,11 +590,11 @@ impl Default for MetricsConfig {
 /// A config error: where (file, key path, line) and why. `errors` holds every semantic error found at once.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    /// The io::Error is part of the message, not a `source`: `{:#}` would print it a second time.
+    #[error(
+        "cannot read config {path}: {error} (check the path; relative paths are relative to the working directory)"
+    )]
+    Io { path: String, error: std::io::Error },
     #[error("{origin}:{line}: key `{key}`: {message}")]
     Parse {
         origin: String,
@@ -614,9 +617,9 @@ pub enum ConfigError {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::from_toml(&text, &path.display().to_string())
     }
@@ -635,6 +638,121 @@ impl Config {
         }
     }
 
+    /// What a command that reads the config's files runs first: the config (a file, or the embedded sample) parsed
+    /// and validated, and the files it names checked (`checks`), all errors at once — so a missing corpus path,
+    /// tokenizer or checkpoint is a config error naming its key and line before anything starts, not a failure
+    /// halfway through the run. [`Self::from_toml`] does not look at the filesystem (a config can be written,
+    /// printed and tested before its files exist).
+    pub fn load_checked(path: Option<&Path>, checks: FileChecks) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|error| ConfigError::Io {
+                    path: p.display().to_string(),
+                    error,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (
+                SAMPLE_TOML.to_string(),
+                "<embedded configs/sample.toml>".to_string(),
+            ),
+        };
+        let cfg = Self::parse(&text, &origin)?;
+        let mut errors = cfg.validate(&text);
+        errors.extend(cfg.check_files(&text, checks));
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid { origin, errors })
+        }
+    }
+
+    /// The files and directories the config names that do not exist (or cannot be what they must be), as
+    /// `line N: key `k`: why` messages. Glob patterns are only checked for syntax: the reader reports a pattern that
+    /// matches nothing.
+    pub fn check_files(&self, text: &str, checks: FileChecks) -> Vec<String> {
+        let mut errs = Vec::new();
+        let at = |key: &str| match find_key_line(text, key) {
+            Some(l) => format!("line {l}: key `{key}`"),
+            None => format!("key `{key}`"),
+        };
+        let missing = |p: &Path| {
+            let cwd = std::env::current_dir()
+                .map(|d| {
+                    format!(
+                        " (relative paths are relative to the working directory, {})",
+                        d.display()
+                    )
+                })
+                .unwrap_or_default();
+            format!(
+                "{} does not exist{}",
+                p.display(),
+                if p.is_relative() { cwd } else { String::new() }
+            )
+        };
+        let mut inputs = |key: &str, paths: &[String]| {
+            for p in paths {
+                if p.contains(['*', '?', '[']) {
+                    if let Err(e) = glob::Pattern::new(p) {
+                        errs.push(format!(
+                            "{}: `{p}` is not a valid glob pattern ({} at character {}); e.g. \"corpus/**/*.xml\"",
+                            at(key),
+                            e.msg,
+                            e.pos + 1
+                        ));
+                    }
+                } else if std::fs::metadata(p).is_err() {
+                    errs.push(format!(
+                        "{}: {}: list files, directories or glob patterns that exist",
+                        at(key),
+                        missing(Path::new(p))
+                    ));
+                }
+            }
+        };
+        inputs("input.paths", &self.input.paths);
+        inputs("eval.paths", &self.eval.paths);
+        for (key, file) in [
+            ("eval.qa_gold", &self.eval.qa_gold),
+            ("eval.qa_index", &self.eval.qa_index),
+        ] {
+            if let Some(f) = file.as_deref().filter(|f| !f.is_file()) {
+                errs.push(format!(
+                    "{}: {}: give the file `lexflow qa build` wrote (eval.jsonl, citations.json)",
+                    at(key),
+                    missing(f)
+                ));
+            }
+        }
+        if checks.tokenizer {
+            if let Err(e) = crate::tokenizer::resolve_spec(&self.tokenizer.path) {
+                errs.push(format!(
+                    "{}: {e} (give \"llama3\" or the path of a Hugging Face tokenizer.json)",
+                    at("tokenizer.path")
+                ));
+            }
+        }
+        if let (true, Some(dir)) = (
+            checks.init_from,
+            self.train.as_ref().and_then(|t| t.init_from.as_deref()),
+        ) {
+            if !dir.join("config.json").is_file() {
+                let why = if dir.exists() {
+                    format!("{} has no config.json", dir.display())
+                } else {
+                    missing(dir)
+                };
+                errs.push(format!(
+                    "{}: {why}: give a Hugging Face model directory (config.json + safetensors), e.g. a checkpoint \
+                     `<run.dir>/checkpoints/step-NNNNNN`",
+                    at("train.init_from")
+                ));
+            }
+        }
+        errs
+    }
+
     /// A config stored in a checkpoint (`run_config.toml`): parsed, not validated again — the run ran with it, and
     /// checks added since must not lock its checkpoints out of `--resume`, `replay` or `provenance`.
     pub fn stored(text: &str, origin: &str) -> Result<Config, ConfigError> {
@@ -643,9 +761,9 @@ impl Config {
 
     /// A stored config file ([`Self::stored`]).
     pub fn stored_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::stored(&text, &path.display().to_string())
     }
@@ -667,6 +785,7 @@ impl Config {
                 .map(str::trim)
                 .collect::<Vec<_>>()
                 .join("; ");
+            let message = explain_nonzero(&key, message);
             // A syntax error or a duplicate key fails before any field is entered: the path is `.`, which names
             // nothing. Give the parser's line and column instead of a bogus key.
             if key == "." || key.is_empty() {
@@ -737,6 +856,12 @@ impl Config {
                     "{}: `{lang}` is not a lower-case ISO 639-1 code like `en`",
                     at("sampler.mix")
                 ));
+            } else if !EU_LANGS.contains(&lang.as_str()) {
+                errs.push(format!(
+                    "{}: `{lang}` is not an official EU language, so no FORMEX file can be in it (expected one of {})",
+                    at("sampler.mix"),
+                    EU_LANGS.join(", ")
+                ));
             }
             sum += share;
         }
@@ -771,6 +896,15 @@ impl Config {
                 {
                     errs.push(format!(
                         "{}: `{d}` is not `cpu` or `cuda:N`",
+                        at("train.devices")
+                    ));
+                }
+            }
+            for (i, d) in t.devices.iter().enumerate() {
+                if d.starts_with("cuda:") && t.devices[..i].contains(d) {
+                    errs.push(format!(
+                        "{}: `{d}` is listed twice: one rank per GPU (NCCL refuses two ranks on one device); \
+                         list each GPU once",
                         at("train.devices")
                     ));
                 }
@@ -909,6 +1043,10 @@ impl Config {
             ));
         }
         for (key, why) in self.dedup.check() {
+            let key = match key {
+                "dedup.bands" if self.dedup.bands != 0 && self.dedup.rows == 0 => "dedup.rows",
+                k => k,
+            };
             errs.push(format!("{}: {why}", at(key)));
         }
         if self.input.paths.is_empty() && self.input.generate.acts_per_language == 0 {
@@ -916,6 +1054,114 @@ impl Config {
                 "{}: no input paths and nothing to generate; set input.paths or input.generate.acts_per_language",
                 at("input")
             ));
+        }
+        if self.input.paths.is_empty() {
+            // The generated sample corpus is the input: it must hold every language the mix asks for.
+            let langs = &self.input.generate.languages;
+            for (i, l) in langs.iter().enumerate() {
+                if !EU_LANGS.contains(&l.as_str()) {
+                    errs.push(format!(
+                        "{}: `{l}` is not an official EU language in lower case (expected one of {})",
+                        at("input.generate.languages"),
+                        EU_LANGS.join(", ")
+                    ));
+                } else if langs[..i].contains(l) {
+                    errs.push(format!(
+                        "{}: `{l}` is listed twice",
+                        at("input.generate.languages")
+                    ));
+                }
+            }
+            let missing: Vec<&str> = mix
+                .keys()
+                .filter(|l| !langs.contains(l))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() && !langs.is_empty() {
+                errs.push(format!(
+                    "{}: sampler.mix has {} but input.paths is empty and the generated corpus has only {}: \
+                     that language would have no input; add it to input.generate.languages or remove it from \
+                     sampler.mix",
+                    at("input.generate.languages"),
+                    missing.join(", "),
+                    langs.join(", ")
+                ));
+            }
+            if langs.is_empty() {
+                errs.push(format!(
+                    "{}: empty, and input.paths is empty too: list the languages to generate, e.g. [\"en\", \"fr\"]",
+                    at("input.generate.languages")
+                ));
+            }
+        }
+        if self.run.name.trim().is_empty() {
+            errs.push(format!(
+                "{}: empty: give the run a name (it labels the metrics and the summary)",
+                at("run.name")
+            ));
+        }
+        if self.run.dir.as_os_str().is_empty() {
+            errs.push(format!(
+                "{}: empty: give the run its own directory (stats, checkpoints and quarantine report go there; \
+                 \".\" would be the working directory)",
+                at("run.dir")
+            ));
+        }
+        if self.train.is_some() && self.shards.ranks.get() != 1 {
+            errs.push(format!(
+                "{}: {} ranks, but with a [train] section the ranks are train.devices (one per entry): remove \
+                 shards.ranks (it only sizes a run without [train])",
+                at("shards.ranks"),
+                self.shards.ranks
+            ));
+        }
+        // `[eval]` keys that cannot act: there is nothing to evaluate, or no questions to answer. Only values other
+        // than the default count: `lexflow config` (and a checkpoint's run_config.toml) writes every key.
+        let d = EvalConfig::default();
+        for (key, changed, needs_loss_set) in [
+            ("eval.every", e.every != d.every, false),
+            (
+                "eval.max_sequences",
+                e.max_sequences != d.max_sequences,
+                true,
+            ),
+            ("eval.micro_batch", e.micro_batch.is_some(), true),
+        ] {
+            let idle = if needs_loss_set {
+                !e.has_loss_set()
+            } else {
+                !e.enabled()
+            };
+            if changed && idle {
+                errs.push(format!(
+                    "{}: set, but there is nothing {}: set eval.holdout or eval.paths{}, or remove it",
+                    at(key),
+                    if needs_loss_set {
+                        "held out to compute a loss on"
+                    } else {
+                        "to evaluate"
+                    },
+                    if needs_loss_set { "" } else { " (or eval.qa_gold)" }
+                ));
+            }
+        }
+        for (key, changed) in [
+            (
+                "eval.qa_per_language",
+                e.qa_per_language != d.qa_per_language,
+            ),
+            (
+                "eval.qa_max_new_tokens",
+                e.qa_max_new_tokens != d.qa_max_new_tokens,
+            ),
+            ("eval.qa_batch_size", e.qa_batch_size != d.qa_batch_size),
+        ] {
+            if changed && e.qa_gold.is_none() {
+                errs.push(format!(
+                    "{}: set, but eval.qa_gold is not: there are no questions to answer; set eval.qa_gold or remove it",
+                    at(key)
+                ));
+            }
         }
         errs
     }
@@ -927,6 +1173,15 @@ impl Config {
             None => self.shards.ranks.get(),
         }
     }
+}
+
+/// Which files [`Config::load_checked`] checks besides the inputs (`input.paths`, `eval.paths`, `eval.qa_*`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FileChecks {
+    /// `tokenizer.path` (`llama3`: `$LEXFLOW_TOKENIZER_JSON`).
+    pub tokenizer: bool,
+    /// `train.init_from`.
+    pub init_from: bool,
 }
 
 /// The model presets `train.model` accepts: those of `lexflow_gpu::LlamaConfig::preset`.
@@ -959,6 +1214,26 @@ fn check_listen(listen: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// serde's message for a `NonZeroUsize` ("invalid value: integer `0`, expected a nonzero usize") says neither why
+/// nor what to write: say both.
+fn explain_nonzero(key: &str, message: String) -> String {
+    if !message.contains("expected a nonzero usize") {
+        return message;
+    }
+    let why = if key.starts_with("edges.") {
+        "every edge is bounded and blocking, nothing is unbounded: give a capacity in messages (default 8)"
+    } else if key == "packer.seq_len" {
+        "a sequence needs tokens: give tokens per sequence, at least 2 (default 4096)"
+    } else if key.ends_with("threads") {
+        "give the number of threads per language lane (default 1)"
+    } else if key == "shards.ranks" {
+        "give the number of ranks (sinks) of a run without [train] (default 1)"
+    } else {
+        "leave the key out for its default"
+    };
+    format!("{message}: it must be a whole number >= 1; {why}")
 }
 
 fn position(line: usize, column: usize) -> String {
@@ -1350,5 +1625,188 @@ mod tests {
         );
         let e = invalid("[run]\nname = \"x\"\ndir = \"r\"\n[run]\nseed = 1\n");
         assert!(e.starts_with("t.toml:4:") && !e.contains("key `.`"), "{e}");
+    }
+    #[test]
+    fn zero_counts_say_why_and_what_to_write() {
+        let e = invalid("[run]\nname = \"x\"\ndir = \"r\"\n[edges]\ncapacity = 0\n");
+        assert!(
+            e.contains("t.toml:5: key `edges.capacity`")
+                && e.contains(">= 1")
+                && e.contains("bounded"),
+            "{e}"
+        );
+        let e = invalid("[run]\nname = \"x\"\ndir = \"r\"\n[packer]\nseq_len = 0\n");
+        assert!(
+            e.contains("packer.seq_len") && e.contains("at least 2"),
+            "{e}"
+        );
+        let e = invalid(&format!("{TRAIN_BASE}micro_batch = 0\n"));
+        assert!(
+            e.contains("t.toml:7: key `train.micro_batch`") && e.contains(">= 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mix_languages_must_be_eu_languages_the_input_can_have() {
+        let base = "[run]\nname = \"x\"\ndir = \"r\"\n";
+        let e = invalid(&format!(
+            "{base}[input]\npaths = [\"c\"]\n[sampler]\nmix = {{ en = 0.5, xx = 0.5 }}\n"
+        ));
+        assert!(
+            e.contains("line 7: key `sampler.mix`")
+                && e.contains("`xx` is not an official EU language"),
+            "{e}"
+        );
+        // The generated corpus (no input.paths) must hold every mix language.
+        let e = invalid(&format!(
+            "{base}[input.generate]\nlanguages = [\"en\", \"fr\"]\n[sampler]\nmix = {{ en = 0.5, it = 0.5 }}\n"
+        ));
+        assert!(
+            e.contains("line 5: key `input.generate.languages`")
+                && e.contains("sampler.mix has it"),
+            "{e}"
+        );
+        let e = invalid(&format!(
+            "{base}[input.generate]\nlanguages = [\"en\", \"en\", \"EN\"]\n[sampler]\nmix = {{ en = 1.0 }}\n"
+        ));
+        assert!(
+            e.contains("`en` is listed twice") && e.contains("`EN` is not"),
+            "{e}"
+        );
+        // With input paths the generator's languages do not matter.
+        Config::from_toml(
+            &format!("{base}[input]\npaths = [\"c\"]\n[sampler]\nmix = {{ en = 0.5, it = 0.5 }}\n"),
+            "t.toml",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn settings_that_cannot_act_are_errors() {
+        // shards.ranks sizes a run without [train]; with [train] the ranks are the devices.
+        let e = invalid(&format!("{TRAIN_BASE}[shards]\nranks = 4\n"));
+        assert!(
+            e.contains("line 8: key `shards.ranks`") && e.contains("train.devices"),
+            "{e}"
+        );
+        // Evaluation keys with nothing to evaluate.
+        for (eval, key) in [
+            ("every = 5", "eval.every"),
+            ("max_sequences = 4", "eval.max_sequences"),
+            ("micro_batch = 2", "eval.micro_batch"),
+            ("qa_per_language = 4", "eval.qa_per_language"),
+            ("qa_batch_size = 4", "eval.qa_batch_size"),
+            ("qa_max_new_tokens = 4", "eval.qa_max_new_tokens"),
+        ] {
+            let e = invalid(&format!("{TRAIN_BASE}[eval]\n{eval}\n"));
+            assert!(
+                e.contains(&format!("line 8: key `{key}`: set, but")),
+                "{eval}: {e}"
+            );
+        }
+        // …and with something to evaluate they are fine; `max_sequences` needs a held-out set, not only questions.
+        Config::from_toml(
+            &format!("{TRAIN_BASE}[eval]\nholdout = 0.1\nevery = 5\nmax_sequences = 4\nmicro_batch = 2\n"),
+            "t.toml",
+        )
+        .unwrap();
+        let e = invalid(&format!(
+            "{TRAIN_BASE}[eval]\nqa_gold = \"g.jsonl\"\nevery = 5\nmax_sequences = 4\n"
+        ));
+        assert!(
+            e.contains("line 10: key `eval.max_sequences`") && !e.contains("eval.every"),
+            "{e}"
+        );
+        // A GPU listed twice; empty run name or directory.
+        let e = invalid(
+            "[run]\nname = \"x\"\ndir = \"r\"\n[train]\ndevices = [\"cuda:0\", \"cuda:0\"]\nsteps = 1\n",
+        );
+        assert!(
+            e.contains("line 5: key `train.devices`") && e.contains("twice"),
+            "{e}"
+        );
+        let e = invalid("[run]\nname = \"\"\ndir = \"\"\n");
+        assert!(
+            e.contains("line 2: key `run.name`") && e.contains("line 3: key `run.dir`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn printed_effective_configs_validate_again() {
+        // `lexflow config` writes every key with its value: what it prints must run as it is.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        for f in [
+            "sample.toml",
+            "eurlex-cpt-llama3.toml",
+            "eurlex-sft-llama3.toml",
+        ] {
+            let c = Config::from_file(&dir.join(f)).unwrap();
+            let printed = toml::to_string_pretty(&c).unwrap();
+            Config::from_toml(&printed, f).unwrap_or_else(|e| panic!("{f}: {e}\n{printed}"));
+        }
+        let c = Config::from_toml(TRAIN_BASE, "t.toml").unwrap();
+        Config::from_toml(&toml::to_string_pretty(&c).unwrap(), "again.toml").unwrap();
+    }
+
+    #[test]
+    fn dedup_rows_of_zero_names_rows() {
+        let e = invalid("[run]\nname = \"x\"\ndir = \"r\"\n[dedup]\nrows = 0\n");
+        assert!(e.contains("line 5: key `dedup.rows`"), "{e}");
+    }
+
+    #[test]
+    fn missing_files_name_key_and_line_and_all_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.toml");
+        let ok = dir.path().join("corpus");
+        std::fs::create_dir(&ok).unwrap();
+        let text = format!(
+            "[run]\nname = \"x\"\ndir = \"r\"\n[input]\npaths = [{ok:?}, \"/no/such/dir\", \"c/[x\"]\n\
+             [tokenizer]\npath = \"/no/tokenizer.json\"\n[train]\ndevices = [\"cpu\"]\nsteps = 1\n\
+             init_from = \"/no/ckpt\"\n[eval]\nqa_gold = \"/no/eval.jsonl\"\n",
+            ok = ok.display().to_string()
+        );
+        std::fs::write(&cfg, &text).unwrap();
+        // Parsing alone does not look at the filesystem.
+        Config::from_toml(&text, "c.toml").unwrap();
+        let all = FileChecks {
+            tokenizer: true,
+            init_from: true,
+        };
+        let e = Config::load_checked(Some(&cfg), all)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "line 5: key `input.paths`: /no/such/dir does not exist",
+            "line 5: key `input.paths`: `c/[x` is not a valid glob pattern",
+            "line 7: key `tokenizer.path`: tokenizer file /no/tokenizer.json not found",
+            "line 11: key `train.init_from`: /no/ckpt does not exist",
+            "line 13: key `eval.qa_gold`: /no/eval.jsonl does not exist",
+        ] {
+            assert!(e.contains(want), "want {want:?} in {e}");
+        }
+        assert!(!e.contains(&ok.display().to_string()), "{e}");
+        // Without the optional checks the tokenizer and init_from are not looked at.
+        let e = Config::load_checked(Some(&cfg), FileChecks::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !e.contains("tokenizer.path") && !e.contains("init_from"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unreadable_config_says_why_once() {
+        let e = Config::from_file(Path::new("/no/such/config.toml")).unwrap_err();
+        let shown = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(
+            shown.matches("No such file or directory").count(),
+            1,
+            "{shown}"
+        );
+        assert!(shown.contains("/no/such/config.toml"), "{shown}");
     }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use lexflow_actors::config::{Config, FileChecks};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +21,7 @@ struct Cli {
 enum Cmd {
     /// Run a pipeline from a TOML config (the embedded sample when CONFIG is omitted).
     Run {
+        /// TOML config (default: the embedded configs/sample.toml).
         config: Option<PathBuf>,
         /// Continue from the latest good checkpoint in the run directory.
         #[arg(long)]
@@ -30,13 +32,16 @@ enum Cmd {
     },
     /// Parse FORMEX inputs and print one JSON object per document (`path, error` for a bad file).
     Parse {
+        /// JSON lines (the only output format; accepted so scripts may spell it out).
         #[arg(long)]
         jsonl: bool,
+        /// FORMEX files, directories, globs, .zst/.gz/.zip packages.
         #[arg(required = true)]
         paths: Vec<String>,
     },
     /// Decode and print the sequences of an Arrow IPC shard file.
     Inspect {
+        /// A shard file of the Arrow tee (`shards.arrow_dir`).
         file: PathBuf,
         /// Tokenizer to decode with (default: the Llama 3 tokenizer).
         #[arg(long, default_value = "llama3")]
@@ -47,11 +52,15 @@ enum Cmd {
     },
     /// Generate a deterministic sample corpus of FORMEX packages.
     GenSample {
+        /// Output directory.
         out: PathBuf,
-        #[arg(long, default_value_t = 40)]
+        /// Acts per language (each with annexes and a manifest).
+        #[arg(long, default_value_t = 40, value_parser = at_least_one)]
         acts_per_language: usize,
+        /// Languages (lower-case ISO 639-1 codes), comma-separated.
         #[arg(long, default_value = "en,fr,de,es,pt", value_delimiter = ',')]
         languages: Vec<String>,
+        /// Seed of the generated text (configs/sample.toml uses 7; `[input.generate]` defaults to 1234).
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
@@ -62,16 +71,20 @@ enum Cmd {
     },
     /// Regenerate exactly the batches of training steps A..B from a checkpoint, without training (JSON lines).
     Replay {
+        /// A checkpoint directory (`<run.dir>/checkpoints/step-NNNNNN`).
         checkpoint: PathBuf,
         /// `A..B` (B exclusive), `A..=B` or `N`; steps are 1-based.
         #[arg(long)]
         steps: String,
+        /// Write the JSON lines to this file instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
     },
     /// List the documents (CELEX, language, article where known, token range) that went into step N of a run.
     Provenance {
+        /// The run directory (`run.dir`).
         run: PathBuf,
+        /// The optimizer step (1-based).
         #[arg(long)]
         step: u64,
         /// JSON lines instead of a table.
@@ -79,18 +92,25 @@ enum Cmd {
         json: bool,
     },
     /// Print the effective config (the embedded sample when CONFIG is omitted).
-    Config { config: Option<PathBuf> },
+    Config {
+        /// TOML config (default: the embedded configs/sample.toml).
+        config: Option<PathBuf>,
+    },
     /// Build the held-out evaluation set of a config (`[eval]`) exactly as `lexflow run` does: print its summary
     /// (JSON) and, with --out, write its sequences as JSON lines.
     Heldout {
+        /// TOML config (default: the embedded configs/sample.toml).
         config: Option<PathBuf>,
+        /// Write the held-out sequences as JSON lines to this file.
         #[arg(long)]
         out: Option<PathBuf>,
     },
     /// What `[dedup]` drops from a config's training input, decided as `lexflow run` decides, without training:
     /// counts per language (JSON) and, with --out, one JSON line per document (verdict, the document it repeats).
     Dedup {
+        /// TOML config (default: the embedded configs/sample.toml).
         config: Option<PathBuf>,
+        /// Write one JSON line per document (verdict, the document it repeats) to this file.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Override dedup.mode (`exact`, `near`) — e.g. to audit a corpus before turning dedup on.
@@ -102,6 +122,7 @@ enum Cmd {
     },
     /// The evaluation history of a run (its eval.jsonl): held-out loss overall and per language, Q&A scores.
     Evals {
+        /// The run directory (`run.dir`).
         run: PathBuf,
         /// JSON lines instead of a table.
         #[arg(long)]
@@ -110,6 +131,7 @@ enum Cmd {
     /// Generate text with a checkpoint (or a run directory: its newest checkpoint): continue raw text, or answer
     /// questions in the Q&A template the model was fine-tuned with. Greedy unless --temperature > 0.
     Generate {
+        /// A checkpoint directory (HF layout) or a run directory (its newest checkpoint).
         model: PathBuf,
         /// A prompt (repeatable).
         #[arg(long)]
@@ -140,18 +162,22 @@ enum Cmd {
     },
 }
 
-/// How answers are decoded with a checkpoint (`lexflow generate`, `lexflow qa eval --model`).
+/// How answers are decoded with a checkpoint (`lexflow generate`, `lexflow qa eval --model`). With `qa eval
+/// --predictions` nothing is decoded: an option given there would be ignored, so it is an error
+/// ([`DecodeArgs::given`]).
 #[derive(clap::Args, Debug, Clone)]
 struct DecodeArgs {
     /// Tokenizer (`llama3` or a tokenizer.json); default: the checkpoint's own tokenizer.json, else `llama3`.
     #[arg(long)]
     tokenizer: Option<String>,
+    /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
-    #[arg(long, default_value_t = 256)]
+    /// Tokens generated at most per answer.
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     max_new_tokens: usize,
     /// Prompts decoded together (left-padded batch).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     batch_size: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
@@ -161,17 +187,38 @@ struct DecodeArgs {
 #[derive(clap::Args, Debug, Clone)]
 struct SamplingArgs {
     /// 0: greedy decoding; > 0: sample from softmax(logits / temperature).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f64,
     /// Sample among the K most likely tokens only (0: all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Sample among the most likely tokens whose probability adds up to P (1: all).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f64,
     /// Seed of the sampling (each prompt has its own stream: answers do not depend on the batch).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+impl DecodeArgs {
+    /// The options set to something other than their defaults (clap's `requires` cannot say this for `qa eval`:
+    /// `--model` conflicts with `--predictions`, and clap then waives what `--model` requires).
+    fn given(&self) -> Vec<&'static str> {
+        let s = &self.sampling;
+        [
+            ("--tokenizer", self.tokenizer.is_some()),
+            ("--device", self.device != "cpu"),
+            ("--max-new-tokens", self.max_new_tokens != 256),
+            ("--batch-size", self.batch_size != 8),
+            ("--temperature", s.temperature != 0.0),
+            ("--top-k", s.top_k != 0),
+            ("--top-p", s.top_p != 1.0),
+            ("--seed", s.seed != 0),
+        ]
+        .into_iter()
+        .filter_map(|(flag, set)| set.then_some(flag))
+        .collect()
+    }
 }
 
 impl SamplingArgs {
@@ -192,6 +239,7 @@ enum QaCmd {
     /// Build Q&A pairs with citations from the articles of FORMEX acts: OUT/train/<lang>.jsonl, eval.jsonl,
     /// citations.json (every article of the corpus), summary.json.
     Build {
+        /// Output directory (train/<lang>.jsonl, eval.jsonl, citations.json, summary.json).
         #[arg(long)]
         out: PathBuf,
         /// Share of the provisions written to eval.jsonl: a hash of (CELEX, article) decides, so every language and
@@ -201,17 +249,22 @@ enum QaCmd {
         /// Articles with longer text get no `article_text` pair (counted in summary.json), never a truncated one.
         #[arg(long, default_value_t = 6000)]
         max_answer_chars: usize,
+        /// FORMEX files, directories, globs, .zst/.gz/.zip packages.
         #[arg(required = true)]
         paths: Vec<String>,
     },
     /// Score answers (--predictions FILE of {"id","output"} lines, or generated by --model DIR) against a gold
     /// file: exact match, ROUGE-L, citation accuracy, hallucinated citations, per language and kind.
+    #[command(group(clap::ArgGroup::new("answers").required(true).args(["predictions", "model"])))]
     Eval {
+        /// Gold Q&A pairs (`lexflow qa build`'s eval.jsonl).
         #[arg(long)]
         gold: PathBuf,
+        /// Answers to score: {"id","output"} JSON lines (exclusive with --model).
         #[arg(long)]
         predictions: Option<PathBuf>,
-        /// A checkpoint directory (HF layout) to generate the answers with (greedy).
+        /// A checkpoint directory (HF layout), or a run directory (its newest checkpoint), to generate the answers
+        /// with (greedy unless --temperature).
         #[arg(long)]
         model: Option<PathBuf>,
         /// citations.json of `lexflow qa build`: the known provisions for hallucination checks, together with the
@@ -243,10 +296,13 @@ enum QaCmd {
 enum TokCmd {
     /// Train a byte-level BPE tokenizer on FORMEX inputs and write tokenizer.json.
     Train {
+        /// Vocabulary size (more than 258: 256 bytes + 2 special tokens).
         #[arg(long)]
         vocab_size: usize,
+        /// The tokenizer.json to write.
         #[arg(long)]
         out: PathBuf,
+        /// FORMEX files, directories, globs, .zst/.gz/.zip packages.
         #[arg(required = true)]
         paths: Vec<String>,
     },
@@ -265,7 +321,8 @@ fn main() -> ExitCode {
             config,
             resume,
             quiet,
-        } => lexflow_actors::pipeline::cli_run(config.as_deref(), resume, quiet),
+        } => preflight(config.as_deref(), true)
+            .and_then(|()| lexflow_actors::pipeline::cli_run(config.as_deref(), resume, quiet)),
         Cmd::Parse { jsonl: _, paths } => lexflow_actors::reader::cli_parse(&paths),
         Cmd::Inspect {
             file,
@@ -315,9 +372,8 @@ fn main() -> ExitCode {
             texts,
         } => cli_dedup(config, out, mode, texts),
         Cmd::Evals { run, json } => lexflow_actors::heldout::cli_evals(&run, json),
-        Cmd::Heldout { config, out } => {
-            lexflow_actors::heldout::cli_heldout(config.as_deref(), out.as_deref())
-        }
+        Cmd::Heldout { config, out } => preflight(config.as_deref(), false)
+            .and_then(|()| lexflow_actors::heldout::cli_heldout(config.as_deref(), out.as_deref())),
         Cmd::Qa {
             cmd:
                 QaCmd::Build {
@@ -377,6 +433,26 @@ fn main() -> ExitCode {
                     predictions_out,
                 },
         } => {
+            if predictions.is_some() {
+                let mut ignored = decode.given();
+                for (flag, set) in [
+                    ("--template", template.is_some()),
+                    ("--system", system.is_some()),
+                    ("--predictions-out", predictions_out.is_some()),
+                ] {
+                    if set {
+                        ignored.push(flag);
+                    }
+                }
+                if !ignored.is_empty() {
+                    eprintln!(
+                        "lexflow: error: {} given, but only --model generates answers: with --predictions they \
+                         would be ignored; drop them, or use --model instead of --predictions",
+                        ignored.join(", ")
+                    );
+                    return ExitCode::from(2);
+                }
+            }
             // A run directory stands for its newest checkpoint, as with `lexflow generate`; the tokenizer defaults to
             // the checkpoint's own.
             let model = model.map(|m| lexflow_actors::generate::resolve_model_dir(&m));
@@ -418,13 +494,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// The config checked as a run will use it — validated, and the files it names present — before the command
+/// builds anything: a missing corpus path or tokenizer is a config error with its key and line, not a failure
+/// after the sample corpus was generated or the pipeline started. `train`: also `train.init_from`.
+fn preflight(config: Option<&std::path::Path>, train: bool) -> anyhow::Result<()> {
+    Config::load_checked(
+        config,
+        FileChecks {
+            tokenizer: true,
+            init_from: train,
+        },
+    )?;
+    Ok(())
+}
+
+/// A count that must be at least 1 (0 would silently do nothing or be raised to 1).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}: expected a whole number >= 1")),
+    }
+}
+
 fn cli_dedup(
     config: Option<PathBuf>,
     out: Option<PathBuf>,
     mode: Option<String>,
     texts: bool,
 ) -> anyhow::Result<ExitCode> {
-    let (mut cfg, _) = lexflow_actors::pipeline::load_config(config.as_deref())?;
+    let mut cfg = Config::load_checked(config.as_deref(), FileChecks::default())?;
     if let Some(m) = mode {
         cfg.dedup.mode = serde_json::from_value(serde_json::Value::String(m.clone()))
             .map_err(|_| anyhow::anyhow!("--mode {m}: expected `exact` or `near`"))?;
