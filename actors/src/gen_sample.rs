@@ -41,6 +41,8 @@ pub struct GenStats {
     pub consolidated: usize,
     pub zst_files: usize,
     pub zip_files: usize,
+    /// Input files of an earlier generation removed by [`generate_exact`].
+    pub stale_removed: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1596,6 +1598,43 @@ type Member = (String, String);
 /// Writes `bytes` unless the file holds them already (a resumed run, `lexflow dedup` or `lexflow heldout` regenerate
 /// the corpus a running run may be reading), and then atomically (a temporary file renamed over it): a reader never
 /// sees a half-written file.
+/// [`generate`] into a directory lexflow owns (a run's `<run.dir>/corpus`), which then holds this generation only:
+/// input files an earlier generation wrote (other languages, more acts, another seed) are removed, because the
+/// run reads the whole directory. Files this generation writes again with the same bytes are left untouched.
+pub fn generate_exact(cfg: &crate::config::GenerateConfig, out: &Path) -> anyhow::Result<GenStats> {
+    let mut keep = std::collections::BTreeSet::new();
+    let mut stats = generate_recording(cfg, out, &mut keep)?;
+    let mut stack = vec![out.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d)
+            .with_context(|| format!("gen-sample: cannot list {}", d.display()))?;
+        for e in entries {
+            let p = e
+                .with_context(|| format!("gen-sample: cannot list {}", d.display()))?
+                .path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if crate::reader::is_supported(&p) && !keep.contains(&p) {
+                std::fs::remove_file(&p).with_context(|| {
+                    format!(
+                        "gen-sample: cannot remove {}, left by an earlier generation (it would be read as input)",
+                        p.display()
+                    )
+                })?;
+                stats.stale_removed += 1;
+            }
+        }
+    }
+    if stats.stale_removed > 0 {
+        tracing::info!(
+            dir = %out.display(),
+            removed = stats.stale_removed,
+            "removed input files of an earlier sample corpus generation"
+        );
+    }
+    Ok(stats)
+}
+
 fn write_file(path: &Path, bytes: &[u8], stats: &mut GenStats) -> anyhow::Result<()> {
     if std::fs::read(path).ok().as_deref() != Some(bytes) {
         let mut tmp = path.as_os_str().to_owned();
@@ -1634,6 +1673,15 @@ fn check_lang(lang: &str) -> anyhow::Result<String> {
 
 /// Generates the sample corpus under `out` (created if missing). Existing files with the same names are overwritten.
 pub fn generate(cfg: &crate::config::GenerateConfig, out: &Path) -> anyhow::Result<GenStats> {
+    generate_recording(cfg, out, &mut std::collections::BTreeSet::new())
+}
+
+/// [`generate`], adding the path of every file it writes to `written`.
+fn generate_recording(
+    cfg: &crate::config::GenerateConfig,
+    out: &Path,
+    written: &mut std::collections::BTreeSet<PathBuf>,
+) -> anyhow::Result<GenStats> {
     let mut langs = Vec::new();
     for l in &cfg.languages {
         let l = check_lang(l)?;
@@ -1711,7 +1759,9 @@ pub fn generate(cfg: &crate::config::GenerateConfig, out: &Path) -> anyhow::Resu
             if n >= 2 && i == n - 1 {
                 // The last act of each language travels as a zip package.
                 let bytes = zip_bytes(&members)?;
-                write_file(&dir.join(format!("{stem}.zip")), &bytes, &mut stats)?;
+                let path = dir.join(format!("{stem}.zip"));
+                write_file(&path, &bytes, &mut stats)?;
+                written.insert(path);
                 stats.zip_files += 1;
             } else {
                 for (k, (name, xml)) in members.iter().enumerate() {
@@ -1719,10 +1769,14 @@ pub fn generate(cfg: &crate::config::GenerateConfig, out: &Path) -> anyhow::Resu
                     if k == 0 && i % 6 == 5 {
                         let z =
                             zstd::bulk::compress(xml.as_bytes(), 9).context("gen-sample: zstd")?;
-                        write_file(&dir.join(format!("{name}.zst")), &z, &mut stats)?;
+                        let path = dir.join(format!("{name}.zst"));
+                        write_file(&path, &z, &mut stats)?;
+                        written.insert(path);
                         stats.zst_files += 1;
                     } else {
-                        write_file(&dir.join(name), xml.as_bytes(), &mut stats)?;
+                        let path = dir.join(name);
+                        write_file(&path, xml.as_bytes(), &mut stats)?;
+                        written.insert(path);
                     }
                 }
             }
@@ -1816,6 +1870,38 @@ mod tests {
         }
         assert_eq!(depth, 0, "{name}: unclosed elements");
         (root.unwrap_or_else(|| panic!("{name}: no root")), text)
+    }
+
+    /// A run's generated corpus directory holds exactly the current generation: regenerating with fewer languages,
+    /// fewer acts or another seed removes the earlier input files (the run reads the whole directory), keeps files
+    /// that are not inputs, and leaves the result equal to a fresh generation.
+    #[test]
+    fn generate_exact_leaves_only_this_generation() {
+        let (dir, fresh) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        generate(&cfg(9, &["en", "fr", "de"], 5), dir.path()).unwrap();
+        std::fs::write(dir.path().join("en").join("NOTES.txt"), "mine").unwrap();
+        let small = cfg(4, &["en", "pt"], 6);
+        let st = generate_exact(&small, dir.path()).unwrap();
+        assert!(st.stale_removed > 0);
+        generate(&small, fresh.path()).unwrap();
+        let mut got = tree(dir.path());
+        assert_eq!(
+            got.remove("en/NOTES.txt").as_deref(),
+            Some(&b"mine"[..]),
+            "a file that is not an input was removed"
+        );
+        assert!(got == tree(fresh.path()), "stale inputs left: {:?}", {
+            let want = tree(fresh.path());
+            got.keys()
+                .filter(|k| !want.contains_key(*k))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        // What the run reads is this generation's files.
+        let inputs = crate::reader::expand_inputs(&[dir.path().display().to_string()]).unwrap();
+        assert_eq!(inputs.len(), st.files);
+        // Regenerating the same corpus removes nothing.
+        assert_eq!(generate_exact(&small, dir.path()).unwrap().stale_removed, 0);
     }
 
     #[test]

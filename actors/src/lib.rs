@@ -27,3 +27,46 @@ pub mod stats;
 pub mod tokenizer;
 pub mod trainer;
 pub mod types;
+
+/// An error and its causes on one line, as `{:#}` prints them, but without a cause whose text is already in the line:
+/// several error types put their `io::Error` in their own message and also expose it as their source, which `{:#}`
+/// would print twice ("…: No such file or directory (os error 2): No such file or directory (os error 2)").
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if line.contains(&s) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&s);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_line_says_each_cause_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::from(lexflow_gpu::GpuError::Io {
+            path: "/no/ckpt/config.json".into(),
+            source: io(),
+        })
+        .context("train.init_from");
+        let doubled = format!("{e:#}");
+        let once = super::error_line(&e);
+        let n = |s: &str| s.matches(&io().to_string()).count();
+        assert_eq!(n(&doubled), 2, "{doubled}");
+        assert_eq!(n(&once), 1, "{once}");
+        assert!(
+            once.starts_with("train.init_from: /no/ckpt/config.json: "),
+            "{once}"
+        );
+        // Causes that add something are kept.
+        let e = anyhow::anyhow!("inner cause").context("outer");
+        assert_eq!(super::error_line(&e), "outer: inner cause");
+    }
+}

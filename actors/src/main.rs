@@ -488,7 +488,7 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("lexflow: error: {e:#}");
+            eprintln!("lexflow: error: {}", lexflow_actors::error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -1340,10 +1340,9 @@ pub(crate) fn prepend_bos(tk: &Tokenizer, tokens: &mut Vec<u32>) -> u32 {
 /// The input files of a config: `input.paths` expanded, or the sample corpus generated into `corpus_dir`.
 fn input_files(cfg: &Config, corpus_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let patterns: Vec<String> = if cfg.input.paths.is_empty() {
-        let g =
-            crate::gen_sample::generate(&cfg.input.generate, corpus_dir).with_context(|| {
-                format!("generating the sample corpus into {}", corpus_dir.display())
-            })?;
+        let g = crate::gen_sample::generate_exact(&cfg.input.generate, corpus_dir).with_context(
+            || format!("generating the sample corpus into {}", corpus_dir.display()),
+        )?;
         tracing::info!(dir = %corpus_dir.display(), ?g, "generated sample corpus");
         vec![corpus_dir.display().to_string()]
     } else {

@@ -298,7 +298,31 @@ pub fn process_group(cfg: &TrainConfig) -> Result<Option<(usize, usize)>, Traine
         return Ok(None);
     };
     let cuda = cfg.devices.iter().all(|d| d.starts_with("cuda"));
-    Ok((world > 1 || (cuda && cfg!(feature = "cuda"))).then_some((rank, world)))
+    let group = (world > 1 || (cuda && cfg!(feature = "cuda"))).then_some((rank, world));
+    if group.is_some() {
+        process_device(&cfg.devices, 0)?;
+    }
+    Ok(group)
+}
+
+/// The device of a process of a one-process-per-rank run. `train.devices` names the device kind in one entry, the
+/// same config on every process: `"cpu"`, or `"cuda:N"` for the GPU of `LOCAL_RANK` (`local_rank`). More entries
+/// would be ignored silently (each process trains one rank): refused, as is an entry that is not a device.
+pub fn process_device(devices: &[String], local_rank: usize) -> Result<Device, TrainerError> {
+    if devices.len() != 1 {
+        return Err(TrainerError::Setup(format!(
+            "key `train.devices`: one process per rank (RANK/WORLD_SIZE set) trains one rank per process, on the \
+             device kind train.devices names in one entry ([\"cuda:0\"]: the GPU of LOCAL_RANK, or [\"cpu\"]); it \
+             lists {} ({:?}). Give one entry, or run one process without RANK/WORLD_SIZE for one rank per listed \
+             device",
+            devices.len(),
+            devices
+        )));
+    }
+    Ok(match parse_device(&devices[0])? {
+        Device::Cpu => Device::Cpu,
+        _ => Device::Cuda(local_rank),
+    })
 }
 
 /// `RANK`, `WORLD_SIZE` and `LOCAL_RANK` as found in the environment (None or empty: not set). Neither `RANK` nor
@@ -407,16 +431,11 @@ fn layout(cfg: &TrainConfig, inputs: usize) -> Result<Layout, TrainerError> {
                 "RANK={rank} is not below WORLD_SIZE={world}"
             )));
         }
-        // `train.devices` names this process's device kind: "cpu", or CUDA on LOCAL_RANK.
-        let device = match cfg.devices.first().map(String::as_str) {
-            Some("cpu") => Device::Cpu,
-            _ => Device::Cuda(
-                std::env::var("LOCAL_RANK")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
-            ),
-        };
+        let local_rank = std::env::var("LOCAL_RANK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let device = process_device(&cfg.devices, local_rank)?;
         return Ok(Layout {
             world,
             local: vec![(rank, device)],
@@ -1825,6 +1844,24 @@ mod failure_tests {
             .join("previous.1/checkpoints/step-000004")
             .is_dir());
         assert!(dir.path().join("previous/checkpoints/step-000022").is_dir());
+    }
+
+    /// One process per rank: one device entry, the kind only (CUDA on LOCAL_RANK); a list of several, which a process
+    /// would silently reduce to its first, or a non-device is an error naming the key.
+    #[test]
+    fn a_process_of_one_rank_takes_one_device_entry() {
+        let v = |d: &[&str]| d.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(process_device(&v(&["cpu"]), 3).unwrap(), Device::Cpu);
+        assert_eq!(process_device(&v(&["cuda:0"]), 3).unwrap(), Device::Cuda(3));
+        for bad in [&["cpu", "cpu"][..], &["cuda:0", "cuda:1"], &[]] {
+            let e = process_device(&v(bad), 0).unwrap_err().to_string();
+            assert!(
+                e.contains("key `train.devices`") && e.contains("one entry"),
+                "{e}"
+            );
+        }
+        let e = process_device(&v(&["gpu"]), 0).unwrap_err().to_string();
+        assert!(e.contains("`gpu` is not `cpu` or `cuda:N`"), "{e}");
     }
 
     #[test]
