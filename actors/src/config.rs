@@ -701,6 +701,10 @@ impl Config {
                             e.msg,
                             e.pos + 1
                         ));
+                    } else if let Err(e) = crate::reader::expand_inputs(std::slice::from_ref(p)) {
+                        // A pattern that matches no input file (or cannot be walked): said here with its key and
+                        // line, not later by the reader without either.
+                        errs.push(format!("{}: {e}", at(key)));
                     }
                 } else if std::fs::metadata(p).is_err() {
                     errs.push(format!(
@@ -1762,8 +1766,11 @@ mod tests {
         let cfg = dir.path().join("c.toml");
         let ok = dir.path().join("corpus");
         std::fs::create_dir(&ok).unwrap();
+        std::fs::write(ok.join("a.xml"), "<ACT/>").unwrap();
+        let matching = format!("{}/*.xml", ok.display());
         let text = format!(
-            "[run]\nname = \"x\"\ndir = \"r\"\n[input]\npaths = [{ok:?}, \"/no/such/dir\", \"c/[x\"]\n\
+            "[run]\nname = \"x\"\ndir = \"r\"\n[input]\npaths = [{ok:?}, \"/no/such/dir\", \"c/[x\", \
+             \"/no/such/**/*.xml\", {matching:?}]\n\
              [tokenizer]\npath = \"/no/tokenizer.json\"\n[train]\ndevices = [\"cpu\"]\nsteps = 1\n\
              init_from = \"/no/ckpt\"\n[eval]\nqa_gold = \"/no/eval.jsonl\"\n",
             ok = ok.display().to_string()
@@ -1781,6 +1788,7 @@ mod tests {
         for want in [
             "line 5: key `input.paths`: /no/such/dir does not exist",
             "line 5: key `input.paths`: `c/[x` is not a valid glob pattern",
+            "line 5: key `input.paths`: /no/such/**/*.xml: no input matches",
             "line 7: key `tokenizer.path`: tokenizer file /no/tokenizer.json not found",
             "line 11: key `train.init_from`: /no/ckpt does not exist",
             "line 13: key `eval.qa_gold`: /no/eval.jsonl does not exist",
