@@ -1018,7 +1018,8 @@ impl<'a> Rank<'a> {
 
             // The loss stays on the device until the step is done: no host sync per micro-batch.
             let mut loss_acc: Option<tch::Tensor> = None;
-            for chunk in seqs.chunks(mb) {
+            let n_chunks = seqs.len().div_ceil(mb);
+            for (i, chunk) in seqs.chunks(mb).enumerate() {
                 let rows: Vec<SequenceRef<'_>> = chunk.iter().map(seq_ref).collect();
                 let batch = Batch::new(&rows, self.device)?;
                 if self.rank == 0 && !attention_logged && batch.segments.is_some() {
@@ -1034,6 +1035,10 @@ impl<'a> Rank<'a> {
                     Some(acc) => acc + loss.to_kind(Kind::Double),
                     None => loss.to_kind(Kind::Double),
                 });
+                // bf16 parameters: the micro-batches' gradients sum in the optimizer's fp32 buffer, not in bf16.
+                if i + 1 < n_chunks {
+                    opt.accumulate_micro_batch(&mut model.params);
+                }
             }
             opt.reduce_grads(&model.params, &*self.coll)?;
             let st = opt.step(&model.params, &*self.coll)?;

@@ -247,14 +247,21 @@ class Trainer:
         n_valid = sum(int((lab != -100).sum()) for _, lab in micro_batches) if self.args.exact_valid else \
             sum(lab.numel() for _, lab in micro_batches)
         total = torch.zeros((), device=micro_batches[0][0].device)
-        for ids, lab in micro_batches:
+        master_grads = [m.grad for m in self.master]
+        for i, (ids, lab) in enumerate(micro_batches):
             loss = self.model.loss_sum(ids, lab, cos, sin)
             (loss / n_valid).backward()
             total += loss.detach()
+            # As lexflow does (FlatAdamW::accumulate_micro_batch): the micro-batches' gradients sum in the fp32
+            # master gradients, not in the parameters' bf16 .grad (which would round every partial sum).
+            grads = [p.grad for p in self.model_params]
+            if i == 0:
+                torch._foreach_copy_(master_grads, grads)
+            else:
+                torch._foreach_add_(master_grads, grads)
+            for p in self.model_params:
+                p.grad = None
         self.step_no += 1
-        torch._foreach_copy_([m.grad for m in self.master], [p.grad for p in self.model_params])
-        for p in self.model_params:
-            p.grad = None
         if self.args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.master, self.args.grad_clip, foreach=True)
         lr = self.lr_at(self.step_no)

@@ -210,6 +210,24 @@ fn global_norm(g: &Tensor) -> Tensor {
 
 /// Copies the gradients of the flat range `[from, from + dst.numel())` into `dst` (fp32): one converting copy per
 /// overlapping parameter; missing gradients and elements past the model are zero.
+/// [`copy_flat_grads`], adding into `dst` instead of overwriting it (parameters without a gradient add nothing).
+fn add_flat_grads(params: &Params, from: i64, dst: &mut Tensor) {
+    let end = from + dst.numel() as i64;
+    for p in &params.params {
+        let (ps, pe) = (p.offset, p.offset + p.numel);
+        if pe <= from || ps >= end {
+            continue;
+        }
+        let (a, b) = (ps.max(from), pe.min(end));
+        let g = p.tensor.grad();
+        if g.defined() {
+            let _ = dst
+                .narrow(0, a - from, b - a)
+                .g_add_(&g.reshape([-1]).narrow(0, a - ps, b - a));
+        }
+    }
+}
+
 fn copy_flat_grads(params: &Params, from: i64, dst: &mut Tensor) {
     let len = dst.numel() as i64;
     let end = from + len;
@@ -267,6 +285,9 @@ pub struct FlatAdamW {
     fused: bool,
     /// The fused kernel's step counter: an fp32 scalar on the device, filled before each step (no host sync).
     step_t: Option<Tensor>,
+    /// [`grad`](Self::grad) holds micro-batches of the current step ([`accumulate_micro_batch`](Self::accumulate_micro_batch)):
+    /// the next gather adds to it instead of overwriting it.
+    acc_pending: bool,
 }
 
 impl FlatAdamW {
@@ -310,6 +331,7 @@ impl FlatAdamW {
             gather_bufs: None,
             fused: std::env::var("LEXFLOW_ADAMW").map_or(true, |v| v != "unfused"),
             step_t: None,
+            acc_pending: false,
         }
     }
 
@@ -331,8 +353,29 @@ impl FlatAdamW {
     pub fn gather_grads(&mut self, params: &Params) -> &mut Tensor {
         let _ng = tch::no_grad_guard();
         let (start, _) = self.layout.range();
-        copy_flat_grads(params, start, &mut self.grad);
+        if std::mem::take(&mut self.acc_pending) {
+            add_flat_grads(params, start, &mut self.grad);
+        } else {
+            copy_flat_grads(params, start, &mut self.grad);
+        }
         &mut self.grad
+    }
+
+    /// Gradient accumulation in fp32: adds the gradients the parameters hold after one micro-batch into the fp32
+    /// [`grad`](Self::grad) buffer and zeroes them, so that the micro-batches of a step sum in fp32 and not in the
+    /// parameters' dtype (bf16 `.grad` tensors would round every partial sum to 8 bits of mantissa, as PyTorch does
+    /// with bf16 parameters; FSDP-style trainers keep the sum in fp32). Call it after every micro-batch but the last;
+    /// [`reduce_grads`](Self::reduce_grads) then adds the last one. One add per parameter per micro-batch. Returns
+    /// false, and does nothing, when it does not apply: fp32 parameters (their `.grad` already sums in fp32) or a
+    /// sharded optimizer (no full-size fp32 buffer to sum into; its micro-batches still sum in the parameters' dtype).
+    pub fn accumulate_micro_batch(&mut self, params: &mut Params) -> bool {
+        if self.layout.is_sharded() || params.flat.kind() == Kind::Float {
+            return false;
+        }
+        self.gather_grads(params);
+        self.acc_pending = true;
+        params.zero_grad();
+        true
     }
 
     /// Fills [`grad`](Self::grad) with the mean over ranks of this rank's slice of the gradients: replicated, a
@@ -723,6 +766,89 @@ mod tests {
     use crate::model::{Llama, LlamaConfig};
     use crate::{InProcessCollective, SingleRank};
     use tch::{nn, nn::OptimizerConfig, Device};
+
+    /// bf16 parameters, 16 micro-batches: with [`FlatAdamW::accumulate_micro_batch`] the step's gradient is the
+    /// fp32 sum of the micro-batches' bf16 gradients (to fp32 rounding); summed in the bf16 `.grad` tensors, as
+    /// before, it is off by bf16 roundings of the partial sums. fp32 parameters and a sharded optimizer are left as
+    /// they were.
+    #[test]
+    fn micro_batches_of_bf16_parameters_sum_in_fp32() {
+        let vocab = 64;
+        let model = Llama::new(&LlamaConfig::tiny(vocab), Device::Cpu, Kind::BFloat16, 3).unwrap();
+        let n = model.params.numel();
+        // Micro-batch k's gradient: a deterministic wave (libtorch's generator is shared with concurrent tests),
+        // of one sign so that the partial sums grow and bf16 rounds them coarsely.
+        let grads: Vec<Tensor> = (0..16)
+            .map(|k| {
+                (Tensor::arange(n, (Kind::Double, Device::Cpu)) * (0.37 + 0.01 * k as f64))
+                    .sin()
+                    .abs()
+                    .g_add_scalar(0.5)
+                    .to_kind(Kind::BFloat16)
+            })
+            .collect();
+        let backward = |params: &Params, g: &Tensor| {
+            let loss = params
+                .params
+                .iter()
+                .map(|p| {
+                    let gp = g.narrow(0, p.offset, p.numel).view(p.shape.as_slice());
+                    (&p.tensor * gp).sum(Kind::Float)
+                })
+                .reduce(|a, b| a + b)
+                .unwrap();
+            loss.backward();
+        };
+        let exact = grads
+            .iter()
+            .map(|g| g.to_kind(Kind::Double))
+            .reduce(|a, b| a + b)
+            .unwrap();
+        let err = |got: &Tensor| {
+            let d = (got.to_kind(Kind::Double) - &exact)
+                .abs()
+                .max()
+                .double_value(&[]);
+            d / exact.abs().max().double_value(&[])
+        };
+        let run = |fp32: bool| {
+            let mut m =
+                Llama::new(&LlamaConfig::tiny(vocab), Device::Cpu, Kind::BFloat16, 3).unwrap();
+            let mut opt = FlatAdamW::new(&m.params, cfg());
+            for (k, g) in grads.iter().enumerate() {
+                backward(&m.params, g);
+                if fp32 && k + 1 < grads.len() {
+                    assert!(opt.accumulate_micro_batch(&mut m.params));
+                }
+            }
+            opt.reduce_grads(&m.params, &SingleRank).unwrap();
+            let e = err(&opt.grad.narrow(0, 0, n));
+            // The next step starts afresh: its gradient is its own micro-batch only.
+            m.params.zero_grad();
+            backward(&m.params, &grads[0]);
+            opt.reduce_grads(&m.params, &SingleRank).unwrap();
+            let first = (opt.grad.narrow(0, 0, n).to_kind(Kind::Double)
+                - grads[0].to_kind(Kind::Double))
+            .abs()
+            .max()
+            .double_value(&[]);
+            assert_eq!(first, 0.0, "the previous step leaked into the next one");
+            e
+        };
+        let (in_fp32, in_bf16) = (run(true), run(false));
+        assert!(in_fp32 < 1e-6, "fp32 accumulation off by {in_fp32:e}");
+        assert!(
+            in_bf16 > 1e-3,
+            "bf16 accumulation unexpectedly exact ({in_bf16:e}): the test cannot tell"
+        );
+        // Where it does not apply it does nothing.
+        let mut f32m = Llama::new(&LlamaConfig::tiny(vocab), Device::Cpu, Kind::Float, 3).unwrap();
+        let mut opt = FlatAdamW::new(&f32m.params, cfg());
+        assert!(!opt.accumulate_micro_batch(&mut f32m.params));
+        let mut sharded = FlatAdamW::sharded(&model.params, cfg(), 0, 2);
+        let mut bm = Llama::new(&LlamaConfig::tiny(vocab), Device::Cpu, Kind::BFloat16, 3).unwrap();
+        assert!(!sharded.accumulate_micro_batch(&mut bm.params));
+    }
 
     #[test]
     fn schedules_warm_up_then_follow_their_shape() {
