@@ -338,7 +338,7 @@ pub fn generate_ids(
     let format = prompt_format_for(model_dir, opts.format.as_ref())?;
     format.check_tokenizer(&tok)?;
     eprintln!(
-        "qa eval: prompt template `{}`{}",
+        "lexflow qa eval: prompt template `{}`{}",
         format.template.as_str(),
         if format.system.is_some() {
             " with a system turn"
@@ -623,7 +623,7 @@ pub fn cli_eval(a: EvalArgs<'_>) -> anyhow::Result<ExitCode> {
     }
     let (index, source) = load_index(a.index, &all)?;
     let r = report(gold, &outputs, &index, &source);
-    print!("{}", table(&r));
+    crate::replay::print_to_stdout(&table(&r))?;
     if r.overall.missing_predictions > 0 {
         eprintln!(
             "lexflow qa eval: {} of {} gold examples have no prediction (scored as empty answers)",

@@ -170,12 +170,22 @@ pub fn prompt_style(
     let cfg = crate::config::Config::stored_file(&p).map_err(|e| {
         anyhow::anyhow!("{e} (pass --template to choose the prompt format yourself)")
     })?;
-    let qa = cfg.input.paths.iter().any(|p| p.ends_with(".jsonl"))
-        || cfg.input.qa_template == QaTemplate::Llama3;
+    let qa = trained_on_qa_pairs(&cfg.input.paths) || cfg.input.qa_template == QaTemplate::Llama3;
     Ok(match qa {
         true => PromptStyle::Qa(cfg.input.prompt_format()),
         false => PromptStyle::Raw,
     })
+}
+
+/// Whether a run's `input.paths` hold Q&A pairs: a `.jsonl` (`.zst`, `.gz`) path, or a directory or glob that
+/// expands to one — `docs/QA.md` fine-tunes on `lexflow qa build`'s `train/` directory. Inputs that no longer exist
+/// (the checkpoint was copied elsewhere) count as FORMEX: `--template` then chooses.
+fn trained_on_qa_pairs(paths: &[String]) -> bool {
+    paths
+        .iter()
+        .any(|p| crate::reader::is_qa_jsonl(Path::new(p)))
+        || crate::reader::expand_inputs(paths)
+            .is_ok_and(|files| files.iter().any(|f| crate::reader::is_qa_jsonl(f)))
 }
 
 /// One prompt of `lexflow generate --prompts FILE` (JSON lines): `{"prompt": …}` or `{"question": …}`, with an
@@ -464,6 +474,45 @@ mod tests {
         let mut b = a.clone();
         b.seed = 4;
         assert_ne!(draw(&a, 2), draw(&b, 2));
+    }
+
+    /// A checkpoint directory holding only a `run_config.toml` with these input paths.
+    fn checkpoint_with_inputs(dir: &Path, paths: &[String]) -> PathBuf {
+        let ckpt = dir.join("checkpoints/step-000003");
+        std::fs::create_dir_all(&ckpt).unwrap();
+        let toml = format!(
+            "[run]\nname = \"sft\"\ndir = {:?}\n\n[input]\npaths = {:?}\n",
+            dir.display().to_string(),
+            paths
+        );
+        std::fs::write(ckpt.join(crate::trainer::RUN_CONFIG_FILE), toml).unwrap();
+        ckpt
+    }
+
+    #[test]
+    fn a_run_fine_tuned_on_a_directory_of_pairs_answers_in_its_template() {
+        // docs/QA.md fine-tunes with `paths = ["runs/qa/train"]`: a directory of `<lang>.jsonl` files.
+        let dir = tempfile::tempdir().unwrap();
+        let train = dir.path().join("qa/train");
+        std::fs::create_dir_all(&train).unwrap();
+        std::fs::write(train.join("en.jsonl"), "").unwrap();
+        let plain = PromptStyle::Qa(PromptFormat::default());
+        for paths in [
+            vec![train.display().to_string()],
+            vec![format!("{}/*.jsonl", train.display())],
+            vec![train.join("en.jsonl").display().to_string()],
+            vec!["gone/fr.jsonl.zst".to_string()],
+        ] {
+            let ckpt = checkpoint_with_inputs(dir.path(), &paths);
+            assert_eq!(prompt_style(&ckpt, None, None).unwrap(), plain, "{paths:?}");
+        }
+        // FORMEX inputs: raw text; `--template` overrides either way.
+        let formex = dir.path().join("formex");
+        std::fs::create_dir_all(&formex).unwrap();
+        std::fs::write(formex.join("L_2016119EN.01000101.xml"), "").unwrap();
+        let ckpt = checkpoint_with_inputs(dir.path(), &[formex.display().to_string()]);
+        assert_eq!(prompt_style(&ckpt, None, None).unwrap(), PromptStyle::Raw);
+        assert_eq!(prompt_style(&ckpt, Some("plain"), None).unwrap(), plain);
     }
 
     #[test]

@@ -398,13 +398,17 @@ pub fn read_results(run_dir: &Path) -> anyhow::Result<Vec<EvalResult>> {
 /// language, Q&A scores), or as JSON lines.
 pub fn cli_evals(run_dir: &Path, json: bool) -> anyhow::Result<std::process::ExitCode> {
     let rs = read_results(run_dir)?;
-    if json {
+    let text = if json {
+        let mut t = String::new();
         for r in &rs {
-            println!("{}", serde_json::to_string(r)?);
+            t += &serde_json::to_string(r)?;
+            t.push('\n');
         }
-        return Ok(std::process::ExitCode::SUCCESS);
-    }
-    print!("{}", results_table(&rs));
+        t
+    } else {
+        results_table(&rs)
+    };
+    crate::replay::print_to_stdout(&text)?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -475,7 +479,7 @@ pub fn cli_heldout(
         }
         w.flush()?;
     }
-    println!("{}", serde_json::to_string_pretty(&set)?);
+    crate::replay::print_to_stdout(&format!("{}\n", serde_json::to_string_pretty(&set)?))?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 

@@ -89,8 +89,36 @@ fn load_ckpt(dir: &Path) -> anyhow::Result<Ckpt> {
     })
 }
 
+/// The checkpoint `path` names: a checkpoint directory (it has a `manifest.json`), or a run directory, which stands
+/// for its newest checkpoint (a replay starts from the run's newest checkpoint before the first step anyway).
+pub fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.join(lexflow_gpu::checkpoint::MANIFEST).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if let Some((_, newest)) = list_checkpoints(path).pop() {
+        return Ok(newest);
+    }
+    anyhow::bail!(
+        "{}: neither a checkpoint (no {}) nor a run directory with checkpoints (none in {}): pass a run directory \
+         (`run.dir`) or one of its checkpoints (`<run.dir>/checkpoints/step-NNNNNN`)",
+        path.display(),
+        lexflow_gpu::checkpoint::MANIFEST,
+        checkpoints_dir(path).display()
+    )
+}
+
+/// Writes `text` to stdout. A reader that stops early (`lexflow evals RUN --json | head`) is not an error: the rest
+/// is not wanted, so a closed pipe ends the output quietly instead of a panic or an error message.
+pub fn print_to_stdout(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
+}
+
 /// Regenerates steps `first..=last`, starting from the newest verified checkpoint in `checkpoint`'s run taken before
-/// `first` (or from the beginning).
+/// `first` (or from the beginning). `checkpoint` may be the run directory ([`resolve_checkpoint`]).
 pub fn replay_steps(
     checkpoint: &Path,
     first: u64,
@@ -101,6 +129,7 @@ pub fn replay_steps(
         first >= 1 && last >= first,
         "steps {first}..={last}: steps are numbered from 1 (the first optimizer step is step 1)"
     );
+    let checkpoint = &resolve_checkpoint(checkpoint)?;
     let given = load_ckpt(checkpoint)?;
     let run_dir = checkpoint
         .parent()
@@ -227,17 +256,15 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
 pub fn cli_replay(checkpoint: &Path, steps: &str, out: Option<&Path>) -> anyhow::Result<ExitCode> {
     let (a, b) = parse_steps(steps)?;
     let (seqs, _) = replay_steps(checkpoint, a, b, false)?;
-    let mut w: Box<dyn Write> = match out {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        )),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
-    };
+    let mut text = String::new();
     for s in &seqs {
-        serde_json::to_writer(&mut w, s)?;
-        w.write_all(b"\n")?;
+        text += &serde_json::to_string(s)?;
+        text.push('\n');
     }
-    w.flush()?;
+    match out {
+        Some(p) => std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?,
+        None => print_to_stdout(&text)?,
+    }
     eprintln!("replayed steps {a}..={b}: {} sequences", seqs.len());
     Ok(ExitCode::SUCCESS)
 }
@@ -252,19 +279,23 @@ pub fn cli_provenance(run_dir: &Path, step: u64, json: bool) -> anyhow::Result<E
         )
     })?;
     let (seqs, pieces) = replay_steps(any, step, step, true)?;
+    use std::fmt::Write as _;
+    let mut text = String::new();
     if json {
         for p in &pieces {
-            println!("{}", serde_json::to_string(p)?);
+            let _ = writeln!(text, "{}", serde_json::to_string(p)?);
         }
     } else {
-        println!("step {step}: {} sequences", seqs.len());
+        let _ = writeln!(text, "step {step}: {} sequences", seqs.len());
         for s in &seqs {
-            println!(
+            let _ = writeln!(
+                text,
                 "  sequence {} (rank {}, {} padding tokens, hash {})",
                 s.index, s.rank, s.padding, s.hash
             );
             for p in pieces.iter().filter(|p| p.index == s.index) {
-                println!(
+                let _ = writeln!(
+                    text,
                     "    @{:<5} tokens {:>6}..{:<6} {} {:<12} {:<11} {}{}",
                     p.offset,
                     p.token_start,
@@ -286,5 +317,6 @@ pub fn cli_provenance(run_dir: &Path, step: u64, json: bool) -> anyhow::Result<E
             }
         }
     }
+    print_to_stdout(&text)?;
     Ok(ExitCode::SUCCESS)
 }

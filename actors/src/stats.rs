@@ -126,6 +126,16 @@ fn train_line(t: &serde_json::Value) -> String {
     line
 }
 
+/// A byte count in the largest unit it fills (a small tee is not "0.0 MB").
+fn human_bytes(b: u64) -> String {
+    match b {
+        0..=999 => format!("{b} bytes"),
+        1_000..=999_999 => format!("{:.1} kB", b as f64 / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1} MB", b as f64 / 1e6),
+        _ => format!("{:.1} GB", b as f64 / 1e9),
+    }
+}
+
 impl RunStats {
     pub fn summary(&self) -> String {
         let mut s = String::new();
@@ -203,11 +213,11 @@ impl RunStats {
             let recovered: u64 = t.recovered.iter().map(|r| r.rows).sum();
             let _ = writeln!(
                 s,
-                "  tee        {} sequences from index {} in {} ({:.1} MB){}",
+                "  tee        {} sequences from index {} in {} ({}){}",
                 t.sequences,
                 t.first_index,
                 t.dir.display(),
-                t.bytes as f64 / 1e6,
+                human_bytes(t.bytes),
                 if t.recovered.is_empty() {
                     String::new()
                 } else {
@@ -314,6 +324,35 @@ mod tests {
             train_line(&failed),
             "  train      23 steps done before the failure, loss 3.0000 → 2.0000, last checkpoint runs/x/step-20"
         );
+    }
+
+    #[test]
+    fn tee_line_gives_a_small_tee_a_visible_size() {
+        let st = RunStats {
+            shards: ShardReport {
+                arrow_tee: Some(crate::arrow_tee::TeeSummary {
+                    dir: "runs/x/arrow".into(),
+                    files: Vec::new(),
+                    rows_per_shard: vec![34],
+                    sequences: 34,
+                    batches: 9,
+                    bytes: 46_576,
+                    first_index: 8,
+                    recovered: Vec::new(),
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(
+            st.summary()
+                .contains("  tee        34 sequences from index 8 in runs/x/arrow (46.6 kB)\n"),
+            "{}",
+            st.summary()
+        );
+        assert_eq!(human_bytes(512), "512 bytes");
+        assert_eq!(human_bytes(142_032_490), "142.0 MB");
+        assert_eq!(human_bytes(3_100_000_000), "3.1 GB");
     }
 
     #[test]
