@@ -201,6 +201,11 @@ fn real_corpus_matches_datasketch_and_the_run_drops_what_the_audit_finds() {
         })
         .unwrap();
     assert_eq!(heavy["verdict"], "kept", "{heavy}");
+    // A kept document repeats nothing: its line names no other document (was `"of_path": "", "of_ordinal": 0`).
+    assert!(
+        heavy.get("of_path").is_none() && heavy.get("of_ordinal").is_none(),
+        "{heavy}"
+    );
 
     // 3. The run (preprocessing only) drops exactly these documents and reports the same counts.
     let (good, so, se) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet"]);

@@ -448,9 +448,11 @@ pub struct DropRecord {
     pub ordinal: u32,
     pub path: String,
     pub verdict: String,
-    /// The kept (or held-out) document it repeats: path and ordinal in that file.
-    pub of_path: String,
-    pub of_ordinal: u32,
+    /// The kept (or held-out) document it repeats: path and ordinal in that file (absent for a kept document).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub of_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub of_ordinal: Option<u32>,
     pub bytes: u64,
 }
 
@@ -525,10 +527,11 @@ impl DedupIndex {
         let v = self.decide(lane, file, ordinal, sig);
         let bytes = doc.text.len() as u64;
         let (of_path, of_ordinal) = match v {
-            Verdict::Keep => (String::new(), 0),
+            Verdict::Keep => (None, None),
             Verdict::Exact(p) | Verdict::Near(p) => {
                 self.count_dropped_bytes(lane, bytes);
-                self.describe(p, lane_paths)
+                let (path, ordinal) = self.describe(p, lane_paths);
+                (Some(path), Some(ordinal))
             }
         };
         let rec = DropRecord {

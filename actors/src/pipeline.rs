@@ -1387,8 +1387,9 @@ fn heldout_set(
     if set.is_empty() {
         anyhow::bail!(
             "[eval]: the held-out set is empty ({} files, {} read, {} quarantined, {} documents outside the mix): \
-             eval.holdout holds out whole acts (each with that probability, by a hash of its name), so with few \
-             acts it may hold out none; give held-out files in eval.paths, or raise eval.holdout",
+             eval.holdout holds out input files (each with that probability, by a hash of its name; the language \
+             versions of a file go together), and a file may carry no text (a package manifest), so with few files \
+             it may hold out nothing to evaluate; give held-out files in eval.paths, or raise eval.holdout",
             set.files,
             set.files_read,
             set.quarantined_files,

@@ -144,12 +144,17 @@ impl Topology {
     }
 }
 
+/// The error and its causes on one line; a cause whose text the line already holds is left out (error types that
+/// put their `io::Error` in their own message and also expose it as their source would say it twice).
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
         cur = c.source();
     }
     s
@@ -170,6 +175,35 @@ mod tests {
     use super::*;
     use crate::edge;
     use std::num::NonZeroUsize;
+
+    /// An error that says its io::Error in its message and also exposes it as its source.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: {source}")]
+    struct Saying {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn an_actor_error_says_each_cause_once() {
+        let io = || std::io::Error::other("No space left on device (os error 28)");
+        let said = error_chain(&Saying {
+            path: "/run/ckpt/model.safetensors".into(),
+            source: io(),
+        });
+        assert_eq!(
+            said,
+            "/run/ckpt/model.safetensors: No space left on device (os error 28)"
+        );
+        // A cause the message does not hold is kept.
+        #[derive(Debug, thiserror::Error)]
+        #[error("writing the checkpoint")]
+        struct Outer(#[source] std::io::Error);
+        assert_eq!(
+            error_chain(&Outer(io())),
+            "writing the checkpoint: No space left on device (os error 28)"
+        );
+    }
 
     #[test]
     fn failure_names_actor_and_input_and_unwinds_the_pipeline() {
