@@ -962,10 +962,23 @@ pub fn read_sequences(path: &Path) -> Result<Vec<PackedSequence>, ArrowTeeError>
 
 /// `lexflow inspect FILE`: per sequence its index, shard, padding, document boundaries and the decoded text of each
 /// piece.
-pub fn cli_inspect(file: &Path, tokenizer: &str, limit: usize) -> anyhow::Result<ExitCode> {
+/// `tokenizer`: what to decode with; None: the tokenizer the file records (the run's `tokenizer.path`).
+pub fn cli_inspect(file: &Path, tokenizer: Option<&str>, limit: usize) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
     let meta = read_meta(file)?;
     let seqs = read_sequences(file)?;
-    let tok = crate::tokenizer::Tokenizer::load(tokenizer)?;
+    let tokenizer = tokenizer.unwrap_or(&meta.tokenizer);
+    let tok = crate::tokenizer::Tokenizer::load(tokenizer).with_context(|| {
+        if tokenizer == meta.tokenizer {
+            format!(
+                "{} was written with tokenizer `{tokenizer}`, which cannot be loaded here: give the same \
+                 tokenizer.json with --tokenizer",
+                file.display()
+            )
+        } else {
+            format!("--tokenizer {tokenizer}")
+        }
+    })?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -1065,6 +1078,26 @@ mod tests {
             shard: rng.gen_range(0..shards),
             resume: None,
         }
+    }
+
+    /// `lexflow inspect` decodes with the tokenizer the file records unless told otherwise (it used `llama3`
+    /// whatever the run's tokenizer was, and so printed another vocabulary's text).
+    #[test]
+    fn inspect_decodes_with_the_tokenizer_the_file_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = meta(20);
+        m.tokenizer = "/no/such/tokenizer.json".into();
+        let mut tee = ArrowTee::create(dir.path(), 1, m).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        tee.write(&random_seq(&mut rng, 0, 1, 20)).unwrap();
+        tee.finish().unwrap();
+        let f = dir.path().join("shard-00000.arrow");
+        let e = format!("{:#}", cli_inspect(&f, None, 1).unwrap_err());
+        assert!(
+            e.contains("tokenizer `/no/such/tokenizer.json`") && e.contains("--tokenizer"),
+            "{e}"
+        );
+        assert!(cli_inspect(&f, Some("llama3"), 1).is_ok());
     }
 
     #[test]

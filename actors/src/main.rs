@@ -43,9 +43,10 @@ enum Cmd {
     Inspect {
         /// A shard file of the Arrow tee (`shards.arrow_dir`).
         file: PathBuf,
-        /// Tokenizer to decode with (default: the Llama 3 tokenizer).
-        #[arg(long, default_value = "llama3")]
-        tokenizer: String,
+        /// Tokenizer to decode with (`llama3` or a tokenizer.json; default: the one the file records, the run's
+        /// `tokenizer.path`).
+        #[arg(long)]
+        tokenizer: Option<String>,
         /// Print at most this many sequences.
         #[arg(long, default_value_t = 4)]
         limit: usize,
@@ -328,7 +329,7 @@ fn main() -> ExitCode {
             file,
             tokenizer,
             limit,
-        } => lexflow_actors::arrow_tee::cli_inspect(&file, &tokenizer, limit),
+        } => lexflow_actors::arrow_tee::cli_inspect(&file, tokenizer.as_deref(), limit),
         Cmd::GenSample {
             out,
             acts_per_language,
