@@ -32,18 +32,7 @@ pub mod types;
 /// several error types put their `io::Error` in their own message and also expose it as their source, which `{:#}`
 /// would print twice ("…: No such file or directory (os error 2): No such file or directory (os error 2)").
 pub fn error_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if line.contains(&s) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&s);
-    }
-    line
+    lexflow_dataflow::error_chain(e.as_ref())
 }
 
 #[cfg(test)]

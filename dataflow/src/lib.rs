@@ -20,4 +20,4 @@ mod topology;
 pub use edge::{edge, EdgeReceiver, EdgeSender, RecvError, SendError};
 pub use pool::ordered_pool;
 pub use shutdown::Shutdown;
-pub use topology::{ActorContext, ActorError, RunError, Topology};
+pub use topology::{error_chain, ActorContext, ActorError, RunError, Topology};

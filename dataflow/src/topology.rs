@@ -146,7 +146,7 @@ impl Topology {
 
 /// The error and its causes on one line; a cause whose text the line already holds is left out (error types that
 /// put their `io::Error` in their own message and also expose it as their source would say it twice).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -210,29 +210,20 @@ fn global_norm(g: &Tensor) -> Tensor {
 
 /// Copies the gradients of the flat range `[from, from + dst.numel())` into `dst` (fp32): one converting copy per
 /// overlapping parameter; missing gradients and elements past the model are zero.
-/// [`copy_flat_grads`], adding into `dst` instead of overwriting it (parameters without a gradient add nothing).
-fn add_flat_grads(params: &Params, from: i64, dst: &mut Tensor) {
-    let end = from + dst.numel() as i64;
-    for p in &params.params {
-        let (ps, pe) = (p.offset, p.offset + p.numel);
-        if pe <= from || ps >= end {
-            continue;
-        }
-        let (a, b) = (ps.max(from), pe.min(end));
-        let g = p.tensor.grad();
-        if g.defined() {
-            let _ = dst
-                .narrow(0, a - from, b - a)
-                .g_add_(&g.reshape([-1]).narrow(0, a - ps, b - a));
-        }
-    }
+fn copy_flat_grads(params: &Params, from: i64, dst: &mut Tensor) {
+    flat_grads(params, from, dst, false)
 }
 
-fn copy_flat_grads(params: &Params, from: i64, dst: &mut Tensor) {
+/// [`copy_flat_grads`], adding into `dst` instead of overwriting it (parameters without a gradient add nothing).
+fn add_flat_grads(params: &Params, from: i64, dst: &mut Tensor) {
+    flat_grads(params, from, dst, true)
+}
+
+fn flat_grads(params: &Params, from: i64, dst: &mut Tensor, add: bool) {
     let len = dst.numel() as i64;
     let end = from + len;
     let total = params.numel();
-    if end > total {
+    if end > total && !add {
         let a = total.max(from);
         let _ = dst.narrow(0, a - from, end - a).zero_();
     }
@@ -244,10 +235,15 @@ fn copy_flat_grads(params: &Params, from: i64, dst: &mut Tensor) {
         let (a, b) = (ps.max(from), pe.min(end));
         let mut d = dst.narrow(0, a - from, b - a);
         let g = p.tensor.grad();
-        if g.defined() {
-            d.copy_(&g.reshape([-1]).narrow(0, a - ps, b - a));
-        } else {
-            let _ = d.zero_();
+        match (g.defined(), add) {
+            (true, false) => d.copy_(&g.reshape([-1]).narrow(0, a - ps, b - a)),
+            (true, true) => {
+                let _ = d.g_add_(&g.reshape([-1]).narrow(0, a - ps, b - a));
+            }
+            (false, false) => {
+                let _ = d.zero_();
+            }
+            (false, true) => {}
         }
     }
 }
