@@ -265,26 +265,44 @@ fn holdout_takes_whole_acts_out_of_training() {
     assert_eq!(evals.len(), 1);
     assert_eq!(evals[0]["step"], 3);
 
-    // Whole acts: every language version of an act is on the same side.
+    // Whole acts: every file and language version of an act package is on the same side.
     let files =
         lexflow_actors::reader::expand_inputs(&[dir.join("corpus").display().to_string()]).unwrap();
-    let mut by_act: std::collections::BTreeMap<String, Vec<bool>> = Default::default();
+    let keys = lexflow_actors::reader::ManifestIndex::build(&files).package_keys();
+    let (_, held_files) = lexflow_actors::heldout::split_files(
+        files.clone(),
+        0.25,
+        &lexflow_actors::reader::ManifestIndex::build(&files),
+        lexflow_actors::heldout::HoldoutSplit::Package,
+    );
+    let mut by_act: std::collections::BTreeMap<String, Vec<(String, bool)>> = Default::default();
     for f in &files {
-        let key = lexflow_actors::formex::lang_neutral_name(&f.to_string_lossy());
+        let lang = lexflow_actors::formex::lang_from_filename(&f.to_string_lossy()).unwrap();
         by_act
-            .entry(key)
+            .entry(keys.key_of(f))
             .or_default()
-            .push(lexflow_actors::heldout::is_held_out(f, 0.25));
+            .push((lang, held_files.contains(f)));
     }
     let counted: usize = by_act
         .values()
-        .map(|v| v.iter().filter(|&&x| x).count())
+        .map(|v| v.iter().filter(|x| x.1).count())
         .sum();
     assert_eq!(counted as u64, held);
-    let multi = by_act.values().filter(|v| v.len() > 1).count();
-    assert!(multi > 10, "acts in several languages: {multi}");
+    let langs = |v: &[(String, bool)]| {
+        v.iter()
+            .map(|x| x.0.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+    // Packages in several languages, and packages of several files in one language (manifest, body, annexes).
+    let multi_lang = by_act.values().filter(|v| langs(v) > 1).count();
+    let multi_file = by_act.values().filter(|v| v.len() > langs(v)).count();
+    assert!(
+        multi_lang >= 6 && multi_file >= 4,
+        "acts in several languages: {multi_lang}, of several files: {multi_file}"
+    );
     for (k, v) in &by_act {
-        assert!(v.iter().all(|&x| x == v[0]), "{k}: {v:?}");
+        assert!(v.iter().all(|x| x.1 == v[0].1), "{k}: {v:?}");
     }
 
     // Provenance: no document of any step comes from a held-out file.

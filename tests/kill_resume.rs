@@ -432,3 +432,192 @@ fn replay_and_provenance_regenerate_what_was_trained() {
         "no CELEX in any piece of step 5"
     );
 }
+
+/// A copy of the real corpus's small files (under 40 KB: manifests, annexes, tables of contents, short acts) in
+/// `corpus`, and a [`config`] that trains on their English files with `eval.holdout = holdout`.
+fn small_corpus_config(dir: &Path, corpus: &Path, steps: u64, holdout: f64) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/formex");
+    if !corpus.is_dir() {
+        std::fs::create_dir_all(corpus).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "xml") && p.metadata().unwrap().len() < 40_000 {
+                std::fs::copy(&p, corpus.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let cfg = config(dir, &["cpu"], 2, steps);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[input.generate]\nacts_per_language = 8",
+        &format!(
+            "[input]\npaths = [{:?}]\n[eval]\nholdout = {holdout}\n[sampler]\nmix = {{ en = 1.0 }}",
+            corpus.display().to_string()
+        ),
+    );
+    assert!(
+        text.contains("holdout"),
+        "the test config generates its corpus"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+/// `lexflow run` (or any subcommand) with its stderr.
+fn lexflow(args: &[&str]) -> (bool, String) {
+    let o = Command::new(lexflow_bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn inputs_record(ckpt: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(ckpt.join("inputs.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn resume_and_replay_refuse_input_files_that_changed_since_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, corpus) = (tmp.path().join("run"), tmp.path().join("in"));
+    let cfg = small_corpus_config(&dir, &corpus, 2, 0.0);
+    let (ok, err) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet"]);
+    assert!(ok, "{err}");
+    let ckpt = dir.join("checkpoints/step-000002");
+    let rec = inputs_record(&ckpt);
+    let en = rec["lanes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["lang"] == "en")
+        .unwrap();
+    let en_files = en["files"].as_array().unwrap();
+    assert!(en_files.len() > 3, "{en}");
+    let second = PathBuf::from(en_files[1]["path"].as_str().unwrap());
+    let original = std::fs::read(&second).unwrap();
+    let cfg4 = small_corpus_config(&dir, &corpus, 4, 0.0);
+    let resume = || lexflow(&["run", cfg4.to_str().unwrap(), "--quiet", "--resume"]);
+    let replay = || {
+        lexflow(&[
+            "replay",
+            ckpt.to_str().unwrap(),
+            "--steps",
+            "3",
+            "--out",
+            tmp.path().join("r.jsonl").to_str().unwrap(),
+        ])
+    };
+
+    // A file rewritten with another size: refused, naming the lane, the file and both sizes.
+    let mut longer = original.clone();
+    longer.extend_from_slice(b"\n<!-- edited -->\n");
+    std::fs::write(&second, &longer).unwrap();
+    for (what, (ok, err)) in [("resume", resume()), ("replay", replay())] {
+        assert!(!ok, "{what} over a changed file succeeded");
+        let name = second.file_name().unwrap().to_str().unwrap();
+        assert!(
+            err.contains("lane en: file #2 changed size"),
+            "{what}: {err}"
+        );
+        assert!(err.contains(name), "{what}: {err}");
+        assert!(
+            err.contains(&format!("({} bytes)", original.len()))
+                && err.contains(&format!("({} bytes)", longer.len())),
+            "{what}: {err}"
+        );
+    }
+    assert!(
+        !dir.join("checkpoints/step-000004").exists(),
+        "the refused resume trained"
+    );
+    // A file added to the corpus (it sorts last in its lane).
+    std::fs::write(&second, &original).unwrap();
+    let added = corpus.join("L_2099999EN.01000101.xml");
+    std::fs::copy(corpus.join("L_2018127EN.01000201.xml"), &added).unwrap();
+    let (ok, err) = resume();
+    assert!(
+        !ok && err.contains("L_2099999EN.01000101.xml") && err.contains("this run finds 37"),
+        "{err}"
+    );
+    std::fs::remove_file(&added).unwrap();
+    // The same files again: the resume goes on and records the same inputs.
+    let (ok, err) = resume();
+    assert!(ok, "{err}");
+    let rec4 = inputs_record(&dir.join("checkpoints/step-000004"));
+    assert_eq!(rec4["lanes"], rec["lanes"]);
+    assert_eq!(rec4["holdout_split"], "package");
+}
+
+#[test]
+fn a_checkpoint_without_an_inputs_record_keeps_the_file_holdout_split_it_was_written_with() {
+    use lexflow_actors::heldout::{split_files, HoldoutSplit};
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, corpus) = (tmp.path().join("run"), tmp.path().join("in"));
+    small_corpus_config(&dir, &corpus, 2, 0.0);
+    let files = lexflow_actors::reader::expand_inputs(&[corpus.display().to_string()]).unwrap();
+    let index = lexflow_actors::reader::ManifestIndex::build(&files);
+    let names = |v: Vec<PathBuf>| -> Vec<String> {
+        v.iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    };
+    // A fraction at which the two splits hold out different files, both some English text to evaluate, and files
+    // remain to train on.
+    let text = |v: &[PathBuf]| {
+        v.iter().any(|p| {
+            let n = p.to_string_lossy();
+            lexflow_actors::formex::lang_from_filename(&n).as_deref() == Some("en")
+                && !lexflow_actors::reader::looks_like_manifest(p)
+        })
+    };
+    let (fraction, by_file, by_package) = (1..80)
+        .map(|i| i as f64 / 80.0)
+        .find_map(|f| {
+            let (train, p) = split_files(files.clone(), f, &index, HoldoutSplit::Package);
+            let (_, h) = split_files(files.clone(), f, &index, HoldoutSplit::File);
+            (p != h && text(&p) && text(&h) && train.len() > 20).then(|| (f, names(h), names(p)))
+        })
+        .expect("a fraction where the splits differ");
+    let recorded_held = |ckpt: &Path| -> (String, Vec<String>) {
+        let r = inputs_record(ckpt);
+        let held = r["held_out"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let p = PathBuf::from(f["path"].as_str().unwrap());
+                p.file_name().unwrap().to_string_lossy().into_owned()
+            })
+            .collect();
+        (r["holdout_split"].as_str().unwrap().to_string(), held)
+    };
+    let cfg = small_corpus_config(&dir, &corpus, 2, fraction);
+    let (ok, err) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet"]);
+    assert!(ok, "{err}");
+    let step2 = dir.join("checkpoints/step-000002");
+    assert_eq!(recorded_held(&step2), ("package".to_string(), by_package));
+
+    // Make step 2 a checkpoint of a lexflow that recorded no inputs (and split by file): drop the record and its
+    // manifest entry.
+    std::fs::remove_file(step2.join("inputs.json")).unwrap();
+    let mpath = step2.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    assert!(m["files"]
+        .as_object_mut()
+        .unwrap()
+        .remove("inputs.json")
+        .is_some());
+    std::fs::write(&mpath, serde_json::to_string(&m).unwrap()).unwrap();
+    let cfg = small_corpus_config(&dir, &corpus, 4, fraction);
+    let (ok, err) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet", "--resume"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        recorded_held(&dir.join("checkpoints/step-000004")),
+        ("file".to_string(), by_file),
+        "the resumed run changed the held-out split of its checkpoint"
+    );
+}

@@ -94,6 +94,7 @@ fn train(run_dir: &Path, init: &Path) -> TrainReport {
         seed: SEED,
         resume: false,
         run_config: None,
+        inputs: None,
         hf_files: Default::default(),
         eval: None,
         dedup: None,

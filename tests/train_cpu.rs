@@ -89,6 +89,7 @@ fn run(
         seed: 42,
         resume,
         run_config: None,
+        inputs: None,
         hf_files: Default::default(),
         eval: None,
         dedup: None,

@@ -316,6 +316,7 @@ fn main() -> anyhow::Result<()> {
             seed: a.seed,
             resume: false,
             run_config: None,
+            inputs: None,
             hf_files: Default::default(),
             eval: None,
             dedup: None,

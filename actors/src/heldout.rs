@@ -5,17 +5,19 @@
 //! Where the documents come from:
 //! * `eval.paths`: files of their own (FORMEX, or Q&A `.jsonl` that may mix languages, such as `lexflow qa build`'s
 //!   `eval.jsonl`);
-//! * `eval.holdout`: a fraction of the input files, taken out of the training lanes. The choice is a hash of the file
-//!   name with its language code blanked ([`crate::formex::lang_neutral_name`]), so an act is held out in every
-//!   language or in none (a translation of a held-out act in the training data would leak it), and it does not
-//!   depend on the order or the size of the corpus.
+//! * `eval.holdout`: a fraction of the input's act packages, taken out of the training lanes. A package is a manifest
+//!   and the files it lists (body, annexes), or a file no manifest claims ([`crate::reader::PackageKeys`]); the
+//!   choice is a hash of the package's key, its body's name with the language code blanked
+//!   ([`crate::formex::lang_neutral_name`]). So an act is held out whole (an annex of a held-out act in the training
+//!   data would leak it) and in every language or in none (so would a translation), and the choice does not depend
+//!   on the order or the size of the corpus.
 //!
 //! The set is the same for every rank, every thread count and every resume of the run.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalConfig, PackerConfig};
 use crate::packer::Packer;
@@ -28,11 +30,20 @@ pub const SET_FILE: &str = "eval_set.json";
 /// One line per evaluation ([`EvalResult`]), appended by rank 0 (a resumed run appends its own).
 pub const RESULTS_FILE: &str = "eval.jsonl";
 
-/// Whether `path` belongs to the held-out `fraction` of the input.
+/// How `eval.holdout` groups the input files it chooses from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldoutSplit {
+    /// By act package: a manifest and the files it lists go together ([`crate::reader::PackageKeys`]).
+    Package,
+    /// By file, each on its own language-neutral name: what lexflow did before checkpoints recorded their inputs
+    /// (an annex or manifest could land on the other side from its act's body). Kept only to resume and replay
+    /// checkpoints written then exactly.
+    File,
+}
+
+/// Whether `path` belongs to the held-out `fraction` of the input, by file ([`HoldoutSplit::File`]).
 pub fn is_held_out(path: &Path, fraction: f64) -> bool {
-    if fraction <= 0.0 {
-        return false;
-    }
     let mut key = crate::formex::lang_neutral_name(&path.to_string_lossy());
     // `x.xml` and `x.xml.zst` are the same act.
     for ext in [".zst", ".gz"] {
@@ -40,15 +51,40 @@ pub fn is_held_out(path: &Path, fraction: f64) -> bool {
             key = k.to_string();
         }
     }
+    key_held_out(&key, fraction)
+}
+
+/// Whether the package (or file) `key` belongs to the held-out `fraction`.
+pub fn key_held_out(key: &str, fraction: f64) -> bool {
+    if fraction <= 0.0 {
+        return false;
+    }
     use sha2::Digest;
     let h = sha2::Sha256::digest(key.as_bytes());
     let x = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
     (x as f64) < fraction * 18_446_744_073_709_551_616.0
 }
 
-/// Splits the input files into (training, held out) by [`is_held_out`]; order is kept on both sides.
-pub fn split_files(files: Vec<PathBuf>, fraction: f64) -> (Vec<PathBuf>, Vec<PathBuf>) {
-    files.into_iter().partition(|f| !is_held_out(f, fraction))
+/// Splits the input files into (training, held out); order is kept on both sides. `manifests`: the index of the
+/// whole input (before the split), which knows the packages.
+pub fn split_files(
+    files: Vec<PathBuf>,
+    fraction: f64,
+    manifests: &ManifestIndex,
+    split: HoldoutSplit,
+) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    match split {
+        HoldoutSplit::File => files.into_iter().partition(|f| !is_held_out(f, fraction)),
+        HoldoutSplit::Package => {
+            if fraction <= 0.0 {
+                return (files, Vec::new());
+            }
+            let keys = manifests.package_keys();
+            files
+                .into_iter()
+                .partition(|f| !key_held_out(&keys.key_of(f), fraction))
+        }
+    }
 }
 
 /// One language of the held-out set.
@@ -546,17 +582,107 @@ mod tests {
     }
 
     #[test]
+    fn holdout_keeps_an_act_package_together_on_the_real_corpus() {
+        let dir = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/corpus/formex"
+        ));
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "xml"))
+            .collect();
+        files.sort();
+        let index = ManifestIndex::build(&files);
+        let keys = index.package_keys();
+        let key = |n: &str| keys.key_of(&dir.join(n));
+        // Packages of the corpus: a manifest, its parts, its table of contents, its translations without manifests.
+        let packages: [&[&str]; 4] = [
+            &[
+                "L_2017154EN.01000101.doc.xml",
+                "L_2017154EN.01000101.xml",
+                "L_2017154EN.01008901.xml",
+                "L_2017154EN.01009301.xml",
+                "L_2017154EN.01009401.xml",
+            ],
+            &[
+                "L_202401689EN.doc.fmx.xml",
+                "L_202401689EN.toc.fmx.xml",
+                "L_202401689EN.000101.fmx.xml",
+                "L_202401689EN.012401.fmx.xml",
+                "L_202401689EN.014401.fmx.xml",
+            ],
+            &[
+                "L_2016119EN.01000101.doc.xml",
+                "L_2016119EN.01000101.xml",
+                "L_2016119DE.01000101.xml",
+                "L_2016119PT.01000101.xml",
+            ],
+            &["32024R2847-formex.xml", "32024R2847-toc-formex.xml"],
+        ];
+        for p in packages {
+            let k = key(p[0]);
+            for f in p {
+                assert_eq!(key(f), k, "{f} is not in the package of {}", p[0]);
+            }
+        }
+        // A body with no manifest keeps the key the file split gave it (existing splits of such corpora hold).
+        assert_eq!(
+            key("CL1967L0227FR0030010.0001.xml"),
+            "CL1967L0227__0030010.0001.xml"
+        );
+        // Different acts are different packages.
+        assert_ne!(
+            key("L_2017154EN.01000101.xml"),
+            key("L_2018127EN.01000201.xml")
+        );
+        assert_ne!(
+            key("L_202400903EN.000101.fmx.xml"),
+            key("L_202401689EN.000101.fmx.xml")
+        );
+
+        // At any fraction, the package split never separates a package; the file split did.
+        let mut file_split_separated = 0;
+        for i in 1..40 {
+            let fraction = i as f64 / 40.0;
+            for (split, separated) in [
+                (HoldoutSplit::Package, &mut 0),
+                (HoldoutSplit::File, &mut file_split_separated),
+            ] {
+                let (_, held) = split_files(files.clone(), fraction, &index, split);
+                for p in packages {
+                    let n = p.iter().filter(|f| held.contains(&dir.join(f))).count();
+                    if n != 0 && n != p.len() {
+                        assert_eq!(
+                            split,
+                            HoldoutSplit::File,
+                            "fraction {fraction}: {p:?} split"
+                        );
+                        *separated += 1;
+                    }
+                }
+            }
+        }
+        assert!(file_split_separated > 0);
+    }
+
+    #[test]
     fn split_keeps_order_and_loses_nothing() {
         let files: Vec<PathBuf> = (0..300)
             .map(|i| PathBuf::from(format!("d/CL2020R{i:04}DE0010010.0001.xml")))
             .collect();
-        let (train, held) = split_files(files.clone(), 0.2);
-        assert_eq!(train.len() + held.len(), files.len());
-        assert!(train.windows(2).all(|w| w[0] < w[1]) && held.windows(2).all(|w| w[0] < w[1]));
-        assert!(
-            held.iter().all(|f| is_held_out(f, 0.2)) && train.iter().all(|f| !is_held_out(f, 0.2))
-        );
-        let (t0, h0) = split_files(files, 0.0);
-        assert!(h0.is_empty() && t0.len() == 300);
+        let none = ManifestIndex::default();
+        for split in [HoldoutSplit::File, HoldoutSplit::Package] {
+            let (train, held) = split_files(files.clone(), 0.2, &none, split);
+            assert_eq!(train.len() + held.len(), files.len());
+            assert!(train.windows(2).all(|w| w[0] < w[1]) && held.windows(2).all(|w| w[0] < w[1]));
+            // Without manifests every file is its own package: both splits agree.
+            assert!(
+                held.iter().all(|f| is_held_out(f, 0.2))
+                    && train.iter().all(|f| !is_held_out(f, 0.2))
+            );
+            let (t0, h0) = split_files(files.clone(), 0.0, &none, split);
+            assert!(h0.is_empty() && t0.len() == 300);
+        }
     }
 }

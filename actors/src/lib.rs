@@ -16,6 +16,7 @@ pub mod formex;
 pub mod gen_sample;
 pub mod generate;
 pub mod heldout;
+pub mod inputs;
 pub mod packer;
 pub mod pipeline;
 pub mod qa;

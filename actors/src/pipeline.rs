@@ -118,6 +118,9 @@ pub struct ReplaySpec {
     pub data: Option<crate::types::ResumePoint>,
     /// The checkpoint `data` comes from (its dedup state, `[dedup]`).
     pub checkpoint: Option<PathBuf>,
+    /// The checkpoint whose inputs record (`inputs.json`) the replayed stream's files must match, and whose held-out
+    /// split it uses: the replayed run's.
+    pub inputs_from: Option<PathBuf>,
     pub skip: u64,
     pub limit: u64,
     pub collected: Arc<Mutex<Vec<PackedSequence>>>,
@@ -184,13 +187,53 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         None
     };
 
+    let resume = if replay.is_some() {
+        None
+    } else if opts.resume && cfg.train.is_some() {
+        match crate::trainer::resume_point(&run_dir)? {
+            Some(r) => {
+                check_same_stream(cfg, &r.checkpoint)?;
+                if process.is_none_or(|(rank, _)| rank == 0) {
+                    crate::trainer::set_aside_unusable(&r.skipped_dirs);
+                }
+                tracing::info!(step = r.step, sequences = r.sequences_consumed, checkpoint = %r.checkpoint.display(), "resuming");
+                Some(r)
+            }
+            None => {
+                tracing::warn!(
+                    "--resume: no checkpoint in {}; starting from the beginning",
+                    run_dir.display()
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // What the checkpoint this run continues (or replays) recorded of its inputs: its files are checked below, and its
+    // held-out split is kept (a checkpoint written before records existed split by file).
+    let from_checkpoint: Option<PathBuf> = match replay {
+        Some(r) => r.inputs_from.clone(),
+        None => resume.as_ref().map(|r| r.checkpoint.clone()),
+    };
+    let recorded = match &from_checkpoint {
+        Some(d) => crate::inputs::InputsRecord::read(d)?,
+        None => None,
+    };
+    let holdout_split = match (&from_checkpoint, &recorded) {
+        (_, Some(r)) => r.holdout_split,
+        (Some(_), None) => crate::heldout::HoldoutSplit::File,
+        (None, None) => crate::heldout::HoldoutSplit::Package,
+    };
+
     let files = input_files(cfg, &per_process("corpus", ""))?;
     // Manifests (DOC/PUBLICATION) give act and annex files their CELEX/date/title; parsing them up front keeps the
     // result independent of reader thread timing.
     let manifests = Arc::new(reader::ManifestIndex::build(&files));
     // `eval.holdout`: these files are never trained on (also in replays: the lanes must be the run's lanes).
     let total_files = files.len() as u64;
-    let (files, held_files) = crate::heldout::split_files(files, cfg.eval.holdout);
+    let (files, held_files) =
+        crate::heldout::split_files(files, cfg.eval.holdout, &manifests, holdout_split);
     let mix: Vec<(String, f64)> = cfg
         .sampler
         .mix
@@ -198,6 +241,15 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         .map(|(k, v)| (k.clone(), *v))
         .collect();
     let (lanes, outside) = lanes_of(cfg, files);
+    let inputs = crate::inputs::InputsRecord::new(
+        lanes.iter().map(|l| (l.lang.as_str(), l.files.as_slice())),
+        &held_files,
+        holdout_split,
+        cfg.eval.holdout,
+    );
+    if let (Some(then), Some(dir)) = (&recorded, &from_checkpoint) {
+        check_same_inputs(cfg, &inputs, then, dir, replay.is_some())?;
+    }
     let mut input = InputReport {
         files: total_files,
         files_held_out: held_files.len() as u64,
@@ -248,29 +300,6 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         1
     } else {
         cfg.world_size()
-    };
-    let resume = if replay.is_some() {
-        None
-    } else if opts.resume && cfg.train.is_some() {
-        match crate::trainer::resume_point(&run_dir)? {
-            Some(r) => {
-                check_same_stream(cfg, &r.checkpoint)?;
-                if process.is_none_or(|(rank, _)| rank == 0) {
-                    crate::trainer::set_aside_unusable(&r.skipped_dirs);
-                }
-                tracing::info!(step = r.step, sequences = r.sequences_consumed, checkpoint = %r.checkpoint.display(), "resuming");
-                Some(r)
-            }
-            None => {
-                tracing::warn!(
-                    "--resume: no checkpoint in {}; starting from the beginning",
-                    run_dir.display()
-                );
-                None
-            }
-        }
-    } else {
-        None
     };
     if let (None, Some(t), None) = (replay, &cfg.train, &resume) {
         // Weights to start from inside this run's own checkpoints would be set aside before they are read.
@@ -737,6 +766,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 seed: cfg.run.seed,
                 resume: opts.resume,
                 run_config: Some(toml::to_string(cfg)?),
+                inputs: Some(inputs.to_json()),
                 hf_files: Arc::new(crate::tokenizer::hf_model_files(
                     &tokenizer,
                     (cfg.input.qa_template == crate::qa::QaTemplate::Llama3)
@@ -970,6 +1000,46 @@ const STREAM_KEYS: [&str; 9] = [
     "eval.paths",
 ];
 
+/// Refuses a resume or replay whose input files differ from those its checkpoint's stream read (`inputs.json`): its
+/// lane positions would point at other documents. Held-out files that differ only change the evaluation set (a
+/// warning), unless `dedup.against_heldout` drops their copies from the stream.
+fn check_same_inputs(
+    cfg: &Config,
+    now: &crate::inputs::InputsRecord,
+    then: &crate::inputs::InputsRecord,
+    checkpoint: &Path,
+    replay: bool,
+) -> anyhow::Result<()> {
+    let what = if replay { "replay" } else { "--resume" };
+    let fix = if replay {
+        "A replay regenerates the batches the run trained only from the files it read: restore them"
+    } else {
+        "A resumed run continues its checkpoint's stream exactly: restore the files, or start a new run (another \
+         run.dir, train.init_from = the checkpoint to start from its weights)"
+    };
+    if let Some(d) = now.lanes_differ(then) {
+        anyhow::bail!(
+            "{what}: the input files differ from those the stream of checkpoint {} read: {d}. {fix}",
+            checkpoint.display()
+        );
+    }
+    if let Some(d) = now.held_out_differs(then) {
+        if cfg.dedup.enabled() && cfg.dedup.against_heldout {
+            anyhow::bail!(
+                "{what}: {d} (checkpoint {}); with dedup.against_heldout they decide which documents the stream \
+                 drops. {fix}",
+                checkpoint.display()
+            );
+        }
+        tracing::warn!(
+            checkpoint = %checkpoint.display(),
+            "{what}: {d}: the held-out evaluation set is not the one of the checkpoint's run, so its losses are not \
+             comparable with the earlier evaluations"
+        );
+    }
+    Ok(())
+}
+
 /// Refuses to resume from `checkpoint` when a [`STREAM_KEYS`] key differs from the config that wrote it
 /// (`run_config.toml`): the resumed run would train on a stream no uninterrupted run produces (and a shorter
 /// `packer.seq_len` could not even hold the checkpoint's open sequences).
@@ -1097,7 +1167,12 @@ pub fn audit_dedup(
     use std::io::Write;
     let files = input_files(cfg, &cfg.run.dir.join("corpus"))?;
     let manifests = reader::ManifestIndex::build(&files);
-    let (files, held_files) = crate::heldout::split_files(files, cfg.eval.holdout);
+    let (files, held_files) = crate::heldout::split_files(
+        files,
+        cfg.eval.holdout,
+        &manifests,
+        crate::heldout::HoldoutSplit::Package,
+    );
     let (lanes, _) = lanes_of(cfg, files);
     let read_opts = reader::ReadOptions {
         qa: cfg.input.prompt_format(),
@@ -1387,9 +1462,9 @@ fn heldout_set(
     if set.is_empty() {
         anyhow::bail!(
             "[eval]: the held-out set is empty ({} files, {} read, {} quarantined, {} documents outside the mix): \
-             eval.holdout holds out input files (each with that probability, by a hash of its name; the language \
-             versions of a file go together), and a file may carry no text (a package manifest), so with few files \
-             it may hold out nothing to evaluate; give held-out files in eval.paths, or raise eval.holdout",
+             eval.holdout holds out act packages (each with that probability, by a hash of its name; an act's \
+             files and language versions go together), so with few acts it may hold out none, or only files that \
+             carry no text; give held-out files in eval.paths, or raise eval.holdout",
             set.files,
             set.files_read,
             set.quarantined_files,
@@ -1406,7 +1481,12 @@ pub fn build_heldout(
 ) -> anyhow::Result<crate::heldout::HeldOutSet> {
     let files = input_files(cfg, &cfg.run.dir.join("corpus"))?;
     let manifests = reader::ManifestIndex::build(&files);
-    let (_, held) = crate::heldout::split_files(files, cfg.eval.holdout);
+    let (_, held) = crate::heldout::split_files(
+        files,
+        cfg.eval.holdout,
+        &manifests,
+        crate::heldout::HoldoutSplit::Package,
+    );
     let tokenizer = Tokenizer::load(&cfg.tokenizer.path)?;
     let id = |name: &str| {
         tokenizer.token_id(name).with_context(|| {

@@ -790,6 +790,8 @@ struct ManifestInfo {
     name: String,
     /// Names it lists (`REF.PHYS`) and the conventional manifest names derived from them.
     names: Vec<String>,
+    /// The files it lists (`REF.PHYS` base names), in its order: the act's body first, then its annexes.
+    parts: Vec<String>,
     lang: Option<String>,
     celex: Option<String>,
     celex_source: CelexSource,
@@ -858,8 +860,14 @@ impl ManifestIndex {
             }
             let name = base_name(&p.doc.path).to_string();
             let mut names = Vec::new();
-            for part in &p.meta.parts {
-                let part = base_name(part).to_string();
+            let parts: Vec<String> = p
+                .meta
+                .parts
+                .iter()
+                .map(|s| base_name(s).to_string())
+                .collect();
+            for part in &parts {
+                let part = part.clone();
                 if let Some(stem) = part.strip_suffix(".fmx.xml") {
                     let head = stem.split('.').next().unwrap_or(stem);
                     names.push(format!("{head}.doc.fmx.xml"));
@@ -871,6 +879,7 @@ impl ManifestIndex {
             let info = ManifestInfo {
                 name,
                 names,
+                parts,
                 lang: p.doc.lang.clone(),
                 celex: p.doc.celex.clone(),
                 celex_source: if p.doc.celex.is_some() {
@@ -891,6 +900,34 @@ impl ManifestIndex {
 
     pub fn is_empty(&self) -> bool {
         self.by_scope.is_empty()
+    }
+
+    /// Which act package each file belongs to ([`PackageKeys`]).
+    pub fn package_keys(&self) -> PackageKeys {
+        let mut k = PackageKeys::default();
+        for (scope, list) in &self.by_scope {
+            // `list` is sorted by manifest name: where two manifests claim a file, the first one wins, always.
+            for m in list {
+                let key = formex::lang_neutral_name(uncompressed(
+                    m.parts.first().map_or(m.name.as_str(), String::as_str),
+                ));
+                for name in std::iter::once(&m.name).chain(&m.parts) {
+                    let name = uncompressed(name);
+                    k.exact
+                        .entry((scope.clone(), name.to_string()))
+                        .or_insert_with(|| key.clone());
+                    k.neutral
+                        .entry((scope.clone(), formex::lang_neutral_name(name)))
+                        .or_insert_with(|| key.clone());
+                }
+                if let Some(stem) = manifest_stem(uncompressed(&m.name)) {
+                    k.stems
+                        .entry((scope.clone(), formex::lang_neutral_name(stem)))
+                        .or_insert_with(|| key.clone());
+                }
+            }
+        }
+        k
     }
 
     fn find(&self, path: &Path, d: &Parsed, neutral: bool) -> Option<&ManifestInfo> {
@@ -947,6 +984,67 @@ impl ManifestIndex {
                 formex::doc_type_for(&p.doc.root, p.doc.celex.as_deref(), p.doc.title.as_deref());
         }
     }
+}
+
+/// The act package of every input file, for `eval.holdout`: a manifest and the files it lists (`REF.PHYS`: body,
+/// annexes) form one package, whose key is its first part's name with the language code blanked, so that every
+/// language version of an act (each with its own manifest, or a translation without one in the same directory)
+/// has the same key. A file no manifest claims is its own package, keyed by its own language-neutral name, which for
+/// an act's body is the key its package would have.
+#[derive(Debug, Default, Clone)]
+pub struct PackageKeys {
+    exact: HashMap<(PathBuf, String), String>,
+    neutral: HashMap<(PathBuf, String), String>,
+    /// Manifest names without their `.doc.…` ending (`L_202401689__`): tables of contents (`….toc.fmx.xml`) are not
+    /// listed by manifests but are named after them.
+    stems: HashMap<(PathBuf, String), String>,
+}
+
+impl PackageKeys {
+    pub fn key_of(&self, path: &Path) -> String {
+        let scope = scope_of(path);
+        let full = path.to_string_lossy();
+        let name = uncompressed(base_name(&full));
+        if let Some(k) = self.exact.get(&(scope.clone(), name.to_string())) {
+            return k.clone();
+        }
+        let neutral = formex::lang_neutral_name(name);
+        if let Some(k) = self.neutral.get(&(scope.clone(), neutral.clone())) {
+            return k.clone();
+        }
+        if let Some(stem) = manifest_stem(name) {
+            if let Some(k) = self.stems.get(&(scope, formex::lang_neutral_name(stem))) {
+                return k.clone();
+            }
+            // `32024R2847-toc-formex.xml` belongs with `32024R2847-formex.xml`.
+            for (marker, with) in [(".toc.", "."), ("-toc-", "-")] {
+                if let Some(i) = neutral.find(marker) {
+                    let mut s = neutral.clone();
+                    s.replace_range(i..i + marker.len(), with);
+                    return s;
+                }
+            }
+        }
+        neutral
+    }
+}
+
+/// A file name without its compression suffix (`x.xml.zst` and `x.xml` are the same file of an act).
+fn uncompressed(name: &str) -> &str {
+    [".zst", ".gz"]
+        .iter()
+        .find_map(|e| name.strip_suffix(e))
+        .unwrap_or(name)
+}
+
+/// The part of a manifest's or table of contents' name before its `.doc.`/`.toc.`/`-toc-` marker.
+fn manifest_stem(name: &str) -> Option<&str> {
+    let lower = name.to_ascii_lowercase();
+    [".doc.", ".toc.", "-toc-"]
+        .iter()
+        .filter_map(|m| lower.find(m))
+        .min()
+        .map(|i| &name[..i])
 }
 
 // ---------------------------------------------------------------------------------------------------------------------

@@ -192,6 +192,11 @@ pub fn replay_steps(
     let spec = ReplaySpec {
         data: start.as_ref().and_then(|c| c.data.clone()),
         checkpoint: start.as_ref().map(|c| c.dir.clone()),
+        inputs_from: Some(
+            start
+                .as_ref()
+                .map_or_else(|| checkpoint.clone(), |c| c.dir.clone()),
+        ),
         skip: crate::trainer::BatchSegment::consumed_at(&batches, first - 1),
         limit: crate::trainer::BatchSegment::consumed_at(&batches, last),
         describe,

@@ -45,6 +45,9 @@ pub struct TrainerSetup {
     pub resume: bool,
     /// The whole run config (TOML), stored in every checkpoint so `lexflow replay` can rebuild the dataflow.
     pub run_config: Option<String>,
+    /// The input files of the run's stream (JSON, [`crate::inputs::InputsRecord`]), stored in every checkpoint so a
+    /// resume or replay can check that it reads the same files.
+    pub inputs: Option<String>,
     /// Tokenizer and generation files written into every checkpoint (a complete HF model directory):
     /// [`crate::tokenizer::hf_model_files`].
     pub hf_files: Arc<crate::tokenizer::HfFiles>,
@@ -1435,6 +1438,9 @@ impl<'a> Rank<'a> {
                 }
                 if let Some(c) = &self.setup.run_config {
                     write(RUN_CONFIG_FILE, c.clone())?;
+                }
+                if let Some(i) = &self.setup.inputs {
+                    write(crate::inputs::INPUTS_FILE, i.clone())?;
                 }
                 for (name, bytes) in self.setup.hf_files.files.iter() {
                     std::fs::write(tmp.join(name), bytes).map_err(|e| GpuError::Io {
