@@ -1040,7 +1040,7 @@ impl<'a> Rank<'a> {
                 });
                 // bf16 parameters: the micro-batches' gradients sum in the optimizer's fp32 buffer, not in bf16.
                 if i + 1 < n_chunks {
-                    opt.accumulate_micro_batch(&mut model.params);
+                    opt.accumulate_micro_batch(&mut model.params, &*self.coll)?;
                 }
             }
             opt.reduce_grads(&model.params, &*self.coll)?;

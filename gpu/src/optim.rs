@@ -357,45 +357,73 @@ impl FlatAdamW {
         &mut self.grad
     }
 
-    /// Gradient accumulation in fp32: adds the gradients the parameters hold after one micro-batch into the fp32
-    /// [`grad`](Self::grad) buffer and zeroes them, so that the micro-batches of a step sum in fp32 and not in the
-    /// parameters' dtype (bf16 `.grad` tensors would round every partial sum to 8 bits of mantissa, as PyTorch does
-    /// with bf16 parameters; FSDP-style trainers keep the sum in fp32). Call it after every micro-batch but the last;
-    /// [`reduce_grads`](Self::reduce_grads) then adds the last one. One add per parameter per micro-batch. Returns
-    /// false, and does nothing, when it does not apply: fp32 parameters (their `.grad` already sums in fp32) or a
-    /// sharded optimizer (no full-size fp32 buffer to sum into; its micro-batches still sum in the parameters' dtype).
-    pub fn accumulate_micro_batch(&mut self, params: &mut Params) -> bool {
-        if self.layout.is_sharded() || params.flat.kind() == Kind::Float {
-            return false;
+    /// Adds this micro-batch's gradients (the parameters' `.grad`) to the step's fp32 gradient and zeroes them, so
+    /// that the micro-batches of a step sum in fp32 rather than in the parameters' dtype (bf16 `.grad` tensors would
+    /// round every partial sum to 8 bits of mantissa, as PyTorch does with bf16 parameters; FSDP-style trainers keep
+    /// the sum in fp32). Call it after every micro-batch but the last; [`reduce_grads`](Self::reduce_grads) then adds
+    /// the last one. Replicated: one add per parameter into the full fp32 buffer, no communication. Sharded: no rank
+    /// holds a full fp32 buffer, so each micro-batch is reduce-scattered into this rank's fp32 slice, as FSDP does
+    /// (one reduce-scatter per micro-batch instead of one per step; no extra memory). Returns false, and does
+    /// nothing, for fp32 parameters (their `.grad` already sums in fp32).
+    pub fn accumulate_micro_batch(
+        &mut self,
+        params: &mut Params,
+        coll: &dyn Collective,
+    ) -> Result<bool> {
+        if params.flat.kind() == Kind::Float {
+            return Ok(false);
         }
-        self.gather_grads(params);
+        if self.layout.is_sharded() {
+            let add = std::mem::take(&mut self.acc_pending);
+            self.scatter_grads(params, coll, add)?;
+        } else {
+            self.gather_grads(params);
+        }
         self.acc_pending = true;
         params.zero_grad();
-        true
+        Ok(true)
     }
 
     /// Fills [`grad`](Self::grad) with the mean over ranks of this rank's slice of the gradients: replicated, a
     /// gather and one bucketed all-reduce; sharded, a reduce-scatter per bucket of `world` equal chunks (chunk `i`
-    /// from rank `i`'s slice), so no rank ever holds the whole fp32 gradient.
+    /// from rank `i`'s slice), so no rank ever holds the whole fp32 gradient. Micro-batches accumulated before
+    /// ([`accumulate_micro_batch`](Self::accumulate_micro_batch)) are added.
     pub fn reduce_grads(&mut self, params: &Params, coll: &dyn Collective) -> Result<()> {
         if !self.layout.is_sharded() {
             self.gather_grads(params);
             return coll.all_reduce_mean(&mut self.grad);
         }
+        let add = std::mem::take(&mut self.acc_pending);
+        self.scatter_grads(params, coll, add)
+    }
+
+    /// Sharded: reduce-scatters the parameters' gradients into this rank's slice of [`grad`](Self::grad), replacing
+    /// it or (`add`) adding to it.
+    fn scatter_grads(&mut self, params: &Params, coll: &dyn Collective, add: bool) -> Result<()> {
         self.check_group(coll)?;
         let _ng = tch::no_grad_guard();
         let (w, shard) = (self.layout.world as i64, self.layout.shard);
         let c = (BUCKET_ELEMS / w).clamp(1, shard);
+        let device = params.flat.device();
+        // Input chunks of every rank, then (adding) one output chunk.
         let buf = self
             .scatter_buf
-            .get_or_insert_with(|| Tensor::zeros([w * c], (Kind::Float, params.flat.device())));
+            .get_or_insert_with(|| Tensor::zeros([w * c + c], (Kind::Float, device)));
         let mut o = 0;
         while o < shard {
             let cc = c.min(shard - o);
             for i in 0..w {
                 copy_flat_grads(params, i * shard + o, &mut buf.narrow(0, i * cc, cc));
             }
-            coll.reduce_scatter_mean(&buf.narrow(0, 0, w * cc), &mut self.grad.narrow(0, o, cc))?;
+            let input = buf.narrow(0, 0, w * cc);
+            let mut dst = self.grad.narrow(0, o, cc);
+            if add {
+                let mut out = buf.narrow(0, w * c, cc);
+                coll.reduce_scatter_mean(&input, &mut out)?;
+                let _ = dst.g_add_(&out);
+            } else {
+                coll.reduce_scatter_mean(&input, &mut dst)?;
+            }
             o += cc;
         }
         Ok(())
@@ -765,8 +793,8 @@ mod tests {
 
     /// bf16 parameters, 16 micro-batches: with [`FlatAdamW::accumulate_micro_batch`] the step's gradient is the
     /// fp32 sum of the micro-batches' bf16 gradients (to fp32 rounding); summed in the bf16 `.grad` tensors, as
-    /// before, it is off by bf16 roundings of the partial sums. fp32 parameters and a sharded optimizer are left as
-    /// they were.
+    /// before, it is off by bf16 roundings of the partial sums. The same for a sharded optimizer (each rank's fp32
+    /// slice); fp32 parameters are left as they were.
     #[test]
     fn micro_batches_of_bf16_parameters_sum_in_fp32() {
         let vocab = 64;
@@ -814,7 +842,9 @@ mod tests {
             for (k, g) in grads.iter().enumerate() {
                 backward(&m.params, g);
                 if fp32 && k + 1 < grads.len() {
-                    assert!(opt.accumulate_micro_batch(&mut m.params));
+                    assert!(opt
+                        .accumulate_micro_batch(&mut m.params, &SingleRank)
+                        .unwrap());
                 }
             }
             opt.reduce_grads(&m.params, &SingleRank).unwrap();
@@ -837,13 +867,69 @@ mod tests {
             in_bf16 > 1e-3,
             "bf16 accumulation unexpectedly exact ({in_bf16:e}): the test cannot tell"
         );
-        // Where it does not apply it does nothing.
+        // fp32 parameters: nothing to do.
         let mut f32m = Llama::new(&LlamaConfig::tiny(vocab), Device::Cpu, Kind::Float, 3).unwrap();
         let mut opt = FlatAdamW::new(&f32m.params, cfg());
-        assert!(!opt.accumulate_micro_batch(&mut f32m.params));
-        let mut sharded = FlatAdamW::sharded(&model.params, cfg(), 0, 2);
-        let mut bm = Llama::new(&LlamaConfig::tiny(vocab), Device::Cpu, Kind::BFloat16, 3).unwrap();
-        assert!(!sharded.accumulate_micro_batch(&mut bm.params));
+        assert!(!opt
+            .accumulate_micro_batch(&mut f32m.params, &SingleRank)
+            .unwrap());
+
+        // Sharded over 2 ranks (rank 1's micro-batches in another order, halved): each micro-batch is
+        // reduce-scattered into the rank's fp32 slice, so each slice is the fp32 mean over ranks of the sums.
+        let world = 2;
+        let rank_grads = |r: usize| -> Vec<Tensor> {
+            (0..grads.len())
+                .map(|k| match r {
+                    0 => grads[k].shallow_clone(),
+                    _ => (&grads[(k + 5) % grads.len()] * 0.5).to_kind(Kind::BFloat16),
+                })
+                .collect()
+        };
+        let exact_mean = (0..world)
+            .flat_map(|r| rank_grads(r).into_iter().map(|g| g.to_kind(Kind::Double)))
+            .reduce(|a, b| a + b)
+            .unwrap()
+            / world as f64;
+        let sharded = |fp32: bool| -> f64 {
+            let handles: Vec<_> = InProcessCollective::group(world)
+                .into_iter()
+                .map(|coll| {
+                    let grads = rank_grads(coll.rank());
+                    let exact = exact_mean.shallow_clone();
+                    std::thread::spawn(move || {
+                        let mut m =
+                            Llama::new(&LlamaConfig::tiny(vocab), Device::Cpu, Kind::BFloat16, 3)
+                                .unwrap();
+                        let mut opt = FlatAdamW::sharded(&m.params, cfg(), coll.rank(), world);
+                        for (k, g) in grads.iter().enumerate() {
+                            backward(&m.params, g);
+                            if fp32 && k + 1 < grads.len() {
+                                assert!(opt.accumulate_micro_batch(&mut m.params, &coll).unwrap());
+                            }
+                        }
+                        opt.reduce_grads(&m.params, &coll).unwrap();
+                        let (a, b) = opt.layout().range();
+                        let got = opt.grad.narrow(0, 0, b - a).to_kind(Kind::Double);
+                        let want = exact.narrow(0, a, b - a);
+                        let d = (got - &want).abs().max().double_value(&[]);
+                        d / exact.abs().max().double_value(&[])
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .fold(0.0, f64::max)
+        };
+        let (in_fp32, in_bf16) = (sharded(true), sharded(false));
+        assert!(
+            in_fp32 < 1e-6,
+            "sharded fp32 accumulation off by {in_fp32:e}"
+        );
+        assert!(
+            in_bf16 > 1e-3,
+            "sharded bf16 accumulation unexpectedly exact ({in_bf16:e})"
+        );
     }
 
     #[test]
