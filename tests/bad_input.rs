@@ -312,6 +312,40 @@ fn run_quarantines_broken_files_of_unknown_language_and_fails_without_data() {
 }
 
 #[test]
+fn a_mix_language_without_files_is_an_error_unless_the_mix_renormalizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("L_2016119EN.01000101.xml");
+    std::fs::write(&good, good_xml()).unwrap();
+    // It used to "complete" with 0 sequences (a training run with 0 steps) and exit 0.
+    for policy in ["stop", "cycle"] {
+        let (code, err) = run_inputs(dir.path(), &[&good], "en = 0.7, de = 0.3", policy);
+        assert_ne!(code, Some(0), "{policy}: {err}");
+        assert!(
+            err.contains("`de` (no input file)")
+                && err.contains("en 1")
+                && err.contains("remove it from sampler.mix")
+                && err.contains("renormalize"),
+            "{policy}: {err}"
+        );
+        assert!(
+            !dir.path().join("run-1/stats.json").exists(),
+            "{policy}: the run started"
+        );
+    }
+    let (code, err) = run_inputs(dir.path(), &[&good], "en = 0.7, de = 0.3", "renormalize");
+    assert_eq!(code, Some(0), "{err}");
+    let stats: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("run-1/stats.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        stats["packer"]["sequences"].as_u64().unwrap() > 0,
+        "{}",
+        stats["packer"]
+    );
+}
+
+#[test]
 fn a_cycling_language_whose_files_all_fail_is_an_error_not_a_hang() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("L_2016119EN.01000101.xml");

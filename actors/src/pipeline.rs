@@ -256,6 +256,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         files_outside_mix: outside.len() as u64,
         ..Default::default()
     };
+    let mut empty_lanes = Vec::new();
     for l in &lanes {
         input
             .files_per_lang
@@ -266,13 +267,40 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 .filter(|f| reader::sniff_lang(f).as_deref() == Some(l.lang.as_str()))
                 .count();
             match held {
-                0 => tracing::warn!(lang = %l.lang, "no input files for this language of the mix"),
-                n => tracing::warn!(
-                    lang = %l.lang,
-                    held_out = n,
-                    "every input file of this language of the mix is held out (eval.holdout): none is trained on"
-                ),
+                0 => empty_lanes.push(format!("`{}` (no input file)", l.lang)),
+                n => empty_lanes.push(format!(
+                    "`{}` (its {n} input files are all held out by eval.holdout)",
+                    l.lang
+                )),
             }
+        }
+    }
+    if !empty_lanes.is_empty() && empty_lanes.len() < lanes.len() {
+        // An empty lane is exhausted before its first document: under `stop` (and `cycle`, which has nothing to
+        // restart) the stream would end before its first sequence, and a training run would "complete" 0 steps.
+        // (No file in any language: the run fails once it has read and quarantined what it could, naming the
+        // quarantine report.)
+        let found: Vec<String> = lanes
+            .iter()
+            .filter(|l| !l.files.is_empty())
+            .map(|l| format!("{} {}", l.lang, l.files.len()))
+            .collect();
+        let what = format!(
+            "sampler.mix: nothing to read for {} (input files per language of the mix: {}; outside the mix: {})",
+            empty_lanes.join(", "),
+            if found.is_empty() { "none".to_string() } else { found.join(", ") },
+            outside.len()
+        );
+        match cfg.sampler.on_exhausted {
+            crate::config::ExhaustedPolicy::Renormalize => {
+                tracing::warn!("{what}: the mix is renormalized over the other languages (on_exhausted = renormalize)")
+            }
+            policy => anyhow::bail!(
+                "{what}. With sampler.on_exhausted = {:?} a language with nothing to read ends the stream before \
+                 its first sequence. Add files in that language to input.paths, remove it from sampler.mix, or set \
+                 sampler.on_exhausted = \"renormalize\" to train on the other languages",
+                format!("{policy:?}").to_lowercase()
+            ),
         }
     }
 
