@@ -346,6 +346,48 @@ fn a_mix_language_without_files_is_an_error_unless_the_mix_renormalizes() {
 }
 
 #[test]
+fn a_training_run_whose_input_ends_before_train_steps_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    // A short act: 10 steps of 256 tokens.
+    let good = dir.path().join("L_2018127EN.01000201.xml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/corpus/formex/L_2018127EN.01000201.xml"),
+        &good,
+    )
+    .unwrap();
+    let run_dir = dir.path().join("run");
+    let cfg = dir.path().join("short.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[run]\nname = \"short\"\ndir = {:?}\n[input]\npaths = [{:?}]\n[sampler]\nmix = {{ en = 1.0 }}\n\
+             [packer]\nseq_len = 256\n[train]\ndevices = [\"cpu\"]\nmodel = \"tiny\"\nsteps = 100000\n\
+             checkpoint_every = 100000\n[metrics]\nenabled = false\n",
+            run_dir.display().to_string(),
+            good.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(lexflow_bin())
+        .args(["run", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Running out of data is not a failure, but it is said, with the numbers, in the log and the summary.
+    assert!(out.status.success(), "{stderr}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("stats.json")).unwrap())
+            .unwrap();
+    let steps = stats["train"]["steps"].as_u64().unwrap();
+    assert!(steps > 0 && steps < 100000, "{}", stats["train"]);
+    assert_eq!(stats["train"]["target_steps"], 100000);
+    let said =
+        format!("the input ran out after {steps} of train.steps = 100000 steps (exhausted: en)");
+    assert_eq!(stderr.matches(&said).count(), 2, "{said}\n{stderr}");
+}
+
+#[test]
 fn a_cycling_language_whose_files_all_fail_is_an_error_not_a_hang() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("L_2016119EN.01000101.xml");

@@ -975,6 +975,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     if let (Err(w), Err(_)) = (&written, &result) {
         tracing::error!("the run failed, and its statistics could not be saved either: {w:#}");
     }
+    if let Some(n) = stats.input_ended_before_target() {
+        tracing::warn!("{n}");
+    }
     if cfg.metrics.enabled && cfg.metrics.linger_seconds > 0 && signals::received().is_none() {
         tracing::info!(
             seconds = cfg.metrics.linger_seconds,

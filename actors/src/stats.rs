@@ -137,6 +137,31 @@ fn human_bytes(b: u64) -> String {
 }
 
 impl RunStats {
+    /// A completed training run that trained fewer than `train.steps` steps: the input ran out first (a sentence
+    /// naming the exhausted languages), or None.
+    pub fn input_ended_before_target(&self) -> Option<String> {
+        let t = self.train.as_ref()?;
+        let (steps, target) = (t.get("steps")?.as_u64()?, t.get("target_steps")?.as_u64()?);
+        if self.outcome != "completed" || steps >= target {
+            return None;
+        }
+        let exhausted: Vec<&str> = self
+            .sampler
+            .languages
+            .iter()
+            .filter(|l| l.exhausted)
+            .map(|l| l.lang.as_str())
+            .collect();
+        Some(format!(
+            "the input ran out after {steps} of train.steps = {target} steps{}: a longer run needs more input, \
+             sampler.on_exhausted = \"cycle\" (repeat a language's files) or \"renormalize\"",
+            match exhausted.as_slice() {
+                [] => String::new(),
+                l => format!(" (exhausted: {})", l.join(", ")),
+            }
+        ))
+    }
+
     pub fn summary(&self) -> String {
         let mut s = String::new();
         use std::fmt::Write;
@@ -230,6 +255,9 @@ impl RunStats {
         }
         if let Some(t) = &self.train {
             let _ = writeln!(s, "{}", train_line(t));
+            if let Some(n) = self.input_ended_before_target() {
+                let _ = writeln!(s, "             {n}");
+            }
             let last = t
                 .get("evals")
                 .and_then(|e| e.as_array())
@@ -302,6 +330,7 @@ mod tests {
             resumed_from_step: Some(9),
             sequences_consumed: 48,
             evals: Vec::new(),
+            target_steps: Some(12),
         };
         let line = train_line(&serde_json::to_value(&report).unwrap());
         assert_eq!(

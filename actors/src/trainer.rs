@@ -93,6 +93,9 @@ pub struct TrainReport {
     /// Held-out losses measured in this run (`[eval]`), in step order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evals: Vec<EvalResult>,
+    /// `train.steps`: more than `steps` when the input ended (or the run was stopped) first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_steps: Option<u64>,
 }
 
 /// Where a resumed run starts.
@@ -225,6 +228,7 @@ struct RankResult {
 /// Collects the ranks' results; [`report`](TrainHandle::report) is complete after `topo.join()`.
 pub struct TrainHandle {
     results: Arc<Mutex<Vec<Option<RankResult>>>>,
+    target_steps: u64,
 }
 
 impl TrainHandle {
@@ -263,6 +267,7 @@ impl TrainHandle {
             resumed_from_step: r0.resumed_from_step,
             sequences_consumed: r0.sequences_consumed,
             evals: r0.evals.clone(),
+            target_steps: Some(self.target_steps),
         })
     }
 }
@@ -657,7 +662,10 @@ pub fn spawn_trainers(
             }
         });
     }
-    Ok(TrainHandle { results })
+    Ok(TrainHandle {
+        results,
+        target_steps: setup.cfg.steps,
+    })
 }
 
 /// Estimated activation memory of one micro-batch of `tokens` tokens without recomputation: per layer and token the
