@@ -621,3 +621,85 @@ fn a_checkpoint_without_an_inputs_record_keeps_the_file_holdout_split_it_was_wri
         "the resumed run changed the held-out split of its checkpoint"
     );
 }
+
+#[test]
+fn resume_names_the_file_removed_from_the_middle_of_a_lane() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, corpus) = (tmp.path().join("run"), tmp.path().join("in"));
+    let cfg = small_corpus_config(&dir, &corpus, 2, 0.0);
+    let (ok, err) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet"]);
+    assert!(ok, "{err}");
+    let rec = inputs_record(&dir.join("checkpoints/step-000002"));
+    let en = rec["lanes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["lang"] == "en")
+        .unwrap();
+    let files = en["files"].as_array().unwrap();
+    let (second, third) = (
+        PathBuf::from(files[1]["path"].as_str().unwrap()),
+        PathBuf::from(files[2]["path"].as_str().unwrap()),
+    );
+    std::fs::remove_file(&second).unwrap();
+    let cfg4 = small_corpus_config(&dir, &corpus, 4, 0.0);
+    let (ok, err) = lexflow(&["run", cfg4.to_str().unwrap(), "--quiet", "--resume"]);
+    assert!(!ok, "a resume without a file of its stream succeeded");
+    // The file that is gone is named as missing, not the next one as "another file".
+    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(err.contains("lane en: file #2 is missing"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} ({} bytes), this run does not find it",
+            name(&second),
+            files[1]["bytes"]
+        )) && err.contains(&name(&third)),
+        "{err}"
+    );
+}
+
+#[test]
+fn resume_refuses_changed_eval_files_when_dedup_drops_their_copies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, corpus, held) = (
+        tmp.path().join("run"),
+        tmp.path().join("in"),
+        tmp.path().join("held"),
+    );
+    std::fs::create_dir_all(&held).unwrap();
+    let eval_file = held.join("L_2030154EN.01000101.xml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/corpus/formex/L_2018127EN.01000201.xml"),
+        &eval_file,
+    )
+    .unwrap();
+    let with_eval = |steps: u64| {
+        let cfg = small_corpus_config(&dir, &corpus, steps, 0.0);
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "[eval]\n",
+            &format!(
+                "[eval]\npaths = [{:?}]\nmax_sequences = 2\n",
+                held.display().to_string()
+            ),
+        ) + "[dedup]\nmode = \"exact\"\n";
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    };
+    let (ok, err) = lexflow(&["run", with_eval(2).to_str().unwrap(), "--quiet"]);
+    assert!(ok, "{err}");
+    let rec = inputs_record(&dir.join("checkpoints/step-000002"));
+    assert_eq!(rec["eval_files"].as_array().unwrap().len(), 1, "{rec}");
+    // The held-out act edited: with dedup.against_heldout (default) it decides what the stream drops.
+    let mut text = std::fs::read(&eval_file).unwrap();
+    text.extend_from_slice(b"\n");
+    std::fs::write(&eval_file, text).unwrap();
+    let (ok, err) = lexflow(&["run", with_eval(4).to_str().unwrap(), "--quiet", "--resume"]);
+    assert!(!ok, "resumed over a changed eval.paths file");
+    assert!(
+        err.contains("eval.paths files: file #1 changed size")
+            && err.contains("L_2030154EN.01000101.xml")
+            && err.contains("dedup.against_heldout"),
+        "{err}"
+    );
+}

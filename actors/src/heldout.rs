@@ -685,4 +685,143 @@ mod tests {
             assert!(h0.is_empty() && t0.len() == 300);
         }
     }
+
+    #[test]
+    fn holdout_keeps_an_act_package_together_across_language_directories() {
+        // The generated corpus has a directory per language. Drop the French manifests (a language version without
+        // a manifest of its own), and move the German annexes out of their manifest's directory (a manifest listing
+        // files kept elsewhere): every file of an act must still go with its act.
+        let tmp = tempfile::tempdir().unwrap();
+        let g = crate::config::GenerateConfig {
+            acts_per_language: 6,
+            languages: vec!["en".into(), "fr".into(), "de".into()],
+            seed: 7,
+        };
+        crate::gen_sample::generate(&g, tmp.path()).unwrap();
+        let dir = |l: &str| tmp.path().join(l);
+        let names = |d: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        for n in names(&dir("fr")) {
+            if n.contains(".doc.") {
+                std::fs::remove_file(dir("fr").join(n)).unwrap();
+            }
+        }
+        std::fs::create_dir_all(tmp.path().join("de-annexes")).unwrap();
+        for n in names(&dir("de")) {
+            if !n.contains(".doc.") && !n.contains(".01000101.") && n.ends_with(".xml") {
+                std::fs::rename(dir("de").join(&n), tmp.path().join("de-annexes").join(&n))
+                    .unwrap();
+            }
+        }
+        let files = crate::reader::expand_inputs(&[tmp.path().display().to_string()]).unwrap();
+        let index = ManifestIndex::build(&files);
+        let keys = index.package_keys();
+        // Every file of an act (`L_2023104EN.…`, `L_2023104FR.…`, …) has the key of the act's package.
+        let act = |f: &PathBuf| {
+            let n = f.file_name().unwrap().to_string_lossy().into_owned();
+            crate::formex::lang_neutral_name(&n[..n.find('.').unwrap()])
+        };
+        let mut key_of_act: BTreeMap<String, String> = BTreeMap::new();
+        let mut annexes = 0;
+        for f in files
+            .iter()
+            .filter(|f| !f.to_string_lossy().ends_with(".zip"))
+        {
+            let k = key_of_act.entry(act(f)).or_insert_with(|| keys.key_of(f));
+            assert_eq!(
+                &keys.key_of(f),
+                k,
+                "{} is not in its act's package",
+                f.display()
+            );
+            annexes += usize::from(
+                f.parent().unwrap().ends_with("de-annexes") || f.to_string_lossy().contains("FR"),
+            );
+        }
+        assert!(
+            annexes > 6,
+            "the corpus has annexes in every language: {files:?}"
+        );
+        // So at any fraction no act is split.
+        for i in 1..20 {
+            let (_, held) = split_files(
+                files.clone(),
+                i as f64 / 20.0,
+                &index,
+                HoldoutSplit::Package,
+            );
+            for f in &files {
+                let same: Vec<bool> = files
+                    .iter()
+                    .filter(|g| act(g) == act(f))
+                    .map(|g| held.contains(g))
+                    .collect();
+                assert!(
+                    same.iter().all(|h| *h == same[0]),
+                    "act {} split at {}",
+                    act(f),
+                    i as f64 / 20.0
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn holdout_keeps_a_cellar_package_together() {
+        // Cellar names an act's files `DOC_1.xml` (the manifest, listing the OJ names), `DOC_2.xml`, … in a directory
+        // per act and language; the real corpus has one such package with its directory flattened into the names.
+        let real = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/corpus/formex"
+        ));
+        let prefix = "tulit__e115172d-3ab3-4b14-b0a4-dfdcc9871793.0006.04__";
+        let tmp = tempfile::tempdir().unwrap();
+        let mut files = Vec::new();
+        for (act, oj) in [
+            ("e115.0006.04", "L_2008311EN"),
+            ("f226.0006.04", "L_2009999EN"),
+        ] {
+            let d = tmp.path().join(act);
+            std::fs::create_dir_all(&d).unwrap();
+            for n in 1..=4 {
+                let text =
+                    std::fs::read_to_string(real.join(format!("{prefix}DOC_{n}.xml"))).unwrap();
+                std::fs::write(
+                    d.join(format!("DOC_{n}.xml")),
+                    text.replace("L_2008311EN", oj),
+                )
+                .unwrap();
+                files.push(d.join(format!("DOC_{n}.xml")));
+            }
+        }
+        for n in 1..=4 {
+            files.push(real.join(format!("{prefix}DOC_{n}.xml")));
+        }
+        let index = ManifestIndex::build(&files);
+        let keys = index.package_keys();
+        let k: Vec<String> = files.iter().map(|f| keys.key_of(f)).collect();
+        // One key per act: its body's language-neutral OJ name, the key of its other language versions too.
+        assert_eq!(k[..4], ["L_2008311__.01000101.xml"; 4], "{files:?}");
+        assert_eq!(k[4..8], ["L_2009999__.01000101.xml"; 4], "{files:?}");
+        assert_eq!(k[8..], ["L_2008311__.01000101.xml"; 4], "{files:?}");
+        // So the body (`DOC_2.xml`) of every act is not one package, held out for all acts or for none.
+        for i in 1..20 {
+            let (_, held) = split_files(
+                files.clone(),
+                i as f64 / 20.0,
+                &index,
+                HoldoutSplit::Package,
+            );
+            for act in files.chunks(4) {
+                let n = act.iter().filter(|f| held.contains(f)).count();
+                assert!(n == 0 || n == 4, "{act:?} split at {}", i as f64 / 20.0);
+            }
+        }
+    }
 }

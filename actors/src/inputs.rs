@@ -66,6 +66,10 @@ pub struct InputsRecord {
     pub lanes: Vec<LaneInputs>,
     /// Files held out of training (`eval.holdout`), in input order.
     pub held_out: Vec<InputFile>,
+    /// The FORMEX files of `eval.paths` (with `dedup.against_heldout`, training copies of their documents are dropped
+    /// from the stream).
+    #[serde(default)]
+    pub eval_files: Vec<InputFile>,
 }
 
 impl InputsRecord {
@@ -89,7 +93,18 @@ impl InputsRecord {
                 })
                 .collect(),
             held_out: held_out.iter().map(|f| InputFile::of(f)).collect(),
+            eval_files: Vec::new(),
         }
+    }
+
+    /// With the FORMEX files of `eval.paths` (Q&A `.jsonl` files are left out: they never act on the stream).
+    pub fn with_eval_files(mut self, files: &[PathBuf]) -> Self {
+        self.eval_files = files
+            .iter()
+            .filter(|f| !f.to_string_lossy().ends_with(".jsonl"))
+            .map(|f| InputFile::of(f))
+            .collect();
+        self
     }
 
     /// The record of checkpoint `dir`: `None` for a checkpoint written before records existed.
@@ -100,22 +115,24 @@ impl InputsRecord {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", p.display())),
         };
-        let r: InputsRecord = serde_json::from_str(&text).map_err(|e| {
+        let damaged = |e: serde_json::Error| {
             anyhow::anyhow!(
                 "{}: not a lexflow inputs record ({e}); the checkpoint is damaged: resume from an earlier one \
                  (move this step directory away)",
                 p.display()
             )
-        })?;
+        };
+        // The version first: a newer lexflow's record may not parse here, and is not damaged.
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(damaged)?;
+        let version = v.get("version").and_then(|x| x.as_u64()).unwrap_or(0);
         anyhow::ensure!(
-            r.version <= Self::VERSION,
-            "{}: inputs record version {} is newer than this lexflow reads ({}): use the lexflow that wrote the \
-             checkpoint",
+            version <= u64::from(Self::VERSION),
+            "{}: inputs record version {version} is newer than this lexflow reads ({}): use the lexflow that wrote \
+             the checkpoint",
             p.display(),
-            r.version,
             Self::VERSION
         );
-        Ok(Some(r))
+        Ok(Some(serde_json::from_value(v).map_err(damaged)?))
     }
 
     pub fn to_json(&self) -> String {
@@ -151,6 +168,12 @@ impl InputsRecord {
         first_difference(&then.held_out, &self.held_out)
             .map(|d| format!("held-out files (eval.holdout): {d}"))
     }
+
+    /// The first difference between the `eval.paths` FORMEX files of `then` and `self`, in words.
+    pub fn eval_files_differ(&self, then: &InputsRecord) -> Option<String> {
+        first_difference(&then.eval_files, &self.eval_files)
+            .map(|d| format!("eval.paths files: {d}"))
+    }
 }
 
 fn langs(l: &[LaneInputs]) -> String {
@@ -171,17 +194,41 @@ fn first_difference(then: &[InputFile], now: &[InputFile]) -> Option<String> {
     for (i, pair) in then.iter().zip(now).enumerate() {
         let (a, b) = pair;
         if a.key() != b.key() {
-            let what = if crate::formex::base_name(&a.path) == crate::formex::base_name(&b.path) {
-                "changed size"
+            // A file removed (or added) shifts every later one: name it, not the file that moved into its place.
+            let missing = !now[i..].iter().any(|f| f.key() == a.key())
+                && then[i..].iter().any(|f| f.key() == b.key());
+            let new = !then[i..].iter().any(|f| f.key() == b.key())
+                && now[i..].iter().any(|f| f.key() == a.key());
+            let mut s = if missing {
+                format!(
+                    "file #{} is missing: the checkpoint's stream read {}, this run does not find it (it finds {} \
+                     in its place)",
+                    i + 1,
+                    a.describe(),
+                    b.describe()
+                )
+            } else if new {
+                format!(
+                    "file #{} is new: this run finds {}, which the checkpoint's stream did not read (it read {} \
+                     there)",
+                    i + 1,
+                    b.describe(),
+                    a.describe()
+                )
             } else {
-                "is another file"
+                let what = if crate::formex::base_name(&a.path) == crate::formex::base_name(&b.path)
+                {
+                    "changed size"
+                } else {
+                    "is another file"
+                };
+                format!(
+                    "file #{} {what}: the checkpoint's stream read {}, this run finds {}",
+                    i + 1,
+                    a.describe(),
+                    b.describe()
+                )
             };
-            let mut s = format!(
-                "file #{} {what}: the checkpoint's stream read {}, this run finds {}",
-                i + 1,
-                a.describe(),
-                b.describe()
-            );
             if then.len() != now.len() {
                 s.push_str(&format!(" ({})", counts()));
             }
@@ -286,6 +333,23 @@ mod tests {
         );
         let e = now.lanes_differ(&then).unwrap();
         assert!(e.starts_with("lane fr: file #1 is another file"), "{e}");
+        // A file removed from (or added to) the middle of a lane is named, not the file that took its place.
+        let now = rec(&d, &[("en", &["b.xml"]), ("fr", &["d.xml"])], &["h.xml"]);
+        let e = now.lanes_differ(&then).unwrap();
+        assert!(e.starts_with("lane en: file #1 is missing"), "{e}");
+        assert!(
+            e.contains("a.xml (10 bytes), this run does not find it"),
+            "{e}"
+        );
+        let e = then.lanes_differ(&now).unwrap();
+        assert!(
+            e.starts_with("lane en: file #1 is new: this run finds "),
+            "{e}"
+        );
+        assert!(
+            e.contains("a.xml (10 bytes), which the checkpoint's stream did not read"),
+            "{e}"
+        );
         // A file that vanished is recorded as unreadable, not skipped.
         let now = rec(
             &d,
@@ -293,6 +357,24 @@ mod tests {
             &["h.xml"],
         );
         assert!(now.lanes_differ(&then).unwrap().contains("(unreadable)"));
+        // eval.paths files: recorded (Q&A files left out), compared on their own.
+        let with_eval = |r: InputsRecord, names: &[&str]| {
+            r.with_eval_files(&names.iter().map(|n| d.join(n)).collect::<Vec<_>>())
+        };
+        std::fs::write(d.join("e.xml"), b"xx").unwrap();
+        let a = with_eval(then.clone(), &["e.xml", "q.jsonl"]);
+        assert_eq!(a.eval_files.len(), 1);
+        assert_eq!(
+            with_eval(then.clone(), &["e.xml"]).eval_files_differ(&a),
+            None
+        );
+        std::fs::write(d.join("e.xml"), b"xxx").unwrap();
+        let b = with_eval(then.clone(), &["e.xml"]);
+        assert!(b
+            .eval_files_differ(&a)
+            .unwrap()
+            .starts_with("eval.paths files: file #1 changed size"));
+        assert_eq!(b.lanes_differ(&a), None);
         // Another mix.
         let now = rec(
             &d,
@@ -301,6 +383,14 @@ mod tests {
         );
         assert!(now.lanes_differ(&then).unwrap().contains("en, fr"));
 
+        // A newer lexflow's record is not called damaged, even when it does not parse here.
+        std::fs::write(
+            d.join(INPUTS_FILE),
+            r#"{"version": 99, "holdout_split": "by_chapter"}"#,
+        )
+        .unwrap();
+        let e = InputsRecord::read(&d).unwrap_err().to_string();
+        assert!(e.contains("version 99 is newer"), "{e}");
         // A damaged record is an error naming the file, not "no record".
         std::fs::write(d.join(INPUTS_FILE), "{").unwrap();
         let e = InputsRecord::read(&d).unwrap_err().to_string();

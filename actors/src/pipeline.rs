@@ -241,12 +241,18 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         .map(|(k, v)| (k.clone(), *v))
         .collect();
     let (lanes, outside) = lanes_of(cfg, files);
+    let eval_files = if cfg.eval.paths.is_empty() {
+        Vec::new()
+    } else {
+        reader::expand_inputs(&cfg.eval.paths).context("eval.paths")?
+    };
     let inputs = crate::inputs::InputsRecord::new(
         lanes.iter().map(|l| (l.lang.as_str(), l.files.as_slice())),
         &held_files,
         holdout_split,
         cfg.eval.holdout,
-    );
+    )
+    .with_eval_files(&eval_files);
     if let (Some(then), Some(dir)) = (&recorded, &from_checkpoint) {
         check_same_inputs(cfg, &inputs, then, dir, replay.is_some())?;
     }
@@ -1054,8 +1060,12 @@ fn check_same_inputs(
             checkpoint.display()
         );
     }
-    if let Some(d) = now.held_out_differs(then) {
-        if cfg.dedup.enabled() && cfg.dedup.against_heldout {
+    let against_heldout = cfg.dedup.enabled() && cfg.dedup.against_heldout;
+    for d in [now.eval_files_differ(then), now.held_out_differs(then)]
+        .into_iter()
+        .flatten()
+    {
+        if against_heldout {
             anyhow::bail!(
                 "{what}: {d} (checkpoint {}); with dedup.against_heldout they decide which documents the stream \
                  drops. {fix}",

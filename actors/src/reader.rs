@@ -905,7 +905,11 @@ impl ManifestIndex {
     /// Which act package each file belongs to ([`PackageKeys`]).
     pub fn package_keys(&self) -> PackageKeys {
         let mut k = PackageKeys::default();
-        for (scope, list) in &self.by_scope {
+        // Scopes in sorted order: the cross-directory maps below keep the first claim, so that which manifest wins a
+        // name claimed in two directories does not depend on the hash map's iteration order.
+        let mut scopes: Vec<(&PathBuf, &Vec<ManifestInfo>)> = self.by_scope.iter().collect();
+        scopes.sort_by(|a, b| a.0.cmp(b.0));
+        for (scope, list) in scopes {
             // `list` is sorted by manifest name: where two manifests claim a file, the first one wins, always.
             for m in list {
                 let key = formex::lang_neutral_name(uncompressed(
@@ -916,13 +920,26 @@ impl ManifestIndex {
                     k.exact
                         .entry((scope.clone(), name.to_string()))
                         .or_insert_with(|| key.clone());
+                    let neutral = formex::lang_neutral_name(name);
+                    k.neutral_any
+                        .entry(neutral.clone())
+                        .or_insert_with(|| key.clone());
                     k.neutral
-                        .entry((scope.clone(), formex::lang_neutral_name(name)))
+                        .entry((scope.clone(), neutral))
+                        .or_insert_with(|| key.clone());
+                }
+                if let Some(prefix) = cellar_prefix(uncompressed(&m.name)) {
+                    k.cellar
+                        .entry((scope.clone(), prefix.to_ascii_lowercase()))
                         .or_insert_with(|| key.clone());
                 }
                 if let Some(stem) = manifest_stem(uncompressed(&m.name)) {
+                    let stem = formex::lang_neutral_name(stem);
+                    k.stems_any
+                        .entry(stem.clone())
+                        .or_insert_with(|| key.clone());
                     k.stems
-                        .entry((scope.clone(), formex::lang_neutral_name(stem)))
+                        .entry((scope.clone(), stem))
                         .or_insert_with(|| key.clone());
                 }
             }
@@ -989,8 +1006,11 @@ impl ManifestIndex {
 /// The act package of every input file, for `eval.holdout`: a manifest and the files it lists (`REF.PHYS`: body,
 /// annexes) form one package, whose key is its first part's name with the language code blanked, so that every
 /// language version of an act (each with its own manifest, or a translation without one in the same directory)
-/// has the same key. A file no manifest claims is its own package, keyed by its own language-neutral name, which for
-/// an act's body is the key its package would have.
+/// has the same key. A manifest of the file's own directory decides first; a file none of them claims goes with the
+/// manifest of another directory that lists it in some language (a corpus with a directory per language where a
+/// language version has no manifest of its own, or a manifest listing files kept elsewhere: its annexes would
+/// otherwise be packages of their own, and land on the other side from their act). A file no manifest claims is its
+/// own package, keyed by its own language-neutral name, which for an act's body is the key its package would have.
 #[derive(Debug, Default, Clone)]
 pub struct PackageKeys {
     exact: HashMap<(PathBuf, String), String>,
@@ -998,6 +1018,13 @@ pub struct PackageKeys {
     /// Manifest names without their `.doc.…` ending (`L_202401689__`): tables of contents (`….toc.fmx.xml`) are not
     /// listed by manifests but are named after them.
     stems: HashMap<(PathBuf, String), String>,
+    /// `neutral` and `stems` over every directory (the first directory in path order wins a name).
+    neutral_any: HashMap<String, String>,
+    stems_any: HashMap<String, String>,
+    /// Manifests with Cellar names (`DOC_1.xml`, `<id>__DOC_1.xml` flattened), by the name's part before `DOC_`
+    /// (lower case): Cellar renames an act's files `DOC_1.xml`, `DOC_2.xml`, … (one directory per act and language),
+    /// so its manifest lists names the files do not have, and the files' own names are the same for every act.
+    cellar: HashMap<(PathBuf, String), String>,
 }
 
 impl PackageKeys {
@@ -1012,8 +1039,26 @@ impl PackageKeys {
         if let Some(k) = self.neutral.get(&(scope.clone(), neutral.clone())) {
             return k.clone();
         }
-        if let Some(stem) = manifest_stem(name) {
-            if let Some(k) = self.stems.get(&(scope, formex::lang_neutral_name(stem))) {
+        if let Some(prefix) = cellar_prefix(name) {
+            if let Some(k) = self
+                .cellar
+                .get(&(scope.clone(), prefix.to_ascii_lowercase()))
+            {
+                return k.clone();
+            }
+        }
+        let stem = manifest_stem(name).map(formex::lang_neutral_name);
+        if let Some(k) = stem
+            .as_ref()
+            .and_then(|s| self.stems.get(&(scope, s.clone())))
+        {
+            return k.clone();
+        }
+        if let Some(k) = self.neutral_any.get(&neutral) {
+            return k.clone();
+        }
+        if let Some(stem) = stem {
+            if let Some(k) = self.stems_any.get(&stem) {
                 return k.clone();
             }
             // `32024R2847-toc-formex.xml` belongs with `32024R2847-formex.xml`.
@@ -1035,6 +1080,14 @@ fn uncompressed(name: &str) -> &str {
         .iter()
         .find_map(|e| name.strip_suffix(e))
         .unwrap_or(name)
+}
+
+/// The part of a Cellar file name before its `DOC_<n>.xml` ending (`""` for `DOC_2.xml`, `x__` for `x__DOC_2.xml`).
+fn cellar_prefix(name: &str) -> Option<&str> {
+    let lower = name.to_ascii_lowercase();
+    let i = lower.rfind("doc_")?;
+    let n = lower[i + 4..].strip_suffix(".xml")?;
+    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then(|| &name[..i])
 }
 
 /// The part of a manifest's or table of contents' name before its `.doc.`/`.toc.`/`-toc-` marker.
