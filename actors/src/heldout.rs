@@ -773,6 +773,68 @@ mod tests {
     }
 
     #[test]
+    fn a_zip_package_has_the_key_of_its_unpacked_files() {
+        // English as a zip package (manifest, body, annexes), French unpacked without a manifest of its own.
+        let real = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/corpus/formex"
+        ));
+        let tmp = tempfile::tempdir().unwrap();
+        let zip_path = tmp.path().join("L_2017154EN.zip");
+        let mut zw = zip::ZipWriter::new(std::fs::File::create(&zip_path).unwrap());
+        let members = [
+            "L_2017154EN.01009401.xml",
+            "L_2017154EN.01000101.doc.xml",
+            "L_2017154EN.01000101.xml",
+            "L_2017154EN.01008901.xml",
+        ];
+        for m in members {
+            zw.start_file(m, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            std::io::Write::write_all(&mut zw, &std::fs::read(real.join(m)).unwrap()).unwrap();
+        }
+        zw.finish().unwrap();
+        let fr = tmp.path().join("fr");
+        std::fs::create_dir_all(&fr).unwrap();
+        let mut files = vec![zip_path.clone()];
+        for (m, n) in [
+            ("L_2017154EN.01000101.xml", "L_2017154FR.01000101.xml"),
+            ("L_2017154EN.01008901.xml", "L_2017154FR.01008901.xml"),
+        ] {
+            std::fs::copy(real.join(m), fr.join(n)).unwrap();
+            files.push(fr.join(n));
+        }
+        // Without a manifest the zip's first FORMEX member names it.
+        let bare = tmp.path().join("L_2018127DE.zip");
+        let mut zw = zip::ZipWriter::new(std::fs::File::create(&bare).unwrap());
+        zw.start_file(
+            "L_2018127DE.01000201.xml",
+            zip::write::SimpleFileOptions::default(),
+        )
+        .unwrap();
+        std::io::Write::write_all(
+            &mut zw,
+            &std::fs::read(real.join("L_2018127EN.01000201.xml")).unwrap(),
+        )
+        .unwrap();
+        zw.finish().unwrap();
+        files.push(bare.clone());
+        let index = ManifestIndex::build(&files);
+        let keys = index.package_keys();
+        assert_eq!(keys.key_of(&zip_path), "L_2017154__.01000101.xml");
+        assert_eq!(keys.key_of(&files[1]), "L_2017154__.01000101.xml");
+        assert_eq!(keys.key_of(&bare), "L_2018127__.01000201.xml");
+        assert_eq!(
+            keys.key_of(&real.join("L_2018127EN.01000201.xml")),
+            keys.key_of(&bare)
+        );
+        // A broken zip keeps its own name (the reader reports it).
+        let broken = tmp.path().join("L_2019001EN.zip");
+        std::fs::write(&broken, b"PK\x03\x04 no").unwrap();
+        assert_eq!(keys.key_of(&broken), "L_2019001__.zip");
+    }
+
+    #[test]
     fn holdout_keeps_a_cellar_package_together() {
         // Cellar names an act's files `DOC_1.xml` (the manifest, listing the OJ names), `DOC_2.xml`, … in a directory
         // per act and language; the real corpus has one such package with its directory flattened into the names.

@@ -1029,6 +1029,12 @@ pub struct PackageKeys {
 
 impl PackageKeys {
     pub fn key_of(&self, path: &Path) -> String {
+        // A zip is one package: the key of the manifest inside (as its files would have, unpacked).
+        if container_by_name(path) == Container::Zip {
+            if let Some(k) = zip_package_key(path) {
+                return k;
+            }
+        }
         let scope = scope_of(path);
         let full = path.to_string_lossy();
         let name = uncompressed(base_name(&full));
@@ -1072,6 +1078,45 @@ impl PackageKeys {
         }
         neutral
     }
+}
+
+/// The package key of a zip package ([`PackageKeys`]): its manifest's first part, language-neutral, so that a zip of
+/// one language version and the unpacked files of another have the same key; without a manifest, its first FORMEX
+/// member's name. Reads the zip's directory and its (small) manifest members only. None when it is not a readable
+/// zip (the zip's own name is the key then; the reader reports the file).
+fn zip_package_key(path: &Path) -> Option<String> {
+    let f = File::open(path).ok()?;
+    let mut z = zip::ZipArchive::new(std::io::BufReader::new(f)).ok()?;
+    let mut names: Vec<(String, usize)> = (0..z.len())
+        .filter_map(|i| z.name_for_index(i).map(|n| (n.to_string(), i)))
+        .filter(|(n, _)| is_zip_formex_member(n))
+        .collect();
+    names.sort();
+    for (n, i) in &names {
+        if !looks_like_manifest(Path::new(n)) {
+            continue;
+        }
+        let mpath = format!("{}!{n}", path.display());
+        let Ok(member) = z.by_index(*i) else { continue };
+        let Ok(bytes) =
+            read_limited(member, &mpath, 16 << 20).and_then(|b| decompress(Path::new(&mpath), b))
+        else {
+            continue;
+        };
+        let first = formex::parse_detailed(&mpath, &bytes).ok().and_then(|v| {
+            v.into_iter()
+                .find(|p| p.doc.root == "DOC")
+                .and_then(|p| p.meta.parts.first().cloned())
+        });
+        if let Some(first) = first {
+            return Some(formex::lang_neutral_name(uncompressed(base_name(&first))));
+        }
+    }
+    names
+        .iter()
+        .map(|(n, _)| base_name(n))
+        .find(|n| !looks_like_manifest(Path::new(n)))
+        .map(|n| formex::lang_neutral_name(uncompressed(n)))
 }
 
 /// A file name without its compression suffix (`x.xml.zst` and `x.xml` are the same file of an act).
