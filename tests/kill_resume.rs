@@ -479,23 +479,31 @@ fn inputs_record(ckpt: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(ckpt.join("inputs.json")).unwrap()).unwrap()
 }
 
-#[test]
-fn resume_and_replay_refuse_input_files_that_changed_since_the_checkpoint() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (dir, corpus) = (tmp.path().join("run"), tmp.path().join("in"));
+/// A 2-step run on [`small_corpus_config`]'s corpus under `tmp`: (run dir, corpus dir, the English lane's files
+/// in its checkpoint's `inputs.json`).
+fn two_step_run(tmp: &Path) -> (PathBuf, PathBuf, Vec<serde_json::Value>) {
+    let (dir, corpus) = (tmp.join("run"), tmp.join("in"));
     let cfg = small_corpus_config(&dir, &corpus, 2, 0.0);
     let (ok, err) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet"]);
     assert!(ok, "{err}");
-    let ckpt = dir.join("checkpoints/step-000002");
-    let rec = inputs_record(&ckpt);
+    let rec = inputs_record(&dir.join("checkpoints/step-000002"));
     let en = rec["lanes"]
         .as_array()
         .unwrap()
         .iter()
         .find(|l| l["lang"] == "en")
         .unwrap();
-    let en_files = en["files"].as_array().unwrap();
-    assert!(en_files.len() > 3, "{en}");
+    let files = en["files"].as_array().unwrap().clone();
+    assert!(files.len() > 3, "{en}");
+    (dir, corpus, files)
+}
+
+#[test]
+fn resume_and_replay_refuse_input_files_that_changed_since_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, corpus, en_files) = two_step_run(tmp.path());
+    let ckpt = dir.join("checkpoints/step-000002");
+    let rec = inputs_record(&ckpt);
     let second = PathBuf::from(en_files[1]["path"].as_str().unwrap());
     let original = std::fs::read(&second).unwrap();
     let cfg4 = small_corpus_config(&dir, &corpus, 4, 0.0);
@@ -625,18 +633,7 @@ fn a_checkpoint_without_an_inputs_record_keeps_the_file_holdout_split_it_was_wri
 #[test]
 fn resume_names_the_file_removed_from_the_middle_of_a_lane() {
     let tmp = tempfile::tempdir().unwrap();
-    let (dir, corpus) = (tmp.path().join("run"), tmp.path().join("in"));
-    let cfg = small_corpus_config(&dir, &corpus, 2, 0.0);
-    let (ok, err) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet"]);
-    assert!(ok, "{err}");
-    let rec = inputs_record(&dir.join("checkpoints/step-000002"));
-    let en = rec["lanes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["lang"] == "en")
-        .unwrap();
-    let files = en["files"].as_array().unwrap();
+    let (dir, corpus, files) = two_step_run(tmp.path());
     let (second, third) = (
         PathBuf::from(files[1]["path"].as_str().unwrap()),
         PathBuf::from(files[2]["path"].as_str().unwrap()),
