@@ -357,8 +357,11 @@ mod tests {
             .map(|c| {
                 std::thread::spawn(move || {
                     let r = c.rank();
-                    tch::manual_seed(r as i64);
-                    let x = Tensor::randn([12], (Kind::Float, Device::Cpu));
+                    let x = {
+                        let _g = crate::model::rng_lock();
+                        tch::manual_seed(r as i64);
+                        Tensor::randn([12], (Kind::Float, Device::Cpu))
+                    };
                     let mut all = x.copy();
                     c.all_reduce_mean(&mut all).unwrap();
                     let mut mine = Tensor::zeros([4], (Kind::Float, Device::Cpu));

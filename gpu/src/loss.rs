@@ -107,7 +107,10 @@ mod tests {
 
     #[test]
     fn ignored_positions_do_not_count() {
-        let logits = Tensor::randn([1, 3, 5], (Kind::Float, Device::Cpu));
+        let logits = {
+            let _g = crate::model::rng_lock();
+            Tensor::randn([1, 3, 5], (Kind::Float, Device::Cpu))
+        };
         let labels = Tensor::from_slice(&[1i64, 4, IGNORE_INDEX]).view([1, 3]);
         let lp = logits.log_softmax(-1, Kind::Float);
         let want = -(lp.double_value(&[0, 0, 1]) + lp.double_value(&[0, 1, 4]));
@@ -123,7 +126,10 @@ mod tests {
 
     #[test]
     fn gradient_matches_autograd_cross_entropy() {
-        let base = Tensor::randn([2, 5, 7], (Kind::Float, Device::Cpu));
+        let base = {
+            let _g = crate::model::rng_lock();
+            Tensor::randn([2, 5, 7], (Kind::Float, Device::Cpu))
+        };
         let labels = Tensor::from_slice(&[1i64, 4, IGNORE_INDEX, 6, 0, 2, 3, IGNORE_INDEX, 5, 1])
             .view([2, 5]);
         let a = base.detach().set_requires_grad(true);
@@ -151,7 +157,10 @@ mod tests {
 
     #[test]
     fn bf16_gradient_is_the_rounded_fp32_gradient() {
-        let base = Tensor::randn([3, 4, 11], (Kind::Float, Device::Cpu));
+        let base = {
+            let _g = crate::model::rng_lock();
+            Tensor::randn([3, 4, 11], (Kind::Float, Device::Cpu))
+        };
         let labels =
             Tensor::from_slice(&[1i64, 4, 2, 6, 0, 2, 3, IGNORE_INDEX, 5, 1, 10, 9]).view([3, 4]);
         let x = base.to_kind(Kind::BFloat16).set_requires_grad(true);

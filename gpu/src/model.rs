@@ -456,6 +456,13 @@ impl Params {
 /// libtorch's default generators are process-wide: ranks initialising at the same time would interleave their draws.
 static INIT_LOCK: Mutex<()> = Mutex::new(());
 
+/// Holds libtorch's process-wide default generator, as [`Llama::new`] does while it seeds and draws: code that draws
+/// random numbers while models may be created in other threads (tests running side by side) takes it around its
+/// draws, or a model's "same seed, same weights" breaks. Not reentrant: never create a model while holding it.
+pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct RmsNorm {
     weight: Tensor,
     eps: f64,
@@ -842,7 +849,7 @@ impl Llama {
         }
         let params = Params::allocate(&cfg.param_specs(), kind, device);
         {
-            let _g = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = rng_lock();
             let _ng = tch::no_grad_guard();
             tch::manual_seed(seed as i64);
             let mut decayed = params.flat.narrow(0, 0, params.decay_numel);
@@ -1244,7 +1251,10 @@ mod tests {
     fn gqa_mask_path_equals_causal_path_for_one_document() {
         let cfg = LlamaConfig::tiny(50);
         let m = Llama::new(&cfg, Device::Cpu, Kind::Float, 1).unwrap();
-        let ids = Tensor::randint(50, [2, 12], (Kind::Int64, Device::Cpu));
+        let ids = {
+            let _g = rng_lock();
+            Tensor::randint(50, [2, 12], (Kind::Int64, Device::Cpu))
+        };
         let a = m.forward(&ids, None);
         let b = m.forward(
             &ids,
@@ -1258,7 +1268,10 @@ mod tests {
     fn segment_path_equals_mask_path() {
         let cfg = LlamaConfig::tiny(50);
         let mut m = Llama::new(&cfg, Device::Cpu, Kind::Float, 3).unwrap();
-        let ids = Tensor::randint(50, [2, 16], (Kind::Int64, Device::Cpu));
+        let ids = {
+            let _g = rng_lock();
+            Tensor::randint(50, [2, 16], (Kind::Int64, Device::Cpu))
+        };
         let toks: Vec<Vec<u32>> = (0..2)
             .map(|r| {
                 Vec::<i64>::try_from(ids.get(r))
@@ -1331,7 +1344,10 @@ mod tests {
     #[test]
     fn kv_cache_decoding_equals_the_full_forward() {
         let model = Llama::new(&LlamaConfig::tiny(64), Device::Cpu, Kind::Float, 4).unwrap();
-        let ids = Tensor::randint(64, [2, 10], (Kind::Int64, Device::Cpu));
+        let ids = {
+            let _g = rng_lock();
+            Tensor::randint(64, [2, 10], (Kind::Int64, Device::Cpu))
+        };
         tch::no_grad(|| {
             let full = model.forward(&ids, None);
             let mut cache = KvCache::new();
@@ -1397,7 +1413,10 @@ mod tests {
     fn documents_do_not_see_each_other() {
         let cfg = LlamaConfig::tiny(50);
         let m = Llama::new(&cfg, Device::Cpu, Kind::Float, 1).unwrap();
-        let ids = Tensor::randint(50, [1, 16], (Kind::Int64, Device::Cpu));
+        let ids = {
+            let _g = rng_lock();
+            Tensor::randint(50, [1, 16], (Kind::Int64, Device::Cpu))
+        };
         let doc_ids =
             Tensor::from_slice(&[0i64, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]).view([1, 16]);
         let packed = m.forward(&ids, Some(&doc_ids));

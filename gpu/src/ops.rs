@@ -314,8 +314,10 @@ mod tests {
 
     #[test]
     fn fused_adamw_matches_the_adamw_formula() {
-        tch::manual_seed(7);
         let n = 1000;
+        // Held for the whole test: it draws throughout (and creates no model).
+        let _g = crate::model::rng_lock();
+        tch::manual_seed(7);
         let p0 = Tensor::randn([n], (Kind::Float, Device::Cpu));
         let g0 = Tensor::randn([n], (Kind::Float, Device::Cpu));
         let g = g0.copy();
@@ -361,7 +363,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("trace.json");
         let prof = Profiler::start(false).unwrap();
-        let a = Tensor::randn([64, 64], (Kind::Float, Device::Cpu));
+        let a = {
+            let _g = crate::model::rng_lock();
+            Tensor::randn([64, 64], (Kind::Float, Device::Cpu))
+        };
         let _ = a.matmul(&a).sum(Kind::Float);
         prof.stop(&path).unwrap();
         let trace: serde_json::Value =

@@ -1000,8 +1000,11 @@ mod tests {
     #[test]
     fn matches_libtorch_adamw() {
         let vs = nn::VarStore::new(Device::Cpu);
-        tch::manual_seed(0);
-        let w = vs.root().randn("w", &[3, 4], 0.0, 1.0);
+        let w = {
+            let _g = crate::model::rng_lock();
+            tch::manual_seed(0);
+            vs.root().randn("w", &[3, 4], 0.0, 1.0)
+        };
         let mut opt = nn::AdamW {
             beta1: 0.9,
             beta2: 0.95,
@@ -1044,7 +1047,10 @@ mod tests {
                 ..cfg()
             },
         );
-        let x = Tensor::randn([4, 2], (Kind::Float, Device::Cpu));
+        let x = {
+            let _g = crate::model::rng_lock();
+            Tensor::randn([4, 2], (Kind::Float, Device::Cpu))
+        };
         for _ in 0..5 {
             let loss = w.matmul(&x).square().sum(Kind::Float);
             opt.zero_grad();
@@ -1112,8 +1118,11 @@ mod tests {
         opts[1].set_fused(false);
         let mut clipped = 0;
         for step in 0..6 {
-            tch::manual_seed(100 + step);
-            let g = Tensor::randn([models[0].params.numel()], (Kind::Float, Device::Cpu));
+            let g = {
+                let _g = crate::model::rng_lock();
+                tch::manual_seed(100 + step);
+                Tensor::randn([models[0].params.numel()], (Kind::Float, Device::Cpu))
+            };
             for (m, o) in models.iter().zip(opts.iter_mut()) {
                 o.grad.copy_(&g);
                 let st = o.step(&m.params, &SingleRank).unwrap();
@@ -1150,8 +1159,11 @@ mod tests {
     /// The CPU norm of a long vector stays exact (libtorch's single-pass fp32 norm does not).
     #[test]
     fn global_norm_is_exact_on_long_vectors() {
-        tch::manual_seed(0);
-        let g = Tensor::randn([20_000_037], (Kind::Float, Device::Cpu)) * 1e-3;
+        let g = {
+            let _g = crate::model::rng_lock();
+            tch::manual_seed(0);
+            Tensor::randn([20_000_037], (Kind::Float, Device::Cpu))
+        } * 1e-3;
         let exact = g
             .to_kind(Kind::Double)
             .square()
@@ -1168,7 +1180,10 @@ mod tests {
     fn state_roundtrip() {
         let model = Llama::new(&LlamaConfig::tiny(8), Device::Cpu, Kind::Float, 0).unwrap();
         let mut opt = FlatAdamW::new(&model.params, cfg());
-        let _ = opt.grad.normal_(0.0, 1.0);
+        {
+            let _g = crate::model::rng_lock();
+            let _ = opt.grad.normal_(0.0, 1.0);
+        }
         opt.step(&model.params, &SingleRank).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("opt.safetensors");

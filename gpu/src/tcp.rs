@@ -659,10 +659,13 @@ mod tests {
     fn matches_the_in_process_collective_bit_for_bit() {
         let world = 3;
         for kind in [Kind::Float, Kind::BFloat16] {
-            tch::manual_seed(11);
-            let inputs: Vec<Tensor> = (0..world)
-                .map(|_| Tensor::randn([1000], (Kind::Float, Device::Cpu)).to_kind(kind))
-                .collect();
+            let inputs: Vec<Tensor> = {
+                let _g = crate::model::rng_lock();
+                tch::manual_seed(11);
+                (0..world)
+                    .map(|_| Tensor::randn([1000], (Kind::Float, Device::Cpu)).to_kind(kind))
+                    .collect()
+            };
             let run = |colls: Vec<Box<dyn Collective>>| -> Vec<(Tensor, Tensor, Tensor)> {
                 let hs: Vec<_> = colls
                     .into_iter()
