@@ -241,11 +241,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         .map(|(k, v)| (k.clone(), *v))
         .collect();
     let (lanes, outside) = lanes_of(cfg, files);
-    let eval_files = if cfg.eval.paths.is_empty() {
-        Vec::new()
-    } else {
-        reader::expand_inputs(&cfg.eval.paths).context("eval.paths")?
-    };
+    let eval_files = eval_paths_files(cfg)?;
     let inputs = crate::inputs::InputsRecord::new(
         lanes.iter().map(|l| (l.lang.as_str(), l.files.as_slice())),
         &held_files,
@@ -389,6 +385,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 cfg,
                 &lanes,
                 &held_files,
+                &eval_files,
                 &read_opts,
                 from.as_deref(),
             )?))
@@ -458,6 +455,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             let set = heldout_set(
                 cfg,
                 &held_files,
+                &eval_files,
                 &manifests,
                 &tokenizer,
                 eot,
@@ -1219,7 +1217,14 @@ pub fn audit_dedup(
         qa: cfg.input.prompt_format(),
         mixed_languages: false,
     };
-    let idx = build_dedup_index(cfg, &lanes, &held_files, &read_opts, None)?;
+    let idx = build_dedup_index(
+        cfg,
+        &lanes,
+        &held_files,
+        &eval_paths_files(cfg)?,
+        &read_opts,
+        None,
+    )?;
     let mut w = match out {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -1286,6 +1291,7 @@ fn build_dedup_index(
     cfg: &Config,
     lanes: &[Lane],
     held_files: &[PathBuf],
+    eval_files: &[PathBuf],
     read_opts: &reader::ReadOptions,
     checkpoint: Option<&Path>,
 ) -> anyhow::Result<crate::dedup::DedupIndex> {
@@ -1294,17 +1300,12 @@ fn build_dedup_index(
         lanes.iter().map(|l| l.files.len() as u32).collect(),
     );
     if cfg.dedup.against_heldout {
-        let extra = if cfg.eval.paths.is_empty() {
-            Vec::new()
-        } else {
-            reader::expand_inputs(&cfg.eval.paths).context("eval.paths")?
-        };
         // Held-out FORMEX files (Q&A pairs are not documents the corpus could repeat).
         let files: Vec<PathBuf> = held_files
             .iter()
-            .cloned()
-            .chain(extra)
+            .chain(eval_files)
             .filter(|f| !f.to_string_lossy().ends_with(".jsonl"))
+            .cloned()
             .collect();
         let manifests = reader::ManifestIndex::build(&files);
         let opts = reader::ReadOptions {
@@ -1467,26 +1468,24 @@ fn input_files(cfg: &Config, corpus_dir: &Path) -> anyhow::Result<Vec<PathBuf>> 
     Ok(reader::expand_inputs(&patterns)?)
 }
 
-/// Packs the held-out set: the `held` input files (their manifests in `manifests`), then `eval.paths`.
+/// Packs the held-out set: the `held` input files (their manifests in `manifests`), then `extra` (the `eval.paths`
+/// files).
+#[allow(clippy::too_many_arguments)]
 fn heldout_set(
     cfg: &Config,
     held: &[PathBuf],
+    extra: &[PathBuf],
     manifests: &reader::ManifestIndex,
     tokenizer: &Tokenizer,
     eot: u32,
     pad: u32,
     quarantine: &Quarantine,
 ) -> anyhow::Result<crate::heldout::HeldOutSet> {
-    let extra = if cfg.eval.paths.is_empty() {
-        Vec::new()
-    } else {
-        reader::expand_inputs(&cfg.eval.paths).context("eval.paths")?
-    };
-    let extra_manifests = reader::ManifestIndex::build(&extra);
+    let extra_manifests = reader::ManifestIndex::build(extra);
     let files: Vec<(PathBuf, &reader::ManifestIndex)> = held
         .iter()
         .map(|f| (f.clone(), manifests))
-        .chain(extra.into_iter().map(|f| (f, &extra_manifests)))
+        .chain(extra.iter().map(|f| (f.clone(), &extra_manifests)))
         .collect();
     let langs: Vec<String> = cfg.sampler.mix.keys().cloned().collect();
     let spec = crate::heldout::BuildSpec {
@@ -1538,7 +1537,24 @@ pub fn build_heldout(
         })
     };
     let (eot, pad) = (id(&cfg.packer.eot_token)?, id(&cfg.packer.pad_token)?);
-    heldout_set(cfg, &held, &manifests, &tokenizer, eot, pad, quarantine)
+    heldout_set(
+        cfg,
+        &held,
+        &eval_paths_files(cfg)?,
+        &manifests,
+        &tokenizer,
+        eot,
+        pad,
+        quarantine,
+    )
+}
+
+/// The files `eval.paths` names (none when it is empty).
+fn eval_paths_files(cfg: &Config) -> anyhow::Result<Vec<PathBuf>> {
+    if cfg.eval.paths.is_empty() {
+        return Ok(Vec::new());
+    }
+    reader::expand_inputs(&cfg.eval.paths).context("eval.paths")
 }
 
 /// The tokens of one document, read again from its file (resume, replay, provenance).
