@@ -686,28 +686,58 @@ fn needs_recompute(state: u64, activations: u64, total: u64) -> bool {
 }
 
 /// Parameters, gradients and (replicated or sharded) optimizer state must leave room for activations on the device.
+/// Refuses a model whose training state cannot fit on the device; returns the state's bytes per rank (weights,
+/// gradients, fp32 master + moments, `param_bytes` per weight, AdamW state split `shards` ways).
 fn check_fits(
     mcfg: &LlamaConfig,
-    need: u64,
+    param_bytes: u64,
     total: u64,
     ordinal: usize,
     shards: usize,
-) -> Result<(), TrainerError> {
+) -> Result<u64, TrainerError> {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let n = mcfg.num_params() as u64;
+    let need = lexflow_gpu::train_state_bytes(n, param_bytes, shards as u64);
+    // Weights and their gradients are whole on every rank (`train.shard_optimizer` splits only the AdamW state):
+    // when they alone do not fit, no number of ranks helps, and saying "more ranks" would send the user on a
+    // fruitless hunt for GPUs.
+    let whole = 2 * param_bytes * n;
+    if whole as f64 > 0.9 * total as f64 {
+        let bf16 = if param_bytes > 2 && 4 * n <= (0.9 * total as f64) as u64 {
+            "set `train.dtype = \"bf16\"` (halves weights and gradients), "
+        } else {
+            ""
+        };
+        return Err(TrainerError::Setup(format!(
+            "train.model: {:.2} B parameters need {:.1} GiB per rank for the weights and gradients alone, but \
+             cuda:{ordinal} has {:.1} GiB: more ranks do not help (lexflow shards the AdamW state across ranks, \
+             `train.shard_optimizer`, not the weights): {bf16}pick a smaller `train.model`, or use GPUs with more \
+             memory",
+            n as f64 / 1e9,
+            gib(whole),
+            gib(total)
+        )));
+    }
     if need as f64 > 0.9 * total as f64 {
         let what = if shards > 1 {
             format!("AdamW state sharded {shards} ways")
         } else {
             "replicated AdamW state".to_string()
         };
+        // The fewest ranks whose share of the AdamW state fits beside the whole weights and gradients.
+        let budget = (0.9 * total as f64) as u64 - whole;
+        let state = need - whole;
+        let ranks = (state * shards as u64).div_ceil(budget.max(1));
         let hint = if shards > 1 {
-            "train on more ranks (the sharded state shrinks with the world size), pick a smaller `train.model`, or \
-             use GPUs with more memory"
-                .to_string()
+            format!(
+                "train on at least {ranks} ranks (the sharded state shrinks with the world size), pick a smaller \
+                 `train.model`, or use GPUs with more memory"
+            )
         } else {
-            "set `train.shard_optimizer = true` to split the AdamW state across the ranks (ZeRO-2), pick a smaller \
-             `train.model`, or use GPUs with more memory"
-                .to_string()
+            format!(
+                "set `train.shard_optimizer = true` to split the AdamW state across the ranks (ZeRO-2; it fits from \
+                 {ranks} ranks on), pick a smaller `train.model`, or use GPUs with more memory"
+            )
         };
         return Err(TrainerError::Setup(format!(
             "train.model: {:.2} B parameters need {:.1} GiB per rank for weights, gradients and {what} (fp32 master \
@@ -725,7 +755,7 @@ fn check_fits(
             gib(total)
         );
     }
-    Ok(())
+    Ok(need)
 }
 
 /// A panic out of tch (a libtorch error) as a trainer error, with what to do when it is an out-of-memory.
@@ -897,9 +927,8 @@ impl<'a> Rank<'a> {
         let mut recompute = cfg.recompute == Recompute::On;
         let shards = if cfg.shard_optimizer { self.world } else { 1 };
         if let Device::Cuda(ordinal) = self.device {
-            let need = lexflow_gpu::train_state_bytes(mcfg.num_params() as u64, elt, shards as u64);
             if let Some(total) = lexflow_gpu::cuda_memory_total(ordinal) {
-                check_fits(&mcfg, need, total, ordinal, shards)?;
+                let need = check_fits(&mcfg, elt, total, ordinal, shards)?;
                 if cfg.recompute == Recompute::Auto {
                     let tokens = (cfg.micro_batch.get() * self.setup.seq_len) as u64;
                     let act = activation_bytes(&mcfg, tokens, elt);
@@ -1908,39 +1937,51 @@ mod failure_tests {
         let gib = 1u64 << 30;
         let c8 = LlamaConfig::preset("8b", 128_256).unwrap();
         let n8 = c8.num_params() as u64;
-        let need8 = lexflow_gpu::train_state_bytes(n8, 2, 1);
         // 8B: 20 bytes per parameter, ~150 GiB: not on an 80 GB H100, nor a 141 GB H200.
-        let e = check_fits(&c8, need8, 80 * gib, 0, 1)
-            .unwrap_err()
-            .to_string();
+        let e = check_fits(&c8, 2, 80 * gib, 0, 1).unwrap_err().to_string();
         assert!(
             e.contains("train.model")
                 && e.contains("cuda:0")
-                && e.contains("train.shard_optimizer"),
+                && e.contains("train.shard_optimizer = true")
+                && e.contains("fits from 3 ranks on"),
             "{e}"
         );
-        assert!(check_fits(&c8, need8, 141 * gib, 0, 1).is_err());
+        assert!(check_fits(&c8, 2, 141 * gib, 0, 1).is_err());
         // Sharded 8 ways: 4 bytes of weights and gradients + 16/8 of optimizer state per parameter (~45 GiB).
-        let sharded8 = lexflow_gpu::train_state_bytes(n8, 2, 8);
+        let sharded8 = check_fits(&c8, 2, 80 * gib, 0, 8).unwrap();
         assert_eq!(sharded8, n8 * 4 + n8 * 16 / 8);
-        assert!(check_fits(&c8, sharded8, 80 * gib, 0, 8).is_ok());
+        // The rank count the hint names is the smallest that fits, and one fewer does not.
+        assert!(check_fits(&c8, 2, 80 * gib, 0, 3).is_ok());
+        assert!(check_fits(&c8, 2, 80 * gib, 0, 2).is_err());
         // Sharded 2 ways is still too much (~90 GiB), and the error says what to do.
-        let e = check_fits(
-            &c8,
-            lexflow_gpu::train_state_bytes(n8, 2, 2),
-            80 * gib,
-            0,
-            2,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = check_fits(&c8, 2, 80 * gib, 0, 2).unwrap_err().to_string();
         assert!(
-            e.contains("sharded 2 ways") && e.contains("more ranks"),
+            e.contains("sharded 2 ways") && e.contains("at least 3 ranks"),
+            "{e}"
+        );
+        // 70B: its bf16 weights and gradients alone (~263 GiB) fit on no GPU, however many ranks share the
+        // AdamW state: the error must not send the user looking for more ranks.
+        let c70 = LlamaConfig::preset("70b", 128_256).unwrap();
+        for shards in [1, 8, 1024] {
+            let e = check_fits(&c70, 2, 141 * gib, 0, shards)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("weights and gradients alone")
+                    && e.contains("more ranks do not help")
+                    && !e.contains("at least")
+                    && !e.contains("bf16"),
+                "{e}"
+            );
+        }
+        // fp32 weights and gradients of 8B (~60 GiB) do not fit a 48 GB GPU however sharded; bf16 ones would.
+        let e = check_fits(&c8, 4, 48 * gib, 0, 8).unwrap_err().to_string();
+        assert!(
+            e.contains("more ranks do not help") && e.contains("train.dtype = \"bf16\""),
             "{e}"
         );
         let c1 = LlamaConfig::preset("1b", 128_256).unwrap();
-        let need1 = lexflow_gpu::train_state_bytes(c1.num_params() as u64, 2, 1);
-        assert!(check_fits(&c1, need1, 80 * gib, 0, 1).is_ok());
+        assert!(check_fits(&c1, 2, 80 * gib, 0, 1).is_ok());
         assert_eq!(lexflow_gpu::train_state_bytes(10, 4, 1), 10 * 20);
     }
 
