@@ -799,7 +799,7 @@ fn libtorch_failure(device: Device, payload: &(dyn std::any::Any + Send)) -> Tra
 
 fn model_config(setup: &TrainerSetup) -> Result<LlamaConfig, TrainerError> {
     let cfg = match &setup.cfg.init_from {
-        Some(dir) => checkpoint::read_hf_config(dir)?,
+        Some(dir) => init_config(&setup.cfg.model, setup.vocab_size, dir)?,
         None => LlamaConfig::preset(&setup.cfg.model, setup.vocab_size)?,
     };
     if cfg.vocab_size < setup.vocab_size {
@@ -809,6 +809,51 @@ fn model_config(setup: &TrainerSetup) -> Result<LlamaConfig, TrainerError> {
         )));
     }
     Ok(cfg)
+}
+
+/// The shape of `train.init_from`'s model (its `config.json`). The weights define the shape: a `train.model` other
+/// than the default that names another shape is a mistake (the wrong directory, or the wrong preset), not something
+/// to ignore silently.
+fn init_config(model: &str, vocab_size: usize, dir: &Path) -> Result<LlamaConfig, TrainerError> {
+    let cfg = checkpoint::read_hf_config(dir)?;
+    if model != "tiny" {
+        let preset = LlamaConfig::preset(model, vocab_size)?;
+        if shape(&preset) != shape(&cfg) {
+            return Err(TrainerError::Setup(format!(
+                "train.model = \"{model}\" is {}, but train.init_from {} holds a model of {} (its config.json): \
+                 the weights define the shape; point train.init_from at a {model} model, or remove train.model",
+                describe_shape(&preset),
+                dir.display(),
+                describe_shape(&cfg),
+            )));
+        }
+    }
+    Ok(cfg)
+}
+
+/// What makes two models' weights interchangeable (the vocabulary aside: presets grow it to the tokenizer's size).
+fn shape(c: &LlamaConfig) -> [usize; 6] {
+    [
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+    ]
+}
+
+fn describe_shape(c: &LlamaConfig) -> String {
+    format!(
+        "{:.2} B parameters (hidden {}, MLP {}, {} layers, {} heads, {} KV heads, head dim {})",
+        c.num_params() as f64 / 1e9,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim
+    )
 }
 
 fn schedule(cfg: &TrainConfig) -> AdamWConfig {
@@ -1983,6 +2028,29 @@ mod failure_tests {
         let c1 = LlamaConfig::preset("1b", 128_256).unwrap();
         assert!(check_fits(&c1, 2, 80 * gib, 0, 1).is_ok());
         assert_eq!(lexflow_gpu::train_state_bytes(10, 4, 1), 10 * 20);
+    }
+
+    #[test]
+    fn init_from_of_another_shape_than_train_model_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = LlamaConfig::preset("125m", 128_256).unwrap();
+        checkpoint::write_hf_config(dir.path(), &small, Kind::BFloat16).unwrap();
+        // The default `model` (tiny) and the matching preset take the directory's shape.
+        for model in ["tiny", "125m"] {
+            let c = init_config(model, 128_256, dir.path()).unwrap();
+            assert_eq!(shape(&c), shape(&small), "{model}");
+        }
+        let e = init_config("1b", 128_256, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train.model = \"1b\"")
+                && e.contains("hidden 2048")
+                && e.contains("hidden 768")
+                && e.contains(&dir.path().display().to_string())
+                && e.contains("remove train.model"),
+            "{e}"
+        );
     }
 
     #[test]
