@@ -229,4 +229,18 @@ fn sampled_answers_depend_on_seed_and_prompt_not_on_the_batch() {
         one, greedy,
         "temperature 1 sampled exactly the greedy answers"
     );
+    // A GPU this machine does not have is an error naming the option, not a libtorch panic with a C++ backtrace.
+    let o = Command::new(lexflow_bin())
+        .args(["generate", ckpt.to_str().unwrap(), "--prompt", PROMPTS[0]])
+        .args(["--device", "cuda:63"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--device: cuda:63, but libtorch sees")
+            && !err.contains("panicked")
+            && !err.contains("frame #"),
+        "{err}"
+    );
 }

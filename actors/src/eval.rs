@@ -326,6 +326,7 @@ pub fn generate_ids(
     use lexflow_gpu::tch::Kind;
     opts.sampling.check()?;
     let device = crate::trainer::parse_device(&opts.device)?;
+    crate::trainer::check_device(device, "--device", "--device cpu")?;
     let kind = if device.is_cuda() {
         Kind::BFloat16
     } else {

@@ -311,6 +311,7 @@ pub fn cli_generate(a: GenerateArgs<'_>) -> anyhow::Result<ExitCode> {
         f.check_tokenizer(&tok)?;
     }
     let device = crate::trainer::parse_device(&a.device)?;
+    crate::trainer::check_device(device, "--device", "--device cpu")?;
     let kind = if device.is_cuda() {
         Kind::BFloat16
     } else {

@@ -471,30 +471,34 @@ fn layout(cfg: &TrainConfig, inputs: usize) -> Result<Layout, TrainerError> {
 
 /// Every CUDA device of the layout must exist: libtorch itself would abort deep inside with an unwrap.
 fn check_devices(l: &Layout) -> Result<(), TrainerError> {
-    let visible = if l.local.iter().any(|(_, d)| d.is_cuda()) {
-        tch::Cuda::device_count().max(0) as usize
-    } else {
-        return Ok(());
+    let from = match l.multi_process {
+        true => "LOCAL_RANK (one process per rank, train.devices = [\"cuda:…\"])",
+        false => "train.devices",
     };
     for (_, d) in &l.local {
-        if let Device::Cuda(i) = d {
-            if *i >= visible {
-                let hint = match visible {
-                    0 => "no GPU, no driver, or a CPU-only libtorch: use devices = [\"cpu\"] here"
-                        .to_string(),
-                    n => {
-                        format!("use an index below {n} (CUDA_VISIBLE_DEVICES renumbers the GPUs)")
-                    }
-                };
-                let from = match l.multi_process {
-                    true => "LOCAL_RANK (one process per rank, train.devices = [\"cuda:…\"])",
-                    false => "train.devices",
-                };
-                return Err(TrainerError::Setup(format!(
-                    "{from}: cuda:{i}, but libtorch sees {visible} CUDA device(s) on this machine ({hint})"
-                )));
-            }
-        }
+        check_device(*d, from, "devices = [\"cpu\"]")?;
+    }
+    Ok(())
+}
+
+/// A CUDA `device` must be one libtorch sees (`from` names where the device came from, `cpu_hint` how to ask for
+/// the CPU instead): libtorch itself would fail deep inside with a panic and a C++ backtrace.
+pub fn check_device(device: Device, from: &str, cpu_hint: &str) -> Result<(), TrainerError> {
+    let Device::Cuda(i) = device else {
+        return Ok(());
+    };
+    // libtorch counts devices through its CUDA backend, which our binaries do not link: load it first, or it
+    // reports 0 devices on any GPU machine.
+    lexflow_gpu::init_cuda();
+    let visible = tch::Cuda::device_count().max(0) as usize;
+    if i >= visible {
+        let hint = match visible {
+            0 => format!("no GPU, no driver, or a CPU-only libtorch: use {cpu_hint} here"),
+            n => format!("use an index below {n} (CUDA_VISIBLE_DEVICES renumbers the GPUs)"),
+        };
+        return Err(TrainerError::Setup(format!(
+            "{from}: cuda:{i}, but libtorch sees {visible} CUDA device(s) on this machine ({hint})"
+        )));
     }
     Ok(())
 }
@@ -1968,6 +1972,13 @@ mod failure_tests {
         assert!(
             e.contains("train.devices: cuda:63") && e.contains("CUDA device(s)"),
             "{e}"
+        );
+        // libtorch counts devices through its CUDA backend, which our binaries do not link (`init_cuda`): without
+        // loading it first, every GPU run would be refused with "libtorch sees 0 CUDA device(s)".
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(
+            maps.contains("libtorch_cuda.so"),
+            "check_devices counted CUDA devices without loading libtorch's CUDA backend"
         );
         let cpu = Layout {
             world: 1,

@@ -463,3 +463,83 @@ impl Drop for NcclCollective {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What one GPU can check (NCCL refuses two ranks on one device): a communicator of world size 1 on `cuda:0`,
+    /// where every collective is a copy, so each call's arguments are checked against the CPU collectives' semantics —
+    /// data pointers of views at an offset, element counts, dtypes, the bucket loop of a buffer longer than
+    /// [`BUCKET_ELEMS`] — then the watchdog's event, a buffer on the wrong device, abort and drop. Needs a CUDA
+    /// device and `libnccl.so` on the library path (`gpu_check.sh` and `bench/gpu/run.sh` provide it), so it is
+    /// ignored by default: on a GPU machine, `cargo test -p lexflow-gpu --features cuda --lib nccl -- --ignored`.
+    #[test]
+    #[ignore = "needs a CUDA device and libnccl.so: run with --ignored on a GPU machine"]
+    fn world_of_one_on_cuda() {
+        assert!(
+            crate::init_cuda(),
+            "no CUDA device (this test is for GPU machines)"
+        );
+        let id = std::panic::catch_unwind(NcclUniqueId::new).unwrap_or_else(|_| {
+            panic!(
+                "libnccl.so not found: put a libnccl.so symlink to libnccl.so.2 on LD_LIBRARY_PATH"
+            )
+        });
+        let c = NcclCollective::new(id.unwrap(), 0, 1, 0).unwrap();
+        let dev = Device::Cuda(0);
+        let _ng = tch::no_grad_guard();
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Double, Kind::Int64] {
+            let float = kind != Kind::Int64;
+            let whole = Tensor::arange(64, (kind, dev));
+            let before = whole.copy();
+            let mut v = whole.narrow(0, 5, 24);
+            c.all_reduce_sum(&mut v).unwrap();
+            if float {
+                c.all_reduce_mean(&mut v).unwrap();
+            }
+            c.broadcast(&mut v, 0).unwrap();
+            assert!(
+                whole.equal(&before),
+                "{kind:?}: an in-place collective changed the buffer"
+            );
+            if float {
+                let mut out = Tensor::zeros([24], (kind, dev));
+                c.reduce_scatter_mean(&v, &mut out).unwrap();
+                assert!(out.equal(&v), "{kind:?}: reduce-scatter of a view");
+            }
+            let gathered = Tensor::zeros([40], (kind, dev));
+            let mut g = gathered.narrow(0, 16, 24);
+            c.all_gather(&v, &mut g).unwrap();
+            assert!(g.equal(&v), "{kind:?}: all-gather of a view into a view");
+            assert!(
+                gathered
+                    .narrow(0, 0, 16)
+                    .equal(&Tensor::zeros([16], (kind, dev))),
+                "{kind:?}: all-gather wrote outside its output"
+            );
+        }
+        let n = BUCKET_ELEMS + 3;
+        let mut big = Tensor::ones([n], (Kind::Float, dev));
+        let _ = big.narrow(0, n - 3, 3).fill_(7.0);
+        c.all_reduce_mean(&mut big).unwrap();
+        assert_eq!(
+            big.sum(Kind::Double).double_value(&[]),
+            (n - 3) as f64 + 21.0
+        );
+        let mut f = [1.5f64, -2.0];
+        c.all_reduce_sum_f64(&mut f, dev).unwrap();
+        assert_eq!(f, [1.5, -2.0]);
+        c.barrier().unwrap();
+        let (w, _) = c.watch.as_ref().expect("the watchdog runs");
+        assert_eq!(w.probe(), Probe::Idle);
+        let mut cpu = Tensor::zeros([4], (Kind::Float, Device::Cpu));
+        assert!(c.all_reduce_sum(&mut cpu).is_err());
+        drop(c);
+        let c = NcclCollective::new(NcclUniqueId::new().unwrap(), 0, 1, 0).unwrap();
+        let mut t = Tensor::ones([8], (Kind::Float, dev));
+        c.all_reduce_sum(&mut t).unwrap();
+        c.abort();
+        drop(c);
+    }
+}
