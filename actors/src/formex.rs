@@ -10,7 +10,9 @@
 //! Text rendering: block elements are separated by newlines, inline elements (`HT`, `DATE`, `REF.DOC.OJ`, …) keep the
 //! spacing of the source, whitespace runs collapse to one space, `QUOT.START`/`QUOT.END` render their `CODE`
 //! character, footnotes (`NOTE`) render inline in brackets, table rows render as `cell | cell` lines, images are
-//! skipped, and the metadata blocks (`BIB.INSTANCE`, `FAM.COMP`, `INFO.*`, `BIB.JUDGMENT`, …) are not training text.
+//! skipped but not their caption and text content (`INCL.ELEMENT` › `CAPTION`, `IMG.CNT`), and the metadata blocks
+//! (`BIB.INSTANCE`, `FAM.COMP`, `INFO.*`, `BIB.JUDGMENT`, …) are not training text. No other text is dropped
+//! (`tests/text_coverage.rs` checks every word of the real corpus).
 //!
 //! [`Document::articles`] are the act's own articles: `ARTICLE`s in its `ENACTING.TERMS`, not inside `QUOT.S`
 //! (articles quoted by amending text) nor inside an annex (`ANNEX`/`CONS.ANNEX`: Annex I of a consolidated
@@ -290,22 +292,27 @@ fn classify(name: &[u8]) -> (K, Disp) {
         b"OP.CMP" | b"OP.MATH" => (K::MathOp, Inline),
         b"DIVISOR" => (K::Divisor, Inline),
         b"SUM" => (K::Sum, Inline),
-        // metadata, running heads, images
+        // metadata, running heads, the list of image files
         b"BIB.INSTANCE.CONS" | b"FAM.COMP" | b"INFO.PROD" | b"BIB.JUDGMENT" | b"BIB.ORDER"
         | b"BIB.CONCLUSION" | b"BIB.OPINION" | b"BIB.RULING" | b"BIB.DECISION.ECR"
         | b"BIB.CASE" | b"BIB.ECR" | b"BIB.DATA" | b"BIB.VOLUME" | b"BIB.SE" | b"CURR.TITLE"
-        | b"PAGE.HEADER" | b"INCLUSIONS" | b"INCL.ELEMENT" | b"GR.MOD.ACT" | b"GR.CORRIG"
-        | b"PUBLICATION.REF" | b"PAPER" | b"PDF" | b"FMX" | b"DOC.SUB.PUB" | b"IMG.CNT"
-        | b"REF.ORIGINAL" | b"INFO.MOD" | b"INFO.ERROR" | b"INFO.FILTER" | b"JOB.CONSLEG" => {
-            (K::Other, Hidden)
-        }
+        | b"PAGE.HEADER" | b"INCLUSIONS" | b"GR.MOD.ACT" | b"GR.CORRIG" | b"PUBLICATION.REF"
+        | b"PAPER" | b"PDF" | b"FMX" | b"DOC.SUB.PUB" | b"REF.ORIGINAL" | b"INFO.MOD"
+        | b"INFO.ERROR" | b"INFO.FILTER" | b"JOB.CONSLEG" => (K::Other, Hidden),
+        // An image (the file itself is not read), inline or between blocks: a word boundary. Its `CAPTION` ("Figure 1
+        // …") and `IMG.CNT` (the text of a form or diagram reproduced as an image) are text of the act.
+        b"INCL.ELEMENT" => (K::Other, Soft),
+        b"IMG.CNT" => (K::Other, Block),
         // inline markup (t_btx content and formulas)
         b"HT" | b"FT" | b"IE" | b"LINK" | b"REF.DOC" | b"REF.DOC.OJ" | b"REF.DOC.ECR"
         | b"REF.DOC.SE" | b"REF.NP.ECR" | b"NO.CASE" | b"NO.ECLI" | b"NAME.CASE" | b"TXT"
         | b"DEFINITION" | b"FORMULA" | b"EXPR" | b"IND" | b"EXPONENT" | b"FRACTION"
         | b"DIVIDEND" | b"OVER" | b"UNDER" | b"OVERLINE" | b"ROOT" | b"DEGREE" | b"FMT.VALUE"
-        | b"VECTOR" | b"FUNCTION" | b"ANONYMOUS" | b"LV" | b"ADDR" | b"REF.NOTE" | b"MARGIN"
+        | b"VECTOR" | b"FUNCTION" | b"ANONYMOUS" | b"ADDR" | b"REF.NOTE" | b"MARGIN"
         | b"QUALIF" | b"ITEM.REF" => (K::Other, Inline),
+        // A language version (a name in one language, next to its other versions): a word boundary, as two
+        // versions can be adjacent (CL1992L0013: `<LV LG="FI">… teollisuusministeriö</LV><LV LG="SV">Handels- …`).
+        b"LV" => (K::Other, Soft),
         // block structure
         b"TI"
         | b"STI"
@@ -1806,6 +1813,33 @@ mod tests {
         assert!(t.contains("Article 5\nQuoted."), "{t}");
         assert!(t.contains("a | | c d\ne"), "{t}");
         assert!(!t.contains("  "), "{t}");
+    }
+
+    #[test]
+    fn formex_image_caption_and_content_are_text() {
+        // Images are skipped, not their text: a figure's caption (CL2018R0858), a form reproduced as an image with
+        // its text in IMG.CNT (CL2007R1393: 681 words were lost), and an inline character image (CL2009L0138)
+        // that separates the words around it instead of gluing them.
+        let d = one(
+            r#"<ACT><TITLE><TI><P>Act</P></TI></TITLE><P>See:<INCL.ELEMENT CONTENT="OTHER" FILEREF="a.tif" TYPE="TIFF"><CAPTION><TITLE><TI><P><HT TYPE="ITALIC">Figure 1</HT></P></TI><STI><P>The bodies involved</P></STI></TITLE></CAPTION></INCL.ELEMENT></P><INCL.ELEMENT CONTENT="FORM" FILEREF="b.tif" TYPE="TIFF"><IMG.CNT><P>REQUEST FOR SERVICE</P><P>1.1. identity</P></IMG.CNT></INCL.ELEMENT><P>max(min<INCL.ELEMENT CONTENT="CHARACTER" FILEREF="c.tif" TYPE="TIFF"/>(((x</P></ACT>"#,
+        );
+        assert_eq!(
+            d.text,
+            "Act\nSee:\nFigure 1\nThe bodies involved\nREQUEST FOR SERVICE\n1.1. identity\nmax(min (((x"
+        );
+        assert_eq!(d.title.as_deref(), Some("Act"));
+    }
+
+    #[test]
+    fn formex_language_versions_are_separate_words() {
+        // CL1992L0013 (Finland's authority in Finnish and Swedish) and CL1977L0799 (taxes named in two languages).
+        let d = one(
+            r#"<ACT><P><LV LG="FI">Kauppa- ja teollisuusministeriö</LV><LV LG="SV">Handels- och industriministeriet</LV></P><P><LV LG="FR">Impôt des sociétés</LV>—<LV LG="NL">Vennootschapsbelasting</LV></P></ACT>"#,
+        );
+        assert_eq!(
+            d.text,
+            "Kauppa- ja teollisuusministeriö Handels- och industriministeriet\nImpôt des sociétés — Vennootschapsbelasting"
+        );
     }
 
     #[test]
