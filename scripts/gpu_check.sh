@@ -40,5 +40,13 @@ if [ ! -x "$bin" ]; then
   built=1
 fi
 "$bin" "${1:-125m}" "${2:-20}" "${3:-1024}" "${4:-4}"
-# The same unit tests on this machine (CPU path; the model tests also cover the mask, segment and GQA kernels).
-if [ "$built" = 1 ]; then cargo test --release -p lexflow-gpu --features cuda 2>&1 | tail -3; fi
+# The gpu crate's unit tests with CUDA, including the GPU-only ones (#[ignore]d elsewhere: the NCCL collectives at
+# world size 1 on cuda:0). Prebuilt by bench/gpu/build.sh, or built here with cargo.
+tests_bin="${GPU_TESTS_BIN:-bench/gpu/bin/lexflow_gpu_tests}"
+if [ "$built" = 1 ]; then
+  cargo test --release -p lexflow-gpu --features cuda --lib -- --include-ignored 2>&1 | tail -3
+elif [ -x "$tests_bin" ]; then
+  "$tests_bin" --include-ignored 2>&1 | tail -3
+else
+  echo "warning: no $tests_bin: the GPU unit tests did not run" >&2
+fi

@@ -14,5 +14,14 @@ for f in bin:lexflow example:train_synthetic example:gpu_step; do
   [ "$kind" = example ] && src=$CARGO_TARGET_DIR/release/examples/$name
   strip -o "bench/gpu/bin/$name" "$src"
 done
+# The gpu crate's unit tests with CUDA (the NCCL world-of-one test is #[ignore]d without a GPU: gpu_check.sh runs it).
+tests_bin=$(cargo test --release --features cuda -p lexflow-gpu --lib --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "lexflow_gpu":
+        print(m["executable"])' | tail -1)
+[ -n "$tests_bin" ] || { echo "could not find the lexflow-gpu unit test binary" >&2; exit 1; }
+strip -o bench/gpu/bin/lexflow_gpu_tests "$tests_bin"
 cp "$LEXFLOW_TOKENIZER_JSON" bench/gpu/tokenizer.json
 ls -la bench/gpu/bin bench/gpu/tokenizer.json
