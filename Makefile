@@ -16,6 +16,8 @@ run: build
 test: build
 	@# The GPU code (behind the `cuda` feature) must keep compiling on machines without a GPU.
 	$(ENV) cargo check --workspace --all-targets --features cuda $(CARGO_FLAGS)
+	@# NCCL loads (no GPU needed for that) under the name cudarc looks for: setup's symlink, the binaries' run path.
+	$(ENV) cargo test -p lexflow-gpu --features cuda --lib $(CARGO_FLAGS) -- --test-threads=2 nccl::
 	$(ENV) cargo test --workspace $(CARGO_FLAGS) -- --test-threads=2
 
 bench: setup

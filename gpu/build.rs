@@ -10,6 +10,19 @@ fn main() {
         std::env::var("DEP_TCH_LIBTORCH_LIB")
             .expect("torch-sys did not report its libtorch directory (DEP_TCH_LIBTORCH_LIB)"),
     );
+    // This crate's own tests and examples find libtorch and the torch wheel's NCCL (where scripts/setup.sh links
+    // `libnccl.so`, the name cudarc loads) without LD_LIBRARY_PATH, as the `lexflow` binary does (actors/build.rs).
+    if cfg!(target_os = "linux") {
+        println!(
+            "cargo:rustc-link-arg=-Wl,--enable-new-dtags,-rpath,{}",
+            lib.display()
+        );
+        let nccl = lib.join("../../nvidia/nccl/lib");
+        if nccl.is_dir() {
+            let nccl = nccl.canonicalize().unwrap_or(nccl);
+            println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nccl.display());
+        }
+    }
     let root = lib.parent().expect("libtorch lib dir has a parent");
     let include = root.join("include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());

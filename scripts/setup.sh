@@ -22,6 +22,12 @@ fi
 # Re-source so LD_LIBRARY_PATH and the tokenizer path point into the (new) venv.
 source scripts/env.sh
 test -f "$LEXFLOW_TOKENIZER_JSON" || { echo "setup: Llama 3 tokenizer.json not found in the venv" >&2; exit 1; }
+# NCCL (multi-GPU training, `--features cuda`): cudarc loads `libnccl.so`, the torch wheel's NCCL ships only
+# `libnccl.so.2`. Link it next to it; the binaries' run path includes that directory (actors/build.rs).
+nccl_dir="$("$LEXFLOW_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')/nvidia/nccl/lib"
+if [ -e "$nccl_dir/libnccl.so.2" ] && [ ! -e "$nccl_dir/libnccl.so" ]; then
+  ln -s libnccl.so.2 "$nccl_dir/libnccl.so"
+fi
 
 if ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then

@@ -8,7 +8,9 @@
 //! * Rendezvous: rank 0 creates the unique id and hands it out at `MASTER_ADDR:MASTER_PORT` (torchrun
 //!   conventions) through the CPU collective's handshake ([`crate::tcp::rendezvous`]: ranks introduce themselves,
 //!   foreign or duplicate ranks are refused, bounded by `LEXFLOW_RENDEZVOUS_TIMEOUT_S`). Threads of one process can share an id directly.
-//! * cudarc looks for `libnccl.so` (not `libnccl.so.2`): the set-up script provides the symlink.
+//! * cudarc looks for `libnccl.so` (not `libnccl.so.2`): scripts/setup.sh links it in the torch wheel's NCCL
+//!   directory, which is on the binaries' run path (actors/build.rs); without it the first NCCL call is an error
+//!   saying so (cudarc itself would panic).
 //! * Watchdog: a CUDA event recorded after each collective and NCCL's asynchronous error state are polled by a
 //!   thread per communicator; a dead or stuck peer stops the process with a clear message instead of a silent hang
 //!   ([`crate::watchdog`]).
@@ -33,8 +35,46 @@ pub const BUCKET_ELEMS: i64 = 25 << 20;
 #[derive(Clone, Copy)]
 pub struct NcclUniqueId(sys::ncclUniqueId);
 
+/// Checks that the NCCL library loads before cudarc loads it (on first use; it panics when it finds none), so that a
+/// missing library is an error that says what to do. cudarc looks for `libnccl.so` and a few versioned names, not
+/// `libnccl.so.2`, the one file the torch wheel's `nvidia-nccl` package has. The same names, the same `dlopen`
+/// search from the same executable: when one loads here, cudarc finds it too.
+fn nccl_library(rank: usize) -> Result<()> {
+    load_first(rank, &cudarc::get_lib_name_candidates("nccl"))
+}
+
+fn load_first(rank: usize, names: &[String]) -> Result<()> {
+    extern "C" {
+        fn dlopen(
+            filename: *const std::ffi::c_char,
+            flag: std::ffi::c_int,
+        ) -> *mut std::ffi::c_void;
+    }
+    const RTLD_NOW: std::ffi::c_int = 2;
+    for name in names {
+        let Ok(c) = std::ffi::CString::new(name.as_str()) else {
+            continue;
+        };
+        // SAFETY: dlopen with a valid NUL-terminated name; the handle is kept (cudarc holds the library for the
+        // process's lifetime as well).
+        if !unsafe { dlopen(c.as_ptr(), RTLD_NOW) }.is_null() {
+            return Ok(());
+        }
+    }
+    Err(GpuError::Collective {
+        rank,
+        message: format!(
+            "cannot load NCCL: none of {} is on the library path (the torch wheel's nvidia-nccl package ships only \
+             `libnccl.so.2`, a name cudarc does not try): run scripts/setup.sh, which links \
+             site-packages/nvidia/nccl/lib/libnccl.so to it, or put such a symlink in a directory on LD_LIBRARY_PATH",
+            names[..names.len().min(2)].join(", ")
+        ),
+    })
+}
+
 impl NcclUniqueId {
     pub fn new() -> Result<Self> {
+        nccl_library(0)?;
         result::get_uniqueid()
             .map(NcclUniqueId)
             .map_err(|e| nccl_err(0, "ncclGetUniqueId", e))
@@ -169,6 +209,7 @@ impl NcclCollective {
     /// Joins the communicator (blocks until all `world` ranks have called this with the same id).
     pub fn new(id: NcclUniqueId, rank: usize, world: usize, ordinal: usize) -> Result<Self> {
         crate::init_cuda();
+        nccl_library(rank)?;
         let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| GpuError::Collective {
             rank,
             message: format!("CUDA context for device {ordinal}: {e:?}"),
@@ -474,6 +515,25 @@ mod tests {
     /// [`BUCKET_ELEMS`] — then the watchdog's event, a buffer on the wrong device, abort and drop. Needs a CUDA
     /// device and `libnccl.so` on the library path (`gpu_check.sh` and `bench/gpu/run.sh` provide it), so it is
     /// ignored by default: on a GPU machine, `cargo test -p lexflow-gpu --features cuda --lib nccl -- --ignored`.
+    /// Without an NCCL library on the search path, asking for a unique id is an error that says what to do, not
+    /// cudarc's panic; with `libnccl.so` where the binaries look (scripts/setup.sh's symlink in the torch wheel's
+    /// NCCL directory), it loads. Runs without a GPU: loading the library needs none.
+    #[test]
+    fn a_missing_nccl_library_is_an_error_saying_what_to_do() {
+        let e = load_first(3, &["libnccl_lexflow_absent.so".to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rank 3")
+                && e.contains("cannot load NCCL: none of libnccl_lexflow_absent.so")
+                && e.contains("scripts/setup.sh"),
+            "{e}"
+        );
+        // The names cudarc tries find the set-up's symlink through this binary's run path (gpu/build.rs), as they
+        // do from `lexflow` (actors/build.rs).
+        nccl_library(0).unwrap();
+    }
+
     #[test]
     #[ignore = "needs a CUDA device and libnccl.so: run with --ignored on a GPU machine"]
     fn world_of_one_on_cuda() {
@@ -481,12 +541,8 @@ mod tests {
             crate::init_cuda(),
             "no CUDA device (this test is for GPU machines)"
         );
-        let id = std::panic::catch_unwind(NcclUniqueId::new).unwrap_or_else(|_| {
-            panic!(
-                "libnccl.so not found: put a libnccl.so symlink to libnccl.so.2 on LD_LIBRARY_PATH"
-            )
-        });
-        let c = NcclCollective::new(id.unwrap(), 0, 1, 0).unwrap();
+        let id = NcclUniqueId::new().unwrap();
+        let c = NcclCollective::new(id, 0, 1, 0).unwrap();
         let dev = Device::Cuda(0);
         let _ng = tch::no_grad_guard();
         for kind in [Kind::Float, Kind::BFloat16, Kind::Double, Kind::Int64] {
