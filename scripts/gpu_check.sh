@@ -43,10 +43,12 @@ fi
 # The gpu crate's unit tests with CUDA, including the GPU-only ones (#[ignore]d elsewhere: the NCCL collectives at
 # world size 1 on cuda:0). Prebuilt by bench/gpu/build.sh, or built here with cargo.
 tests_bin="${GPU_TESTS_BIN:-bench/gpu/bin/lexflow_gpu_tests}"
+# --quiet: one line of dots, then (on a failure) each failing test's output and the summary: the tail keeps the panic
+# messages, which a tail of the per-test lines would cut off.
 if [ "$built" = 1 ]; then
-  cargo test --release -p lexflow-gpu --features cuda --lib -- --include-ignored 2>&1 | tail -3
+  cargo test --release -p lexflow-gpu --features cuda --lib -- --include-ignored --quiet 2>&1 | tail -40
 elif [ -x "$tests_bin" ]; then
-  "$tests_bin" --include-ignored 2>&1 | tail -3
+  "$tests_bin" --include-ignored --quiet 2>&1 | tail -40
 else
   echo "warning: no $tests_bin: the GPU unit tests did not run" >&2
 fi

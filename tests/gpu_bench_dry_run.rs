@@ -55,6 +55,43 @@ fn gpu_bench_script_runs_every_cpu_capable_stage() {
         .rev()
         .collect::<Vec<_>>()
         .join("\n");
+    // What the device tool brings back from $OUT: at most 8 plain files of at most 16 MiB each, named in letters,
+    // digits, '.', '_' and '-' (anything more is dropped). The stages' files come back packed in results.tar.gz.
+    let files: Vec<(String, u64)> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            assert!(m.is_file(), "{:?} in $OUT is not a plain file", e.path());
+            (e.file_name().to_string_lossy().to_string(), m.len())
+        })
+        .collect();
+    assert!(
+        files.len() <= 8,
+        "{} files in $OUT, the device tool brings back 8: {files:?}",
+        files.len()
+    );
+    for (name, len) in &files {
+        assert!(
+            *len <= 16 << 20
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            "{name} ({len} bytes) would not come back"
+        );
+    }
+    for keep in ["run.log", "summary.md", "results.tar.gz"] {
+        assert!(
+            files.iter().any(|(n, _)| n == keep),
+            "no {keep} in $OUT: {files:?}"
+        );
+    }
+    let untar = Command::new("tar")
+        .args(["xzf", "results.tar.gz"])
+        .current_dir(&out)
+        .status()
+        .unwrap();
+    assert!(untar.success(), "cannot unpack results.tar.gz");
     let json = |name: &str| -> serde_json::Value {
         let p = out.join(format!("{name}.json"));
         let text = std::fs::read_to_string(&p)

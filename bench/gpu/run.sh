@@ -28,6 +28,8 @@
 #                                                                                         -> stream.json
 #   (c)       PyTorch reference, torch.compile (per-block)                               -> torch_compile.json
 #   summary   the table with ratios                                                       -> summary.md
+# At exit every file but run.log, summary.md and the traces is packed into $OUT/results.tar.gz (the device tool
+# brings back 8 files at most; BENCH_PACK=0 keeps them loose).
 # Model: `1b` preset (Llama 3.2 1B shapes, 1.236B params, tied embeddings), seq_len 4096, micro_batch 2 × grad_accum 8
 # = 65,536 tokens per optimizer step, bf16 params + fp32 master AdamW; BENCH_WARMUP (5) untimed + BENCH_TIMED (20)
 # timed steps per throughput run.
@@ -61,7 +63,19 @@ export ROOT OUT WARMUP TIMED STEPS SEQ MB GA PARITY_STEPS PARITY_SEQ DEV TDEV MO
 CK=$W
 if [ "$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2{print $4}')" -gt 45000000 ] 2>/dev/null; then CK=$(mktemp -d /dev/shm/lexflow-ck.XXXX); fi
 export CK
-trap 'rm -rf "$W" "$CK"; kill $(jobs -p) 2>/dev/null' EXIT
+# The device tool brings back at most 8 files from $OUT (16 MiB each, the rest is dropped): at exit (also after a failed
+# stage) every file but run.log, summary.md and the two traces goes into $OUT/results.tar.gz (`tar xzf` it to read
+# the JSON of each stage). BENCH_PACK=0 leaves them loose.
+pack_out() {
+  [ "${BENCH_PACK:-1}" = 0 ] && return 0
+  local files
+  files=$(cd "$OUT" && find . -maxdepth 1 -type f ! -name run.log ! -name summary.md ! -name results.tar.gz \
+    ! -name 'trace_*.json.gz' -printf '%P\n' | sort)
+  [ -n "$files" ] || return 0
+  # shellcheck disable=SC2086  # plain names (letters, digits, '.', '_', '-')
+  (cd "$OUT" && tar czf results.tar.gz $files && rm -f $files)
+}
+trap 'kill $(jobs -p) 2>/dev/null; pack_out; rm -rf "$W" "$CK"' EXIT
 
 # --- libraries: libtorch from the system torch, NCCL from its wheel (cudarc wants `libnccl.so`) -----------------
 TORCH_DIR=$("$PY" -c 'import torch,os;print(os.path.dirname(torch.__file__))')
@@ -74,14 +88,15 @@ for d in "$SITE"/nvidia/*/lib; do LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"; done
 export LD_LIBRARY_PATH
 export GPU_STEP_BIN="$BIN/gpu_step" PYTHON="$PY"
 # Carried binaries may arrive compressed (carry limit): *.xz next to the name.
-for b in lexflow train_synthetic gpu_step; do
+for b in lexflow train_synthetic gpu_step lexflow_gpu_tests; do
   if [ ! -x "$BIN/$b" ] && [ -e "$BIN/$b.xz" ]; then
     mkdir -p "$W/bin"; "$PY" -c 'import lzma,sys;open(sys.argv[2],"wb").write(lzma.open(sys.argv[1]).read())' "$BIN/$b.xz" "$W/bin/$b"
     chmod +x "$W/bin/$b"
   fi
 done
 [ -d "$W/bin" ] && { for b in "$BIN"/*; do [ -x "$b" ] && [ ! -e "$W/bin/$(basename "$b")" ] && ln -s "$b" "$W/bin/"; done; BIN=$W/bin; export GPU_STEP_BIN="$BIN/gpu_step"; }
-export BIN
+# scripts/gpu_check.sh (stage check) runs the gpu crate's unit tests from here (a decompressed copy included).
+export BIN GPU_TESTS_BIN="$BIN/lexflow_gpu_tests"
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 # stage NAME LIMIT_S CMD...: runs CMD under min(LIMIT, remaining budget), logs GPU memory, prints rc and time.
@@ -160,13 +175,14 @@ stage profile 200 profile
 # --- means: each of lexflow's means switched off in turn (issue: "measure each") -----------------------------------
 # Short runs (3 untimed + 5 timed steps) of (b)/(b') with one switch each: whole-buffer AdamW instead of the fused
 # kernel; per-layer recomputation on; the gradient all-reduce through NCCL at world size 1 (torchrun-style env)
-# instead of no collective; per-segment SDPA instead of varlen for packed documents.
+# instead of no collective; per-segment SDPA instead of varlen for packed documents. Each variant's JSON goes to $OUT
+# as soon as it has one (means_NAME.json): a stage cut short by its limit keeps the variants that finished.
 means() {
   local common=(--device "$DEV" --model "$MODEL" --seq-len "$SEQ" --micro-batch "$MB" --grad-accum "$GA" --steps 8 --warmup 3)
   local rows=()
   run1() {  # NAME ENV... -- ARGS...
     local name=$1; shift; local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
-    env "${envs[@]}" "$BIN/train_synthetic" "${common[@]}" "$@" --run-dir "$CK/means" --json "$W/means_$name.json" \
+    env "${envs[@]}" "$BIN/train_synthetic" "${common[@]}" "$@" --run-dir "$CK/means" --json "$OUT/means_$name.json" \
       > /dev/null 2>> "$OUT/means.log" || echo "means: $name failed" >&2
     rm -rf "$CK/means"
     rows+=("$name")
@@ -177,7 +193,7 @@ means() {
   run1 nccl_world1 RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29611 --
   run1 packed_varlen X=1 -- --docs-per-seq "${BENCH_DOCS_PER_SEQ:-5}"
   run1 packed_segments LEXFLOW_DOC_ATTENTION=segments -- --docs-per-seq "${BENCH_DOCS_PER_SEQ:-5}"
-  "$PY" - "$W" "$OUT/means.json" "${rows[@]}" <<'PYEOF' | tee "$OUT/means.txt"
+  "$PY" - "$OUT" "$OUT/means.json" "${rows[@]}" <<'PYEOF' | tee "$OUT/means.txt"
 import json, os, sys
 w, out, names = sys.argv[1], sys.argv[2], sys.argv[3:]
 res = {}

@@ -395,8 +395,10 @@ mod tests {
         assert!(!flash_varlen_supported(&q));
         let e = flash_varlen(&q, &q, &q, &cu, 8).unwrap_err().to_string();
         assert!(e.contains("varlen flash attention"), "{e}");
-        // Pinning needs a CUDA runtime: without one it is an error (the batch upload then copies normally).
-        if !tch::Cuda::is_available() {
+        // Pinning needs a CUDA runtime: without one it is an error (the batch upload then copies normally). Load
+        // libtorch's CUDA backend first (`init_cuda`): another test loading it between the check and the pinning
+        // would flip the answer.
+        if !crate::init_cuda() {
             assert!(pin_memory(&q).is_err());
         } else {
             assert!(pin_memory(&q).unwrap().is_pinned(Device::Cuda(0)));
