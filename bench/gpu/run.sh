@@ -139,7 +139,7 @@ BENCH_MATMUL_PEAK=$("$PY" -c 'import json,sys;print(json.load(open(sys.argv[1]))
 export BENCH_MATMUL_PEAK
 
 # --- GPU check (NCCL at world size 1) -------------------------------------------------------------------------------
-stage check 90 bash scripts/gpu_check.sh 125m 8 1024 4 2>&1 | tee "$OUT/gpu_check.log" | grep -v "^step [3-7] "
+stage check 120 bash scripts/gpu_check.sh 125m 8 1024 4 2>&1 | tee "$OUT/gpu_check.log" | grep -v "^step [3-7] "
 
 # --- (b) lexflow trainer, synthetic in-memory batches ----------------------------------------------------------------
 stage synthetic 170 "$BIN/train_synthetic" --device "$DEV" --model "$MODEL" --seq-len "$SEQ" --micro-batch "$MB" \
