@@ -929,7 +929,7 @@ impl Config {
                     at("train.min_lr"),
                     t.min_lr
                 ));
-            } else if t.lr.is_finite() && t.min_lr > t.lr {
+            } else if t.lr.is_finite() && t.lr > 0.0 && t.min_lr > t.lr {
                 errs.push(format!(
                     "{}: {} is above train.lr = {}; it must be in [0, train.lr] (the schedule decays from lr down \
                      to min_lr)",
@@ -1533,6 +1533,12 @@ mod tests {
             e.contains("line 8: key `train.min_lr`")
                 && e.contains("5 is above train.lr = 0.001")
                 && e.contains("[0, train.lr]"),
+            "{e}"
+        );
+        // An invalid lr is one error: min_lr is not also reported as "above" it.
+        let e = invalid(&format!("{TRAIN_BASE}lr = -1.0\n"));
+        assert!(
+            e.contains("key `train.lr`") && !e.contains("train.min_lr"),
             "{e}"
         );
         // min_lr = lr (a constant schedule after warmup) and grad_clip = 0 (no clipping) are fine.

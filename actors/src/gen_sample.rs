@@ -1664,9 +1664,12 @@ fn zip_bytes(members: &[Member]) -> anyhow::Result<Vec<u8>> {
 
 fn check_lang(lang: &str) -> anyhow::Result<String> {
     let l = lang.trim().to_ascii_lowercase();
+    // The same languages `input.generate.languages` accepts: a file of another language would be quarantined by
+    // the reader of any run that reads the corpus.
     anyhow::ensure!(
-        (2..=3).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_lowercase()),
-        "gen-sample: `{lang}` is not an ISO 639-1 language code like `en`"
+        crate::formex::EU_LANGS.contains(&l.as_str()),
+        "gen-sample: `{lang}` is not an official EU language (expected one of {})",
+        crate::formex::EU_LANGS.join(", ")
     );
     Ok(l)
 }
@@ -2034,6 +2037,12 @@ mod tests {
     fn rejects_bad_languages() {
         let dir = tempfile::tempdir().unwrap();
         assert!(generate(&cfg(1, &["english"], 1), dir.path()).is_err());
+        // A code shaped like a language but not an official EU one: refused, as `input.generate.languages` does.
+        let e = generate(&cfg(1, &["xx"], 1), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`xx` is not an official EU language"), "{e}");
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
         assert!(generate(&cfg(1, &["en", "EN"], 1), dir.path()).is_err());
         assert!(generate(&cfg(1, &[], 1), dir.path()).is_err());
     }

@@ -305,12 +305,20 @@ pub fn process_group(cfg: &TrainConfig) -> Result<Option<(usize, usize)>, Traine
     else {
         return Ok(None);
     };
-    let cuda = cfg.devices.iter().all(|d| d.starts_with("cuda"));
-    let group = (world > 1 || (cuda && cfg!(feature = "cuda"))).then_some((rank, world));
-    if group.is_some() {
-        process_device(&cfg.devices, 0)?;
-    }
-    Ok(group)
+    group_of(&cfg.devices, rank, world)
+}
+
+/// [`process_group`] once the variables are read. With `RANK`/`WORLD_SIZE` set, `train.devices` names one device
+/// kind whatever the world size: at world size 1 a list of several would otherwise train them all in this process,
+/// silently contradicting the launch (one process per rank).
+fn group_of(
+    devices: &[String],
+    rank: usize,
+    world: usize,
+) -> Result<Option<(usize, usize)>, TrainerError> {
+    process_device(devices, 0)?;
+    let cuda = devices.iter().all(|d| d.starts_with("cuda"));
+    Ok((world > 1 || (cuda && cfg!(feature = "cuda"))).then_some((rank, world)))
 }
 
 /// The device of a process of a one-process-per-rank run. `train.devices` names the device kind in one entry, the
@@ -387,7 +395,19 @@ fn rank_and_world(
 
 #[cfg(test)]
 mod process_group_tests {
-    use super::rank_and_world;
+    use super::{group_of, rank_and_world};
+
+    #[test]
+    fn a_launch_with_rank_variables_trains_one_device_kind_even_at_world_size_one() {
+        let v = |d: &[&str]| d.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = group_of(&v(&["cpu", "cpu"]), 0, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("train.devices") && e.contains("one process per rank"),
+            "{e}"
+        );
+        assert_eq!(group_of(&v(&["cpu"]), 0, 1).unwrap(), None);
+        assert_eq!(group_of(&v(&["cpu"]), 1, 2).unwrap(), Some((1, 2)));
+    }
 
     fn err(rank: Option<&str>, world: Option<&str>, local: Option<&str>) -> String {
         rank_and_world(rank, world, local).unwrap_err().to_string()
