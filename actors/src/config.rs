@@ -774,7 +774,7 @@ impl Config {
 
     fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::new(text);
-        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let cfg: Result<Config, ConfigError> = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
             let (line, column) = inner
@@ -807,8 +807,31 @@ impl Config {
                     message,
                 }
             }
-        })?;
-        Ok(cfg)
+        });
+        match cfg {
+            Ok(cfg) => Ok(cfg),
+            Err(ConfigError::Parse {
+                origin,
+                key,
+                line,
+                message,
+            }) => {
+                let more = further_key_errors(text, &key);
+                if more.is_empty() {
+                    Err(ConfigError::Parse {
+                        origin,
+                        key,
+                        line,
+                        message,
+                    })
+                } else {
+                    let mut errors = vec![format!("line {line}: key `{key}`: {message}")];
+                    errors.extend(more);
+                    Err(ConfigError::Invalid { origin, errors })
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn validate(&self, text: &str) -> Vec<String> {
@@ -1261,6 +1284,66 @@ fn line_col(text: &str, byte: usize) -> (usize, usize) {
 }
 
 /// Best-effort line of `a.b.c`: the line of key `c` after the `[a]`/`[a.b]` table header.
+/// The key errors (unknown keys, wrong types) after the first one, which serde stops at: the offending key is
+/// taken out of the parsed table and the rest deserialized again, so that a config with several such mistakes gets
+/// them all in one report. Stops at what cannot be taken out (a missing key, an array element) or after 32.
+fn further_key_errors(text: &str, first: &str) -> Vec<String> {
+    let Ok(mut table) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let mut errors = Vec::new();
+    let mut key = first.to_string();
+    for _ in 0..32 {
+        if !remove_key(&mut table, &key) {
+            break;
+        }
+        let e = match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(
+            table.clone(),
+        )) {
+            Ok(_) => break,
+            Err(e) => e,
+        };
+        key = e.path().to_string();
+        let message = e.into_inner().to_string();
+        if key == "." || key.is_empty() || key.contains('[') || message.contains("missing field") {
+            break;
+        }
+        // Errors of a parsed table end with the key's table ("in `train`"): the report names the key already.
+        let message = message
+            .trim_end()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with("in `"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let message = explain_nonzero(&key, message);
+        // A key in an inline table has no line of its own: the closest enclosing key or table that has one.
+        let mut k = key.as_str();
+        let line = loop {
+            if let Some(l) = find_key_line(text, k) {
+                break l;
+            }
+            match k.rsplit_once('.') {
+                Some((parent, _)) => k = parent,
+                None => break 0,
+            }
+        };
+        errors.push(format!("line {line}: key `{key}`: {message}"));
+    }
+    errors
+}
+
+/// Removes the dotted `key` from `table`; false when it is not there.
+fn remove_key(table: &mut toml::Table, key: &str) -> bool {
+    match key.split_once('.') {
+        None => table.remove(key).is_some(),
+        Some((head, rest)) => match table.get_mut(head) {
+            Some(toml::Value::Table(t)) => remove_key(t, rest),
+            _ => false,
+        },
+    }
+}
+
 fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
     let parts: Vec<&str> = dotted.split('.').collect();
     let (table, key) = if parts.len() > 1 {
@@ -1462,6 +1545,29 @@ mod tests {
 
     fn invalid(toml: &str) -> String {
         Config::from_toml(toml, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn every_unknown_key_and_wrong_type_is_reported_at_once() {
+        let e = invalid(
+            "[run]\nname = \"x\"\ndir = \"r\"\nbogus = 1\n[packer]\nseq_len = \"x\"\n[sampler]\nmix = { en = 1.0, xx = \"a\" }\n\
+             [train]\ndevices = [\"cpu\"]\nsteps = 1\nfoo = 2\n",
+        );
+        for want in [
+            "4 error(s)",
+            "line 4: key `run.bogus`: unknown field `bogus`",
+            "line 6: key `packer.seq_len`",
+            "line 8: key `sampler.mix.xx`",
+            "line 12: key `train.foo`: unknown field `foo`",
+        ] {
+            assert!(e.contains(want), "want {want:?} in {e}");
+        }
+        // One mistake keeps its one-line form.
+        let e = invalid(&format!("{TRAIN_BASE}foo = 2\n"));
+        assert!(
+            e.starts_with("t.toml:7: key `train.foo`: unknown field `foo`"),
+            "{e}"
+        );
     }
 
     #[test]
