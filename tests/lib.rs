@@ -113,3 +113,15 @@ pub fn json_lines_of(o: &std::process::Output) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
         .collect()
 }
+
+/// The real corpus (`shared/corpus` next to the repository: `formex/` 68 FORMEX files, `bench/` 610 acts). Required:
+/// a test that needs it fails when it is missing instead of passing on nothing.
+pub fn real_corpus() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus");
+    assert!(
+        p.join("formex").is_dir() && p.join("bench").is_dir(),
+        "the real corpus is missing at {} (expected shared/corpus/formex and shared/corpus/bench next to the repo)",
+        p.display()
+    );
+    p
+}

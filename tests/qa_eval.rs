@@ -14,7 +14,7 @@ use lexflow_gpu::{Llama, LlamaConfig, LLAMA3_VOCAB};
 use lexflow_tests::{json_lines_of, lexflow_bin, tiny_run_config, venv_python};
 
 fn corpus() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/formex")
+    lexflow_tests::real_corpus().join("formex")
 }
 
 fn lexflow(args: &[&str]) -> (bool, String, String) {

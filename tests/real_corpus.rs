@@ -6,19 +6,13 @@
 //! means "not derivable from the files, asserted None" (corrigenda: the `R(nn)` number is in no file; OJ issue
 //! manifests). The corpus is required: the test fails if it is missing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use lexflow_actors::reader::{expand_inputs, read_file, read_files_with_manifests};
 use lexflow_actors::types::{DocType, Document};
 
 fn corpus() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus");
-    assert!(
-        p.join("formex").is_dir() && p.join("bench").is_dir(),
-        "the real corpus is missing at {} (expected shared/corpus/formex and shared/corpus/bench next to the repo)",
-        p.display()
-    );
-    p
+    lexflow_tests::real_corpus()
 }
 
 /// (file, main root, lang, celex or "-", doc_type, articles, documents in the file).

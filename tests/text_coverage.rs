@@ -29,13 +29,7 @@ use lexflow_actors::reader::{expand_inputs, read_file};
 use lexflow_tests::venv_python;
 
 fn corpus() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus");
-    assert!(
-        p.join("formex").is_dir() && p.join("bench").is_dir(),
-        "the real corpus is missing at {} (expected shared/corpus/formex and shared/corpus/bench next to the repo)",
-        p.display()
-    );
-    p
+    lexflow_tests::real_corpus()
 }
 
 /// Characters the parser adds around text (footnote brackets, cell separators): word separators on both sides.

@@ -19,13 +19,7 @@ fn repo_root() -> PathBuf {
 }
 
 fn corpus() -> PathBuf {
-    let c = repo_root().join("../shared/corpus");
-    assert!(
-        c.join("formex").is_dir() && c.join("bench").is_dir(),
-        "the shared corpus is missing at {} (formex/ and bench/ are needed)",
-        c.display()
-    );
-    c
+    lexflow_tests::real_corpus()
 }
 
 fn tokenizer_json() -> String {
