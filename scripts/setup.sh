@@ -34,8 +34,8 @@ if ! command -v prometheus >/dev/null 2>&1; then
     echo "setup: installing Prometheus (Debian package prometheus)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-    # The package starts a system service on :9090; the tests run their own instance on a free loopback port.
-    (service prometheus stop || systemctl stop prometheus || pkill -x prometheus) >/dev/null 2>&1 || true
+    # The package may start its system service on :9090. That is left alone, as is any Prometheus the user runs:
+    # the tests start their own instance on a free loopback port and never touch another one.
   else
     echo "setup: prometheus is missing and we are not root: install the Debian package prometheus" >&2
     exit 1
