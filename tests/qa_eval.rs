@@ -40,10 +40,11 @@ fn build_pairs(dir: &Path) -> PathBuf {
     qa
 }
 
-/// The Llama 3 tokenizer.json set-up installed (for the Python checks).
+/// The tokenizer.json of lexflow's `"llama3"` (for the Python checks).
 fn tokenizer_json() -> String {
-    std::env::var("LEXFLOW_TOKENIZER_JSON")
-        .expect("LEXFLOW_TOKENIZER_JSON is not set (run `make setup` and `source scripts/env.sh`)")
+    lexflow_tests::llama3_tokenizer_json()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// A random `tiny` LLaMA with the Llama 3 vocabulary in HF layout under `dir`, its weights scaled ×8 so that logits

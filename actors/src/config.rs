@@ -140,8 +140,8 @@ fn one() -> NonZeroUsize {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerConfig {
-    /// Path to an HF `tokenizer.json`; `"llama3"` means the Llama 3 tokenizer installed by set-up
-    /// (`$LEXFLOW_TOKENIZER_JSON`).
+    /// Path to an HF `tokenizer.json`; `"llama3"` means Meta's Llama 3 tokenizer (its `tokenizer.model`, embedded in
+    /// the binary at build time; tiktoken's ids).
     #[serde(default = "default_tokenizer")]
     pub path: String,
     /// Tokenizer threads per language lane.
@@ -1205,7 +1205,7 @@ impl Config {
 /// Which files [`Config::load_checked`] checks besides the inputs (`input.paths`, `eval.paths`, `eval.qa_*`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FileChecks {
-    /// `tokenizer.path` (`llama3`: `$LEXFLOW_TOKENIZER_JSON`).
+    /// `tokenizer.path` (`llama3`: the embedded Llama 3 tokenizer, or `$LEXFLOW_LLAMA3_TOKENIZER`).
     pub tokenizer: bool,
     /// `train.init_from`.
     pub init_from: bool,

@@ -312,6 +312,14 @@ enum TokCmd {
         #[arg(long, default_value = "llama3")]
         tokenizer: String,
     },
+    /// Write the tokenizer as a Hugging Face tokenizer.json (`llama3`: generated from Meta's tokenizer.model).
+    Export {
+        #[arg(long, default_value = "llama3")]
+        tokenizer: String,
+        /// The tokenizer.json to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -357,6 +365,9 @@ fn main() -> ExitCode {
         Cmd::Tokenizer {
             cmd: TokCmd::Encode { tokenizer },
         } => lexflow_actors::tokenizer::cli_encode(&tokenizer),
+        Cmd::Tokenizer {
+            cmd: TokCmd::Export { tokenizer, out },
+        } => lexflow_actors::tokenizer::cli_export(&tokenizer, &out),
         Cmd::Replay {
             checkpoint,
             steps,

@@ -307,6 +307,14 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     }
 
     let tokenizer = Tokenizer::load(&cfg.tokenizer.path)?;
+    if let Some(dir) = &from_checkpoint {
+        let what = if replay.is_some() {
+            "replay"
+        } else {
+            "--resume"
+        };
+        crate::tokenizer::check_same_tokenizer(&tokenizer, dir, what)?;
+    }
     let token = |name: &str, key: &str| {
         tokenizer.token_id(name).with_context(|| {
             format!(

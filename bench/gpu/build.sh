@@ -23,5 +23,6 @@ for l in sys.stdin:
         print(m["executable"])' | tail -1)
 [ -n "$tests_bin" ] || { echo "could not find the lexflow-gpu unit test binary" >&2; exit 1; }
 strip -o bench/gpu/bin/lexflow_gpu_tests "$tests_bin"
-cp "$LEXFLOW_TOKENIZER_JSON" bench/gpu/tokenizer.json
+# lexflow's "llama3" (Meta's tokenizer.model, embedded) as a tokenizer.json, for the Python reference side.
+bench/gpu/bin/lexflow tokenizer export --out bench/gpu/tokenizer.json
 ls -la bench/gpu/bin bench/gpu/tokenizer.json

