@@ -550,3 +550,33 @@ fn planted_bug_ignore_merges_false_is_caught_by_the_tiktoken_check() {
         "the FORMEX corpus did not tell ignore_merges = false from tiktoken"
     );
 }
+
+/// The built `lexflow` needs no environment for `"llama3"` (no scripts/env.sh, no venv on PATH): the tokenizer.model
+/// is in the binary, as libtorch's directory is in its run path.
+#[test]
+fn the_binary_finds_the_llama3_tokenizer_without_any_environment() {
+    let text = "Член 1 republika развитие údaj";
+    let mut child = Command::new(lexflow_tests::lexflow_bin())
+        .args(["tokenizer", "encode"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: Vec<u32> = serde_json::from_slice(&o.stdout).unwrap();
+    let texts = vec![text.to_string()];
+    let want: Vec<Vec<u32>> = serde_json::from_slice(&run_ref(
+        &[
+            "tiktoken-encode",
+            lexflow_tests::llama3_tiktoken_model().to_str().unwrap(),
+        ],
+        &serde_json::to_vec(&texts).unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(got, want[0]);
+}
