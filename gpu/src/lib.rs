@@ -32,6 +32,7 @@ mod model;
 mod nccl;
 pub mod ops;
 mod optim;
+pub mod plan;
 mod tcp;
 pub mod watchdog;
 

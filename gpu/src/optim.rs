@@ -335,6 +335,19 @@ impl FlatAdamW {
         self.layout
     }
 
+    /// Every tensor this optimizer holds (master, moments, gradient, work and communication buffers, the fused
+    /// kernel's step counter), for measuring its memory; the master is a view of the parameters when they are fp32.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.master, &self.exp_avg, &self.exp_avg_sq, &self.grad];
+        v.extend(self.scratch.iter());
+        v.extend(self.scatter_buf.iter());
+        if let Some((a, b)) = &self.gather_bufs {
+            v.extend([a, b]);
+        }
+        v.extend(self.step_t.iter());
+        v
+    }
+
     /// Fused kernel (default; `LEXFLOW_ADAMW=unfused` in the environment turns it off) or whole-buffer kernels.
     pub fn set_fused(&mut self, on: bool) {
         self.fused = on;
