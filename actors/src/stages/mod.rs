@@ -1,0 +1,5 @@
+//! The dataflow stages, in the order data flows: the sample-corpus source, the FORMEX reader (+ its parser), dedup,
+//! the tokenizer, the language sampler, the packer, the shard writer and its Arrow tee. Each file holds one actor's
+//! state, its loop and its tests; a stage never imports the run (`crate::run`) or the trainer (`crate::train`).
+
+pub mod gen_sample;
