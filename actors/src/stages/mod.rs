@@ -4,3 +4,4 @@
 
 pub mod formex;
 pub mod gen_sample;
+pub mod reader;
