@@ -10,7 +10,6 @@
 
 pub mod arrow_tee;
 pub mod config;
-pub mod dedup;
 pub mod eval;
 pub mod generate;
 pub mod heldout;
@@ -29,7 +28,7 @@ pub mod types;
 
 // The module paths from before the actors were grouped by role (`lexflow_actors::reader`, …), kept for the
 // integration tests, the examples and code that names them.
-pub use stages::{formex, gen_sample, reader};
+pub use stages::{dedup, formex, gen_sample, reader};
 
 /// An error and its causes on one line, as `{:#}` prints them, but without a cause whose text is already in the line:
 /// several error types put their `io::Error` in their own message and also expose it as their source, which `{:#}`
