@@ -6,3 +6,4 @@ pub mod dedup;
 pub mod formex;
 pub mod gen_sample;
 pub mod reader;
+pub mod tokenizer;
