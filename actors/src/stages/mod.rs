@@ -6,4 +6,5 @@ pub mod dedup;
 pub mod formex;
 pub mod gen_sample;
 pub mod reader;
+pub mod sampler;
 pub mod tokenizer;
