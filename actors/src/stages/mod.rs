@@ -5,6 +5,7 @@
 pub mod dedup;
 pub mod formex;
 pub mod gen_sample;
+pub mod packer;
 pub mod reader;
 pub mod sampler;
 pub mod tokenizer;
