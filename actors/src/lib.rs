@@ -17,7 +17,6 @@ pub mod inputs;
 pub mod pipeline;
 pub mod qa;
 pub mod replay;
-pub mod shard_writer;
 pub mod stages;
 pub mod stats;
 pub mod trainer;
@@ -25,7 +24,7 @@ pub mod types;
 
 // The module paths from before the actors were grouped by role (`lexflow_actors::reader`, …), kept for the
 // integration tests, the examples and code that names them.
-pub use stages::{dedup, formex, gen_sample, packer, reader, sampler, tokenizer};
+pub use stages::{dedup, formex, gen_sample, packer, reader, sampler, shard_writer, tokenizer};
 
 /// An error and its causes on one line, as `{:#}` prints them, but without a cause whose text is already in the line:
 /// several error types put their `io::Error` in their own message and also expose it as their source, which `{:#}`

@@ -8,4 +8,5 @@ pub mod gen_sample;
 pub mod packer;
 pub mod reader;
 pub mod sampler;
+pub mod shard_writer;
 pub mod tokenizer;
