@@ -8,7 +8,6 @@
 //!
 //! Every arrow is a bounded `lexflow_dataflow` edge; see `ARCHITECTURE.md`.
 
-pub mod arrow_tee;
 pub mod config;
 pub mod eval;
 pub mod generate;
@@ -24,7 +23,9 @@ pub mod types;
 
 // The module paths from before the actors were grouped by role (`lexflow_actors::reader`, …), kept for the
 // integration tests, the examples and code that names them.
-pub use stages::{dedup, formex, gen_sample, packer, reader, sampler, shard_writer, tokenizer};
+pub use stages::{
+    arrow_tee, dedup, formex, gen_sample, packer, reader, sampler, shard_writer, tokenizer,
+};
 
 /// An error and its causes on one line, as `{:#}` prints them, but without a cause whose text is already in the line:
 /// several error types put their `io::Error` in their own message and also expose it as their source, which `{:#}`

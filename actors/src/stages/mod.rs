@@ -2,6 +2,7 @@
 //! the tokenizer, the language sampler, the packer, the shard writer and its Arrow tee. Each file holds one actor's
 //! state, its loop and its tests; a stage never imports the run (`crate::run`) or the trainer (`crate::train`).
 
+pub mod arrow_tee;
 pub mod dedup;
 pub mod formex;
 pub mod gen_sample;
