@@ -14,10 +14,10 @@ pub mod generate;
 pub mod heldout;
 pub mod inputs;
 pub mod pipeline;
-pub mod qa;
 pub mod replay;
 pub mod stages;
 pub mod stats;
+pub mod tasks;
 pub mod trainer;
 pub mod types;
 
@@ -26,6 +26,7 @@ pub mod types;
 pub use stages::{
     arrow_tee, dedup, formex, gen_sample, packer, reader, sampler, shard_writer, tokenizer,
 };
+pub use tasks::qa;
 
 /// An error and its causes on one line, as `{:#}` prints them, but without a cause whose text is already in the line:
 /// several error types put their `io::Error` in their own message and also expose it as their source, which `{:#}`

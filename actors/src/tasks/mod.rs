@@ -1,0 +1,5 @@
+//! Instruction data and evaluation: building Q&A pairs with citations, scoring answers, decoding with a checkpoint
+//! (`lexflow generate`, `lexflow qa eval`), and the held-out evaluation set with the aggregation of its losses.
+//! Used by the trainer's evaluation hook and by the CLI; never imports the run or the trainer.
+
+pub mod qa;
