@@ -2,4 +2,5 @@
 //! (`lexflow generate`, `lexflow qa eval`), and the held-out evaluation set with the aggregation of its losses.
 //! Used by the trainer's evaluation hook and by the CLI; never imports the run or the trainer.
 
+pub mod eval;
 pub mod qa;
