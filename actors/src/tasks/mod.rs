@@ -3,4 +3,5 @@
 //! Used by the trainer's evaluation hook and by the CLI; never imports the run or the trainer.
 
 pub mod eval;
+pub mod generate;
 pub mod qa;
