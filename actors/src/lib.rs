@@ -9,7 +9,6 @@
 //! Every arrow is a bounded `lexflow_dataflow` edge; see `ARCHITECTURE.md`.
 
 pub mod config;
-pub mod heldout;
 pub mod inputs;
 pub mod pipeline;
 pub mod replay;
@@ -24,7 +23,7 @@ pub mod types;
 pub use stages::{
     arrow_tee, dedup, formex, gen_sample, packer, reader, sampler, shard_writer, tokenizer,
 };
-pub use tasks::{eval, generate, qa};
+pub use tasks::{eval, generate, heldout, qa};
 
 /// An error and its causes on one line, as `{:#}` prints them, but without a cause whose text is already in the line:
 /// several error types put their `io::Error` in their own message and also expose it as their source, which `{:#}`

@@ -4,4 +4,5 @@
 
 pub mod eval;
 pub mod generate;
+pub mod heldout;
 pub mod qa;
