@@ -15,7 +15,7 @@ pub mod replay;
 pub mod stages;
 pub mod stats;
 pub mod tasks;
-pub mod trainer;
+pub mod train;
 pub mod types;
 
 // The module paths from before the actors were grouped by role (`lexflow_actors::reader`, …), kept for the
@@ -24,6 +24,7 @@ pub use stages::{
     arrow_tee, dedup, formex, gen_sample, packer, reader, sampler, shard_writer, tokenizer,
 };
 pub use tasks::{eval, generate, heldout, qa};
+pub use train::trainer;
 
 /// An error and its causes on one line, as `{:#}` prints them, but without a cause whose text is already in the line:
 /// several error types put their `io::Error` in their own message and also expose it as their source, which `{:#}`

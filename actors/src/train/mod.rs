@@ -1,0 +1,3 @@
+//! The trainer ranks and their components.
+
+pub mod trainer;
