@@ -10,8 +10,8 @@
 
 pub mod config;
 pub mod inputs;
-pub mod pipeline;
 pub mod replay;
+pub mod run;
 pub mod stages;
 pub mod stats;
 pub mod tasks;
@@ -20,6 +20,7 @@ pub mod types;
 
 // The module paths from before the actors were grouped by role (`lexflow_actors::reader`, …), kept for the
 // integration tests, the examples and code that names them.
+pub use run::pipeline;
 pub use stages::{
     arrow_tee, dedup, formex, gen_sample, packer, reader, sampler, shard_writer, tokenizer,
 };
