@@ -9,7 +9,6 @@
 //! Every arrow is a bounded `lexflow_dataflow` edge; see `ARCHITECTURE.md`.
 
 pub mod config;
-pub mod inputs;
 pub mod replay;
 pub mod run;
 pub mod stages;
@@ -20,7 +19,7 @@ pub mod types;
 
 // The module paths from before the actors were grouped by role (`lexflow_actors::reader`, …), kept for the
 // integration tests, the examples and code that names them.
-pub use run::pipeline;
+pub use run::{inputs, pipeline};
 pub use stages::{
     arrow_tee, dedup, formex, gen_sample, packer, reader, sampler, shard_writer, tokenizer,
 };
