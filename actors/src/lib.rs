@@ -12,14 +12,13 @@ pub mod config;
 pub mod replay;
 pub mod run;
 pub mod stages;
-pub mod stats;
 pub mod tasks;
 pub mod train;
 pub mod types;
 
 // The module paths from before the actors were grouped by role (`lexflow_actors::reader`, …), kept for the
 // integration tests, the examples and code that names them.
-pub use run::{inputs, pipeline};
+pub use run::{inputs, pipeline, stats};
 pub use stages::{
     arrow_tee, dedup, formex, gen_sample, packer, reader, sampler, shard_writer, tokenizer,
 };

@@ -3,3 +3,4 @@
 
 pub mod inputs;
 pub mod pipeline;
+pub mod stats;
