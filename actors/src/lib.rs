@@ -9,7 +9,6 @@
 //! Every arrow is a bounded `lexflow_dataflow` edge; see `ARCHITECTURE.md`.
 
 pub mod config;
-pub mod replay;
 pub mod run;
 pub mod stages;
 pub mod tasks;
@@ -18,7 +17,7 @@ pub mod types;
 
 // The module paths from before the actors were grouped by role (`lexflow_actors::reader`, …), kept for the
 // integration tests, the examples and code that names them.
-pub use run::{inputs, pipeline, stats};
+pub use run::{inputs, pipeline, replay, stats};
 pub use stages::{
     arrow_tee, dedup, formex, gen_sample, packer, reader, sampler, shard_writer, tokenizer,
 };

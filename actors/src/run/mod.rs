@@ -3,4 +3,5 @@
 
 pub mod inputs;
 pub mod pipeline;
+pub mod replay;
 pub mod stats;
