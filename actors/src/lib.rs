@@ -8,6 +8,7 @@
 //!
 //! Every arrow is a bounded `lexflow_dataflow` edge; see `ARCHITECTURE.md`.
 
+pub mod common;
 pub mod config;
 pub mod run;
 pub mod stages;

@@ -373,8 +373,9 @@ fn main() -> ExitCode {
             texts,
         } => cli_dedup(config, out, mode, texts),
         Cmd::Evals { run, json } => lexflow_actors::heldout::cli_evals(&run, json),
-        Cmd::Heldout { config, out } => preflight(config.as_deref(), false)
-            .and_then(|()| lexflow_actors::heldout::cli_heldout(config.as_deref(), out.as_deref())),
+        Cmd::Heldout { config, out } => preflight(config.as_deref(), false).and_then(|()| {
+            lexflow_actors::run::pipeline::cli_heldout(config.as_deref(), out.as_deref())
+        }),
         Cmd::Qa {
             cmd:
                 QaCmd::Build {

@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::heldout::HoldoutSplit;
+use crate::tasks::heldout::HoldoutSplit;
 
 /// File name of the record inside a checkpoint directory.
-pub const INPUTS_FILE: &str = "inputs.json";
+pub use crate::common::run_dir::INPUTS_FILE;
 
 /// One input file as a stream saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +38,7 @@ impl InputFile {
     }
 
     fn key(&self) -> (&str, Option<u64>) {
-        (crate::formex::base_name(&self.path), self.bytes)
+        (crate::stages::formex::base_name(&self.path), self.bytes)
     }
 
     fn describe(&self) -> String {
@@ -216,7 +216,8 @@ fn first_difference(then: &[InputFile], now: &[InputFile]) -> Option<String> {
                     a.describe()
                 )
             } else {
-                let what = if crate::formex::base_name(&a.path) == crate::formex::base_name(&b.path)
+                let what = if crate::stages::formex::base_name(&a.path)
+                    == crate::stages::formex::base_name(&b.path)
                 {
                     "changed size"
                 } else {

@@ -19,12 +19,13 @@ use anyhow::Context;
 use lexflow_dataflow::{edge, ordered_pool, EdgeReceiver, Shutdown, Topology};
 
 use crate::config::{Config, ExhaustedPolicy, SAMPLE_TOML};
-use crate::packer::{run_packer, Packer, PackerReport};
-use crate::reader::{self, Quarantine};
-use crate::sampler::{run_sampler, SamplerReport, SamplerStart};
-use crate::shard_writer::{run_shard_writer, ShardReport, ShardWriter};
-use crate::stats::{InputReport, RunStats};
-use crate::tokenizer::Tokenizer;
+use crate::run::stats::{InputReport, RunStats};
+use crate::stages::packer::{run_packer, Packer, PackerReport};
+use crate::stages::reader::{self, Quarantine};
+use crate::stages::sampler::{run_sampler, SamplerReport, SamplerStart};
+use crate::stages::shard_writer::{run_shard_writer, ShardReport, ShardWriter};
+use crate::stages::tokenize::prepend_bos;
+use crate::stages::tokenizer::Tokenizer;
 use crate::types::{DocBatch, DocId, LanePosition, PackedSequence, SamplerState, TokenizedBatch};
 
 /// `RUST_LOG` sets the level (default `info`); `LEXFLOW_LOG=json` switches to JSON lines. Logs go to stderr.
@@ -64,13 +65,13 @@ pub fn cli_run(path: Option<&Path>, resume: bool, quiet: bool) -> anyhow::Result
     if let (true, Some(t)) = (resume, &cfg.train) {
         // The newest checkpoint's step, read without verifying it (a resume verifies it, once): only a finished run
         // pays the verification here.
-        let newest = crate::trainer::list_checkpoints(&cfg.run.dir)
+        let newest = crate::common::run_dir::list_checkpoints(&cfg.run.dir)
             .last()
             .and_then(|(_, d)| std::fs::read_to_string(d.join("trainer_state.json")).ok())
-            .and_then(|t| serde_json::from_str::<crate::trainer::TrainerState>(&t).ok())
+            .and_then(|t| serde_json::from_str::<crate::train::TrainerState>(&t).ok())
             .map_or(0, |s| s.step);
         let done = match newest >= t.steps {
-            true => crate::trainer::resume_point(&cfg.run.dir)?,
+            true => crate::train::resume_point(&cfg.run.dir)?,
             false => None,
         };
         if let Some(r) = done {
@@ -163,7 +164,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     // One process per rank (torchrun-style launch): this process trains one rank and keeps its share of the stream;
     // ranks other than 0 write their own stats/quarantine/corpus files and serve metrics on port + LOCAL_RANK.
     let process = match (&cfg.train, replay) {
-        (Some(t), None) => crate::trainer::process_group(t)?,
+        (Some(t), None) => crate::train::process_group(t)?,
         _ => None,
     };
     let per_process = |name: &str, ext: &str| match process {
@@ -190,11 +191,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     let resume = if replay.is_some() {
         None
     } else if opts.resume && cfg.train.is_some() {
-        match crate::trainer::resume_point(&run_dir)? {
+        match crate::train::resume_point(&run_dir)? {
             Some(r) => {
                 check_same_stream(cfg, &r.checkpoint)?;
                 if process.is_none_or(|(rank, _)| rank == 0) {
-                    crate::trainer::set_aside_unusable(&r.skipped_dirs);
+                    crate::train::set_aside_unusable(&r.skipped_dirs);
                 }
                 tracing::info!(step = r.step, sequences = r.sequences_consumed, checkpoint = %r.checkpoint.display(), "resuming");
                 Some(r)
@@ -217,13 +218,13 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         None => resume.as_ref().map(|r| r.checkpoint.clone()),
     };
     let recorded = match &from_checkpoint {
-        Some(d) => crate::inputs::InputsRecord::read(d)?,
+        Some(d) => crate::run::inputs::InputsRecord::read(d)?,
         None => None,
     };
     let holdout_split = match (&from_checkpoint, &recorded) {
         (_, Some(r)) => r.holdout_split,
-        (Some(_), None) => crate::heldout::HoldoutSplit::File,
-        (None, None) => crate::heldout::HoldoutSplit::Package,
+        (Some(_), None) => crate::tasks::heldout::HoldoutSplit::File,
+        (None, None) => crate::tasks::heldout::HoldoutSplit::Package,
     };
 
     let files = input_files(cfg, &per_process("corpus", ""))?;
@@ -233,7 +234,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
     // `eval.holdout`: these files are never trained on (also in replays: the lanes must be the run's lanes).
     let total_files = files.len() as u64;
     let (files, held_files) =
-        crate::heldout::split_files(files, cfg.eval.holdout, &manifests, holdout_split);
+        crate::tasks::heldout::split_files(files, cfg.eval.holdout, &manifests, holdout_split);
     let mix: Vec<(String, f64)> = cfg
         .sampler
         .mix
@@ -242,7 +243,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         .collect();
     let (lanes, outside) = lanes_of(cfg, files);
     let eval_files = eval_paths_files(cfg)?;
-    let inputs = crate::inputs::InputsRecord::new(
+    let inputs = crate::run::inputs::InputsRecord::new(
         lanes.iter().map(|l| (l.lang.as_str(), l.files.as_slice())),
         &held_files,
         holdout_split,
@@ -335,9 +336,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         // Weights to start from inside this run's own checkpoints would be set aside before they are read.
         if let Some(init) = &t.init_from {
             let c = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-            let own = crate::trainer::checkpoints_dir(&run_dir);
+            let own = crate::common::run_dir::checkpoints_dir(&run_dir);
             if c(init).starts_with(c(&own))
-                && !crate::trainer::list_checkpoints(&run_dir).is_empty()
+                && !crate::common::run_dir::list_checkpoints(&run_dir).is_empty()
             {
                 anyhow::bail!(
                     "train.init_from = {} is a checkpoint of this run.dir, which a run started without --resume sets \
@@ -347,7 +348,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             }
         }
         if process.is_none_or(|(rank, _)| rank == 0) {
-            crate::trainer::set_aside_previous_run(&run_dir)?;
+            crate::train::set_aside_previous_run(&run_dir)?;
         }
     }
     let (skip, data) = match replay {
@@ -470,7 +471,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 "held-out set ready"
             );
             if rank0 {
-                let p = run_dir.join(crate::heldout::SET_FILE);
+                let p = run_dir.join(crate::tasks::heldout::SET_FILE);
                 std::fs::write(&p, serde_json::to_string_pretty(&set)?)
                     .with_context(|| format!("writing {}", p.display()))?;
             }
@@ -479,11 +480,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         false => None,
     };
     let qa_probe = match evaluating {
-        true => crate::heldout::qa_probe(cfg, tokenizer.clone())?.map(Arc::new),
+        true => crate::tasks::heldout::qa_probe(cfg, tokenizer.clone())?.map(Arc::new),
         false => None,
     };
     if let (Some(q), true) = (&qa_probe, rank0) {
-        let dir = run_dir.join(crate::heldout::QA_DIR);
+        let dir = run_dir.join(crate::tasks::heldout::QA_DIR);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let text: String = q
             .gold
@@ -761,10 +762,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             .as_ref()
             .filter(|_| process.is_none_or(|(r, _)| r == 0))
         {
-            Some(dir) => Some(crate::arrow_tee::ArrowTee::create_part(
+            Some(dir) => Some(crate::stages::arrow_tee::ArrowTee::create_part(
                 dir,
                 cfg.shards.count.get(),
-                crate::arrow_tee::TeeMeta {
+                crate::stages::arrow_tee::TeeMeta {
                     run: cfg.run.name.clone(),
                     seq_len: cfg.packer.seq_len.get(),
                     tokenizer: cfg.tokenizer.path.clone(),
@@ -773,7 +774,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
             )?),
             None => None,
         }
-        .map(|t| Arc::new(crate::arrow_tee::SharedTee::new(t, skip)));
+        .map(|t| Arc::new(crate::stages::arrow_tee::SharedTee::new(t, skip)));
         tee_for_trainer = tee.clone();
         let w = ShardWriter {
             shards: cfg.shards.count.get(),
@@ -788,9 +789,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
         });
     }
     let train_handle = match cfg.train.as_ref().filter(|_| replay.is_none()) {
-        Some(t) => Some(crate::trainer::spawn_trainers(
+        Some(t) => Some(crate::train::spawn_trainers(
             &mut topo,
-            crate::trainer::TrainerSetup {
+            crate::train::TrainerSetup {
                 cfg: t.clone(),
                 run_dir: run_dir.clone(),
                 vocab_size: tokenizer.vocab_size(),
@@ -799,24 +800,22 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> anyhow::Result<RunStats> {
                 resume: opts.resume,
                 run_config: Some(toml::to_string(cfg)?),
                 inputs: Some(inputs.to_json()),
-                hf_files: Arc::new(crate::tokenizer::hf_model_files(
+                hf_files: Arc::new(crate::stages::tokenizer::hf_model_files(
                     &tokenizer,
-                    (cfg.input.qa_template == crate::qa::QaTemplate::Llama3)
-                        .then_some(crate::tokenizer::LLAMA3_CHAT_TEMPLATE),
+                    (cfg.input.qa_template == crate::stages::qa_format::QaTemplate::Llama3)
+                        .then_some(crate::stages::tokenizer::LLAMA3_CHAT_TEMPLATE),
                     Some(&cfg.packer.pad_token),
                 )?),
                 dedup: dedup.clone(),
                 tee: tee_for_trainer,
-                eval: (heldout.is_some() || qa_probe.is_some()).then(|| {
-                    crate::trainer::EvalSetup {
-                        set: heldout.clone(),
-                        qa: qa_probe.clone(),
-                        every: cfg.eval.every,
-                        micro_batch: cfg
-                            .eval
-                            .micro_batch
-                            .map_or(t.micro_batch.get(), |m| m.get()),
-                    }
+                eval: (heldout.is_some() || qa_probe.is_some()).then(|| crate::train::EvalSetup {
+                    set: heldout.clone(),
+                    qa: qa_probe.clone(),
+                    every: cfg.eval.every,
+                    micro_batch: cfg
+                        .eval
+                        .micro_batch
+                        .map_or(t.micro_batch.get(), |m| m.get()),
                 }),
             },
             rank_rx,
@@ -1040,8 +1039,8 @@ const STREAM_KEYS: [&str; 9] = [
 /// warning), unless `dedup.against_heldout` drops their copies from the stream.
 fn check_same_inputs(
     cfg: &Config,
-    now: &crate::inputs::InputsRecord,
-    then: &crate::inputs::InputsRecord,
+    now: &crate::run::inputs::InputsRecord,
+    then: &crate::run::inputs::InputsRecord,
     checkpoint: &Path,
     replay: bool,
 ) -> anyhow::Result<()> {
@@ -1083,7 +1082,7 @@ fn check_same_inputs(
 /// (`run_config.toml`): the resumed run would train on a stream no uninterrupted run produces (and a shorter
 /// `packer.seq_len` could not even hold the checkpoint's open sequences).
 fn check_same_stream(cfg: &Config, checkpoint: &Path) -> anyhow::Result<()> {
-    let p = checkpoint.join(crate::trainer::RUN_CONFIG_FILE);
+    let p = checkpoint.join(crate::common::run_dir::RUN_CONFIG_FILE);
     let Ok(text) = std::fs::read_to_string(&p) else {
         return Ok(()); // written by a run without a config file (tests driving the trainer directly)
     };
@@ -1202,15 +1201,15 @@ pub fn audit_dedup(
     cfg: &Config,
     out: Option<&Path>,
     texts: bool,
-) -> anyhow::Result<crate::dedup::DedupReport> {
+) -> anyhow::Result<crate::stages::dedup::DedupReport> {
     use std::io::Write;
     let files = input_files(cfg, &cfg.run.dir.join("corpus"))?;
     let manifests = reader::ManifestIndex::build(&files);
-    let (files, held_files) = crate::heldout::split_files(
+    let (files, held_files) = crate::tasks::heldout::split_files(
         files,
         cfg.eval.holdout,
         &manifests,
-        crate::heldout::HoldoutSplit::Package,
+        crate::tasks::heldout::HoldoutSplit::Package,
     );
     let (lanes, _) = lanes_of(cfg, files);
     let read_opts = reader::ReadOptions {
@@ -1263,7 +1262,7 @@ pub fn audit_dedup(
                     if texts {
                         line["text"] = serde_json::Value::String(doc.text.clone());
                         line["qa"] = serde_json::Value::Bool(doc.answer_start.is_some());
-                        if cfg.dedup.mode == crate::dedup::DedupMode::Near
+                        if cfg.dedup.mode == crate::stages::dedup::DedupMode::Near
                             && doc.answer_start.is_none()
                         {
                             line["minhash"] = serde_json::json!(idx.hasher.minhash(&doc.text));
@@ -1294,8 +1293,8 @@ fn build_dedup_index(
     eval_files: &[PathBuf],
     read_opts: &reader::ReadOptions,
     checkpoint: Option<&Path>,
-) -> anyhow::Result<crate::dedup::DedupIndex> {
-    let mut idx = crate::dedup::DedupIndex::new(
+) -> anyhow::Result<crate::stages::dedup::DedupIndex> {
+    let mut idx = crate::stages::dedup::DedupIndex::new(
         &cfg.dedup,
         lanes.iter().map(|l| l.files.len() as u32).collect(),
     );
@@ -1326,7 +1325,7 @@ fn build_dedup_index(
         }
     }
     if let Some(dir) = checkpoint {
-        let p = dir.join(crate::dedup::STATE_FILE);
+        let p = dir.join(crate::stages::dedup::STATE_FILE);
         if p.exists() {
             idx.restore(&p)?;
         } else {
@@ -1344,7 +1343,7 @@ fn build_dedup_index(
 #[allow(clippy::too_many_arguments)]
 fn run_dedup(
     ctx: &lexflow_dataflow::ActorContext,
-    idx: &crate::dedup::DedupIndex,
+    idx: &crate::stages::dedup::DedupIndex,
     lane: usize,
     lang: &str,
     paths: &[PathBuf],
@@ -1370,7 +1369,7 @@ fn run_dedup(
             m.dedup_documents
                 .with_label_values(&[lang, v.label()])
                 .inc();
-            if v == crate::dedup::Verdict::Keep {
+            if v == crate::stages::dedup::Verdict::Keep {
                 continue;
             }
             m.dedup_dropped_bytes
@@ -1383,7 +1382,7 @@ fn run_dedup(
         if let (Some(f), false) = (log, lines.is_empty()) {
             let mut f = f.lock().expect("dedup log lock");
             if let Err(e) = f.write_all(lines.as_bytes()) {
-                tracing::warn!("cannot append to {}: {e}", crate::dedup::LOG_FILE);
+                tracing::warn!("cannot append to {}: {e}", crate::stages::dedup::LOG_FILE);
             }
         }
         b.signatures = Vec::new();
@@ -1442,24 +1441,13 @@ fn article_at(
     found
 }
 
-/// Prepends BOS to a non-empty document that does not start with it already (the `llama3` Q&A template writes
-/// its own); returns how many tokens were inserted (0 or 1).
-pub(crate) fn prepend_bos(tk: &Tokenizer, tokens: &mut Vec<u32>) -> u32 {
-    match tk.bos_id() {
-        Some(bos) if !tokens.is_empty() && tokens[0] != bos => {
-            tokens.insert(0, bos);
-            1
-        }
-        _ => 0,
-    }
-}
-
 /// The input files of a config: `input.paths` expanded, or the sample corpus generated into `corpus_dir`.
 fn input_files(cfg: &Config, corpus_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let patterns: Vec<String> = if cfg.input.paths.is_empty() {
-        let g = crate::gen_sample::generate_exact(&cfg.input.generate, corpus_dir).with_context(
-            || format!("generating the sample corpus into {}", corpus_dir.display()),
-        )?;
+        let g = crate::stages::gen_sample::generate_exact(&cfg.input.generate, corpus_dir)
+            .with_context(|| {
+                format!("generating the sample corpus into {}", corpus_dir.display())
+            })?;
         tracing::info!(dir = %corpus_dir.display(), ?g, "generated sample corpus");
         vec![corpus_dir.display().to_string()]
     } else {
@@ -1480,7 +1468,7 @@ fn heldout_set(
     eot: u32,
     pad: u32,
     quarantine: &Quarantine,
-) -> anyhow::Result<crate::heldout::HeldOutSet> {
+) -> anyhow::Result<crate::tasks::heldout::HeldOutSet> {
     let extra_manifests = reader::ManifestIndex::build(extra);
     let files: Vec<(PathBuf, &reader::ManifestIndex)> = held
         .iter()
@@ -1488,7 +1476,7 @@ fn heldout_set(
         .chain(extra.iter().map(|f| (f.clone(), &extra_manifests)))
         .collect();
     let langs: Vec<String> = cfg.sampler.mix.keys().cloned().collect();
-    let spec = crate::heldout::BuildSpec {
+    let spec = crate::tasks::heldout::BuildSpec {
         eval: &cfg.eval,
         qa: cfg.input.prompt_format(),
         packer: &cfg.packer,
@@ -1498,7 +1486,7 @@ fn heldout_set(
         eot,
         pad,
     };
-    let set = crate::heldout::build(&files, &spec, quarantine);
+    let set = crate::tasks::heldout::build(&files, &spec, quarantine);
     if set.is_empty() {
         anyhow::bail!(
             "[eval]: the held-out set is empty ({} files, {} read, {} quarantined, {} documents outside the mix): \
@@ -1518,14 +1506,14 @@ fn heldout_set(
 pub fn build_heldout(
     cfg: &Config,
     quarantine: &Quarantine,
-) -> anyhow::Result<crate::heldout::HeldOutSet> {
+) -> anyhow::Result<crate::tasks::heldout::HeldOutSet> {
     let files = input_files(cfg, &cfg.run.dir.join("corpus"))?;
     let manifests = reader::ManifestIndex::build(&files);
-    let (_, held) = crate::heldout::split_files(
+    let (_, held) = crate::tasks::heldout::split_files(
         files,
         cfg.eval.holdout,
         &manifests,
-        crate::heldout::HoldoutSplit::Package,
+        crate::tasks::heldout::HoldoutSplit::Package,
     );
     let tokenizer = Tokenizer::load(&cfg.tokenizer.path)?;
     let id = |name: &str| {
@@ -1547,6 +1535,39 @@ pub fn build_heldout(
         pad,
         quarantine,
     )
+}
+
+/// `lexflow heldout [CONFIG] [--out FILE]`: build the held-out set of a config exactly as `lexflow run` does, print
+/// its summary (JSON), and write its sequences as JSON lines (`lang`, `tokens`, `padding`, `doc_starts`, `no_loss`).
+pub fn cli_heldout(
+    config: Option<&Path>,
+    out: Option<&Path>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let (cfg, _) = load_config(config)?;
+    if !cfg.eval.has_loss_set() {
+        anyhow::bail!("the config has no held-out set: set eval.paths or eval.holdout");
+    }
+    let set = build_heldout(&cfg, &Quarantine::counting())?;
+    if let Some(path) = out {
+        use std::io::Write;
+        let f = std::fs::File::create(path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", path.display()))?;
+        let mut w = std::io::BufWriter::new(f);
+        for (li, s) in set.sequences() {
+            let line = serde_json::json!({
+                "lang": set.languages[li].lang,
+                "index": s.index,
+                "tokens": s.tokens,
+                "padding": s.padding,
+                "doc_starts": s.doc_starts,
+                "no_loss": s.no_loss,
+            });
+            writeln!(w, "{line}")?;
+        }
+        w.flush()?;
+    }
+    crate::common::output::print_to_stdout(&format!("{}\n", serde_json::to_string_pretty(&set)?))?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// The files `eval.paths` names (none when it is empty).
@@ -1777,13 +1798,13 @@ fn write_file_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// tokens/s `tokens_per_second` sums) and the world size. A failed run still says how far it got: the steps done and
 /// their losses from `steps.jsonl`, the checkpoints on disk, `complete: false`.
 fn train_json(
-    report: Option<crate::trainer::TrainReport>,
+    report: Option<crate::train::TrainReport>,
     run_dir: &Path,
     resumed_from: Option<u64>,
     ranks: &[usize],
     world: usize,
 ) -> serde_json::Value {
-    let checkpoints: Vec<String> = crate::trainer::list_checkpoints(run_dir)
+    let checkpoints: Vec<String> = crate::common::run_dir::list_checkpoints(run_dir)
         .into_iter()
         .map(|(_, d)| d.display().to_string())
         .collect();
@@ -1792,7 +1813,7 @@ fn train_json(
         None => {
             // Steps this session finished (every rank records each step; the loss is global).
             let mut losses = std::collections::BTreeMap::new();
-            for ((step, _), r) in crate::trainer::read_step_records(run_dir) {
+            for ((step, _), r) in crate::train::read_step_records(run_dir) {
                 if step > resumed_from.unwrap_or(0) {
                     losses.entry(step).or_insert(r.loss);
                 }

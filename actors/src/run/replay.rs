@@ -5,18 +5,17 @@
 //! `[(s-1)·G, s·G)` with `G = W·b·g`; sequence `i` went to rank `i % W`. A replay starts from the newest checkpoint of
 //! the run taken before the first requested step, so its cost does not depend on how far into the corpus the steps are.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use serde::Serialize;
 
+use crate::common::output::print_to_stdout;
+use crate::common::run_dir::{checkpoints_dir, list_checkpoints, RUN_CONFIG_FILE};
 use crate::config::Config;
-use crate::pipeline::{run, PieceInfo, ReplaySpec, RunOptions};
-use crate::trainer::{
-    checkpoints_dir, list_checkpoints, TrainerState, DATA_STATE_FILE, RUN_CONFIG_FILE,
-};
+use crate::run::pipeline::{run, PieceInfo, ReplaySpec, RunOptions};
+use crate::train::{TrainerState, DATA_STATE_FILE};
 use crate::types::{PackedSequence, ResumePoint};
 
 /// One replayed sequence.
@@ -107,16 +106,6 @@ pub fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// Writes `text` to stdout. A reader that stops early (`lexflow evals RUN --json | head`) is not an error: the rest
-/// is not wanted, so a closed pipe ends the output quietly instead of a panic or an error message.
-pub fn print_to_stdout(text: &str) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => r,
-    }
-}
-
 /// Regenerates steps `first..=last`, starting from the newest verified checkpoint in `checkpoint`'s run taken before
 /// `first` (or from the beginning). `checkpoint` may be the run directory ([`resolve_checkpoint`]).
 pub fn replay_steps(
@@ -138,7 +127,7 @@ pub fn replay_steps(
         .unwrap_or_else(|| PathBuf::from("."));
     // The history of global batches maps steps to sequences (a resume may have changed it): the newest verified
     // checkpoint of the run knows the most of it (steps after it are taken to continue its last batch).
-    let trained = crate::trainer::read_step_records(&run_dir)
+    let trained = crate::train::read_step_records(&run_dir)
         .keys()
         .map(|(s, _)| *s)
         .max()
@@ -197,8 +186,8 @@ pub fn replay_steps(
                 .as_ref()
                 .map_or_else(|| checkpoint.clone(), |c| c.dir.clone()),
         ),
-        skip: crate::trainer::BatchSegment::consumed_at(&batches, first - 1),
-        limit: crate::trainer::BatchSegment::consumed_at(&batches, last),
+        skip: crate::train::BatchSegment::consumed_at(&batches, first - 1),
+        limit: crate::train::BatchSegment::consumed_at(&batches, last),
         describe,
         ..Default::default()
     };
@@ -230,12 +219,12 @@ pub fn replay_steps(
     let out = seqs
         .into_iter()
         .map(|s| {
-            let (step, rank) = crate::trainer::BatchSegment::step_and_rank(&batches, s.index);
+            let (step, rank) = crate::train::BatchSegment::step_and_rank(&batches, s.index);
             ReplayedSequence {
                 step,
                 rank,
                 index: s.index,
-                hash: crate::trainer::sequence_hash(&s.tokens),
+                hash: crate::train::sequence_hash(&s.tokens),
                 padding: s.padding,
                 doc_starts: s.doc_starts,
                 pieces: s.pieces,
@@ -252,7 +241,7 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let d = std::env::temp_dir().join(format!(
         "lexflow-replay-{}-{}",
         std::process::id(),
-        crate::trainer::now_nanos()
+        crate::train::now_nanos()
     ));
     std::fs::create_dir_all(&d)?;
     Ok(d)

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::packer::PackerReport;
-use crate::sampler::SamplerReport;
-use crate::shard_writer::ShardReport;
+use crate::stages::packer::PackerReport;
+use crate::stages::sampler::SamplerReport;
+use crate::stages::shard_writer::ShardReport;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct InputReport {
@@ -57,7 +57,7 @@ pub struct RunStats {
     pub eval_set: Option<serde_json::Value>,
     /// Documents dropped as repeats (`[dedup]`), per language.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dedup: Option<crate::dedup::DedupReport>,
+    pub dedup: Option<crate::stages::dedup::DedupReport>,
     /// `input.tokens` per second of the whole run's wall time (`elapsed_seconds`). With `[train]` the trainers set the
     /// pace (backpressure: preprocessing only reads ahead), so this is the rate the run consumed input at, not what
     /// preprocessing could do: that is `tokenizer_tokens_per_busy_second`.
@@ -183,8 +183,9 @@ impl RunStats {
             i.tokens
         );
         if let Some(d) = &self.dedup {
-            let sum =
-                |f: fn(&crate::dedup::LaneReport) -> u64| d.per_lang.values().map(f).sum::<u64>();
+            let sum = |f: fn(&crate::stages::dedup::LaneReport) -> u64| {
+                d.per_lang.values().map(f).sum::<u64>()
+            };
             let mode = serde_json::to_value(d.mode.unwrap_or_default()).unwrap_or_default();
             let _ = writeln!(
                 s,
@@ -320,7 +321,7 @@ mod tests {
     #[test]
     fn train_line_reads_the_trainer_report() {
         // Built from the real report type: a renamed field breaks this test, not the summary silently.
-        let report = crate::trainer::TrainReport {
+        let report = crate::train::TrainReport {
             steps: 12,
             final_loss: 2.5,
             losses: vec![3.25, 2.75, 2.5],
@@ -359,7 +360,7 @@ mod tests {
     fn tee_line_gives_a_small_tee_a_visible_size() {
         let st = RunStats {
             shards: ShardReport {
-                arrow_tee: Some(crate::arrow_tee::TeeSummary {
+                arrow_tee: Some(crate::stages::arrow_tee::TeeSummary {
                     dir: "runs/x/arrow".into(),
                     files: Vec::new(),
                     rows_per_shard: vec![34],

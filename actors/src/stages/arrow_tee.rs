@@ -968,7 +968,7 @@ pub fn cli_inspect(file: &Path, tokenizer: Option<&str>, limit: usize) -> anyhow
     let meta = read_meta(file)?;
     let seqs = read_sequences(file)?;
     let tokenizer = tokenizer.unwrap_or(&meta.tokenizer);
-    let tok = crate::tokenizer::Tokenizer::load(tokenizer).with_context(|| {
+    let tok = crate::stages::tokenizer::Tokenizer::load(tokenizer).with_context(|| {
         if tokenizer == meta.tokenizer {
             format!(
                 "{} was written with tokenizer `{tokenizer}`, which cannot be loaded here: give the same \

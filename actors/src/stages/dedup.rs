@@ -28,6 +28,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64};
 
+pub use crate::types::Signature;
 use crate::types::{Document, LanePosition};
 
 /// The dedup state inside a checkpoint directory.
@@ -145,16 +146,6 @@ impl DedupConfig {
         }
         e
     }
-}
-
-/// The keys of one document: the exact hash, and one hash per LSH band (empty for exact mode and Q&A pairs).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Signature {
-    pub exact: u128,
-    pub bands: Vec<u128>,
-    /// The MinHash values (near mode, ordinary documents): a band match is a duplicate only if the share of equal
-    /// values (the estimated Jaccard similarity) reaches `dedup.threshold`.
-    pub minhash: Option<Box<[u32]>>,
 }
 
 /// MinHash with `datasketch`'s arithmetic and our own shingling (lower-cased text, split on Unicode white space,

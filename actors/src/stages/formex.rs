@@ -5,7 +5,7 @@
 //! * repo-made wrappers (`COMBINED.FMX`, `LEXP.COMBINED`, any unknown root whose children are document roots) yield
 //!   one document per contained root; an unknown root without such children yields one generic document;
 //! * manifests (`DOC`, `PUBLICATION`) yield a [`DocType::Manifest`] document with empty text, whose metadata the
-//!   reader attaches to the body/annex files of the same package (see [`crate::reader::read_files_with_manifests`]).
+//!   reader attaches to the body/annex files of the same package (see [`crate::stages::reader::read_files_with_manifests`]).
 //!
 //! Text rendering: block elements are separated by newlines, inline elements (`HT`, `DATE`, `REF.DOC.OJ`, …) keep the
 //! spacing of the source, whitespace runs collapse to one space, `QUOT.START`/`QUOT.END` render their `CODE`

@@ -24,6 +24,46 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// `[input.generate]`: the sample corpus generated when `input.paths` is empty (`lexflow gen-sample` too).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateConfig {
+    /// Number of acts (each with annexes and a manifest) per language.
+    #[serde(default = "default_gen_acts")]
+    pub acts_per_language: usize,
+    #[serde(default = "default_gen_langs")]
+    pub languages: Vec<String>,
+    #[serde(default = "default_gen_seed")]
+    pub seed: u64,
+}
+
+/// `input.generate.seed` defaults to the value `run.seed` defaults to.
+fn default_gen_seed() -> u64 {
+    1234
+}
+
+fn default_gen_acts() -> usize {
+    40
+}
+
+fn default_gen_langs() -> Vec<String> {
+    ["en", "fr", "de", "es", "pt"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        GenerateConfig {
+            acts_per_language: default_gen_acts(),
+            languages: default_gen_langs(),
+            seed: default_gen_seed(),
+        }
+    }
+}
 
 /// What [`generate`] wrote.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
@@ -1601,7 +1641,7 @@ type Member = (String, String);
 /// [`generate`] into a directory lexflow owns (a run's `<run.dir>/corpus`), which then holds this generation only:
 /// input files an earlier generation wrote (other languages, more acts, another seed) are removed, because the
 /// run reads the whole directory. Files this generation writes again with the same bytes are left untouched.
-pub fn generate_exact(cfg: &crate::config::GenerateConfig, out: &Path) -> anyhow::Result<GenStats> {
+pub fn generate_exact(cfg: &GenerateConfig, out: &Path) -> anyhow::Result<GenStats> {
     let mut keep = std::collections::BTreeSet::new();
     let mut stats = generate_recording(cfg, out, &mut keep)?;
     let mut stack = vec![out.to_path_buf()];
@@ -1614,7 +1654,7 @@ pub fn generate_exact(cfg: &crate::config::GenerateConfig, out: &Path) -> anyhow
                 .path();
             if p.is_dir() {
                 stack.push(p);
-            } else if crate::reader::is_supported(&p) && !keep.contains(&p) {
+            } else if crate::stages::reader::is_supported(&p) && !keep.contains(&p) {
                 std::fs::remove_file(&p).with_context(|| {
                     format!(
                         "gen-sample: cannot remove {}, left by an earlier generation (it would be read as input)",
@@ -1667,21 +1707,21 @@ fn check_lang(lang: &str) -> anyhow::Result<String> {
     // The same languages `input.generate.languages` accepts: a file of another language would be quarantined by
     // the reader of any run that reads the corpus.
     anyhow::ensure!(
-        crate::formex::EU_LANGS.contains(&l.as_str()),
+        crate::stages::formex::EU_LANGS.contains(&l.as_str()),
         "gen-sample: `{lang}` is not an official EU language (expected one of {})",
-        crate::formex::EU_LANGS.join(", ")
+        crate::stages::formex::EU_LANGS.join(", ")
     );
     Ok(l)
 }
 
 /// Generates the sample corpus under `out` (created if missing). Existing files with the same names are overwritten.
-pub fn generate(cfg: &crate::config::GenerateConfig, out: &Path) -> anyhow::Result<GenStats> {
+pub fn generate(cfg: &GenerateConfig, out: &Path) -> anyhow::Result<GenStats> {
     generate_recording(cfg, out, &mut std::collections::BTreeSet::new())
 }
 
 /// [`generate`], adding the path of every file it writes to `written`.
 fn generate_recording(
-    cfg: &crate::config::GenerateConfig,
+    cfg: &GenerateConfig,
     out: &Path,
     written: &mut std::collections::BTreeSet<PathBuf>,
 ) -> anyhow::Result<GenStats> {
@@ -1793,7 +1833,6 @@ fn generate_recording(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::GenerateConfig;
     use std::collections::BTreeMap;
 
     fn cfg(acts: usize, langs: &[&str], seed: u64) -> GenerateConfig {
@@ -1901,7 +1940,8 @@ mod tests {
                 .collect::<Vec<_>>()
         });
         // What the run reads is this generation's files.
-        let inputs = crate::reader::expand_inputs(&[dir.path().display().to_string()]).unwrap();
+        let inputs =
+            crate::stages::reader::expand_inputs(&[dir.path().display().to_string()]).unwrap();
         assert_eq!(inputs.len(), st.files);
         // Regenerating the same corpus removes nothing.
         assert_eq!(generate_exact(&small, dir.path()).unwrap().stale_removed, 0);

@@ -14,15 +14,72 @@
 use std::collections::VecDeque;
 
 use lexflow_dataflow::{ActorContext, ActorError, EdgeReceiver, EdgeSender};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{PackMode, PackerConfig};
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use crate::types::{
     DocId, LanePosition, OpenSequence, PackedSequence, PackerState, Piece, ResumePoint, SampledDoc,
     SamplerState, TokenizedDoc,
 };
+
+/// `[packer]`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PackMode {
+    /// Concatenate documents with an end-of-text token between them and cut every `seq_len + 1` tokens.
+    #[default]
+    Concat,
+    /// Online best-fit over a bounded lookahead buffer of open sequences: fewer documents are split.
+    BestFit,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackerConfig {
+    #[serde(default = "default_seq_len")]
+    pub seq_len: NonZeroUsize,
+    #[serde(default)]
+    pub mode: PackMode,
+    /// best-fit: number of open sequences kept while searching for a fit.
+    #[serde(default = "default_lookahead")]
+    pub lookahead: NonZeroUsize,
+    /// Token placed after every document (name in the tokenizer's vocabulary).
+    #[serde(default = "default_eot")]
+    pub eot_token: String,
+    /// Token used for padding (labels of padding are ignored).
+    #[serde(default = "default_eot")]
+    pub pad_token: String,
+    /// Documents longer than this many tokens are truncated (None: split across sequences).
+    #[serde(default)]
+    pub max_doc_tokens: Option<NonZeroUsize>,
+}
+
+fn default_seq_len() -> NonZeroUsize {
+    NonZeroUsize::new(4096).expect("non-zero")
+}
+
+fn default_lookahead() -> NonZeroUsize {
+    NonZeroUsize::new(64).expect("non-zero")
+}
+
+fn default_eot() -> String {
+    "<|end_of_text|>".into()
+}
+
+impl Default for PackerConfig {
+    fn default() -> Self {
+        PackerConfig {
+            seq_len: default_seq_len(),
+            mode: PackMode::Concat,
+            lookahead: default_lookahead(),
+            eot_token: default_eot(),
+            pad_token: default_eot(),
+            max_doc_tokens: None,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PackerReport {

@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::formex::{self, base_name, CelexSource, FormexError, Parsed};
+use crate::stages::formex::{self, base_name, CelexSource, FormexError, Parsed};
 use crate::types::{DocType, Document};
 
 /// Decompressed size limit per file or archive member (zip/zstd bombs).
@@ -186,12 +186,12 @@ pub fn is_qa_jsonl(path: &Path) -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct ReadOptions {
     /// Prompt and answer text of each pair (`input.qa_template`).
-    pub qa: crate::qa::PromptFormat,
+    pub qa: crate::stages::qa_format::PromptFormat,
     /// A Q&A file may mix languages (held-out sets such as `eval.jsonl`); else one language per file.
     pub mixed_languages: bool,
 }
 
-/// The documents of a Q&A JSON-lines file: per pair, the prompt ([`crate::qa::PromptFormat::prompt`]) followed by
+/// The documents of a Q&A JSON-lines file: per pair, the prompt ([`crate::stages::qa_format::PromptFormat::prompt`]) followed by
 /// the answer, with `answer_start` at the boundary (the prompt is context, the answer the training target). One
 /// language per file (it is one sampler lane) unless `opts.mixed_languages`; a bad line is an error naming the line.
 fn parse_qa_jsonl(path: &str, bytes: &[u8], opts: &ReadOptions) -> Result<Vec<Parsed>, ReadError> {
@@ -218,7 +218,7 @@ fn parse_qa_jsonl(path: &str, bytes: &[u8], opts: &ReadOptions) -> Result<Vec<Pa
         if l.trim().is_empty() {
             continue;
         }
-        let p: crate::qa::QaPair = serde_json::from_str(l).map_err(|e| {
+        let p: crate::stages::qa_format::QaPair = serde_json::from_str(l).map_err(|e| {
             // serde_json counts within the line: report the column (and the byte in the file), not its "line 1".
             let col = e.column().max(1);
             let msg = e.to_string();
@@ -821,7 +821,7 @@ fn scope_of(path: &Path) -> PathBuf {
 /// Replace the language code of an OJ/consolidated file name by `__` (cross-language package key).
 fn lang_neutral(name: &str) -> String {
     let mut s = name.to_string();
-    if let Some(i) = crate::formex::oj_lang_offset(name) {
+    if let Some(i) = crate::stages::formex::oj_lang_offset(name) {
         s.replace_range(i..i + 2, "__");
     }
     s

@@ -10,15 +10,41 @@
 //! Lanes are independent edges, so waiting on the language that is due never deadlocks: the others fill up and block
 //! their own readers (backpressure) until they are due.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use lexflow_dataflow::{ActorContext, ActorError, EdgeReceiver, EdgeSender};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
 
-use crate::config::ExhaustedPolicy;
 use crate::types::{LanePosition, SampledDoc, SamplerState, TokenizedBatch, TokenizedDoc};
+
+/// What the sampler does when a language's input runs out.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExhaustedPolicy {
+    /// End the stream as soon as any language runs out (the mix stays exact).
+    #[default]
+    Stop,
+    /// Start that language's input again from its first file.
+    Cycle,
+    /// Drop the language and renormalize the remaining targets.
+    Renormalize,
+}
+
+/// The default `sampler.mix`: target token shares of the five sample languages.
+pub fn default_mix() -> BTreeMap<String, f64> {
+    [
+        ("en", 0.35),
+        ("fr", 0.25),
+        ("de", 0.20),
+        ("es", 0.12),
+        ("pt", 0.08),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
 
 /// Deficit-driven choice among languages with target shares.
 #[derive(Debug, Clone)]
@@ -300,7 +326,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn mix() -> Vec<(String, f64)> {
-        crate::config::default_mix().into_iter().collect()
+        default_mix().into_iter().collect()
     }
 
     proptest! {

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use std::sync::Arc;
 
-use crate::arrow_tee::SharedTee;
+use crate::stages::arrow_tee::SharedTee;
 use crate::types::PackedSequence;
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -22,7 +22,7 @@ pub struct ShardReport {
     pub per_shard: Vec<u64>,
     /// `shards.arrow_dir`: what this run's part of the tee holds.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub arrow_tee: Option<crate::arrow_tee::TeeSummary>,
+    pub arrow_tee: Option<crate::stages::arrow_tee::TeeSummary>,
 }
 
 pub struct ShardWriter {

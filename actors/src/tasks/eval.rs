@@ -1,4 +1,4 @@
-//! Evaluation of answers to the Q&A pairs of [`crate::qa`]: exact match, ROUGE-L, citation accuracy and
+//! Evaluation of answers to the Q&A pairs of [`crate::tasks::qa`]: exact match, ROUGE-L, citation accuracy and
 //! hallucinated citations, overall, per language and per question kind.
 //!
 //! `lexflow qa eval --gold eval.jsonl --predictions preds.jsonl` scores answers produced anywhere (`{"id", "output"}`
@@ -28,7 +28,10 @@ use std::process::ExitCode;
 
 use serde::{Deserialize, Serialize};
 
-use crate::qa::{extract_citations, read_pairs, Citation, CitationIndex, PromptFormat, QaPair};
+pub use crate::tasks::decode::{decode_batch, greedy_batch, prompt_ids, stop_ids};
+use crate::tasks::qa::{
+    extract_citations, read_pairs, Citation, CitationIndex, PromptFormat, QaPair,
+};
 
 /// Whitespace collapsed, trimmed, lower-cased.
 pub fn normalize(s: &str) -> String {
@@ -281,7 +284,7 @@ pub struct GenOptions {
     /// (`input.qa_template`, `input.qa_system`), else `plain`.
     pub format: Option<PromptFormat>,
     /// Greedy by default; sampled answers are reproducible per question (its index in the gold file).
-    pub sampling: crate::generate::Sampling,
+    pub sampling: crate::tasks::decode::Sampling,
 }
 
 /// The prompt format for generating with `model_dir`: `explicit`, else the one of the run that wrote the checkpoint
@@ -293,7 +296,7 @@ pub fn prompt_format_for(
     if let Some(f) = explicit {
         return Ok(f.clone());
     }
-    let p = model_dir.join(crate::trainer::RUN_CONFIG_FILE);
+    let p = model_dir.join(crate::common::run_dir::RUN_CONFIG_FILE);
     if !p.is_file() {
         return Ok(PromptFormat::default());
     }
@@ -325,8 +328,8 @@ pub fn generate_ids(
 ) -> anyhow::Result<HashMap<String, (String, Vec<u32>)>> {
     use lexflow_gpu::tch::Kind;
     opts.sampling.check()?;
-    let device = crate::trainer::parse_device(&opts.device)?;
-    crate::trainer::check_device(device, "--device", "--device cpu")?;
+    let device = crate::common::device::parse_device(&opts.device)?;
+    crate::common::device::check_device(device, "--device", "--device cpu")?;
     let kind = if device.is_cuda() {
         Kind::BFloat16
     } else {
@@ -334,7 +337,7 @@ pub fn generate_ids(
     };
     let model = lexflow_gpu::checkpoint::load_hf(model_dir, device, kind)
         .map_err(|e| anyhow::anyhow!("{}: cannot load the model: {e}", model_dir.display()))?;
-    let tok = crate::tokenizer::Tokenizer::load(&opts.tokenizer)?;
+    let tok = crate::stages::tokenizer::Tokenizer::load(&opts.tokenizer)?;
     let format = prompt_format_for(model_dir, opts.format.as_ref())?;
     format.check_tokenizer(&tok)?;
     eprintln!(
@@ -384,131 +387,6 @@ pub fn generate_ids(
         eprintln!("lexflow qa eval: generated {done_n}/{}", gold.len());
     }
     Ok(out)
-}
-
-/// The token ids a model is prompted with: BOS once (the `llama3` template writes it itself), then the prompt.
-pub fn prompt_ids(
-    tok: &crate::tokenizer::Tokenizer,
-    format: &PromptFormat,
-    question: &str,
-) -> Vec<i64> {
-    let mut ids = tok.encode(&format.prompt(question));
-    if let Some(bos) = tok.bos_id() {
-        if ids.first() != Some(&bos) {
-            ids.insert(0, bos);
-        }
-    }
-    ids.into_iter().map(i64::from).collect()
-}
-
-/// Tokens that end an answer: end of text, end of turn.
-pub fn stop_ids(tok: &crate::tokenizer::Tokenizer) -> Vec<u32> {
-    [tok.eos_id(), tok.eot_id()].into_iter().flatten().collect()
-}
-
-/// Greedy decoding of a batch of prompts with a KV cache: one prompt as a plain causal prefill, several left-padded
-/// with each row masked to its own tokens. A row ends at a stop token (not included), after `max_new` tokens, or
-/// at the model's context length. No graph is built.
-pub fn greedy_batch(
-    model: &lexflow_gpu::Llama,
-    prompts: &[Vec<i64>],
-    stops: &[u32],
-    max_new: usize,
-) -> anyhow::Result<Vec<Vec<u32>>> {
-    decode_batch(
-        model,
-        prompts,
-        stops,
-        max_new,
-        &crate::generate::Sampling::default(),
-        &[],
-    )
-}
-
-/// [`greedy_batch`] with a choice of the next token ([`crate::generate::Sampling`]); `rows[r]`: the random stream
-/// of prompt `r` (its index in the whole input, so that a sampled answer does not depend on its batch).
-pub fn decode_batch(
-    model: &lexflow_gpu::Llama,
-    prompts: &[Vec<i64>],
-    stops: &[u32],
-    max_new: usize,
-    sampling: &crate::generate::Sampling,
-    rows: &[u64],
-) -> anyhow::Result<Vec<Vec<u32>>> {
-    use lexflow_gpu::tch::{self, Kind, Tensor};
-    let _ng = tch::no_grad_guard();
-    let device = model.device();
-    let vocab = model.cfg.vocab_size as i64;
-    let max_len = model.cfg.max_position_embeddings;
-    let b = prompts.len();
-    if b == 0 {
-        return Ok(Vec::new());
-    }
-    let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut gen: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut rngs: Vec<rand_chacha::ChaCha8Rng> = (0..b)
-        .map(|r| sampling.rng(rows.get(r).copied().unwrap_or(r as u64)))
-        .collect();
-    let mut finished = vec![false; b];
-    let mut cache = lexflow_gpu::KvCache::new();
-    let (mut feed, mut valid) = if b == 1 {
-        (Tensor::from_slice(&prompts[0]).view([1, -1]), None)
-    } else {
-        let mut ids = Vec::with_capacity(b * l);
-        let mut v = Vec::with_capacity(b * l);
-        for p in prompts {
-            ids.extend(std::iter::repeat_n(0i64, l - p.len()).chain(p.iter().copied()));
-            v.extend((0..l).map(|j| j >= l - p.len()));
-        }
-        (
-            Tensor::from_slice(&ids).view([b as i64, l as i64]),
-            Some(Tensor::from_slice(&v).view([b as i64, l as i64])),
-        )
-    };
-    let mut step = 0;
-    while step < max_new && finished.iter().any(|f| !f) {
-        if l + step >= max_len {
-            break;
-        }
-        let logits = match &valid {
-            None => model.forward_cached(&feed.to_device(device), &mut cache),
-            Some(v) => model.forward_cached_padded(
-                &feed.to_device(device),
-                &v.to_device(device),
-                &mut cache,
-            ),
-        };
-        let last = logits.select(1, -1).narrow(-1, 0, vocab);
-        let next: Vec<i64> = if sampling.is_greedy() {
-            Vec::<i64>::try_from(last.argmax(-1, false).to_device(tch::Device::Cpu))?
-        } else {
-            let flat = Vec::<f32>::try_from(
-                last.to_kind(Kind::Float)
-                    .to_device(tch::Device::Cpu)
-                    .reshape([-1]),
-            )?;
-            flat.chunks(vocab as usize)
-                .zip(rngs.iter_mut())
-                .map(|(row, rng)| crate::generate::sample(row, sampling, rng) as i64)
-                .collect()
-        };
-        for (r, &t) in next.iter().enumerate() {
-            if finished[r] {
-                continue;
-            }
-            if stops.contains(&(t as u32)) {
-                finished[r] = true;
-            } else {
-                gen[r].push(t as u32);
-            }
-        }
-        feed = Tensor::from_slice(&next).view([b as i64, 1]);
-        if valid.is_some() {
-            valid = Some(Tensor::ones([b as i64, 1], (Kind::Bool, tch::Device::Cpu)));
-        }
-        step += 1;
-    }
-    Ok(gen)
 }
 
 /// The citation index to score against: `citations.json` of `lexflow qa build` (from any build: an index that lacks
@@ -623,7 +501,7 @@ pub fn cli_eval(a: EvalArgs<'_>) -> anyhow::Result<ExitCode> {
     }
     let (index, source) = load_index(a.index, &all)?;
     let r = report(gold, &outputs, &index, &source);
-    crate::replay::print_to_stdout(&table(&r))?;
+    crate::common::output::print_to_stdout(&table(&r))?;
     if r.overall.missing_predictions > 0 {
         eprintln!(
             "lexflow qa eval: {} of {} gold examples have no prediction (scored as empty answers)",

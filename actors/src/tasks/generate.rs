@@ -1,138 +1,16 @@
-//! Text generation with a checkpoint: the choice of the next token (greedy, or sampled with temperature, top-k and
-//! top-p exactly as Hugging Face's logits warpers filter) and `lexflow generate`.
-//!
-//! Sampling is reproducible: every prompt has its own random stream (ChaCha8 seeded with `seed`, stream = the
-//! prompt's index in the input), so its answer depends on the seed and its own logits only — not on which other
-//! prompts share its batch or how many there are. `scripts/hf_sampling_ref.py` checks the filtered distribution
-//! against transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper` (`tests/generate.rs`).
+//! `lexflow generate`: text generation with a checkpoint (raw continuation or the run's Q&A template), decoded by
+//! [`crate::tasks::decode`] (greedy, or sampled with temperature, top-k and top-p exactly as Hugging Face's logits
+//! warpers filter).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::qa::{PromptFormat, QaTemplate};
-
-/// How the next token is chosen. `temperature = 0`: greedy (the most likely token, ties to the lowest id). Otherwise
-/// the softmax of `logits / temperature`, restricted to the `top_k` most likely tokens (0: all; tokens tied with the
-/// k-th are kept) and then to the most likely tokens whose probability adds up to `top_p` (1: all) — the order and
-/// the tie rules of transformers' `generate` with `do_sample=True`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Sampling {
-    pub temperature: f64,
-    pub top_k: usize,
-    pub top_p: f64,
-    pub seed: u64,
-}
-
-impl Default for Sampling {
-    fn default() -> Self {
-        Sampling {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        }
-    }
-}
-
-impl Sampling {
-    pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0
-    }
-
-    /// The errors of a setting, naming the option and what it accepts.
-    pub fn check(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.temperature.is_finite() && self.temperature >= 0.0,
-            "--temperature {}: must be a finite number ≥ 0 (0: greedy decoding)",
-            self.temperature
-        );
-        anyhow::ensure!(
-            self.top_p > 0.0 && self.top_p <= 1.0,
-            "--top-p {}: must be in (0, 1] (1: no nucleus filtering)",
-            self.top_p
-        );
-        anyhow::ensure!(
-            !self.is_greedy() || (self.top_k == 0 && self.top_p == 1.0),
-            "--top-k/--top-p need --temperature > 0 (temperature 0 is greedy decoding)"
-        );
-        Ok(())
-    }
-
-    /// The random stream of prompt number `row` of the input.
-    pub fn rng(&self, row: u64) -> rand_chacha::ChaCha8Rng {
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
-        r.set_stream(row);
-        r
-    }
-}
-
-/// The distribution the next token is drawn from: `(id, probability)` of every token left after temperature, top-k
-/// and top-p, most likely first (ties: lower id first), probabilities summing to 1. Greedy: the argmax alone.
-/// Non-finite logits (−∞ masks) never survive.
-pub fn distribution(logits: &[f32], s: &Sampling) -> Vec<(u32, f64)> {
-    let mut order: Vec<u32> = (0..logits.len() as u32)
-        .filter(|&i| logits[i as usize].is_finite())
-        .collect();
-    if order.is_empty() {
-        return Vec::new();
-    }
-    let t = if s.is_greedy() { 1.0 } else { s.temperature };
-    let scaled = |i: u32| logits[i as usize] as f64 / t;
-    order.sort_by(|&a, &b| scaled(b).total_cmp(&scaled(a)).then(a.cmp(&b)));
-    if s.is_greedy() {
-        return vec![(order[0], 1.0)];
-    }
-    if s.top_k > 0 && s.top_k < order.len() {
-        let kth = scaled(order[s.top_k - 1]);
-        let keep = order.iter().take_while(|&&i| scaled(i) >= kth).count();
-        order.truncate(keep);
-    }
-    let max = scaled(order[0]);
-    let mut probs: Vec<f64> = order.iter().map(|&i| (scaled(i) - max).exp()).collect();
-    let z: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= z);
-    if s.top_p < 1.0 {
-        // transformers: in ascending order, drop the tokens whose cumulative probability is ≤ 1 − top_p; the most
-        // likely token always stays.
-        let mut cum = 0.0;
-        let mut keep = probs.len();
-        for (k, p) in probs.iter().enumerate().rev() {
-            cum += p;
-            if cum <= 1.0 - s.top_p && k > 0 {
-                keep = k;
-            } else {
-                break;
-            }
-        }
-        order.truncate(keep);
-        probs.truncate(keep);
-        let z: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= z);
-    }
-    order.into_iter().zip(probs).collect()
-}
-
-/// Draws the next token from [`distribution`] with `rng` (one uniform number per draw, inverse CDF).
-pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
-    let d = distribution(logits, s);
-    if d.len() <= 1 {
-        return d.first().map_or(0, |x| x.0);
-    }
-    let u: f64 = rng.gen();
-    let mut cum = 0.0;
-    for &(id, p) in &d {
-        cum += p;
-        if u < cum {
-            return id;
-        }
-    }
-    d[d.len() - 1].0
-}
+use crate::stages::qa_format::{PromptFormat, QaTemplate};
+pub use crate::tasks::decode::{distribution, sample, Sampling};
 
 /// How a prompt is turned into the model's input.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,10 +38,10 @@ pub fn prompt_style(
         );
         return Ok(PromptStyle::Raw);
     }
-    if let Some(f) = crate::qa::parse_template(template, system)? {
+    if let Some(f) = crate::stages::qa_format::parse_template(template, system)? {
         return Ok(PromptStyle::Qa(f));
     }
-    let p = model_dir.join(crate::trainer::RUN_CONFIG_FILE);
+    let p = model_dir.join(crate::common::run_dir::RUN_CONFIG_FILE);
     if !p.is_file() {
         return Ok(PromptStyle::Raw);
     }
@@ -183,9 +61,9 @@ pub fn prompt_style(
 fn trained_on_qa_pairs(paths: &[String]) -> bool {
     paths
         .iter()
-        .any(|p| crate::reader::is_qa_jsonl(Path::new(p)))
-        || crate::reader::expand_inputs(paths)
-            .is_ok_and(|files| files.iter().any(|f| crate::reader::is_qa_jsonl(f)))
+        .any(|p| crate::stages::reader::is_qa_jsonl(Path::new(p)))
+        || crate::stages::reader::expand_inputs(paths)
+            .is_ok_and(|files| files.iter().any(|f| crate::stages::reader::is_qa_jsonl(f)))
 }
 
 /// One prompt of `lexflow generate --prompts FILE` (JSON lines): `{"prompt": …}` or `{"question": …}`, with an
@@ -306,12 +184,12 @@ pub fn cli_generate(a: GenerateArgs<'_>) -> anyhow::Result<ExitCode> {
             ),
         }
     );
-    let tok = crate::tokenizer::Tokenizer::load(&tok_spec)?;
+    let tok = crate::stages::tokenizer::Tokenizer::load(&tok_spec)?;
     if let PromptStyle::Qa(f) = &style {
         f.check_tokenizer(&tok)?;
     }
-    let device = crate::trainer::parse_device(&a.device)?;
-    crate::trainer::check_device(device, "--device", "--device cpu")?;
+    let device = crate::common::device::parse_device(&a.device)?;
+    crate::common::device::check_device(device, "--device", "--device cpu")?;
     let kind = if device.is_cuda() {
         Kind::BFloat16
     } else {
@@ -323,7 +201,7 @@ pub fn cli_generate(a: GenerateArgs<'_>) -> anyhow::Result<ExitCode> {
     let ids: Vec<Vec<i64>> = prompts
         .iter()
         .map(|(_, p)| match &style {
-            PromptStyle::Qa(f) => crate::eval::prompt_ids(&tok, f, p),
+            PromptStyle::Qa(f) => crate::tasks::decode::prompt_ids(&tok, f, p),
             PromptStyle::Raw => {
                 let mut v = tok.encode(p);
                 if let Some(b) = tok.bos_id() {
@@ -342,7 +220,7 @@ pub fn cli_generate(a: GenerateArgs<'_>) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let stops = crate::eval::stop_ids(&tok);
+    let stops = crate::tasks::decode::stop_ids(&tok);
     let mut w: Box<dyn Write> = match a.out {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -352,8 +230,14 @@ pub fn cli_generate(a: GenerateArgs<'_>) -> anyhow::Result<ExitCode> {
     let bs = a.batch_size.max(1);
     for (c, chunk) in ids.chunks(bs).enumerate() {
         let rows: Vec<u64> = (0..chunk.len()).map(|r| (c * bs + r) as u64).collect();
-        let gen =
-            crate::eval::decode_batch(&model, chunk, &stops, a.max_new_tokens, &a.sampling, &rows)?;
+        let gen = crate::tasks::decode::decode_batch(
+            &model,
+            chunk,
+            &stops,
+            a.max_new_tokens,
+            &a.sampling,
+            &rows,
+        )?;
         for (r, g) in rows.iter().zip(gen) {
             let (id, prompt) = &prompts[*r as usize];
             let text = tok.decode(&g);
@@ -389,7 +273,7 @@ pub fn resolve_model_dir(p: &Path) -> PathBuf {
     if p.join("config.json").is_file() {
         return p.to_path_buf();
     }
-    crate::trainer::list_checkpoints(p)
+    crate::common::run_dir::list_checkpoints(p)
         .into_iter()
         .last()
         .map_or_else(|| p.to_path_buf(), |(_, d)| d)
@@ -486,7 +370,7 @@ mod tests {
             dir.display().to_string(),
             paths
         );
-        std::fs::write(ckpt.join(crate::trainer::RUN_CONFIG_FILE), toml).unwrap();
+        std::fs::write(ckpt.join(crate::common::run_dir::RUN_CONFIG_FILE), toml).unwrap();
         ckpt
     }
 

@@ -6,9 +6,9 @@
 //! * `eval.paths`: files of their own (FORMEX, or Q&A `.jsonl` that may mix languages, such as `lexflow qa build`'s
 //!   `eval.jsonl`);
 //! * `eval.holdout`: a fraction of the input's act packages, taken out of the training lanes. A package is a manifest
-//!   and the files it lists (body, annexes), or a file no manifest claims ([`crate::reader::PackageKeys`]); the
+//!   and the files it lists (body, annexes), or a file no manifest claims ([`crate::stages::reader::PackageKeys`]); the
 //!   choice is a hash of the package's key, its body's name with the language code blanked
-//!   ([`crate::formex::lang_neutral_name`]). So an act is held out whole (an annex of a held-out act in the training
+//!   ([`crate::stages::formex::lang_neutral_name`]). So an act is held out whole (an annex of a held-out act in the training
 //!   data would leak it) and in every language or in none (so would a translation), and the choice does not depend
 //!   on the order or the size of the corpus.
 //!
@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EvalConfig, PackerConfig};
-use crate::packer::Packer;
-use crate::reader::{self, ManifestIndex, Quarantine};
-use crate::tokenizer::Tokenizer;
+use crate::stages::packer::Packer;
+use crate::stages::reader::{self, ManifestIndex, Quarantine};
+use crate::stages::tokenizer::Tokenizer;
 use crate::types::{DocId, PackedSequence, TokenizedDoc};
 
 /// Summary of the held-out set in the run directory (`HeldOutSet` as JSON).
@@ -34,7 +34,7 @@ pub const RESULTS_FILE: &str = "eval.jsonl";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HoldoutSplit {
-    /// By act package: a manifest and the files it lists go together ([`crate::reader::PackageKeys`]).
+    /// By act package: a manifest and the files it lists go together ([`crate::stages::reader::PackageKeys`]).
     Package,
     /// By file, each on its own language-neutral name: what lexflow did before checkpoints recorded their inputs
     /// (an annex or manifest could land on the other side from its act's body). Kept only to resume and replay
@@ -44,7 +44,7 @@ pub enum HoldoutSplit {
 
 /// Whether `path` belongs to the held-out `fraction` of the input, by file ([`HoldoutSplit::File`]).
 pub fn is_held_out(path: &Path, fraction: f64) -> bool {
-    let mut key = crate::formex::lang_neutral_name(&path.to_string_lossy());
+    let mut key = crate::stages::formex::lang_neutral_name(&path.to_string_lossy());
     // `x.xml` and `x.xml.zst` are the same act.
     for ext in [".zst", ".gz"] {
         if let Some(k) = key.strip_suffix(ext) {
@@ -137,7 +137,7 @@ impl HeldOutSet {
 pub struct BuildSpec<'a> {
     pub eval: &'a EvalConfig,
     /// Prompt format of Q&A inputs (the run's `input.qa_template`).
-    pub qa: crate::qa::PromptFormat,
+    pub qa: crate::stages::qa_format::PromptFormat,
     pub packer: &'a PackerConfig,
     pub langs: &'a [String],
     pub tokenizer: &'a Tokenizer,
@@ -208,7 +208,7 @@ pub fn build(
             let (mut tokens, mut loss_from) = spec.tokenizer.encode_document(d);
             if spec.add_bos {
                 // As the training tokenizers do: the BOS shifts the prompt of instruction data.
-                let added = crate::pipeline::prepend_bos(spec.tokenizer, &mut tokens);
+                let added = crate::stages::tokenize::prepend_bos(spec.tokenizer, &mut tokens);
                 if loss_from > 0 {
                     loss_from += added;
                 }
@@ -246,7 +246,7 @@ pub fn build(
     for (li, seqs) in out.into_iter().enumerate() {
         let target_tokens = seqs
             .iter()
-            .map(|s| lexflow_gpu::valid_targets(&crate::trainer::seq_ref(s)) as u64)
+            .map(|s| lexflow_gpu::valid_targets(&crate::common::device::seq_ref(s)) as u64)
             .sum();
         for s in &seqs {
             for t in &s.tokens {
@@ -291,8 +291,8 @@ pub struct EvalLang {
 /// Q&A scores at one evaluation.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct QaEvalResult {
-    pub overall: crate::eval::Aggregate,
-    pub by_language: BTreeMap<String, crate::eval::Aggregate>,
+    pub overall: crate::tasks::eval::Aggregate,
+    pub by_language: BTreeMap<String, crate::tasks::eval::Aggregate>,
     pub seconds: f64,
     /// The answers (`{"id", "lang", "output"}` lines).
     pub predictions: PathBuf,
@@ -303,10 +303,10 @@ pub const QA_DIR: &str = "eval_qa";
 
 /// The questions asked at every evaluation (`eval.qa_gold`), with everything needed to ask and score them.
 pub struct QaProbe {
-    pub gold: Vec<crate::qa::QaPair>,
+    pub gold: Vec<crate::stages::qa_format::QaPair>,
     /// Prompt token ids per question (the run's `input.qa_template`).
     pub prompts: Vec<Vec<i64>>,
-    pub index: crate::qa::CitationIndex,
+    pub index: crate::tasks::qa::CitationIndex,
     pub index_source: String,
     pub stops: Vec<u32>,
     pub max_new_tokens: usize,
@@ -335,10 +335,10 @@ pub fn qa_probe(
     let Some(path) = &e.qa_gold else {
         return Ok(None);
     };
-    let all =
-        crate::qa::read_pairs(path).map_err(|err| anyhow::anyhow!("eval.qa_gold: {err:#}"))?;
+    let all = crate::tasks::qa::read_pairs(path)
+        .map_err(|err| anyhow::anyhow!("eval.qa_gold: {err:#}"))?;
     let mut per_lang: BTreeMap<&str, usize> = BTreeMap::new();
-    let gold: Vec<crate::qa::QaPair> = all
+    let gold: Vec<crate::stages::qa_format::QaPair> = all
         .iter()
         .filter(|p| {
             if !cfg.sampler.mix.contains_key(&p.lang) {
@@ -360,16 +360,16 @@ pub fn qa_probe(
     format.check_tokenizer(&tokenizer)?;
     let prompts = gold
         .iter()
-        .map(|g| crate::eval::prompt_ids(&tokenizer, &format, &g.question))
+        .map(|g| crate::tasks::decode::prompt_ids(&tokenizer, &format, &g.question))
         .collect();
-    let (index, index_source) = crate::eval::load_index(e.qa_index.as_deref(), &all)
+    let (index, index_source) = crate::tasks::eval::load_index(e.qa_index.as_deref(), &all)
         .map_err(|err| anyhow::anyhow!("eval.qa_index: {err:#}"))?;
     Ok(Some(QaProbe {
         gold,
         prompts,
         index,
         index_source,
-        stops: crate::eval::stop_ids(&tokenizer),
+        stops: crate::tasks::decode::stop_ids(&tokenizer),
         max_new_tokens: e.qa_max_new_tokens,
         batch_size: e.qa_batch_size.get(),
         tokenizer,
@@ -444,7 +444,7 @@ pub fn cli_evals(run_dir: &Path, json: bool) -> anyhow::Result<std::process::Exi
     } else {
         results_table(&rs)
     };
-    crate::replay::print_to_stdout(&text)?;
+    crate::common::output::print_to_stdout(&text)?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -484,39 +484,6 @@ pub fn results_table(rs: &[EvalResult]) -> String {
         let _ = writeln!(s, "| {} |", row.join(" | "));
     }
     s
-}
-
-/// `lexflow heldout [CONFIG] [--out FILE]`: build the held-out set of a config exactly as `lexflow run` does, print
-/// its summary (JSON), and write its sequences as JSON lines (`lang`, `tokens`, `padding`, `doc_starts`, `no_loss`).
-pub fn cli_heldout(
-    config: Option<&Path>,
-    out: Option<&Path>,
-) -> anyhow::Result<std::process::ExitCode> {
-    let (cfg, _) = crate::pipeline::load_config(config)?;
-    if !cfg.eval.has_loss_set() {
-        anyhow::bail!("the config has no held-out set: set eval.paths or eval.holdout");
-    }
-    let set = crate::pipeline::build_heldout(&cfg, &Quarantine::counting())?;
-    if let Some(path) = out {
-        use std::io::Write;
-        let f = std::fs::File::create(path)
-            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", path.display()))?;
-        let mut w = std::io::BufWriter::new(f);
-        for (li, s) in set.sequences() {
-            let line = serde_json::json!({
-                "lang": set.languages[li].lang,
-                "index": s.index,
-                "tokens": s.tokens,
-                "padding": s.padding,
-                "doc_starts": s.doc_starts,
-                "no_loss": s.no_loss,
-            });
-            writeln!(w, "{line}")?;
-        }
-        w.flush()?;
-    }
-    crate::replay::print_to_stdout(&format!("{}\n", serde_json::to_string_pretty(&set)?))?;
-    Ok(std::process::ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
@@ -565,7 +532,7 @@ mod tests {
 
     #[test]
     fn language_neutral_names() {
-        use crate::formex::lang_neutral_name as n;
+        use crate::stages::formex::lang_neutral_name as n;
         assert_eq!(n("a/L_2016119EN.01000101.xml"), "L_2016119__.01000101.xml");
         assert_eq!(
             n("CL2016R0679FR0000020.0001.xml"),
@@ -578,7 +545,7 @@ mod tests {
         assert_eq!(n("dé.xml"), "dé.xml");
         assert_eq!(n("abcé.xml"), "abcé.xml");
         assert_eq!(n("abc€.xml"), "abc€.xml");
-        assert_eq!(crate::formex::lang_from_filename("abc€.xml"), None);
+        assert_eq!(crate::stages::formex::lang_from_filename("abc€.xml"), None);
     }
 
     #[test]
@@ -697,7 +664,7 @@ mod tests {
             languages: vec!["en".into(), "fr".into(), "de".into()],
             seed: 7,
         };
-        crate::gen_sample::generate(&g, tmp.path()).unwrap();
+        crate::stages::gen_sample::generate(&g, tmp.path()).unwrap();
         let dir = |l: &str| tmp.path().join(l);
         let names = |d: &Path| -> Vec<String> {
             let mut v: Vec<String> = std::fs::read_dir(d)
@@ -719,13 +686,14 @@ mod tests {
                     .unwrap();
             }
         }
-        let files = crate::reader::expand_inputs(&[tmp.path().display().to_string()]).unwrap();
+        let files =
+            crate::stages::reader::expand_inputs(&[tmp.path().display().to_string()]).unwrap();
         let index = ManifestIndex::build(&files);
         let keys = index.package_keys();
         // Every file of an act (`L_2023104EN.…`, `L_2023104FR.…`, …) has the key of the act's package.
         let act = |f: &PathBuf| {
             let n = f.file_name().unwrap().to_string_lossy().into_owned();
-            crate::formex::lang_neutral_name(&n[..n.find('.').unwrap()])
+            crate::stages::formex::lang_neutral_name(&n[..n.find('.').unwrap()])
         };
         let mut key_of_act: BTreeMap<String, String> = BTreeMap::new();
         let mut annexes = 0;

@@ -2,6 +2,7 @@
 //! (`lexflow generate`, `lexflow qa eval`), and the held-out evaluation set with the aggregation of its losses.
 //! Used by the trainer's evaluation hook and by the CLI; never imports the run or the trainer.
 
+pub mod decode;
 pub mod eval;
 pub mod generate;
 pub mod heldout;

@@ -11,7 +11,7 @@
 //!   no other provision of the corpus in that language opens with the same words.
 //!
 //! The articles are the act's own (`ENACTING.TERMS`, not quoted amendments nor articles of its annexes, see
-//! [`crate::formex`]), named by their heading without footnotes ([`Article::title`]).
+//! [`crate::stages::formex`]), named by their heading without footnotes ([`Article::title`]).
 //!
 //! Every answer ends with a machine-checkable citation `[CELEX 32016R0679, Art. 5]` ([`format_citation`]), which is
 //! what `lexflow qa eval` checks (citation accuracy, hallucinated citations). Pairs are split into `train/<lang>.jsonl`
@@ -33,33 +33,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::reader::{expand_inputs, read_file_indexed, ManifestIndex};
+pub use crate::stages::qa_format::{parse_template, Citation, PromptFormat, QaPair, QaTemplate};
+use crate::stages::reader::{expand_inputs, read_file_indexed, ManifestIndex};
 use crate::types::{Article, DocType, Document};
-
-/// A cited provision: an act (CELEX) and optionally one of its articles (`"5"`, `"8a"`).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Citation {
-    pub celex: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub article: Option<String>,
-}
-
-/// One instruction-tuning example.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QaPair {
-    /// Stable id: `celex:article:lang:kind`.
-    pub id: String,
-    pub lang: String,
-    pub kind: String,
-    pub celex: String,
-    pub article: String,
-    pub doc_type: String,
-    pub question: String,
-    pub answer: String,
-    pub citations: Vec<Citation>,
-    /// The FORMEX file the article comes from.
-    pub source: String,
-}
 
 /// `[CELEX 32016R0679, Art. 5]` (or `[CELEX 32016R0679]` for a whole act).
 pub fn format_citation(c: &Citation) -> String {
@@ -207,114 +183,6 @@ fn article_of_reference(s: &str) -> Option<String> {
             return None;
         }
         rest = &inner[close + 1..];
-    }
-}
-
-/// `input.qa_template`: how a Q&A pair becomes text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QaTemplate {
-    /// `### Question\n{question}\n### Answer\n{answer}` (then the packer's end-of-text).
-    #[default]
-    Plain,
-    /// The Llama 3 (Instruct) chat template: `<|begin_of_text|>`, an optional system turn, the user turn, the
-    /// assistant header; the answer ends with `<|eot_id|>` (a training target: the model learns to end its turn).
-    Llama3,
-}
-
-impl QaTemplate {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            QaTemplate::Plain => "plain",
-            QaTemplate::Llama3 => "llama3",
-        }
-    }
-}
-
-/// `--template` / `--system` of `lexflow qa eval`: None when neither is given (then the checkpoint decides).
-pub fn parse_template(
-    template: Option<&str>,
-    system: Option<String>,
-) -> anyhow::Result<Option<PromptFormat>> {
-    let template = match template {
-        None if system.is_none() => return Ok(None),
-        None | Some("llama3") => QaTemplate::Llama3,
-        Some("plain") => QaTemplate::Plain,
-        Some(t) => anyhow::bail!("--template {t:?}: expected `plain` or `llama3`"),
-    };
-    anyhow::ensure!(
-        system.is_none() || template == QaTemplate::Llama3,
-        "--system needs --template llama3 (the plain template has no system turn)"
-    );
-    Ok(Some(PromptFormat { template, system }))
-}
-
-/// The prompt and answer text of a Q&A pair, for SFT (`lexflow run` on Q&A `.jsonl`) and for generation
-/// (`lexflow qa eval --model`): both sides must use the same one.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PromptFormat {
-    pub template: QaTemplate,
-    /// System turn (`llama3` only).
-    pub system: Option<String>,
-}
-
-impl PromptFormat {
-    /// The text a model sees before its answer.
-    pub fn prompt(&self, question: &str) -> String {
-        match self.template {
-            QaTemplate::Plain => format!("### Question\n{question}\n### Answer\n"),
-            QaTemplate::Llama3 => {
-                // As transformers renders Llama 3's `chat_template` with add_generation_prompt: contents trimmed.
-                let turn = |role: &str, content: &str| {
-                    format!(
-                        "<|start_header_id|>{role}<|end_header_id|>\n\n{}<|eot_id|>",
-                        content.trim()
-                    )
-                };
-                let mut s = String::from("<|begin_of_text|>");
-                if let Some(sys) = &self.system {
-                    s += &turn("system", sys);
-                }
-                s += &turn("user", question);
-                s += "<|start_header_id|>assistant<|end_header_id|>\n\n";
-                s
-            }
-        }
-    }
-
-    /// The answer as trained on, up to the end of the assistant's turn.
-    pub fn answer(&self, answer: &str) -> String {
-        match self.template {
-            QaTemplate::Plain => answer.to_string(),
-            QaTemplate::Llama3 => format!("{}<|eot_id|>", answer.trim()),
-        }
-    }
-
-    /// Special tokens the tokenizer must have as single tokens.
-    pub fn special_tokens(&self) -> &'static [&'static str] {
-        match self.template {
-            QaTemplate::Plain => &[],
-            QaTemplate::Llama3 => &[
-                "<|begin_of_text|>",
-                "<|start_header_id|>",
-                "<|end_header_id|>",
-                "<|eot_id|>",
-            ],
-        }
-    }
-
-    /// Fails, naming the token, when the tokenizer lacks one of [`special_tokens`](Self::special_tokens).
-    pub fn check_tokenizer(&self, tok: &crate::tokenizer::Tokenizer) -> anyhow::Result<()> {
-        for t in self.special_tokens() {
-            anyhow::ensure!(
-                tok.token_id(t).is_some(),
-                "qa template `{}` needs the special token {t} as one token, and tokenizer {} has none: use the \
-                 Llama 3 tokenizer, or qa_template = \"plain\"",
-                self.template.as_str(),
-                tok.spec()
-            );
-        }
-        Ok(())
     }
 }
 
@@ -1020,7 +888,7 @@ mod tests {
     fn article_headings_leave_footnotes_out() {
         // As the reader gives them: a NOTE in TI.ART and in STI.ART (32000R1346 Art. 37; 32024R3117).
         let xml = r#"<ACT><ENACTING.TERMS><ARTICLE IDENTIFIER="037"><TI.ART>Article&#160;37<NOTE NOTE.ID="E1"><P>Note the Declaration by Portugal concerning the application of Articles 26 and 37 (OJ C 183, 30.6.2000, p. 1).</P></NOTE></TI.ART><STI.ART>Conversion of earlier proceedings<NOTE NOTE.ID="E2"><P>See [the] annex.</P></NOTE></STI.ART><ALINEA>The liquidator in the main proceedings may request that secondary proceedings be converted.</ALINEA></ARTICLE></ENACTING.TERMS></ACT>"#;
-        let parsed = crate::formex::parse_bytes("t.xml", xml.as_bytes()).unwrap();
+        let parsed = crate::stages::formex::parse_bytes("t.xml", xml.as_bytes()).unwrap();
         let a = parsed[0].articles[0].clone();
         assert_eq!(a.title, "Article 37");
         assert_eq!(

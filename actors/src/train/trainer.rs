@@ -27,8 +27,10 @@ use lexflow_gpu::{
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
+use crate::common::device::{check_device, parse_device, seq_ref, DeviceError};
+use crate::common::run_dir::{checkpoints_dir, list_checkpoints, RUN_CONFIG_FILE};
 use crate::config::{Recompute, TrainConfig};
-use crate::heldout::{EvalResult, HeldOutSet, QaEvalResult, QaProbe};
+use crate::tasks::heldout::{EvalResult, HeldOutSet, QaEvalResult, QaProbe};
 use crate::types::{PackedSequence, ResumePoint};
 use anyhow::Context as _;
 
@@ -45,19 +47,19 @@ pub struct TrainerSetup {
     pub resume: bool,
     /// The whole run config (TOML), stored in every checkpoint so `lexflow replay` can rebuild the dataflow.
     pub run_config: Option<String>,
-    /// The input files of the run's stream (JSON, [`crate::inputs::InputsRecord`]), stored in every checkpoint so a
+    /// The input files of the run's stream (JSON, [`crate::run::inputs::InputsRecord`]), stored in every checkpoint so a
     /// resume or replay can check that it reads the same files.
     pub inputs: Option<String>,
     /// Tokenizer and generation files written into every checkpoint (a complete HF model directory):
-    /// [`crate::tokenizer::hf_model_files`].
-    pub hf_files: Arc<crate::tokenizer::HfFiles>,
+    /// [`crate::stages::tokenizer::hf_model_files`].
+    pub hf_files: Arc<crate::stages::tokenizer::HfFiles>,
     /// Held-out evaluation (`[eval]`).
     pub eval: Option<EvalSetup>,
     /// `[dedup]`: its index goes into every checkpoint (entries before the checkpoint's resume point).
-    pub dedup: Option<Arc<crate::dedup::DedupIndex>>,
+    pub dedup: Option<Arc<crate::stages::dedup::DedupIndex>>,
     /// `shards.arrow_dir`: rank 0 makes the tee durable up to a checkpoint's position before writing it, so the tee
     /// of a run killed after that checkpoint still covers what it trained (`arrow_tee::recover_partials`).
-    pub tee: Option<Arc<crate::arrow_tee::SharedTee>>,
+    pub tee: Option<Arc<crate::stages::arrow_tee::SharedTee>>,
 }
 
 /// What the ranks evaluate, and when.
@@ -210,6 +212,12 @@ pub enum TrainerError {
     Checkpoint { path: PathBuf, message: String },
 }
 
+impl From<DeviceError> for TrainerError {
+    fn from(e: DeviceError) -> Self {
+        TrainerError::Setup(e.0)
+    }
+}
+
 /// Result of one rank, filled when its actor finishes.
 #[derive(Debug, Clone, Default)]
 struct RankResult {
@@ -278,16 +286,6 @@ struct Layout {
     /// (global rank, device) for each local input edge.
     local: Vec<(usize, Device)>,
     multi_process: bool,
-}
-
-pub fn parse_device(s: &str) -> Result<Device, TrainerError> {
-    if s == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    s.strip_prefix("cuda:")
-        .and_then(|n| n.parse().ok())
-        .map(Device::Cuda)
-        .ok_or_else(|| TrainerError::Setup(format!("device `{s}` is not `cpu` or `cuda:N`")))
 }
 
 /// One process per rank (torchrun-style `RANK` and `WORLD_SIZE` in the environment): `(rank, world)`. At world size
@@ -497,28 +495,6 @@ fn check_devices(l: &Layout) -> Result<(), TrainerError> {
     };
     for (_, d) in &l.local {
         check_device(*d, from, "devices = [\"cpu\"]")?;
-    }
-    Ok(())
-}
-
-/// A CUDA `device` must be one libtorch sees (`from` names where the device came from, `cpu_hint` how to ask for
-/// the CPU instead): libtorch itself would fail deep inside with a panic and a C++ backtrace.
-pub fn check_device(device: Device, from: &str, cpu_hint: &str) -> Result<(), TrainerError> {
-    let Device::Cuda(i) = device else {
-        return Ok(());
-    };
-    // libtorch counts devices through its CUDA backend, which our binaries do not link: load it first, or it
-    // reports 0 devices on any GPU machine.
-    lexflow_gpu::init_cuda();
-    let visible = tch::Cuda::device_count().max(0) as usize;
-    if i >= visible {
-        let hint = match visible {
-            0 => format!("no GPU, no driver, or a CPU-only libtorch: use {cpu_hint} here"),
-            n => format!("use an index below {n} (CUDA_VISIBLE_DEVICES renumbers the GPUs)"),
-        };
-        return Err(TrainerError::Setup(format!(
-            "{from}: cuda:{i}, but libtorch sees {visible} CUDA device(s) on this machine ({hint})"
-        )));
     }
     Ok(())
 }
@@ -1363,7 +1339,7 @@ impl<'a> Rank<'a> {
             "evaluation"
         );
         append_json_line(
-            &self.setup.run_dir.join(crate::heldout::RESULTS_FILE),
+            &self.setup.run_dir.join(crate::tasks::heldout::RESULTS_FILE),
             &serde_json::to_string(&r).expect("eval result is JSON"),
         );
         result.evals.push(r);
@@ -1400,7 +1376,7 @@ impl<'a> Rank<'a> {
             });
         }
         self.coll.all_reduce_sum_f64(&mut sums, self.device)?;
-        let r = crate::heldout::aggregate(set, step, &sums, t0.elapsed().as_secs_f64());
+        let r = crate::tasks::heldout::aggregate(set, step, &sums, t0.elapsed().as_secs_f64());
         match r.loss {
             Some(l) if !l.is_finite() => Err(TrainerError::Setup(format!(
                 "held-out loss is {l} at step {step}"
@@ -1425,8 +1401,9 @@ impl<'a> Rank<'a> {
         let mine: Vec<usize> = (self.rank..n).step_by(self.world).collect();
         for chunk in mine.chunks(qa.batch_size.max(1)) {
             let prompts: Vec<Vec<i64>> = chunk.iter().map(|&k| qa.prompts[k].clone()).collect();
-            let gen = crate::eval::greedy_batch(model, &prompts, &qa.stops, qa.max_new_tokens)
-                .map_err(|e| {
+            let gen =
+                crate::tasks::decode::greedy_batch(model, &prompts, &qa.stops, qa.max_new_tokens)
+                    .map_err(|e| {
                     TrainerError::Setup(format!("Q&A evaluation at step {step}: {e:#}"))
                 })?;
             for (&k, ids) in chunk.iter().zip(gen) {
@@ -1458,12 +1435,12 @@ impl<'a> Rank<'a> {
         let path = self
             .setup
             .run_dir
-            .join(crate::heldout::QA_DIR)
+            .join(crate::tasks::heldout::QA_DIR)
             .join(format!("step-{step:06}.jsonl"));
         if let Err(e) = std::fs::write(&path, lines) {
             tracing::warn!("cannot write {}: {e}", path.display());
         }
-        let rep = crate::eval::report(&qa.gold, &outputs, &qa.index, &qa.index_source);
+        let rep = crate::tasks::eval::report(&qa.gold, &outputs, &qa.index, &qa.index_source);
         Ok(Some(QaEvalResult {
             overall: rep.overall,
             by_language: rep.by_language,
@@ -1537,7 +1514,7 @@ impl<'a> Rank<'a> {
                         serde_json::to_string(d).expect("resume point is JSON"),
                     )?;
                     if let Some(dd) = &self.setup.dedup {
-                        let p = tmp.join(crate::dedup::STATE_FILE);
+                        let p = tmp.join(crate::stages::dedup::STATE_FILE);
                         dd.write_snapshot(&d.lanes, &p)
                             .map_err(|e| GpuError::Io { path: p, source: e })?;
                     }
@@ -1546,7 +1523,7 @@ impl<'a> Rank<'a> {
                     write(RUN_CONFIG_FILE, c.clone())?;
                 }
                 if let Some(i) = &self.setup.inputs {
-                    write(crate::inputs::INPUTS_FILE, i.clone())?;
+                    write(crate::common::run_dir::INPUTS_FILE, i.clone())?;
                 }
                 for (name, bytes) in self.setup.hf_files.files.iter() {
                     std::fs::write(tmp.join(name), bytes).map_err(|e| GpuError::Io {
@@ -1600,15 +1577,6 @@ impl<'a> Rank<'a> {
     }
 }
 
-pub(crate) fn seq_ref(s: &PackedSequence) -> SequenceRef<'_> {
-    SequenceRef {
-        tokens: &s.tokens,
-        padding: s.padding,
-        doc_starts: &s.doc_starts,
-        no_loss: &s.no_loss,
-    }
-}
-
 /// `LEXFLOW_PROFILE_STEPS=A..B` (inclusive, 1-based) or `=A` (one step); anything else is ignored with a warning.
 fn profile_steps_from_env() -> Option<(u64, u64)> {
     let v = std::env::var("LEXFLOW_PROFILE_STEPS").ok()?;
@@ -1623,27 +1591,6 @@ fn profile_steps_from_env() -> Option<(u64, u64)> {
             None
         }
     }
-}
-
-pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
-    run_dir.join("checkpoints")
-}
-
-/// `(step, dir)` of every `step-NNNNNN` directory, oldest first (temporary directories are not listed).
-pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
-    let Ok(rd) = std::fs::read_dir(checkpoints_dir(run_dir)) else {
-        return Vec::new();
-    };
-    let mut v: Vec<(u64, PathBuf)> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let step = name.strip_prefix("step-")?.parse().ok()?;
-            e.path().is_dir().then(|| (step, e.path()))
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 /// Keeps the `keep` newest checkpoints and removes leftover temporary directories. (No checkpoint newer than the
@@ -1698,8 +1645,6 @@ pub fn now_nanos() -> u128 {
 
 /// Dataflow resume point inside a checkpoint directory.
 pub const DATA_STATE_FILE: &str = "data_state.json";
-/// The run config inside a checkpoint directory.
-pub const RUN_CONFIG_FILE: &str = "run_config.toml";
 /// Per-step record of what every rank trained on (one JSON object per rank and step).
 pub const STEPS_FILE: &str = "steps.jsonl";
 
@@ -1775,11 +1720,15 @@ pub fn set_aside_previous_run(run_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if !trained {
         return Ok(Vec::new());
     }
-    let mut present: Vec<String> = ["checkpoints", STEPS_FILE, crate::heldout::RESULTS_FILE]
-        .iter()
-        .map(|n| n.to_string())
-        .filter(|n| run_dir.join(n).exists())
-        .collect();
+    let mut present: Vec<String> = [
+        "checkpoints",
+        STEPS_FILE,
+        crate::tasks::heldout::RESULTS_FILE,
+    ]
+    .iter()
+    .map(|n| n.to_string())
+    .filter(|n| run_dir.join(n).exists())
+    .collect();
     // dedup.jsonl and the per-process dedup.rankR.jsonl.
     if let Ok(rd) = std::fs::read_dir(run_dir) {
         let mut logs: Vec<String> = rd
@@ -1950,7 +1899,7 @@ mod failure_tests {
         assert!(dir.path().join("previous").join(STEPS_FILE).is_file());
         assert!(dir.path().join("previous/dedup.rank1.jsonl").is_file());
         // A run that failed before training left only empty records: not an earlier run, nothing moves.
-        std::fs::write(dir.path().join(crate::dedup::LOG_FILE), "").unwrap();
+        std::fs::write(dir.path().join(crate::stages::dedup::LOG_FILE), "").unwrap();
         std::fs::write(dir.path().join(STEPS_FILE), "").unwrap();
         assert!(set_aside_previous_run(dir.path()).unwrap().is_empty());
         // Another earlier run: previous.1, previous/ untouched.
