@@ -23,7 +23,7 @@ pub use stages::{
     arrow_tee, dedup, formex, gen_sample, packer, reader, sampler, shard_writer, tokenizer,
 };
 pub use tasks::{eval, generate, heldout, qa};
-pub use train::trainer;
+pub use train as trainer;
 
 /// An error and its causes on one line, as `{:#}` prints them, but without a cause whose text is already in the line:
 /// several error types put their `io::Error` in their own message and also expose it as their source, which `{:#}`
