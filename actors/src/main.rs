@@ -315,7 +315,7 @@ enum TokCmd {
 }
 
 fn main() -> ExitCode {
-    lexflow_actors::pipeline::init_logging();
+    lexflow_actors::run::cli::init_logging();
     let cli = Cli::parse();
     let r: anyhow::Result<ExitCode> = match cli.cmd {
         Cmd::Run {
@@ -323,7 +323,7 @@ fn main() -> ExitCode {
             resume,
             quiet,
         } => preflight(config.as_deref(), true)
-            .and_then(|()| lexflow_actors::pipeline::cli_run(config.as_deref(), resume, quiet)),
+            .and_then(|()| lexflow_actors::run::cli::cli_run(config.as_deref(), resume, quiet)),
         Cmd::Parse { jsonl: _, paths } => lexflow_actors::reader::cli_parse(&paths),
         Cmd::Inspect {
             file,
@@ -365,16 +365,16 @@ fn main() -> ExitCode {
         Cmd::Provenance { run, step, json } => {
             lexflow_actors::replay::cli_provenance(&run, step, json)
         }
-        Cmd::Config { config } => lexflow_actors::pipeline::cli_config(config.as_deref()),
+        Cmd::Config { config } => lexflow_actors::run::cli::cli_config(config.as_deref()),
         Cmd::Dedup {
             config,
             out,
             mode,
             texts,
-        } => cli_dedup(config, out, mode, texts),
+        } => lexflow_actors::run::cli::cli_dedup(config.as_deref(), out.as_deref(), mode, texts),
         Cmd::Evals { run, json } => lexflow_actors::heldout::cli_evals(&run, json),
         Cmd::Heldout { config, out } => preflight(config.as_deref(), false).and_then(|()| {
-            lexflow_actors::run::pipeline::cli_heldout(config.as_deref(), out.as_deref())
+            lexflow_actors::run::cli::cli_heldout(config.as_deref(), out.as_deref())
         }),
         Cmd::Qa {
             cmd:
@@ -517,25 +517,4 @@ fn at_least_one(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(format!("{e}: expected a whole number >= 1")),
     }
-}
-
-fn cli_dedup(
-    config: Option<PathBuf>,
-    out: Option<PathBuf>,
-    mode: Option<String>,
-    texts: bool,
-) -> anyhow::Result<ExitCode> {
-    let mut cfg = Config::load_checked(config.as_deref(), FileChecks::default())?;
-    if let Some(m) = mode {
-        cfg.dedup.mode = serde_json::from_value(serde_json::Value::String(m.clone()))
-            .map_err(|_| anyhow::anyhow!("--mode {m}: expected `exact` or `near`"))?;
-    }
-    if !cfg.dedup.enabled() {
-        anyhow::bail!(
-            "dedup.mode is `off` in this config: set [dedup] mode = \"exact\" or \"near\", or pass --mode"
-        );
-    }
-    let report = lexflow_actors::pipeline::audit_dedup(&cfg, out.as_deref(), texts)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(ExitCode::SUCCESS)
 }

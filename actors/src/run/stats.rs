@@ -1,7 +1,9 @@
 //! End-of-run statistics: `stats.json` in the run directory and a human summary.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
+use anyhow::Context as _;
 use serde::Serialize;
 
 use crate::stages::packer::PackerReport;
@@ -312,6 +314,75 @@ impl RunStats {
         );
         s
     }
+}
+
+/// Writes `path` through a temporary sibling (`.<name>.tmp-<pid>`), synced and renamed into place; the temporary file
+/// is removed when anything fails.
+pub(super) fn write_file_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: no file name", path.display()))?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let r = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// `stats.json` → `train`: the trainer's report (`report`: None when a rank failed) with what this process adds: the
+/// checkpoints on disk (after a resume, the earlier sessions' too), the global ranks this process trains (whose
+/// tokens/s `tokens_per_second` sums) and the world size. A failed run still says how far it got: the steps done and
+/// their losses from `steps.jsonl`, the checkpoints on disk, `complete: false`.
+pub(super) fn train_json(
+    report: Option<crate::train::TrainReport>,
+    run_dir: &Path,
+    resumed_from: Option<u64>,
+    ranks: &[usize],
+    world: usize,
+) -> serde_json::Value {
+    let checkpoints: Vec<String> = crate::common::run_dir::list_checkpoints(run_dir)
+        .into_iter()
+        .map(|(_, d)| d.display().to_string())
+        .collect();
+    let mut v = match report.and_then(|r| serde_json::to_value(r).ok()) {
+        Some(v) => v,
+        None => {
+            // Steps this session finished (every rank records each step; the loss is global).
+            let mut losses = std::collections::BTreeMap::new();
+            for ((step, _), r) in crate::train::read_step_records(run_dir) {
+                if step > resumed_from.unwrap_or(0) {
+                    losses.entry(step).or_insert(r.loss);
+                }
+            }
+            let steps = losses
+                .keys()
+                .next_back()
+                .copied()
+                .or(resumed_from)
+                .unwrap_or(0);
+            serde_json::json!({
+                "complete": false,
+                "steps": steps,
+                "losses": losses.values().collect::<Vec<_>>(),
+                "resumed_from_step": resumed_from,
+            })
+        }
+    };
+    if let Some(o) = v.as_object_mut() {
+        o.insert("checkpoints".into(), serde_json::json!(checkpoints));
+        o.insert("process_ranks".into(), serde_json::json!(ranks));
+        o.insert("world_size".into(), serde_json::json!(world));
+    }
+    v
 }
 
 #[cfg(test)]
