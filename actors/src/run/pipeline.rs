@@ -775,8 +775,7 @@ fn spawn_source(
     });
 }
 
-/// `reader.<lang>`: the lane's ordered pool of readers (`reader.threads`): parse each file into documents,
-/// quarantine bad ones, compute the dedup keys.
+/// `reader.<lang>`: the lane's ordered pool of readers (`reader.threads`), each a [`LaneReader`].
 fn spawn_readers(
     topo: &mut Topology,
     p: &Prepared<'_>,
@@ -801,79 +800,113 @@ fn spawn_readers(
         frx,
         dtx,
         move |_| {
-            let q = q.clone();
-            let c = c.clone();
-            let lang = lang2.clone();
-            let mi = mi.clone();
-            let ro = ro.clone();
-            let dd = dd.clone();
-            let am = lexflow_metrics::actor(&format!("reader.{lang}"));
+            let r = LaneReader {
+                quarantine: q.clone(),
+                counters: c.clone(),
+                lang: lang2.clone(),
+                manifests: mi.clone(),
+                read_opts: ro.clone(),
+                dedup: dd.clone(),
+                metrics: lexflow_metrics::actor(&format!("reader.{lang2}")),
+                lane: li as u16,
+            };
             move |ctx: &lexflow_dataflow::ActorContext, (file, path, skip): (u32, PathBuf, u32)| {
-                ctx.set_input(path.display().to_string());
-                let t = Instant::now();
-                let mut docs = match reader::read_file_with(&path, &mi, &ro) {
-                    Ok(docs) => docs,
-                    // Bad content (and a missing or forbidden file: the same on a resume) is quarantined; a
-                    // file that cannot be read now is not bad input, and skipping it would make this run's
-                    // stream differ from its resume and replay.
-                    Err(e) if e.is_transient_io() => {
-                        return Err(format!(
-                            "{e} (retried). An I/O failure is not bad input: skipping the file would make this \
-                             run's stream differ from its resume and replay. Fix the storage and continue with \
-                             `lexflow run --resume` (exact from the last checkpoint), or remove the file from \
-                             the input and start a new run"
-                        )
-                        .into());
-                    }
-                    Err(e) => {
-                        q.record(&e);
-                        c.quarantined.fetch_add(1, RELAXED);
-                        am.error("quarantined");
-                        Vec::new()
-                    }
-                };
-                // Documents before the resume position were trained on already: keep their ordinals, drop their text.
-                for d in docs.iter_mut().take(skip as usize) {
-                    d.text.clear();
-                }
-                c.files_read.fetch_add(1, RELAXED);
-                c.documents.fetch_add(docs.len() as u64, RELAXED);
-                if let Ok(mut g) = c.documents_per_lang.lock() {
-                    *g.entry(lang.clone()).or_insert(0) += docs.len() as u64;
-                }
-                let mism = docs
-                    .iter()
-                    .filter(|d| d.lang.as_deref().is_some_and(|l| l != lang))
-                    .count();
-                c.lang_mismatches.fetch_add(mism as u64, RELAXED);
-                am.items_in.inc();
-                am.items_out.inc_by(docs.len() as u64);
-                am.bytes_out
-                    .inc_by(docs.iter().map(|d| d.text.len() as u64).sum());
-                am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
-                lexflow_metrics::latency(&format!("reader.{lang}")).record(t.elapsed());
-                let m = lexflow_metrics::global();
-                m.reader_files.with_label_values(&[&lang]).inc();
-                m.reader_documents
-                    .with_label_values(&[&lang])
-                    .inc_by(docs.len() as u64);
-                // Dedup keys here, in the parallel workers; the decision is the dedup actor's (lane order).
-                let signatures = match &dd {
-                    Some(d) => docs
-                        .iter()
-                        .map(|doc| (!doc.text.is_empty()).then(|| d.hasher.signature(doc)))
-                        .collect(),
-                    None => Vec::new(),
-                };
-                Ok(DocBatch {
-                    lane: li as u16,
-                    file,
-                    docs,
-                    signatures,
-                })
+                r.read(ctx, file, path, skip)
             }
         },
     );
+}
+
+/// One reader worker of a lane.
+struct LaneReader {
+    quarantine: Arc<Quarantine>,
+    counters: Arc<Counters>,
+    lang: String,
+    manifests: Arc<reader::ManifestIndex>,
+    read_opts: Arc<reader::ReadOptions>,
+    dedup: Option<Arc<crate::stages::dedup::DedupIndex>>,
+    metrics: lexflow_metrics::ActorMetrics,
+    lane: u16,
+}
+
+impl LaneReader {
+    /// The documents of file number `file` of the lane (`path`), those before `skip` without their text (a resume
+    /// trained on them already), with their dedup keys; a bad file is quarantined (no documents).
+    fn read(
+        &self,
+        ctx: &lexflow_dataflow::ActorContext,
+        file: u32,
+        path: PathBuf,
+        skip: u32,
+    ) -> Result<DocBatch, lexflow_dataflow::ActorError> {
+        ctx.set_input(path.display().to_string());
+        let t = Instant::now();
+        let mut docs = match reader::read_file_with(&path, &self.manifests, &self.read_opts) {
+            Ok(docs) => docs,
+            // Bad content (and a missing or forbidden file: the same on a resume) is quarantined; a
+            // file that cannot be read now is not bad input, and skipping it would make this run's
+            // stream differ from its resume and replay.
+            Err(e) if e.is_transient_io() => {
+                return Err(format!(
+                    "{e} (retried). An I/O failure is not bad input: skipping the file would make this \
+                     run's stream differ from its resume and replay. Fix the storage and continue with \
+                     `lexflow run --resume` (exact from the last checkpoint), or remove the file from \
+                     the input and start a new run"
+                )
+                .into());
+            }
+            Err(e) => {
+                self.quarantine.record(&e);
+                self.counters.quarantined.fetch_add(1, RELAXED);
+                self.metrics.error("quarantined");
+                Vec::new()
+            }
+        };
+        // Documents before the resume position were trained on already: keep their ordinals, drop their text.
+        for d in docs.iter_mut().take(skip as usize) {
+            d.text.clear();
+        }
+        self.counters.files_read.fetch_add(1, RELAXED);
+        self.counters
+            .documents
+            .fetch_add(docs.len() as u64, RELAXED);
+        if let Ok(mut g) = self.counters.documents_per_lang.lock() {
+            *g.entry(self.lang.clone()).or_insert(0) += docs.len() as u64;
+        }
+        let mism = docs
+            .iter()
+            .filter(|d| d.lang.as_deref().is_some_and(|l| l != self.lang))
+            .count();
+        self.counters
+            .lang_mismatches
+            .fetch_add(mism as u64, RELAXED);
+        self.metrics.items_in.inc();
+        self.metrics.items_out.inc_by(docs.len() as u64);
+        self.metrics
+            .bytes_out
+            .inc_by(docs.iter().map(|d| d.text.len() as u64).sum());
+        self.metrics.busy_seconds.inc_by(t.elapsed().as_secs_f64());
+        lexflow_metrics::latency(&format!("reader.{}", self.lang)).record(t.elapsed());
+        let m = lexflow_metrics::global();
+        m.reader_files.with_label_values(&[&self.lang]).inc();
+        m.reader_documents
+            .with_label_values(&[&self.lang])
+            .inc_by(docs.len() as u64);
+        // Dedup keys here, in the parallel workers; the decision is the dedup actor's (lane order).
+        let signatures = match &self.dedup {
+            Some(d) => docs
+                .iter()
+                .map(|doc| (!doc.text.is_empty()).then(|| d.hasher.signature(doc)))
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok(DocBatch {
+            lane: self.lane,
+            file,
+            docs,
+            signatures,
+        })
+    }
 }
 
 /// `tokenizer.<lang>`: the lane's ordered pool of tokenizers (`tokenizer.threads`), BOS prepended with

@@ -336,6 +336,8 @@ pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
 }
 
 impl Rank<'_> {
+    /// A checkpoint of the step `opt` is at: rank 0 writes it (after making the Arrow tee durable up to its
+    /// position) and prunes older ones; sharded ranks send their optimizer slices; every rank waits at a barrier.
     pub(super) fn checkpoint(
         &self,
         model: &Llama,
@@ -347,112 +349,18 @@ impl Rank<'_> {
     ) -> Result<(), TrainerError> {
         if self.rank == 0 {
             let t0 = Instant::now();
-            let cfg = &self.setup.cfg;
             let dir = checkpoints_dir(&self.setup.run_dir).join(format!("step-{:06}", opt.step));
-            let state = TrainerState {
-                step: opt.step,
-                sequences_consumed: BatchSegment::consumed_at(&self.batches, opt.step),
-                world_size: self.world,
-                micro_batch: cfg.micro_batch.get(),
-                grad_accum: cfg.grad_accum.get(),
-                seq_len: self.setup.seq_len,
-                schedule: opt.cfg.clone(),
-                lr: opt.cfg.lr_at(opt.step),
-                last_loss,
-                seed: self.setup.seed,
-                model: mcfg.clone(),
-                train_config: cfg.clone(),
-                created_unix: now_unix(),
-                batches: self.batches.clone(),
-                cpu_threads: matches!(self.device, Device::Cpu)
-                    .then(|| tch::get_num_threads().max(1) as usize),
-            };
-            if let Some(tee) = &self.setup.tee {
-                let upto = state.sequences_consumed;
-                match tee.sync(upto, Duration::from_secs(120)) {
-                    Ok(true) => {}
-                    Ok(false) => tracing::warn!(
-                        step = opt.step,
-                        sequences = upto,
-                        "the Arrow tee had not received every sequence of this checkpoint after 120 s: if the run \
-                         is killed before the next checkpoint, its tee may lack some of them"
-                    ),
-                    Err(e) => {
-                        return Err(TrainerError::Setup(format!(
-                            "making the Arrow tee durable before the checkpoint of step {}: {e}",
-                            opt.step
-                        )))
-                    }
-                }
-            }
+            let state = self.trainer_state(opt, mcfg, last_loss);
+            self.sync_tee(state.sequences_consumed, opt.step)?;
             let bytes = checkpoint::write_checkpoint_dir(&dir, |tmp| {
-                // First, so that sharded peers waiting to send their slices are served before anything else.
-                opt.save_collective(Some(&tmp.join("optimizer.safetensors")), &*self.coll)?;
-                checkpoint::save_hf(tmp, model, DEFAULT_MAX_SHARD_BYTES)?;
-                let write = |name: &str, text: String| {
-                    std::fs::write(tmp.join(name), text).map_err(|e| GpuError::Io {
-                        path: tmp.join(name),
-                        source: e,
-                    })
-                };
-                if let Some(d) = data {
-                    write(
-                        DATA_STATE_FILE,
-                        serde_json::to_string(d).expect("resume point is JSON"),
-                    )?;
-                    if let Some(dd) = &self.setup.dedup {
-                        let p = tmp.join(crate::stages::dedup::STATE_FILE);
-                        dd.write_snapshot(&d.lanes, &p)
-                            .map_err(|e| GpuError::Io { path: p, source: e })?;
-                    }
-                }
-                if let Some(c) = &self.setup.run_config {
-                    write(RUN_CONFIG_FILE, c.clone())?;
-                }
-                if let Some(i) = &self.setup.inputs {
-                    write(crate::common::run_dir::INPUTS_FILE, i.clone())?;
-                }
-                for (name, bytes) in self.setup.hf_files.files.iter() {
-                    std::fs::write(tmp.join(name), bytes).map_err(|e| GpuError::Io {
-                        path: tmp.join(name),
-                        source: e,
-                    })?;
-                }
-                if !self.setup.hf_files.config.is_empty() {
-                    // The tokenizer's ids in config.json, as transformers' own checkpoints have them.
-                    let p = tmp.join("config.json");
-                    let bad = |m: String| GpuError::Io {
-                        path: p.clone(),
-                        source: std::io::Error::other(m),
-                    };
-                    let mut v: serde_json::Value =
-                        serde_json::from_slice(&std::fs::read(&p).map_err(|e| bad(e.to_string()))?)
-                            .map_err(|e| bad(e.to_string()))?;
-                    if let Some(o) = v.as_object_mut() {
-                        o.extend(self.setup.hf_files.config.clone());
-                    }
-                    std::fs::write(&p, serde_json::to_vec_pretty(&v).expect("JSON value"))
-                        .map_err(|e| bad(e.to_string()))?;
-                }
-                crash_for_tests(&self.setup.run_dir, opt.step);
-                write(
-                    "trainer_state.json",
-                    serde_json::to_string_pretty(&state).expect("state is JSON"),
-                )
+                self.write_files(tmp, model, opt, data, &state)
             })?;
-            prune_checkpoints(&self.setup.run_dir, cfg.keep_checkpoints, opt.step);
-            let m = lexflow_metrics::global();
-            let l = [self.rank.to_string()];
-            m.checkpoint_duration
-                .with_label_values(&[&l[0]])
-                .observe(t0.elapsed().as_secs_f64());
-            m.checkpoint_size
-                .with_label_values(&[&l[0]])
-                .set(bytes as i64);
-            m.checkpoint_last_success
-                .with_label_values(&[&l[0]])
-                .set(now_unix());
-            m.checkpoints.with_label_values(&[&l[0]]).inc();
+            prune_checkpoints(
+                &self.setup.run_dir,
+                self.setup.cfg.keep_checkpoints,
+                opt.step,
+            );
+            self.record_checkpoint(t0, bytes);
             tracing::info!(step = opt.step, dir = %dir.display(), bytes, "checkpoint written");
             result.checkpoints.push(dir);
         } else {
@@ -461,5 +369,135 @@ impl Rank<'_> {
         }
         self.coll.barrier()?;
         Ok(())
+    }
+
+    /// `trainer_state.json` of the checkpoint of the step `opt` is at.
+    fn trainer_state(
+        &self,
+        opt: &FlatAdamW,
+        mcfg: &LlamaConfig,
+        last_loss: Option<f64>,
+    ) -> TrainerState {
+        let cfg = &self.setup.cfg;
+        TrainerState {
+            step: opt.step,
+            sequences_consumed: BatchSegment::consumed_at(&self.batches, opt.step),
+            world_size: self.world,
+            micro_batch: cfg.micro_batch.get(),
+            grad_accum: cfg.grad_accum.get(),
+            seq_len: self.setup.seq_len,
+            schedule: opt.cfg.clone(),
+            lr: opt.cfg.lr_at(opt.step),
+            last_loss,
+            seed: self.setup.seed,
+            model: mcfg.clone(),
+            train_config: cfg.clone(),
+            created_unix: now_unix(),
+            batches: self.batches.clone(),
+            cpu_threads: matches!(self.device, Device::Cpu)
+                .then(|| tch::get_num_threads().max(1) as usize),
+        }
+    }
+
+    /// `shards.arrow_dir`: the tee made durable up to the checkpoint's position (`upto` sequences).
+    fn sync_tee(&self, upto: u64, step: u64) -> Result<(), TrainerError> {
+        let Some(tee) = &self.setup.tee else {
+            return Ok(());
+        };
+        match tee.sync(upto, Duration::from_secs(120)) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                step,
+                sequences = upto,
+                "the Arrow tee had not received every sequence of this checkpoint after 120 s: if the run \
+                 is killed before the next checkpoint, its tee may lack some of them"
+            ),
+            Err(e) => {
+                return Err(TrainerError::Setup(format!(
+                    "making the Arrow tee durable before the checkpoint of step {step}: {e}"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// The files of a checkpoint, into its temporary directory `tmp`.
+    fn write_files(
+        &self,
+        tmp: &Path,
+        model: &Llama,
+        opt: &FlatAdamW,
+        data: Option<&ResumePoint>,
+        state: &TrainerState,
+    ) -> Result<(), GpuError> {
+        // First, so that sharded peers waiting to send their slices are served before anything else.
+        opt.save_collective(Some(&tmp.join("optimizer.safetensors")), &*self.coll)?;
+        checkpoint::save_hf(tmp, model, DEFAULT_MAX_SHARD_BYTES)?;
+        let write = |name: &str, text: String| {
+            std::fs::write(tmp.join(name), text).map_err(|e| GpuError::Io {
+                path: tmp.join(name),
+                source: e,
+            })
+        };
+        if let Some(d) = data {
+            write(
+                DATA_STATE_FILE,
+                serde_json::to_string(d).expect("resume point is JSON"),
+            )?;
+            if let Some(dd) = &self.setup.dedup {
+                let p = tmp.join(crate::stages::dedup::STATE_FILE);
+                dd.write_snapshot(&d.lanes, &p)
+                    .map_err(|e| GpuError::Io { path: p, source: e })?;
+            }
+        }
+        if let Some(c) = &self.setup.run_config {
+            write(RUN_CONFIG_FILE, c.clone())?;
+        }
+        if let Some(i) = &self.setup.inputs {
+            write(crate::common::run_dir::INPUTS_FILE, i.clone())?;
+        }
+        for (name, bytes) in self.setup.hf_files.files.iter() {
+            std::fs::write(tmp.join(name), bytes).map_err(|e| GpuError::Io {
+                path: tmp.join(name),
+                source: e,
+            })?;
+        }
+        if !self.setup.hf_files.config.is_empty() {
+            // The tokenizer's ids in config.json, as transformers' own checkpoints have them.
+            let p = tmp.join("config.json");
+            let bad = |m: String| GpuError::Io {
+                path: p.clone(),
+                source: std::io::Error::other(m),
+            };
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&p).map_err(|e| bad(e.to_string()))?)
+                    .map_err(|e| bad(e.to_string()))?;
+            if let Some(o) = v.as_object_mut() {
+                o.extend(self.setup.hf_files.config.clone());
+            }
+            std::fs::write(&p, serde_json::to_vec_pretty(&v).expect("JSON value"))
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        crash_for_tests(&self.setup.run_dir, opt.step);
+        write(
+            "trainer_state.json",
+            serde_json::to_string_pretty(state).expect("state is JSON"),
+        )
+    }
+
+    /// The checkpoint metrics of a checkpoint written in `bytes`, started at `t0`.
+    fn record_checkpoint(&self, t0: Instant, bytes: u64) {
+        let m = lexflow_metrics::global();
+        let l = [self.rank.to_string()];
+        m.checkpoint_duration
+            .with_label_values(&[&l[0]])
+            .observe(t0.elapsed().as_secs_f64());
+        m.checkpoint_size
+            .with_label_values(&[&l[0]])
+            .set(bytes as i64);
+        m.checkpoint_last_success
+            .with_label_values(&[&l[0]])
+            .set(now_unix());
+        m.checkpoints.with_label_values(&[&l[0]]).inc();
     }
 }

@@ -42,55 +42,7 @@ impl Rank<'_> {
         if self.rank != 0 {
             return Ok(());
         }
-        let m = lexflow_metrics::global();
-        for (lang, l) in &r.languages {
-            m.eval_loss.with_label_values(&[lang]).set(l.loss);
-            m.eval_tokens
-                .with_label_values(&[lang])
-                .set(l.tokens as i64);
-        }
-        if let Some(loss) = r.loss {
-            m.eval_loss.with_label_values(&["all"]).set(loss);
-            m.eval_tokens
-                .with_label_values(&["all"])
-                .set(r.tokens as i64);
-        }
-        if let Some(q) = &r.qa {
-            let langs = q.by_language.iter().map(|(k, v)| (k.as_str(), v));
-            for (lang, a) in std::iter::once(("all", &q.overall)).chain(langs) {
-                for (metric, v) in [
-                    ("exact_match", a.exact_match),
-                    ("rouge_l", a.rouge_l),
-                    ("citation_accuracy", a.citation_accuracy),
-                    ("hallucination_rate", a.hallucination_rate),
-                    ("wrong_citation_rate", a.wrong_citation_rate),
-                ] {
-                    m.eval_qa.with_label_values(&[metric, lang]).set(v);
-                }
-            }
-        }
-        m.eval_step.set(step as i64);
-        m.eval_seconds.observe(secs);
-        let per_lang: Vec<String> = r
-            .languages
-            .iter()
-            .map(|(k, v)| format!("{k}={:.4}", v.loss))
-            .collect();
-        tracing::info!(
-            step,
-            loss = r.loss.map(|l| format!("{l:.4}")).unwrap_or_default(),
-            per_language = per_lang.join(" "),
-            qa_citation_accuracy =
-                r.qa.as_ref()
-                    .map(|q| format!("{:.3}", q.overall.citation_accuracy))
-                    .unwrap_or_default(),
-            qa_rouge_l =
-                r.qa.as_ref()
-                    .map(|q| format!("{:.3}", q.overall.rouge_l))
-                    .unwrap_or_default(),
-            seconds = format!("{secs:.2}"),
-            "evaluation"
-        );
+        record_evaluation(&r, step, secs);
         append_json_line(
             &self.setup.run_dir.join(crate::tasks::heldout::RESULTS_FILE),
             &serde_json::to_string(&r).expect("eval result is JSON"),
@@ -201,4 +153,57 @@ impl Rank<'_> {
             predictions: path,
         }))
     }
+}
+
+/// Rank 0's metrics and log line of an evaluation.
+fn record_evaluation(r: &EvalResult, step: u64, secs: f64) {
+    let m = lexflow_metrics::global();
+    for (lang, l) in &r.languages {
+        m.eval_loss.with_label_values(&[lang]).set(l.loss);
+        m.eval_tokens
+            .with_label_values(&[lang])
+            .set(l.tokens as i64);
+    }
+    if let Some(loss) = r.loss {
+        m.eval_loss.with_label_values(&["all"]).set(loss);
+        m.eval_tokens
+            .with_label_values(&["all"])
+            .set(r.tokens as i64);
+    }
+    if let Some(q) = &r.qa {
+        let langs = q.by_language.iter().map(|(k, v)| (k.as_str(), v));
+        for (lang, a) in std::iter::once(("all", &q.overall)).chain(langs) {
+            for (metric, v) in [
+                ("exact_match", a.exact_match),
+                ("rouge_l", a.rouge_l),
+                ("citation_accuracy", a.citation_accuracy),
+                ("hallucination_rate", a.hallucination_rate),
+                ("wrong_citation_rate", a.wrong_citation_rate),
+            ] {
+                m.eval_qa.with_label_values(&[metric, lang]).set(v);
+            }
+        }
+    }
+    m.eval_step.set(step as i64);
+    m.eval_seconds.observe(secs);
+    let per_lang: Vec<String> = r
+        .languages
+        .iter()
+        .map(|(k, v)| format!("{k}={:.4}", v.loss))
+        .collect();
+    tracing::info!(
+        step,
+        loss = r.loss.map(|l| format!("{l:.4}")).unwrap_or_default(),
+        per_language = per_lang.join(" "),
+        qa_citation_accuracy =
+            r.qa.as_ref()
+                .map(|q| format!("{:.3}", q.overall.citation_accuracy))
+                .unwrap_or_default(),
+        qa_rouge_l =
+            r.qa.as_ref()
+                .map(|q| format!("{:.3}", q.overall.rouge_l))
+                .unwrap_or_default(),
+        seconds = format!("{secs:.2}"),
+        "evaluation"
+    );
 }

@@ -9,9 +9,9 @@ use lexflow_dataflow::{EdgeReceiver, Topology};
 use lexflow_gpu::{Collective, InProcessCollective, SingleRank};
 use tch::Device;
 
-use super::checkpoint::resume_point;
+use super::checkpoint::{resume_point, ResumeInfo};
 use super::model::model_config;
-use super::setup::{TrainHandle, TrainerError, TrainerSetup};
+use super::setup::{RankResult, TrainHandle, TrainerError, TrainerSetup};
 use super::step::Rank;
 use crate::common::device::{check_device, parse_device};
 use crate::config::TrainConfig;
@@ -263,6 +263,41 @@ pub fn spawn_trainers(
 ) -> anyhow::Result<TrainHandle> {
     let layout = layout(&setup.cfg, inputs.len())?;
     check_devices(&layout)?;
+    let resume = launch_resume_point(&setup, &layout)?;
+    // Fail on a bad preset now, not inside every rank.
+    model_config(&setup)?;
+    share_cpu_threads(&layout, resume.as_ref());
+    let pending = pending_collectives(&layout)?;
+    let results = Arc::new(Mutex::new(vec![None; inputs.len()]));
+    let setup = Arc::new(setup);
+    for (((slot, rx), (rank, device)), coll) in inputs
+        .into_iter()
+        .enumerate()
+        .zip(layout.local.clone())
+        .zip(pending)
+    {
+        let ranks = RankSlot {
+            setup: setup.clone(),
+            results: results.clone(),
+            resume: resume.clone(),
+            world: layout.world,
+            slot,
+            rank,
+            device,
+        };
+        spawn_rank(topo, ranks, rx, coll);
+    }
+    Ok(TrainHandle {
+        results,
+        target_steps: setup.cfg.steps,
+    })
+}
+
+/// `--resume`: the checkpoint the ranks continue from (a changed world size changes the global batch from here on).
+fn launch_resume_point(
+    setup: &TrainerSetup,
+    layout: &Layout,
+) -> anyhow::Result<Option<ResumeInfo>> {
     let resume = if setup.resume {
         resume_point(&setup.run_dir)?
     } else {
@@ -277,10 +312,12 @@ pub fn spawn_trainers(
             );
         }
     }
-    // Fail on a bad preset now, not inside every rank.
-    model_config(&setup)?;
-    // CPU ranks share the cores: libtorch's intra-op pool is process-wide, so give each rank its share instead of
-    // letting every rank spawn a pool as large as the machine (oversubscription costs more than it gives).
+    Ok(resume)
+}
+
+/// CPU ranks share the cores: libtorch's intra-op pool is process-wide, so give each rank its share instead of
+/// letting every rank spawn a pool as large as the machine (oversubscription costs more than it gives).
+fn share_cpu_threads(layout: &Layout, resume: Option<&ResumeInfo>) {
     let cpu_ranks = layout
         .local
         .iter()
@@ -299,7 +336,7 @@ pub fn spawn_trainers(
         tch::set_num_threads(per_rank as i32);
         tracing::debug!(cpu_ranks, per_rank, "libtorch intra-op threads");
         // CPU reductions split their work by thread: another count may round the last bits differently.
-        if let Some(then) = resume.as_ref().and_then(|r| r.cpu_threads) {
+        if let Some(then) = resume.and_then(|r| r.cpu_threads) {
             if then != per_rank {
                 tracing::warn!(
                     checkpoint_threads = then,
@@ -311,44 +348,51 @@ pub fn spawn_trainers(
             }
         }
     }
-    let pending = pending_collectives(&layout)?;
-    let results = Arc::new(Mutex::new(vec![None; inputs.len()]));
-    let setup = Arc::new(setup);
-    for (((slot, rx), (rank, device)), coll) in inputs
-        .into_iter()
-        .enumerate()
-        .zip(layout.local.clone())
-        .zip(pending)
-    {
-        let setup = setup.clone();
-        let results = results.clone();
-        let resume = resume.clone();
-        let world = layout.world;
-        topo.spawn(format!("trainer.rank{rank}"), move |ctx| {
-            let coll = coll.open()?;
-            let mut rank_state = Rank::new(ctx, &setup, rank, world, device, coll);
-            // libtorch errors surface as panics inside tch; turn them into this rank's error (with a hint when the
-            // device ran out of memory) and let the peers know.
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                rank_state.run(&rx, resume.as_ref())
-            }))
-            .unwrap_or_else(|p| Err(libtorch_failure(device, p.as_ref())));
-            match outcome {
-                Ok(r) => {
-                    results.lock().unwrap_or_else(|e| e.into_inner())[slot] = Some(r);
-                    Ok(())
-                }
-                Err(e) => {
-                    rank_state.coll.abort();
-                    Err(e.into())
-                }
-            }
-        });
-    }
-    Ok(TrainHandle {
+}
+
+/// What one rank's actor is started with.
+struct RankSlot {
+    setup: Arc<TrainerSetup>,
+    results: Arc<Mutex<Vec<Option<RankResult>>>>,
+    resume: Option<ResumeInfo>,
+    world: usize,
+    /// Index of the rank's input edge (its entry in `results`).
+    slot: usize,
+    rank: usize,
+    device: Device,
+}
+
+/// The actor `trainer.rank{rank}`: opens the rank's collective, runs its step loop, stores its result.
+fn spawn_rank(topo: &mut Topology, s: RankSlot, rx: EdgeReceiver<PackedSequence>, coll: Pending) {
+    let RankSlot {
+        setup,
         results,
-        target_steps: setup.cfg.steps,
-    })
+        resume,
+        world,
+        slot,
+        rank,
+        device,
+    } = s;
+    topo.spawn(format!("trainer.rank{rank}"), move |ctx| {
+        let coll = coll.open()?;
+        let mut rank_state = Rank::new(ctx, &setup, rank, world, device, coll);
+        // libtorch errors surface as panics inside tch; turn them into this rank's error (with a hint when the
+        // device ran out of memory) and let the peers know.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rank_state.run(&rx, resume.as_ref())
+        }))
+        .unwrap_or_else(|p| Err(libtorch_failure(device, p.as_ref())));
+        match outcome {
+            Ok(r) => {
+                results.lock().unwrap_or_else(|e| e.into_inner())[slot] = Some(r);
+                Ok(())
+            }
+            Err(e) => {
+                rank_state.coll.abort();
+                Err(e.into())
+            }
+        }
+    });
 }
 
 /// A panic out of tch (a libtorch error) as a trainer error, with what to do when it is an out-of-memory.
