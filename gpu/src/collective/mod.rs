@@ -1,10 +1,20 @@
 //! Collectives between data-parallel ranks: the [`Collective`] trait and its in-process implementation for CPU
-//! ranks (threads of one process). NCCL lives in `nccl.rs` behind the `cuda` feature.
+//! ranks (threads of one process), here; between CPU processes `tcp.rs`; NCCL in `nccl.rs` behind the `cuda`
+//! feature, watched by `watchdog.rs`.
 //!
 //! The in-process all-reduce is deterministic: every rank deposits its buffer, then sums the deposits in rank order,
 //! so the result does not depend on thread timing, and 2 ranks × b sequences equal 1 rank × 2b up to float rounding.
 //! A rank that fails calls [`Collective::abort`] (or panics): its peers' pending and future calls return an error
 //! instead of waiting forever.
+
+#[cfg(feature = "cuda")]
+mod nccl;
+mod tcp;
+pub mod watchdog;
+
+#[cfg(feature = "cuda")]
+pub use nccl::{NcclCollective, NcclUniqueId};
+pub use tcp::TcpCollective;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

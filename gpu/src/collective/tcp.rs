@@ -15,7 +15,7 @@
 //! Failures: a rank that dies closes its socket: its peers' pending and later calls fail with an error naming it
 //! instead of waiting forever. A rank that stops answering (hung, `SIGSTOP`ped, its node unreachable) is caught by
 //! the collective timeout (`LEXFLOW_COLLECTIVE_TIMEOUT_S`, default 1800 s, shared with NCCL's watchdog:
-//! [`crate::watchdog`]): every read and write of a collective gives up after that long without progress, with an
+//! [`crate::collective::watchdog`]): every read and write of a collective gives up after that long without progress, with an
 //! error naming the peer, the operation and the time waited. After any failure the collective shuts all its
 //! connections down, so the other ranks fail at once too.
 
@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
+use crate::collective::watchdog::{WatchdogConfig, DEFAULT_TIMEOUT, TIMEOUT_ENV};
 use crate::collective::Collective;
 use crate::error::{GpuError, Result};
-use crate::watchdog::{WatchdogConfig, DEFAULT_TIMEOUT, TIMEOUT_ENV};
 
 const MAGIC: &[u8; 4] = b"LXFC";
 /// Rank 0's answer to a rank's hello, then (once every rank joined) the start of the group.

@@ -6,14 +6,14 @@
 //! * Buckets: a flat buffer is reduced in buckets of [`BUCKET_ELEMS`] elements inside one NCCL group, which keeps
 //!   each call within NCCL's sweet spot without extra copies.
 //! * Rendezvous: rank 0 creates the unique id and hands it out at `MASTER_ADDR:MASTER_PORT` (torchrun
-//!   conventions) through the CPU collective's handshake ([`crate::tcp::rendezvous`]: ranks introduce themselves,
+//!   conventions) through the CPU collective's handshake ([`crate::collective::tcp::rendezvous`]: ranks introduce themselves,
 //!   foreign or duplicate ranks are refused, bounded by `LEXFLOW_RENDEZVOUS_TIMEOUT_S`). Threads of one process can share an id directly.
 //! * cudarc looks for `libnccl.so` (not `libnccl.so.2`): scripts/setup.sh links it in the torch wheel's NCCL
 //!   directory, which is on the binaries' run path (actors/build.rs); without it the first NCCL call is an error
 //!   saying so (cudarc itself would panic).
 //! * Watchdog: a CUDA event recorded after each collective and NCCL's asynchronous error state are polled by a
 //!   thread per communicator; a dead or stuck peer stops the process with a clear message instead of a silent hang
-//!   ([`crate::watchdog`]).
+//!   ([`crate::collective::watchdog`]).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use cudarc::nccl::{result, sys};
 use tch::{Device, Kind, Tensor};
 
+use crate::collective::watchdog::{verdict, Probe, WatchdogConfig};
 use crate::collective::{check_chunks, Collective};
 use crate::error::{GpuError, Result};
-use crate::watchdog::{verdict, Probe, WatchdogConfig};
 
 /// Elements per all-reduce call (100 MB of fp32).
 pub const BUCKET_ELEMS: i64 = 25 << 20;
@@ -91,7 +91,7 @@ impl NcclUniqueId {
     }
 
     /// Rank 0 creates the id and hands it to the `world - 1` others through the TCP rendezvous of the CPU
-    /// collective ([`crate::tcp::rendezvous`]): each rank introduces itself (rank, world size) and is acknowledged,
+    /// collective ([`crate::collective::tcp::rendezvous`]): each rank introduces itself (rank, world size) and is acknowledged,
     /// a foreign or duplicate rank is refused by name, and every rank gives up after `timeout` (naming the missing
     /// ranks) instead of waiting forever for a rank that never starts.
     pub fn exchange_tcp(
@@ -102,7 +102,7 @@ impl NcclUniqueId {
     ) -> Result<Self> {
         let id = if rank == 0 { Some(Self::new()?) } else { None };
         let mine = id.map(|i| i.to_bytes().to_vec()).unwrap_or_default();
-        let (_, got) = crate::tcp::rendezvous(rank, world, addr, timeout, &mine)?;
+        let (_, got) = crate::collective::tcp::rendezvous(rank, world, addr, timeout, &mine)?;
         let bytes: [u8; 128] = got.as_slice().try_into().map_err(|_| GpuError::Collective {
             rank,
             message: format!(
@@ -312,9 +312,9 @@ impl NcclCollective {
     }
 
     /// From torchrun-style environment: `RANK`, `WORLD_SIZE`, `LOCAL_RANK` (default 0), `MASTER_ADDR`, `MASTER_PORT`,
-    /// `LEXFLOW_RENDEZVOUS_TIMEOUT_S` ([`crate::tcp::RendezvousEnv`]).
+    /// `LEXFLOW_RENDEZVOUS_TIMEOUT_S` ([`crate::collective::tcp::RendezvousEnv`]).
     pub fn from_env() -> Result<Self> {
-        let env = crate::tcp::RendezvousEnv::from_env()?;
+        let env = crate::collective::tcp::RendezvousEnv::from_env()?;
         let local = match std::env::var("LOCAL_RANK") {
             Err(_) => 0,
             Ok(v) => v
