@@ -434,58 +434,23 @@ fn main() -> ExitCode {
                     out,
                     predictions_out,
                 },
-        } => {
-            if predictions.is_some() {
-                let mut ignored = decode.given();
-                for (flag, set) in [
-                    ("--template", template.is_some()),
-                    ("--system", system.is_some()),
-                    ("--predictions-out", predictions_out.is_some()),
-                ] {
-                    if set {
-                        ignored.push(flag);
-                    }
-                }
-                if !ignored.is_empty() {
-                    eprintln!(
-                        "lexflow: error: {} given, but only --model generates answers: with --predictions they \
-                         would be ignored; drop them, or use --model instead of --predictions",
-                        ignored.join(", ")
-                    );
-                    return ExitCode::from(2);
-                }
-            }
-            // A run directory stands for its newest checkpoint, as with `lexflow generate`; the tokenizer defaults to
-            // the checkpoint's own.
-            let model = model.map(|m| lexflow_actors::generate::resolve_model_dir(&m));
-            let tokenizer = match &model {
-                Some(m) => lexflow_actors::generate::tokenizer_for(m, decode.tokenizer),
-                None => decode.tokenizer.unwrap_or_else(|| "llama3".into()),
-            };
-            lexflow_actors::eval::cli_eval(lexflow_actors::eval::EvalArgs {
-                gold: &gold,
-                predictions: predictions.as_deref(),
-                model: model.as_deref(),
-                index: index.as_deref(),
-                gen: lexflow_actors::eval::GenOptions {
-                    tokenizer,
-                    device: decode.device,
-                    max_new_tokens: decode.max_new_tokens,
-                    batch_size: decode.batch_size,
-                    sampling: decode.sampling.get(),
-                    format: match lexflow_actors::qa::parse_template(template.as_deref(), system) {
-                        Ok(f) => f,
-                        Err(e) => {
-                            eprintln!("lexflow: error: {e:#}");
-                            return ExitCode::FAILURE;
-                        }
-                    },
-                },
-                limit,
-                out: out.as_deref(),
-                predictions_out: predictions_out.as_deref(),
-            })
-        }
+        } => lexflow_actors::tasks::eval::cli_qa_eval(lexflow_actors::tasks::eval::QaEvalCli {
+            gold: &gold,
+            predictions: predictions.as_deref(),
+            model: model.as_deref(),
+            index: index.as_deref(),
+            decode_options_given: decode.given(),
+            tokenizer: decode.tokenizer,
+            device: decode.device,
+            max_new_tokens: decode.max_new_tokens,
+            batch_size: decode.batch_size,
+            sampling: decode.sampling.get(),
+            template,
+            system,
+            limit,
+            out: out.as_deref(),
+            predictions_out: predictions_out.as_deref(),
+        }),
     };
     match r {
         Ok(code) => code,

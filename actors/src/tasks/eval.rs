@@ -450,6 +450,84 @@ pub fn table(r: &Report) -> String {
     s
 }
 
+/// `lexflow qa eval` as given on the command line: the answers to score (`predictions`) or the checkpoint to generate
+/// them with (`model`: a checkpoint, or a run directory standing for its newest checkpoint), and how to decode.
+pub struct QaEvalCli<'a> {
+    pub gold: &'a Path,
+    pub predictions: Option<&'a Path>,
+    pub model: Option<&'a Path>,
+    pub index: Option<&'a Path>,
+    /// The decoding options given with values other than their defaults (`--device`, `--temperature`, …): with
+    /// `--predictions` nothing is decoded, so any of them is an error.
+    pub decode_options_given: Vec<&'static str>,
+    pub tokenizer: Option<String>,
+    pub device: String,
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+    pub sampling: crate::tasks::decode::Sampling,
+    pub template: Option<String>,
+    pub system: Option<String>,
+    pub limit: Option<usize>,
+    pub out: Option<&'a Path>,
+    pub predictions_out: Option<&'a Path>,
+}
+
+/// `lexflow qa eval`: refuses generation options with `--predictions` (exit code 2, as a usage error), resolves the
+/// checkpoint and its tokenizer, then scores ([`cli_eval`]).
+pub fn cli_qa_eval(a: QaEvalCli<'_>) -> anyhow::Result<ExitCode> {
+    if a.predictions.is_some() {
+        let mut ignored = a.decode_options_given;
+        for (flag, set) in [
+            ("--template", a.template.is_some()),
+            ("--system", a.system.is_some()),
+            ("--predictions-out", a.predictions_out.is_some()),
+        ] {
+            if set {
+                ignored.push(flag);
+            }
+        }
+        if !ignored.is_empty() {
+            eprintln!(
+                "lexflow: error: {} given, but only --model generates answers: with --predictions they \
+                 would be ignored; drop them, or use --model instead of --predictions",
+                ignored.join(", ")
+            );
+            return Ok(ExitCode::from(2));
+        }
+    }
+    // A run directory stands for its newest checkpoint, as with `lexflow generate`; the tokenizer defaults to
+    // the checkpoint's own.
+    let model = a.model.map(crate::tasks::generate::resolve_model_dir);
+    let tokenizer = match &model {
+        Some(m) => crate::tasks::generate::tokenizer_for(m, a.tokenizer),
+        None => a.tokenizer.unwrap_or_else(|| "llama3".into()),
+    };
+    cli_eval(EvalArgs {
+        gold: a.gold,
+        predictions: a.predictions,
+        model: model.as_deref(),
+        index: a.index,
+        gen: GenOptions {
+            tokenizer,
+            device: a.device,
+            max_new_tokens: a.max_new_tokens,
+            batch_size: a.batch_size,
+            sampling: a.sampling,
+            format: match crate::stages::qa_format::parse_template(a.template.as_deref(), a.system)
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("lexflow: error: {e:#}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            },
+        },
+        limit: a.limit,
+        out: a.out,
+        predictions_out: a.predictions_out,
+    })
+}
+
 /// `lexflow qa eval`.
 pub struct EvalArgs<'a> {
     pub gold: &'a Path,
