@@ -1,12 +1,15 @@
 //! # lexflow-actors
 //!
-//! The concrete actors of lexflow, one file each, and the pipeline that wires them from a [`config::Config`]:
+//! The concrete actors of lexflow, the trainer, the run that wires them from a [`config::Config`], the Q&A and
+//! evaluation tasks, and the `lexflow` binary (`main.rs`). Folders by role, in the order data flows:
 //!
 //! ```text
-//! reader pool (per language lane) → tokenizer pool (per lane) → language sampler → packer → shard writer → trainer ranks
+//! types, common → stages (reader pool per language lane → tokenizer pool → language sampler → packer → shard writer)
+//!              → config → tasks (Q&A, scoring, decoding, held-out set) → train (trainer ranks) → run (composition root)
 //! ```
 //!
-//! Every arrow is a bounded `lexflow_dataflow` edge; see `ARCHITECTURE.md`.
+//! Each folder imports only from those before it. Every arrow of the dataflow is a bounded `lexflow_dataflow` edge;
+//! see `ARCHITECTURE.md`.
 
 pub mod common;
 pub mod config;
