@@ -202,7 +202,7 @@ fn sequence(
 }
 
 fn main() -> anyhow::Result<()> {
-    lexflow_actors::pipeline::init_logging();
+    lexflow_actors::run::cli::init_logging();
     let a = parse_args()?;
     let per_step = a.micro_batch * a.grad_accum;
     if a.device.starts_with("cuda") {

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::formex::EU_LANGS;
+use crate::stages::formex::EU_LANGS;
+// The sections of the stages that own them (each stage's file holds its config), re-exported: `config::PackerConfig`.
+pub use crate::stages::gen_sample::GenerateConfig;
+pub use crate::stages::packer::{PackMode, PackerConfig};
+pub use crate::stages::sampler::{default_mix, ExhaustedPolicy};
 
 /// The embedded default (`lexflow run` without a file, and `make run`).
 pub const SAMPLE_TOML: &str = include_str!("../../configs/sample.toml");
@@ -37,7 +41,7 @@ pub struct Config {
     pub eval: EvalConfig,
     /// Document deduplication before tokenization (off by default).
     #[serde(default)]
-    pub dedup: crate::dedup::DedupConfig,
+    pub dedup: crate::stages::dedup::DedupConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
 }
@@ -71,50 +75,17 @@ pub struct InputConfig {
     /// How Q&A `.jsonl` pairs become training text: `plain` (`### Question`/`### Answer`) or `llama3` (the Llama 3
     /// chat template). `lexflow qa eval --model` reads it from the checkpoint.
     #[serde(default)]
-    pub qa_template: crate::qa::QaTemplate,
+    pub qa_template: crate::stages::qa_format::QaTemplate,
     /// System turn of the `llama3` template.
     #[serde(default)]
     pub qa_system: Option<String>,
 }
 
 impl InputConfig {
-    pub fn prompt_format(&self) -> crate::qa::PromptFormat {
-        crate::qa::PromptFormat {
+    pub fn prompt_format(&self) -> crate::stages::qa_format::PromptFormat {
+        crate::stages::qa_format::PromptFormat {
             template: self.qa_template,
             system: self.qa_system.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenerateConfig {
-    /// Number of acts (each with annexes and a manifest) per language.
-    #[serde(default = "default_gen_acts")]
-    pub acts_per_language: usize,
-    #[serde(default = "default_gen_langs")]
-    pub languages: Vec<String>,
-    #[serde(default = "default_seed")]
-    pub seed: u64,
-}
-
-fn default_gen_acts() -> usize {
-    40
-}
-
-fn default_gen_langs() -> Vec<String> {
-    ["en", "fr", "de", "es", "pt"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-}
-
-impl Default for GenerateConfig {
-    fn default() -> Self {
-        GenerateConfig {
-            acts_per_language: default_gen_acts(),
-            languages: default_gen_langs(),
-            seed: default_seed(),
         }
     }
 }
@@ -166,19 +137,6 @@ impl Default for TokenizerConfig {
     }
 }
 
-/// What the sampler does when a language's input runs out.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ExhaustedPolicy {
-    /// End the stream as soon as any language runs out (the mix stays exact).
-    #[default]
-    Stop,
-    /// Start that language's input again from its first file.
-    Cycle,
-    /// Drop the language and renormalize the remaining targets.
-    Renormalize,
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplerConfig {
@@ -189,80 +147,11 @@ pub struct SamplerConfig {
     pub on_exhausted: ExhaustedPolicy,
 }
 
-pub fn default_mix() -> BTreeMap<String, f64> {
-    [
-        ("en", 0.35),
-        ("fr", 0.25),
-        ("de", 0.20),
-        ("es", 0.12),
-        ("pt", 0.08),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
-}
-
 impl Default for SamplerConfig {
     fn default() -> Self {
         SamplerConfig {
             mix: default_mix(),
             on_exhausted: ExhaustedPolicy::Stop,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum PackMode {
-    /// Concatenate documents with an end-of-text token between them and cut every `seq_len + 1` tokens.
-    #[default]
-    Concat,
-    /// Online best-fit over a bounded lookahead buffer of open sequences: fewer documents are split.
-    BestFit,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PackerConfig {
-    #[serde(default = "default_seq_len")]
-    pub seq_len: NonZeroUsize,
-    #[serde(default)]
-    pub mode: PackMode,
-    /// best-fit: number of open sequences kept while searching for a fit.
-    #[serde(default = "default_lookahead")]
-    pub lookahead: NonZeroUsize,
-    /// Token placed after every document (name in the tokenizer's vocabulary).
-    #[serde(default = "default_eot")]
-    pub eot_token: String,
-    /// Token used for padding (labels of padding are ignored).
-    #[serde(default = "default_eot")]
-    pub pad_token: String,
-    /// Documents longer than this many tokens are truncated (None: split across sequences).
-    #[serde(default)]
-    pub max_doc_tokens: Option<NonZeroUsize>,
-}
-
-fn default_seq_len() -> NonZeroUsize {
-    NonZeroUsize::new(4096).expect("non-zero")
-}
-
-fn default_lookahead() -> NonZeroUsize {
-    NonZeroUsize::new(64).expect("non-zero")
-}
-
-fn default_eot() -> String {
-    "<|end_of_text|>".into()
-}
-
-impl Default for PackerConfig {
-    fn default() -> Self {
-        PackerConfig {
-            seq_len: default_seq_len(),
-            mode: PackMode::Concat,
-            lookahead: default_lookahead(),
-            eot_token: default_eot(),
-            pad_token: default_eot(),
-            max_doc_tokens: None,
         }
     }
 }
@@ -701,7 +590,9 @@ impl Config {
                             e.msg,
                             e.pos + 1
                         ));
-                    } else if let Err(e) = crate::reader::expand_inputs(std::slice::from_ref(p)) {
+                    } else if let Err(e) =
+                        crate::stages::reader::expand_inputs(std::slice::from_ref(p))
+                    {
                         // A pattern that matches no input file (or cannot be walked): said here with its key and
                         // line, not later by the reader without either.
                         errs.push(format!("{}: {e}", at(key)));
@@ -730,7 +621,7 @@ impl Config {
             }
         }
         if checks.tokenizer {
-            if let Err(e) = crate::tokenizer::resolve_spec(&self.tokenizer.path) {
+            if let Err(e) = crate::stages::tokenizer::resolve_spec(&self.tokenizer.path) {
                 errs.push(format!(
                     "{}: {e} (give \"llama3\" or the path of a Hugging Face tokenizer.json)",
                     at("tokenizer.path")
@@ -1020,7 +911,8 @@ impl Config {
                 ));
             }
         }
-        if self.input.qa_system.is_some() && self.input.qa_template != crate::qa::QaTemplate::Llama3
+        if self.input.qa_system.is_some()
+            && self.input.qa_template != crate::stages::qa_format::QaTemplate::Llama3
         {
             errs.push(format!(
                 "{}: a system turn needs input.qa_template = \"llama3\" (the plain template has none)",
@@ -1456,7 +1348,7 @@ mod tests {
             (14, 8, 0.9)
         );
         let c = Config::from_toml(&format!("{base}[dedup]\nmode = \"near\"\n"), "t.toml").unwrap();
-        assert_eq!(c.dedup.mode, crate::dedup::DedupMode::Near);
+        assert_eq!(c.dedup.mode, crate::stages::dedup::DedupMode::Near);
         let e = Config::from_toml(
             &format!("{base}[dedup]\nmode = \"near\"\nthreshold = 1.5\nbands = 0\n"),
             "t.toml",

@@ -323,7 +323,7 @@ enum TokCmd {
 }
 
 fn main() -> ExitCode {
-    lexflow_actors::pipeline::init_logging();
+    lexflow_actors::run::cli::init_logging();
     let cli = Cli::parse();
     let r: anyhow::Result<ExitCode> = match cli.cmd {
         Cmd::Run {
@@ -331,7 +331,7 @@ fn main() -> ExitCode {
             resume,
             quiet,
         } => preflight(config.as_deref(), true)
-            .and_then(|()| lexflow_actors::pipeline::cli_run(config.as_deref(), resume, quiet)),
+            .and_then(|()| lexflow_actors::run::cli::cli_run(config.as_deref(), resume, quiet)),
         Cmd::Parse { jsonl: _, paths } => lexflow_actors::reader::cli_parse(&paths),
         Cmd::Inspect {
             file,
@@ -376,16 +376,17 @@ fn main() -> ExitCode {
         Cmd::Provenance { run, step, json } => {
             lexflow_actors::replay::cli_provenance(&run, step, json)
         }
-        Cmd::Config { config } => lexflow_actors::pipeline::cli_config(config.as_deref()),
+        Cmd::Config { config } => lexflow_actors::run::cli::cli_config(config.as_deref()),
         Cmd::Dedup {
             config,
             out,
             mode,
             texts,
-        } => cli_dedup(config, out, mode, texts),
+        } => lexflow_actors::run::cli::cli_dedup(config.as_deref(), out.as_deref(), mode, texts),
         Cmd::Evals { run, json } => lexflow_actors::heldout::cli_evals(&run, json),
-        Cmd::Heldout { config, out } => preflight(config.as_deref(), false)
-            .and_then(|()| lexflow_actors::heldout::cli_heldout(config.as_deref(), out.as_deref())),
+        Cmd::Heldout { config, out } => preflight(config.as_deref(), false).and_then(|()| {
+            lexflow_actors::run::cli::cli_heldout(config.as_deref(), out.as_deref())
+        }),
         Cmd::Qa {
             cmd:
                 QaCmd::Build {
@@ -444,58 +445,23 @@ fn main() -> ExitCode {
                     out,
                     predictions_out,
                 },
-        } => {
-            if predictions.is_some() {
-                let mut ignored = decode.given();
-                for (flag, set) in [
-                    ("--template", template.is_some()),
-                    ("--system", system.is_some()),
-                    ("--predictions-out", predictions_out.is_some()),
-                ] {
-                    if set {
-                        ignored.push(flag);
-                    }
-                }
-                if !ignored.is_empty() {
-                    eprintln!(
-                        "lexflow: error: {} given, but only --model generates answers: with --predictions they \
-                         would be ignored; drop them, or use --model instead of --predictions",
-                        ignored.join(", ")
-                    );
-                    return ExitCode::from(2);
-                }
-            }
-            // A run directory stands for its newest checkpoint, as with `lexflow generate`; the tokenizer defaults to
-            // the checkpoint's own.
-            let model = model.map(|m| lexflow_actors::generate::resolve_model_dir(&m));
-            let tokenizer = match &model {
-                Some(m) => lexflow_actors::generate::tokenizer_for(m, decode.tokenizer),
-                None => decode.tokenizer.unwrap_or_else(|| "llama3".into()),
-            };
-            lexflow_actors::eval::cli_eval(lexflow_actors::eval::EvalArgs {
-                gold: &gold,
-                predictions: predictions.as_deref(),
-                model: model.as_deref(),
-                index: index.as_deref(),
-                gen: lexflow_actors::eval::GenOptions {
-                    tokenizer,
-                    device: decode.device,
-                    max_new_tokens: decode.max_new_tokens,
-                    batch_size: decode.batch_size,
-                    sampling: decode.sampling.get(),
-                    format: match lexflow_actors::qa::parse_template(template.as_deref(), system) {
-                        Ok(f) => f,
-                        Err(e) => {
-                            eprintln!("lexflow: error: {e:#}");
-                            return ExitCode::FAILURE;
-                        }
-                    },
-                },
-                limit,
-                out: out.as_deref(),
-                predictions_out: predictions_out.as_deref(),
-            })
-        }
+        } => lexflow_actors::tasks::eval::cli_qa_eval(lexflow_actors::tasks::eval::QaEvalCli {
+            gold: &gold,
+            predictions: predictions.as_deref(),
+            model: model.as_deref(),
+            index: index.as_deref(),
+            decode_options_given: decode.given(),
+            tokenizer: decode.tokenizer,
+            device: decode.device,
+            max_new_tokens: decode.max_new_tokens,
+            batch_size: decode.batch_size,
+            sampling: decode.sampling.get(),
+            template,
+            system,
+            limit,
+            out: out.as_deref(),
+            predictions_out: predictions_out.as_deref(),
+        }),
     };
     match r {
         Ok(code) => code,
@@ -527,25 +493,4 @@ fn at_least_one(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(format!("{e}: expected a whole number >= 1")),
     }
-}
-
-fn cli_dedup(
-    config: Option<PathBuf>,
-    out: Option<PathBuf>,
-    mode: Option<String>,
-    texts: bool,
-) -> anyhow::Result<ExitCode> {
-    let mut cfg = Config::load_checked(config.as_deref(), FileChecks::default())?;
-    if let Some(m) = mode {
-        cfg.dedup.mode = serde_json::from_value(serde_json::Value::String(m.clone()))
-            .map_err(|_| anyhow::anyhow!("--mode {m}: expected `exact` or `near`"))?;
-    }
-    if !cfg.dedup.enabled() {
-        anyhow::bail!(
-            "dedup.mode is `off` in this config: set [dedup] mode = \"exact\" or \"near\", or pass --mode"
-        );
-    }
-    let report = lexflow_actors::pipeline::audit_dedup(&cfg, out.as_deref(), texts)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(ExitCode::SUCCESS)
 }

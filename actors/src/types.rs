@@ -102,7 +102,17 @@ pub struct DocBatch {
     pub file: u32,
     pub docs: Vec<Document>,
     /// Dedup keys per document, computed by the reader workers when `[dedup]` is on (else empty).
-    pub signatures: Vec<Option<crate::dedup::Signature>>,
+    pub signatures: Vec<Option<Signature>>,
+}
+
+/// The dedup keys of one document (computed by the reader workers, decided on by `stages::dedup`): the exact hash, and one hash per LSH band (empty for exact mode and Q&A pairs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signature {
+    pub exact: u128,
+    pub bands: Vec<u128>,
+    /// The MinHash values (near mode, ordinary documents): a band match is a duplicate only if the share of equal
+    /// values (the estimated Jaccard similarity) reaches `dedup.threshold`.
+    pub minhash: Option<Box<[u32]>>,
 }
 
 /// A tokenized document with what provenance needs.

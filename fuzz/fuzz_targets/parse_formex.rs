@@ -7,7 +7,7 @@
 mod types;
 
 #[allow(dead_code)]
-#[path = "../../actors/src/formex.rs"]
+#[path = "../../actors/src/stages/formex.rs"]
 mod formex;
 
 use libfuzzer_sys::fuzz_target;

@@ -28,25 +28,21 @@ mod collective;
 mod error;
 mod loss;
 mod model;
-#[cfg(feature = "cuda")]
-mod nccl;
 pub mod ops;
 mod optim;
 pub mod plan;
-mod tcp;
-pub mod watchdog;
 
 pub use batch::{valid_targets, Batch, SequenceRef, IGNORE_INDEX};
-pub use collective::{Collective, InProcessCollective, SingleRank};
+pub use collective::watchdog;
+pub use collective::{Collective, InProcessCollective, SingleRank, TcpCollective};
+#[cfg(feature = "cuda")]
+pub use collective::{NcclCollective, NcclUniqueId};
 pub use error::{GpuError, Result};
 pub use loss::{cross_entropy_mean, cross_entropy_sum, cross_entropy_sum_backward};
 pub use model::{
     document_mask, KvCache, Llama, LlamaConfig, Param, Params, RopeScaling, LLAMA3_VOCAB,
 };
-#[cfg(feature = "cuda")]
-pub use nccl::{NcclCollective, NcclUniqueId};
 pub use optim::{AdamWConfig, FlatAdamW, LrSchedule, ShardLayout, StepStats, NORM_BLOCK};
-pub use tcp::TcpCollective;
 /// Makes sure libtorch's CUDA backend is loaded, and says whether a CUDA device is usable.
 ///
 /// tch links `libtorch_cuda.so`, but no symbol of it is referenced directly, so the linker's `--as-needed` (rustc's
