@@ -92,6 +92,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Memory per rank and per host of a config's training in every sharding mode, whether it fits, and the
+    /// cheapest change that makes it fit (before renting GPUs).
+    Plan {
+        /// TOML config (default: the embedded configs/sample.toml).
+        config: Option<PathBuf>,
+        /// Memory of one GPU, e.g. 180GiB, 80GB (default: the first CUDA device's, when the config trains on CUDA).
+        #[arg(long, value_parser = lexflow_actors::train::parse_bytes)]
+        gpu_memory: Option<u64>,
+        /// Host memory per node, e.g. 2TiB.
+        #[arg(long, value_parser = lexflow_actors::train::parse_bytes)]
+        host_memory: Option<u64>,
+        /// Data-parallel ranks (default: $WORLD_SIZE, $SLURM_NTASKS, else the config's train.devices).
+        #[arg(long, value_parser = at_least_one)]
+        ranks: Option<usize>,
+        /// Ranks per host (default: $LOCAL_WORLD_SIZE, else the config's train.devices).
+        #[arg(long, value_parser = at_least_one)]
+        ranks_per_host: Option<usize>,
+    },
     /// Print the effective config (the embedded sample when CONFIG is omitted).
     Config {
         /// TOML config (default: the embedded configs/sample.toml).
@@ -383,6 +401,19 @@ fn main() -> ExitCode {
             mode,
             texts,
         } => lexflow_actors::run::cli::cli_dedup(config.as_deref(), out.as_deref(), mode, texts),
+        Cmd::Plan {
+            config,
+            gpu_memory,
+            host_memory,
+            ranks,
+            ranks_per_host,
+        } => lexflow_actors::train::cli_plan(
+            config.as_deref(),
+            gpu_memory,
+            host_memory,
+            ranks,
+            ranks_per_host,
+        ),
         Cmd::Evals { run, json } => lexflow_actors::heldout::cli_evals(&run, json),
         Cmd::Heldout { config, out } => preflight(config.as_deref(), false).and_then(|()| {
             lexflow_actors::run::cli::cli_heldout(config.as_deref(), out.as_deref())

@@ -177,6 +177,7 @@ fn prepare<'a>(cfg: &'a Config, opts: &'a RunOptions) -> anyhow::Result<Prepared
     let resume = find_resume_point(cfg, opts, &here)?;
     let inputs = plan_inputs(cfg, replay, resume.as_ref(), &here)?;
     let tok = load_tokenizer(cfg)?;
+    check_same_tokenizer(&tok.tokenizer, replay, resume.as_ref())?;
     let world = if replay.is_some() || here.process.is_some() {
         1
     } else {
@@ -421,6 +422,22 @@ fn check_every_lane_has_input(cfg: &Config, inputs: &mut Inputs) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+/// Refuses to continue (or replay) a checkpoint's stream with another tokenizer than the one that tokenized it.
+fn check_same_tokenizer(
+    tok: &Tokenizer,
+    replay: Option<&ReplaySpec>,
+    resume: Option<&crate::train::ResumeInfo>,
+) -> anyhow::Result<()> {
+    let (checkpoint, what) = match (replay, resume) {
+        (Some(r), _) => (r.inputs_from.as_ref(), "replay"),
+        (None, r) => (r.map(|r| &r.checkpoint), "--resume"),
+    };
+    match checkpoint {
+        Some(dir) => crate::stages::tokenizer::check_same_tokenizer(tok, dir, what),
+        None => Ok(()),
+    }
 }
 
 /// The tokenizer, checked for the Q&A template's control tokens and the packer's EOT and padding tokens.

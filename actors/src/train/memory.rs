@@ -4,21 +4,39 @@
 
 use std::time::Instant;
 
+use lexflow_gpu::plan::{gib, plan, PlanSpec, ShardMode};
 use lexflow_gpu::LlamaConfig;
 use tch::{Device, Kind};
 
 use super::setup::TrainerError;
 
-/// Estimated activation memory of one micro-batch of `tokens` tokens without recomputation: per layer and token the
-/// tensors autograd keeps (norm inputs and outputs, q/k/v before and after RoPE, attention output, the MLP's gate,
-/// up, SiLU and product: ≈ 10·D + 4·D_kv + 4·F elements), plus the logits and their gradient and one fp32 loss chunk.
+/// The planner's spec of one rank of a run: replicated, or (`shards` > 1) the optimizer sharded over `shards` ranks.
+pub(crate) fn rank_spec(
+    c: &LlamaConfig,
+    elt: u64,
+    shards: usize,
+    tokens: u64,
+    recompute: bool,
+) -> PlanSpec {
+    PlanSpec {
+        model: c.clone(),
+        world: shards.max(1),
+        param_bytes: elt,
+        shard: if shards > 1 {
+            ShardMode::Optimizer
+        } else {
+            ShardMode::None
+        },
+        offload: false,
+        tokens,
+        recompute,
+    }
+}
+
+/// Estimated memory of one micro-batch of `tokens` tokens without recomputation (the planner's activations, logits
+/// and workspace).
 pub(super) fn activation_bytes(c: &LlamaConfig, tokens: u64, elt: u64) -> u64 {
-    let d = c.hidden_size as u64;
-    let kv = (c.num_key_value_heads * c.head_dim) as u64;
-    let f = c.intermediate_size as u64;
-    let per_layer = (10 * d + 4 * kv + 4 * f) * elt;
-    let logits = tokens * c.vocab_size as u64 * 2 * elt + (1u64 << 30);
-    tokens * c.num_hidden_layers as u64 * per_layer + logits
+    plan(&rank_spec(c, elt, 1, tokens, false)).device.batch()
 }
 
 /// `train.recompute = "auto"`: recompute when state + activations would take more than 85% of the device.
@@ -27,8 +45,9 @@ pub(super) fn needs_recompute(state: u64, activations: u64, total: u64) -> bool 
 }
 
 /// Parameters, gradients and (replicated or sharded) optimizer state must leave room for activations on the device.
-/// Refuses a model whose training state cannot fit on the device; returns the state's bytes per rank (weights,
-/// gradients, fp32 master + moments, `param_bytes` per weight, AdamW state split `shards` ways).
+/// Refuses a model whose training state cannot fit on the device; returns the state's bytes per rank as the
+/// planner counts them (weights and gradients, `param_bytes` per element; the fp32 master, moments and gradient split
+/// `shards` ways; communication buffers).
 pub(super) fn check_fits(
     mcfg: &LlamaConfig,
     param_bytes: u64,
@@ -36,15 +55,17 @@ pub(super) fn check_fits(
     ordinal: usize,
     shards: usize,
 ) -> Result<u64, TrainerError> {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let n = mcfg.num_params() as u64;
-    let need = lexflow_gpu::train_state_bytes(n, param_bytes, shards as u64);
+    let state_of = |shards: usize| plan(&rank_spec(mcfg, param_bytes, shards, 0, false)).device;
+    let mine = state_of(shards);
+    let need = mine.state();
+    let budget = (0.9 * total as f64) as u64;
     // Weights and their gradients are whole on every rank (`train.shard_optimizer` splits only the AdamW state):
     // when they alone do not fit, no number of ranks helps, and saying "more ranks" would send the user on a
     // fruitless hunt for GPUs.
-    let whole = 2 * param_bytes * n;
-    if whole as f64 > 0.9 * total as f64 {
-        let bf16 = if param_bytes > 2 && 4 * n <= (0.9 * total as f64) as u64 {
+    let whole = mine.weights + mine.gradients;
+    if whole > budget {
+        let bf16 = if param_bytes > 2 && 4 * n <= budget {
             "set `train.dtype = \"bf16\"` (halves weights and gradients), "
         } else {
             ""
@@ -53,22 +74,22 @@ pub(super) fn check_fits(
             "train.model: {:.2} B parameters need {:.1} GiB per rank for the weights and gradients alone, but \
              cuda:{ordinal} has {:.1} GiB: more ranks do not help (lexflow shards the AdamW state across ranks, \
              `train.shard_optimizer`, not the weights): {bf16}pick a smaller `train.model`, or use GPUs with more \
-             memory",
+             memory (`lexflow plan` shows what each mode needs)",
             n as f64 / 1e9,
             gib(whole),
             gib(total)
         )));
     }
-    if need as f64 > 0.9 * total as f64 {
+    if need > budget {
         let what = if shards > 1 {
             format!("AdamW state sharded {shards} ways")
         } else {
             "replicated AdamW state".to_string()
         };
         // The fewest ranks whose share of the AdamW state fits beside the whole weights and gradients.
-        let budget = (0.9 * total as f64) as u64 - whole;
-        let state = need - whole;
-        let ranks = (state * shards as u64).div_ceil(budget.max(1));
+        let ranks = (2..=1 << 16)
+            .find(|&r| state_of(r).state() <= budget)
+            .unwrap_or(1 << 16);
         let hint = if shards > 1 {
             format!(
                 "train on at least {ranks} ranks (the sharded state shrinks with the world size), pick a smaller \
@@ -83,7 +104,7 @@ pub(super) fn check_fits(
         return Err(TrainerError::Setup(format!(
             "train.model: {:.2} B parameters need {:.1} GiB per rank for weights, gradients and {what} (fp32 master \
              + moments + gradient), but cuda:{ordinal} has {:.1} GiB: {hint}",
-            mcfg.num_params() as f64 / 1e9,
+            n as f64 / 1e9,
             gib(need),
             gib(total)
         )));
@@ -137,4 +158,382 @@ pub(super) fn process_rss_bytes() -> Option<i64> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * page as i64)
+}
+
+/// Parses a memory size: `180GiB`, `80GB`, `2TiB`, `1.5TB`, `512MiB`, or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size such as 180GiB, 80GB or 2TiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => (1u64 << 20) as f64,
+        "gib" => (1u64 << 30) as f64,
+        "tib" => (1u64 << 40) as f64,
+        u => {
+            return Err(format!(
+                "{s:?}: unknown unit {u:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    Ok((x * mult).round() as u64)
+}
+
+/// What `lexflow plan` is asked about.
+pub struct PlanRequest {
+    pub model: LlamaConfig,
+    /// How the model was chosen, for the heading (`train.model = "70b"`, `train.init_from = …`).
+    pub model_source: String,
+    pub ranks: usize,
+    pub ranks_per_host: usize,
+    pub param_bytes: u64,
+    pub micro_batch: u64,
+    pub seq_len: u64,
+    pub recompute: bool,
+    pub shard_optimizer: bool,
+    pub gpu_memory: Option<u64>,
+    pub host_memory: Option<u64>,
+}
+
+/// One column of the plan: a mode, its per-rank figures, and whether lexflow can train with it today.
+struct Column {
+    name: &'static str,
+    spec: PlanSpec,
+    trainable: bool,
+}
+
+/// The share of a device the state plus a micro-batch may take (as the trainer's own check: room for fragmentation).
+const DEVICE_SHARE: f64 = 0.9;
+
+fn fits(spec: &PlanSpec, req: &PlanRequest) -> (bool, bool) {
+    let p = plan(spec);
+    let device = req
+        .gpu_memory
+        .is_none_or(|g| p.device.total() as f64 <= DEVICE_SHARE * g as f64);
+    let host = req
+        .host_memory
+        .is_none_or(|h| p.host * req.ranks_per_host as u64 <= h);
+    (device, host)
+}
+
+/// The plan as text: per-rank figures of each sharding mode (the configured one marked), whether each fits, and the
+/// cheapest change of the config that makes it fit.
+pub fn render_plan(req: &PlanRequest) -> String {
+    use std::fmt::Write;
+    let tokens = req.micro_batch * req.seq_len;
+    let spec = |shard, offload, recompute| PlanSpec {
+        model: req.model.clone(),
+        world: req.ranks,
+        param_bytes: req.param_bytes,
+        shard,
+        offload,
+        tokens,
+        recompute,
+    };
+    let configured = if req.shard_optimizer && req.ranks > 1 {
+        ShardMode::Optimizer
+    } else {
+        ShardMode::None
+    };
+    let cols = [
+        Column {
+            name: "none",
+            spec: spec(ShardMode::None, false, req.recompute),
+            trainable: true,
+        },
+        Column {
+            name: "optimizer",
+            spec: spec(ShardMode::Optimizer, false, req.recompute),
+            trainable: true,
+        },
+        Column {
+            name: "full",
+            spec: spec(ShardMode::Full, false, req.recompute),
+            trainable: false,
+        },
+        Column {
+            name: "full+offload",
+            spec: spec(ShardMode::Full, true, req.recompute),
+            trainable: false,
+        },
+    ];
+    let dtype = if req.param_bytes == 2 { "bf16" } else { "fp32" };
+    let mut o = String::new();
+    let m = &req.model;
+    let _ = writeln!(
+        o,
+        "model: {} — {:.2} B parameters (hidden {}, {} layers, {} heads, {} KV heads, MLP {}, vocabulary {})",
+        req.model_source,
+        m.num_params() as f64 / 1e9,
+        m.hidden_size,
+        m.num_hidden_layers,
+        m.num_attention_heads,
+        m.num_key_value_heads,
+        m.intermediate_size,
+        m.vocab_size
+    );
+    let _ = writeln!(
+        o,
+        "ranks: {} ({} per host); {dtype} weights, fp32 master and moments; micro-batch {} × {} = {} tokens; \
+         recompute {}",
+        req.ranks,
+        req.ranks_per_host,
+        req.micro_batch,
+        req.seq_len,
+        tokens,
+        if req.recompute { "on" } else { "off" }
+    );
+    let show = |b: Option<u64>| b.map_or("not given".to_string(), |b| format!("{:.1} GiB", gib(b)));
+    let _ = writeln!(
+        o,
+        "GPU memory per rank: {} (the state and a micro-batch may use {:.0}%); host memory per host: {}\n",
+        show(req.gpu_memory),
+        DEVICE_SHARE * 100.0,
+        show(req.host_memory)
+    );
+    let plans: Vec<_> = cols.iter().map(|c| plan(&c.spec)).collect();
+    let _ = write!(o, "{:<38}", "per rank, GiB");
+    for c in &cols {
+        let mark = if c.spec.shard == configured && !c.spec.offload {
+            "*"
+        } else if !c.trainable {
+            "†"
+        } else {
+            ""
+        };
+        let _ = write!(o, "{:>15}", format!("{}{mark}", c.name));
+    }
+    o.push('\n');
+    type Row = (&'static str, fn(&lexflow_gpu::plan::Plan) -> u64);
+    let rows: [Row; 12] = [
+        ("weights", |p| p.device.weights),
+        ("gathered units (computing + prefetch)", |p| {
+            p.device.gathered
+        }),
+        ("gradients", |p| p.device.gradients),
+        ("fp32 gradient", |p| p.device.grad_fp32),
+        ("fp32 master", |p| p.device.master),
+        ("AdamW moments", |p| p.device.moments),
+        ("communication buffers", |p| p.device.comm),
+        ("activations", |p| p.device.activations),
+        ("logits + their gradient", |p| p.device.logits),
+        ("workspace", |p| p.device.workspace),
+        ("GPU total", |p| p.device.total()),
+        ("host: offloaded fp32 state", |p| p.host),
+    ];
+    for (name, f) in rows {
+        let _ = write!(o, "{name:<38}");
+        for p in &plans {
+            let _ = write!(o, "{:>15.1}", gib(f(p)));
+        }
+        o.push('\n');
+    }
+    let _ = write!(o, "{:<38}", "host total (all ranks of a host)");
+    for p in &plans {
+        let _ = write!(o, "{:>15.1}", gib(p.host * req.ranks_per_host as u64));
+    }
+    o.push('\n');
+    let _ = write!(o, "{:<38}", "fits");
+    for c in &cols {
+        let (d, h) = fits(&c.spec, req);
+        let v = match (req.gpu_memory.is_some() || req.host_memory.is_some(), d, h) {
+            (false, _, _) => "?",
+            (_, true, true) => "yes",
+            (_, false, true) => "no: GPU",
+            (_, true, false) => "no: host",
+            (_, false, false) => "no: both",
+        };
+        let _ = write!(o, "{v:>15}");
+    }
+    let _ = writeln!(
+        o,
+        "\n\n* the configured mode (train.shard_optimizer); † planned for comparison: lexflow does not train with fully \
+         sharded parameters or CPU offload yet"
+    );
+    o.push_str(&verdict(req, configured));
+    o
+}
+
+/// Whether the configured run fits, else the cheapest change (among what lexflow can train) that makes it fit.
+fn verdict(req: &PlanRequest, configured: ShardMode) -> String {
+    if req.gpu_memory.is_none() {
+        return "verdict: give --gpu-memory (and --host-memory) to check the fit\n".into();
+    }
+    let tokens = req.micro_batch * req.seq_len;
+    let spec = |world: usize, shard, recompute, tokens| PlanSpec {
+        model: req.model.clone(),
+        world,
+        param_bytes: req.param_bytes,
+        shard,
+        offload: false,
+        tokens,
+        recompute,
+    };
+    let ok = |s: &PlanSpec| fits(s, req) == (true, true);
+    let total = |s: &PlanSpec| gib(plan(s).device.total());
+    let now = spec(req.ranks, configured, req.recompute, tokens);
+    if ok(&now) {
+        return format!(
+            "verdict: fits ({:.1} GiB per rank as configured)\n",
+            total(&now)
+        );
+    }
+    let mut tries: Vec<(String, PlanSpec)> = Vec::new();
+    if !req.recompute {
+        tries.push((
+            "set train.recompute = true".into(),
+            spec(req.ranks, configured, true, tokens),
+        ));
+    }
+    if configured == ShardMode::None && req.ranks > 1 {
+        tries.push((
+            "set train.shard_optimizer = true".into(),
+            spec(req.ranks, ShardMode::Optimizer, req.recompute, tokens),
+        ));
+        tries.push((
+            "set train.shard_optimizer = true and train.recompute = true".into(),
+            spec(req.ranks, ShardMode::Optimizer, true, tokens),
+        ));
+    }
+    if req.micro_batch > 1 {
+        tries.push((
+            "set train.micro_batch = 1 and train.recompute = true (raise train.grad_accum to keep the global batch)"
+                .into(),
+            spec(req.ranks, configured, true, req.seq_len),
+        ));
+    }
+    for (what, s) in &tries {
+        if ok(s) {
+            return format!(
+                "verdict: does not fit as configured ({:.1} GiB per rank); cheapest change: {what} ({:.1} GiB per rank)\n",
+                total(&now),
+                total(s)
+            );
+        }
+    }
+    let more =
+        (req.ranks.max(2)..=4096).find(|&w| ok(&spec(w, ShardMode::Optimizer, true, req.seq_len)));
+    if let Some(w) = more {
+        return format!(
+            "verdict: does not fit as configured ({:.1} GiB per rank); cheapest change: train on {w} ranks with \
+             train.shard_optimizer = true, train.recompute = true and train.micro_batch = 1 ({:.1} GiB per rank)\n",
+            total(&now),
+            total(&spec(w, ShardMode::Optimizer, true, req.seq_len))
+        );
+    }
+    let full = PlanSpec {
+        shard: ShardMode::Full,
+        offload: true,
+        recompute: true,
+        ..now.clone()
+    };
+    let p = plan(&full);
+    format!(
+        "verdict: does not fit with what lexflow trains today, on any number of ranks (the bf16 weights and gradients \
+         alone are {:.1} GiB per rank); with fully sharded parameters and CPU optimizer offload (not implemented yet) it \
+         would take {:.1} GiB per GPU and {:.1} GiB of host memory per host ({})\n",
+        gib(plan(&now).device.weights + plan(&now).device.gradients),
+        gib(p.device.total()),
+        gib(p.host * req.ranks_per_host as u64),
+        if ok(&full) { "that fits" } else { "that does not fit either" }
+    )
+}
+
+/// `lexflow plan [CONFIG]`: the run's memory per rank and per host in every sharding mode, whether it fits, and the
+/// cheapest change that makes it fit — before renting GPUs. The same planner the trainer's fit check uses.
+pub fn cli_plan(
+    config: Option<&std::path::Path>,
+    gpu_memory: Option<u64>,
+    host_memory: Option<u64>,
+    ranks: Option<usize>,
+    ranks_per_host: Option<usize>,
+) -> anyhow::Result<std::process::ExitCode> {
+    // The plan is for before the data and the weights are there: only the config itself is checked.
+    let cfg = match config {
+        Some(p) => crate::config::Config::from_file(p)?,
+        None => crate::config::Config::from_toml(
+            crate::config::SAMPLE_TOML,
+            "<embedded configs/sample.toml>",
+        )?,
+    };
+    let Some(train) = &cfg.train else {
+        anyhow::bail!("the config has no [train] section: nothing to plan");
+    };
+    let vocab = crate::stages::tokenizer::Tokenizer::load(&cfg.tokenizer.path)?.vocab_size();
+    let (model, model_source) = match &train.init_from {
+        // Not here yet (planning before the download): the preset's shape, which `init_from` must match anyway.
+        Some(dir) if !dir.join("config.json").is_file() => (
+            LlamaConfig::preset(&train.model, vocab)?,
+            format!(
+                "train.model = {:?} (train.init_from {} is not here: its shape must be the preset's)",
+                train.model,
+                dir.display()
+            ),
+        ),
+        Some(dir) => (
+            super::model::init_config(&train.model, vocab, dir)?,
+            format!("train.init_from = {}", dir.display()),
+        ),
+        None => (
+            LlamaConfig::preset(&train.model, vocab)?,
+            format!("train.model = {:?}", train.model),
+        ),
+    };
+    let env_count = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    let ranks = ranks
+        .or_else(|| env_count("WORLD_SIZE"))
+        .or_else(|| env_count("SLURM_NTASKS"))
+        .unwrap_or_else(|| cfg.world_size())
+        .max(1);
+    let ranks_per_host = ranks_per_host
+        .or_else(|| env_count("LOCAL_WORLD_SIZE"))
+        .unwrap_or_else(|| train.devices.len().max(1))
+        .clamp(1, ranks);
+    let cuda = train.devices.iter().any(|d| d.starts_with("cuda"));
+    let param_bytes = if train.dtype.is_bf16(cuda) { 2 } else { 4 };
+    let gpu_memory =
+        gpu_memory.or_else(|| cuda.then(|| lexflow_gpu::cuda_memory_total(0)).flatten());
+    let micro_batch = train.micro_batch.get() as u64;
+    let seq_len = cfg.packer.seq_len.get() as u64;
+    let shards = if train.shard_optimizer { ranks } else { 1 };
+    let recompute = match train.recompute {
+        crate::config::Recompute::On => true,
+        crate::config::Recompute::Off => false,
+        // As the trainer decides it on a GPU: when the state and a micro-batch would take more than 85%.
+        crate::config::Recompute::Auto => gpu_memory.is_some_and(|g| {
+            let p = plan(&rank_spec(
+                &model,
+                param_bytes,
+                shards,
+                micro_batch * seq_len,
+                false,
+            ));
+            cuda && needs_recompute(p.device.state(), p.device.batch(), g)
+        }),
+    };
+    let req = PlanRequest {
+        model,
+        model_source,
+        ranks,
+        ranks_per_host,
+        param_bytes,
+        micro_batch,
+        seq_len,
+        recompute,
+        shard_optimizer: train.shard_optimizer,
+        gpu_memory,
+        host_memory,
+    };
+    print!("{}", render_plan(&req));
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -32,5 +32,6 @@ pub use checkpoint::{
     TrainerState, DATA_STATE_FILE,
 };
 pub use launch::{process_device, process_group, spawn_trainers};
+pub use memory::{cli_plan, parse_bytes, render_plan, PlanRequest};
 pub use records::{read_step_records, sequence_hash, StepRecord, STEPS_FILE};
 pub use setup::{EvalSetup, TrainHandle, TrainReport, TrainerError, TrainerSetup};

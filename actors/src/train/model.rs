@@ -25,7 +25,7 @@ pub(super) fn model_config(setup: &TrainerSetup) -> Result<LlamaConfig, TrainerE
 /// The shape of `train.init_from`'s model (its `config.json`). The weights define the shape: a `train.model` other
 /// than the default that names another shape is a mistake (the wrong directory, or the wrong preset), not something
 /// to ignore silently.
-pub(super) fn init_config(
+pub(crate) fn init_config(
     model: &str,
     vocab_size: usize,
     dir: &Path,
