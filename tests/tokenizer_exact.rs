@@ -478,22 +478,9 @@ fn a_users_official_tokenizer_json_gives_the_llama3_ids() {
     let text = "Член 1 republika развитие údaj <|eot_id|> l'article";
     let want = Tokenizer::load("llama3").unwrap().encode(text);
     for file in [official.clone(), lexflow_tests::llama3_tiktoken_model()] {
-        let mut child = Command::new(lexflow_tests::lexflow_bin())
-            .args(["tokenizer", "encode", "--tokenizer", "llama3"])
-            .env("LEXFLOW_LLAMA3_TOKENIZER", &file)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let o = child.wait_with_output().unwrap();
-        assert!(o.status.success(), "{}", file.display());
-        let got: Vec<u32> = serde_json::from_slice(&o.stdout).unwrap();
+        let mut cmd = Command::new(lexflow_tests::lexflow_bin());
+        cmd.env("LEXFLOW_LLAMA3_TOKENIZER", &file);
+        let got = encode_with_binary(cmd, text);
         assert_eq!(got, want, "LEXFLOW_LLAMA3_TOKENIZER={}", file.display());
     }
 }
@@ -556,24 +543,9 @@ fn planted_bug_ignore_merges_false_is_caught_by_the_tiktoken_check() {
 #[test]
 fn the_binary_finds_the_llama3_tokenizer_without_any_environment() {
     let text = "Член 1 republika развитие údaj";
-    let mut child = Command::new(lexflow_tests::lexflow_bin())
-        .args(["tokenizer", "encode"])
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let got: Vec<u32> = serde_json::from_slice(&o.stdout).unwrap();
+    let mut cmd = Command::new(lexflow_tests::lexflow_bin());
+    cmd.env_clear().env("PATH", "/usr/bin:/bin");
+    let got = encode_with_binary(cmd, text);
     let texts = vec![text.to_string()];
     let want: Vec<Vec<u32>> = serde_json::from_slice(&run_ref(
         &[
@@ -584,4 +556,21 @@ fn the_binary_finds_the_llama3_tokenizer_without_any_environment() {
     ))
     .unwrap();
     assert_eq!(got, want[0]);
+}
+
+/// `lexflow tokenizer encode` (tokenizer `llama3`) run as `cmd` (its environment set by the caller) on `text`.
+fn encode_with_binary(mut cmd: Command, text: &str) -> Vec<u32> {
+    let mut child = cmd
+        .args(["tokenizer", "encode", "--tokenizer", "llama3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
 }

@@ -343,6 +343,11 @@ enum TokCmd {
 fn main() -> ExitCode {
     lexflow_actors::run::cli::init_logging();
     let cli = Cli::parse();
+    // Under `srun`: RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR from Slurm's variables, before any thread starts.
+    if let Err(e) = lexflow_actors::common::slurm::apply_from_env() {
+        eprintln!("lexflow: error: {e}");
+        return ExitCode::FAILURE;
+    }
     let r: anyhow::Result<ExitCode> = match cli.cmd {
         Cmd::Run {
             config,

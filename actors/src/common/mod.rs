@@ -5,3 +5,4 @@
 pub mod device;
 pub mod output;
 pub mod run_dir;
+pub mod slurm;
