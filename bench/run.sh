@@ -24,7 +24,7 @@ BIN="$CARGO_TARGET_DIR/release/examples/preprocess_bench"
 LEXFLOW="$CARGO_TARGET_DIR/release/lexflow"
 
 # lexflow's "llama3" as a tokenizer.json, for the Python pipeline (the same ids: tests/tokenizer_exact.rs).
-"$LEXFLOW" tokenizer export --out "$OUT/llama3.tokenizer.json" 2>/dev/null
+"$LEXFLOW" tokenizer export --out "$OUT/llama3.tokenizer.json"
 TOKENIZER_JSON="$OUT/llama3.tokenizer.json"
 
 mapfile -t FILES < <(find "$CORPUS" -type f \( -name '*.xml' -o -name '*.xml.zst' \) | LC_ALL=C sort | head -n "${BENCH_MAX_FILES:-1000000}")

@@ -143,16 +143,20 @@ pub fn llama3_tiktoken_model() -> PathBuf {
 }
 
 /// The Hugging Face `tokenizer.json` of lexflow's `"llama3"` (generated from Meta's tokenizer.model, what
-/// checkpoints hold), written once per test process under the temporary directory: for Python checks that
-/// need a tokenizer file.
+/// checkpoints hold), for Python checks that need a tokenizer file. Written under the temporary directory in a
+/// folder named by its sha256, so runs and test processes share one copy (written to a temporary name, then renamed).
 pub fn llama3_tokenizer_json() -> PathBuf {
     static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
         let tk = lexflow_actors::tokenizer::Tokenizer::load("llama3").expect("Llama 3 tokenizer");
-        let dir = std::env::temp_dir().join(format!("lexflow-llama3-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = std::env::temp_dir().join(format!("lexflow-llama3-{}", &tk.sha256()[..16]));
         let p = dir.join("tokenizer.json");
-        std::fs::write(&p, tk.json_bytes()).unwrap();
+        if !p.is_file() {
+            std::fs::create_dir_all(&dir).unwrap();
+            let tmp = dir.join(format!("tokenizer.json.{}", std::process::id()));
+            std::fs::write(&tmp, tk.json_bytes()).unwrap();
+            std::fs::rename(&tmp, &p).unwrap();
+        }
         p
     })
     .clone()

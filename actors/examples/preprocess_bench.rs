@@ -52,13 +52,7 @@ fn main() -> anyhow::Result<()> {
         return tokenize_texts(&f, &spec, reference, threads);
     }
     anyhow::ensure!(!paths.is_empty(), "usage: preprocess_bench [--threads N] [--tokenizer SPEC] [--reference] [--dump-texts FILE] PATH...");
-    let t_load = Instant::now();
-    let tk = if reference {
-        Tokenizer::load_reference(&spec)?
-    } else {
-        Tokenizer::load(&spec)?
-    };
-    let load_s = t_load.elapsed().as_secs_f64();
+    let (tk, load_s) = load_tokenizer(&spec, reference)?;
     let files = lexflow_actors::reader::expand_inputs(&paths)?;
     let input_bytes: u64 = files
         .iter()
@@ -147,37 +141,18 @@ fn main() -> anyhow::Result<()> {
     if let Some(mut w) = dump_w {
         w.flush()?;
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "files": files.len(),
-            "read_errors": errors.load(Ordering::Relaxed),
-            "docs": docs,
-            "tokens": tokens,
-            "text_bytes": text_bytes,
-            "input_bytes": input_bytes,
-            "threads": threads,
-            "engine": tk.engine(),
-            "tokenizer_load_s": (load_s * 1000.0).round() / 1000.0,
-            "seconds": (seconds * 1000.0).round() / 1000.0,
-            "tokens_per_s": (tokens as f64 / seconds).round(),
-            "text_mb_per_s": ((text_bytes as f64 / seconds / 1e6) * 100.0).round() / 100.0,
-            "ids_hash": hex::encode(all.finalize()),
-        })
-    );
+    let mut out = report(&tk, load_s, seconds, docs, tokens, text_bytes, threads, all);
+    out["files"] = files.len().into();
+    out["read_errors"] = errors.load(Ordering::Relaxed).into();
+    out["input_bytes"] = input_bytes.into();
+    println!("{out}");
     Ok(())
 }
 
 /// `--texts`: encode each line's text as a document (`encode_text`) on `threads` threads, in order; the same JSON
 /// fields as a whole run (files = 0).
 fn tokenize_texts(path: &str, spec: &str, reference: bool, threads: usize) -> anyhow::Result<()> {
-    let t_load = Instant::now();
-    let tk = if reference {
-        Tokenizer::load_reference(spec)?
-    } else {
-        Tokenizer::load(spec)?
-    };
-    let load_s = t_load.elapsed().as_secs_f64();
+    let (tk, load_s) = load_tokenizer(spec, reference)?;
     let mut texts = Vec::new();
     for (i, line) in std::fs::read_to_string(path)?.lines().enumerate() {
         if line.trim().is_empty() {
@@ -217,21 +192,53 @@ fn tokenize_texts(path: &str, spec: &str, reference: bool, threads: usize) -> an
         tokens += n;
     }
     let text_bytes: usize = texts.iter().map(String::len).sum();
-    println!(
-        "{}",
-        serde_json::json!({
-            "files": 0,
-            "docs": texts.len(),
-            "tokens": tokens,
-            "text_bytes": text_bytes,
-            "threads": threads,
-            "engine": tk.engine(),
-            "tokenizer_load_s": (load_s * 1000.0).round() / 1000.0,
-            "seconds": (seconds * 1000.0).round() / 1000.0,
-            "tokens_per_s": (tokens as f64 / seconds).round(),
-            "text_mb_per_s": ((text_bytes as f64 / seconds / 1e6) * 100.0).round() / 100.0,
-            "ids_hash": hex::encode(all.finalize()),
-        })
+    let mut out = report(
+        &tk,
+        load_s,
+        seconds,
+        texts.len(),
+        tokens,
+        text_bytes,
+        threads,
+        all,
     );
+    out["files"] = 0.into();
+    println!("{out}");
     Ok(())
+}
+
+/// The tokenizer (`--reference`: the `tokenizers` crate, no fast path) and its load time in seconds.
+fn load_tokenizer(spec: &str, reference: bool) -> anyhow::Result<(Tokenizer, f64)> {
+    let t = Instant::now();
+    let tk = match reference {
+        true => Tokenizer::load_reference(spec)?,
+        false => Tokenizer::load(spec)?,
+    };
+    Ok((tk, t.elapsed().as_secs_f64()))
+}
+
+/// The JSON fields both modes print; `all` is the running hash over the documents' id hashes.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    tk: &Tokenizer,
+    load_s: f64,
+    seconds: f64,
+    docs: usize,
+    tokens: usize,
+    text_bytes: usize,
+    threads: usize,
+    all: Sha256,
+) -> serde_json::Value {
+    serde_json::json!({
+        "docs": docs,
+        "tokens": tokens,
+        "text_bytes": text_bytes,
+        "threads": threads,
+        "engine": tk.engine(),
+        "tokenizer_load_s": (load_s * 1000.0).round() / 1000.0,
+        "seconds": (seconds * 1000.0).round() / 1000.0,
+        "tokens_per_s": (tokens as f64 / seconds).round(),
+        "text_mb_per_s": ((text_bytes as f64 / seconds / 1e6) * 100.0).round() / 100.0,
+        "ids_hash": hex::encode(all.finalize()),
+    })
 }

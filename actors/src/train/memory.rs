@@ -39,6 +39,24 @@ pub(super) fn activation_bytes(c: &LlamaConfig, tokens: u64, elt: u64) -> u64 {
     plan(&rank_spec(c, elt, 1, tokens, false)).device.batch()
 }
 
+/// The fewest ranks in `lo..=hi` for which `fits` holds, by bisection: a sharded rank's memory only falls as ranks
+/// are added (its slice shrinks, its buffers stay ≈16 Mi elements).
+fn fewest_ranks(lo: usize, hi: usize, fits: impl Fn(usize) -> bool) -> Option<usize> {
+    if lo > hi || !fits(hi) {
+        return None;
+    }
+    let (mut lo, mut hi) = (lo, hi);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Some(lo)
+}
+
 /// `train.recompute = "auto"`: recompute when state + activations would take more than 85% of the device.
 pub(super) fn needs_recompute(state: u64, activations: u64, total: u64) -> bool {
     (state + activations) as f64 > 0.85 * total as f64
@@ -87,9 +105,7 @@ pub(super) fn check_fits(
             "replicated AdamW state".to_string()
         };
         // The fewest ranks whose share of the AdamW state fits beside the whole weights and gradients.
-        let ranks = (2..=1 << 16)
-            .find(|&r| state_of(r).state() <= budget)
-            .unwrap_or(1 << 16);
+        let ranks = fewest_ranks(2, 1 << 16, |r| state_of(r).state() <= budget).unwrap_or(1 << 16);
         let hint = if shards > 1 {
             format!(
                 "train on at least {ranks} ranks (the sharded state shrinks with the world size), pick a smaller \
@@ -421,8 +437,9 @@ fn verdict(req: &PlanRequest, configured: ShardMode) -> String {
             );
         }
     }
-    let more =
-        (req.ranks.max(2)..=4096).find(|&w| ok(&spec(w, ShardMode::Optimizer, true, req.seq_len)));
+    let more = fewest_ranks(req.ranks.max(2), 4096, |w| {
+        ok(&spec(w, ShardMode::Optimizer, true, req.seq_len))
+    });
     if let Some(w) = more {
         return format!(
             "verdict: does not fit as configured ({:.1} GiB per rank); cheapest change: train on {w} ranks with \
