@@ -51,12 +51,9 @@ const SHAPES: [(usize, usize, bool, bool); 3] = [
 fn model_in(dir: &Path, cfg: &LlamaConfig) -> (Llama, PathBuf) {
     let model = Llama::new(cfg, Device::Cpu, Kind::Float, 11).unwrap();
     tch::no_grad(|| {
-        let n = model.params.numel() - model.params.decay_numel;
-        let _ = model
-            .params
-            .flat
-            .narrow(0, model.params.decay_numel, n)
-            .uniform_(0.5, 1.5);
+        for (a, b) in model.params.layout.norm_ranges() {
+            let _ = model.params.flat.narrow(0, a, b - a).uniform_(0.5, 1.5);
+        }
     });
     let model_dir = dir.join("model");
     std::fs::create_dir_all(&model_dir).unwrap();

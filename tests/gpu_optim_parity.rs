@@ -14,6 +14,7 @@ use lexflow_gpu::checkpoint::{read_safetensors, write_safetensors};
 use lexflow_gpu::tch::{Device, Kind, Tensor};
 use lexflow_gpu::{
     AdamWConfig, Collective, FlatAdamW, InProcessCollective, Llama, LlamaConfig, LrSchedule,
+    ParamLayout,
 };
 use lexflow_tests::venv_python;
 
@@ -48,12 +49,19 @@ fn model_cfg() -> LlamaConfig {
 
 /// Rank `rank`'s gradient at `step` (1-based), a deterministic function of the flat index: ranks disagree, and the
 /// norm elements get their own scale, so their missing weight decay and their share of the global norm both matter.
-fn grad(n: i64, decay_numel: i64, rank: usize, step: u64) -> Tensor {
+/// The padding between units has no gradient.
+fn grad(layout: &ParamLayout, rank: usize, step: u64) -> Tensor {
+    let n = layout.total;
     let i = Tensor::arange(n, (Kind::Double, Device::Cpu));
     let g = (&i * (0.37 + 0.05 * rank as f64 + 0.011 * step as f64)).sin()
         + (&i * 0.0013 + step as f64).cos() * 0.3;
-    let scale = Tensor::ones([n], (Kind::Double, Device::Cpu));
-    let _ = scale.narrow(0, decay_numel, n - decay_numel).fill_(4.0);
+    let scale = Tensor::zeros([n], (Kind::Double, Device::Cpu));
+    for u in &layout.units {
+        let _ = scale.narrow(0, u.start, u.decay).fill_(1.0);
+        let _ = scale
+            .narrow(0, u.start + u.decay, u.numel - u.decay)
+            .fill_(4.0);
+    }
     (g * scale * (0.02 * (rank as f64 + 1.0))).to_kind(Kind::Float)
 }
 
@@ -121,7 +129,7 @@ fn sharded_then_resumed_adamw_matches_torch_adamw() {
     let cfg = model_cfg();
     let c = adamw();
     let init = Llama::new(&cfg, Device::Cpu, Kind::Float, 3).unwrap();
-    let (n, decay_numel) = (init.params.numel(), init.params.decay_numel);
+    let (n, layout) = (init.params.numel(), init.params.layout.clone());
     assert!(
         n > 2 * lexflow_gpu::NORM_BLOCK,
         "every rank must own a shard"
@@ -133,16 +141,16 @@ fn sharded_then_resumed_adamw_matches_torch_adamw() {
     let handles: Vec<_> = InProcessCollective::group(WORLD)
         .into_iter()
         .map(|coll| {
-            let (cfg, c, state) = (cfg.clone(), c.clone(), state.clone());
+            let (cfg, c, state, layout) = (cfg.clone(), c.clone(), state.clone(), layout.clone());
             std::thread::spawn(move || {
                 let rank = coll.rank();
                 let mut model = Llama::new(&cfg, Device::Cpu, Kind::Float, 3).unwrap();
                 let mut opt = FlatAdamW::sharded(&model.params, c, rank, WORLD);
                 assert!(opt.layout().is_sharded() && !opt.layout().is_empty());
                 for step in 1..=SAVE_AT {
-                    set_grads(&mut model, &grad(n, decay_numel, rank, step));
+                    set_grads(&mut model, &grad(&layout, rank, step));
                     opt.reduce_grads(&model.params, &coll).unwrap();
-                    let st = opt.step(&model.params, &coll).unwrap();
+                    let st = opt.step(&model.params.flat, &coll).unwrap();
                     assert!(st.clipped, "step {step}: the clipping branch must be taken");
                 }
                 let path = (rank == 0).then_some(state.as_path());
@@ -157,18 +165,18 @@ fn sharded_then_resumed_adamw_matches_torch_adamw() {
     // Steps SAVE_AT+1..=STEPS: one replicated optimizer, another seed's weights replaced by the saved master.
     let mut model = Llama::new(&cfg, Device::Cpu, Kind::Float, 99).unwrap();
     let mut opt = FlatAdamW::new(&model.params, c.clone());
-    opt.load(&state, &model.params).unwrap();
+    opt.load(&state, &model.params.flat).unwrap();
     assert_eq!(opt.step, SAVE_AT);
     let mut io: Vec<(String, Tensor)> = Vec::new();
     for step in SAVE_AT + 1..=STEPS {
-        let g0 = grad(n, decay_numel, 0, step);
-        let g1 = grad(n, decay_numel, 1, step);
+        let g0 = grad(&layout, 0, step);
+        let g1 = grad(&layout, 1, step);
         // What the mean all-reduce of the two ranks gives (f64 sum, fp32 result, then the 1/world scale).
         let mean = (g0.to_kind(Kind::Double) + g1.to_kind(Kind::Double)).to_kind(Kind::Float) * 0.5;
         set_grads(&mut model, &mean);
         opt.gather_grads(&model.params);
         assert!(
-            opt.step(&model.params, &lexflow_gpu::SingleRank)
+            opt.step(&model.params.flat, &lexflow_gpu::SingleRank)
                 .unwrap()
                 .clipped
         );
@@ -192,8 +200,8 @@ fn sharded_then_resumed_adamw_matches_torch_adamw() {
     };
     io.extend(per_param("init", &init.params.flat.detach()));
     for step in 1..=STEPS {
-        let g0 = grad(n, decay_numel, 0, step).to_kind(Kind::Double);
-        let g1 = grad(n, decay_numel, 1, step).to_kind(Kind::Double);
+        let g0 = grad(&layout, 0, step).to_kind(Kind::Double);
+        let g1 = grad(&layout, 1, step).to_kind(Kind::Double);
         let mean = (g0 + g1).to_kind(Kind::Float) * 0.5;
         io.extend(per_param(&format!("grad{step}"), &mean));
     }

@@ -17,12 +17,9 @@ fn parity(cfg: &LlamaConfig, max_shard: u64) -> f64 {
     let model = Llama::new(cfg, Device::Cpu, Kind::Float, 11).unwrap();
     // Non-trivial norms, so a swapped or ignored norm weight shows.
     lexflow_gpu::tch::no_grad(|| {
-        let n = model.params.numel() - model.params.decay_numel;
-        let _ = model
-            .params
-            .flat
-            .narrow(0, model.params.decay_numel, n)
-            .uniform_(0.5, 1.5);
+        for (a, b) in model.params.layout.norm_ranges() {
+            let _ = model.params.flat.narrow(0, a, b - a).uniform_(0.5, 1.5);
+        }
     });
     save_hf(&model_dir, &model, max_shard).unwrap();
     let ids = Tensor::randint(cfg.vocab_size as i64, [2, 40], (Kind::Int64, Device::Cpu));

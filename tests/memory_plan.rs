@@ -64,7 +64,7 @@ fn measured_rank(cfg: &LlamaConfig, kind: Kind, shard: bool, coll: InProcessColl
         .unwrap();
     loss.backward();
     opt.reduce_grads(&model.params, &coll).unwrap();
-    opt.step(&model.params, &coll).unwrap();
+    opt.step(&model.params.flat, &coll).unwrap();
     let grads: Vec<Tensor> = model
         .params
         .params

@@ -107,3 +107,144 @@ fn sharded_optimizer_trains_and_resumes_bit_identically() {
         "one rank must finish the run:\n{log}"
     );
 }
+
+const FULL: &str = "min_lr = 1e-3\nshard = \"full\"";
+
+/// `train.shard = "full"` (ZeRO-3 over the CPU collectives) trains bit-identically to the replicated run — with and
+/// without recomputation, on 2 and 4 ranks — and its checkpoints resume at another world size (2→1, 1→2, 4→2) or
+/// in another mode, continuing the uninterrupted run's loss curve exactly.
+#[test]
+fn full_sharding_trains_and_reshards_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = 8;
+    let two = ["cpu", "cpu"];
+    let rep = tmp.path().join("replicated");
+    run(&tiny_run_config(&rep, &two, 2, steps, REPL), false);
+
+    let full = tmp.path().join("full");
+    let log = run(&tiny_run_config(&full, &two, 2, steps, FULL), false);
+    assert!(
+        log.contains("weights, gradients and AdamW state sharded across ranks"),
+        "the trainer must say it shards the weights:\n{log}"
+    );
+    assert_same_run(&full, &rep, steps, "full vs replicated");
+
+    // Recomputation on: the same steps as a replicated run with recomputation.
+    let rep_rc = tmp.path().join("replicated-recompute");
+    run(
+        &tiny_run_config(
+            &rep_rc,
+            &two,
+            2,
+            steps,
+            &format!("{REPL}\nrecompute = true"),
+        ),
+        false,
+    );
+    let full_rc = tmp.path().join("full-recompute");
+    run(
+        &tiny_run_config(
+            &full_rc,
+            &two,
+            2,
+            steps,
+            &format!("{FULL}\nrecompute = true"),
+        ),
+        false,
+    );
+    assert_same_run(
+        &full_rc,
+        &rep_rc,
+        steps,
+        "full vs replicated, recomputation on",
+    );
+
+    // Cut after 4 steps and resume fully sharded; then the same checkpoint replicated.
+    let cut = tmp.path().join("cut");
+    run(&tiny_run_config(&cut, &two, 2, 4, FULL), false);
+    run(&tiny_run_config(&cut, &two, 2, steps, FULL), true);
+    assert_same_run(&cut, &rep, steps, "full, cut and resumed");
+    let cross = tmp.path().join("cross");
+    run(&tiny_run_config(&cross, &two, 2, 4, FULL), false);
+    run(&tiny_run_config(&cross, &two, 2, steps, SHARD), true);
+    assert_same_run(&cross, &rep, steps, "full then ZeRO-2");
+
+    // Resharding: 2 ranks → 1 rank with the same global batch (2 × 2 = 1 × 4), and 1 → 2. The loss curve of the
+    // resumed run continues the uninterrupted one (same batches, same optimizer state; the sums over ranks
+    // happen in another order, so the losses agree to rounding, not to the bit).
+    let one = ["cpu"];
+    let rep1 = tmp.path().join("replicated-1");
+    run(&tiny_run_config(&rep1, &one, 4, steps, REPL), false);
+    let down = tmp.path().join("down");
+    run(&tiny_run_config(&down, &two, 2, 4, FULL), false);
+    run(&tiny_run_config(&down, &one, 4, steps, FULL), true);
+    assert_close_curves(&down, &rep, steps, "full, 2 ranks then 1");
+    let up = tmp.path().join("up");
+    run(&tiny_run_config(&up, &one, 4, 4, FULL), false);
+    run(&tiny_run_config(&up, &two, 2, steps, FULL), true);
+    assert_close_curves(&up, &rep1, steps, "full, 1 rank then 2");
+}
+
+/// Four ranks, fully sharded, against four replicated ranks; then 4 → 2 ranks.
+#[test]
+fn full_sharding_on_four_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = 6;
+    let four = ["cpu", "cpu", "cpu", "cpu"];
+    let rep = tmp.path().join("replicated");
+    run(&tiny_run_config(&rep, &four, 1, steps, REPL), false);
+    let full = tmp.path().join("full");
+    run(&tiny_run_config(&full, &four, 1, steps, FULL), false);
+    assert_same_run(&full, &rep, steps, "full vs replicated, 4 ranks");
+    let down = tmp.path().join("down");
+    run(&tiny_run_config(&down, &four, 1, 2, FULL), false);
+    run(
+        &tiny_run_config(&down, &["cpu", "cpu"], 2, steps, FULL),
+        true,
+    );
+    assert_close_curves(&down, &rep, steps, "full, 4 ranks then 2");
+}
+
+/// The global loss of every step, as rank 0 recorded it.
+fn losses(dir: &Path) -> Vec<(u64, f64)> {
+    let mut v: Vec<(u64, f64)> = read_step_records(dir)
+        .into_iter()
+        .filter(|((_, r), _)| *r == 0)
+        .map(|((s, _), rec)| (s, rec.loss))
+        .collect();
+    v.sort_by_key(|x| x.0);
+    v
+}
+
+/// Same global batches at every step and the same loss curve to fp32 rounding (the runs differ in world size, so
+/// the cross-rank sums associate differently).
+fn assert_close_curves(got: &Path, want: &Path, steps: u64, what: &str) {
+    let (g, w) = (losses(got), losses(want));
+    assert_eq!(g.len(), steps as usize, "{what}: steps recorded: {g:?}");
+    assert_eq!(
+        g.iter().map(|x| x.0).collect::<Vec<_>>(),
+        w.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    let batch = |d: &Path| {
+        let mut b: Vec<(u64, Vec<u64>)> = read_step_records(d)
+            .into_iter()
+            .map(|((s, _), r)| (s, r.sequences.iter().map(|q| q.0).collect::<Vec<_>>()))
+            .fold(std::collections::BTreeMap::new(), |mut m, (s, q)| {
+                m.entry(s).or_insert_with(Vec::new).extend(q);
+                m
+            })
+            .into_iter()
+            .collect();
+        for (_, q) in b.iter_mut() {
+            q.sort_unstable();
+        }
+        b
+    };
+    assert_eq!(batch(got), batch(want), "{what}: global batches");
+    for ((s, a), (_, b)) in g.iter().zip(&w) {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs(),
+            "{what}: step {s}: loss {a} vs {b}"
+        );
+    }
+}

@@ -268,11 +268,36 @@ pub struct TrainConfig {
     /// Parameter and activation dtype (the optimizer state is fp32 whatever this says).
     #[serde(default)]
     pub dtype: TrainDtype,
-    /// Shard the AdamW state (fp32 master, moments) and the reduced fp32 gradient across the data-parallel ranks
-    /// (ZeRO stage 2): each rank keeps `1/world` of them; gradients are reduce-scattered and parameters all-gathered.
-    /// Same steps as replicated (bit-identical on CPU); checkpoints stay in one world-size-independent layout.
+    /// How the training state is split over the data-parallel ranks: `"none"` (replicated), `"optimizer"` (ZeRO-2:
+    /// the fp32 master, moments and reduced gradient), `"full"` (ZeRO-3 / FSDP: also the weights, gathered one
+    /// transformer block at a time). Unset: `"optimizer"` when `shard_optimizer = true`, else `"none"`.
+    #[serde(default)]
+    pub shard: Option<ShardSetting>,
+    /// The older spelling of `shard = "optimizer"`.
     #[serde(default)]
     pub shard_optimizer: bool,
+}
+
+/// `train.shard`: `"none"`, `"optimizer"` or `"full"`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardSetting {
+    None,
+    Optimizer,
+    Full,
+}
+
+impl TrainConfig {
+    /// The sharding mode: `train.shard`, or `shard_optimizer`'s.
+    pub fn shard_mode(&self) -> lexflow_gpu::plan::ShardMode {
+        use lexflow_gpu::plan::ShardMode;
+        match (self.shard, self.shard_optimizer) {
+            (Some(ShardSetting::None), _) => ShardMode::None,
+            (Some(ShardSetting::Optimizer), _) | (None, true) => ShardMode::Optimizer,
+            (Some(ShardSetting::Full), _) => ShardMode::Full,
+            (None, false) => ShardMode::None,
+        }
+    }
 }
 
 /// `train.recompute`: `true`, `false` or `"auto"`.
@@ -887,6 +912,20 @@ impl Config {
                     "{}: {} must be finite and > 0 (AdamW's denominator term, e.g. 1e-8)",
                     at("train.eps"),
                     t.eps
+                ));
+            }
+            if t.shard_optimizer
+                && matches!(t.shard, Some(ShardSetting::None) | Some(ShardSetting::Full))
+            {
+                errs.push(format!(
+                    "{}: `shard_optimizer = true` contradicts `shard = {:?}`; keep only `shard` (\"none\", \"optimizer\" \
+                     or \"full\")",
+                    at("train.shard_optimizer"),
+                    t.shard.map_or("", |m| match m {
+                        ShardSetting::None => "none",
+                        ShardSetting::Optimizer => "optimizer",
+                        ShardSetting::Full => "full",
+                    })
                 ));
             }
             if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {

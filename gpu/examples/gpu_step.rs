@@ -192,7 +192,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let loss = cross_entropy_sum(&logits, &batch.labels) / batch.valid_tokens as f64;
         loss.backward();
         opt.reduce_grads(&model.params, &coll)?;
-        let st = opt.step(&model.params, &coll)?;
+        let st = opt.step(&model.params.flat, &coll)?;
         model.params.zero_grad();
         last = loss.double_value(&[]);
         first.get_or_insert(last);

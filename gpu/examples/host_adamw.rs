@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
         opt.grad
             .copy_(&Tensor::randn([n], (Kind::Float, Device::Cpu)).g_mul_scalar(1e-3));
         let t = Instant::now();
-        opt.step(&llama.params, &SingleRank)?;
+        opt.step(&llama.params.flat, &SingleRank)?;
         if s > 0 {
             times.push(t.elapsed().as_secs_f64()); // the first step allocates the kernel's buffers
         }

@@ -26,6 +26,7 @@ mod batch;
 pub mod checkpoint;
 mod collective;
 mod error;
+mod fsdp;
 mod loss;
 mod model;
 pub mod ops;
@@ -38,11 +39,13 @@ pub use collective::{Collective, InProcessCollective, SingleRank, TcpCollective}
 #[cfg(feature = "cuda")]
 pub use collective::{NcclCollective, NcclUniqueId};
 pub use error::{GpuError, Result};
+pub use fsdp::ShardedLlama;
 pub use loss::{cross_entropy_mean, cross_entropy_sum, cross_entropy_sum_backward};
 pub use model::{
-    document_mask, KvCache, Llama, LlamaConfig, Param, Params, RopeScaling, LLAMA3_VOCAB,
+    document_mask, unit_forward_backward, unit_logits, KvCache, Llama, LlamaConfig, Param,
+    ParamLayout, ParamSpec, Params, RopeScaling, Unit, UnitSource, LLAMA3_VOCAB,
 };
-pub use optim::{AdamWConfig, FlatAdamW, LrSchedule, ShardLayout, StepStats, NORM_BLOCK};
+pub use optim::{AdamWConfig, FlatAdamW, LrSchedule, Piece, ShardLayout, StepStats, NORM_BLOCK};
 /// Makes sure libtorch's CUDA backend is loaded, and says whether a CUDA device is usable.
 ///
 /// tch links `libtorch_cuda.so`, but no symbol of it is referenced directly, so the linker's `--as-needed` (rustc's

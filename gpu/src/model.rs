@@ -3,8 +3,8 @@
 //! documents), SwiGLU MLP, tied or untied embeddings.
 //!
 //! Parameters live in one flat buffer ([`Params`]): every weight is a view into it, named with its Hugging Face
-//! `LlamaForCausalLM` key. Weights with ≥2 dimensions come first, so the weight-decay group of the optimizer is one
-//! contiguous prefix of the buffer.
+//! `LlamaForCausalLM` key, grouped by sharding unit ([`ParamLayout`]: one per transformer block, one for the
+//! embeddings, final norm and head), ≥2-D weights first in each unit (the optimizer's weight-decay group).
 
 use std::sync::Mutex;
 
@@ -237,7 +237,20 @@ impl LlamaConfig {
     }
 
     /// `(HF key, shape)` of every parameter, in buffer order: ≥2-D weights first (decayed), then the norms.
+    /// `(HF key, shape)` of every parameter, in the order of the flat buffer ([`param_layout`](Self::param_layout)).
     pub fn param_specs(&self) -> Vec<(String, Vec<i64>)> {
+        self.param_layout()
+            .specs
+            .into_iter()
+            .map(|p| (p.name, p.shape))
+            .collect()
+    }
+
+    /// Where every parameter lives in the flat buffer: sharding unit 0 holds the embeddings, the head (untied) and
+    /// the final norm, unit `1 + i` transformer block `i`; inside a unit the ≥2-D weights come first (the weight
+    /// decay group), then the norms. Every unit starts at a multiple of [`NORM_BLOCK`] (zero padding between
+    /// units), so gradient-norm blocks never straddle two units and a unit's slices can be cut at block boundaries.
+    pub fn param_layout(&self) -> ParamLayout {
         let (d, f, v) = (
             self.hidden_size as i64,
             self.intermediate_size as i64,
@@ -245,29 +258,65 @@ impl LlamaConfig {
         );
         let q = (self.num_attention_heads * self.head_dim) as i64;
         let kv = (self.num_key_value_heads * self.head_dim) as i64;
-        let mut specs = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
+        let mut groups: Vec<(Vec<(String, Vec<i64>)>, Vec<(String, Vec<i64>)>)> = Vec::new();
+        let mut head = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
+        if !self.tie_word_embeddings {
+            head.push(("lm_head.weight".to_string(), vec![v, d]));
+        }
+        groups.push((head, vec![("model.norm.weight".to_string(), vec![d])]));
         for i in 0..self.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            specs.push((format!("{p}.self_attn.q_proj.weight"), vec![q, d]));
-            specs.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, d]));
-            specs.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, d]));
-            specs.push((format!("{p}.self_attn.o_proj.weight"), vec![d, q]));
-            specs.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
-            specs.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
-            specs.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
-        }
-        if !self.tie_word_embeddings {
-            specs.push(("lm_head.weight".to_string(), vec![v, d]));
-        }
-        for i in 0..self.num_hidden_layers {
-            specs.push((format!("model.layers.{i}.input_layernorm.weight"), vec![d]));
-            specs.push((
-                format!("model.layers.{i}.post_attention_layernorm.weight"),
-                vec![d],
+            groups.push((
+                vec![
+                    (format!("{p}.self_attn.q_proj.weight"), vec![q, d]),
+                    (format!("{p}.self_attn.k_proj.weight"), vec![kv, d]),
+                    (format!("{p}.self_attn.v_proj.weight"), vec![kv, d]),
+                    (format!("{p}.self_attn.o_proj.weight"), vec![d, q]),
+                    (format!("{p}.mlp.gate_proj.weight"), vec![f, d]),
+                    (format!("{p}.mlp.up_proj.weight"), vec![f, d]),
+                    (format!("{p}.mlp.down_proj.weight"), vec![d, f]),
+                ],
+                vec![
+                    (format!("{p}.input_layernorm.weight"), vec![d]),
+                    (format!("{p}.post_attention_layernorm.weight"), vec![d]),
+                ],
             ));
         }
-        specs.push(("model.norm.weight".to_string(), vec![d]));
-        specs
+        let mut specs = Vec::new();
+        let mut units = Vec::with_capacity(groups.len());
+        let mut offset = 0i64;
+        for (u, (weights, norms)) in groups.into_iter().enumerate() {
+            let start = (offset + NORM_BLOCK - 1) / NORM_BLOCK * NORM_BLOCK;
+            offset = start;
+            let first = specs.len();
+            let mut decay = 0;
+            for (k, (name, shape)) in weights.into_iter().chain(norms).enumerate() {
+                let numel: i64 = shape.iter().product();
+                if shape.len() >= 2 {
+                    debug_assert_eq!(k as i64, specs.len() as i64 - first as i64);
+                    decay += numel;
+                }
+                specs.push(ParamSpec {
+                    name,
+                    shape,
+                    offset,
+                    numel,
+                    unit: u,
+                });
+                offset += numel;
+            }
+            units.push(Unit {
+                start,
+                numel: offset - start,
+                decay,
+                params: first..specs.len(),
+            });
+        }
+        ParamLayout {
+            specs,
+            units,
+            total: offset,
+        }
     }
 
     pub fn num_params(&self) -> usize {
@@ -322,6 +371,109 @@ impl LlamaConfig {
     }
 }
 
+/// Elements per gradient-norm block. Sharding units start at multiples of it and every shard boundary is one, so
+/// every block lies in one rank's slice and the global norm has the same bits however the state is split.
+pub const NORM_BLOCK: i64 = 1 << 16;
+
+/// One parameter's place in the flat buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<i64>,
+    /// Offset (in elements) in the flat buffer.
+    pub offset: i64,
+    pub numel: i64,
+    /// The sharding unit it belongs to.
+    pub unit: usize,
+}
+
+/// A sharding unit: what fully sharded training gathers, computes with and frees as one piece (a transformer block;
+/// unit 0 is the embeddings, final norm and head).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unit {
+    /// Offset of the unit in the flat buffer: a multiple of [`NORM_BLOCK`].
+    pub start: i64,
+    /// Elements of its parameters (the padding after it is not counted).
+    pub numel: i64,
+    /// Elements of its ≥2-D weights, at its start: the weight-decay group.
+    pub decay: i64,
+    /// Its parameters, as indices into [`ParamLayout::specs`].
+    pub params: std::ops::Range<usize>,
+}
+
+impl Unit {
+    /// Elements of each rank's slice of the unit when it is sharded over `world` ranks: a multiple of
+    /// [`NORM_BLOCK`], `world` slices covering the unit (the last ones padded with zeros).
+    pub fn shard(&self, world: usize) -> i64 {
+        let per = NORM_BLOCK * world.max(1) as i64;
+        (self.numel + per - 1) / per * NORM_BLOCK
+    }
+}
+
+/// Where every parameter of a model lives in its flat buffer ([`LlamaConfig::param_layout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamLayout {
+    pub specs: Vec<ParamSpec>,
+    pub units: Vec<Unit>,
+    /// Elements of the flat buffer (parameters and the padding between units).
+    pub total: i64,
+}
+
+impl ParamLayout {
+    /// Global `[start, end)` ranges of the weight-decay group (the ≥2-D weights of each unit).
+    pub fn decay_ranges(&self) -> Vec<(i64, i64)> {
+        self.units
+            .iter()
+            .map(|u| (u.start, u.start + u.decay))
+            .collect()
+    }
+
+    /// Global `[start, end)` ranges of the norms (no weight decay).
+    pub fn norm_ranges(&self) -> Vec<(i64, i64)> {
+        self.units
+            .iter()
+            .map(|u| (u.start + u.decay, u.start + u.numel))
+            .collect()
+    }
+
+    /// Elements of one rank's slices of every unit, sharded over `world` ranks.
+    pub fn full_shard_numel(&self, world: usize) -> i64 {
+        self.units.iter().map(|u| u.shard(world)).sum()
+    }
+
+    /// The layout of unit `u` alone, as the buffer an all-gather of its slices fills: its parameters at offsets
+    /// from the unit's start, one unit starting at 0, `total` = the unit's elements.
+    pub fn unit_local(&self, u: usize) -> ParamLayout {
+        let unit = &self.units[u];
+        ParamLayout {
+            specs: self.specs[unit.params.clone()]
+                .iter()
+                .map(|p| ParamSpec {
+                    offset: p.offset - unit.start,
+                    unit: 0,
+                    ..p.clone()
+                })
+                .collect(),
+            units: vec![Unit {
+                start: 0,
+                params: 0..unit.params.len(),
+                ..unit.clone()
+            }],
+            total: unit.numel,
+        }
+    }
+
+    /// A short description of the layout for checkpoint metadata: states saved in another layout are refused.
+    pub fn fingerprint(&self) -> String {
+        let units: Vec<String> = self
+            .units
+            .iter()
+            .map(|u| format!("{}+{}/{}", u.start, u.numel, u.decay))
+            .collect();
+        format!("units-v1:{}:{}", self.total, units.join(","))
+    }
+}
+
 /// One named parameter: a view into [`Params::flat`].
 pub struct Param {
     pub name: String,
@@ -332,45 +484,41 @@ pub struct Param {
     pub tensor: Tensor,
 }
 
-/// All parameters of a model in one flat buffer of the model's dtype. Each [`Param::tensor`] is a leaf view of it
-/// that requires grad; writing into the flat buffer (under no-grad) updates every parameter at once.
+/// All parameters of a model in one flat buffer of the model's dtype ([`ParamLayout`]). Each [`Param::tensor`] is a
+/// leaf view of it that requires grad; writing into the flat buffer (under no-grad) updates every parameter at once.
 pub struct Params {
     pub flat: Tensor,
     pub params: Vec<Param>,
-    /// Elements `[0, decay_numel)` belong to ≥2-D weights (weight decay applies), the rest to norms.
-    pub decay_numel: i64,
+    pub layout: ParamLayout,
 }
 
 impl Params {
-    fn allocate(specs: &[(String, Vec<i64>)], kind: Kind, device: Device) -> Params {
-        let total: i64 = specs.iter().map(|(_, s)| s.iter().product::<i64>()).sum();
-        let flat = Tensor::zeros([total], (kind, device));
-        let mut offset = 0;
-        let mut decay_numel = 0;
-        let mut params = Vec::with_capacity(specs.len());
-        for (name, shape) in specs {
-            let numel: i64 = shape.iter().product();
-            let tensor = flat
-                .narrow(0, offset, numel)
-                .view(shape.as_slice())
-                .set_requires_grad(true);
-            if shape.len() >= 2 {
-                debug_assert_eq!(decay_numel, offset, "≥2-D weights must precede the norms");
-                decay_numel = offset + numel;
-            }
-            params.push(Param {
-                name: name.clone(),
-                shape: shape.clone(),
-                offset,
-                numel,
-                tensor,
-            });
-            offset += numel;
-        }
+    fn allocate(layout: ParamLayout, kind: Kind, device: Device) -> Params {
+        let flat = Tensor::zeros([layout.total], (kind, device));
+        Self::views(flat, layout)
+    }
+
+    /// Leaf views (requiring grad) of `flat`, laid out as `layout`; `flat` may also hold just the parameters of
+    /// some units when `layout` says so (the offsets are into `flat`).
+    pub fn views(flat: Tensor, layout: ParamLayout) -> Params {
+        let params = layout
+            .specs
+            .iter()
+            .map(|p| Param {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                offset: p.offset,
+                numel: p.numel,
+                tensor: flat
+                    .narrow(0, p.offset, p.numel)
+                    .view(p.shape.as_slice())
+                    .set_requires_grad(true),
+            })
+            .collect();
         Params {
             flat,
             params,
-            decay_numel,
+            layout,
         }
     }
 
@@ -389,6 +537,26 @@ impl Params {
         self.get(name)
             .unwrap_or_else(|| panic!("parameter {name} is in param_specs"))
             .shallow_clone()
+    }
+
+    /// The parameters of unit `u` as their own [`Params`]: the same leaf tensors (shallow handles, gradients
+    /// accumulate into this model's), `flat` still the whole buffer.
+    pub fn unit(&self, u: usize) -> Params {
+        let range = self.layout.units[u].params.clone();
+        Params {
+            flat: self.flat.shallow_clone(),
+            params: self.params[range]
+                .iter()
+                .map(|p| Param {
+                    name: p.name.clone(),
+                    shape: p.shape.clone(),
+                    offset: p.offset,
+                    numel: p.numel,
+                    tensor: p.tensor.shallow_clone(),
+                })
+                .collect(),
+            layout: self.layout.clone(),
+        }
     }
 
     /// Drops every accumulated gradient (the next backward allocates fresh ones).
@@ -847,20 +1015,35 @@ impl Llama {
         if device.is_cuda() {
             crate::init_cuda();
         }
-        let params = Params::allocate(&cfg.param_specs(), kind, device);
+        let params = Params::allocate(cfg.param_layout(), kind, device);
         {
             let _g = rng_lock();
             let _ng = tch::no_grad_guard();
             tch::manual_seed(seed as i64);
-            let mut decayed = params.flat.narrow(0, 0, params.decay_numel);
-            let _ = decayed.normal_(0.0, 0.02);
-            let mut norms =
-                params
+            // One draw per unit's weights, in unit order; norms are ones; the padding between units stays zero.
+            for u in &params.layout.units {
+                let _ = params.flat.narrow(0, u.start, u.decay).normal_(0.0, 0.02);
+                let _ = params
                     .flat
-                    .narrow(0, params.decay_numel, params.numel() - params.decay_numel);
-            let _ = norms.fill_(1.0);
+                    .narrow(0, u.start + u.decay, u.numel - u.decay)
+                    .fill_(1.0);
+            }
         }
         Ok(Self::from_params(cfg, params))
+    }
+
+    /// A model over `flat`, a buffer laid out as `cfg.param_layout()` (weights as they are).
+    pub fn from_flat(cfg: &LlamaConfig, flat: Tensor) -> Result<Self> {
+        cfg.validate()?;
+        let layout = cfg.param_layout();
+        if flat.numel() as i64 != layout.total {
+            return Err(GpuError::Config(format!(
+                "a flat buffer of {} elements for a model of {}",
+                flat.numel(),
+                layout.total
+            )));
+        }
+        Ok(Self::from_params(cfg, Params::views(flat, layout)))
     }
 
     fn from_params(cfg: &LlamaConfig, params: Params) -> Self {
@@ -1015,28 +1198,7 @@ impl Llama {
     }
 
     fn layout_of<'b>(&self, batch: &'b Batch) -> AttnLayout<'b> {
-        let Some(doc_ids) = &batch.doc_ids else {
-            return AttnLayout::Causal;
-        };
-        let choice = doc_attention_choice();
-        if let (Some(cu), "auto" | "varlen") = (&batch.cu_seqlens, choice) {
-            let probe = self.params.flat.narrow(0, 0, self.cfg.head_dim as i64);
-            if crate::ops::flash_varlen_supported(&probe.view([1, 1, -1])) {
-                return AttnLayout::Varlen {
-                    cu_seqlens: cu,
-                    max_len: batch.max_seqlen,
-                };
-            }
-        }
-        match &batch.segments {
-            Some(segs)
-                if choice != "mask"
-                    && segs.iter().map(Vec::len).sum::<usize>() <= MAX_FLASH_SEGMENTS =>
-            {
-                AttnLayout::Segments(segs)
-            }
-            _ => AttnLayout::Mask(document_mask(doc_ids)),
-        }
+        attn_layout(&self.cfg, &self.params.flat, batch)
     }
 
     /// Which attention path [`forward_batch`](Self::forward_batch) takes for `batch`: "causal", "varlen",
@@ -1074,37 +1236,8 @@ impl Llama {
             return crate::loss::cross_entropy_sum_backward(&logits, &batch.labels, scale)
                 .unwrap_or_else(|e| panic!("{e}"));
         }
-        let (_, t) = batch.inputs.size2().expect("(B, T) token ids");
-        let rope = Rope::new(&self.inv_freq, t, self.kind());
-        // 1. Forward without a graph, keeping the input of every layer.
-        let mut inputs = Vec::with_capacity(self.layers.len());
-        let mut x =
-            tch::no_grad(|| Tensor::embedding(&self.embed_tokens, &batch.inputs, -1, false, false));
-        for block in &self.layers {
-            let next = tch::no_grad(|| block.forward(&x, &rope, &attn));
-            inputs.push(x);
-            x = next;
-        }
-        // 2. Head and loss with a graph from the last hidden state.
-        let h = x.set_requires_grad(true);
-        let loss = {
-            let logits = self.norm.forward(&h).linear::<&Tensor>(&self.lm_head, None);
-            crate::loss::cross_entropy_sum_backward(&logits, &batch.labels, scale)
-                .unwrap_or_else(|e| panic!("{e}"))
-        };
-        let mut g = h.grad();
-        // 3. Layers in reverse: recompute one with a graph, push its output gradient through it
-        //    (`Σ y·g` has gradient g with respect to y).
-        for (block, x_in) in self.layers.iter().zip(inputs).rev() {
-            let x_in = x_in.set_requires_grad(true);
-            let y = block.forward(&x_in, &rope, &attn);
-            (y * &g).sum(Kind::Float).backward();
-            g = x_in.grad();
-        }
-        // 4. The embedding (its gradient adds to the head's when tied).
-        let e = Tensor::embedding(&self.embed_tokens, &batch.inputs, -1, false, false);
-        (e * &g).sum(Kind::Float).backward();
-        loss
+        unit_forward_backward(&self.cfg, batch, scale, true, &mut OwnUnits(&self.params))
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Forward over a [`Batch`] (inputs on the model's device): plain causal flash attention when every sequence is
@@ -1114,6 +1247,183 @@ impl Llama {
     pub fn forward_batch(&self, batch: &Batch) -> Tensor {
         self.forward_layout(&batch.inputs, &self.layout_of(batch))
     }
+}
+
+/// The attention path for `batch` ([`Llama::attention_path`]); `probe` is any tensor of the model's dtype and
+/// device.
+fn attn_layout<'b>(cfg: &LlamaConfig, probe: &Tensor, batch: &'b Batch) -> AttnLayout<'b> {
+    let Some(doc_ids) = &batch.doc_ids else {
+        return AttnLayout::Causal;
+    };
+    let choice = doc_attention_choice();
+    if let (Some(cu), "auto" | "varlen") = (&batch.cu_seqlens, choice) {
+        let probe = probe.narrow(0, 0, cfg.head_dim as i64);
+        if crate::ops::flash_varlen_supported(&probe.view([1, 1, -1])) {
+            return AttnLayout::Varlen {
+                cu_seqlens: cu,
+                max_len: batch.max_seqlen,
+            };
+        }
+    }
+    match &batch.segments {
+        Some(segs)
+            if choice != "mask"
+                && segs.iter().map(Vec::len).sum::<usize>() <= MAX_FLASH_SEGMENTS =>
+        {
+            AttnLayout::Segments(segs)
+        }
+        _ => AttnLayout::Mask(document_mask(doc_ids)),
+    }
+}
+
+/// Where unit-by-unit training ([`unit_forward_backward`]) gets each sharding unit's parameters and hands back its
+/// gradients: a model's own parameters ([`Llama::forward_backward`] with recomputation), or, fully sharded, an
+/// all-gather of the ranks' slices before and a reduce-scatter of the gradients after.
+pub trait UnitSource {
+    /// Unit `u`'s parameters ([`ParamLayout::units`]): leaves that require grad, named with their HF keys.
+    fn gather(&mut self, u: usize) -> Result<Params>;
+    /// The backward of unit `u` for this micro-batch is done: `params` (what [`gather`](Self::gather) returned)
+    /// carry its final gradients; it is not used again in this micro-batch.
+    fn reduced(&mut self, u: usize, params: &Params) -> Result<()>;
+}
+
+/// A model's own parameters as a [`UnitSource`]: the units are views of them, gradients stay where they are.
+struct OwnUnits<'a>(&'a Params);
+
+impl UnitSource for OwnUnits<'_> {
+    fn gather(&mut self, u: usize) -> Result<Params> {
+        Ok(self.0.unit(u))
+    }
+
+    fn reduced(&mut self, _u: usize, _params: &Params) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Unit 0: the embeddings, the final norm and the head (the embeddings when tied).
+struct Head {
+    embed: Tensor,
+    norm: RmsNorm,
+    lm_head: Tensor,
+}
+
+impl Head {
+    fn new(p: &Params, cfg: &LlamaConfig) -> Self {
+        let embed = p.must("model.embed_tokens.weight");
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.shallow_clone()
+        } else {
+            p.must("lm_head.weight")
+        };
+        Head {
+            embed,
+            norm: RmsNorm::new(p, "model.norm", cfg.rms_norm_eps),
+            lm_head,
+        }
+    }
+
+    fn logits(&self, h: &Tensor) -> Tensor {
+        self.norm.forward(h).linear::<&Tensor>(&self.lm_head, None)
+    }
+}
+
+/// One micro-batch of training, one sharding unit at a time: accumulates `scale · ∇ Σ cross-entropy` into the
+/// units' parameters and returns the cross-entropy sum (detached fp32 scalar on the device), as
+/// [`Llama::forward_backward`].
+///
+/// Unit 0 (embeddings, final norm, head) is gathered first and kept to the end of the micro-batch; every block is
+/// gathered for its forward and dropped after it. With `recompute` the forward runs without a graph keeping each
+/// block's input, and the backward gathers each block again (in reverse), recomputes it with a graph and pushes the
+/// gradient through it: one block's weights and activations at a time. Without, each block's graph (and so its
+/// gathered weights) lives until its backward; the graph is cut at the blocks' boundaries so that each block's
+/// gradients are final, and handed to [`UnitSource::reduced`], as soon as its backward is done.
+pub fn unit_forward_backward(
+    cfg: &LlamaConfig,
+    batch: &Batch,
+    scale: f64,
+    recompute: bool,
+    src: &mut dyn UnitSource,
+) -> Result<Tensor> {
+    let (_, t) = batch.inputs.size2()?;
+    let p0 = src.gather(0)?;
+    let head = Head::new(&p0, cfg);
+    let (kind, device) = (p0.flat.kind(), p0.flat.device());
+    let inv_freq = Tensor::from_slice(&cfg.rope_inv_freq()).to_device(device);
+    let rope = Rope::new(&inv_freq, t, kind);
+    let attn = attn_layout(cfg, &p0.flat, batch);
+    let layers = cfg.num_hidden_layers;
+    if recompute {
+        let mut inputs = Vec::with_capacity(layers);
+        let mut x =
+            tch::no_grad(|| Tensor::embedding(&head.embed, &batch.inputs, -1, false, false));
+        for i in 0..layers {
+            let p = src.gather(1 + i)?;
+            let block = Block::new(&p, i, cfg);
+            let next = tch::no_grad(|| block.forward(&x, &rope, &attn));
+            inputs.push(x);
+            x = next;
+        }
+        let h = x.set_requires_grad(true);
+        let loss = crate::loss::cross_entropy_sum_backward(&head.logits(&h), &batch.labels, scale)?;
+        let mut g = h.grad();
+        // Blocks in reverse: recompute one with a graph, push its output gradient through it (`Σ y·g` has gradient
+        // g with respect to y).
+        for (i, x_in) in inputs.into_iter().enumerate().rev() {
+            let p = src.gather(1 + i)?;
+            let block = Block::new(&p, i, cfg);
+            let x_in = x_in.set_requires_grad(true);
+            let y = block.forward(&x_in, &rope, &attn);
+            (y * &g).sum(Kind::Float).backward();
+            g = x_in.grad();
+            drop(block);
+            src.reduced(1 + i, &p)?;
+        }
+        // The embedding (its gradient adds to the head's when tied).
+        let e = Tensor::embedding(&head.embed, &batch.inputs, -1, false, false);
+        (e * &g).sum(Kind::Float).backward();
+        drop(head);
+        src.reduced(0, &p0)?;
+        return Ok(loss);
+    }
+    let e = Tensor::embedding(&head.embed, &batch.inputs, -1, false, false);
+    let mut x = e.detach().set_requires_grad(true);
+    let mut segments = Vec::with_capacity(layers);
+    for i in 0..layers {
+        let p = src.gather(1 + i)?;
+        let y = Block::new(&p, i, cfg).forward(&x, &rope, &attn);
+        let next = y.detach().set_requires_grad(true);
+        segments.push((x, y, p));
+        x = next;
+    }
+    let loss = crate::loss::cross_entropy_sum_backward(&head.logits(&x), &batch.labels, scale)?;
+    let mut g = x.grad();
+    while let Some((x_in, y, p)) = segments.pop() {
+        crate::ops::backward_with_grad(&y, &g)?;
+        drop(y);
+        g = x_in.grad();
+        src.reduced(1 + segments.len(), &p)?;
+    }
+    crate::ops::backward_with_grad(&e, &g)?;
+    drop(head);
+    src.reduced(0, &p0)?;
+    Ok(loss)
+}
+
+/// Logits `(B, T, V)` of a batch, one sharding unit at a time, without a graph (evaluation of a sharded model).
+pub fn unit_logits(cfg: &LlamaConfig, batch: &Batch, src: &mut dyn UnitSource) -> Result<Tensor> {
+    let _ng = tch::no_grad_guard();
+    let (_, t) = batch.inputs.size2()?;
+    let p0 = src.gather(0)?;
+    let head = Head::new(&p0, cfg);
+    let inv_freq = Tensor::from_slice(&cfg.rope_inv_freq()).to_device(p0.flat.device());
+    let rope = Rope::new(&inv_freq, t, p0.flat.kind());
+    let attn = attn_layout(cfg, &p0.flat, batch);
+    let mut x = Tensor::embedding(&head.embed, &batch.inputs, -1, false, false);
+    for i in 0..cfg.num_hidden_layers {
+        let p = src.gather(1 + i)?;
+        x = Block::new(&p, i, cfg).forward(&x, &rope, &attn);
+    }
+    Ok(head.logits(&x))
 }
 
 /// `(B, 1, T, T)` bool: position i may attend to j iff j ≤ i and both lie in the same document.
@@ -1244,7 +1554,17 @@ mod tests {
                 .double_value(&[0, 0]),
             3.0
         );
-        assert_eq!(a.params.params.last().unwrap().name, "model.norm.weight");
+        // Unit 0 is the embeddings, the head and the final norm; every unit starts at a block boundary.
+        let l = &a.params.layout;
+        assert_eq!(l.units.len(), cfg.num_hidden_layers + 1);
+        let unit0: Vec<&str> = l.specs[l.units[0].params.clone()]
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert!(cfg.tie_word_embeddings);
+        assert_eq!(unit0, ["model.embed_tokens.weight", "model.norm.weight"]);
+        assert!(l.units.iter().all(|u| u.start % NORM_BLOCK == 0));
+        assert_eq!(l.specs.len(), a.params.params.len());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use lexflow_gpu::{AdamWConfig, FlatAdamW, GpuError, Llama, LlamaConfig};
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
+use super::model::Weights;
 use super::records::STEPS_FILE;
 use super::setup::{RankResult, TrainerError};
 use super::step::Rank;
@@ -340,14 +341,23 @@ impl Rank<'_> {
     /// position) and prunes older ones; sharded ranks send their optimizer slices; every rank waits at a barrier.
     pub(super) fn checkpoint(
         &self,
-        model: &Llama,
+        model: &Weights,
         opt: &FlatAdamW,
         mcfg: &LlamaConfig,
         last_loss: Option<f64>,
         data: Option<&ResumePoint>,
         result: &mut RankResult,
     ) -> Result<(), TrainerError> {
-        if self.rank == 0 {
+        // Fully sharded: the model gathered unit by unit into rank 0's host memory (the others only send).
+        let gathered = match model {
+            Weights::Whole(_) => None,
+            Weights::Sharded(m) => m.gather_whole(&*self.coll, Device::Cpu, Some(0))?,
+        };
+        let whole = match model {
+            Weights::Whole(m) => Some(m),
+            Weights::Sharded(_) => gathered.as_ref(),
+        };
+        if let (0, Some(model)) = (self.rank, whole) {
             let t0 = Instant::now();
             let dir = checkpoints_dir(&self.setup.run_dir).join(format!("step-{:06}", opt.step));
             let state = self.trainer_state(opt, mcfg, last_loss);

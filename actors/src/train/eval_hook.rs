@@ -3,8 +3,9 @@
 
 use std::time::Instant;
 
-use lexflow_gpu::{Batch, Llama, SequenceRef};
+use lexflow_gpu::{Batch, SequenceRef};
 
+use super::model::Weights;
 use super::records::append_json_line;
 use super::setup::{EvalSetup, RankResult, TrainerError};
 use super::step::Rank;
@@ -15,7 +16,7 @@ impl Rank<'_> {
     /// One evaluation: the held-out loss and/or the Q&A scores (every rank takes part; rank 0 records).
     pub(super) fn evaluate(
         &self,
-        model: &Llama,
+        model: &Weights,
         e: &EvalSetup,
         step: u64,
         result: &mut RankResult,
@@ -53,10 +54,12 @@ impl Rank<'_> {
 
     /// Loss on the held-out set: rank r evaluates sequences `k ≡ r (mod world)`, without a graph, each sequence's
     /// cross-entropy sum kept apart; one all-reduce of those sums (every entry comes from one rank, the others add
-    /// zeros, so it is exact) and a sum in index order make the result independent of the world size.
+    /// zeros, so it is exact) and a sum in index order make the result independent of the world size. Fully
+    /// sharded, every rank runs as many micro-batches as the busiest one (the units are gathered from all ranks):
+    /// one with nothing left to evaluate runs its first sequence again and ignores the result.
     pub(super) fn held_out_loss(
         &self,
-        model: &Llama,
+        model: &Weights,
         set: &HeldOutSet,
         micro_batch: usize,
         step: u64,
@@ -65,11 +68,24 @@ impl Rank<'_> {
         let all = set.sequences();
         let mut sums = vec![0f64; all.len()];
         let mine: Vec<usize> = (self.rank..all.len()).step_by(self.world).collect();
-        for chunk in mine.chunks(micro_batch.max(1)) {
+        let mb = micro_batch.max(1);
+        let chunks: Vec<&[usize]> = mine.chunks(mb).collect();
+        let rounds = match model {
+            Weights::Whole(_) => chunks.len(),
+            Weights::Sharded(_) => all.len().div_ceil(self.world).div_ceil(mb),
+        };
+        for r in 0..rounds {
+            let (chunk, idle) = match chunks.get(r) {
+                Some(c) => (*c, false),
+                None => (&[0usize][..], true),
+            };
             let rows: Vec<SequenceRef<'_>> = chunk.iter().map(|&k| seq_ref(all[k].1)).collect();
             let batch = Batch::new(&rows, self.device)?;
+            let logits = model.logits(&batch, &*self.coll)?;
+            if idle {
+                continue;
+            }
             tch::no_grad(|| {
-                let logits = model.forward_batch(&batch);
                 for (i, &k) in chunk.iter().enumerate() {
                     let i = i as i64;
                     let l = lexflow_gpu::cross_entropy_sum(
@@ -95,7 +111,7 @@ impl Rank<'_> {
     /// decodes and scores them (None on the other ranks).
     pub(super) fn qa_scores(
         &self,
-        model: &Llama,
+        model: &Weights,
         qa: &QaProbe,
         step: u64,
     ) -> Result<Option<QaEvalResult>, TrainerError> {
@@ -104,20 +120,27 @@ impl Rank<'_> {
         let w = qa.max_new_tokens + 1;
         let mut buf = vec![0f64; n * w];
         let mine: Vec<usize> = (self.rank..n).step_by(self.world).collect();
-        for chunk in mine.chunks(qa.batch_size.max(1)) {
-            let prompts: Vec<Vec<i64>> = chunk.iter().map(|&k| qa.prompts[k].clone()).collect();
-            let gen =
-                crate::tasks::decode::greedy_batch(model, &prompts, &qa.stops, qa.max_new_tokens)
-                    .map_err(|e| {
+        model.with_whole(&*self.coll, |model| -> Result<(), TrainerError> {
+            for chunk in mine.chunks(qa.batch_size.max(1)) {
+                let prompts: Vec<Vec<i64>> = chunk.iter().map(|&k| qa.prompts[k].clone()).collect();
+                let gen = crate::tasks::decode::greedy_batch(
+                    model,
+                    &prompts,
+                    &qa.stops,
+                    qa.max_new_tokens,
+                )
+                .map_err(|e| {
                     TrainerError::Setup(format!("Q&A evaluation at step {step}: {e:#}"))
                 })?;
-            for (&k, ids) in chunk.iter().zip(gen) {
-                buf[k * w] = ids.len() as f64;
-                for (j, &t) in ids.iter().enumerate() {
-                    buf[k * w + 1 + j] = t as f64;
+                for (&k, ids) in chunk.iter().zip(gen) {
+                    buf[k * w] = ids.len() as f64;
+                    for (j, &t) in ids.iter().enumerate() {
+                        buf[k * w + 1 + j] = t as f64;
+                    }
                 }
             }
-        }
+            Ok(())
+        })??;
         self.coll.all_reduce_sum_f64(&mut buf, self.device)?;
         if self.rank != 0 {
             return Ok(None);

@@ -70,3 +70,46 @@ pub(super) fn describe_shape(c: &LlamaConfig) -> String {
         c.head_dim
     )
 }
+
+/// The weights a rank trains: the whole model (replicated or ZeRO-2), or its slices of every unit (`train.shard =
+/// "full"`).
+pub(super) enum Weights {
+    Whole(lexflow_gpu::Llama),
+    Sharded(lexflow_gpu::ShardedLlama),
+}
+
+impl Weights {
+    /// The compute-dtype buffer the optimizer updates: the whole flat parameters, or this rank's slices.
+    pub(super) fn target(&self) -> &tch::Tensor {
+        match self {
+            Weights::Whole(m) => &m.params.flat,
+            Weights::Sharded(m) => &m.local,
+        }
+    }
+
+    /// Logits of a batch without a graph. Sharded, every rank must call it the same number of times (the units
+    /// are gathered from all of them).
+    pub(super) fn logits(
+        &self,
+        batch: &lexflow_gpu::Batch,
+        coll: &dyn lexflow_gpu::Collective,
+    ) -> Result<tch::Tensor, TrainerError> {
+        match self {
+            Weights::Whole(m) => Ok(tch::no_grad(|| m.forward_batch(batch))),
+            Weights::Sharded(m) => Ok(m.logits(batch, coll)?),
+        }
+    }
+
+    /// Runs `f` on the whole model, for what needs all of it at once (decoding): the model itself, or gathered
+    /// onto every rank (a replicated model's memory while `f` runs).
+    pub(super) fn with_whole<R>(
+        &self,
+        coll: &dyn lexflow_gpu::Collective,
+        f: impl FnOnce(&lexflow_gpu::Llama) -> R,
+    ) -> Result<R, TrainerError> {
+        match self {
+            Weights::Whole(m) => Ok(f(m)),
+            Weights::Sharded(m) => Ok(f(&m.gather_all(coll)?)),
+        }
+    }
+}

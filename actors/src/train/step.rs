@@ -13,14 +13,16 @@ use std::time::Instant;
 
 use lexflow_dataflow::{ActorContext, EdgeReceiver};
 use lexflow_gpu::checkpoint;
+use lexflow_gpu::plan::ShardMode;
 use lexflow_gpu::{
-    valid_targets, Batch, Collective, FlatAdamW, Llama, LlamaConfig, SequenceRef, StepStats,
+    valid_targets, Batch, Collective, FlatAdamW, Llama, LlamaConfig, SequenceRef, ShardedLlama,
+    StepStats,
 };
 use tch::{Device, Kind};
 
 use super::checkpoint::{BatchSegment, ResumeInfo};
 use super::memory::{activation_bytes, check_fits, needs_recompute, peak_flops, process_rss_bytes};
-use super::model::model_config;
+use super::model::{model_config, Weights};
 use super::records::{append_step_record, sequence_hash, StepRecord};
 use super::schedule::schedule;
 use super::setup::{RankResult, TrainerError, TrainerSetup};
@@ -74,8 +76,6 @@ impl<'a> Rank<'a> {
             result.resumed_from_step = Some(r.step);
         }
         self.extend_batch_history(resume);
-        // Ranks start from identical weights whatever their RNG did.
-        self.coll.broadcast(&mut model.params.flat.detach(), 0)?;
         let mut s = StepLoop::new(self, &mcfg, kind, opt.step, resume, result);
         while opt.step < cfg.steps {
             let step = opt.step + 1;
@@ -110,11 +110,12 @@ impl<'a> Rank<'a> {
         self.finish(&model, &opt, &mcfg, s)
     }
 
-    /// The model (dtype, recomputation, `train.init_from`'s weights) and its optimizer, as `[train]` asks.
+    /// The model (dtype, recomputation, `train.init_from`'s weights) and its optimizer, as `[train]` asks; the
+    /// same weights on every rank (rank 0's), whole or (`train.shard = "full"`) this rank's slices of them.
     fn build_model(
         &self,
         resume: Option<&ResumeInfo>,
-    ) -> Result<(Llama, FlatAdamW, LlamaConfig, Kind), TrainerError> {
+    ) -> Result<(Weights, FlatAdamW, LlamaConfig, Kind), TrainerError> {
         let cfg = &self.setup.cfg;
         // `train.dtype`: auto = bf16 on CUDA, fp32 on CPU (the optimizer state is fp32 either way).
         let kind = if cfg.dtype.is_bf16(self.device.is_cuda()) {
@@ -138,20 +139,43 @@ impl<'a> Rank<'a> {
                 );
             }
         }
-        let opt = if cfg.shard_optimizer {
-            FlatAdamW::sharded(&model.params, schedule(cfg), self.rank, self.world)
-        } else {
-            FlatAdamW::new(&model.params, schedule(cfg))
+        // Ranks start from identical weights whatever their RNG did.
+        self.coll.broadcast(&mut model.params.flat.detach(), 0)?;
+        let mode = cfg.shard_mode();
+        let (weights, opt) = match mode {
+            ShardMode::None => {
+                let opt = FlatAdamW::new(&model.params, schedule(cfg));
+                (Weights::Whole(model), opt)
+            }
+            ShardMode::Optimizer => {
+                let opt = FlatAdamW::sharded(&model.params, schedule(cfg), self.rank, self.world);
+                (Weights::Whole(model), opt)
+            }
+            ShardMode::Full => {
+                let mut sharded =
+                    ShardedLlama::from_params(&mcfg, &model.params, self.rank, self.world)?;
+                sharded.set_recompute(recompute);
+                drop(model);
+                let opt = sharded.optimizer(schedule(cfg));
+                (Weights::Sharded(sharded), opt)
+            }
         };
-        if self.rank == 0 && opt.layout().is_sharded() {
+        if self.rank == 0 && mode != ShardMode::None {
             let l = opt.layout();
             tracing::info!(
                 world = l.world,
                 shard_elements = l.shard,
-                "train.shard_optimizer: AdamW state and reduced gradients sharded across ranks"
+                mode = mode.name(),
+                "train.shard = \"{}\": {} sharded across ranks",
+                mode.name(),
+                if mode == ShardMode::Full {
+                    "weights, gradients and AdamW state"
+                } else {
+                    "AdamW state and reduced gradients"
+                }
             );
         }
-        Ok((model, opt, mcfg, kind))
+        Ok((weights, opt, mcfg, kind))
     }
 
     /// Whether to recompute activations: `train.recompute`, or with `auto` on a GPU, whether the step would not fit
@@ -160,7 +184,11 @@ impl<'a> Rank<'a> {
         let cfg = &self.setup.cfg;
         let elt = if kind == Kind::BFloat16 { 2 } else { 4 };
         let mut recompute = cfg.recompute == Recompute::On;
-        let shards = if cfg.shard_optimizer { self.world } else { 1 };
+        let shards = if cfg.shard_mode() == ShardMode::None {
+            1
+        } else {
+            self.world
+        };
         if let Device::Cuda(ordinal) = self.device {
             if let Some(total) = lexflow_gpu::cuda_memory_total(ordinal) {
                 let need = check_fits(mcfg, elt, total, ordinal, shards)?;
@@ -245,7 +273,7 @@ impl<'a> Rank<'a> {
     /// step's global loss (per target) and what the optimizer did.
     fn train_step(
         &self,
-        model: &mut Llama,
+        model: &mut Weights,
         opt: &mut FlatAdamW,
         s: &mut StepLoop,
         n_valid: f64,
@@ -257,29 +285,44 @@ impl<'a> Rank<'a> {
         for (i, chunk) in s.seqs.chunks(s.mb).enumerate() {
             let rows: Vec<SequenceRef<'_>> = chunk.iter().map(seq_ref).collect();
             let batch = Batch::new(&rows, self.device)?;
-            if self.rank == 0 && !s.attention_logged && batch.segments.is_some() {
-                s.attention_logged = true;
-                tracing::info!(
-                    path = model.attention_path(&batch),
-                    "packed documents: block-diagonal causal attention"
-                );
-            }
             // Gradient of (sum over all ranks' targets) / n_valid after the mean all-reduce.
-            let loss = model.forward_backward(&batch, self.world as f64 / n_valid);
+            let scale = self.world as f64 / n_valid;
+            let loss = match model {
+                Weights::Whole(m) => {
+                    if self.rank == 0 && !s.attention_logged && batch.segments.is_some() {
+                        s.attention_logged = true;
+                        tracing::info!(
+                            path = m.attention_path(&batch),
+                            "packed documents: block-diagonal causal attention"
+                        );
+                    }
+                    let loss = m.forward_backward(&batch, scale);
+                    // bf16 parameters (or sharded state): the micro-batches' gradients sum in the optimizer's fp32
+                    // buffer, not in bf16.
+                    if i + 1 < n_chunks {
+                        opt.accumulate_micro_batch(&mut m.params, &*self.coll)?;
+                    }
+                    loss
+                }
+                // Each unit's gradient is reduce-scattered into the fp32 slice as soon as it is final.
+                Weights::Sharded(m) => {
+                    m.forward_backward(&batch, scale, opt, &*self.coll, i > 0)?
+                }
+            };
             loss_acc = Some(match loss_acc {
                 Some(acc) => acc + loss.to_kind(Kind::Double),
                 None => loss.to_kind(Kind::Double),
             });
-            // bf16 parameters: the micro-batches' gradients sum in the optimizer's fp32 buffer, not in bf16.
-            if i + 1 < n_chunks {
-                opt.accumulate_micro_batch(&mut model.params, &*self.coll)?;
-            }
         }
-        opt.reduce_grads(&model.params, &*self.coll)?;
-        let st = opt.step(&model.params, &*self.coll)?;
+        if let Weights::Whole(m) = model {
+            opt.reduce_grads(&m.params, &*self.coll)?;
+        }
+        let st = opt.step(model.target(), &*self.coll)?;
         // Read after the optimizer is enqueued (its gradient-norm read-back already waited for the device).
         let loss_sum = loss_acc.map_or(0.0, |l| l.double_value(&[]));
-        model.params.zero_grad();
+        if let Weights::Whole(m) = model {
+            m.params.zero_grad();
+        }
         let mut lv = [loss_sum];
         self.coll.all_reduce_sum_f64(&mut lv, self.device)?;
         let loss = lv[0] / n_valid;
@@ -384,7 +427,7 @@ impl<'a> Rank<'a> {
     /// requested or they were just taken.
     fn finish(
         &self,
-        model: &Llama,
+        model: &Weights,
         opt: &FlatAdamW,
         mcfg: &LlamaConfig,
         mut s: StepLoop,
@@ -408,8 +451,12 @@ impl<'a> Rank<'a> {
 }
 
 /// A resumed run's optimizer state, which must be at the checkpoint's step.
-fn load_optimizer(opt: &mut FlatAdamW, model: &Llama, r: &ResumeInfo) -> Result<(), TrainerError> {
-    opt.load(&r.checkpoint.join("optimizer.safetensors"), &model.params)?;
+fn load_optimizer(
+    opt: &mut FlatAdamW,
+    model: &Weights,
+    r: &ResumeInfo,
+) -> Result<(), TrainerError> {
+    opt.load(&r.checkpoint.join("optimizer.safetensors"), model.target())?;
     if opt.step != r.step {
         return Err(TrainerError::Checkpoint {
             path: r.checkpoint.clone(),
