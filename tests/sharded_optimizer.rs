@@ -129,6 +129,24 @@ fn full_sharding_trains_and_reshards_bit_identically() {
     );
     assert_same_run(&full, &rep, steps, "full vs replicated");
 
+    // CPU optimizer offload: the same bits (on a CPU device the host is the device; the master is a copy).
+    let off = tmp.path().join("offload");
+    let log = run(
+        &tiny_run_config(
+            &off,
+            &two,
+            2,
+            steps,
+            &format!("{FULL}\noffload_optimizer = true"),
+        ),
+        false,
+    );
+    assert!(
+        log.contains("offload=true"),
+        "the trainer must say it offloads:\n{log}"
+    );
+    assert_same_run(&off, &rep, steps, "full + offload vs replicated");
+
     // Recomputation on: the same steps as a replicated run with recomputation.
     let rep_rc = tmp.path().join("replicated-recompute");
     run(

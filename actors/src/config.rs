@@ -276,6 +276,10 @@ pub struct TrainConfig {
     /// The older spelling of `shard = "optimizer"`.
     #[serde(default)]
     pub shard_optimizer: bool,
+    /// CPU optimizer offload (with `shard = "full"`: ZeRO-3-Offload): the fp32 master, moments and gradient slice in
+    /// (pinned) host memory, AdamW on the host's cores, the updated weights copied back to the GPU.
+    #[serde(default)]
+    pub offload_optimizer: bool,
 }
 
 /// `train.shard`: `"none"`, `"optimizer"` or `"full"`.
@@ -928,6 +932,13 @@ impl Config {
                     })
                 ));
             }
+            if t.offload_optimizer && t.shard_mode() != lexflow_gpu::plan::ShardMode::Full {
+                errs.push(format!(
+                    "{}: optimizer offload needs fully sharded state: set `train.shard = \"full\"` (an offloaded \
+                     replicated or ZeRO-2 state would be reduced in host memory)",
+                    at("train.offload_optimizer")
+                ));
+            }
             if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
                 errs.push(format!(
                     "{}: {} must be finite and >= 0 (the maximum global gradient norm; 0 turns clipping off)",
@@ -1517,6 +1528,40 @@ mod tests {
         );
         let e = invalid(&format!("{TRAIN_BASE}schedule = \"linear\"\n"));
         assert!(e.contains("train.schedule") && e.contains("wsd"), "{e}");
+    }
+
+    #[test]
+    fn sharding_keys_resolve_and_contradictions_name_the_key() {
+        use lexflow_gpu::plan::ShardMode;
+        let mode = |extra: &str| {
+            Config::from_toml(&format!("{TRAIN_BASE}{extra}"), "t.toml")
+                .unwrap()
+                .train
+                .unwrap()
+                .shard_mode()
+        };
+        assert_eq!(mode(""), ShardMode::None);
+        assert_eq!(mode("shard_optimizer = true\n"), ShardMode::Optimizer);
+        assert_eq!(mode("shard = \"optimizer\"\n"), ShardMode::Optimizer);
+        assert_eq!(mode("shard = \"full\"\n"), ShardMode::Full);
+        assert_eq!(
+            mode("shard = \"full\"\noffload_optimizer = true\n"),
+            ShardMode::Full
+        );
+        let e = invalid(&format!(
+            "{TRAIN_BASE}shard = \"full\"\nshard_optimizer = true\n"
+        ));
+        assert!(
+            e.contains("line 8: key `train.shard_optimizer`") && e.contains("\"full\""),
+            "{e}"
+        );
+        let e = invalid(&format!("{TRAIN_BASE}offload_optimizer = true\n"));
+        assert!(
+            e.contains("line 7: key `train.offload_optimizer`") && e.contains("shard = \"full\""),
+            "{e}"
+        );
+        let e = invalid(&format!("{TRAIN_BASE}shard = \"zero3\"\n"));
+        assert!(e.contains("train.shard") && e.contains("full"), "{e}");
     }
 
     #[test]

@@ -238,6 +238,8 @@ mod tests {
         Replicated,
         Zero2,
         Full,
+        /// Fully sharded with the optimizer state in host memory.
+        FullOffload,
     }
 
     /// What a run of `steps` steps gives: the losses of every rank and step, the final whole weights.
@@ -294,7 +296,8 @@ mod tests {
                     let rank = coll.rank();
                     let mut whole = Llama::new(&cfg, Device::Cpu, kind, 11).unwrap();
                     whole.set_recompute(recompute);
-                    let mut sharded = (mode == Mode::Full).then(|| {
+                    let full = matches!(mode, Mode::Full | Mode::FullOffload);
+                    let mut sharded = full.then(|| {
                         let mut m =
                             ShardedLlama::from_params(&cfg, &whole.params, rank, world).unwrap();
                         m.set_recompute(recompute);
@@ -304,6 +307,20 @@ mod tests {
                         Mode::Replicated => FlatAdamW::new(&whole.params, adamw),
                         Mode::Zero2 => FlatAdamW::sharded(&whole.params, adamw, rank, world),
                         Mode::Full => sharded.as_ref().unwrap().optimizer(adamw),
+                        Mode::FullOffload => {
+                            let o = sharded
+                                .as_ref()
+                                .unwrap()
+                                .optimizer(adamw)
+                                .offload()
+                                .unwrap();
+                            assert!(
+                                o.is_offloaded()
+                                    && o.master.data_ptr()
+                                        != sharded.as_ref().unwrap().local.data_ptr()
+                            );
+                            o
+                        }
                     };
                     let (mut losses, mut norms) = (Vec::new(), Vec::new());
                     for step in 0..steps {
@@ -381,6 +398,8 @@ mod tests {
             let rep = train(&tiny, kind, world, Mode::Replicated, recompute, 1, 3);
             let full = train(&tiny, kind, world, Mode::Full, recompute, 1, 3);
             assert_same(&full, &rep, &what);
+            let offload = train(&tiny, kind, world, Mode::FullOffload, recompute, 1, 3);
+            assert_same(&offload, &rep, &format!("{what}, offloaded"));
             let moved = (&rep.weights
                 - Llama::new(&tiny, Device::Cpu, kind, 11)
                     .unwrap()
@@ -394,11 +413,25 @@ mod tests {
                 "{what}: training moved the weights by {moved}"
             );
         }
+        // A 125m-shaped model (12 heads of 64, MLP 3072) with two layers and a small vocabulary.
+        let mid = LlamaConfig {
+            num_hidden_layers: 2,
+            vocab_size: 512,
+            ..LlamaConfig::llama_125m()
+        };
+        for recompute in [false, true] {
+            let what = format!("125m-shaped, 2 ranks, recompute {recompute}");
+            let rep = train(&mid, Kind::Float, 2, Mode::Replicated, recompute, 1, 2);
+            let full = train(&mid, Kind::Float, 2, Mode::Full, recompute, 1, 2);
+            assert_same(&full, &rep, &what);
+        }
         for (kind, recompute) in [(Kind::Float, false), (Kind::BFloat16, true)] {
             let what = format!("tiny, 2 ranks, 3 micro-batches, {kind:?}, recompute {recompute}");
             let z2 = train(&tiny, kind, 2, Mode::Zero2, recompute, 3, 2);
             let full = train(&tiny, kind, 2, Mode::Full, recompute, 3, 2);
             assert_same(&full, &z2, &what);
+            let offload = train(&tiny, kind, 2, Mode::FullOffload, recompute, 3, 2);
+            assert_same(&offload, &z2, &format!("{what}, offloaded"));
             let rep = train(&tiny, kind, 2, Mode::Replicated, recompute, 3, 2);
             assert_eq!(full.losses[0][0], rep.losses[0][0], "{what}: first loss");
             let d = (&full.weights - &rep.weights).abs().max().double_value(&[]);

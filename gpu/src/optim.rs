@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{write_safetensors, SafetensorsRanges, StreamingSafetensors};
 use crate::collective::Collective;
@@ -444,6 +444,10 @@ pub struct FlatAdamW {
     pub step: u64,
     layout: ShardLayout,
     shares_params: bool,
+    /// The device the model computes on (and the collectives run on).
+    device: Device,
+    /// Master, moments and gradient live in host memory ([`offload`](Self::offload)).
+    offloaded: bool,
     /// Reused fp32 work buffer of the unfused path (squared gradient, then the denominator).
     scratch: Option<Tensor>,
     /// Sharded: reduce-scatter input (fp32) and all-gather buffers (parameter dtype), allocated on first use.
@@ -509,6 +513,8 @@ impl FlatAdamW {
             step: 0,
             layout,
             shares_params,
+            device: buf.device(),
+            offloaded: false,
             scratch: None,
             scatter_buf: None,
             gather_bufs: None,
@@ -520,6 +526,48 @@ impl FlatAdamW {
 
     pub fn layout(&self) -> &ShardLayout {
         &self.layout
+    }
+
+    /// CPU optimizer offload (ZeRO-Offload): moves the fp32 master, moments and gradient slice to host memory
+    /// (pinned when the model is on a GPU). The collectives still reduce on the device, into a staging buffer that
+    /// is copied down; AdamW runs on the host; the updated slice is copied up into the compute-dtype weights. On a
+    /// CPU device nothing changes numerically (the master becomes a copy instead of the weights themselves). Fully
+    /// sharded state only: a replicated or ZeRO-2 optimizer would all-reduce or all-gather host memory.
+    pub fn offload(mut self) -> Result<Self> {
+        if !self.layout.full {
+            return Err(GpuError::Config(
+                "optimizer offload needs fully sharded state (train.shard = \"full\")".into(),
+            ));
+        }
+        let cuda = self.device;
+        let host = |t: &Tensor| {
+            let h = t.to_device(Device::Cpu);
+            if cuda.is_cuda() {
+                h.pin_memory(cuda)
+            } else {
+                h
+            }
+        };
+        let _ng = tch::no_grad_guard();
+        // Shared with fp32 weights: the master becomes a copy of them.
+        let master = if self.shares_params {
+            self.master.detach().copy()
+        } else {
+            self.master.detach()
+        };
+        self.master = host(&master);
+        self.exp_avg = host(&self.exp_avg);
+        self.exp_avg_sq = host(&self.exp_avg_sq);
+        self.grad = host(&self.grad);
+        self.shares_params = false;
+        self.offloaded = true;
+        self.scratch = None;
+        self.step_t = None;
+        Ok(self)
+    }
+
+    pub fn is_offloaded(&self) -> bool {
+        self.offloaded
     }
 
     /// Every tensor this optimizer holds (master, moments, gradient, work and communication buffers, the fused
@@ -649,10 +697,15 @@ impl FlatAdamW {
         let _ng = tch::no_grad_guard();
         let (off, len) = self.layout.unit_slice(u);
         let mut dst = self.grad.narrow(0, off, len);
-        if add {
+        if add || self.offloaded {
+            // Reduced on the device, then added (or, offloaded, copied down) into the slice.
             let mut out = Tensor::zeros([len], (Kind::Float, grads.device()));
             coll.reduce_scatter_mean(grads, &mut out)?;
-            let _ = dst.g_add_(&out);
+            if add {
+                let _ = dst.g_add_(&out);
+            } else {
+                dst.copy_(&out);
+            }
         } else {
             coll.reduce_scatter_mean(grads, &mut dst)?;
         }
@@ -689,7 +742,9 @@ impl FlatAdamW {
         }
         let mut all = all;
         if self.layout.is_sharded() {
-            coll.all_reduce_sum(&mut all)?;
+            let mut on_device = all.to_device(self.device);
+            coll.all_reduce_sum(&mut on_device)?;
+            all = on_device.to_device(all.device());
         }
         Ok(all.sum(Kind::Double).sqrt().to_kind(Kind::Float))
     }
@@ -935,7 +990,7 @@ impl FlatAdamW {
             _ => None,
         };
         let _ng = tch::no_grad_guard();
-        let device = self.master.device();
+        let device = self.device;
         let mut buf: Option<Tensor> = None;
         let runs = self.layout.runs();
         for (name, mine) in names

@@ -3,24 +3,27 @@
 //! up-front fit check and `train.recompute = "auto"`.
 //!
 //! The state figures follow what lexflow allocates, tensor by tensor (`tests/memory_plan.rs` checks them against the
-//! storage bytes libtorch holds in CPU runs, within 5%):
-//! - **weights** `N · p` (p = 2 bytes in bf16, 4 in fp32) and their **gradients** (`.grad`, the same dtype) — whole on
-//!   every rank unless the parameters are fully sharded (`ShardMode::Full`: the rank's `⌈N/world⌉` slice, plus the
-//!   gathered units, see below);
-//! - the **fp32 gradient** the optimizer reduces into (`FlatAdamW::grad`): `N` elements replicated, the rank's slice
-//!   `⌈N/world⌉` when sharded;
-//! - the **fp32 master** (none when the parameters are fp32: it shares their storage) and the two **AdamW moments**,
-//!   over the rank's slice — on the host instead of the device with `offload`;
-//! - **communication buffers** of the sharded modes: the reduce-scatter input (`(world + 1) · c` fp32 elements) and
-//!   the all-gather buffers (`(world + 1) · c` in the parameter dtype), `c = min(16 Mi / world, slice)`.
+//! storage bytes libtorch holds in CPU runs, within 5%). `N` is the parameter count, `T` the flat buffer's length
+//! (`N` plus the padding that starts every sharding unit on a 64 Ki-element block: < 0.1% for 8B and 70B):
+//! - **weights** `T · p` (p = 2 bytes in bf16, 4 in fp32) and their **gradients** (`.grad`, `N · p`) — whole on every
+//!   rank unless the parameters are fully sharded (`ShardMode::Full`: the rank's slice of every unit, ≈`T/world`,
+//!   plus the gathered units and their gradients, see below);
+//! - the **fp32 gradient** the optimizer reduces into (`FlatAdamW::grad`): `T` elements replicated, the rank's slice
+//!   when sharded;
+//! - the **fp32 master** (none when the parameters are fp32 and not offloaded: it shares their storage) and the two
+//!   **AdamW moments**, over the rank's slice — in host memory instead of the device with `offload`;
+//! - **communication buffers**: ZeRO-2's reduce-scatter input (`(world + 1) · c` fp32 elements) and all-gather
+//!   buffers (`(world + 1) · c` in the parameter dtype), `c = min(16 Mi / world, slice)`; fully sharded, one unit's
+//!   fp32 gradient (`world` slices) and the reduced slice.
 //!
-//! Fully sharded parameters (ZeRO-3 / FSDP) are planned with one sharding unit per transformer block and one for the
-//! embeddings, final norm and head: a rank holds the largest unit gathered twice (the one computing and the next one
-//! prefetched) and that unit's gradient before its reduce-scatter. Activations: per layer and token the tensors
-//! autograd keeps (norm inputs and outputs, q/k/v before and after RoPE, attention output, the MLP's gate, up, SiLU and
-//! product: ≈ 10·D + 4·D_kv + 4·F elements); with recomputation only each layer's input plus one layer's full set.
-//! Logits and their gradient (2 · tokens · V elements) and 1 GiB of workspace (loss chunks in fp32, CUDA context,
-//! allocator slack) on top.
+//! Fully sharded parameters (ZeRO-3 / FSDP) have one sharding unit per transformer block and one (unit 0) for the
+//! embeddings, final norm and head. Unit 0 stays gathered for a micro-batch; with recomputation one block computes
+//! while the next is gathered (2 blocks), without it every block's graph holds its gathered weights until its
+//! backward (all `N`). Gradients in the compute dtype exist for unit 0 and one block at a time. Activations: per
+//! layer and token the tensors autograd keeps (norm inputs and outputs, q/k/v before and after RoPE, attention
+//! output, the MLP's gate, up, SiLU and product: ≈ 10·D + 4·D_kv + 4·F elements); with recomputation only each
+//! layer's input plus one layer's full set. Logits and their gradient (2 · tokens · V elements) and 1 GiB of
+//! workspace (loss chunks in fp32, CUDA context, allocator slack) on top.
 
 use crate::LlamaConfig;
 
@@ -66,7 +69,8 @@ pub struct PlanSpec {
 pub struct RankMemory {
     /// Parameters in the compute dtype (the rank's slice with full sharding).
     pub weights: u64,
-    /// Gathered units (full sharding: the computing one and the prefetched next one).
+    /// Gathered units (full sharding: unit 0, the computing block and the next one; every block without
+    /// recomputation).
     pub gathered: u64,
     /// Parameter gradients in the compute dtype (full sharding: one gathered unit's).
     pub gradients: u64,
@@ -116,7 +120,8 @@ pub struct Plan {
     pub host: u64,
     /// Parameters of the model.
     pub params: u64,
-    /// Elements of the rank's slice (`⌈N/world⌉`, N without sharding).
+    /// Elements of the rank's slice of the flat parameter buffer (all of it without sharding; ≈`N/world`, rounded
+    /// up to 64 Ki-element blocks, per unit when fully sharded).
     pub slice: u64,
 }
 
@@ -157,27 +162,59 @@ pub fn activation_bytes(c: &LlamaConfig, tokens: u64, elt: u64, recompute: bool)
 
 /// The plan of one rank.
 pub fn plan(s: &PlanSpec) -> Plan {
+    let layout = s.model.param_layout();
     let n = s.model.num_params() as u64;
-    let w = s.world.max(1) as u64;
+    // The flat buffer: the parameters and the padding that aligns each unit to a norm block.
+    let total = layout.total as u64;
+    let w = s.world.max(1);
     let p = s.param_bytes;
-    let sharded = s.shard != ShardMode::None;
-    let slice = if sharded { n.div_ceil(w) } else { n };
     let mut m = RankMemory::default();
+    let slice = match s.shard {
+        ShardMode::None => total,
+        ShardMode::Optimizer => {
+            let per = (crate::NORM_BLOCK as u64) * w as u64;
+            total.div_ceil(per) * crate::NORM_BLOCK as u64
+        }
+        ShardMode::Full => layout.full_shard_numel(w) as u64,
+    };
     match s.shard {
         ShardMode::None | ShardMode::Optimizer => {
-            m.weights = n * p;
+            m.weights = total * p;
             m.gradients = n * p;
+            if s.shard == ShardMode::Optimizer && w > 1 {
+                let c = (BUCKET_ELEMS / w as u64).clamp(1, slice.max(1));
+                m.comm = (w as u64 + 1) * c * 4 + (w as u64 + 1) * c * p;
+            }
         }
         ShardMode::Full => {
-            let units = unit_sizes(&s.model);
-            let largest = units.first().copied().unwrap_or(0);
-            let second = units.get(1).copied().unwrap_or(0);
+            let head = layout.units[0].numel as u64;
+            let block = layout.units[1..]
+                .iter()
+                .map(|u| u.numel as u64)
+                .max()
+                .unwrap_or(0);
+            let block_shard = layout.units[1..]
+                .iter()
+                .map(|u| u.shard(w) as u64)
+                .max()
+                .unwrap_or(0)
+                .max(layout.units[0].shard(w) as u64);
             m.weights = slice * p;
-            m.gathered = (largest + second) * p;
-            m.gradients = largest * p;
+            // Unit 0 stays gathered for the micro-batch; with recomputation one block computes while the next is
+            // gathered; without, every block's graph keeps its gathered weights until its backward.
+            m.gathered = if s.recompute {
+                (head + 2 * block) * p
+            } else {
+                n * p
+            };
+            // The gathered leaves' gradients: unit 0's (until the end of the backward) and one block's.
+            m.gradients = (head + block) * p;
+            // A unit's gradient in fp32 (the reduce-scatter's input) and the reduced slice before it is added.
+            m.comm = (w as u64 + 1) * block_shard * 4;
         }
     }
-    let master = if p == 4 { 0 } else { slice * 4 };
+    // fp32 weights share the master's storage, unless the master is offloaded.
+    let master = if p == 4 && !s.offload { 0 } else { slice * 4 };
     let moments = 2 * slice * 4;
     let grad_fp32 = slice * 4;
     let host = if s.offload {
@@ -188,10 +225,6 @@ pub fn plan(s: &PlanSpec) -> Plan {
         m.grad_fp32 = grad_fp32;
         0
     };
-    if sharded {
-        let c = (BUCKET_ELEMS / w).clamp(1, slice.max(1));
-        m.comm = (w + 1) * c * 4 + (w + 1) * c * p;
-    }
     m.activations = activation_bytes(&s.model, s.tokens, p, s.recompute);
     m.logits = 2 * s.tokens * s.model.vocab_size as u64 * p;
     m.workspace = 1 << 30;
@@ -229,11 +262,15 @@ mod tests {
         // 70.55 B parameters; bf16 weights + grads 2 + 2 bytes, fp32 master + moments + gradient 16 bytes each.
         let m = LlamaConfig::llama3_1_70b();
         let n = m.num_params() as u64;
+        let t = m.param_layout().total as u64;
+        // The padding that aligns the 81 units on 64 Ki-element blocks is under 0.01%.
+        assert!(t >= n && ((t - n) as f64) < 1e-4 * n as f64, "{t} vs {n}");
         let none = plan(&spec(m.clone(), 4, ShardMode::None, false));
-        assert_eq!(none.device.state(), n * (2 + 2 + 4 + 8 + 4));
+        assert_eq!(none.device.state(), t * (2 + 4 + 8 + 4) + n * 2);
         let zero2 = plan(&spec(m.clone(), 4, ShardMode::Optimizer, false));
-        let slice = n.div_ceil(4);
-        assert_eq!(zero2.device.weights + zero2.device.gradients, 4 * n);
+        let slice = zero2.slice;
+        assert!(slice >= t.div_ceil(4) && slice - t.div_ceil(4) < 1 << 16);
+        assert_eq!(zero2.device.weights + zero2.device.gradients, 2 * (t + n));
         assert_eq!(
             zero2.device.master + zero2.device.moments + zero2.device.grad_fp32,
             16 * slice
@@ -244,7 +281,8 @@ mod tests {
             (full.device.weights as f64 / 1e9 - 35.3).abs() < 0.2,
             "{full:?}"
         );
-        assert_eq!(full.host, 16 * slice);
+        assert_eq!(full.host, 16 * full.slice);
+        assert!(full.slice >= t.div_ceil(4) && full.slice - t.div_ceil(4) < 81 << 16);
         assert_eq!(
             full.device.master + full.device.moments + full.device.grad_fp32,
             0

@@ -10,24 +10,44 @@ use tch::{Device, Kind};
 
 use super::setup::TrainerError;
 
-/// The planner's spec of one rank of a run: replicated, or (`shards` > 1) the optimizer sharded over `shards` ranks.
+/// How a run splits its training state: the mode, over how many ranks, optimizer state offloaded or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sharding {
+    pub mode: ShardMode,
+    pub world: usize,
+    pub offload: bool,
+}
+
+impl Sharding {
+    pub(crate) const REPLICATED: Sharding = Sharding {
+        mode: ShardMode::None,
+        world: 1,
+        offload: false,
+    };
+
+    pub(crate) fn new(mode: ShardMode, world: usize, offload: bool) -> Self {
+        Sharding {
+            mode,
+            world: world.max(1),
+            offload,
+        }
+    }
+}
+
+/// The planner's spec of one rank of a run.
 pub(crate) fn rank_spec(
     c: &LlamaConfig,
     elt: u64,
-    shards: usize,
+    sh: Sharding,
     tokens: u64,
     recompute: bool,
 ) -> PlanSpec {
     PlanSpec {
         model: c.clone(),
-        world: shards.max(1),
+        world: sh.world,
         param_bytes: elt,
-        shard: if shards > 1 {
-            ShardMode::Optimizer
-        } else {
-            ShardMode::None
-        },
-        offload: false,
+        shard: sh.mode,
+        offload: sh.offload,
         tokens,
         recompute,
     }
@@ -36,7 +56,9 @@ pub(crate) fn rank_spec(
 /// Estimated memory of one micro-batch of `tokens` tokens without recomputation (the planner's activations, logits
 /// and workspace).
 pub(super) fn activation_bytes(c: &LlamaConfig, tokens: u64, elt: u64) -> u64 {
-    plan(&rank_spec(c, elt, 1, tokens, false)).device.batch()
+    plan(&rank_spec(c, elt, Sharding::REPLICATED, tokens, false))
+        .device
+        .batch()
 }
 
 /// The fewest ranks in `lo..=hi` for which `fits` holds, by bisection: a sharded rank's memory only falls as ranks
@@ -63,66 +85,123 @@ pub(super) fn needs_recompute(state: u64, activations: u64, total: u64) -> bool 
 }
 
 /// Parameters, gradients and (replicated or sharded) optimizer state must leave room for activations on the device.
-/// Refuses a model whose training state cannot fit on the device; returns the state's bytes per rank as the
-/// planner counts them (weights and gradients, `param_bytes` per element; the fp32 master, moments and gradient split
-/// `shards` ways; communication buffers).
+/// Refuses a model whose training state cannot fit on the device, naming the cheapest mode that would (and from how
+/// many ranks on); returns the state's bytes per rank as the planner counts them (weights, gathered units and
+/// gradients in `param_bytes` per element; the fp32 master, moments and gradient of the rank's slice unless
+/// offloaded; communication buffers). `recompute`: whether recomputation may be used (it decides how many gathered
+/// units a fully sharded rank holds).
 pub(super) fn check_fits(
     mcfg: &LlamaConfig,
     param_bytes: u64,
     total: u64,
     ordinal: usize,
-    shards: usize,
+    sh: Sharding,
+    recompute: bool,
 ) -> Result<u64, TrainerError> {
     let n = mcfg.num_params() as u64;
-    let state_of = |shards: usize| plan(&rank_spec(mcfg, param_bytes, shards, 0, false)).device;
-    let mine = state_of(shards);
+    let state_of = |sh: Sharding| plan(&rank_spec(mcfg, param_bytes, sh, 0, recompute)).device;
+    let mine = state_of(sh);
     let need = mine.state();
     let budget = (0.9 * total as f64) as u64;
-    // Weights and their gradients are whole on every rank (`train.shard_optimizer` splits only the AdamW state):
-    // when they alone do not fit, no number of ranks helps, and saying "more ranks" would send the user on a
-    // fruitless hunt for GPUs.
-    let whole = mine.weights + mine.gradients;
-    if whole > budget {
-        let bf16 = if param_bytes > 2 && 4 * n <= budget {
-            "set `train.dtype = \"bf16\"` (halves weights and gradients), "
-        } else {
-            ""
-        };
-        return Err(TrainerError::Setup(format!(
-            "train.model: {:.2} B parameters need {:.1} GiB per rank for the weights and gradients alone, but \
-             cuda:{ordinal} has {:.1} GiB: more ranks do not help (lexflow shards the AdamW state across ranks, \
-             `train.shard_optimizer`, not the weights): {bf16}pick a smaller `train.model`, or use GPUs with more \
-             memory (`lexflow plan` shows what each mode needs)",
-            n as f64 / 1e9,
-            gib(whole),
-            gib(total)
-        )));
+    let fits =
+        |mode, offload| move |r: usize| state_of(Sharding::new(mode, r, offload)).state() <= budget;
+    let from = |mode, offload| fewest_ranks(2, 1 << 16, fits(mode, offload));
+    // Fully sharded state shrinks with the ranks; offloaded, the fp32 part leaves the GPU.
+    let full_hint = || {
+        match (from(ShardMode::Full, false), from(ShardMode::Full, true)) {
+        (Some(r), Some(o)) if o < r => Some(format!(
+            "set `train.shard = \"full\"` (weights, gradients and AdamW state split over the ranks: it fits from {r} \
+             ranks on; with `train.offload_optimizer = true`, the fp32 AdamW state in host memory, from {o} ranks on)"
+        )),
+        (Some(r), _) => Some(format!(
+            "set `train.shard = \"full\"` (weights, gradients and AdamW state split over the ranks: it fits from \
+             {r} ranks on)"
+        )),
+        (None, Some(r)) => Some(format!(
+            "set `train.shard = \"full\"` and `train.offload_optimizer = true` (weights and gradients split over \
+             the ranks, the fp32 AdamW state in host memory: it fits from {r} ranks on)"
+        )),
+        (None, None) => None,
+    }
+    };
+    let gib_of = |b: u64| format!("{:.1} GiB", gib(b));
+    let tail = |hint: Option<String>| {
+        let mut h = hint.map(|h| h + ", ").unwrap_or_default();
+        h += "pick a smaller `train.model`, or use GPUs with more memory (`lexflow plan` shows what each mode needs)";
+        h
+    };
+    if sh.mode != ShardMode::Full {
+        // Weights and their gradients are whole on every rank: when they alone do not fit, more ranks of this mode
+        // do not help (saying so would send the user on a fruitless hunt for GPUs); full sharding might.
+        let whole = mine.weights + mine.gradients;
+        if whole > budget {
+            let bf16 = if param_bytes > 2 && 4 * n <= budget {
+                "set `train.dtype = \"bf16\"` (halves weights and gradients), "
+            } else {
+                ""
+            };
+            return Err(TrainerError::Setup(format!(
+                "train.model: {:.2} B parameters need {} per rank for the weights and gradients alone, but \
+                 cuda:{ordinal} has {}: with the weights whole on every rank (train.shard = \"{}\") more ranks do \
+                 not help: {bf16}{}",
+                n as f64 / 1e9,
+                gib_of(whole),
+                gib_of(total),
+                sh.mode.name(),
+                tail(full_hint())
+            )));
+        }
     }
     if need > budget {
-        let what = if shards > 1 {
-            format!("AdamW state sharded {shards} ways")
-        } else {
-            "replicated AdamW state".to_string()
+        let what = match sh.mode {
+            ShardMode::None => "replicated AdamW state".to_string(),
+            ShardMode::Optimizer => format!("AdamW state sharded {} ways", sh.world),
+            ShardMode::Full if sh.offload => format!(
+                "weights and gradients fully sharded {} ways (AdamW state offloaded)",
+                sh.world
+            ),
+            ShardMode::Full => format!(
+                "weights, gradients and AdamW state fully sharded {} ways",
+                sh.world
+            ),
         };
-        // The fewest ranks whose share of the AdamW state fits beside the whole weights and gradients.
-        let ranks = fewest_ranks(2, 1 << 16, |r| state_of(r).state() <= budget).unwrap_or(1 << 16);
-        let hint = if shards > 1 {
-            format!(
-                "train on at least {ranks} ranks (the sharded state shrinks with the world size), pick a smaller \
-                 `train.model`, or use GPUs with more memory"
-            )
-        } else {
-            format!(
-                "set `train.shard_optimizer = true` to split the AdamW state across the ranks (ZeRO-2; it fits from \
-                 {ranks} ranks on), pick a smaller `train.model`, or use GPUs with more memory"
-            )
+        let hint = match sh.mode {
+            ShardMode::None => from(ShardMode::Optimizer, false)
+                .map(|r| {
+                    format!(
+                        "set `train.shard = \"optimizer\"` to split the AdamW state across the ranks (ZeRO-2; it \
+                         fits from {r} ranks on)"
+                    )
+                })
+                .or_else(full_hint),
+            ShardMode::Optimizer => from(ShardMode::Optimizer, false)
+                .map(|r| {
+                    format!(
+                        "train on at least {r} ranks (the sharded state shrinks with the world size)"
+                    )
+                })
+                .or_else(full_hint),
+            ShardMode::Full => from(ShardMode::Full, sh.offload)
+                .map(|r| format!("train on at least {r} ranks"))
+                .or_else(|| {
+                    (!sh.offload)
+                        .then(|| from(ShardMode::Full, true))
+                        .flatten()
+                        .map(|r| {
+                            format!(
+                                "set `train.offload_optimizer = true` (the fp32 AdamW state in host memory; it fits \
+                                 from {r} ranks on)"
+                            )
+                        })
+                }),
         };
         return Err(TrainerError::Setup(format!(
-            "train.model: {:.2} B parameters need {:.1} GiB per rank for weights, gradients and {what} (fp32 master \
-             + moments + gradient), but cuda:{ordinal} has {:.1} GiB: {hint}",
+            "train.model: {:.2} B parameters need {} per rank for {what} (fp32 master + moments + gradient), but \
+             cuda:{ordinal} has {}: {}",
             n as f64 / 1e9,
-            gib(need),
-            gib(total)
+            gib_of(need),
+            gib_of(total),
+            tail(hint)
         )));
     }
     if need as f64 > 0.7 * total as f64 {
@@ -216,16 +295,17 @@ pub struct PlanRequest {
     pub micro_batch: u64,
     pub seq_len: u64,
     pub recompute: bool,
-    pub shard_optimizer: bool,
+    /// The configured `train.shard` and `train.offload_optimizer`.
+    pub shard: ShardMode,
+    pub offload: bool,
     pub gpu_memory: Option<u64>,
     pub host_memory: Option<u64>,
 }
 
-/// One column of the plan: a mode, its per-rank figures, and whether lexflow can train with it today.
+/// One column of the plan: a mode and its per-rank figures.
 struct Column {
     name: &'static str,
     spec: PlanSpec,
-    trainable: bool,
 }
 
 /// The share of a device the state plus a micro-batch may take (as the trainer's own check: room for fragmentation).
@@ -256,31 +336,23 @@ pub fn render_plan(req: &PlanRequest) -> String {
         tokens,
         recompute,
     };
-    let configured = if req.shard_optimizer && req.ranks > 1 {
-        ShardMode::Optimizer
-    } else {
-        ShardMode::None
-    };
+    let configured = configured_sharding(req);
     let cols = [
         Column {
             name: "none",
             spec: spec(ShardMode::None, false, req.recompute),
-            trainable: true,
         },
         Column {
             name: "optimizer",
             spec: spec(ShardMode::Optimizer, false, req.recompute),
-            trainable: true,
         },
         Column {
             name: "full",
             spec: spec(ShardMode::Full, false, req.recompute),
-            trainable: false,
         },
         Column {
             name: "full+offload",
             spec: spec(ShardMode::Full, true, req.recompute),
-            trainable: false,
         },
     ];
     let dtype = if req.param_bytes == 2 { "bf16" } else { "fp32" };
@@ -320,10 +392,8 @@ pub fn render_plan(req: &PlanRequest) -> String {
     let plans: Vec<_> = cols.iter().map(|c| plan(&c.spec)).collect();
     let _ = write!(o, "{:<38}", "per rank, GiB");
     for c in &cols {
-        let mark = if c.spec.shard == configured && !c.spec.offload {
+        let mark = if c.spec.shard == configured.mode && c.spec.offload == configured.offload {
             "*"
-        } else if !c.trainable {
-            "†"
         } else {
             ""
         };
@@ -333,9 +403,7 @@ pub fn render_plan(req: &PlanRequest) -> String {
     type Row = (&'static str, fn(&lexflow_gpu::plan::Plan) -> u64);
     let rows: [Row; 12] = [
         ("weights", |p| p.device.weights),
-        ("gathered units (computing + prefetch)", |p| {
-            p.device.gathered
-        }),
+        ("gathered units", |p| p.device.gathered),
         ("gradients", |p| p.device.gradients),
         ("fp32 gradient", |p| p.device.grad_fp32),
         ("fp32 master", |p| p.device.master),
@@ -373,59 +441,86 @@ pub fn render_plan(req: &PlanRequest) -> String {
     }
     let _ = writeln!(
         o,
-        "\n\n* the configured mode (train.shard_optimizer); † planned for comparison: lexflow does not train with fully \
-         sharded parameters or CPU offload yet"
+        "\n\n* the configured mode (train.shard, train.offload_optimizer). full: weights, gradients and AdamW state split \
+         over the ranks, one transformer block gathered at a time; +offload: the fp32 AdamW state in host memory"
     );
     o.push_str(&verdict(req, configured));
     o
 }
 
-/// Whether the configured run fits, else the cheapest change (among what lexflow can train) that makes it fit.
-fn verdict(req: &PlanRequest, configured: ShardMode) -> String {
+/// The configured sharding; ZeRO-2 on one rank is replicated.
+fn configured_sharding(req: &PlanRequest) -> Sharding {
+    let mode = match req.shard {
+        ShardMode::Optimizer if req.ranks < 2 => ShardMode::None,
+        m => m,
+    };
+    Sharding::new(mode, req.ranks, req.offload && mode == ShardMode::Full)
+}
+
+/// Whether the configured run fits, else the cheapest change that makes it fit.
+fn verdict(req: &PlanRequest, configured: Sharding) -> String {
     if req.gpu_memory.is_none() {
         return "verdict: give --gpu-memory (and --host-memory) to check the fit\n".into();
     }
     let tokens = req.micro_batch * req.seq_len;
-    let spec = |world: usize, shard, recompute, tokens| PlanSpec {
-        model: req.model.clone(),
-        world,
-        param_bytes: req.param_bytes,
-        shard,
-        offload: false,
-        tokens,
-        recompute,
+    let spec = |sh: Sharding, recompute, tokens| {
+        rank_spec(&req.model, req.param_bytes, sh, tokens, recompute)
     };
     let ok = |s: &PlanSpec| fits(s, req) == (true, true);
     let total = |s: &PlanSpec| gib(plan(s).device.total());
-    let now = spec(req.ranks, configured, req.recompute, tokens);
+    let now = spec(configured, req.recompute, tokens);
     if ok(&now) {
+        let p = plan(&now);
+        let host = if p.host > 0 {
+            format!(
+                ", {:.1} GiB of host memory per host",
+                gib(p.host * req.ranks_per_host as u64)
+            )
+        } else {
+            String::new()
+        };
         return format!(
-            "verdict: fits ({:.1} GiB per rank as configured)\n",
-            total(&now)
+            "verdict: fits ({:.1} GiB per GPU as configured{host})\n",
+            gib(p.device.total())
         );
     }
+    let r = req.ranks;
+    let mode = |m, off| Sharding::new(m, r, off);
     let mut tries: Vec<(String, PlanSpec)> = Vec::new();
     if !req.recompute {
         tries.push((
             "set train.recompute = true".into(),
-            spec(req.ranks, configured, true, tokens),
+            spec(configured, true, tokens),
         ));
     }
-    if configured == ShardMode::None && req.ranks > 1 {
+    if configured.mode == ShardMode::None && r > 1 {
         tries.push((
-            "set train.shard_optimizer = true".into(),
-            spec(req.ranks, ShardMode::Optimizer, req.recompute, tokens),
+            "set train.shard = \"optimizer\"".into(),
+            spec(mode(ShardMode::Optimizer, false), req.recompute, tokens),
         ));
         tries.push((
-            "set train.shard_optimizer = true and train.recompute = true".into(),
-            spec(req.ranks, ShardMode::Optimizer, true, tokens),
+            "set train.shard = \"optimizer\" and train.recompute = true".into(),
+            spec(mode(ShardMode::Optimizer, false), true, tokens),
+        ));
+    }
+    if configured.mode != ShardMode::Full && r > 1 {
+        tries.push((
+            "set train.shard = \"full\" and train.recompute = true".into(),
+            spec(mode(ShardMode::Full, false), true, tokens),
+        ));
+    }
+    if !configured.offload {
+        tries.push((
+            "set train.shard = \"full\", train.offload_optimizer = true and train.recompute = true"
+                .into(),
+            spec(mode(ShardMode::Full, true), true, tokens),
         ));
     }
     if req.micro_batch > 1 {
         tries.push((
             "set train.micro_batch = 1 and train.recompute = true (raise train.grad_accum to keep the global batch)"
                 .into(),
-            spec(req.ranks, configured, true, req.seq_len),
+            spec(configured, true, req.seq_len),
         ));
     }
     for (what, s) in &tries {
@@ -437,32 +532,38 @@ fn verdict(req: &PlanRequest, configured: ShardMode) -> String {
             );
         }
     }
-    let more = fewest_ranks(req.ranks.max(2), 4096, |w| {
-        ok(&spec(w, ShardMode::Optimizer, true, req.seq_len))
-    });
-    if let Some(w) = more {
+    // More ranks: the mode that needs the fewest (the first of equals: less communication, no host traffic).
+    let mut best: Option<(usize, &str, PlanSpec)> = None;
+    for (m, off, how) in [
+        (ShardMode::Optimizer, false, "train.shard = \"optimizer\""),
+        (ShardMode::Full, false, "train.shard = \"full\""),
+        (
+            ShardMode::Full,
+            true,
+            "train.shard = \"full\", train.offload_optimizer = true",
+        ),
+    ] {
+        let at = |w: usize| spec(Sharding::new(m, w, off), true, req.seq_len);
+        if let Some(w) = fewest_ranks(r.max(2), 4096, |w| ok(&at(w))) {
+            if best.as_ref().is_none_or(|b| w < b.0) {
+                best = Some((w, how, at(w)));
+            }
+        }
+    }
+    if let Some((w, how, s)) = best {
         return format!(
             "verdict: does not fit as configured ({:.1} GiB per rank); cheapest change: train on {w} ranks with \
-             train.shard_optimizer = true, train.recompute = true and train.micro_batch = 1 ({:.1} GiB per rank)\n",
+             {how}, train.recompute = true and train.micro_batch = 1 ({:.1} GiB per rank)\n",
             total(&now),
-            total(&spec(w, ShardMode::Optimizer, true, req.seq_len))
+            total(&s)
         );
     }
-    let full = PlanSpec {
-        shard: ShardMode::Full,
-        offload: true,
-        recompute: true,
-        ..now.clone()
-    };
-    let p = plan(&full);
+    let p = plan(&spec(mode(ShardMode::Full, true), true, req.seq_len));
     format!(
-        "verdict: does not fit with what lexflow trains today, on any number of ranks (the bf16 weights and gradients \
-         alone are {:.1} GiB per rank); with fully sharded parameters and CPU optimizer offload (not implemented yet) it \
-         would take {:.1} GiB per GPU and {:.1} GiB of host memory per host ({})\n",
-        gib(plan(&now).device.weights + plan(&now).device.gradients),
+        "verdict: does not fit in any mode on any number of ranks with this GPU and host memory (fully sharded with \
+         offload it takes {:.1} GiB per GPU and {:.1} GiB of host memory per host)\n",
         gib(p.device.total()),
         gib(p.host * req.ranks_per_host as u64),
-        if ok(&full) { "that fits" } else { "that does not fit either" }
     )
 }
 
@@ -522,7 +623,7 @@ pub fn cli_plan(
         gpu_memory.or_else(|| cuda.then(|| lexflow_gpu::cuda_memory_total(0)).flatten());
     let micro_batch = train.micro_batch.get() as u64;
     let seq_len = cfg.packer.seq_len.get() as u64;
-    let shards = if train.shard_optimizer { ranks } else { 1 };
+    let sh = Sharding::new(train.shard_mode(), ranks, train.offload_optimizer);
     let recompute = match train.recompute {
         crate::config::Recompute::On => true,
         crate::config::Recompute::Off => false,
@@ -531,7 +632,7 @@ pub fn cli_plan(
             let p = plan(&rank_spec(
                 &model,
                 param_bytes,
-                shards,
+                sh,
                 micro_batch * seq_len,
                 false,
             ));
@@ -547,7 +648,8 @@ pub fn cli_plan(
         micro_batch,
         seq_len,
         recompute,
-        shard_optimizer: train.shard_optimizer,
+        shard: train.shard_mode(),
+        offload: train.offload_optimizer,
         gpu_memory,
         host_memory,
     };

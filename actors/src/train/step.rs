@@ -21,7 +21,10 @@ use lexflow_gpu::{
 use tch::{Device, Kind};
 
 use super::checkpoint::{BatchSegment, ResumeInfo};
-use super::memory::{activation_bytes, check_fits, needs_recompute, peak_flops, process_rss_bytes};
+use super::memory::{
+    activation_bytes, check_fits, needs_recompute, peak_flops, process_rss_bytes, rank_spec,
+    Sharding,
+};
 use super::model::{model_config, Weights};
 use super::records::{append_step_record, sequence_hash, StepRecord};
 use super::schedule::schedule;
@@ -29,6 +32,7 @@ use super::setup::{RankResult, TrainerError, TrainerSetup};
 use crate::common::device::seq_ref;
 use crate::config::Recompute;
 use crate::types::{PackedSequence, ResumePoint};
+use lexflow_gpu::plan::plan;
 
 pub(super) struct Rank<'a> {
     pub(super) ctx: &'a ActorContext,
@@ -156,7 +160,10 @@ impl<'a> Rank<'a> {
                     ShardedLlama::from_params(&mcfg, &model.params, self.rank, self.world)?;
                 sharded.set_recompute(recompute);
                 drop(model);
-                let opt = sharded.optimizer(schedule(cfg));
+                let mut opt = sharded.optimizer(schedule(cfg));
+                if cfg.offload_optimizer {
+                    opt = opt.offload()?;
+                }
                 (Weights::Sharded(sharded), opt)
             }
         };
@@ -166,6 +173,7 @@ impl<'a> Rank<'a> {
                 world = l.world,
                 shard_elements = l.shard,
                 mode = mode.name(),
+                offload = opt.is_offloaded(),
                 "train.shard = \"{}\": {} sharded across ranks",
                 mode.name(),
                 if mode == ShardMode::Full {
@@ -184,17 +192,22 @@ impl<'a> Rank<'a> {
         let cfg = &self.setup.cfg;
         let elt = if kind == Kind::BFloat16 { 2 } else { 4 };
         let mut recompute = cfg.recompute == Recompute::On;
-        let shards = if cfg.shard_mode() == ShardMode::None {
-            1
-        } else {
-            self.world
-        };
+        let sh = Sharding::new(cfg.shard_mode(), self.world, cfg.offload_optimizer);
         if let Device::Cuda(ordinal) = self.device {
             if let Some(total) = lexflow_gpu::cuda_memory_total(ordinal) {
-                let need = check_fits(mcfg, elt, total, ordinal, shards)?;
+                check_fits(
+                    mcfg,
+                    elt,
+                    total,
+                    ordinal,
+                    sh,
+                    cfg.recompute != Recompute::Off,
+                )?;
                 if cfg.recompute == Recompute::Auto {
                     let tokens = (cfg.micro_batch.get() * self.setup.seq_len) as u64;
                     let act = activation_bytes(mcfg, tokens, elt);
+                    // The state without recomputation (fully sharded, it keeps every gathered block).
+                    let need = plan(&rank_spec(mcfg, elt, sh, 0, false)).device.state();
                     recompute = needs_recompute(need, act, total);
                     if self.rank == 0 {
                         tracing::info!(

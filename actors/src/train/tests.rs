@@ -116,33 +116,46 @@ mod failure_tests {
         assert!(check_devices(&cpu).is_ok());
     }
 
+    /// The optimizer sharded `shards` ways (ZeRO-2), replicated for 1.
+    fn zero2(shards: usize) -> Sharding {
+        if shards > 1 {
+            Sharding::new(lexflow_gpu::plan::ShardMode::Optimizer, shards, false)
+        } else {
+            Sharding::REPLICATED
+        }
+    }
+
     #[test]
     fn models_that_cannot_fit_are_refused_before_allocating() {
         let gib = 1u64 << 30;
         let c8 = LlamaConfig::preset("8b", 128_256).unwrap();
         let n8 = c8.num_params() as u64;
         // 8B: 20 bytes per parameter, ~150 GiB: not on an 80 GB H100, nor a 141 GB H200.
-        let e = check_fits(&c8, 2, 80 * gib, 0, 1).unwrap_err().to_string();
+        let e = check_fits(&c8, 2, 80 * gib, 0, zero2(1), true)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("train.model")
                 && e.contains("cuda:0")
-                && e.contains("train.shard_optimizer = true")
+                && e.contains("train.shard = \"optimizer\"")
                 && e.contains("fits from 3 ranks on"),
             "{e}"
         );
-        assert!(check_fits(&c8, 2, 141 * gib, 0, 1).is_err());
+        assert!(check_fits(&c8, 2, 141 * gib, 0, zero2(1), true).is_err());
         // Sharded 8 ways: 4 bytes of weights and gradients + 16/8 of optimizer state per parameter (~45 GiB).
-        let sharded8 = check_fits(&c8, 2, 80 * gib, 0, 8).unwrap();
+        let sharded8 = check_fits(&c8, 2, 80 * gib, 0, zero2(8), true).unwrap();
         let bare = n8 * 4 + n8 * 16 / 8;
         assert!(
             sharded8 >= bare && sharded8 < bare + bare / 100,
             "{sharded8} vs {bare} (+ buffers)"
         );
         // The rank count the hint names is the smallest that fits, and one fewer does not.
-        assert!(check_fits(&c8, 2, 80 * gib, 0, 3).is_ok());
-        assert!(check_fits(&c8, 2, 80 * gib, 0, 2).is_err());
+        assert!(check_fits(&c8, 2, 80 * gib, 0, zero2(3), true).is_ok());
+        assert!(check_fits(&c8, 2, 80 * gib, 0, zero2(2), true).is_err());
         // Sharded 2 ways is still too much (~90 GiB), and the error says what to do.
-        let e = check_fits(&c8, 2, 80 * gib, 0, 2).unwrap_err().to_string();
+        let e = check_fits(&c8, 2, 80 * gib, 0, zero2(2), true)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("sharded 2 ways") && e.contains("at least 3 ranks"),
             "{e}"
@@ -151,25 +164,42 @@ mod failure_tests {
         // AdamW state: the error must not send the user looking for more ranks.
         let c70 = LlamaConfig::preset("70b", 128_256).unwrap();
         for shards in [1, 8, 1024] {
-            let e = check_fits(&c70, 2, 141 * gib, 0, shards)
+            let e = check_fits(&c70, 2, 141 * gib, 0, zero2(shards), true)
                 .unwrap_err()
                 .to_string();
             assert!(
                 e.contains("weights and gradients alone")
                     && e.contains("more ranks do not help")
                     && !e.contains("at least")
-                    && !e.contains("bf16"),
+                    && !e.contains("bf16")
+                    && e.contains("train.shard = \"full\"")
+                    && e.contains("train.offload_optimizer = true"),
                 "{e}"
             );
         }
+        // Fully sharded with the optimizer offloaded, 70B fits four 180 GiB GPUs (B200); without the offload the
+        // error names it.
+        use lexflow_gpu::plan::ShardMode::Full;
+        assert!(check_fits(&c70, 2, 180 * gib, 0, Sharding::new(Full, 4, true), true).is_ok());
+        let e = check_fits(&c70, 2, 180 * gib, 0, Sharding::new(Full, 4, false), true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("fully sharded 4 ways")
+                && (e.contains("train on at least")
+                    || e.contains("train.offload_optimizer = true")),
+            "{e}"
+        );
         // fp32 weights and gradients of 8B (~60 GiB) do not fit a 48 GB GPU however sharded; bf16 ones would.
-        let e = check_fits(&c8, 4, 48 * gib, 0, 8).unwrap_err().to_string();
+        let e = check_fits(&c8, 4, 48 * gib, 0, zero2(8), true)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("more ranks do not help") && e.contains("train.dtype = \"bf16\""),
             "{e}"
         );
         let c1 = LlamaConfig::preset("1b", 128_256).unwrap();
-        assert!(check_fits(&c1, 2, 80 * gib, 0, 1).is_ok());
+        assert!(check_fits(&c1, 2, 80 * gib, 0, zero2(1), true).is_ok());
         assert_eq!(lexflow_gpu::train_state_bytes(10, 4, 1), 10 * 20);
     }
 
