@@ -200,7 +200,6 @@ fn lexflow_plan_says_what_fits_and_the_cheapest_change() {
         "{out}"
     );
 
-
     // The seed's 70B run (configs/eurlex-cpt-llama3-70b.toml: full sharding + offload + recomputation) fits a
     // 4 × B200 node with 2 TiB of host memory, and says what it takes.
     let c70 = repo_file("configs/eurlex-cpt-llama3-70b.toml");

@@ -174,12 +174,17 @@ impl<'a> Rank<'a> {
                 shard_elements = l.shard,
                 mode = mode.name(),
                 offload = opt.is_offloaded(),
-                "train.shard = \"{}\": {} sharded across ranks",
+                "train.shard = \"{}\": {} sharded across ranks{}",
                 mode.name(),
                 if mode == ShardMode::Full {
                     "weights, gradients and AdamW state"
                 } else {
                     "AdamW state and reduced gradients"
+                },
+                if opt.is_offloaded() {
+                    "; the fp32 AdamW state offloaded to host memory"
+                } else {
+                    ""
                 }
             );
         }
