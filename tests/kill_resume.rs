@@ -1,5 +1,6 @@
 //! Exact resume: a run killed with SIGKILL at random moments (and once inside a checkpoint write) and resumed each
-//! time trains on bit-identical batches and ends with bit-identical weights, compared with an uninterrupted run.
+//! time — fully sharded, so every checkpoint gathers the ranks' slices — trains on bit-identical batches and ends
+//! with bit-identical weights, compared with an uninterrupted replicated run.
 //! Also: elastic resume (world size 2 → 1) keeps the global sequence stream, and resume seeks instead of replaying.
 
 use std::collections::BTreeMap;
@@ -80,8 +81,19 @@ fn kill_9_at_random_moments_then_resume_is_bit_identical() {
         "one record per rank and step"
     );
 
+    // The killed run is fully sharded (ZeRO-3: every rank holds slices of the weights and the optimizer state,
+    // gathered into each checkpoint): it must still follow the replicated reference bit for bit.
     let dir = tmp.path().join("killed");
     let cfg = config_with_tee(&dir, &["cpu", "cpu"], 2, steps);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[train]\n", "[train]\nshard = \"full\"\n"),
+    )
+    .unwrap();
+    assert!(std::fs::read_to_string(&cfg)
+        .unwrap()
+        .contains("shard = \"full\""));
     // First: crash inside the checkpoint write of step 6 (model written, state not yet).
     let st = run(&cfg, false, &[("LEXFLOW_CRASH_IN_CHECKPOINT", "6")]);
     assert!(!st.success(), "the injected crash must kill the run");

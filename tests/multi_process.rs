@@ -270,23 +270,53 @@ fn two_processes_train_exactly_what_two_in_process_ranks_train() {
     }
     assert!(w(&a_dir) == w(&c_dir), "resumed final weights differ");
 
-    // Two processes with the AdamW state sharded across them (reduce-scatter / all-gather over TCP, rank 1 sends its
-    // slices into rank 0's checkpoint): the same losses and weights as the replicated in-process run.
-    let d_dir = tmp.path().join("sharded");
-    let d_cfg = config_with(&d_dir, &["cpu"], steps, steps, "", "shard_optimizer = true");
-    run_two_ranks(&d_cfg, &[], free_port(), &logs, "sharded");
-    let rd = read_step_records(&d_dir);
-    assert_eq!(rd.len(), ra.len(), "sharded records");
-    for (k, x) in &ra {
+    // Two processes with the AdamW state sharded across them (ZeRO-2: reduce-scatter / all-gather over TCP, rank 1
+    // sends its slices into rank 0's checkpoint), and with everything sharded (ZeRO-3: each block all-gathered for
+    // its forward and backward, its gradient reduce-scattered). Both reduce each micro-batch (`grad_accum = 2`), so
+    // they take the same steps bit for bit; the replicated run sums the two micro-batches before its one all-reduce,
+    // which rounds differently: the same first loss, the later ones to fp32 rounding.
+    let sharded_run = |name: &str, extra: &str| {
+        let dir = tmp.path().join(name);
+        let cfg = config_with(&dir, &["cpu"], steps, steps, "", extra);
+        run_two_ranks(&cfg, &[], free_port(), &logs, name);
+        let r = read_step_records(&dir);
+        assert_eq!(r.len(), ra.len(), "{name}: records");
+        for (k, x) in &ra {
+            let (a, b) = (x.loss, r[k].loss);
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs(),
+                "{name}: step {} rank {}: {a} vs {b}",
+                k.0,
+                k.1
+            );
+            assert_eq!(
+                x.sequences, r[k].sequences,
+                "{name}: step {} rank {}",
+                k.0, k.1
+            );
+        }
+        assert_eq!(
+            ra[&(1, 0)].loss.to_bits(),
+            r[&(1, 0)].loss.to_bits(),
+            "{name}: first loss"
+        );
+        (dir, r)
+    };
+    let (d_dir, rd) = sharded_run("zero2", "shard = \"optimizer\"");
+    let (f_dir, rf) = sharded_run("zero3", "shard = \"full\"");
+    for (k, x) in &rd {
         assert_eq!(
             x.loss.to_bits(),
-            rd[k].loss.to_bits(),
-            "sharded: step {} rank {}",
+            rf[k].loss.to_bits(),
+            "full vs optimizer sharding: step {} rank {}",
             k.0,
             k.1
         );
     }
-    assert!(w(&a_dir) == w(&d_dir), "sharded final weights differ");
+    assert!(
+        w(&d_dir) == w(&f_dir),
+        "full vs optimizer sharding: final weights differ"
+    );
 
     // Rank 1 saw other sequences than rank 0 (data parallelism, not two copies of one stream).
     assert_ne!(ra[&(1, 0)].sequences, ra[&(1, 1)].sequences);
