@@ -29,7 +29,7 @@ pub enum GpuError {
 }
 
 impl GpuError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         GpuError::Io {
             path: path.into(),
             source,

@@ -45,7 +45,10 @@ pub use model::{
     document_mask, unit_forward_backward, unit_logits, KvCache, Llama, LlamaConfig, Param,
     ParamLayout, ParamSpec, Params, RopeScaling, Unit, UnitSource, LLAMA3_VOCAB,
 };
-pub use optim::{AdamWConfig, FlatAdamW, LrSchedule, Piece, ShardLayout, StepStats, NORM_BLOCK};
+pub use optim::{
+    part_file, read_optimizer_state, AdamWConfig, FlatAdamW, LrSchedule, Piece, ShardLayout,
+    StepStats, NORM_BLOCK, OPTIMIZER_FILE, OPTIMIZER_PARTS,
+};
 /// Makes sure libtorch's CUDA backend is loaded, and says whether a CUDA device is usable.
 ///
 /// tch links `libtorch_cuda.so`, but no symbol of it is referenced directly, so the linker's `--as-needed` (rustc's

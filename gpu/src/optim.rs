@@ -1036,6 +1036,74 @@ impl FlatAdamW {
         }
     }
 
+    /// Writes this rank's part of the state — the master, moments of the elements it owns, nothing else — to
+    /// `dir`/[`part_file`]`(rank, world)`, streamed piece by piece (no copy of the state, no communication). With
+    /// every rank's part and rank 0's [`parts_manifest`](Self::parts_manifest), [`load_dir`](Self::load_dir)
+    /// restores the state at any world size or mode. Returns the bytes written.
+    pub fn save_part(&self, dir: &Path) -> Result<u64> {
+        let l = &self.layout;
+        let n: i64 = l.pieces.iter().map(|p| p.len).sum();
+        let names = ["exp_avg", "exp_avg_sq", "master"];
+        let mut meta = self.metadata();
+        meta.insert("rank".into(), l.rank.to_string());
+        meta.insert("world".into(), l.world.to_string());
+        meta.insert(
+            "pieces".into(),
+            serde_json::to_string(
+                &l.pieces
+                    .iter()
+                    .map(|p| [p.global, p.len])
+                    .collect::<Vec<_>>(),
+            )
+            .expect("JSON"),
+        );
+        let path = dir.join(part_file(l.rank, l.world));
+        let mut w = StreamingSafetensors::create(&path, &names.map(|x| (x, n)), meta)?;
+        let _ng = tch::no_grad_guard();
+        for (name, t) in names
+            .iter()
+            .zip([&self.exp_avg, &self.exp_avg_sq, &self.master])
+        {
+            for p in &l.pieces {
+                let mut o = 0;
+                while o < p.len {
+                    let cc = SAVE_CHUNK_ELEMS.min(p.len - o);
+                    w.write(name, &t.narrow(0, p.local + o, cc))?;
+                    o += cc;
+                }
+            }
+        }
+        w.finish()
+    }
+
+    /// The [`OPTIMIZER_PARTS`] manifest of the parts every rank of this optimizer's group writes
+    /// ([`save_part`](Self::save_part)): which global ranges each file holds (computed from the layout: rank 0
+    /// writes it without hearing from the others).
+    pub fn parts_manifest(&self) -> String {
+        let l = &self.layout;
+        let parts: Vec<serde_json::Value> = (0..l.world)
+            .map(|r| {
+                let other = if l.full {
+                    ShardLayout::full(&l.layout, r, l.world)
+                } else {
+                    ShardLayout::sharded(&l.layout, r, l.world)
+                };
+                serde_json::json!({
+                    "file": part_file(r, l.world),
+                    "pieces": other.pieces.iter().map(|p| [p.global, p.len]).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let meta = self.metadata();
+        serde_json::to_string_pretty(&serde_json::json!({
+            "format": "lexflow-optimizer-parts-v1",
+            "total": l.total,
+            "metadata": meta,
+            "parts": parts,
+        }))
+        .expect("JSON")
+    }
+
     /// Restores this rank's slice of a state saved by [`save`](Self::save) or
     /// [`save_collective`](Self::save_collective) (at any world size, sharded or not) into a model of the same shape,
     /// and the whole model's parameters from the saved master weights. Reads the moments of this slice only.
@@ -1044,8 +1112,26 @@ impl FlatAdamW {
     /// model's slices; it receives the saved master weights (the whole model's for ZeRO-2, which keeps every
     /// rank's parameters whole).
     pub fn load(&mut self, path: &Path, target: &Tensor) -> Result<()> {
+        let files = StateFiles::One(SafetensorsRanges::open(path)?);
+        self.load_from(path, &files, target)
+    }
+
+    /// Restores this rank's part of the state in checkpoint directory `dir`, saved either as one file
+    /// (`optimizer.safetensors`: [`save`](Self::save), [`save_collective`](Self::save_collective)) or as one file
+    /// per rank ([`save_part`](Self::save_part), with the [`OPTIMIZER_PARTS`] manifest) — by any world size and
+    /// sharding mode: each rank reads the ranges it owns now from whichever files hold them.
+    pub fn load_dir(&mut self, dir: &Path, target: &Tensor) -> Result<()> {
+        let one = dir.join(OPTIMIZER_FILE);
+        if one.is_file() {
+            return self.load(&one, target);
+        }
+        let manifest = dir.join(OPTIMIZER_PARTS);
+        let files = StateFiles::open_parts(dir)?;
+        self.load_from(&manifest, &files, target)
+    }
+
+    fn load_from(&mut self, path: &Path, file: &StateFiles, target: &Tensor) -> Result<()> {
         let _ng = tch::no_grad_guard();
-        let file = SafetensorsRanges::open(path)?;
         let meta = file.metadata();
         let bad = |m: String| GpuError::checkpoint(path, m);
         let step: u64 = meta
@@ -1077,12 +1163,12 @@ impl FlatAdamW {
             if self.layout.full {
                 let _ = dst.zero_();
                 for p in &self.layout.pieces {
-                    let t = file.read_f32_range(name, total, p.global, p.len)?;
+                    let t = file.read(name, total, p.global, p.len)?;
                     dst.narrow(0, p.local, p.len).copy_(&t);
                 }
             } else {
                 let (start, end) = self.layout.range();
-                let t = file.read_f32_range(name, total, start, end - start)?;
+                let t = file.read(name, total, start, end - start)?;
                 dst.copy_(&t);
             }
         }
@@ -1093,7 +1179,7 @@ impl FlatAdamW {
             let mut a = 0;
             while a < total {
                 let n = SAVE_CHUNK_ELEMS.min(total - a);
-                let t = file.read_f32_range("master", total, a, n)?;
+                let t = file.read("master", total, a, n)?;
                 flat.narrow(0, a, n).copy_(&t);
                 a += n;
             }
@@ -1103,6 +1189,130 @@ impl FlatAdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// The optimizer state of a checkpoint as one file.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The manifest of an optimizer state saved as one file per rank ([`FlatAdamW::save_part`]).
+pub const OPTIMIZER_PARTS: &str = "optimizer.json";
+
+/// The file of rank `rank`'s part of the optimizer state.
+pub fn part_file(rank: usize, world: usize) -> String {
+    format!("optimizer-rank{rank:05}-of-{world:05}.safetensors")
+}
+
+/// Where a saved optimizer state is read from: one file in the global layout, or per-rank parts.
+enum StateFiles {
+    One(SafetensorsRanges),
+    /// Each part: its file, its `(global start, length, offset in the file)` runs, and its length.
+    Parts {
+        metadata: HashMap<String, String>,
+        parts: Vec<(SafetensorsRanges, Vec<(i64, i64, i64)>, i64)>,
+    },
+}
+
+impl StateFiles {
+    fn open_parts(dir: &Path) -> Result<Self> {
+        let mpath = dir.join(OPTIMIZER_PARTS);
+        let bad = |m: String| GpuError::checkpoint(&mpath, m);
+        let text = std::fs::read_to_string(&mpath).map_err(|e| {
+            GpuError::checkpoint(
+                dir,
+                format!(
+                    "no {OPTIMIZER_FILE} and no {OPTIMIZER_PARTS} ({e}): not a complete checkpoint"
+                ),
+            )
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        if v["format"] != "lexflow-optimizer-parts-v1" {
+            return Err(bad(format!("unknown format {}", v["format"])));
+        }
+        let metadata: HashMap<String, String> = serde_json::from_value(v["metadata"].clone())
+            .map_err(|e| bad(format!("metadata: {e}")))?;
+        let mut parts = Vec::new();
+        for p in v["parts"]
+            .as_array()
+            .ok_or_else(|| bad("no parts".into()))?
+        {
+            let file = p["file"]
+                .as_str()
+                .ok_or_else(|| bad("a part without a file".into()))?;
+            let pieces: Vec<[i64; 2]> = serde_json::from_value(p["pieces"].clone())
+                .map_err(|e| bad(format!("{file}: pieces: {e}")))?;
+            let mut runs = Vec::with_capacity(pieces.len());
+            let mut off = 0;
+            for [g, l] in pieces {
+                runs.push((g, l, off));
+                off += l;
+            }
+            let f = SafetensorsRanges::open(&dir.join(file))?;
+            parts.push((f, runs, off));
+        }
+        Ok(StateFiles::Parts { metadata, parts })
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        match self {
+            StateFiles::One(f) => f.metadata(),
+            StateFiles::Parts { metadata, .. } => metadata.clone(),
+        }
+    }
+
+    /// Elements `[start, start + len)` of the global array `name` (`total` long; padding between units is zero).
+    fn read(&self, name: &str, total: i64, start: i64, len: i64) -> Result<Tensor> {
+        match self {
+            StateFiles::One(f) => f.read_f32_range(name, total, start, len),
+            StateFiles::Parts { parts, .. } => {
+                let out = Tensor::zeros([len], (Kind::Float, Device::Cpu));
+                let end = start + len;
+                for (f, runs, n) in parts {
+                    for &(g, l, off) in runs {
+                        let (a, b) = (g.max(start), (g + l).min(end));
+                        if b > a {
+                            let t = f.read_f32_range(name, *n, off + (a - g), b - a)?;
+                            out.narrow(0, a - start, b - a).copy_(&t);
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// The whole optimizer state of checkpoint directory `dir` in the global flat layout (either format): `(name,
+/// tensor)` for `master`, `exp_avg`, `exp_avg_sq`, and the metadata (step, schedule, layout). For comparing and
+/// inspecting checkpoints; it holds three fp32 copies of the model in memory.
+pub fn read_optimizer_state(
+    dir: &Path,
+) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+    let one = dir.join(OPTIMIZER_FILE);
+    let files = if one.is_file() {
+        StateFiles::One(SafetensorsRanges::open(&one)?)
+    } else {
+        StateFiles::open_parts(dir)?
+    };
+    let meta = files.metadata();
+    let total: i64 = match &files {
+        StateFiles::One(_) => {
+            let (t, _) = crate::checkpoint::read_safetensors(&one)?;
+            t.first().map_or(0, |(_, x)| x.numel() as i64)
+        }
+        StateFiles::Parts { .. } => {
+            let v: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join(OPTIMIZER_PARTS))
+                    .map_err(|e| GpuError::io(&dir.join(OPTIMIZER_PARTS), e))?,
+            )
+            .map_err(|e| GpuError::checkpoint(dir, e.to_string()))?;
+            v["total"].as_i64().unwrap_or(0)
+        }
+    };
+    let mut out = Vec::new();
+    for name in ["exp_avg", "exp_avg_sq", "master"] {
+        out.push((name.to_string(), files.read(name, total, 0, total)?));
+    }
+    Ok((out, meta))
 }
 
 #[cfg(test)]

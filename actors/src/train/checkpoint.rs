@@ -143,16 +143,23 @@ pub(super) fn prune_checkpoints(run_dir: &Path, keep: usize, current: u64) {
         }
     }
     if let Ok(rd) = std::fs::read_dir(checkpoints_dir(run_dir)) {
+        let current_parts = parts_dir(run_dir, current);
         for e in rd.filter_map(|e| e.ok()) {
             let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with('.')
-                && name.contains(".tmp-")
-                && !name.ends_with(&format!(".tmp-{}", std::process::id()))
-            {
+            let stale_tmp =
+                name.contains(".tmp-") && !name.ends_with(&format!(".tmp-{}", std::process::id()));
+            // Optimizer parts staged for a checkpoint that was never completed (a crash in between).
+            let stale_parts = name.ends_with(".parts") && e.path() != current_parts;
+            if name.starts_with('.') && (stale_tmp || stale_parts) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
     }
+}
+
+/// Where the ranks stage their optimizer parts for the checkpoint of `step` (rank 0 moves them in).
+pub(super) fn parts_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!(".step-{step:06}.parts"))
 }
 
 /// Test hook for the kill test: `LEXFLOW_CRASH_IN_CHECKPOINT=<step>` aborts the process in the middle of writing that
@@ -337,8 +344,11 @@ pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
 }
 
 impl Rank<'_> {
-    /// A checkpoint of the step `opt` is at: rank 0 writes it (after making the Arrow tee durable up to its
-    /// position) and prunes older ones; sharded ranks send their optimizer slices; every rank waits at a barrier.
+    /// A checkpoint of the step `opt` is at. Sharded, every rank first writes its own part of the optimizer state
+    /// (no gather: [`FlatAdamW::save_part`]) into a staging directory beside the checkpoints, and a fully sharded
+    /// model is gathered unit by unit into rank 0's host memory; then rank 0 writes the checkpoint (after making the
+    /// Arrow tee durable up to its position), moving the parts in, and prunes older ones; every rank waits at a
+    /// barrier.
     pub(super) fn checkpoint(
         &self,
         model: &Weights,
@@ -348,6 +358,13 @@ impl Rank<'_> {
         data: Option<&ResumePoint>,
         result: &mut RankResult,
     ) -> Result<(), TrainerError> {
+        let parts = opt.layout().is_sharded() || opt.layout().full;
+        let staging = parts_dir(&self.setup.run_dir, opt.step);
+        if parts {
+            std::fs::create_dir_all(&staging).map_err(|e| GpuError::io(&staging, e))?;
+            opt.save_part(&staging)?;
+            self.coll.barrier()?;
+        }
         // Fully sharded: the model gathered unit by unit into rank 0's host memory (the others only send).
         let gathered = match model {
             Weights::Whole(_) => None,
@@ -363,8 +380,11 @@ impl Rank<'_> {
             let state = self.trainer_state(opt, mcfg, last_loss);
             self.sync_tee(state.sequences_consumed, opt.step)?;
             let bytes = checkpoint::write_checkpoint_dir(&dir, |tmp| {
-                self.write_files(tmp, model, opt, data, &state)
+                self.write_files(tmp, model, opt, parts.then_some(&*staging), data, &state)
             })?;
+            if parts {
+                let _ = std::fs::remove_dir_all(&staging);
+            }
             prune_checkpoints(
                 &self.setup.run_dir,
                 self.setup.cfg.keep_checkpoints,
@@ -373,9 +393,6 @@ impl Rank<'_> {
             self.record_checkpoint(t0, bytes);
             tracing::info!(step = opt.step, dir = %dir.display(), bytes, "checkpoint written");
             result.checkpoints.push(dir);
-        } else {
-            // Sharded: send this rank's slices of the optimizer state to rank 0's file (replicated: nothing to do).
-            opt.save_collective(None, &*self.coll)?;
         }
         self.coll.barrier()?;
         Ok(())
@@ -437,11 +454,26 @@ impl Rank<'_> {
         tmp: &Path,
         model: &Llama,
         opt: &FlatAdamW,
+        parts: Option<&Path>,
         data: Option<&ResumePoint>,
         state: &TrainerState,
     ) -> Result<(), GpuError> {
-        // First, so that sharded peers waiting to send their slices are served before anything else.
-        opt.save_collective(Some(&tmp.join("optimizer.safetensors")), &*self.coll)?;
+        match parts {
+            // Every rank's part, staged beside the checkpoints, and the manifest of their global ranges.
+            Some(staging) => {
+                let l = opt.layout();
+                for r in 0..l.world {
+                    let name = lexflow_gpu::part_file(r, l.world);
+                    let (from, to) = (staging.join(&name), tmp.join(&name));
+                    std::fs::rename(&from, &to).map_err(|e| GpuError::io(&from, e))?;
+                }
+                std::fs::write(tmp.join(lexflow_gpu::OPTIMIZER_PARTS), opt.parts_manifest())
+                    .map_err(|e| GpuError::io(&tmp.join(lexflow_gpu::OPTIMIZER_PARTS), e))?;
+            }
+            None => {
+                opt.save(&tmp.join(lexflow_gpu::OPTIMIZER_FILE))?;
+            }
+        }
         checkpoint::save_hf(tmp, model, DEFAULT_MAX_SHARD_BYTES)?;
         let write = |name: &str, text: String| {
             std::fs::write(tmp.join(name), text).map_err(|e| GpuError::Io {

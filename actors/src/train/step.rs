@@ -474,7 +474,7 @@ fn load_optimizer(
     model: &Weights,
     r: &ResumeInfo,
 ) -> Result<(), TrainerError> {
-    opt.load(&r.checkpoint.join("optimizer.safetensors"), model.target())?;
+    opt.load_dir(&r.checkpoint, model.target())?;
     if opt.step != r.step {
         return Err(TrainerError::Checkpoint {
             path: r.checkpoint.clone(),
