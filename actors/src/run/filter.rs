@@ -458,3 +458,82 @@ pub fn audit_filter(cfg: &Config, out: Option<&Path>) -> anyhow::Result<serde_js
         "per_lang": per_lang,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A generated corpus in two lanes, read as a run reads it.
+    fn lanes(dir: &Path) -> (Config, Vec<Lane>, reader::ManifestIndex) {
+        let text = format!(
+            "[run]\nname = \"f\"\ndir = {:?}\n[input.generate]\nacts_per_language = 8\nlanguages = [\"en\", \"fr\"]\n\
+             [sampler]\nmix = {{ en = 0.5, fr = 0.5 }}\n[filter]\nkeep_fraction = 0.4\n",
+            dir.display().to_string()
+        );
+        let cfg = Config::from_toml(&text, "t.toml").unwrap();
+        let files = input_files(&cfg, &dir.join("corpus")).unwrap();
+        let manifests = reader::ManifestIndex::build(&files);
+        let (lanes, _) = lanes_of(&cfg, files);
+        (cfg, lanes, manifests)
+    }
+
+    fn pass(cfg: &Config, lanes: &[Lane], m: &reader::ManifestIndex, threads: usize) -> FilterState {
+        let f = cfg.filter.clone().unwrap();
+        let opts = reader::ReadOptions {
+            qa: cfg.input.prompt_format(),
+            mixed_languages: false,
+        };
+        let p = first_pass(cfg, &f, lanes, &[], &[], m, &opts, threads, false).unwrap();
+        cuts_of(&f, lanes, &p)
+    }
+
+    #[test]
+    fn the_first_pass_cuts_do_not_depend_on_its_thread_count() {
+        let d = tempfile::tempdir().unwrap();
+        let (cfg, lanes, m) = lanes(d.path());
+        let one = pass(&cfg, &lanes, &m, 1);
+        for (_, c) in &one.lanes {
+            let LaneCut::Fraction { documents, keep, last } = c else {
+                panic!("{c:?}")
+            };
+            assert!(*documents > 10, "{c:?}");
+            assert!(last.is_some() && (*keep as f64 - 0.4 * *documents as f64).abs() <= 1.0);
+        }
+        for t in [2, 3, 8] {
+            assert_eq!(pass(&cfg, &lanes, &m, t), one, "{t} threads");
+        }
+    }
+
+    #[test]
+    fn the_stream_keeps_exactly_the_first_pass_share() {
+        let d = tempfile::tempdir().unwrap();
+        let (cfg, lanes, m) = lanes(d.path());
+        let f = cfg.filter.clone().unwrap();
+        let setup = FilterSetup::new(&f, pass(&cfg, &lanes, &m, 2), 0.0);
+        let opts = reader::ReadOptions {
+            qa: cfg.input.prompt_format(),
+            mixed_languages: false,
+        };
+        for (li, lane) in lanes.iter().enumerate() {
+            let (mut kept, mut all) = (0u64, 0u64);
+            // Two epochs: file indices count on, the verdicts repeat.
+            let mut epochs = vec![Vec::new(), Vec::new()];
+            for (e, verdicts) in epochs.iter_mut().enumerate() {
+                for (k, p) in lane.files.iter().enumerate() {
+                    let file = (e * lane.files.len() + k) as u32;
+                    for (i, doc) in reader::read_file_with(p, &m, &opts).unwrap().iter().enumerate() {
+                        if let Some((keep, _, _)) = setup.decide(li, &lane.files, file, i as u32, doc) {
+                            verdicts.push(keep);
+                            if e == 0 {
+                                all += 1;
+                                kept += u64::from(keep);
+                            }
+                        }
+                    }
+                }
+            }
+            assert_eq!(epochs[0], epochs[1]);
+            assert!((kept as f64 - 0.4 * all as f64).abs() <= 1.0, "{kept} of {all}");
+        }
+    }
+}
