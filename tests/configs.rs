@@ -238,8 +238,7 @@ fn readme_defaults_and_types_are_the_parsers() {
     // `[filter]` is optional (absent: off) and has no default rule (`keep_fraction` or `threshold`): its keys'
     // defaults are those the section has when written.
     assert!(defaults.get("filter").is_none());
-    let mut filter =
-        serde_json::to_value(lexflow_actors::config::FilterConfig::default()).unwrap();
+    let mut filter = serde_json::to_value(lexflow_actors::config::FilterConfig::default()).unwrap();
     filter["keep_fraction"] = serde_json::Value::Null;
     filter["threshold"] = serde_json::Value::Null;
     defaults["filter"] = filter;

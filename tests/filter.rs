@@ -260,7 +260,11 @@ fn the_listing_keeps_the_best_share_per_language_and_a_weight_change_flips_verdi
             .map(|d| year(d))
             .min()
             .unwrap();
-        let scale_step = |y: u32| [2020, 2015, 2010, 2000, 1990, 1950].iter().position(|s| y >= *s);
+        let scale_step = |y: u32| {
+            [2020, 2015, 2010, 2000, 1990, 1950]
+                .iter()
+                .position(|s| y >= *s)
+        };
         for d in ds.iter().filter(|d| d["verdict"] != "kept") {
             // Years within one step of the scale score the same: ranked by the tie-break, not by year.
             assert!(
@@ -277,13 +281,15 @@ fn the_listing_keeps_the_best_share_per_language_and_a_weight_change_flips_verdi
     // The run trains exactly the kept documents (every lane is read to its end under renormalize), at the mix.
     let (good, so, se) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet"]);
     assert!(good, "{so}\n{se}");
-    let stats: Value = serde_json::from_str(
-        &std::fs::read_to_string(tmp.path().join("run/stats.json")).unwrap(),
-    )
-    .unwrap();
+    let stats: Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/stats.json")).unwrap())
+            .unwrap();
     for l in stats["sampler"]["languages"].as_array().unwrap() {
         let lang = l["lang"].as_str().unwrap();
-        let k = langs[lang].iter().filter(|d| d["verdict"] == "kept").count() as u64;
+        let k = langs[lang]
+            .iter()
+            .filter(|d| d["verdict"] == "kept")
+            .count() as u64;
         assert_eq!(l["documents"].as_u64().unwrap(), k, "{lang}: {l}");
         assert_eq!(stats["filter"]["per_lang"][lang]["kept"].as_u64(), Some(k));
         assert_eq!(
@@ -298,10 +304,9 @@ fn the_listing_keeps_the_best_share_per_language_and_a_weight_change_flips_verdi
         }
         Value::Object(m)
     });
-    let state: Value = serde_json::from_str(
-        &std::fs::read_to_string(tmp.path().join("run/filter.json")).unwrap(),
-    )
-    .unwrap();
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/filter.json")).unwrap())
+            .unwrap();
     assert_eq!(state["lanes"].as_array().unwrap().len(), 3);
     assert!(stats["filter"]["first_pass_seconds"].as_f64().unwrap() > 0.0);
 }
@@ -373,9 +378,17 @@ fn decisions_and_sequences_do_not_depend_on_thread_counts_and_the_mix_stays_exac
     // Threshold 0 keeps every document.
     let (s0, _) = run_with(1, "threshold = 0");
     let f0 = s0.filter.as_ref().unwrap();
-    assert!(f0.per_lang.values().all(|r| r.kept == r.documents && r.documents > 0));
+    assert!(f0
+        .per_lang
+        .values()
+        .all(|r| r.kept == r.documents && r.documents > 0));
     // No trained piece comes from a document the listing drops (lanes in the mix's order: en, es, fr).
-    let c = config(&tmp.path().join("audit"), corpus.to_str().unwrap(), "keep_fraction = 0.5", 1);
+    let c = config(
+        &tmp.path().join("audit"),
+        corpus.to_str().unwrap(),
+        "keep_fraction = 0.5",
+        1,
+    );
     let (_, verdicts) = audit(&c, &tmp.path().join("audit/v.jsonl"));
     let dropped: BTreeSet<(String, u64, u64)> = verdicts
         .iter()
@@ -407,12 +420,22 @@ fn decisions_and_sequences_do_not_depend_on_thread_counts_and_the_mix_stays_exac
     let longest = per_doc.values().copied().max().unwrap() as f64;
     for l in &s1.sampler.languages {
         let dev = (l.tokens as f64 - l.target_share * total).abs();
-        assert!(dev <= longest, "{}: {dev} tokens off the target (longest document {longest})", l.lang);
+        assert!(
+            dev <= longest,
+            "{}: {dev} tokens off the target (longest document {longest})",
+            l.lang
+        );
     }
 }
 
 /// A generated English corpus and a training config over it with `[filter]` `filter`.
-fn train_config(dir: &Path, corpus: &Path, steps: u64, checkpoint_every: u64, filter: &str) -> PathBuf {
+fn train_config(
+    dir: &Path,
+    corpus: &Path,
+    steps: u64,
+    checkpoint_every: u64,
+    filter: &str,
+) -> PathBuf {
     let text = format!(
         r#"
 [run]
@@ -523,17 +546,23 @@ fn a_resumed_run_keeps_the_checkpoints_cut_and_trains_what_the_whole_run_trains(
                 p["doc"]["file"].as_u64().unwrap() % n_files,
                 p["doc"]["ordinal"].as_u64().unwrap(),
             );
-            assert!(!dropped.contains(&id), "step {}: trained on dropped {id:?}", s["step"]);
+            assert!(
+                !dropped.contains(&id),
+                "step {}: trained on dropped {id:?}",
+                s["step"]
+            );
             trained.insert(id);
         }
     }
     assert!(!trained.is_empty());
     assert!(
-        lines(&replayed).iter().any(|s| s["pieces"]
-            .as_array()
-            .unwrap()
+        lines(&replayed)
             .iter()
-            .any(|p| p["doc"]["file"].as_u64().unwrap() >= n_files)),
+            .any(|s| s["pieces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["doc"]["file"].as_u64().unwrap() >= n_files)),
         "the run must reach a second epoch"
     );
 
@@ -558,7 +587,9 @@ fn a_resumed_run_keeps_the_checkpoints_cut_and_trains_what_the_whole_run_trains(
     assert!(!good && se.contains("filter.keep_fraction"), "{se}");
     ok(&[
         "run",
-        train_config(&d, &corpus, steps, 8, filter).to_str().unwrap(),
+        train_config(&d, &corpus, steps, 8, filter)
+            .to_str()
+            .unwrap(),
         "--quiet",
         "--resume",
     ]);
@@ -568,7 +599,12 @@ fn a_resumed_run_keeps_the_checkpoints_cut_and_trains_what_the_whole_run_trains(
 #[test]
 fn misconfigured_filters_are_errors_naming_the_key() {
     let tmp = tempfile::tempdir().unwrap();
-    let c = config(tmp.path(), CORPUS, "keep_fraction = 0\ntypes = { statute = 1.0 }", 1);
+    let c = config(
+        tmp.path(),
+        CORPUS,
+        "keep_fraction = 0\ntypes = { statute = 1.0 }",
+        1,
+    );
     let (good, _, se) = lexflow(&["config", c.to_str().unwrap()]);
     assert!(!good);
     assert!(se.contains("key `filter.keep_fraction`"), "{se}");

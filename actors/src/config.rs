@@ -1354,7 +1354,8 @@ mod tests {
         assert!(c.filter.is_none());
         // Absent, it is not printed either: existing configs serialize as before.
         assert!(!toml::to_string(&c).unwrap().contains("filter"));
-        let c = Config::from_toml(&format!("{base}[filter]\nkeep_fraction = 0.4\n"), "t.toml").unwrap();
+        let c =
+            Config::from_toml(&format!("{base}[filter]\nkeep_fraction = 0.4\n"), "t.toml").unwrap();
         assert_eq!(c.filter.as_ref().unwrap().keep_fraction, Some(0.4));
         let again = Config::from_toml(&toml::to_string(&c).unwrap(), "t.toml").unwrap();
         assert_eq!(again.filter, c.filter);
@@ -1365,8 +1366,13 @@ mod tests {
         assert!(e.contains("line 6: key `filter.weights.length`"), "{e}");
         assert!(e.contains("line 8: key `filter.types.statute`"), "{e}");
         let e = invalid(&format!("{base}[filter]\nweights = {{ recency = 1 }}\n"));
-        assert!(e.contains("line 4: key `filter`") && e.contains("keep_fraction"), "{e}");
-        let e = invalid(&format!("{base}[filter]\nkeep_fraction = 0.4\nthreshold = 0.5\n"));
+        assert!(
+            e.contains("line 4: key `filter`") && e.contains("keep_fraction"),
+            "{e}"
+        );
+        let e = invalid(&format!(
+            "{base}[filter]\nkeep_fraction = 0.4\nthreshold = 0.5\n"
+        ));
         assert!(e.contains("line 6: key `filter.threshold`"), "{e}");
         let e = invalid(&format!("{base}[filter]\nkeep_fraction = 0.4\nkeep = 3\n"));
         assert!(e.contains("t.toml:6: key `filter.keep`"), "{e}");

@@ -168,6 +168,9 @@ pub fn cli_filter(
         );
     }
     let report = audit_filter(&cfg, out)?;
-    crate::common::output::print_to_stdout(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+    crate::common::output::print_to_stdout(&format!(
+        "{}\n",
+        serde_json::to_string_pretty(&report)?
+    ))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -83,6 +83,9 @@ impl FilterSetup {
     }
 }
 
+/// What `lexflow filter` lists of a document besides its score: CELEX, kind, date, title.
+pub(super) type DocMeta = (Option<String>, &'static str, Option<String>, Option<String>);
+
 /// One scored document of the first pass.
 #[derive(Debug, Clone)]
 pub(super) struct Scored {
@@ -94,8 +97,8 @@ pub(super) struct Scored {
     pub dedup: Option<&'static str>,
     pub chars: u64,
     pub bytes: u64,
-    /// `lexflow filter`'s listing only: CELEX, kind, date, title.
-    pub meta: Option<(Option<String>, &'static str, Option<String>, Option<String>)>,
+    /// `lexflow filter`'s listing only.
+    pub meta: Option<DocMeta>,
 }
 
 /// The first pass over the lanes: every document with text (not instruction pairs) read and scored, in lane order,
@@ -123,7 +126,8 @@ pub(super) fn first_pass(
     let mut out = Vec::with_capacity(lanes.len());
     for (li, lane) in lanes.iter().enumerate() {
         type FileDocs = Vec<(Document, Option<crate::types::Signature>)>;
-        let slots: Vec<Mutex<Option<FileDocs>>> = lane.files.iter().map(|_| Mutex::new(None)).collect();
+        let slots: Vec<Mutex<Option<FileDocs>>> =
+            lane.files.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
         let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
         std::thread::scope(|s| {
@@ -164,7 +168,13 @@ pub(super) fn first_pass(
         let mut scored = Vec::new();
         for (k, slot) in slots.into_iter().enumerate() {
             let name = lane.files[k].to_string_lossy();
-            for (i, (d, sig)) in slot.into_inner().expect("first pass").unwrap_or_default().into_iter().enumerate() {
+            for (i, (d, sig)) in slot
+                .into_inner()
+                .expect("first pass")
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+            {
                 if d.text.is_empty() || d.answer_start.is_some() {
                     continue;
                 }
@@ -184,7 +194,14 @@ pub(super) fn first_pass(
                     dedup: dd,
                     chars: d.text.chars().count() as u64,
                     bytes: d.text.len() as u64,
-                    meta: describe.then(|| (d.celex.clone(), d.doc_type.as_str(), d.date.clone(), d.title.clone())),
+                    meta: describe.then(|| {
+                        (
+                            d.celex.clone(),
+                            d.doc_type.as_str(),
+                            d.date.clone(),
+                            d.title.clone(),
+                        )
+                    }),
                 });
             }
         }
@@ -204,7 +221,10 @@ pub(super) fn cuts_of(fcfg: &FilterConfig, lanes: &[Lane], pass: &[Vec<Scored>])
                 let cut = match (fcfg.keep_fraction, fcfg.threshold) {
                     (Some(f), _) => fraction_cut(
                         f,
-                        docs.iter().filter(|d| d.dedup.is_none()).map(|d| d.key).collect(),
+                        docs.iter()
+                            .filter(|d| d.dedup.is_none())
+                            .map(|d| d.key)
+                            .collect(),
                     ),
                     (None, t) => LaneCut::Threshold {
                         threshold: t.unwrap_or(0.0),
@@ -241,9 +261,12 @@ pub(super) fn build_filter(
         })?;
         let mut state: FilterState = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a lexflow filter state", p.display()))?;
-        state
-            .check_matches(fcfg, &langs)
-            .map_err(|e| anyhow::anyhow!("{}: {e}\nresume and replay need the [filter] the run was started with", p.display()))?;
+        state.check_matches(fcfg, &langs).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e}\nresume and replay need the [filter] the run was started with",
+                p.display()
+            )
+        })?;
         // A threshold is the config's own number (JSON need not give back the same double).
         if let Some(t) = fcfg.threshold {
             for (_, c) in &mut state.lanes {
@@ -254,7 +277,11 @@ pub(super) fn build_filter(
         return Ok(FilterSetup::new(fcfg, state, 0.0));
     }
     if fcfg.keep_fraction.is_none() {
-        return Ok(FilterSetup::new(fcfg, cuts_of(fcfg, lanes, &vec![Vec::new(); lanes.len()]), 0.0));
+        return Ok(FilterSetup::new(
+            fcfg,
+            cuts_of(fcfg, lanes, &vec![Vec::new(); lanes.len()]),
+            0.0,
+        ));
     }
     let t = Instant::now();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -264,7 +291,12 @@ pub(super) fn build_filter(
     let state = cuts_of(fcfg, lanes, &pass);
     let secs = t.elapsed().as_secs_f64();
     for (l, c) in &state.lanes {
-        if let LaneCut::Fraction { documents, keep, last } = c {
+        if let LaneCut::Fraction {
+            documents,
+            keep,
+            last,
+        } = c
+        {
             tracing::info!(
                 lang = %l,
                 documents,
@@ -274,7 +306,10 @@ pub(super) fn build_filter(
             );
         }
     }
-    tracing::info!(seconds = format!("{secs:.2}"), "[filter] cuts fixed by the first pass");
+    tracing::info!(
+        seconds = format!("{secs:.2}"),
+        "[filter] cuts fixed by the first pass"
+    );
     Ok(FilterSetup::new(fcfg, state, secs))
 }
 
@@ -313,7 +348,9 @@ pub(super) fn run_filter(
             rep.count(keep, label, bytes);
             m.filter_documents.with_label_values(&[lang, label]).inc();
             if !keep {
-                m.filter_dropped_bytes.with_label_values(&[lang]).inc_by(bytes);
+                m.filter_dropped_bytes
+                    .with_label_values(&[lang])
+                    .inc_by(bytes);
                 d.text.clear();
             }
         }
@@ -329,7 +366,8 @@ pub(super) fn run_filter(
         am.items_in.inc();
         am.items_out.inc();
         am.bytes_in.inc_by(bytes_in);
-        am.bytes_out.inc_by(b.docs.iter().map(|d| d.text.len() as u64).sum());
+        am.bytes_out
+            .inc_by(b.docs.iter().map(|d| d.text.len() as u64).sum());
         am.busy_seconds.inc_by(t.elapsed().as_secs_f64());
         lat.record(t.elapsed());
         if tx.send(b).is_err() {
@@ -477,7 +515,12 @@ mod tests {
         (cfg, lanes, manifests)
     }
 
-    fn pass(cfg: &Config, lanes: &[Lane], m: &reader::ManifestIndex, threads: usize) -> FilterState {
+    fn pass(
+        cfg: &Config,
+        lanes: &[Lane],
+        m: &reader::ManifestIndex,
+        threads: usize,
+    ) -> FilterState {
         let f = cfg.filter.clone().unwrap();
         let opts = reader::ReadOptions {
             qa: cfg.input.prompt_format(),
@@ -493,7 +536,12 @@ mod tests {
         let (cfg, lanes, m) = lanes(d.path());
         let one = pass(&cfg, &lanes, &m, 1);
         for (_, c) in &one.lanes {
-            let LaneCut::Fraction { documents, keep, last } = c else {
+            let LaneCut::Fraction {
+                documents,
+                keep,
+                last,
+            } = c
+            else {
                 panic!("{c:?}")
             };
             assert!(*documents > 10, "{c:?}");
@@ -517,12 +565,18 @@ mod tests {
         for (li, lane) in lanes.iter().enumerate() {
             let (mut kept, mut all) = (0u64, 0u64);
             // Two epochs: file indices count on, the verdicts repeat.
-            let mut epochs = vec![Vec::new(), Vec::new()];
+            let mut epochs = [Vec::new(), Vec::new()];
             for (e, verdicts) in epochs.iter_mut().enumerate() {
                 for (k, p) in lane.files.iter().enumerate() {
                     let file = (e * lane.files.len() + k) as u32;
-                    for (i, doc) in reader::read_file_with(p, &m, &opts).unwrap().iter().enumerate() {
-                        if let Some((keep, _, _)) = setup.decide(li, &lane.files, file, i as u32, doc) {
+                    for (i, doc) in reader::read_file_with(p, &m, &opts)
+                        .unwrap()
+                        .iter()
+                        .enumerate()
+                    {
+                        if let Some((keep, _, _)) =
+                            setup.decide(li, &lane.files, file, i as u32, doc)
+                        {
                             verdicts.push(keep);
                             if e == 0 {
                                 all += 1;
@@ -533,7 +587,10 @@ mod tests {
                 }
             }
             assert_eq!(epochs[0], epochs[1]);
-            assert!((kept as f64 - 0.4 * all as f64).abs() <= 1.0, "{kept} of {all}");
+            assert!(
+                (kept as f64 - 0.4 * all as f64).abs() <= 1.0,
+                "{kept} of {all}"
+            );
         }
     }
 }

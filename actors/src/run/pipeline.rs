@@ -1202,9 +1202,10 @@ fn spawn_ranks(
     // `[filter]`: the lanes' cuts go into every checkpoint with the files written as they are (the cuts are fixed
     // for the whole run), so that a resume or replay decides as this run did.
     if let Some(f) = &p.filter {
-        hf_files
-            .files
-            .push((crate::stages::filter::STATE_FILE, f.state_json().into_bytes()));
+        hf_files.files.push((
+            crate::stages::filter::STATE_FILE,
+            f.state_json().into_bytes(),
+        ));
     }
     crate::train::spawn_trainers(
         topo,

@@ -338,7 +338,7 @@ impl Scorer {
             .iter()
             .filter_map(|(y, v)| y.parse().ok().map(|y| (y, *v)))
             .collect();
-        years.sort_by(|a, b| b.0.cmp(&a.0));
+        years.sort_by_key(|y| std::cmp::Reverse(y.0));
         Scorer {
             weights,
             weight_sum: weights.iter().sum(),
@@ -388,12 +388,7 @@ impl Scorer {
                 .fold(0.0, f64::max)
         };
         let c = [recency, doc_type, length, subject];
-        let score = c
-            .iter()
-            .zip(self.weights)
-            .map(|(c, w)| c * w)
-            .sum::<f64>()
-            / self.weight_sum;
+        let score = c.iter().zip(self.weights).map(|(c, w)| c * w).sum::<f64>() / self.weight_sum;
         Score {
             recency,
             doc_type,
@@ -528,7 +523,9 @@ impl LaneCut {
     pub fn keeps(&self, key: &RankKey) -> bool {
         match self {
             LaneCut::Threshold { threshold } => key.score() >= *threshold,
-            LaneCut::Fraction { last, .. } => last.as_ref().is_some_and(|l| key.ranks_before_or_at(l)),
+            LaneCut::Fraction { last, .. } => {
+                last.as_ref().is_some_and(|l| key.ranks_before_or_at(l))
+            }
         }
     }
 }
@@ -709,7 +706,12 @@ mod tests {
         c.subjects.insert("Data Protection".into(), 1.0);
         c.subjects.insert("banking".into(), 0.5);
         let s = Scorer::new(&c);
-        let mut d = doc(None, DocType::Regulation, 10, "On the protection of natural persons");
+        let mut d = doc(
+            None,
+            DocType::Regulation,
+            10,
+            "On the protection of natural persons",
+        );
         assert_eq!(s.score(&d).subject, 0.0);
         d.articles.push(Article {
             title: "Article 2".into(),
@@ -783,8 +785,16 @@ mod tests {
                 );
                 assert!(kept >= 1.0);
                 // Kept documents score at least as high as dropped ones.
-                let min_kept = ks.iter().filter(|k| cut.keeps(k)).map(|k| k.score()).fold(1.0, f64::min);
-                let max_dropped = ks.iter().filter(|k| !cut.keeps(k)).map(|k| k.score()).fold(0.0, f64::max);
+                let min_kept = ks
+                    .iter()
+                    .filter(|k| cut.keeps(k))
+                    .map(|k| k.score())
+                    .fold(1.0, f64::min);
+                let max_dropped = ks
+                    .iter()
+                    .filter(|k| !cut.keeps(k))
+                    .map(|k| k.score())
+                    .fold(0.0, f64::max);
                 assert!(min_kept >= max_dropped, "n {n} f {f}");
             }
         }

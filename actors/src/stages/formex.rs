@@ -1183,13 +1183,11 @@ impl<'a> Parser<'a> {
                 ds.in_no_doc = None;
                 ds.no_doc_done = true;
             }
-            K::Keyword => {
-                if ds.leaf == Some((K::Keyword, depth)) {
-                    ds.leaf = None;
-                    let v = ds.leaf_buf.split_whitespace().collect::<Vec<_>>().join(" ");
-                    if !v.is_empty() {
-                        ds.doc.keywords.push(v);
-                    }
+            K::Keyword if ds.leaf == Some((K::Keyword, depth)) => {
+                ds.leaf = None;
+                let v = ds.leaf_buf.split_whitespace().collect::<Vec<_>>().join(" ");
+                if !v.is_empty() {
+                    ds.doc.keywords.push(v);
                 }
             }
             K::LgDoc | K::LgOj | K::NoCelex | K::LegalValue | K::Year | K::NoCurrent => {
@@ -1912,7 +1910,10 @@ mod tests {
         );
         assert_eq!(
             d.keywords,
-            ["Reference for a preliminary ruling", "Protection of personal data"]
+            [
+                "Reference for a preliminary ruling",
+                "Protection of personal data"
+            ]
         );
         assert!(d.text.contains("Protection of personal data"), "{}", d.text);
         assert!(one("<ACT><P>x</P></ACT>").keywords.is_empty());
