@@ -359,6 +359,7 @@ pub(super) fn run_filter(
             g.kept += rep.kept;
             g.bytes_dropped += rep.bytes_dropped;
             g.unscored += rep.unscored;
+            g.busy_seconds += t.elapsed().as_secs_f64();
             for (k, v) in rep.dropped {
                 *g.dropped.entry(k).or_insert(0) += v;
             }

@@ -574,6 +574,9 @@ pub struct FilterLaneReport {
     /// Dropped documents by reason ([`Scorer::reason`]): `recency`, `type`, `length`, `subject`.
     pub dropped: BTreeMap<String, u64>,
     pub bytes_dropped: u64,
+    /// Seconds the lane's filter actor spent scoring and deciding (its busy time; compare the tokenizers').
+    #[serde(default)]
+    pub busy_seconds: f64,
     /// Instruction pairs passed unscored.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unscored: u64,
