@@ -27,6 +27,26 @@ fn embedded_default_is_the_sample_file() {
 }
 
 #[test]
+fn fast_config_has_the_seed_fast_run_settings() {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../configs/eurlex-cpt-llama3-fast.toml");
+    let c = Config::from_file(&p).unwrap();
+    let f = c.filter.as_ref().expect("the fast run filters");
+    assert_eq!((f.keep_fraction, f.threshold), (Some(0.4), None));
+    assert_eq!(c.packer.seq_len.get(), 3072);
+    assert_eq!(c.shards.count.get(), 16);
+    let t = c.train.as_ref().unwrap();
+    assert_eq!((t.lr, t.steps), (3e-5, 12_000));
+    // The same stream as the full run otherwise: mix, tokenizer, dedup, held-out split.
+    let full = Config::from_file(&p.with_file_name("eurlex-cpt-llama3.toml")).unwrap();
+    assert_eq!(c.sampler.mix, full.sampler.mix);
+    assert_eq!(c.tokenizer.path, full.tokenizer.path);
+    assert_eq!(c.dedup, full.dedup);
+    assert_eq!(c.eval.holdout, full.eval.holdout);
+    assert!(full.filter.is_none());
+}
+
+#[test]
 fn full_scale_config_has_the_seed_settings() {
     let p =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/eurlex-cpt-llama3.toml");
@@ -214,7 +234,14 @@ fn readme_documents_exactly_the_keys_the_parser_accepts() {
 fn readme_defaults_and_types_are_the_parsers() {
     let minimal = config_text(None, None);
     let cfg = Config::from_toml(&minimal, "minimal.toml").unwrap();
-    let defaults = serde_json::to_value(&cfg).unwrap();
+    let mut defaults = serde_json::to_value(&cfg).unwrap();
+    // `[filter]` is optional (absent: off) and has no default rule (`keep_fraction` or `threshold`): its keys'
+    // defaults are those the section has when written.
+    assert!(defaults.get("filter").is_none());
+    let mut filter = serde_json::to_value(lexflow_actors::config::FilterConfig::default()).unwrap();
+    filter["keep_fraction"] = serde_json::Value::Null;
+    filter["threshold"] = serde_json::Value::Null;
+    defaults["filter"] = filter;
     let mut problems = Vec::new();
     for (keys, types, defaults_cell) in readme_rows() {
         let n = keys.len();
@@ -283,7 +310,7 @@ fn check_default(key: &str, doc: &str, value: &serde_json::Value, minimal: &str)
             .is_null()
             .then_some(())
             .map_or_else(|| bad("has a fixed default"), |_| None),
-        _ if key == "sampler.mix" => {
+        _ if ["sampler.mix", "filter.recency", "filter.types"].contains(&key) => {
             let words: Vec<&str> = doc.split_whitespace().collect();
             let doc_mix: Vec<(String, f64)> = words
                 .chunks(2)

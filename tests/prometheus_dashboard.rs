@@ -771,6 +771,9 @@ impl Simulation {
             m.dedup_documents.with_label_values(&[l, "kept"]).inc_by(3);
             m.dedup_documents.with_label_values(&[l, "near"]).inc();
             m.dedup_dropped_bytes.with_label_values(&[l]).inc_by(100);
+            m.filter_documents.with_label_values(&[l, "kept"]).inc_by(2);
+            m.filter_documents.with_label_values(&[l, "length"]).inc();
+            m.filter_dropped_bytes.with_label_values(&[l]).inc_by(50);
             m.tokenizer_tokens.with_label_values(&[l]).inc_by(500);
             m.sampler_tokens
                 .with_label_values(&[l])
@@ -1011,6 +1014,8 @@ fn sample_run_feeds_every_panel() -> Result<()> {
     // Held-out evaluations after steps 6 and 12 (a quarter of this small corpus's acts, so that none is empty).
     cfg = set_toml_key(&cfg, "eval", "every", "6");
     cfg = set_toml_key(&cfg, "eval", "holdout", "0.25");
+    // The quality filter in the stream (threshold 0: every document kept, the stream unchanged) feeds its panels.
+    cfg = set_toml_key(&cfg, "filter", "threshold", "0");
     // Q&A answers scored at each evaluation: pairs built from the same corpus (the model is not fine-tuned for them,
     // its scores are low; what is checked is that they are measured and exported).
     let qa_dir = work.path().join("qa");

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::stages::formex::EU_LANGS;
 // The sections of the stages that own them (each stage's file holds its config), re-exported: `config::PackerConfig`.
+pub use crate::stages::filter::{FilterConfig, FilterWeights};
 pub use crate::stages::gen_sample::GenerateConfig;
 pub use crate::stages::packer::{PackMode, PackerConfig};
 pub use crate::stages::sampler::{default_mix, ExhaustedPolicy};
@@ -42,6 +43,9 @@ pub struct Config {
     /// Document deduplication before tokenization (off by default).
     #[serde(default)]
     pub dedup: crate::stages::dedup::DedupConfig,
+    /// Quality filter before tokenization (`[filter]`; absent: every document is trained on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<FilterConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
 }
@@ -1018,6 +1022,11 @@ impl Config {
             };
             errs.push(format!("{}: {why}", at(key)));
         }
+        if let Some(f) = &self.filter {
+            for (key, why) in f.check() {
+                errs.push(format!("{}: {why}", at(&key)));
+            }
+        }
         if self.input.paths.is_empty() && self.input.generate.acts_per_language == 0 {
             errs.push(format!(
                 "{}: no input paths and nothing to generate; set input.paths or input.generate.acts_per_language",
@@ -1386,6 +1395,39 @@ mod tests {
             e.contains("t.toml:7") && e.contains("train.dtype") && e.contains("fp16"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn filter_section_is_off_when_absent_and_errors_name_key_and_line() {
+        let base = "[run]\nname = \"x\"\ndir = \"r\"\n";
+        let c = Config::from_toml(base, "t.toml").unwrap();
+        assert!(c.filter.is_none());
+        // Absent, it is not printed either: existing configs serialize as before.
+        assert!(!toml::to_string(&c).unwrap().contains("filter"));
+        let c =
+            Config::from_toml(&format!("{base}[filter]\nkeep_fraction = 0.4\n"), "t.toml").unwrap();
+        assert_eq!(c.filter.as_ref().unwrap().keep_fraction, Some(0.4));
+        let again = Config::from_toml(&toml::to_string(&c).unwrap(), "t.toml").unwrap();
+        assert_eq!(again.filter, c.filter);
+        let e = invalid(&format!(
+            "{base}[filter]\nkeep_fraction = 1.5\nweights = {{ length = -1 }}\n[filter.types]\nstatute = 0.5\n"
+        ));
+        assert!(e.contains("line 5: key `filter.keep_fraction`"), "{e}");
+        assert!(e.contains("line 6: key `filter.weights.length`"), "{e}");
+        assert!(e.contains("line 8: key `filter.types.statute`"), "{e}");
+        let e = invalid(&format!("{base}[filter]\nweights = {{ recency = 1 }}\n"));
+        assert!(
+            e.contains("line 4: key `filter`") && e.contains("keep_fraction"),
+            "{e}"
+        );
+        let e = invalid(&format!(
+            "{base}[filter]\nkeep_fraction = 0.4\nthreshold = 0.5\n"
+        ));
+        assert!(e.contains("line 6: key `filter.threshold`"), "{e}");
+        let e = invalid(&format!("{base}[filter]\nkeep_fraction = 0.4\nkeep = 3\n"));
+        assert!(e.contains("t.toml:6: key `filter.keep`"), "{e}");
+        let e = invalid(&format!("{base}[filter.weights]\nrecency = 1\ntopic = 2\n"));
+        assert!(e.contains("filter.weights.topic"), "{e}");
     }
 
     #[test]

@@ -139,6 +139,19 @@ enum Cmd {
         #[arg(long)]
         texts: bool,
     },
+    /// What `[filter]` keeps of a config's training input, decided as `lexflow run` decides, without tokenizing or
+    /// training: per language the cut, counts by reason and the score distribution (JSON) and, with --out, one JSON
+    /// line per document (criteria, score, verdict, reason).
+    Filter {
+        /// TOML config (default: the embedded configs/sample.toml).
+        config: Option<PathBuf>,
+        /// Write one JSON line per document (criteria, score, verdict, reason) to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override filter.keep_fraction (e.g. to see what another share would keep; drops filter.threshold).
+        #[arg(long)]
+        keep_fraction: Option<f64>,
+    },
     /// The evaluation history of a run (its eval.jsonl): held-out loss overall and per language, Q&A scores.
     Evals {
         /// The run directory (`run.dir`).
@@ -406,6 +419,11 @@ fn main() -> ExitCode {
             mode,
             texts,
         } => lexflow_actors::run::cli::cli_dedup(config.as_deref(), out.as_deref(), mode, texts),
+        Cmd::Filter {
+            config,
+            out,
+            keep_fraction,
+        } => lexflow_actors::run::cli::cli_filter(config.as_deref(), out.as_deref(), keep_fraction),
         Cmd::Plan {
             config,
             gpu_memory,

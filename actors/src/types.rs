@@ -76,6 +76,10 @@ pub struct Document {
     pub date: Option<String>,
     pub title: Option<String>,
     pub articles: Vec<Article>,
+    /// Subject keywords where the document has them (case law's `INDEX/KEYWORD`), whitespace collapsed: what the
+    /// quality filter's subject terms are matched against besides the title and the headings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keywords: Vec<String>,
     /// Full text with readable whitespace (training text).
     pub text: String,
     /// Instruction data: byte offset in `text` where the answer starts. The text before it (the prompt) is context

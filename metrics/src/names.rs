@@ -47,6 +47,11 @@ pub const READER_QUARANTINED_FILES_TOTAL: &str = "lexflow_reader_quarantined_fil
 pub const DEDUP_DOCUMENTS_TOTAL: &str = "lexflow_dedup_documents_total";
 pub const DEDUP_DROPPED_BYTES_TOTAL: &str = "lexflow_dedup_dropped_bytes_total";
 
+// Quality filter (`[filter]`): documents by result (`kept`, or the reason of a drop: `recency`, `type`, `length`,
+// `subject`), text dropped.
+pub const FILTER_DOCUMENTS_TOTAL: &str = "lexflow_filter_documents_total";
+pub const FILTER_DROPPED_BYTES_TOTAL: &str = "lexflow_filter_dropped_bytes_total";
+
 // Tokenizer.
 pub const TOKENIZER_TOKENS_TOTAL: &str = "lexflow_tokenizer_tokens_total";
 
@@ -117,6 +122,8 @@ pub const ALL: &[&str] = &[
     READER_QUARANTINED_FILES_TOTAL,
     DEDUP_DOCUMENTS_TOTAL,
     DEDUP_DROPPED_BYTES_TOTAL,
+    FILTER_DOCUMENTS_TOTAL,
+    FILTER_DROPPED_BYTES_TOTAL,
     TOKENIZER_TOKENS_TOTAL,
     SAMPLER_TOKENS_TOTAL,
     SAMPLER_TARGET_SHARE,

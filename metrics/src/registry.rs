@@ -33,6 +33,8 @@ pub struct Metrics {
     pub reader_quarantined: IntCounter,
     pub dedup_documents: IntCounterVec,
     pub dedup_dropped_bytes: IntCounterVec,
+    pub filter_documents: IntCounterVec,
+    pub filter_dropped_bytes: IntCounterVec,
     pub tokenizer_tokens: IntCounterVec,
     pub sampler_tokens: IntCounterVec,
     pub sampler_target_share: GaugeVec,
@@ -211,6 +213,17 @@ impl Metrics {
             dedup_dropped_bytes: icv(
                 DEDUP_DROPPED_BYTES_TOTAL,
                 "Text bytes of documents dropped as repeats",
+                &[LABEL_LANG],
+            ),
+            filter_documents: icv(
+                FILTER_DOCUMENTS_TOTAL,
+                "Documents through the quality filter, by result (kept, or the reason of a drop: recency, type, \
+                 length, subject)",
+                &[LABEL_LANG, LABEL_RESULT],
+            ),
+            filter_dropped_bytes: icv(
+                FILTER_DROPPED_BYTES_TOTAL,
+                "Text bytes of documents dropped by the quality filter",
                 &[LABEL_LANG],
             ),
             tokenizer_tokens: icv(
@@ -517,6 +530,8 @@ mod tests {
         m.reader_documents.with_label_values(&["en"]).inc();
         m.dedup_documents.with_label_values(&["en", "kept"]).inc();
         m.dedup_dropped_bytes.with_label_values(&["en"]).inc();
+        m.filter_documents.with_label_values(&["en", "kept"]).inc();
+        m.filter_dropped_bytes.with_label_values(&["en"]).inc();
         m.tokenizer_tokens.with_label_values(&["en"]).inc();
         m.sampler_tokens.with_label_values(&["en"]).inc();
         m.sampler_target_share.with_label_values(&["en"]).set(0.5);

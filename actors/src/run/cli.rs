@@ -1,4 +1,4 @@
-//! The commands that act on a config or a run as a whole: `lexflow run`, `config`, `heldout`, `dedup` (the parsing of
+//! The commands that act on a config or a run as a whole: `lexflow run`, `config`, `heldout`, `dedup`, `filter` (the parsing of
 //! their arguments is `main.rs`'s; what they do is here), and the logging every command sets up.
 
 use std::path::Path;
@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use crate::config::{Config, FileChecks, SAMPLE_TOML};
 use crate::run::dedup::audit_dedup;
+use crate::run::filter::audit_filter;
 use crate::run::heldout::build_heldout;
 use crate::run::pipeline::{run, RunOptions};
 use crate::run::signals;
@@ -141,5 +142,35 @@ pub fn cli_dedup(
     }
     let report = audit_dedup(&cfg, out, texts)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lexflow filter [CONFIG] [--out F.jsonl] [--keep-fraction F]`: what `[filter]` keeps of a config's training input
+/// ([`audit_filter`]), with `--keep-fraction` overriding the section's rule.
+pub fn cli_filter(
+    config: Option<&Path>,
+    out: Option<&Path>,
+    keep_fraction: Option<f64>,
+) -> anyhow::Result<ExitCode> {
+    let mut cfg = Config::load_checked(config, FileChecks::default())?;
+    if let Some(f) = keep_fraction {
+        if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+            anyhow::bail!("--keep-fraction {f}: must be in (0, 1]");
+        }
+        let mut fc = cfg.filter.take().unwrap_or_default();
+        fc.keep_fraction = Some(f);
+        fc.threshold = None;
+        cfg.filter = Some(fc);
+    }
+    if cfg.filter.is_none() {
+        anyhow::bail!(
+            "the config has no [filter] section: add one (keep_fraction = 0.4, or threshold = …), or pass --keep-fraction"
+        );
+    }
+    let report = audit_filter(&cfg, out)?;
+    crate::common::output::print_to_stdout(&format!(
+        "{}\n",
+        serde_json::to_string_pretty(&report)?
+    ))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -7,15 +7,17 @@
 //! | `lanes.rs` | the input files by language lane |
 //! | `inputs.rs` | the input files a checkpoint records (`inputs.json`) and the comparison a resume makes |
 //! | `dedup.rs` | `[dedup]` in a run: the index, the `dedup.<lang>` actor, `lexflow dedup` |
+//! | `filter.rs` | `[filter]` in a run: the first pass and its cuts, the `filter.<lang>` actor, `lexflow filter` |
 //! | `heldout.rs` | the held-out set of a run (`[eval]`) |
 //! | `progress.rs` | counters, the progress bar / log line, the evaluation gauges |
 //! | `stats.rs` | `stats.json` and the summary |
 //! | `signals.rs` | exit codes of a run stopped by a signal, the forced exit on a second one |
 //! | `replay.rs` | `lexflow replay`, `lexflow provenance`: a run's stream regenerated from a checkpoint |
-//! | `cli.rs` | `lexflow run`, `config`, `heldout`, `dedup`; logging |
+//! | `cli.rs` | `lexflow run`, `config`, `heldout`, `dedup`, `filter`; logging |
 
 pub mod cli;
 pub mod dedup;
+pub mod filter;
 pub mod heldout;
 pub mod inputs;
 pub mod lanes;

@@ -19,6 +19,7 @@ use lexflow_dataflow::{edge, ordered_pool, EdgeReceiver, Shutdown, Topology};
 
 use crate::config::{Config, ExhaustedPolicy};
 use crate::run::dedup::{build_dedup_index, run_dedup};
+use crate::run::filter::{build_filter, run_filter, FilterSetup};
 use crate::run::heldout::{eval_paths_files, heldout_set};
 use crate::run::lanes::{input_files, lanes_of, Lane};
 use crate::run::progress::{export_eval_gauges, progress_loop, Counters, RELAXED};
@@ -155,6 +156,8 @@ struct Prepared<'a> {
     world: usize,
     start: StartPosition,
     dedup: DedupState,
+    /// `[filter]`: the lanes' cuts and counts.
+    filter: Option<Arc<FilterSetup>>,
 }
 
 impl Prepared<'_> {
@@ -186,6 +189,7 @@ fn prepare<'a>(cfg: &'a Config, opts: &'a RunOptions) -> anyhow::Result<Prepared
     set_aside_earlier_run(cfg, replay, resume.as_ref(), &here)?;
     let start = start_position(replay, resume.as_ref(), inputs.lanes.len())?;
     let dedup = dedup_state(cfg, replay, resume.as_ref(), &inputs, &tok, &here)?;
+    let filter = filter_state(cfg, replay, resume.as_ref(), &inputs, &tok, &here)?;
     Ok(Prepared {
         cfg,
         opts,
@@ -197,6 +201,7 @@ fn prepare<'a>(cfg: &'a Config, opts: &'a RunOptions) -> anyhow::Result<Prepared
         world,
         start,
         dedup,
+        filter,
     })
 }
 
@@ -597,6 +602,42 @@ fn dedup_state(
     Ok(DedupState { index, log })
 }
 
+/// `[filter]`: the cut of every lane — the checkpoint's when a resume or replay continues one (refused when this
+/// config's `[filter]` differs), else fixed now (a first pass over the lanes with `keep_fraction`); written to
+/// `<run.dir>/filter.json` by a run that trains or preprocesses (not a replay).
+fn filter_state(
+    cfg: &Config,
+    replay: Option<&ReplaySpec>,
+    resume: Option<&crate::train::ResumeInfo>,
+    inputs: &Inputs,
+    tok: &TokenizerSetup,
+    here: &RunDir,
+) -> anyhow::Result<Option<Arc<FilterSetup>>> {
+    let Some(fcfg) = &cfg.filter else {
+        return Ok(None);
+    };
+    let from = match replay {
+        Some(r) => r.inputs_from.clone(),
+        None => resume.map(|r| r.checkpoint.clone()),
+    };
+    let f = build_filter(
+        cfg,
+        fcfg,
+        &inputs.lanes,
+        &inputs.held_files,
+        &inputs.eval_files,
+        &inputs.manifests,
+        &tok.read_opts,
+        from.as_deref(),
+    )?;
+    if replay.is_none() && here.rank0() {
+        let p = here.run_dir.join(crate::stages::filter::STATE_FILE);
+        write_file_atomically(&p, f.state_json().as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(Some(Arc::new(f)))
+}
+
 /// Ctrl-C/SIGTERM/SIGHUP drain the pipeline; which signal stopped the run sets the exit code, a second one exits.
 fn install_shutdown() -> Shutdown {
     let shutdown = Shutdown::new();
@@ -720,9 +761,14 @@ fn spawn_lanes(
         let lang = lane.lang.clone();
         let (ftx, frx) =
             edge::<(u32, PathBuf, u32)>(&format!("source.{lang}->reader.{lang}"), p.cap("reader"));
+        // reader → (dedup) → (filter) → tokenizer.
+        let after_dedup = match p.filter {
+            Some(_) => format!("filter.{lang}"),
+            None => format!("tokenizer.{lang}"),
+        };
         let to_tokenizer = match p.dedup.index {
             Some(_) => format!("reader.{lang}->dedup.{lang}"),
-            None => format!("reader.{lang}->tokenizer.{lang}"),
+            None => format!("reader.{lang}->{after_dedup}"),
         };
         let (dtx, drx) = edge::<DocBatch>(&to_tokenizer, p.cap("reader"));
         let (ttx, trx) =
@@ -732,7 +778,7 @@ fn spawn_lanes(
         let drx = match &p.dedup.index {
             Some(d) => {
                 let (xtx, xrx) =
-                    edge::<DocBatch>(&format!("dedup.{lang}->tokenizer.{lang}"), p.cap("reader"));
+                    edge::<DocBatch>(&format!("dedup.{lang}->{after_dedup}"), p.cap("reader"));
                 let d = d.clone();
                 let log = p.dedup.log.clone();
                 let lang = lang.clone();
@@ -741,6 +787,20 @@ fn spawn_lanes(
                     run_dedup(ctx, &d, li, &lang, &paths, log.as_deref(), drx, xtx)
                 });
                 xrx
+            }
+            None => drx,
+        };
+        let drx = match &p.filter {
+            Some(f) => {
+                let (ytx, yrx) =
+                    edge::<DocBatch>(&format!("filter.{lang}->tokenizer.{lang}"), p.cap("reader"));
+                let f = f.clone();
+                let lang = lang.clone();
+                let paths = lane.files.clone();
+                topo.spawn(format!("filter.{lang}"), move |ctx| {
+                    run_filter(ctx, &f, li, &lang, &paths, drx, ytx)
+                });
+                yrx
             }
             None => drx,
         };
@@ -1133,6 +1193,20 @@ fn spawn_ranks(
 ) -> anyhow::Result<crate::train::TrainHandle> {
     let cfg = p.cfg;
     let tokenizer = &p.tok.tokenizer;
+    let mut hf_files = crate::stages::tokenizer::hf_model_files(
+        tokenizer,
+        (cfg.input.qa_template == crate::stages::qa_format::QaTemplate::Llama3)
+            .then_some(crate::stages::tokenizer::LLAMA3_CHAT_TEMPLATE),
+        Some(&cfg.packer.pad_token),
+    )?;
+    // `[filter]`: the lanes' cuts go into every checkpoint with the files written as they are (the cuts are fixed
+    // for the whole run), so that a resume or replay decides as this run did.
+    if let Some(f) = &p.filter {
+        hf_files.files.push((
+            crate::stages::filter::STATE_FILE,
+            f.state_json().into_bytes(),
+        ));
+    }
     crate::train::spawn_trainers(
         topo,
         crate::train::TrainerSetup {
@@ -1144,12 +1218,7 @@ fn spawn_ranks(
             resume: p.opts.resume,
             run_config: Some(toml::to_string(cfg)?),
             inputs: Some(p.inputs.record.to_json()),
-            hf_files: Arc::new(crate::stages::tokenizer::hf_model_files(
-                tokenizer,
-                (cfg.input.qa_template == crate::stages::qa_format::QaTemplate::Llama3)
-                    .then_some(crate::stages::tokenizer::LLAMA3_CHAT_TEMPLATE),
-                Some(&cfg.packer.pad_token),
-            )?),
+            hf_files: Arc::new(hf_files),
             dedup: p.dedup.index.clone(),
             tee,
             eval: (evals.heldout.is_some() || evals.qa_probe.is_some()).then(|| {
@@ -1303,6 +1372,10 @@ fn collect_stats(p: &mut Prepared<'_>, e: Ended<'_>) -> RunStats {
             .index
             .as_ref()
             .map(|d| d.report(&lanes.iter().map(|l| l.lang.clone()).collect::<Vec<_>>())),
+        filter: match (&p.filter, &cfg.filter) {
+            (Some(f), Some(c)) => Some(f.report(c)),
+            _ => None,
+        },
         outcome: match (e.result, e.shutdown.reason()) {
             (Err(_), _) => "failed".into(),
             (Ok(()), Some(_)) => "interrupted".into(),

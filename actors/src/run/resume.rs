@@ -7,7 +7,7 @@ use crate::config::Config;
 
 /// Config keys that decide the data stream: a resume continues the checkpoint's stream, so they must not change.
 /// (Thread counts, edge capacities, `[train]`, `[metrics]`, `[eval]` besides the held-out split do not change it.)
-pub(super) const STREAM_KEYS: [&str; 9] = [
+pub(super) const STREAM_KEYS: [&str; 10] = [
     "run.seed",
     "input",
     "tokenizer.path",
@@ -15,6 +15,7 @@ pub(super) const STREAM_KEYS: [&str; 9] = [
     "sampler",
     "packer",
     "dedup",
+    "filter",
     "eval.holdout",
     // Held-out documents of their own: with dedup.against_heldout, training copies of them are dropped.
     "eval.paths",

@@ -60,6 +60,9 @@ pub struct RunStats {
     /// Documents dropped as repeats (`[dedup]`), per language.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dedup: Option<crate::stages::dedup::DedupReport>,
+    /// Documents dropped by the quality filter (`[filter]`), per language and reason, with each lane's cut.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<crate::stages::filter::FilterReport>,
     /// `input.tokens` per second of the whole run's wall time (`elapsed_seconds`). With `[train]` the trainers set the
     /// pace (backpressure: preprocessing only reads ahead), so this is the rate the run consumed input at, not what
     /// preprocessing could do: that is `tokenizer_tokens_per_busy_second`.
@@ -199,6 +202,35 @@ impl RunStats {
                 sum(|l| l.near),
                 sum(|l| l.heldout),
                 sum(|l| l.bytes_dropped)
+            );
+        }
+        if let Some(f) = &self.filter {
+            let docs: u64 = f.per_lang.values().map(|l| l.documents).sum();
+            let kept: u64 = f.per_lang.values().map(|l| l.kept).sum();
+            let mut reasons: std::collections::BTreeMap<&str, u64> = Default::default();
+            for l in f.per_lang.values() {
+                for (r, n) in &l.dropped {
+                    *reasons.entry(r.as_str()).or_insert(0) += n;
+                }
+            }
+            let rule = match (f.keep_fraction, f.threshold) {
+                (Some(k), _) => format!("keep {:.0}% per language", k * 100.0),
+                (_, Some(t)) => format!("score ≥ {t}"),
+                _ => "?".into(),
+            };
+            let _ = writeln!(
+                s,
+                "  filter     {rule}: {docs} documents, {kept} kept, dropped {} ({} bytes)",
+                if reasons.is_empty() {
+                    "none".to_string()
+                } else {
+                    reasons
+                        .iter()
+                        .map(|(r, n)| format!("{n} {r}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+                f.per_lang.values().map(|l| l.bytes_dropped).sum::<u64>()
             );
         }
         // What the sampler emitted, read-ahead of the last steps included (what each step trained: `lexflow

@@ -225,6 +225,8 @@ enum K {
     Article,
     TiArt,
     StiArt,
+    /// `KEYWORD` of case law's `INDEX`: a subject keyword ([`Document::keywords`]).
+    Keyword,
     QuotS,
     QuotMark,
     Note,
@@ -277,6 +279,7 @@ fn classify(name: &[u8]) -> (K, Disp) {
         b"ARTICLE" => (K::Article, Block),
         b"TI.ART" => (K::TiArt, Block),
         b"STI.ART" => (K::StiArt, Block),
+        b"KEYWORD" => (K::Keyword, Block),
         b"QUOT.S" => (K::QuotS, Block),
         b"QUOT.START" | b"QUOT.END" => (K::QuotMark, Inline),
         b"NOTE" => (K::Note, Inline),
@@ -360,7 +363,6 @@ fn classify(name: &[u8]) -> (K, Disp) {
         | b"INTERVENERS"
         | b"INTERMEDIATE"
         | b"INDEX"
-        | b"KEYWORD"
         | b"CONTENTS.JUDGMENT"
         | b"CONTENTS.ORDER"
         | b"CONTENTS.CONCLUSION"
@@ -940,6 +942,12 @@ impl<'a> Parser<'a> {
                     ds.leaf_buf.clear();
                 }
             }
+            K::Keyword => {
+                if ds.leaf.is_none() && ds.quot == 0 {
+                    ds.leaf = Some((k, depth));
+                    ds.leaf_buf.clear();
+                }
+            }
             K::Year | K::NoCurrent => {
                 if ds.in_no_doc.is_some() && ds.leaf.is_none() {
                     ds.leaf = Some((k, depth));
@@ -1174,6 +1182,13 @@ impl<'a> Parser<'a> {
             K::NoDoc if ds.in_no_doc == Some(depth) => {
                 ds.in_no_doc = None;
                 ds.no_doc_done = true;
+            }
+            K::Keyword if ds.leaf == Some((K::Keyword, depth)) => {
+                ds.leaf = None;
+                let v = ds.leaf_buf.split_whitespace().collect::<Vec<_>>().join(" ");
+                if !v.is_empty() {
+                    ds.doc.keywords.push(v);
+                }
             }
             K::LgDoc | K::LgOj | K::NoCelex | K::LegalValue | K::Year | K::NoCurrent => {
                 if let Some((lk, ld)) = ds.leaf {
@@ -1886,6 +1901,22 @@ mod tests {
         assert_eq!(v[0].celex.as_deref(), Some("62018CJ0311"));
         assert_eq!(v[0].doc_type, DocType::Judgment);
         assert_eq!(v[0].date.as_deref(), Some("2020-07-16"));
+    }
+
+    #[test]
+    fn formex_case_law_keywords_are_subject_metadata_and_text() {
+        let d = one(
+            r#"<JUDGMENT><INDEX><KEYWORD>Reference for a preliminary ruling</KEYWORD><KEYWORD>Protection of   <HT TYPE="ITALIC">personal data</HT></KEYWORD></INDEX><P>Body <QUOT.S><KEYWORD>quoted</KEYWORD></QUOT.S></P></JUDGMENT>"#,
+        );
+        assert_eq!(
+            d.keywords,
+            [
+                "Reference for a preliminary ruling",
+                "Protection of personal data"
+            ]
+        );
+        assert!(d.text.contains("Protection of personal data"), "{}", d.text);
+        assert!(one("<ACT><P>x</P></ACT>").keywords.is_empty());
     }
 
     #[test]

@@ -838,6 +838,7 @@ mod tests {
             text: String::new(),
             answer_start: None,
             date: None,
+            keywords: Vec::new(),
         };
         let mut s = BuildSummary::default();
         let p = pairs_for_document(&d, &BuildOptions::default(), &mut s);
@@ -881,6 +882,7 @@ mod tests {
             text: String::new(),
             answer_start: None,
             date: None,
+            keywords: Vec::new(),
         }
     }
 
