@@ -12,7 +12,8 @@
 //! or ZeRO-2 one.
 //!
 //! Not yet: prefetching unit `i + 1` on a side stream while unit `i` computes (the gathers are synchronous), and
-//! building the slices without materialising the whole model once at start-up ([`ShardedLlama::from_params`]).
+//! building the slices without materialising the whole model once in host memory at start-up
+//! ([`ShardedLlama::from_params`]; the trainer builds it on the host and moves only the slices to the GPU).
 
 use tch::{Device, Kind, Tensor};
 
@@ -76,6 +77,17 @@ impl ShardedLlama {
             local,
             recompute: false,
         })
+    }
+
+    /// The same slices on `device` (a model built in host memory, moved to its GPU slice by slice).
+    pub fn to_device(mut self, device: Device) -> Self {
+        if self.local.device() != device {
+            if device.is_cuda() {
+                crate::init_cuda();
+            }
+            self.local = self.local.to_device(device);
+        }
+        self
     }
 
     /// See [`Llama::set_recompute`].

@@ -129,7 +129,15 @@ impl<'a> Rank<'a> {
         };
         let mcfg = model_config(self.setup)?;
         let recompute = self.plan_recompute(&mcfg, kind)?;
-        let mut model = Llama::new(&mcfg, self.device, kind, self.setup.seed)?;
+        let mode = cfg.shard_mode();
+        // Fully sharded: the whole model is built (and loaded) in host memory, and only this rank's slices go to
+        // the device — a 70B model never has to fit one GPU.
+        let build_on = if mode == ShardMode::Full {
+            Device::Cpu
+        } else {
+            self.device
+        };
+        let mut model = Llama::new(&mcfg, build_on, kind, self.setup.seed)?;
         model.set_recompute(recompute);
         if let Some(dir) = &cfg.init_from {
             model
@@ -143,9 +151,12 @@ impl<'a> Rank<'a> {
                 );
             }
         }
-        // Ranks start from identical weights whatever their RNG did.
-        self.coll.broadcast(&mut model.params.flat.detach(), 0)?;
-        let mode = cfg.shard_mode();
+        // Ranks start from identical weights whatever their RNG did. (Fully sharded, each rank keeps only its
+        // slices of its copy: there is one model whatever the copies were; they are the same anyway, from one seed
+        // drawn on the host or one file.)
+        if mode != ShardMode::Full {
+            self.coll.broadcast(&mut model.params.flat.detach(), 0)?;
+        }
         let (weights, opt) = match mode {
             ShardMode::None => {
                 let opt = FlatAdamW::new(&model.params, schedule(cfg));
@@ -157,7 +168,8 @@ impl<'a> Rank<'a> {
             }
             ShardMode::Full => {
                 let mut sharded =
-                    ShardedLlama::from_params(&mcfg, &model.params, self.rank, self.world)?;
+                    ShardedLlama::from_params(&mcfg, &model.params, self.rank, self.world)?
+                        .to_device(self.device);
                 sharded.set_recompute(recompute);
                 drop(model);
                 let mut opt = sharded.optimizer(schedule(cfg));
