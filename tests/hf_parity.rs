@@ -54,7 +54,7 @@ fn hf_diff(
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/hf_parity.py");
     let out = Command::new(venv_python())
         .arg(&script)
-        .arg(&model_dir)
+        .arg(model_dir)
         .arg(&io)
         .output()
         .unwrap_or_else(|e| {

@@ -258,7 +258,9 @@ impl LlamaConfig {
         );
         let q = (self.num_attention_heads * self.head_dim) as i64;
         let kv = (self.num_key_value_heads * self.head_dim) as i64;
-        let mut groups: Vec<(Vec<(String, Vec<i64>)>, Vec<(String, Vec<i64>)>)> = Vec::new();
+        // Per unit: its ≥2-D weights, then its norms.
+        type Named = Vec<(String, Vec<i64>)>;
+        let mut groups: Vec<(Named, Named)> = Vec::new();
         let mut head = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
         if !self.tie_word_embeddings {
             head.push(("lm_head.weight".to_string(), vec![v, d]));

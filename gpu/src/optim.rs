@@ -1201,13 +1201,16 @@ pub fn part_file(rank: usize, world: usize) -> String {
     format!("optimizer-rank{rank:05}-of-{world:05}.safetensors")
 }
 
+/// One rank's part file, its `(global start, length, offset in the file)` runs, and its length.
+type Part = (SafetensorsRanges, Vec<(i64, i64, i64)>, i64);
+
 /// Where a saved optimizer state is read from: one file in the global layout, or per-rank parts.
 enum StateFiles {
     One(SafetensorsRanges),
     /// Each part: its file, its `(global start, length, offset in the file)` runs, and its length.
     Parts {
         metadata: HashMap<String, String>,
-        parts: Vec<(SafetensorsRanges, Vec<(i64, i64, i64)>, i64)>,
+        parts: Vec<Part>,
     },
 }
 
@@ -1286,7 +1289,7 @@ impl StateFiles {
 /// inspecting checkpoints; it holds three fp32 copies of the model in memory.
 pub fn read_optimizer_state(
     dir: &Path,
-) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+) -> Result<(crate::checkpoint::NamedTensors, HashMap<String, String>)> {
     let one = dir.join(OPTIMIZER_FILE);
     let files = if one.is_file() {
         StateFiles::One(SafetensorsRanges::open(&one)?)
@@ -1302,7 +1305,7 @@ pub fn read_optimizer_state(
         StateFiles::Parts { .. } => {
             let v: serde_json::Value = serde_json::from_str(
                 &std::fs::read_to_string(dir.join(OPTIMIZER_PARTS))
-                    .map_err(|e| GpuError::io(&dir.join(OPTIMIZER_PARTS), e))?,
+                    .map_err(|e| GpuError::io(dir.join(OPTIMIZER_PARTS), e))?,
             )
             .map_err(|e| GpuError::checkpoint(dir, e.to_string()))?;
             v["total"].as_i64().unwrap_or(0)

@@ -468,7 +468,7 @@ impl Rank<'_> {
                     std::fs::rename(&from, &to).map_err(|e| GpuError::io(&from, e))?;
                 }
                 std::fs::write(tmp.join(lexflow_gpu::OPTIMIZER_PARTS), opt.parts_manifest())
-                    .map_err(|e| GpuError::io(&tmp.join(lexflow_gpu::OPTIMIZER_PARTS), e))?;
+                    .map_err(|e| GpuError::io(tmp.join(lexflow_gpu::OPTIMIZER_PARTS), e))?;
             }
             None => {
                 opt.save(&tmp.join(lexflow_gpu::OPTIMIZER_FILE))?;
