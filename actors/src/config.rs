@@ -280,10 +280,66 @@ pub struct TrainConfig {
     /// The older spelling of `shard = "optimizer"`.
     #[serde(default)]
     pub shard_optimizer: bool,
+    /// Keep the best checkpoint by this evaluation metric (`heldout_loss`, `qa_citation_accuracy`, `qa_rouge_l`,
+    /// `qa_exact_match`, `qa_hallucination_rate`): it is never pruned, `run.dir/best` points to it, and the summary
+    /// and `stats.json` name it. Needs an evaluation at every checkpoint (`eval.every` dividing `checkpoint_every`).
+    #[serde(default)]
+    pub keep_best: Option<BestMetric>,
     /// CPU optimizer offload (with `shard = "full"`: ZeRO-3-Offload): the fp32 master, moments and gradient slice in
     /// (pinned) host memory, AdamW on the host's cores, the updated weights copied back to the GPU.
     #[serde(default)]
     pub offload_optimizer: bool,
+}
+
+/// `train.keep_best`: the evaluation metric that picks the best checkpoint.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BestMetric {
+    /// Held-out loss (all languages, token-weighted): lower is better.
+    HeldoutLoss,
+    QaCitationAccuracy,
+    QaRougeL,
+    QaExactMatch,
+    /// Share of answers citing an unknown provision: lower is better.
+    QaHallucinationRate,
+}
+
+impl BestMetric {
+    pub fn name(self) -> &'static str {
+        match self {
+            BestMetric::HeldoutLoss => "heldout_loss",
+            BestMetric::QaCitationAccuracy => "qa_citation_accuracy",
+            BestMetric::QaRougeL => "qa_rouge_l",
+            BestMetric::QaExactMatch => "qa_exact_match",
+            BestMetric::QaHallucinationRate => "qa_hallucination_rate",
+        }
+    }
+
+    /// Measured on `eval.qa_gold` (else on the held-out set).
+    pub fn needs_qa(self) -> bool {
+        self != BestMetric::HeldoutLoss
+    }
+
+    /// Whether `a` is strictly better than `b`.
+    pub fn better(self, a: f64, b: f64) -> bool {
+        match self {
+            BestMetric::HeldoutLoss | BestMetric::QaHallucinationRate => a < b,
+            _ => a > b,
+        }
+    }
+
+    /// The metric's value in an evaluation (None when it was not measured).
+    pub fn value(self, r: &crate::tasks::heldout::EvalResult) -> Option<f64> {
+        let qa = r.qa.as_ref().map(|q| &q.overall);
+        match self {
+            BestMetric::HeldoutLoss => r.loss,
+            BestMetric::QaCitationAccuracy => qa.map(|q| q.citation_accuracy),
+            BestMetric::QaRougeL => qa.map(|q| q.rouge_l),
+            BestMetric::QaExactMatch => qa.map(|q| q.exact_match),
+            BestMetric::QaHallucinationRate => qa.map(|q| q.hallucination_rate),
+        }
+        .filter(|v| v.is_finite())
+    }
 }
 
 /// `train.shard`: `"none"`, `"optimizer"` or `"full"`.
@@ -936,6 +992,38 @@ impl Config {
                     })
                 ));
             }
+            if let Some(m) = t.keep_best {
+                let ev = &self.eval;
+                if m.needs_qa() && ev.qa_gold.is_none() {
+                    errs.push(format!(
+                        "{}: `{}` is measured on Q&A pairs: set `eval.qa_gold` (or keep the best by \"heldout_loss\")",
+                        at("train.keep_best"),
+                        m.name()
+                    ));
+                }
+                if !m.needs_qa() && ev.holdout <= 0.0 && ev.paths.is_empty() {
+                    errs.push(format!(
+                        "{}: `heldout_loss` needs a held-out set: set `eval.holdout` or `eval.paths`",
+                        at("train.keep_best")
+                    ));
+                }
+                if ev.every == 0 && t.checkpoint_every > 0 {
+                    errs.push(format!(
+                        "{}: with `eval.every = 0` only the last checkpoint is evaluated: set `eval.every` to a \
+                         divisor of `train.checkpoint_every` ({})",
+                        at("train.keep_best"),
+                        t.checkpoint_every
+                    ));
+                } else if ev.every > 0 && t.checkpoint_every % ev.every != 0 {
+                    errs.push(format!(
+                        "{}: every checkpoint needs an evaluation to be compared: `train.checkpoint_every` ({}) must \
+                         be a multiple of `eval.every` ({})",
+                        at("train.keep_best"),
+                        t.checkpoint_every,
+                        ev.every
+                    ));
+                }
+            }
             if t.offload_optimizer && t.shard_mode() != lexflow_gpu::plan::ShardMode::Full {
                 errs.push(format!(
                     "{}: optimizer offload needs fully sharded state: set `train.shard = \"full\"` (an offloaded \
@@ -1570,6 +1658,43 @@ mod tests {
         );
         let e = invalid(&format!("{TRAIN_BASE}schedule = \"linear\"\n"));
         assert!(e.contains("train.schedule") && e.contains("wsd"), "{e}");
+    }
+
+    #[test]
+    fn keep_best_needs_its_metric_measured_at_every_checkpoint() {
+        let ok = |extra: &str| {
+            Config::from_toml(&format!("{TRAIN_BASE}{extra}"), "t.toml").map_err(|e| e.to_string())
+        };
+        let good = "checkpoint_every = 4\nkeep_best = \"heldout_loss\"\n[eval]\nholdout = 0.1\nevery = 2\n";
+        let c = ok(good).unwrap();
+        assert_eq!(c.train.unwrap().keep_best, Some(BestMetric::HeldoutLoss));
+        for (extra, want) in [
+            (
+                "keep_best = \"qa_rouge_l\"\n[eval]\nholdout = 0.1\n",
+                ["line 7: key `train.keep_best`", "eval.qa_gold"],
+            ),
+            (
+                "keep_best = \"heldout_loss\"\n",
+                ["line 7: key `train.keep_best`", "eval.holdout"],
+            ),
+            (
+                "checkpoint_every = 3\nkeep_best = \"heldout_loss\"\n[eval]\nholdout = 0.1\nevery = 2\n",
+                ["key `train.keep_best`", "multiple of `eval.every` (2)"],
+            ),
+            (
+                "checkpoint_every = 3\nkeep_best = \"heldout_loss\"\n[eval]\nholdout = 0.1\n",
+                ["key `train.keep_best`", "eval.every = 0"],
+            ),
+            ("keep_best = \"perplexity\"\n", ["train.keep_best", "heldout_loss"]),
+        ] {
+            let e = ok(extra).unwrap_err();
+            for w in want {
+                assert!(e.contains(w), "{extra}: want {w:?} in {e}");
+            }
+        }
+        // Lower is better for losses and hallucinations, higher for the rest.
+        assert!(BestMetric::HeldoutLoss.better(1.0, 2.0) && !BestMetric::QaRougeL.better(1.0, 2.0));
+        assert!(BestMetric::QaHallucinationRate.better(0.1, 0.2));
     }
 
     #[test]

@@ -165,6 +165,9 @@ enum Cmd {
     Generate {
         /// A checkpoint directory (HF layout) or a run directory (its newest checkpoint).
         model: PathBuf,
+        /// With a run directory: its best checkpoint (`train.keep_best`) instead of the newest.
+        #[arg(long)]
+        best: bool,
         /// A prompt (repeatable).
         #[arg(long)]
         prompt: Vec<String>,
@@ -299,6 +302,9 @@ enum QaCmd {
         /// with (greedy unless --temperature).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// With a run directory as --model: its best checkpoint (`train.keep_best`) instead of the newest.
+        #[arg(long)]
+        best: bool,
         /// citations.json of `lexflow qa build`: the known provisions for hallucination checks, together with the
         /// gold file's own citations (alone by default).
         #[arg(long)]
@@ -461,6 +467,7 @@ fn main() -> ExitCode {
         }
         Cmd::Generate {
             model,
+            best,
             prompt,
             prompts,
             template,
@@ -468,29 +475,32 @@ fn main() -> ExitCode {
             decode,
             json,
             out,
-        } => {
-            let model = lexflow_actors::generate::resolve_model_dir(&model);
-            lexflow_actors::generate::cli_generate(lexflow_actors::generate::GenerateArgs {
-                model: &model,
-                prompts: prompt,
-                prompts_file: prompts.as_deref(),
-                template,
-                system,
-                tokenizer: decode.tokenizer,
-                device: decode.device,
-                max_new_tokens: decode.max_new_tokens,
-                batch_size: decode.batch_size,
-                sampling: decode.sampling.get(),
-                json,
-                out: out.as_deref(),
-            })
-        }
+        } => match lexflow_actors::generate::resolve_model_dir_best(&model, best) {
+            Err(e) => Err(e),
+            Ok(model) => {
+                lexflow_actors::generate::cli_generate(lexflow_actors::generate::GenerateArgs {
+                    model: &model,
+                    prompts: prompt,
+                    prompts_file: prompts.as_deref(),
+                    template,
+                    system,
+                    tokenizer: decode.tokenizer,
+                    device: decode.device,
+                    max_new_tokens: decode.max_new_tokens,
+                    batch_size: decode.batch_size,
+                    sampling: decode.sampling.get(),
+                    json,
+                    out: out.as_deref(),
+                })
+            }
+        },
         Cmd::Qa {
             cmd:
                 QaCmd::Eval {
                     gold,
                     predictions,
                     model,
+                    best,
                     index,
                     decode,
                     template,
@@ -503,6 +513,7 @@ fn main() -> ExitCode {
             gold: &gold,
             predictions: predictions.as_deref(),
             model: model.as_deref(),
+            best,
             index: index.as_deref(),
             decode_options_given: decode.given(),
             tokenizer: decode.tokenizer,

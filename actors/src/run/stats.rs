@@ -128,6 +128,14 @@ fn train_line(t: &serde_json::Value) -> String {
     {
         line += &format!(", last checkpoint {c}");
     }
+    if let Some(b) = t.get("best") {
+        line += &format!(
+            ", best checkpoint step {} ({} = {:.4})",
+            b["step"],
+            b["metric"].as_str().unwrap_or("?"),
+            b["value"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     line
 }
 
@@ -435,6 +443,7 @@ mod tests {
             sequences_consumed: 48,
             evals: Vec::new(),
             target_steps: Some(12),
+            best: None,
         };
         let line = train_line(&serde_json::to_value(&report).unwrap());
         assert_eq!(
@@ -442,6 +451,18 @@ mod tests {
             "  train      12 steps (resumed from step 9), loss 3.2500 → 2.5000, 1234 tokens/s, \
              data wait ≤ 2.000% of step time, last checkpoint runs/x/step-12"
         );
+        // train.keep_best: the best checkpoint is named.
+        let with_best = crate::train::TrainReport {
+            best: Some(crate::train::BestCheckpoint {
+                metric: "heldout_loss".into(),
+                step: 10,
+                value: 2.125,
+                dir: "runs/x/checkpoints/step-000010".into(),
+            }),
+            ..report.clone()
+        };
+        assert!(train_line(&serde_json::to_value(&with_best).unwrap())
+            .ends_with(", best checkpoint step 10 (heldout_loss = 2.1250)"));
         // Whose tokens/s: all ranks of one process, or one rank's process.
         let mut v = serde_json::to_value(&report).unwrap();
         v["world_size"] = serde_json::json!(2);

@@ -456,6 +456,8 @@ pub struct QaEvalCli<'a> {
     pub gold: &'a Path,
     pub predictions: Option<&'a Path>,
     pub model: Option<&'a Path>,
+    /// `--best`: the run directory's best checkpoint (`train.keep_best`).
+    pub best: bool,
     pub index: Option<&'a Path>,
     /// The decoding options given with values other than their defaults (`--device`, `--temperature`, …): with
     /// `--predictions` nothing is decoded, so any of them is an error.
@@ -497,7 +499,13 @@ pub fn cli_qa_eval(a: QaEvalCli<'_>) -> anyhow::Result<ExitCode> {
     }
     // A run directory stands for its newest checkpoint, as with `lexflow generate`; the tokenizer defaults to
     // the checkpoint's own.
-    let model = a.model.map(crate::tasks::generate::resolve_model_dir);
+    let model = match a.model {
+        Some(m) => Some(crate::tasks::generate::resolve_model_dir_best(m, a.best)?),
+        None if a.best => {
+            anyhow::bail!("--best picks a run's best checkpoint: give the run directory as --model")
+        }
+        None => None,
+    };
     let tokenizer = match &model {
         Some(m) => crate::tasks::generate::tokenizer_for(m, a.tokenizer),
         None => a.tokenizer.unwrap_or_else(|| "llama3".into()),

@@ -269,6 +269,22 @@ pub fn cli_generate(a: GenerateArgs<'_>) -> anyhow::Result<ExitCode> {
 }
 
 /// Where `lexflow generate` looks for the model: a checkpoint directory, or a run directory (its newest checkpoint).
+/// [`resolve_model_dir`], or with `best` the run directory's best checkpoint (`run.dir/best`, `train.keep_best`).
+pub fn resolve_model_dir_best(p: &Path, best: bool) -> anyhow::Result<PathBuf> {
+    if !best {
+        return Ok(resolve_model_dir(p));
+    }
+    let b = p.join(crate::train::BEST_LINK);
+    if b.join("config.json").is_file() {
+        return Ok(b);
+    }
+    anyhow::bail!(
+        "{}: no best checkpoint here ({} is written by a run with train.keep_best; give the run directory)",
+        p.display(),
+        b.display()
+    )
+}
+
 pub fn resolve_model_dir(p: &Path) -> PathBuf {
     if p.join("config.json").is_file() {
         return p.to_path_buf();

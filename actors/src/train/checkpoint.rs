@@ -44,6 +44,8 @@ pub struct ResumeInfo {
     pub skipped_dirs: Vec<PathBuf>,
     /// The dataflow position right before the last sequence rank 0 trained on (`data_state.json`).
     pub data: Option<ResumePoint>,
+    /// The best checkpoint so far (`train.keep_best`).
+    pub best: Option<BestCheckpoint>,
 }
 
 /// A stretch of optimizer steps trained with one global batch. A resume may change the world size, micro-batch or
@@ -109,7 +111,22 @@ pub struct TrainerState {
     /// libtorch intra-op threads of a CPU rank (the bits of CPU reductions depend on it); None on CUDA.
     #[serde(default)]
     pub cpu_threads: Option<usize>,
+    /// `train.keep_best`: the best checkpoint so far (this one included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestCheckpoint>,
 }
+
+/// The best checkpoint by `train.keep_best`'s metric.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BestCheckpoint {
+    pub metric: String,
+    pub step: u64,
+    pub value: f64,
+    pub dir: PathBuf,
+}
+
+/// The link in the run directory to the best checkpoint (`train.keep_best`).
+pub const BEST_LINK: &str = "best";
 
 impl TrainerState {
     /// [`Self::batches`], or for an older checkpoint the one global batch it records.
@@ -133,10 +150,11 @@ pub const DATA_STATE_FILE: &str = "data_state.json";
 /// Keeps the `keep` newest checkpoints and removes leftover temporary directories. (No checkpoint newer than the
 /// run's step exists by then: a fresh run sets an earlier run's aside, a resumed run the newer ones that did not
 /// verify — [`set_aside_previous_run`], [`set_aside_unusable`].)
-pub(super) fn prune_checkpoints(run_dir: &Path, keep: usize, current: u64) {
-    // Newer ones (should a rename to `.unusable` have failed) are neither counted nor removed.
+pub(super) fn prune_checkpoints(run_dir: &Path, keep: usize, current: u64, best: Option<u64>) {
+    // Newer ones (should a rename to `.unusable` have failed) are neither counted nor removed; the best one
+    // (`train.keep_best`) is kept besides the `keep` newest.
     let mut all = list_checkpoints(run_dir);
-    all.retain(|(s, _)| *s <= current);
+    all.retain(|(s, _)| *s <= current && Some(*s) != best);
     for (_, dir) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
         if let Err(e) = std::fs::remove_dir_all(dir) {
             tracing::warn!(dir = %dir.display(), "cannot remove old checkpoint: {e}");
@@ -154,6 +172,22 @@ pub(super) fn prune_checkpoints(run_dir: &Path, keep: usize, current: u64) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+    }
+}
+
+/// `run_dir/best` → `checkpoints/step-NNNNNN` (relative), replaced atomically.
+fn point_best(run_dir: &Path, step: u64) {
+    let target = PathBuf::from("checkpoints").join(format!("step-{step:06}"));
+    let tmp = run_dir.join(format!(".{BEST_LINK}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let r = std::os::unix::fs::symlink(&target, &tmp)
+        .and_then(|_| std::fs::rename(&tmp, run_dir.join(BEST_LINK)));
+    if let Err(e) = r {
+        tracing::warn!(
+            "cannot point {} at {}: {e}",
+            run_dir.join(BEST_LINK).display(),
+            target.display()
+        );
     }
 }
 
@@ -316,6 +350,7 @@ pub fn resume_point(run_dir: &Path) -> anyhow::Result<Option<ResumeInfo>> {
                     skipped,
                     skipped_dirs,
                     data,
+                    best: s.best.clone(),
                 }));
             }
             Ok(s) => {
@@ -377,7 +412,9 @@ impl Rank<'_> {
         if let (0, Some(model)) = (self.rank, whole) {
             let t0 = Instant::now();
             let dir = checkpoints_dir(&self.setup.run_dir).join(format!("step-{:06}", opt.step));
-            let state = self.trainer_state(opt, mcfg, last_loss);
+            let mut state = self.trainer_state(opt, mcfg, last_loss);
+            let best = self.best_after(result, opt.step, &dir);
+            state.best = best.clone();
             self.sync_tee(state.sequences_consumed, opt.step)?;
             let bytes = checkpoint::write_checkpoint_dir(&dir, |tmp| {
                 self.write_files(tmp, model, opt, parts.then_some(&*staging), data, &state)
@@ -389,13 +426,49 @@ impl Rank<'_> {
                 &self.setup.run_dir,
                 self.setup.cfg.keep_checkpoints,
                 opt.step,
+                best.as_ref().map(|b| b.step),
             );
+            if let Some(b) = &best {
+                if result.best.as_ref().map(|p| p.step) != Some(b.step) {
+                    point_best(&self.setup.run_dir, b.step);
+                    tracing::info!(
+                        step = b.step,
+                        metric = %b.metric,
+                        value = b.value,
+                        "best checkpoint so far (train.keep_best)"
+                    );
+                }
+            }
+            result.best = best;
             self.record_checkpoint(t0, bytes);
             tracing::info!(step = opt.step, dir = %dir.display(), bytes, "checkpoint written");
             result.checkpoints.push(dir);
         }
         self.coll.barrier()?;
         Ok(())
+    }
+
+    /// `train.keep_best`: the best checkpoint after the one of `step` (written to `dir`), judged by the evaluation
+    /// of that step (rank 0's; a strictly better value replaces the best, ties keep the earlier one).
+    fn best_after(&self, result: &RankResult, step: u64, dir: &Path) -> Option<BestCheckpoint> {
+        let m = self.setup.cfg.keep_best?;
+        let here = result
+            .evals
+            .iter()
+            .rev()
+            .find(|e| e.step == step)
+            .and_then(|e| m.value(e))
+            .map(|value| BestCheckpoint {
+                metric: m.name().to_string(),
+                step,
+                value,
+                dir: dir.to_path_buf(),
+            });
+        match (result.best.clone(), here) {
+            (Some(b), Some(h)) if m.better(h.value, b.value) => Some(h),
+            (Some(b), _) => Some(b),
+            (None, h) => h,
+        }
     }
 
     /// `trainer_state.json` of the checkpoint of the step `opt` is at.
@@ -423,6 +496,7 @@ impl Rank<'_> {
             batches: self.batches.clone(),
             cpu_threads: matches!(self.device, Device::Cpu)
                 .then(|| tch::get_num_threads().max(1) as usize),
+            best: None,
         }
     }
 

@@ -28,8 +28,8 @@ mod step;
 mod tests;
 
 pub use checkpoint::{
-    now_nanos, resume_point, set_aside_previous_run, set_aside_unusable, BatchSegment, ResumeInfo,
-    TrainerState, DATA_STATE_FILE,
+    now_nanos, resume_point, set_aside_previous_run, set_aside_unusable, BatchSegment,
+    BestCheckpoint, ResumeInfo, TrainerState, BEST_LINK, DATA_STATE_FILE,
 };
 pub use launch::{process_device, process_group, spawn_trainers};
 pub use memory::{cli_plan, parse_bytes, render_plan, PlanRequest};

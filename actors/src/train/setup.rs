@@ -75,6 +75,9 @@ pub struct TrainReport {
     /// `train.steps`: more than `steps` when the input ended (or the run was stopped) first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_steps: Option<u64>,
+    /// `train.keep_best`: the best checkpoint (also `run.dir/best`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<super::checkpoint::BestCheckpoint>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +109,7 @@ pub(super) struct RankResult {
     pub(super) sequences_consumed: u64,
     pub(super) evals: Vec<EvalResult>,
     pub(super) eval_seconds: f64,
+    pub(super) best: Option<super::checkpoint::BestCheckpoint>,
 }
 
 /// Collects the ranks' results; [`report`](TrainHandle::report) is complete after `topo.join()`.
@@ -151,6 +155,7 @@ impl TrainHandle {
             sequences_consumed: r0.sequences_consumed,
             evals: r0.evals.clone(),
             target_steps: Some(self.target_steps),
+            best: r0.best.clone(),
         })
     }
 }

@@ -78,6 +78,7 @@ impl<'a> Rank<'a> {
         if let Some(r) = resume {
             load_optimizer(&mut opt, &model, r)?;
             result.resumed_from_step = Some(r.step);
+            result.best = r.best.clone();
         }
         self.extend_batch_history(resume);
         let mut s = StepLoop::new(self, &mcfg, kind, opt.step, resume, result);

@@ -29,6 +29,26 @@ mod failure_tests {
     }
 
     #[test]
+    fn the_best_checkpoint_is_kept_besides_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = |s: u64| checkpoints_dir(dir.path()).join(format!("step-{s:06}"));
+        let left = || -> Vec<u64> {
+            list_checkpoints(dir.path())
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect()
+        };
+        for s in [20u64, 22, 24, 26] {
+            std::fs::create_dir_all(ck(s)).unwrap();
+        }
+        prune_checkpoints(dir.path(), 1, 26, Some(20));
+        assert_eq!(left(), vec![20, 26]);
+        // Without a best, the same pruning keeps only the newest.
+        prune_checkpoints(dir.path(), 1, 26, None);
+        assert_eq!(left(), vec![26]);
+    }
+
+    #[test]
     fn earlier_runs_and_unusable_checkpoints_are_set_aside_not_pruned_over() {
         let dir = tempfile::tempdir().unwrap();
         let ck = |s: u64| checkpoints_dir(dir.path()).join(format!("step-{s:06}"));
@@ -39,12 +59,13 @@ mod failure_tests {
         // good 20 and 22 are what is left (counting 30 among the newest would have removed 20).
         set_aside_unusable(&[ck(30)]);
         std::fs::create_dir_all(ck(22)).unwrap();
-        prune_checkpoints(dir.path(), 2, 22);
+        prune_checkpoints(dir.path(), 2, 22, None);
         let left: Vec<u64> = list_checkpoints(dir.path())
             .into_iter()
             .map(|(s, _)| s)
             .collect();
         assert_eq!(left, vec![20, 22]);
+
         assert!(checkpoints_dir(dir.path())
             .join("step-000030.unusable")
             .is_dir());
