@@ -10,33 +10,10 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lexflow_tests::{lexflow_bin, venv_python};
+use lexflow_tests::{json_lines, lexflow_ok, lexflow_output, step_hashes, venv_python};
 use serde_json::Value;
 
 const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/corpus/formex");
-
-fn lexflow(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(lexflow_bin()).args(args).output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let (good, so, se) = lexflow(args);
-    assert!(good, "lexflow {args:?}:\n{so}\n{se}");
-    so
-}
-
-fn lines(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// `text` with the first `n` occurrences of `from` replaced (an edited copy of an act).
 fn edit(text: &str, from: &str, to: &str, n: usize) -> String {
@@ -121,7 +98,7 @@ fn real_corpus_matches_datasketch_and_the_run_drops_what_the_audit_finds() {
     let corpus = corpus_with_variants(tmp.path());
     let cfg = config(tmp.path(), &corpus, "");
     let audit_path = tmp.path().join("audit.jsonl");
-    let report: Value = serde_json::from_str(&ok(&[
+    let report: Value = serde_json::from_str(&lexflow_ok(&[
         "dedup",
         cfg.to_str().unwrap(),
         "--texts",
@@ -153,7 +130,7 @@ fn real_corpus_matches_datasketch_and_the_run_drops_what_the_audit_finds() {
 
     // 2. What was found: the AI Act's 14 English documents inside aia.fmx.xml repeat L_202401689EN.* exactly; the
     //    three lightly edited copies are near duplicates of their originals; the heavily edited one is kept.
-    let docs: Vec<Value> = lines(&audit_path).into_iter().skip(1).collect();
+    let docs: Vec<Value> = json_lines(&audit_path).into_iter().skip(1).collect();
     let by = |verdict: &str| -> Vec<&Value> {
         docs.iter().filter(|d| d["verdict"] == verdict).collect()
     };
@@ -208,7 +185,7 @@ fn real_corpus_matches_datasketch_and_the_run_drops_what_the_audit_finds() {
     );
 
     // 3. The run (preprocessing only) drops exactly these documents and reports the same counts.
-    let (good, so, se) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet"]);
+    let (good, so, se) = lexflow_output(&["run", cfg.to_str().unwrap(), "--quiet"]);
     assert!(good, "{so}\n{se}");
     let run = tmp.path().join("run");
     let stats: Value =
@@ -228,7 +205,10 @@ fn real_corpus_matches_datasketch_and_the_run_drops_what_the_audit_finds() {
         .filter(|d| d["verdict"] != "kept")
         .map(key)
         .collect();
-    let dropped_run: BTreeSet<_> = lines(&run.join("dedup.jsonl")).iter().map(key).collect();
+    let dropped_run: BTreeSet<_> = json_lines(&run.join("dedup.jsonl"))
+        .iter()
+        .map(key)
+        .collect();
     assert_eq!(dropped_run, dropped_audit);
     // Kept documents are what the sampler took.
     for l in stats["sampler"]["languages"].as_array().unwrap() {
@@ -242,7 +222,7 @@ fn real_corpus_matches_datasketch_and_the_run_drops_what_the_audit_finds() {
             .unwrap()
             .replace("mode = \"near\"", "mode = \"off\"");
         std::fs::write(&cfg_off, text).unwrap();
-        let (good, so, se) = lexflow(&["run", cfg_off.to_str().unwrap(), "--quiet"]);
+        let (good, so, se) = lexflow_output(&["run", cfg_off.to_str().unwrap(), "--quiet"]);
         assert!(good, "{so}\n{se}");
         let s: Value = serde_json::from_str(
             &std::fs::read_to_string(tmp.path().join("off/run/stats.json")).unwrap(),
@@ -272,7 +252,7 @@ fn copies_of_held_out_documents_are_not_trained_on() {
     );
     let cfg = config(tmp.path(), Path::new(CORPUS), &extra);
     let out = tmp.path().join("audit.jsonl");
-    let report: Value = serde_json::from_str(&ok(&[
+    let report: Value = serde_json::from_str(&lexflow_ok(&[
         "dedup",
         cfg.to_str().unwrap(),
         "--out",
@@ -280,7 +260,7 @@ fn copies_of_held_out_documents_are_not_trained_on() {
     ]))
     .unwrap();
     assert_eq!(report["held_out_documents"], 1, "{report}");
-    let docs = lines(&out);
+    let docs = json_lines(&out);
     let hit: Vec<&Value> = docs.iter().filter(|d| d["verdict"] == "heldout").collect();
     assert_eq!(hit.len(), 1, "{hit:?}");
     assert!(hit[0]["path"]
@@ -296,19 +276,19 @@ fn copies_of_held_out_documents_are_not_trained_on() {
         .unwrap()
         .replace("[dedup]\n", "[dedup]\nagainst_heldout = false\n");
     std::fs::write(&cfg, off).unwrap();
-    ok(&[
+    lexflow_ok(&[
         "dedup",
         cfg.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(lines(&out).iter().all(|d| d["verdict"] != "heldout"));
+    assert!(json_lines(&out).iter().all(|d| d["verdict"] != "heldout"));
 }
 
 /// A generated English corpus whose first act body is repeated, exactly and edited, by the last files of the lane.
 fn corpus_with_late_copies(dir: &Path) -> PathBuf {
     let c = dir.join("corpus");
-    ok(&[
+    lexflow_ok(&[
         "gen-sample",
         c.to_str().unwrap(),
         "--acts-per-language",
@@ -368,37 +348,18 @@ enabled = false
     p
 }
 
-fn step_hashes(dir: &Path) -> Vec<(u64, Vec<String>)> {
-    lines(&dir.join("steps.jsonl"))
-        .into_iter()
-        .map(|r| {
-            (
-                r["step"].as_u64().unwrap(),
-                r["sequences"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|s| s[1].as_str().unwrap().to_string())
-                    .collect(),
-            )
-        })
-        .collect::<std::collections::BTreeMap<_, _>>()
-        .into_iter()
-        .collect()
-}
-
 #[test]
 fn a_resumed_run_drops_what_the_whole_run_drops_in_every_epoch() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = corpus_with_late_copies(tmp.path());
     let steps = 50;
     let whole = tmp.path().join("whole");
-    ok(&[
+    lexflow_ok(&[
         "run",
         train_config(&whole, &corpus, steps, 10).to_str().unwrap(),
         "--quiet",
     ]);
-    let drops = lines(&whole.join("dedup.jsonl"));
+    let drops = json_lines(&whole.join("dedup.jsonl"));
     let n_files = std::fs::read_dir(corpus.join("en")).unwrap().count() as u64;
     // Both copies are dropped in the first epoch and again in the next ones (file indices count on across epochs).
     let first: Vec<&Value> = drops
@@ -426,7 +387,7 @@ fn a_resumed_run_drops_what_the_whole_run_drops_in_every_epoch() {
     // No trained piece comes from a dropped document (replay of every step).
     let ckpt = whole.join(format!("checkpoints/step-{steps:06}"));
     let replayed = tmp.path().join("replay.jsonl");
-    ok(&[
+    lexflow_ok(&[
         "replay",
         ckpt.to_str().unwrap(),
         "--steps",
@@ -439,7 +400,7 @@ fn a_resumed_run_drops_what_the_whole_run_drops_in_every_epoch() {
         .map(|d| (d["file"].as_u64().unwrap(), d["ordinal"].as_u64().unwrap()))
         .collect();
     let mut pieces = 0;
-    for s in lines(&replayed) {
+    for s in json_lines(&replayed) {
         for p in s["pieces"].as_array().unwrap() {
             pieces += 1;
             let id = (
@@ -456,7 +417,7 @@ fn a_resumed_run_drops_what_the_whole_run_drops_in_every_epoch() {
     assert!(pieces > 0);
     // Replaying the last steps starts from a checkpoint (step 40) and its dedup.bin: the same sequences.
     let tail = tmp.path().join("tail.jsonl");
-    ok(&[
+    lexflow_ok(&[
         "replay",
         ckpt.to_str().unwrap(),
         "--steps",
@@ -464,9 +425,9 @@ fn a_resumed_run_drops_what_the_whole_run_drops_in_every_epoch() {
         "--out",
         tail.to_str().unwrap(),
     ]);
-    let whole_records = lines(&whole.join("steps.jsonl"));
+    let whole_records = json_lines(&whole.join("steps.jsonl"));
     let mut checked = 0;
-    for s in lines(&tail) {
+    for s in json_lines(&tail) {
         let rec = whole_records
             .iter()
             .find(|r| r["step"] == s["step"])
@@ -491,7 +452,7 @@ fn a_resumed_run_drops_what_the_whole_run_drops_in_every_epoch() {
     assert_eq!(whole_hashes.len() as u64, steps);
     for cut in [12, 35] {
         let d = tmp.path().join(format!("cut{cut}"));
-        ok(&[
+        lexflow_ok(&[
             "run",
             train_config(&d, &corpus, cut, cut).to_str().unwrap(),
             "--quiet",
@@ -499,7 +460,7 @@ fn a_resumed_run_drops_what_the_whole_run_drops_in_every_epoch() {
         assert!(d
             .join(format!("checkpoints/step-{cut:06}/dedup.bin"))
             .exists());
-        ok(&[
+        lexflow_ok(&[
             "run",
             train_config(&d, &corpus, steps, 10).to_str().unwrap(),
             "--quiet",
@@ -523,7 +484,7 @@ fn parallel_acts_are_different_law_and_kept() {
         .replace("[sampler]\n", "[sampler]\nmix = { en = 0.5, fr = 0.5 }\n");
     std::fs::write(&cfg, text).unwrap();
     let out = tmp.path().join("bench.jsonl");
-    ok(&[
+    lexflow_ok(&[
         "dedup",
         cfg.to_str().unwrap(),
         "--texts",
@@ -546,7 +507,7 @@ fn parallel_acts_are_different_law_and_kept() {
     );
     let reference: Value = serde_json::from_str(so.trim()).unwrap();
     assert_eq!(reference["minhash_checked"], 610, "{reference}");
-    let docs: Vec<Value> = lines(&out).into_iter().skip(1).collect();
+    let docs: Vec<Value> = json_lines(&out).into_iter().skip(1).collect();
     assert_eq!(docs.len(), 610);
     let sig = |name: &str| -> Vec<u64> {
         let d = docs

@@ -10,36 +10,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use lexflow_actors::pipeline::{run, RunOptions};
-use lexflow_tests::lexflow_bin;
+use lexflow_tests::{json_lines, lexflow_ok, lexflow_output, step_hashes};
 use serde_json::Value;
 
 const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/corpus/formex");
-
-fn lexflow(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(lexflow_bin()).args(args).output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let (good, so, se) = lexflow(args);
-    assert!(good, "lexflow {args:?}:\n{so}\n{se}");
-    so
-}
-
-fn lines(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// A preprocessing config over `inputs` (three languages of the real corpus; `renormalize`, so that every document
 /// of every lane is sampled) with `filter` as its `[filter]` body.
@@ -80,14 +56,14 @@ enabled = false
 }
 
 fn audit(cfg: &Path, out: &Path) -> (Value, Vec<Value>) {
-    let report: Value = serde_json::from_str(&ok(&[
+    let report: Value = serde_json::from_str(&lexflow_ok(&[
         "filter",
         cfg.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
     ]))
     .unwrap();
-    (report, lines(out))
+    (report, json_lines(out))
 }
 
 /// (path, ordinal) of the kept documents of a listing.
@@ -128,7 +104,7 @@ fn the_listing_keeps_the_best_share_per_language_and_a_weight_change_flips_verdi
     files.sort();
     let mut args = vec!["parse"];
     args.extend(files.iter().map(String::as_str));
-    let parsed: Vec<Value> = ok(&args)
+    let parsed: Vec<Value> = lexflow_ok(&args)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -279,7 +255,7 @@ fn the_listing_keeps_the_best_share_per_language_and_a_weight_change_flips_verdi
     assert_ne!(b, c);
 
     // The run trains exactly the kept documents (every lane is read to its end under renormalize), at the mix.
-    let (good, so, se) = lexflow(&["run", cfg.to_str().unwrap(), "--quiet"]);
+    let (good, so, se) = lexflow_output(&["run", cfg.to_str().unwrap(), "--quiet"]);
     assert!(good, "{so}\n{se}");
     let stats: Value =
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/stats.json")).unwrap())
@@ -338,7 +314,7 @@ fn sequences(dir: &Path) -> Vec<lexflow_actors::types::PackedSequence> {
 fn decisions_and_sequences_do_not_depend_on_thread_counts_and_the_mix_stays_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");
-    ok(&[
+    lexflow_ok(&[
         "gen-sample",
         corpus.to_str().unwrap(),
         "--acts-per-language",
@@ -476,30 +452,11 @@ enabled = false
     p
 }
 
-fn step_hashes(dir: &Path) -> Vec<(u64, Vec<String>)> {
-    lines(&dir.join("steps.jsonl"))
-        .into_iter()
-        .map(|r| {
-            (
-                r["step"].as_u64().unwrap(),
-                r["sequences"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|s| s[1].as_str().unwrap().to_string())
-                    .collect(),
-            )
-        })
-        .collect::<BTreeMap<_, _>>()
-        .into_iter()
-        .collect()
-}
-
 #[test]
 fn a_resumed_run_keeps_the_checkpoints_cut_and_trains_what_the_whole_run_trains() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");
-    ok(&[
+    lexflow_ok(&[
         "gen-sample",
         corpus.to_str().unwrap(),
         "--acts-per-language",
@@ -513,7 +470,7 @@ fn a_resumed_run_keeps_the_checkpoints_cut_and_trains_what_the_whole_run_trains(
     let steps = 40;
     let whole = tmp.path().join("whole");
     let wcfg = train_config(&whole, &corpus, steps, 8, filter);
-    ok(&["run", wcfg.to_str().unwrap(), "--quiet"]);
+    lexflow_ok(&["run", wcfg.to_str().unwrap(), "--quiet"]);
     let ckpt = whole.join(format!("checkpoints/step-{steps:06}"));
     let state = std::fs::read_to_string(ckpt.join("filter.json")).unwrap();
     assert_eq!(
@@ -531,7 +488,7 @@ fn a_resumed_run_keeps_the_checkpoints_cut_and_trains_what_the_whole_run_trains(
     assert!(!dropped.is_empty());
     let n_files = std::fs::read_dir(corpus.join("en")).unwrap().count() as u64;
     let replayed = tmp.path().join("replay.jsonl");
-    ok(&[
+    lexflow_ok(&[
         "replay",
         ckpt.to_str().unwrap(),
         "--steps",
@@ -540,7 +497,7 @@ fn a_resumed_run_keeps_the_checkpoints_cut_and_trains_what_the_whole_run_trains(
         replayed.to_str().unwrap(),
     ]);
     let mut trained = BTreeSet::new();
-    for s in lines(&replayed) {
+    for s in json_lines(&replayed) {
         for p in s["pieces"].as_array().unwrap() {
             let id = (
                 p["doc"]["file"].as_u64().unwrap() % n_files,
@@ -556,7 +513,7 @@ fn a_resumed_run_keeps_the_checkpoints_cut_and_trains_what_the_whole_run_trains(
     }
     assert!(!trained.is_empty());
     assert!(
-        lines(&replayed)
+        json_lines(&replayed)
             .iter()
             .any(|s| s["pieces"]
                 .as_array()
@@ -570,13 +527,13 @@ fn a_resumed_run_keeps_the_checkpoints_cut_and_trains_what_the_whole_run_trains(
     let whole_hashes = step_hashes(&whole);
     assert_eq!(whole_hashes.len() as u64, steps);
     let d = tmp.path().join("cut");
-    ok(&[
+    lexflow_ok(&[
         "run",
         train_config(&d, &corpus, 14, 14, filter).to_str().unwrap(),
         "--quiet",
     ]);
     // A resume with another [filter] is refused before it trains, naming the key.
-    let (good, _, se) = lexflow(&[
+    let (good, _, se) = lexflow_output(&[
         "run",
         train_config(&d, &corpus, steps, 8, "keep_fraction = 0.6")
             .to_str()
@@ -585,7 +542,7 @@ fn a_resumed_run_keeps_the_checkpoints_cut_and_trains_what_the_whole_run_trains(
         "--resume",
     ]);
     assert!(!good && se.contains("filter.keep_fraction"), "{se}");
-    ok(&[
+    lexflow_ok(&[
         "run",
         train_config(&d, &corpus, steps, 8, filter)
             .to_str()
@@ -605,7 +562,7 @@ fn misconfigured_filters_are_errors_naming_the_key() {
         "keep_fraction = 0\ntypes = { statute = 1.0 }",
         1,
     );
-    let (good, _, se) = lexflow(&["config", c.to_str().unwrap()]);
+    let (good, _, se) = lexflow_output(&["config", c.to_str().unwrap()]);
     assert!(!good);
     assert!(se.contains("key `filter.keep_fraction`"), "{se}");
     assert!(se.contains("key `filter.types.statute`"), "{se}");
@@ -613,10 +570,10 @@ fn misconfigured_filters_are_errors_naming_the_key() {
     let text = std::fs::read_to_string(&c).unwrap();
     let (head, _) = text.split_once("[filter]").unwrap();
     std::fs::write(&c, head).unwrap();
-    let (good, _, se) = lexflow(&["filter", c.to_str().unwrap()]);
+    let (good, _, se) = lexflow_output(&["filter", c.to_str().unwrap()]);
     assert!(!good && se.contains("[filter]"), "{se}");
     // … unless --keep-fraction supplies the rule.
-    let report: Value = serde_json::from_str(&ok(&[
+    let report: Value = serde_json::from_str(&lexflow_ok(&[
         "filter",
         c.to_str().unwrap(),
         "--keep-fraction",

@@ -161,3 +161,50 @@ pub fn llama3_tokenizer_json() -> PathBuf {
     })
     .clone()
 }
+
+/// Runs `lexflow ARGS`: (success, stdout, stderr).
+pub fn lexflow_output(args: &[&str]) -> (bool, String, String) {
+    let o = std::process::Command::new(lexflow_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+/// Runs `lexflow ARGS`, which must succeed; its stdout.
+pub fn lexflow_ok(args: &[&str]) -> String {
+    let (good, so, se) = lexflow_output(args);
+    assert!(good, "lexflow {args:?}:\n{so}\n{se}");
+    so
+}
+
+/// The JSON lines of a file (none when it is missing).
+pub fn json_lines(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every step record of a run (`steps.jsonl`) as (step, the hashes of its sequences).
+pub fn step_hashes(dir: &Path) -> Vec<(u64, Vec<String>)> {
+    json_lines(&dir.join("steps.jsonl"))
+        .into_iter()
+        .map(|r| {
+            (
+                r["step"].as_u64().unwrap(),
+                r["sequences"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s[1].as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect()
+}
