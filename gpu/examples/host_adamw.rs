@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use lexflow_gpu::tch::{Device, Kind, Tensor};
-use lexflow_gpu::{AdamWConfig, FlatAdamW, Llama, LlamaConfig, LrSchedule, SingleRank};
+use lexflow_gpu::{AdamWConfig, FlatAdamW, Llama, LlamaConfig, SingleRank};
 
 fn main() -> anyhow::Result<()> {
     let mut model = "125m".to_string();
@@ -31,15 +31,8 @@ fn main() -> anyhow::Result<()> {
         AdamWConfig {
             lr: 1e-4,
             min_lr: 1e-4,
-            warmup_steps: 0,
             total_steps: 1000,
-            schedule: LrSchedule::Cosine,
-            decay_steps: 0,
-            weight_decay: 0.1,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            grad_clip: 1.0,
+            ..AdamWConfig::default()
         },
     );
     opt.set_fused(fused);

@@ -131,16 +131,12 @@ pub const BUCKET_ELEMS: u64 = 16 << 20;
 /// Parameters of each sharding unit: one per transformer block, one for everything else (embeddings, final norm,
 /// head), largest first.
 pub fn unit_sizes(c: &LlamaConfig) -> Vec<u64> {
-    let layers = c.num_hidden_layers;
-    let mut units = vec![0u64; layers + 1];
-    for (name, shape) in c.param_specs() {
-        let n = shape.iter().product::<i64>() as u64;
-        let layer = name
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok());
-        units[layer.unwrap_or(layers)] += n;
-    }
+    let mut units: Vec<u64> = c
+        .param_layout()
+        .units
+        .iter()
+        .map(|u| u.numel as u64)
+        .collect();
     units.sort_unstable_by(|a, b| b.cmp(a));
     units
 }
